@@ -1,0 +1,1 @@
+"""The .tokpol grammar, shipped as package data (policyc.grammar)."""

@@ -1,0 +1,1 @@
+"""The standard library of .tokpol policies, shipped as package data (policyc.policies)."""

@@ -1,0 +1,275 @@
+"""Lark tree -> IR (`PolicyFile`), then comments attached to the nodes they annotate."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from lark import Token, Transformer, v_args
+from lark.exceptions import VisitError
+from lark.tree import Meta as LarkMeta
+
+from policyc.errors import PolicyError, Span
+from policyc.lang import ir
+from policyc.lang.comments import attach_comments
+from policyc.lang.parser import parse_tree, scan_comments
+
+_ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t"}
+
+
+def parse(text: str, file: str = "<string>") -> ir.PolicyFile:
+    """Parse `.tokpol` source into IR. Raises `PolicyError` for any syntax problem."""
+    tree = parse_tree(text, file)
+    try:
+        built: ir.PolicyFile = _Builder(file).transform(tree)
+    except VisitError as error:
+        if isinstance(error.orig_exc, PolicyError):
+            raise error.orig_exc.with_source(text) from None
+        raise
+    return attach_comments(built, scan_comments(text))
+
+
+def _span(file: str, meta: LarkMeta | Token) -> Span | None:
+    if isinstance(meta, Token):
+        if meta.line is None:
+            return None
+        return Span(file, meta.line, meta.column or 1, meta.end_line or meta.line, meta.end_column or 1)
+    if getattr(meta, "empty", True):
+        return None
+    return Span(file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _number(token: Token, file: str) -> int | float:
+    text = str(token)
+    value: int | float = int(text) if text.isdigit() else float(text)
+    if not math.isfinite(value):
+        raise PolicyError.at(f"number {text} is too large", _span(file, token), "use a finite number")
+    return value
+
+
+def _string(token: Token, file: str) -> str:
+    body, out, index = str(token)[1:-1], [], 0
+    while index < len(body):
+        char = body[index]
+        if char == "\\":
+            escape = body[index + 1]  # the STRING regex guarantees a character after '\'
+            if escape not in _ESCAPES:
+                raise PolicyError.at(f"unknown escape '\\{escape}' in string", _span(file, token),
+                                     'use \\" \\\\ \\n or \\t')
+            out.append(_ESCAPES[escape])
+            index += 2
+        else:
+            out.append(char)
+            index += 1
+    return "".join(out)
+
+
+def _kwargs(node: Any) -> tuple[ir.KwArg, ...]:
+    """Options `( ... )` arrive as None, an `options` list, or a `kwargs` tuple."""
+    if node is None:
+        return ()
+    return tuple(node)
+
+
+@v_args(meta=True, inline=True)
+class _Builder(Transformer):
+    """Bottom-up conversion; every node gets the span of the text it came from."""
+
+    def __init__(self, file: str) -> None:
+        super().__init__()
+        self.file = file
+
+    def _at(self, meta: LarkMeta) -> Span | None:
+        return _span(self.file, meta)
+
+    # -- file structure
+    def start(self, meta: LarkMeta, *items: Any) -> ir.PolicyFile:
+        imports = tuple(i for i in items if isinstance(i, ir.Import))
+        policies = tuple(i for i in items if isinstance(i, ir.Policy))
+        return ir.PolicyFile(imports=imports, policies=policies, span=self._at(meta))
+
+    def import_decl(self, meta: LarkMeta, path: Token, alias: Token | None) -> ir.Import:
+        return ir.Import(path=_string(path, self.file), alias=str(alias) if alias else None, span=self._at(meta))
+
+    def policy(self, meta: LarkMeta, name: Token, *members: Any) -> ir.Policy:
+        return ir.Policy(
+            name=str(name),
+            meta=tuple(m for m in members if isinstance(m, ir.Meta)),
+            params=tuple(m for m in members if isinstance(m, ir.Param)),
+            uses=tuple(m for m in members if isinstance(m, ir.Use)),
+            stages=tuple(m for m in members if isinstance(m, ir.Stage)),
+            span=self._at(meta),
+        )
+
+    def meta(self, meta: LarkMeta, key: Token, value: Token) -> ir.Meta:
+        return ir.Meta(key=str(key), value=_string(value, self.file), span=self._at(meta))
+
+    # -- parameters
+    def param(self, meta: LarkMeta, name: Token, default: Any, domain: Any) -> ir.Param:
+        return ir.Param(name=str(name), default=default, domain=domain, span=self._at(meta))
+
+    def range_domain(self, meta: LarkMeta, low: Any, high: Any, step_kw: Token | None, step: Any,
+                     log: Token | None) -> ir.RangeDomain:
+        for bound in (low, high, step):
+            if bound is not None and not isinstance(bound, ir.Number | ir.Percent):
+                raise PolicyError.at("range bounds and steps must be numbers or percentages", bound.span,
+                                     "write `in {a, b, c}` for a set of choices")
+        return ir.RangeDomain(low=low, high=high, step=step, log=log is not None, span=self._at(meta))
+
+    def choice_domain(self, meta: LarkMeta, *options: Any) -> ir.ChoiceDomain:
+        return ir.ChoiceDomain(options=options, span=self._at(meta))
+
+    def literal(self, meta: LarkMeta, value: Any) -> Any:
+        if isinstance(value, ir.Node):
+            return value
+        span = self._at(meta)
+        if value.type == "PERCENT":
+            return ir.Percent(value=_number(Token("NUMBER", value[:-1], line=value.line), self.file), span=span)
+        if value.type == "STRING":
+            return ir.String(value=_string(value, self.file), span=span)
+        return ir.Name(id=str(value), span=span)
+
+    def signed_number(self, meta: LarkMeta, minus: Token | None, number: Token) -> ir.Number:
+        value = _number(number, self.file)
+        return ir.Number(value=-value if minus else value, span=self._at(meta))
+
+    # -- reuse and stages
+    def use(self, meta: LarkMeta, policy: Token, stage: Token | None, overrides: Any) -> ir.Use:
+        return ir.Use(policy=str(policy), stage=str(stage) if stage else None, overrides=_kwargs(overrides),
+                      span=self._at(meta))
+
+    def stage(self, meta: LarkMeta, hook: ir.Hook, name: Token | None, *body: Any) -> ir.Stage:
+        return ir.Stage(hook=hook, name=str(name) if name else None, body=body, span=self._at(meta))
+
+    def hook(self, meta: LarkMeta, *parts: Any) -> ir.Hook:
+        names = tuple(str(p) for p in parts if isinstance(p, Token))
+        selections = [(i, p) for i, p in enumerate(parts) if not isinstance(p, Token)]
+        if len(selections) > 1:
+            raise PolicyError.at("a hook point takes one layer selection", selections[1][1].span,
+                                 "list several layers in one selection: llm.layer[2, 6, 10]")
+        layers, after = (selections[0][1], selections[0][0]) if selections else (None, 0)
+        return ir.Hook(parts=names, layers=layers, layers_after=after, span=self._at(meta))
+
+    def all_layers(self, meta: LarkMeta) -> ir.AllLayers:
+        return ir.AllLayers(span=self._at(meta))
+
+    def layers(self, meta: LarkMeta, *items: ir.LayerRange) -> ir.LayerList:
+        return ir.LayerList(items=items, span=self._at(meta))
+
+    def layer_item(self, meta: LarkMeta, start: Any, stop: Any, step: Any) -> ir.LayerRange:
+        return ir.LayerRange(start=start, stop=stop, step=step, span=self._at(meta))
+
+    # -- statements
+    def let(self, meta: LarkMeta, name: Token, value: Any) -> ir.Let:
+        return ir.Let(name=str(name), value=value, span=self._at(meta))
+
+    def score_def(self, meta: LarkMeta, name: Token, value: Any) -> ir.ScoreDef:
+        return ir.ScoreDef(name=str(name), value=value, span=self._at(meta))
+
+    def keep(self, meta: LarkMeta, target: Any) -> ir.Keep:
+        return ir.Keep(target=target, span=self._at(meta))
+
+    def drop(self, meta: LarkMeta, target: Any) -> ir.Drop:
+        return ir.Drop(target=target, span=self._at(meta))
+
+    def protect(self, meta: LarkMeta, target: Any) -> ir.Protect:
+        return ir.Protect(target=target, span=self._at(meta))
+
+    def merge(self, meta: LarkMeta, method: Token, options: Any, source: Any, into: Any, by: Any) -> ir.Merge:
+        return ir.Merge(method=str(method), options=_kwargs(options), source=source, into=into, by=by,
+                        span=self._at(meta))
+
+    def positions(self, meta: LarkMeta, mode: Token) -> ir.Positions:
+        return ir.Positions(mode=str(mode), span=self._at(meta))
+
+    def cache(self, meta: LarkMeta, method: Token, options: Any) -> ir.Cache:
+        return ir.Cache(method=str(method), options=_kwargs(options), span=self._at(meta))
+
+    def options(self, meta: LarkMeta, kwargs: Any) -> tuple[ir.KwArg, ...]:
+        return _kwargs(kwargs)
+
+    def kwargs(self, meta: LarkMeta, *items: ir.KwArg) -> tuple[ir.KwArg, ...]:
+        return items
+
+    def kwarg(self, meta: LarkMeta, name: Token, value: Any) -> ir.KwArg:
+        return ir.KwArg(name=str(name), value=value, span=self._at(meta))
+
+    # -- expressions
+    def selection(self, meta: LarkMeta, selector: Token, *rest: Any) -> ir.Select:
+        if selector.type in ("GRID", "STRIDE"):
+            amount, source = rest
+            options, by = None, None
+        else:
+            options, amount, source, by = rest
+        return ir.Select(selector=str(selector), options=_kwargs(options), amount=amount, source=source, by=by,
+                         span=self._at(meta))
+
+    def where(self, meta: LarkMeta, source: Any, condition: Any) -> ir.Where:
+        return ir.Where(source=source, condition=condition, span=self._at(meta))
+
+    def _binary(self, meta: LarkMeta, op: str, left: Any, right: Any) -> ir.Binary:
+        return ir.Binary(op=op, left=left, right=right, span=self._at(meta))
+
+    def or_(self, meta: LarkMeta, left: Any, right: Any) -> ir.Binary:
+        return self._binary(meta, "or", left, right)
+
+    def and_(self, meta: LarkMeta, left: Any, right: Any) -> ir.Binary:
+        return self._binary(meta, "and", left, right)
+
+    def not_(self, meta: LarkMeta, operand: Any) -> ir.Unary:
+        return ir.Unary(op="not", operand=operand, span=self._at(meta))
+
+    def compare(self, meta: LarkMeta, left: Any, op: Token, right: Any) -> ir.Binary:
+        return self._binary(meta, str(op), left, right)
+
+    def set_union(self, meta: LarkMeta, left: Any, right: Any) -> ir.Binary:
+        return self._binary(meta, "|", left, right)
+
+    def set_intersection(self, meta: LarkMeta, left: Any, right: Any) -> ir.Binary:
+        return self._binary(meta, "&", left, right)
+
+    def binary(self, meta: LarkMeta, left: Any, op: Token, right: Any) -> ir.Binary:
+        return self._binary(meta, str(op), left, right)
+
+    def negate(self, meta: LarkMeta, _minus: Token, operand: Any) -> ir.Expr:
+        if isinstance(operand, ir.Number | ir.Percent) and operand.value > 0:
+            return type(operand)(value=-operand.value, span=self._at(meta))
+        return ir.Unary(op="-", operand=operand, span=self._at(meta))
+
+    def index(self, meta: LarkMeta, base: Any, index: Any) -> ir.Index:
+        return ir.Index(base=base, index=index, span=self._at(meta))
+
+    def number(self, meta: LarkMeta, token: Token) -> ir.Number:
+        return ir.Number(value=_number(token, self.file), span=self._at(meta))
+
+    def percent(self, meta: LarkMeta, token: Token) -> ir.Percent:
+        digits = Token("NUMBER", token[:-1], line=token.line, column=token.column, end_line=token.end_line,
+                       end_column=token.end_column)
+        return ir.Percent(value=_number(digits, self.file), span=self._at(meta))
+
+    def string(self, meta: LarkMeta, token: Token) -> ir.String:
+        return ir.String(value=_string(token, self.file), span=self._at(meta))
+
+    def name(self, meta: LarkMeta, token: Token) -> ir.Name:
+        return ir.Name(id=str(token), span=self._at(meta))
+
+    def call(self, meta: LarkMeta, fn: Token, arguments: Sequence[Any] | None) -> ir.Call:
+        arguments = arguments or ()
+        positional = tuple(a for a in arguments if not isinstance(a, ir.KwArg))
+        keywords = tuple(a for a in arguments if isinstance(a, ir.KwArg))
+        first_keyword = next((i for i, a in enumerate(arguments) if isinstance(a, ir.KwArg)), len(arguments))
+        if any(not isinstance(a, ir.KwArg) for a in arguments[first_keyword:]):
+            late = next(a for a in arguments[first_keyword:] if not isinstance(a, ir.KwArg))
+            raise PolicyError.at("positional argument after a keyword argument", late.span,
+                                 f"put positional arguments of '{fn}' first")
+        return ir.Call(fn=str(fn), args=positional, kwargs=keywords, span=self._at(meta))
+
+    def args(self, meta: LarkMeta, *items: Any) -> tuple[Any, ...]:
+        return items
+
+    def flow(self, meta: LarkMeta, source: Any, target: Any) -> ir.Flow:
+        return ir.Flow(source=source, target=target, span=self._at(meta))
+
+    def list(self, meta: LarkMeta, *items: Any) -> ir.ListExpr:
+        return ir.ListExpr(items=tuple(i for i in items if i is not None), span=self._at(meta))

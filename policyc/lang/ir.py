@@ -1,0 +1,342 @@
+"""The policy IR: frozen pydantic models, one canonical printed form (see `printer.py`).
+
+Every node carries an optional source `span` for diagnostics. Spans are excluded from
+equality, hashing and serialisation, so `parse(print(p)) == p` compares meaning, not layout.
+Comments are part of the IR (leading lines and a trailing note) so `policyc fmt` loses nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policyc.errors import Span
+
+FORMAT_VERSION = 1
+
+
+class Node(BaseModel):
+    """Base of every IR node: immutable, strict about unknown fields, span-blind equality."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    span: Span | None = Field(default=None, exclude=True, repr=False)
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in type(self).model_fields if name != "span")
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._fields()))
+
+
+class Commented(Node):
+    """A node that owns the comment lines written above it and a comment after it."""
+
+    comments: tuple[str, ...] = ()
+    note: str | None = None
+
+
+# ---------------------------------------------------------------- expressions
+
+
+class Number(Node):
+    kind: Literal["number"] = "number"
+    value: int | float
+
+
+class Percent(Node):
+    """`8%`: a share of a token set's current size."""
+
+    kind: Literal["percent"] = "percent"
+    value: int | float
+
+
+class String(Node):
+    kind: Literal["string"] = "string"
+    value: str
+
+
+class Name(Node):
+    """A reference: parameter, token set, score, signal or option value, resolved by the checker."""
+
+    kind: Literal["name"] = "name"
+    id: str
+
+
+class KwArg(Node):
+    name: str
+    value: Expr
+
+
+class Call(Node):
+    """`fn(args, key=value)`: a signal, function, schedule or set function."""
+
+    kind: Literal["call"] = "call"
+    fn: str
+    args: tuple[Expr, ...] = ()
+    kwargs: tuple[KwArg, ...] = ()
+
+
+class Flow(Node):
+    """`queries -> keys`: which query tokens attend to which key tokens."""
+
+    kind: Literal["flow"] = "flow"
+    source: Expr
+    target: Expr
+
+
+BinaryOp = Literal["+", "-", "*", "/", "|", "&", "<", "<=", ">", ">=", "==", "!=", "and", "or"]
+
+
+class Binary(Node):
+    """Arithmetic on scores and amounts, set algebra (`|`, `&`, `-`), comparisons, logic."""
+
+    kind: Literal["binary"] = "binary"
+    op: BinaryOp
+    left: Expr
+    right: Expr
+
+
+class Unary(Node):
+    kind: Literal["unary"] = "unary"
+    op: Literal["-", "not"]
+    operand: Expr
+
+
+class Index(Node):
+    """`vision[0]`: one image's tokens."""
+
+    kind: Literal["index"] = "index"
+    base: Expr
+    index: Expr
+
+
+class ListExpr(Node):
+    """`[300, 200, 110]`: one value per layer of a multi-layer stage."""
+
+    kind: Literal["list"] = "list"
+    items: tuple[Expr, ...]
+
+
+class Select(Node):
+    """`top 8% of vision by score`: a token set chosen from `source` by a selector."""
+
+    kind: Literal["select"] = "select"
+    selector: Literal["top", "diverse", "cover", "grid", "stride"]
+    options: tuple[KwArg, ...] = ()
+    amount: Expr
+    source: Expr
+    by: Expr | None = None
+
+
+class Where(Node):
+    """`vision where condition`: the tokens of `source` for which `condition` holds."""
+
+    kind: Literal["where"] = "where"
+    source: Expr
+    condition: Expr
+
+
+Expr = Annotated[
+    Union[Number, Percent, String, Name, Call, Flow, Binary, Unary, Index, ListExpr, Select, Where],
+    Field(discriminator="kind"),
+]
+
+# ---------------------------------------------------------------- statements
+
+
+class Let(Commented):
+    """`let key = <set>`: a named token set, visible in this and every later stage."""
+
+    kind: Literal["let"] = "let"
+    name: str
+    value: Expr
+
+
+class ScoreDef(Commented):
+    """`score g = <expr>`: a named per-token score."""
+
+    kind: Literal["score"] = "score"
+    name: str
+    value: Expr
+
+
+class Keep(Commented):
+    """`keep <set>`: keep these tokens of the stage's domain (and protected ones), drop the rest."""
+
+    kind: Literal["keep"] = "keep"
+    target: Expr
+
+
+class Drop(Commented):
+    """`drop <set>`: drop these tokens, except protected ones."""
+
+    kind: Literal["drop"] = "drop"
+    target: Expr
+
+
+class Protect(Commented):
+    """`protect <set>`: these tokens survive this and every later stage."""
+
+    kind: Literal["protect"] = "protect"
+    target: Expr
+
+
+class Merge(Commented):
+    """`merge method(options) of <set> [into <set>] [by <features>]`."""
+
+    kind: Literal["merge"] = "merge"
+    method: str
+    options: tuple[KwArg, ...] = ()
+    source: Expr
+    into: Expr | None = None
+    by: Expr | None = None
+
+
+class Positions(Commented):
+    """`positions original|compact|cache_length`: position ids of kept tokens."""
+
+    kind: Literal["positions"] = "positions"
+    mode: str
+
+
+class Cache(Commented):
+    """`cache method(options)`: the decode-time KV cache policy."""
+
+    kind: Literal["cache"] = "cache"
+    method: str
+    options: tuple[KwArg, ...] = ()
+
+
+Statement = Annotated[
+    Union[Let, ScoreDef, Keep, Drop, Protect, Merge, Positions, Cache], Field(discriminator="kind")
+]
+
+# ---------------------------------------------------------------- stages
+
+
+class LayerRange(Node):
+    """One entry of a layer list: `k`, or `a..b` (inclusive) with an optional `step`."""
+
+    start: Expr
+    stop: Expr | None = None
+    step: Expr | None = None
+
+
+class AllLayers(Node):
+    """`[*]`: every layer."""
+
+    kind: Literal["all"] = "all"
+
+
+class LayerList(Node):
+    kind: Literal["list"] = "list"
+    items: tuple[LayerRange, ...]
+
+
+LayerSelection = Annotated[Union[AllLayers, LayerList], Field(discriminator="kind")]
+
+
+class Hook(Node):
+    """Where a stage runs, e.g. `llm.layer[2, 6]`: `point` "llm.layer" plus a layer selection.
+
+    `layers_after` is how many dotted parts precede the `[...]` (2 for `encoder.layer[0].attention`).
+    """
+
+    parts: tuple[str, ...]
+    layers: LayerSelection | None = None
+    layers_after: int = 0
+
+    @property
+    def point(self) -> str:
+        return ".".join(self.parts)
+
+
+class Stage(Commented):
+    hook: Hook
+    name: str | None = None
+    body: tuple[Statement, ...] = ()
+    end_comments: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------- policies
+
+
+class RangeDomain(Node):
+    """`in [low, high] [step s] [log]`: a numeric search range."""
+
+    kind: Literal["range"] = "range"
+    low: Number | Percent
+    high: Number | Percent
+    step: Number | Percent | None = None
+    log: bool = False
+
+
+class ChoiceDomain(Node):
+    """`in {a, b, c}`: a set of choices."""
+
+    kind: Literal["choice"] = "choice"
+    options: tuple[Number | Percent | String | Name, ...]
+
+
+Domain = Annotated[Union[RangeDomain, ChoiceDomain], Field(discriminator="kind")]
+
+
+class Param(Commented):
+    """`param name = default [in domain]`: a named value, searchable when it has a domain."""
+
+    name: str
+    default: Number | Percent | String | Name
+    domain: Domain | None = None
+
+
+class Meta(Commented):
+    """`title|paper|description "text"`."""
+
+    key: Literal["title", "paper", "description"]
+    value: str
+
+
+class Use(Commented):
+    """`use other[.stage](param=value)`: include another policy's stages (or one of them)."""
+
+    policy: str
+    stage: str | None = None
+    overrides: tuple[KwArg, ...] = ()
+
+
+class Policy(Commented):
+    name: str
+    meta: tuple[Meta, ...] = ()
+    params: tuple[Param, ...] = ()
+    uses: tuple[Use, ...] = ()
+    stages: tuple[Stage, ...] = ()
+    end_comments: tuple[str, ...] = ()
+
+    def meta_value(self, key: str) -> str | None:
+        return next((m.value for m in self.meta if m.key == key), None)
+
+
+class Import(Commented):
+    """`import "path.tokpol" [as alias]`: policies of another file become usable."""
+
+    path: str
+    alias: str | None = None
+
+
+class PolicyFile(Node):
+    """A parsed `.tokpol` file."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    imports: tuple[Import, ...] = ()
+    policies: tuple[Policy, ...] = ()
+    end_comments: tuple[str, ...] = ()
+
+
+for _model in (KwArg, Call, Flow, Binary, Unary, Index, ListExpr, Select, Where, Let, ScoreDef,
+               Keep, Drop, Protect, Merge, Cache, LayerRange, LayerList, Stage, Use, Policy):
+    _model.model_rebuild()

@@ -1,0 +1,167 @@
+"""Text -> lark tree, with syntax errors turned into `PolicyError`s that point at the source."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from policyc.errors import PolicyError, Span, closest
+from policyc.resources import grammar_text
+
+# Readable names for the grammar's terminals, used in "expected ..." hints.
+_TERMINAL_WORDS = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "PERCENT": "a percentage",
+    "STRING": 'a "string"',
+    "MINUS": "'-'",
+    "ADD_OP": "'+' or '-'",
+    "MUL_OP": "'*' or '/'",
+    "COMP_OP": "a comparison",
+    "$END": "end of file",
+}
+# Terminals that merely continue an expression: hints list them as "an operator".
+_OPERATOR_TERMINALS = {"ADD_OP", "MUL_OP", "COMP_OP", "MINUS", "VBAR", "AMPERSAND", "LSQB", "LPAR", "DOT", "MORETHAN"}
+
+
+@functools.cache
+def lark_parser() -> Lark:
+    """The LALR parser; analysed grammar tables are cached on disk, keyed by the grammar's hash."""
+    text = grammar_text()
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    cache_dir = os.environ.get("POLICYC_CACHE_DIR", os.path.join(tempfile.gettempdir(), "policyc-cache"))
+    cache_path = os.path.join(cache_dir, f"tokpol-{digest}.lark-cache")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError:
+        cache_path = None  # type: ignore[assignment]
+    options = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
+    if cache_path is not None and os.path.exists(cache_path):
+        return Lark(text, cache=cache_path, **options)
+    # Strict mode (shift/reduce conflicts and terminal collisions are errors) needs interegular,
+    # a build-time check; an installed policyc without it still builds the same tables.
+    try:
+        import interegular  # noqa: F401
+
+        options["strict"] = True
+    except ImportError:
+        pass
+    return Lark(text, cache=cache_path or False, **options)
+
+
+@dataclass(frozen=True)
+class Comment:
+    line: int
+    column: int
+    text: str  # everything after '#', right-stripped
+
+
+def scan_comments(text: str) -> list[Comment]:
+    """Every `# ...` comment outside string literals (strings never span lines)."""
+    comments = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        in_string = escaped = False
+        for column, char in enumerate(line):
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == '"':
+                    in_string = False
+            elif char == '"':
+                in_string = True
+            elif char == "#":
+                comments.append(Comment(number, column + 1, line[column + 1 :].rstrip()))
+                break
+    return comments
+
+
+def parse_tree(text: str, file: str) -> Tree:
+    """Parse `text` into a lark tree, or raise a `PolicyError` located at the offending token."""
+    parser = lark_parser()
+    try:
+        return parser.parse(text)
+    except UnexpectedInput as error:
+        raise _syntax_error(error, text, file, parser) from None
+
+
+def _describe_terminal(name: str, parser: Lark) -> str:
+    if name in _TERMINAL_WORDS:
+        return _TERMINAL_WORDS[name]
+    try:
+        pattern = parser.get_terminal(name).pattern
+    except KeyError:
+        return name.lower()
+    return f"'{pattern.value}'" if pattern.type == "str" else name.lower()
+
+
+def _keyword(name: str, parser: Lark) -> str | None:
+    try:
+        pattern = parser.get_terminal(name).pattern
+    except KeyError:
+        return None
+    return pattern.value if pattern.type == "str" and pattern.value.isidentifier() else None
+
+
+def _expected_hint(expected: set[str], parser: Lark) -> str:
+    words = sorted({_describe_terminal(t, parser) for t in expected if t not in _OPERATOR_TERMINALS})
+    if expected & _OPERATOR_TERMINALS:
+        words.append("an operator")
+    if not words:
+        return ""
+    if len(words) > 8:
+        words = [*words[:8], "..."]
+    return "expected " + (words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1])
+
+
+def _token_text(token: Token) -> str:
+    if token.type == "$END":
+        return "end of file"
+    kind = {"NAME": "name", "NUMBER": "number", "PERCENT": "percentage", "STRING": "string"}.get(token.type)
+    return f"{kind} '{token}'" if kind else f"'{token}'"
+
+
+def _syntax_error(error: UnexpectedInput, text: str, file: str, parser: Lark) -> PolicyError:
+    line, column = max(error.line, 1), max(error.column, 1)
+    if isinstance(error, UnexpectedCharacters):
+        char = text[error.pos_in_stream] if error.pos_in_stream < len(text) else ""
+        hints = {
+            "'": 'strings use double quotes: "like this"',
+            ";": "statements need no ';', put each on its own line",
+            ":": "write `name = value` for options and `let name = ...` for sets",
+            "=": "compare with '==', or bind a name with `let name = ...`",
+        }
+        span = Span(file, line, column, line, column + 1)
+        hint = hints.get(char, _expected_hint(set(error.allowed or ()), parser) or None)
+        return PolicyError.at(f"unexpected character {char!r}", span, hint, text)
+    if isinstance(error, UnexpectedEOF):
+        lines = text.split("\n")
+        end_line = len(lines)
+        span = Span(file, end_line, len(lines[-1]) + 1, end_line, len(lines[-1]) + 2)
+        return PolicyError.at("unexpected end of file", span, _expected_hint(set(error.expected), parser) or None, text)
+    assert isinstance(error, UnexpectedToken)  # the last of lark's three UnexpectedInput kinds
+    token = error.token
+    expected = set(error.expected)
+    if token.type == "$END":
+        lines = text.split("\n")
+        span = Span(file, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        return PolicyError.at("unexpected end of file", span, _expected_hint(expected, parser) or None, text)
+    span = Span(file, line, column, token.end_line or line, token.end_column or column + len(token))
+    hint = _expected_hint(expected, parser)
+    keywords = {k for t in expected if (k := _keyword(t, parser))}
+    if token.type == "NAME" and keywords and (best := closest(str(token), keywords)):
+        hint = f"did you mean '{best}'?"
+    previous = (error.token_history or [None])[-1]
+    selectors = {"top", "diverse", "cover", "grid", "stride"}
+    if previous is not None and previous.type == "NAME" and token.type in {"NUMBER", "PERCENT", "NAME"}:
+        best = closest(str(previous), selectors)
+        if best:
+            hint = f"'{previous}' is not a selector; did you mean '{best}'?"
+    return PolicyError.at(f"unexpected {_token_text(token)}", span, hint or None, text)
