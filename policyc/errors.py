@@ -68,6 +68,14 @@ class PolicyError(Exception):
             d if d.source is not None else Diagnostic(d.message, d.span, d.hint, source) for d in self.diagnostics
         ])
 
+    def with_sources(self, sources: dict[str, str]) -> PolicyError:
+        """The same error with each diagnostic's source looked up by its span's file name."""
+        return PolicyError([
+            d if d.source is not None or d.span is None or d.span.file not in sources
+            else Diagnostic(d.message, d.span, d.hint, sources[d.span.file])
+            for d in self.diagnostics
+        ])
+
     def __str__(self) -> str:
         return "\n\n".join(d.render() for d in self.diagnostics)
 

@@ -1,0 +1,103 @@
+"""Language-level signatures of everything a policy can name: signals, functions, selectors,
+merges, schedules, cache policies, token sets, hook points and position modes.
+
+A `Spec` says what a name means to the checker (its options, where it is valid, what it returns)
+and carries the one-line description that `policyc list` prints. The runtime implementations
+(torch) live in `passes/` and register under the same names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from policyc.errors import PolicyError, Span, suggestion
+
+StageKind = Literal["encoder", "projector", "llm", "decode"]
+ALL_STAGES: frozenset[StageKind] = frozenset({"encoder", "projector", "llm"})
+
+# What an expression evaluates to; the checker infers one of these for every expression.
+ValueType = Literal[
+    "number",     # a scalar: 0.5, a param, size(set)
+    "count",      # a whole number of tokens: 64
+    "percent",    # a share of a set's current size: 8%
+    "schedule",   # a per-layer amount: geometric(0.5), [300, 200, 110], mass(0.97)
+    "score",      # one value per token
+    "feature",    # one vector per token (for similarities)
+    "condition",  # one boolean per token
+    "set",        # a token set
+    "flow",       # queries -> keys
+    "enum",       # a bare word from a fixed list, e.g. heads=mean
+    "text",       # a "string"
+]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One argument of a spec. `accepts` lists the value types allowed; `choices` the words for enums."""
+
+    name: str
+    accepts: tuple[ValueType, ...]
+    summary: str
+    default: str | None = None  # printed form; None means required
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    positional: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    kind: str
+    summary: str
+    options: tuple[Option, ...] = ()
+    stages: frozenset[StageKind] = ALL_STAGES
+    returns: ValueType = "score"
+    paper: str = ""
+    by: ValueType | None = None  # for selectors and merges: what `by` takes (None: no `by`)
+    into: bool = False  # for merges: whether `into <set>` is required
+
+    def option(self, name: str) -> Option | None:
+        return next((o for o in self.options if o.name == name), None)
+
+    def signature(self) -> str:
+        """`attention(flow, heads=mean, ...)` for listings."""
+        parts = [o.name if o.required else f"{o.name}={o.default}" for o in self.options]
+        return f"{self.name}({', '.join(parts)})" if parts else self.name
+
+
+@dataclass
+class Registry:
+    """Specs of one kind, by name; unknown names fail with the closest valid name."""
+
+    kind: str
+    noun: str
+    specs: dict[str, Spec] = field(default_factory=dict)
+
+    def add(self, *specs: Spec) -> None:
+        for spec in specs:
+            if spec.name in self.specs:
+                raise ValueError(f"duplicate {self.kind} spec {spec.name!r}")
+            self.specs[spec.name] = spec
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.specs
+
+    def __iter__(self) -> Iterator[Spec]:
+        return iter(self.specs.values())
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def get(self, name: str, span: Span | None) -> Spec:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise PolicyError.at(f"unknown {self.noun} '{name}'", span, suggestion(name, self.names(), f"{self.noun}s"))
+        return spec

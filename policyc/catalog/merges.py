@@ -1,0 +1,34 @@
+"""Merges: `merge METHOD(options) of SET [into SET] [by FEATURES]` folds tokens into others."""
+
+from policyc.catalog.base import Option, Registry, Spec
+
+MERGES = Registry("merge", "merge method")
+MERGES.add(
+    Spec("bipartite", "merge", "ToMe bipartite soft matching: split alternately, merge the r most similar pairs "
+         "by size-weighted average, tracking token sizes",
+         options=(Option("r", ("count", "schedule"), "tokens removed per layer", positional=False),
+                  Option("proportional", ("enum",), "add log(size) to attention logits (proportional attention)",
+                         default="true", choices=("true", "false"))),
+         returns="set", by="feature", stages=frozenset({"encoder", "projector"}), paper="ToMe arXiv:2210.09461"),
+    Spec("window", "merge", "merge each non-overlapping k x k window whose mean pairwise cosine similarity is at "
+         "least `threshold` into one token (MustDrop's local spatial merge)",
+         options=(Option("size", ("number",), "window side k", default="3", low=2, integer=True),
+                  Option("threshold", ("number",), "similarity threshold", default="0.8", low=-1, high=1)),
+         returns="set", by="feature", stages=frozenset({"encoder", "projector"}), paper="MustDrop arXiv:2411.10803"),
+    Spec("nearest", "merge", "assign each token to its most similar target; each target becomes itself plus the "
+         "mean of its assigned tokens (VisionZip contextual tokens)",
+         options=(Option("combine", ("enum",), "`add_mean`: target + mean(assigned), as VisionZip's code; "
+                         "`mean`: plain average", default="add_mean", choices=("add_mean", "mean")),),
+         returns="set", by="feature", into=True, paper="VisionZip arXiv:2412.04467"),
+    Spec("cluster", "merge", "cluster the tokens with DPC-kNN and append one averaged token per cluster "
+         "(SparseVLM recycling)",
+         options=(Option("clusters", ("count", "percent"), "number of clusters", default="10%"),
+                  Option("knn", ("number",), "neighbours for the density estimate", default="5", low=1,
+                         integer=True)),
+         returns="set", by="feature", paper="SparseVLM arXiv:2410.04417"),
+    Spec("pool", "merge", "average-pool the image patch grid with a k x k window (plain downsampling baseline)",
+         options=(Option("size", ("number",), "window side k", default="2", low=2, integer=True),),
+         returns="set", stages=frozenset({"encoder", "projector"})),
+    Spec("fuse", "merge", "fuse the tokens into one token, weighted by a score (EViT's inattentive-token fusion)",
+         returns="set", by="score", paper="EViT arXiv:2202.07800"),
+)

@@ -1,0 +1,22 @@
+"""Selectors: `SELECTOR amount of SET [by ...]` picks a token set. Kept indices stay in original order."""
+
+from policyc.catalog.base import Option, Registry, Spec
+
+SELECTORS = Registry("selector", "selector")
+SELECTORS.add(
+    Spec("top", "selector", "the tokens with the highest score", returns="set", by="score"),
+    Spec("diverse", "selector", "greedy max-min diversity over features, seeded with the most isolated token "
+         "(DivPrune; ToDRE's k-center); objective=sum gives greedy max-sum",
+         options=(Option("metric", ("enum",), "distance", default="cosine", choices=("cosine", "l2")),
+                  Option("objective", ("enum",), "max-min or max-sum", default="min", choices=("min", "sum"))),
+         returns="set", by="feature", paper="DivPrune arXiv:2503.02175"),
+    Spec("cover", "selector", "greedy maximum coverage of question words and image tokens (MMTok)",
+         options=(Option("alpha", ("number",), "weight of vision-to-vision coverage", default="0.5", low=0),
+                  Option("tau_text", ("number",), "text-vision temperature", default="0.02", low=0),
+                  Option("tau_vision", ("number",), "vision-vision temperature", default="0.2", low=0)),
+         returns="set", by="feature", stages=frozenset({"projector", "llm"}), paper="MMTok arXiv:2508.18264"),
+    Spec("grid", "selector", "tokens on a uniform 2-D grid over the image patches (a downsampling baseline)",
+         returns="set", stages=frozenset({"encoder", "projector", "llm"})),
+    Spec("stride", "selector", "every k-th token of the set in order, k = |set| // amount (VisionZip's targets)",
+         returns="set", paper="VisionZip arXiv:2412.04467"),
+)

@@ -1,0 +1,169 @@
+"""Loading policy files and resolving `import` and `use` into a `Program`: every stage a policy
+runs, each with the scope (policy + parameter overrides) its names are looked up in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from policyc.errors import PolicyError, Span, suggestion
+from policyc.lang import ir
+from policyc.lang.build import parse
+from policyc.resources import stdlib_files
+
+STDLIB_PREFIX = "<stdlib>/"
+
+
+@dataclass(frozen=True, eq=False)
+class Scope:
+    """Where a stage's names resolve: its policy's params and sets, with `use` overrides applied.
+
+    `overrides` maps a param of `policy` to an expression evaluated in `parent`.
+    """
+
+    policy: ir.Policy
+    label: str
+    overrides: dict[str, ir.Expr] = field(default_factory=dict)
+    parent: Scope | None = None
+
+    def qualified(self, name: str) -> str:
+        """`fastv.ratio` for a param of a used policy, `ratio` for the policy's own."""
+        return name if self.parent is None else f"{self.label}.{name}"
+
+
+@dataclass(frozen=True)
+class PlacedStage:
+    stage: ir.Stage
+    scope: Scope
+
+
+@dataclass(frozen=True)
+class Program:
+    """A policy with its `use`s expanded: the stages it runs and the params that tune them."""
+
+    policy: ir.Policy
+    stages: tuple[PlacedStage, ...]
+    scopes: tuple[Scope, ...]
+
+
+class Loader:
+    """Reads policy files once, resolves imports relative to the importing file, knows the stdlib.
+
+    Keeps every source text read, so errors in any file render with their source line.
+    """
+
+    def __init__(self) -> None:
+        self.sources: dict[str, str] = {}
+        self._files: dict[str, ir.PolicyFile] = {}
+        self._stdlib: dict[str, ir.Policy] | None = None
+
+    def parse_text(self, text: str, name: str) -> ir.PolicyFile:
+        self.sources[name] = text
+        if name not in self._files:
+            self._files[name] = parse(text, name)
+        return self._files[name]
+
+    def load(self, path: str | Path) -> ir.PolicyFile:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise PolicyError.at(f"cannot read {path}: {error.strerror or error}", None) from None
+        return self.parse_text(text, str(path))
+
+    def stdlib(self) -> dict[str, ir.Policy]:
+        """Every standard-library policy by name."""
+        if self._stdlib is None:
+            self._stdlib = {}
+            for stem, resource in stdlib_files().items():
+                file = self.parse_text(resource.read_text(encoding="utf-8"), f"{STDLIB_PREFIX}{stem}.tokpol")
+                for policy in file.policies:
+                    self._stdlib.setdefault(policy.name, policy)
+        return self._stdlib
+
+    def visible_policies(self, file: ir.PolicyFile, file_name: str) -> tuple[dict[str, ir.Policy], dict[str, dict]]:
+        """Policies a `use` in `file` can name (own, imported, stdlib) and import aliases."""
+        visible = dict(self.stdlib())
+        aliases: dict[str, dict[str, ir.Policy]] = {}
+        imported: dict[str, tuple[ir.Policy, ir.Import]] = {}
+        for item in file.imports:
+            target = self._import_target(item, file_name)
+            policies = {p.name: p for p in self.load(target).policies}
+            if item.alias is not None:
+                aliases[item.alias] = policies
+                continue
+            for name, policy in policies.items():
+                if name in imported and imported[name][0] is not policy:
+                    raise PolicyError.at(f"policy '{name}' is imported twice", item.span,
+                                         f"import one of the files `as` an alias: import {item.path!r} as lib")
+                imported[name] = (policy, item)
+        visible.update({name: policy for name, (policy, _) in imported.items()})
+        visible.update({p.name: p for p in file.policies})
+        return visible, aliases
+
+    def _import_target(self, item: ir.Import, file_name: str) -> Path:
+        base = Path(file_name).parent if not file_name.startswith("<") else Path.cwd()
+        target = (base / item.path).resolve()
+        if not target.is_file():
+            raise PolicyError.at(f"cannot import '{item.path}': no such file", item.span,
+                                 f"paths are relative to the importing file's folder ({base})")
+        return target
+
+
+def resolve(policy: ir.Policy, visible: dict[str, ir.Policy], aliases: dict[str, dict]) -> Program:
+    """Expand `use` recursively; a policy that uses itself (directly or not) is an error."""
+    root = Scope(policy, policy.name)
+    stages: list[PlacedStage] = []
+    scopes: list[Scope] = [root]
+    _expand(root, visible, aliases, (policy.name,), stages, scopes)
+    return Program(policy, tuple(stages), tuple(scopes))
+
+
+def _expand(scope: Scope, visible: dict[str, ir.Policy], aliases: dict[str, dict], chain: tuple[str, ...],
+            stages: list[PlacedStage], scopes: list[Scope]) -> None:
+    for use in scope.policy.uses:
+        used, stage_name = _target(use, visible, aliases)
+        if used.name in chain:
+            cycle = " -> ".join((*chain, used.name))
+            raise PolicyError.at(f"cycle in `use`: {cycle}", use.span, "a policy cannot include itself")
+        params = {p.name for p in used.params}
+        seen: set[str] = set()
+        for override in use.overrides:
+            if override.name in seen:
+                raise PolicyError.at(f"parameter '{override.name}' is set twice", override.span)
+            seen.add(override.name)
+            if override.name not in params:
+                raise PolicyError.at(f"policy '{used.name}' has no parameter '{override.name}'", override.span,
+                                     suggestion(override.name, sorted(params), "parameters"))
+        child = Scope(used, used.name, {o.name: o.value for o in use.overrides}, scope)
+        scopes.append(child)
+        if stage_name is None:
+            _expand(child, visible, aliases, (*chain, used.name), stages, scopes)
+        else:
+            stages.append(PlacedStage(_stage(used, stage_name, use.span), child))
+    stages.extend(PlacedStage(s, scope) for s in scope.policy.stages)
+
+
+def _target(use: ir.Use, visible: dict[str, ir.Policy], aliases: dict[str, dict]) -> tuple[ir.Policy, str | None]:
+    """`use p`, `use p.stage`, or `use alias.p` (a policy of a file imported `as alias`)."""
+    if use.policy in aliases:
+        policies = aliases[use.policy]
+        if use.stage is None or use.stage not in policies:
+            raise PolicyError.at(f"no policy '{use.stage}' in the file imported as '{use.policy}'", use.span,
+                                 suggestion(use.stage or "", sorted(policies), "policies there"))
+        return policies[use.stage], None
+    if use.policy not in visible:
+        raise PolicyError.at(f"unknown policy '{use.policy}'", use.span,
+                             suggestion(use.policy, sorted(visible), "policies"))
+    return visible[use.policy], use.stage
+
+
+def _stage(policy: ir.Policy, name: str, span: Span | None) -> ir.Stage:
+    for stage in policy.stages:
+        if stage.name == name:
+            return stage
+    names = sorted(s.name for s in policy.stages if s.name)
+    raise PolicyError.at(f"policy '{policy.name}' has no stage named '{name}'", span,
+                         suggestion(name, names, "stage names") if names else
+                         f"name a stage with `stage <hook> as {name}` in '{policy.name}'")

@@ -1,0 +1,106 @@
+"""Human-readable views of policies and of the catalog, for `policyc show` and `policyc list`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from policyc.catalog import REGISTRIES, Registry
+from policyc.errors import PolicyError, suggestion
+from policyc.lang import CheckedPolicy, Loader, check_path, check_stdlib
+from policyc.lang.printer import print_expr, print_statement
+
+_KIND_REGISTRY = {r.kind + ("es" if r.kind.endswith("h") else "s"): r for r in REGISTRIES}
+_KIND_REGISTRY["positions"] = next(r for r in REGISTRIES if r.kind == "positions")
+
+
+def find_policies(reference: str, loader: Loader | None = None) -> list[CheckedPolicy]:
+    """`path.tokpol` (all its policies), `path.tokpol:name`, or a standard-library policy name."""
+    loader = loader or Loader()
+    path, _, name = reference.partition(":") if not Path(reference).exists() else (reference, "", "")
+    if Path(path).is_file():
+        checked = check_path(path, loader)
+        if not name:
+            return checked
+        chosen = [c for c in checked if c.program.policy.name == name]
+        if not chosen:
+            names = [c.program.policy.name for c in checked]
+            raise PolicyError.at(f"no policy '{name}' in {path}", None, suggestion(name, names, "policies"))
+        return chosen
+    stdlib = check_stdlib(loader)
+    if reference not in stdlib:
+        raise PolicyError.at(f"no file or standard-library policy named '{reference}'", None,
+                             suggestion(reference, sorted(stdlib), "policies"))
+    return [stdlib[reference]]
+
+
+def stage_summary(checked: CheckedPolicy) -> str:
+    kinds = []
+    for plan in checked.stages:
+        kind = plan.hook.stage_kind
+        if kind not in kinds:
+            kinds.append(kind)
+    return " + ".join(kinds) or "none"
+
+
+def render_policy(checked: CheckedPolicy, console: Console | None = None) -> None:
+    console = console or Console()
+    policy = checked.program.policy
+    console.print(f"[bold]policy {policy.name}[/bold]" + (f": {policy.meta_value('title')}" if policy.meta_value(
+        "title") else ""))
+    for key in ("paper", "description"):
+        if value := policy.meta_value(key):
+            console.print(f"  {key}: {value}")
+    params = Table("parameter", "default", "search domain", title="parameters", title_justify="left")
+    for scope in checked.program.scopes:
+        for param in scope.policy.params:
+            if param.name in scope.overrides:
+                continue
+            domain = param.domain
+            shown = "fixed" if domain is None else (
+                "{" + ", ".join(print_expr(o) for o in domain.options) + "}" if domain.kind == "choice" else
+                f"[{print_expr(domain.low)}, {print_expr(domain.high)}]" + (
+                    f" step {print_expr(domain.step)}" if domain.step else "") + (" log" if domain.log else ""))
+            params.add_row(scope.qualified(param.name), print_expr(param.default), shown)
+    if params.row_count:
+        console.print(params)
+    stages = Table("stage (execution order)", "statements", title="stages", title_justify="left")
+    for plan in checked.stages:
+        stages.add_row(plan.label, "\n".join(print_statement(s) for s in plan.placed.stage.body) or "(empty)")
+    console.print(stages)
+    if checked.requirements:
+        needs = Table("model must have", "why", "where", title="checked at compile time", title_justify="left")
+        for requirement in checked.requirements:
+            what = requirement.what.replace("_", " ") + ("" if requirement.value is None else f" {requirement.value}")
+            where = f"{requirement.span.file}:{requirement.span.line}" if requirement.span else ""
+            needs.add_row(what, requirement.reason, where)
+        console.print(needs)
+
+
+def render_catalog(kind: str | None, console: Console | None = None) -> None:
+    console = console or Console()
+    if kind in (None, "policies"):
+        console.print(_policies_table())
+    for name, registry in _KIND_REGISTRY.items():
+        if kind in (None, name):
+            console.print(_registry_table(name, registry))
+
+
+def _policies_table() -> Table:
+    table = Table("policy", "stages", "paper", "what it does", title="standard library (policies/)",
+                  title_justify="left")
+    for name, checked in check_stdlib().items():
+        policy = checked.program.policy
+        line = policy.meta_value("description") or policy.meta_value("title") or ""
+        table.add_row(name, stage_summary(checked), policy.meta_value("paper") or "", line)
+    return table
+
+
+def _registry_table(name: str, registry: Registry) -> Table:
+    table = Table(registry.kind, "where", "what it does", title=name, title_justify="left")
+    for spec in registry:
+        where = ", ".join(sorted(spec.stages)) if registry.kind not in ("hook", "positions") else ""
+        table.add_row(spec.signature(), where, spec.summary + (f" [dim]({spec.paper})[/dim]" if spec.paper else ""))
+    return table
