@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lark import Token, Transformer, v_args
+from lark import Token, Transformer, Tree, v_args
 from lark.exceptions import VisitError
 from lark.tree import Meta as LarkMeta
 
@@ -14,13 +15,23 @@ from policyc.errors import PolicyError, Span
 from policyc.lang import ir
 from policyc.lang.comments import attach_comments
 from policyc.lang.parser import parse_tree, scan_comments
+from policyc.lang.printer import META_ORDER
 
 _ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t"}
+
+# How deeply the syntax tree (file > policy > stage > statement > expression ...) may nest. Everything
+# downstream (building, printing, checking, comparing IR) recurses per level, so unbounded nesting such
+# as `not not ... x` or `a + a + ... + a` would end in a RecursionError instead of a diagnostic.
+MAX_NESTING = 128
+# Integers with more digits than this are far outside the float range (and Python refuses to convert
+# decimal strings of more than 4300 digits to int at all).
+_MAX_INT_DIGITS = 400
 
 
 def parse(text: str, file: str = "<string>") -> ir.PolicyFile:
     """Parse `.tokpol` source into IR. Raises `PolicyError` for any syntax problem."""
     tree = parse_tree(text, file)
+    _check_nesting(tree, text, file)
     try:
         built: ir.PolicyFile = _Builder(file).transform(tree)
     except VisitError as error:
@@ -28,6 +39,18 @@ def parse(text: str, file: str = "<string>") -> ir.PolicyFile:
             raise error.orig_exc.with_source(text) from None
         raise
     return attach_comments(built, scan_comments(text))
+
+
+def _check_nesting(tree: Tree, text: str, file: str) -> None:
+    """Reject trees deeper than `MAX_NESTING` levels (iteratively, so the check itself cannot overflow)."""
+    stack: list[tuple[Tree, int, Span | None]] = [(tree, 1, None)]
+    while stack:
+        node, depth, outer = stack.pop()
+        span = _span(file, node.meta) or outer
+        if depth > MAX_NESTING:
+            raise PolicyError.at(f"nesting is too deep (more than {MAX_NESTING} levels)", span,
+                                 "name parts of the expression with `let` or `score`", text)
+        stack.extend((child, depth + 1, span) for child in node.children if isinstance(child, Tree))
 
 
 def _span(file: str, meta: LarkMeta | Token) -> Span | None:
@@ -41,11 +64,26 @@ def _span(file: str, meta: LarkMeta | Token) -> Span | None:
 
 
 def _number(token: Token, file: str) -> int | float:
+    """The value of a NUMBER token (digits only: int, otherwise float); values beyond float range are errors."""
     text = str(token)
-    value: int | float = int(text) if text.isdigit() else float(text)
-    if not math.isfinite(value):
-        raise PolicyError.at(f"number {text} is too large", _span(file, token), "use a finite number")
+    value: int | float
+    if text.isdigit():
+        digits = text.lstrip("0") or "0"
+        value = int(digits) if len(digits) <= _MAX_INT_DIGITS else math.inf
+        finite = value <= sys.float_info.max
+    else:
+        value = float(text)
+        finite = math.isfinite(value)
+    if not finite:
+        shown = text if len(text) <= 24 else text[:20] + "..."
+        raise PolicyError.at(f"number {shown} is too large", _span(file, token), "use a finite number")
     return value
+
+
+def _percent_digits(token: Token) -> Token:
+    """The NUMBER part of a PERCENT token, keeping the token's position for diagnostics."""
+    return Token("NUMBER", token[:-1], line=token.line, column=token.column, end_line=token.end_line,
+                 end_column=token.end_column)
 
 
 def _string(token: Token, file: str) -> str:
@@ -93,9 +131,11 @@ class _Builder(Transformer):
         return ir.Import(path=_string(path, self.file), alias=str(alias) if alias else None, span=self._at(meta))
 
     def policy(self, meta: LarkMeta, name: Token, *members: Any) -> ir.Policy:
+        # Metadata in canonical order (the printer's), so that parse(print(parse(text))) == parse(text).
+        ordered_meta = sorted((m for m in members if isinstance(m, ir.Meta)), key=lambda m: META_ORDER.index(m.key))
         return ir.Policy(
             name=str(name),
-            meta=tuple(m for m in members if isinstance(m, ir.Meta)),
+            meta=tuple(ordered_meta),
             params=tuple(m for m in members if isinstance(m, ir.Param)),
             uses=tuple(m for m in members if isinstance(m, ir.Use)),
             stages=tuple(m for m in members if isinstance(m, ir.Stage)),
@@ -125,7 +165,7 @@ class _Builder(Transformer):
             return value
         span = self._at(meta)
         if value.type == "PERCENT":
-            return ir.Percent(value=_number(Token("NUMBER", value[:-1], line=value.line), self.file), span=span)
+            return ir.Percent(value=_number(_percent_digits(value), self.file), span=span)
         if value.type == "STRING":
             return ir.String(value=_string(value, self.file), span=span)
         return ir.Name(id=str(value), span=span)
@@ -244,9 +284,7 @@ class _Builder(Transformer):
         return ir.Number(value=_number(token, self.file), span=self._at(meta))
 
     def percent(self, meta: LarkMeta, token: Token) -> ir.Percent:
-        digits = Token("NUMBER", token[:-1], line=token.line, column=token.column, end_line=token.end_line,
-                       end_column=token.end_column)
-        return ir.Percent(value=_number(digits, self.file), span=self._at(meta))
+        return ir.Percent(value=_number(_percent_digits(token), self.file), span=self._at(meta))
 
     def string(self, meta: LarkMeta, token: Token) -> ir.String:
         return ir.String(value=_string(token, self.file), span=self._at(meta))

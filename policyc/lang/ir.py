@@ -7,7 +7,7 @@ Comments are part of the IR (leading lines and a trailing note) so `policyc fmt`
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,7 +19,7 @@ FORMAT_VERSION = 1
 class Node(BaseModel):
     """Base of every IR node: immutable, strict about unknown fields, span-blind equality."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     span: Span | None = Field(default=None, exclude=True, repr=False)
 
@@ -142,7 +142,7 @@ class Where(Node):
 
 
 Expr = Annotated[
-    Union[Number, Percent, String, Name, Call, Flow, Binary, Unary, Index, ListExpr, Select, Where],
+    Number | Percent | String | Name | Call | Flow | Binary | Unary | Index | ListExpr | Select | Where,
     Field(discriminator="kind"),
 ]
 
@@ -213,7 +213,7 @@ class Cache(Commented):
 
 
 Statement = Annotated[
-    Union[Let, ScoreDef, Keep, Drop, Protect, Merge, Positions, Cache], Field(discriminator="kind")
+    Let | ScoreDef | Keep | Drop | Protect | Merge | Positions | Cache, Field(discriminator="kind")
 ]
 
 # ---------------------------------------------------------------- stages
@@ -238,7 +238,7 @@ class LayerList(Node):
     items: tuple[LayerRange, ...]
 
 
-LayerSelection = Annotated[Union[AllLayers, LayerList], Field(discriminator="kind")]
+LayerSelection = Annotated[AllLayers | LayerList, Field(discriminator="kind")]
 
 
 class Hook(Node):
@@ -283,7 +283,7 @@ class ChoiceDomain(Node):
     options: tuple[Number | Percent | String | Name, ...]
 
 
-Domain = Annotated[Union[RangeDomain, ChoiceDomain], Field(discriminator="kind")]
+Domain = Annotated[RangeDomain | ChoiceDomain, Field(discriminator="kind")]
 
 
 class Param(Commented):
@@ -335,8 +335,3 @@ class PolicyFile(Node):
     imports: tuple[Import, ...] = ()
     policies: tuple[Policy, ...] = ()
     end_comments: tuple[str, ...] = ()
-
-
-for _model in (KwArg, Call, Flow, Binary, Unary, Index, ListExpr, Select, Where, Let, ScoreDef,
-               Keep, Drop, Protect, Merge, Cache, LayerRange, LayerList, Stage, Use, Policy):
-    _model.model_rebuild()

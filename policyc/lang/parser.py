@@ -128,8 +128,13 @@ def _token_text(token: Token) -> str:
     return f"{kind} '{token}'" if kind else f"'{token}'"
 
 
+def _position(value: object) -> int:
+    """A 1-based line or column from lark, which uses -1, None or '?' when it has none."""
+    return value if isinstance(value, int) and value > 0 else 1
+
+
 def _syntax_error(error: UnexpectedInput, text: str, file: str, parser: Lark) -> PolicyError:
-    line, column = max(error.line, 1), max(error.column, 1)
+    line, column = _position(error.line), _position(error.column)
     if isinstance(error, UnexpectedCharacters):
         char = text[error.pos_in_stream] if error.pos_in_stream < len(text) else ""
         hints = {
@@ -146,14 +151,17 @@ def _syntax_error(error: UnexpectedInput, text: str, file: str, parser: Lark) ->
         end_line = len(lines)
         span = Span(file, end_line, len(lines[-1]) + 1, end_line, len(lines[-1]) + 2)
         return PolicyError.at("unexpected end of file", span, _expected_hint(set(error.expected), parser) or None, text)
-    assert isinstance(error, UnexpectedToken)  # the last of lark's three UnexpectedInput kinds
+    if not isinstance(error, UnexpectedToken):  # lark has no fourth kind; say something located anyway
+        span = Span(file, line, column, line, column + 1)
+        return PolicyError.at("syntax error", span, None, text)
     token = error.token
     expected = set(error.expected)
     if token.type == "$END":
         lines = text.split("\n")
         span = Span(file, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         return PolicyError.at("unexpected end of file", span, _expected_hint(expected, parser) or None, text)
-    span = Span(file, line, column, token.end_line or line, token.end_column or column + len(token))
+    end_line, end_column = token.end_line or line, token.end_column or column + len(token)
+    span = Span(file, line, column, end_line, end_column)
     hint = _expected_hint(expected, parser)
     keywords = {k for t in expected if (k := _keyword(t, parser))}
     if token.type == "NAME" and keywords and (best := closest(str(token), keywords)):

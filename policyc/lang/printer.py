@@ -7,10 +7,12 @@ the fewest parentheses that keep the tree; numbers as Python writes them (`0.000
 from __future__ import annotations
 
 from collections.abc import Iterable
+from decimal import Decimal
 
 from policyc.lang import ir
 
-_META_ORDER = {"title": 0, "paper": 1, "description": 2}
+# Canonical order of a policy's metadata lines (the builder stores `Policy.meta` in this order too).
+META_ORDER = ("title", "paper", "description")
 
 # Binding strength of each operator: a child binding looser than its parent gets parentheses.
 _PRECEDENCE = {"or": 1, "and": 2, "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4,
@@ -32,6 +34,11 @@ def print_policy(policy: ir.Policy) -> str:
 
 def print_expr(expr: ir.Expr) -> str:
     return _expr(expr)
+
+
+def print_statement(statement: ir.Statement) -> str:
+    """The one-line canonical form of a statement, without its comments."""
+    return _statement(statement)
 
 
 def _comment(text: str, depth: int) -> str:
@@ -58,7 +65,7 @@ def _import(node: ir.Import) -> str:
 
 
 def _policy(policy: ir.Policy) -> list[str]:
-    meta = sorted(policy.meta, key=lambda m: _META_ORDER[m.key])
+    meta = sorted(policy.meta, key=lambda m: META_ORDER.index(m.key))
     groups = [[line for m in meta for line in _lines(m, f"{m.key} {_quote(m.value)}", 1)]]
     groups.append([line for p in policy.params for line in _lines(p, _param(p), 1)])
     groups.append([line for u in policy.uses for line in _lines(u, _use(u), 1)])
@@ -153,7 +160,16 @@ def _quote(text: str) -> str:
 
 
 def _number(value: int | float) -> str:
-    return repr(value)
+    """A number as Python writes it; -0.0 as 0.0 (equal values, and `-0.0` would read back as `-(0.0)`)."""
+    return repr(value + 0.0 if value == 0 and isinstance(value, float) else value)
+
+
+def _percent(value: int | float) -> str:
+    """`8%`, `0.5%`, `0.00001%`: the PERCENT token has no exponent, so floats are written out in full."""
+    if isinstance(value, int) or value == 0:
+        return f"{_number(value)}%"
+    text = format(Decimal(repr(value)), "f")  # exact: repr is the shortest string that reads back as `value`
+    return f"{text if '.' in text else text + '.0'}%"
 
 
 def _wrap(text: str, own: float, context: float) -> str:
@@ -166,7 +182,7 @@ def _expr(expr: ir.Expr, context: float = 0) -> str:
         case ir.Number(value=value):
             return _wrap(_number(value), _UNARY if value < 0 else _ATOM, context)
         case ir.Percent(value=value):
-            return _wrap(f"{_number(value)}%", _UNARY if value < 0 else _ATOM, context)
+            return _wrap(_percent(value), _UNARY if value < 0 else _ATOM, context)
         case ir.String(value=value):
             return _quote(value)
         case ir.Name(id=name):

@@ -142,7 +142,7 @@ def _name(name: str, span: Span | None, ctx: Context) -> ValueType:
     candidates = [*ctx.visible, *ctx.params, *(s.name for s in SETS if ctx.kind in s.stages),
                   *(s.name for s in SIGNALS if not any(o.required for o in s.options))]
     best = closest(name, candidates)
-    hint = f"did you mean '{best}'?" if best else "define it with `param`, `let` or `score`; `policyc list` shows built-ins"
+    hint = f"did you mean '{best}'?" if best else "define it with param, let or score; `policyc list` shows built-ins"
     raise PolicyError.at(f"unknown name '{name}'", span, hint)
 
 
