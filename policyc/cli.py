@@ -123,11 +123,15 @@ def show(policy: str, graph: str | None, as_json: bool) -> None:
 @click.argument("kind", required=False,
                 type=click.Choice(["policies", "hooks", "sets", "signals", "functions", "schedules", "selectors",
                                    "merges", "caches", "positions"]))
-def list_(kind: str | None) -> None:
+@click.option("--markdown", is_flag=True, help="Print the language catalog as Markdown tables.")
+def list_(kind: str | None, markdown: bool) -> None:
     """List standard-library policies and everything a policy can name (or only KIND)."""
-    from policyc.show import render_catalog
+    from policyc.show import catalog_markdown, render_catalog
 
     try:
+        if markdown:
+            click.echo(catalog_markdown(), nl=False)
+            return
         render_catalog(kind)
     except PolicyError as error:
         _fail(error)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from policyc.catalog import REGISTRIES, Registry
+from policyc.catalog import REGISTRIES, HookSpec, Registry, Spec
 from policyc.errors import PolicyError, suggestion
 from policyc.lang import CheckedPolicy, Loader, check_path, check_stdlib
 from policyc.lang.printer import print_expr, print_statement
@@ -48,11 +49,11 @@ def stage_summary(checked: CheckedPolicy) -> str:
 def render_policy(checked: CheckedPolicy, console: Console | None = None) -> None:
     console = console or Console()
     policy = checked.program.policy
-    console.print(f"[bold]policy {policy.name}[/bold]" + (f": {policy.meta_value('title')}" if policy.meta_value(
-        "title") else ""))
+    title = policy.meta_value("title")
+    console.print(f"[bold]policy {policy.name}[/bold]" + (f": {escape(title)}" if title else ""))
     for key in ("paper", "description"):
         if value := policy.meta_value(key):
-            console.print(f"  {key}: {value}")
+            console.print(f"  {key}: {escape(value)}")
     params = Table("parameter", "default", "search domain", title="parameters", title_justify="left")
     for scope in checked.program.scopes:
         for param in scope.policy.params:
@@ -63,19 +64,20 @@ def render_policy(checked: CheckedPolicy, console: Console | None = None) -> Non
                 "{" + ", ".join(print_expr(o) for o in domain.options) + "}" if domain.kind == "choice" else
                 f"[{print_expr(domain.low)}, {print_expr(domain.high)}]" + (
                     f" step {print_expr(domain.step)}" if domain.step else "") + (" log" if domain.log else ""))
-            params.add_row(scope.qualified(param.name), print_expr(param.default), shown)
+            params.add_row(scope.qualified(param.name), escape(print_expr(param.default)), escape(shown))
     if params.row_count:
         console.print(params)
     stages = Table("stage (execution order)", "statements", title="stages", title_justify="left")
     for plan in checked.stages:
-        stages.add_row(plan.label, "\n".join(print_statement(s) for s in plan.placed.stage.body) or "(empty)")
+        body = "\n".join(print_statement(s) for s in plan.placed.stage.body) or "(empty)"
+        stages.add_row(escape(plan.label), escape(body))
     console.print(stages)
     if checked.requirements:
         needs = Table("model must have", "why", "where", title="checked at compile time", title_justify="left")
         for requirement in checked.requirements:
             what = requirement.what.replace("_", " ") + ("" if requirement.value is None else f" {requirement.value}")
             where = f"{requirement.span.file}:{requirement.span.line}" if requirement.span else ""
-            needs.add_row(what, requirement.reason, where)
+            needs.add_row(what, escape(requirement.reason), escape(where))
         console.print(needs)
 
 
@@ -88,19 +90,40 @@ def render_catalog(kind: str | None, console: Console | None = None) -> None:
             console.print(_registry_table(name, registry))
 
 
+def catalog_markdown() -> str:
+    """Every registry as a Markdown table (the README's language catalog is this text)."""
+    blocks = []
+    for name, registry in _KIND_REGISTRY.items():
+        rows = [f"**{name}**", "", f"| {registry.kind} | stages | what it does |", "|---|---|---|"]
+        for spec in registry:
+            where = _where(spec)
+            paper = f" ({spec.paper})" if spec.paper else ""
+            rows.append(f"| `{spec.signature()}` | {where} | {spec.summary}{paper} |".replace("\n", " "))
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks) + "\n"
+
+
 def _policies_table() -> Table:
     table = Table("policy", "stages", "paper", "what it does", title="standard library (policies/)",
                   title_justify="left")
     for name, checked in check_stdlib().items():
         policy = checked.program.policy
         line = policy.meta_value("description") or policy.meta_value("title") or ""
-        table.add_row(name, stage_summary(checked), policy.meta_value("paper") or "", line)
+        table.add_row(name, stage_summary(checked), escape(policy.meta_value("paper") or ""), escape(line))
     return table
+
+
+def _where(spec: Spec) -> str:
+    """The stage kinds a spec works in (a hook's own kind; nothing for position modes)."""
+    if isinstance(spec, HookSpec):
+        return spec.stage_kind
+    return "llm" if spec.kind == "positions" else ", ".join(sorted(spec.stages))
 
 
 def _registry_table(name: str, registry: Registry) -> Table:
     table = Table(registry.kind, "where", "what it does", title=name, title_justify="left")
     for spec in registry:
-        where = ", ".join(sorted(spec.stages)) if registry.kind not in ("hook", "positions") else ""
-        table.add_row(spec.signature(), where, spec.summary + (f" [dim]({spec.paper})[/dim]" if spec.paper else ""))
+        where = _where(spec)
+        paper = f" [dim]({escape(spec.paper)})[/dim]" if spec.paper else ""
+        table.add_row(escape(spec.signature()), where, escape(spec.summary) + paper)
     return table

@@ -11,6 +11,11 @@ class HookSpec(Spec):
     layered: bool = False  # takes a layer selection `[...]`
     order: int = 0  # execution order of hook points
 
+    def signature(self) -> str:
+        """How a policy writes the hook: `llm.layer[k]`, `encoder.layer[i].attention`."""
+        return self.name.replace("layer", "layer[k]" if self.stage_kind == "llm" else "layer[i]", 1) \
+            if self.layered else self.name
+
 
 HOOKS = Registry("hook", "hook point")
 HOOKS.add(
