@@ -121,8 +121,8 @@ def show(policy: str, graph: str | None, as_json: bool) -> None:
 
 @main.command(name="list")
 @click.argument("kind", required=False,
-                type=click.Choice(["policies", "hooks", "sets", "signals", "functions", "schedules", "selectors",
-                                   "merges", "caches", "positions"]))
+                type=click.Choice(["policies", "hooks", "statements", "sets", "signals", "functions", "schedules",
+                                   "selectors", "merges", "caches", "positions"]))
 @click.option("--markdown", is_flag=True, help="Print the language catalog as Markdown tables.")
 def list_(kind: str | None, markdown: bool) -> None:
     """List standard-library policies and everything a policy can name (or only KIND)."""

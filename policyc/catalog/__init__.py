@@ -9,8 +9,11 @@ from policyc.catalog.schedules import SCHEDULES
 from policyc.catalog.selectors import SELECTORS
 from policyc.catalog.sets import SETS
 from policyc.catalog.signals import SIGNALS
+from policyc.catalog.statements import STATEMENTS
 
-REGISTRIES: tuple[Registry, ...] = (HOOKS, SETS, SIGNALS, FUNCTIONS, SCHEDULES, SELECTORS, MERGES, CACHES, POSITIONS)
+REGISTRIES: tuple[Registry, ...] = (
+    HOOKS, STATEMENTS, SETS, SIGNALS, FUNCTIONS, SCHEDULES, SELECTORS, MERGES, CACHES, POSITIONS,
+)
 
 __all__ = ["CACHES", "FUNCTIONS", "HOOKS", "MERGES", "POSITIONS", "REGISTRIES", "SCHEDULES", "SELECTORS", "SETS",
-           "SIGNALS", "HookSpec", "Option", "Registry", "Spec"]
+           "SIGNALS", "STATEMENTS", "HookSpec", "Option", "Registry", "Spec"]

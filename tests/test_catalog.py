@@ -1,0 +1,35 @@
+"""The registries are consistent with the grammar and with each other."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from policyc.catalog import FUNCTIONS, REGISTRIES, SCHEDULES, SELECTORS, SIGNALS, STATEMENTS, Registry
+from policyc.lang.build import parse
+from policyc.resources import grammar_text
+
+GRAMMAR = grammar_text()
+
+
+def test_every_statement_and_selector_has_its_grammar_keyword() -> None:
+    alternatives = re.search(r"^_statement: (.*)$", GRAMMAR, re.MULTILINE).group(1).split(" | ")  # type: ignore[union-attr]
+    assert len(alternatives) == len(STATEMENTS.specs)
+    for spec in [*STATEMENTS, *SELECTORS]:
+        assert f'"{spec.name}"' in GRAMMAR, spec.name
+
+
+def test_callable_names_are_unambiguous() -> None:
+    names = [*FUNCTIONS.names(), *SIGNALS.names(), *SCHEDULES.names()]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("registry", REGISTRIES, ids=lambda r: r.kind)
+def test_specs_are_documented_and_option_defaults_are_valid_syntax(registry: Registry) -> None:
+    for spec in registry:
+        assert spec.summary and "\n" not in spec.summary and "|" not in spec.summary, spec.name
+        for option in spec.options:
+            assert option.summary, (spec.name, option.name)
+            if option.default is not None:
+                parse(f"policy p {{ param x = {option.default} }}")  # a literal a user could write
