@@ -33,7 +33,7 @@ def test_check_accepts_the_standard_library() -> None:
 def test_check_reports_a_policy_error_with_exit_1(tmp_path: Path) -> None:
     bad = tmp_path / "bad.tokpol"
     bad.write_text("policy p {\n  stage llm.layer[1] { keep visoin }\n}\n")
-    code, out, err = run("check", str(bad))
+    code, _, err = run("check", str(bad))
     assert code == 1
     assert f"{bad}:2:29: error: unknown name 'visoin'" in err
     assert "hint: did you mean 'vision'?" in err

@@ -17,6 +17,6 @@ SELECTORS.add(
          returns="set", by="feature", stages=frozenset({"projector", "llm"}), paper="MMTok arXiv:2508.18264"),
     Spec("grid", "selector", "tokens on a uniform 2-D grid over the image patches (a downsampling baseline)",
          returns="set", stages=frozenset({"encoder", "projector", "llm"})),
-    Spec("stride", "selector", "every k-th token of the set in order, k = |set| // amount (VisionZip's targets)",
+    Spec("stride", "selector", "every k-th token of the set in order, k = size(set) // amount (VisionZip's targets)",
          returns="set", paper="VisionZip arXiv:2412.04467"),
 )
