@@ -14,7 +14,7 @@ def check_source(text: str, name: str = "<string>", loader: Loader | None = None
     loader = loader or Loader()
     try:
         file = loader.parse_text(text, name)
-        visible, aliases = loader.visible_policies(file, name)
+        namespace = loader.namespace(file, name)
         names = [(p.name, p.span) for p in file.policies]
         checked, problems = [], []
         for index, policy in enumerate(file.policies):
@@ -22,7 +22,7 @@ def check_source(text: str, name: str = "<string>", loader: Loader | None = None
                 problems.append(PolicyError.at(f"duplicate policy '{policy.name}'", policy.span))
                 continue
             try:
-                checked.append(check_program(resolve(policy, visible, aliases)))
+                checked.append(check_program(resolve(policy, namespace)))
             except PolicyError as error:
                 problems.append(error)
         if problems:

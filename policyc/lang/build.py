@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from lark import Token, Transformer, Tree, v_args
 from lark.exceptions import VisitError
@@ -51,6 +51,15 @@ def _check_nesting(tree: Tree, text: str, file: str) -> None:
             raise PolicyError.at(f"nesting is too deep (more than {MAX_NESTING} levels)", span,
                                  "name parts of the expression with `let` or `score`", text)
         stack.extend((child, depth + 1, span) for child in node.children if isinstance(child, Tree))
+
+
+N = TypeVar("N", bound=ir.Node)
+
+
+def _node(cls: type[N], **fields: Any) -> N:
+    """An IR node built without re-validation: the grammar already guarantees its shape, and
+    skipping pydantic's validators keeps `policyc check` fast (no schema build at start-up)."""
+    return cls.model_construct(**fields)
 
 
 def _span(file: str, meta: LarkMeta | Token) -> Span | None:
@@ -125,15 +134,15 @@ class _Builder(Transformer):
     def start(self, meta: LarkMeta, *items: Any) -> ir.PolicyFile:
         imports = tuple(i for i in items if isinstance(i, ir.Import))
         policies = tuple(i for i in items if isinstance(i, ir.Policy))
-        return ir.PolicyFile(imports=imports, policies=policies, span=self._at(meta))
+        return _node(ir.PolicyFile, imports=imports, policies=policies, span=self._at(meta))
 
     def import_decl(self, meta: LarkMeta, path: Token, alias: Token | None) -> ir.Import:
-        return ir.Import(path=_string(path, self.file), alias=str(alias) if alias else None, span=self._at(meta))
+        return _node(ir.Import, path=_string(path, self.file), alias=str(alias) if alias else None, span=self._at(meta))
 
     def policy(self, meta: LarkMeta, name: Token, *members: Any) -> ir.Policy:
         # Metadata in canonical order (the printer's), so that parse(print(parse(text))) == parse(text).
         ordered_meta = sorted((m for m in members if isinstance(m, ir.Meta)), key=lambda m: META_ORDER.index(m.key))
-        return ir.Policy(
+        return _node(ir.Policy,
             name=str(name),
             meta=tuple(ordered_meta),
             params=tuple(m for m in members if isinstance(m, ir.Param)),
@@ -143,11 +152,11 @@ class _Builder(Transformer):
         )
 
     def meta(self, meta: LarkMeta, key: Token, value: Token) -> ir.Meta:
-        return ir.Meta(key=str(key), value=_string(value, self.file), span=self._at(meta))
+        return _node(ir.Meta, key=str(key), value=_string(value, self.file), span=self._at(meta))
 
     # -- parameters
     def param(self, meta: LarkMeta, name: Token, default: Any, domain: Any) -> ir.Param:
-        return ir.Param(name=str(name), default=default, domain=domain, span=self._at(meta))
+        return _node(ir.Param, name=str(name), default=default, domain=domain, span=self._at(meta))
 
     def range_domain(self, meta: LarkMeta, low: Any, high: Any, step_kw: Token | None, step: Any,
                      log: Token | None) -> ir.RangeDomain:
@@ -155,32 +164,32 @@ class _Builder(Transformer):
             if bound is not None and not isinstance(bound, ir.Number | ir.Percent):
                 raise PolicyError.at("range bounds and steps must be numbers or percentages", bound.span,
                                      "write `in {a, b, c}` for a set of choices")
-        return ir.RangeDomain(low=low, high=high, step=step, log=log is not None, span=self._at(meta))
+        return _node(ir.RangeDomain, low=low, high=high, step=step, log=log is not None, span=self._at(meta))
 
     def choice_domain(self, meta: LarkMeta, *options: Any) -> ir.ChoiceDomain:
-        return ir.ChoiceDomain(options=options, span=self._at(meta))
+        return _node(ir.ChoiceDomain, options=options, span=self._at(meta))
 
     def literal(self, meta: LarkMeta, value: Any) -> Any:
         if isinstance(value, ir.Node):
             return value
         span = self._at(meta)
         if value.type == "PERCENT":
-            return ir.Percent(value=_number(_percent_digits(value), self.file), span=span)
+            return _node(ir.Percent, value=_number(_percent_digits(value), self.file), span=span)
         if value.type == "STRING":
-            return ir.String(value=_string(value, self.file), span=span)
-        return ir.Name(id=str(value), span=span)
+            return _node(ir.String, value=_string(value, self.file), span=span)
+        return _node(ir.Name, id=str(value), span=span)
 
     def signed_number(self, meta: LarkMeta, minus: Token | None, number: Token) -> ir.Number:
         value = _number(number, self.file)
-        return ir.Number(value=-value if minus else value, span=self._at(meta))
+        return _node(ir.Number, value=-value if minus else value, span=self._at(meta))
 
     # -- reuse and stages
     def use(self, meta: LarkMeta, policy: Token, stage: Token | None, overrides: Any) -> ir.Use:
-        return ir.Use(policy=str(policy), stage=str(stage) if stage else None, overrides=_kwargs(overrides),
+        return _node(ir.Use, policy=str(policy), stage=str(stage) if stage else None, overrides=_kwargs(overrides),
                       span=self._at(meta))
 
     def stage(self, meta: LarkMeta, hook: ir.Hook, name: Token | None, *body: Any) -> ir.Stage:
-        return ir.Stage(hook=hook, name=str(name) if name else None, body=body, span=self._at(meta))
+        return _node(ir.Stage, hook=hook, name=str(name) if name else None, body=body, span=self._at(meta))
 
     def hook(self, meta: LarkMeta, *parts: Any) -> ir.Hook:
         names = tuple(str(p) for p in parts if isinstance(p, Token))
@@ -189,42 +198,42 @@ class _Builder(Transformer):
             raise PolicyError.at("a hook point takes one layer selection", selections[1][1].span,
                                  "list several layers in one selection: llm.layer[2, 6, 10]")
         layers, after = (selections[0][1], selections[0][0]) if selections else (None, 0)
-        return ir.Hook(parts=names, layers=layers, layers_after=after, span=self._at(meta))
+        return _node(ir.Hook, parts=names, layers=layers, layers_after=after, span=self._at(meta))
 
     def all_layers(self, meta: LarkMeta) -> ir.AllLayers:
-        return ir.AllLayers(span=self._at(meta))
+        return _node(ir.AllLayers, span=self._at(meta))
 
     def layers(self, meta: LarkMeta, *items: ir.LayerRange) -> ir.LayerList:
-        return ir.LayerList(items=items, span=self._at(meta))
+        return _node(ir.LayerList, items=items, span=self._at(meta))
 
     def layer_item(self, meta: LarkMeta, start: Any, stop: Any, step: Any) -> ir.LayerRange:
-        return ir.LayerRange(start=start, stop=stop, step=step, span=self._at(meta))
+        return _node(ir.LayerRange, start=start, stop=stop, step=step, span=self._at(meta))
 
     # -- statements
     def let(self, meta: LarkMeta, name: Token, value: Any) -> ir.Let:
-        return ir.Let(name=str(name), value=value, span=self._at(meta))
+        return _node(ir.Let, name=str(name), value=value, span=self._at(meta))
 
     def score_def(self, meta: LarkMeta, name: Token, value: Any) -> ir.ScoreDef:
-        return ir.ScoreDef(name=str(name), value=value, span=self._at(meta))
+        return _node(ir.ScoreDef, name=str(name), value=value, span=self._at(meta))
 
     def keep(self, meta: LarkMeta, target: Any) -> ir.Keep:
-        return ir.Keep(target=target, span=self._at(meta))
+        return _node(ir.Keep, target=target, span=self._at(meta))
 
     def drop(self, meta: LarkMeta, target: Any) -> ir.Drop:
-        return ir.Drop(target=target, span=self._at(meta))
+        return _node(ir.Drop, target=target, span=self._at(meta))
 
     def protect(self, meta: LarkMeta, target: Any) -> ir.Protect:
-        return ir.Protect(target=target, span=self._at(meta))
+        return _node(ir.Protect, target=target, span=self._at(meta))
 
     def merge(self, meta: LarkMeta, method: Token, options: Any, source: Any, into: Any, by: Any) -> ir.Merge:
-        return ir.Merge(method=str(method), options=_kwargs(options), source=source, into=into, by=by,
+        return _node(ir.Merge, method=str(method), options=_kwargs(options), source=source, into=into, by=by,
                         span=self._at(meta))
 
     def positions(self, meta: LarkMeta, mode: Token) -> ir.Positions:
-        return ir.Positions(mode=str(mode), span=self._at(meta))
+        return _node(ir.Positions, mode=str(mode), span=self._at(meta))
 
     def cache(self, meta: LarkMeta, method: Token, options: Any) -> ir.Cache:
-        return ir.Cache(method=str(method), options=_kwargs(options), span=self._at(meta))
+        return _node(ir.Cache, method=str(method), options=_kwargs(options), span=self._at(meta))
 
     def options(self, meta: LarkMeta, kwargs: Any) -> tuple[ir.KwArg, ...]:
         return _kwargs(kwargs)
@@ -233,7 +242,7 @@ class _Builder(Transformer):
         return items
 
     def kwarg(self, meta: LarkMeta, name: Token, value: Any) -> ir.KwArg:
-        return ir.KwArg(name=str(name), value=value, span=self._at(meta))
+        return _node(ir.KwArg, name=str(name), value=value, span=self._at(meta))
 
     # -- expressions
     def selection(self, meta: LarkMeta, selector: Token, *rest: Any) -> ir.Select:
@@ -242,14 +251,14 @@ class _Builder(Transformer):
             options, by = None, None
         else:
             options, amount, source, by = rest
-        return ir.Select(selector=str(selector), options=_kwargs(options), amount=amount, source=source, by=by,
+        return _node(ir.Select, selector=str(selector), options=_kwargs(options), amount=amount, source=source, by=by,
                          span=self._at(meta))
 
     def where(self, meta: LarkMeta, source: Any, condition: Any) -> ir.Where:
-        return ir.Where(source=source, condition=condition, span=self._at(meta))
+        return _node(ir.Where, source=source, condition=condition, span=self._at(meta))
 
     def _binary(self, meta: LarkMeta, op: str, left: Any, right: Any) -> ir.Binary:
-        return ir.Binary(op=op, left=left, right=right, span=self._at(meta))
+        return _node(ir.Binary, op=op, left=left, right=right, span=self._at(meta))
 
     def or_(self, meta: LarkMeta, left: Any, right: Any) -> ir.Binary:
         return self._binary(meta, "or", left, right)
@@ -258,7 +267,7 @@ class _Builder(Transformer):
         return self._binary(meta, "and", left, right)
 
     def not_(self, meta: LarkMeta, operand: Any) -> ir.Unary:
-        return ir.Unary(op="not", operand=operand, span=self._at(meta))
+        return _node(ir.Unary, op="not", operand=operand, span=self._at(meta))
 
     def compare(self, meta: LarkMeta, left: Any, op: Token, right: Any) -> ir.Binary:
         return self._binary(meta, str(op), left, right)
@@ -274,23 +283,23 @@ class _Builder(Transformer):
 
     def negate(self, meta: LarkMeta, _minus: Token, operand: Any) -> ir.Expr:
         if isinstance(operand, ir.Number | ir.Percent) and operand.value > 0:
-            return type(operand)(value=-operand.value, span=self._at(meta))
-        return ir.Unary(op="-", operand=operand, span=self._at(meta))
+            return _node(type(operand), value=-operand.value, span=self._at(meta))
+        return _node(ir.Unary, op="-", operand=operand, span=self._at(meta))
 
     def index(self, meta: LarkMeta, base: Any, index: Any) -> ir.Index:
-        return ir.Index(base=base, index=index, span=self._at(meta))
+        return _node(ir.Index, base=base, index=index, span=self._at(meta))
 
     def number(self, meta: LarkMeta, token: Token) -> ir.Number:
-        return ir.Number(value=_number(token, self.file), span=self._at(meta))
+        return _node(ir.Number, value=_number(token, self.file), span=self._at(meta))
 
     def percent(self, meta: LarkMeta, token: Token) -> ir.Percent:
-        return ir.Percent(value=_number(_percent_digits(token), self.file), span=self._at(meta))
+        return _node(ir.Percent, value=_number(_percent_digits(token), self.file), span=self._at(meta))
 
     def string(self, meta: LarkMeta, token: Token) -> ir.String:
-        return ir.String(value=_string(token, self.file), span=self._at(meta))
+        return _node(ir.String, value=_string(token, self.file), span=self._at(meta))
 
     def name(self, meta: LarkMeta, token: Token) -> ir.Name:
-        return ir.Name(id=str(token), span=self._at(meta))
+        return _node(ir.Name, id=str(token), span=self._at(meta))
 
     def call(self, meta: LarkMeta, fn: Token, arguments: Sequence[Any] | None) -> ir.Call:
         arguments = arguments or ()
@@ -301,13 +310,13 @@ class _Builder(Transformer):
             late = next(a for a in arguments[first_keyword:] if not isinstance(a, ir.KwArg))
             raise PolicyError.at("positional argument after a keyword argument", late.span,
                                  f"put positional arguments of '{fn}' first")
-        return ir.Call(fn=str(fn), args=positional, kwargs=keywords, span=self._at(meta))
+        return _node(ir.Call, fn=str(fn), args=positional, kwargs=keywords, span=self._at(meta))
 
     def args(self, meta: LarkMeta, *items: Any) -> tuple[Any, ...]:
         return items
 
     def flow(self, meta: LarkMeta, source: Any, target: Any) -> ir.Flow:
-        return ir.Flow(source=source, target=target, span=self._at(meta))
+        return _node(ir.Flow, source=source, target=target, span=self._at(meta))
 
     def list(self, meta: LarkMeta, *items: Any) -> ir.ListExpr:
-        return ir.ListExpr(items=tuple(i for i in items if i is not None), span=self._at(meta))
+        return _node(ir.ListExpr, items=tuple(i for i in items if i is not None), span=self._at(meta))

@@ -176,7 +176,7 @@ def _check_override(scope: Scope, name: str, value: ir.Expr) -> None:
     accepts = ("number", "count") if wanted in ("number", "count") else (wanted,)
     if wanted == "enum" and isinstance(value, ir.Name) and value.id not in ctx.params:
         allowed = [param.default, *(param.domain.options if isinstance(param.domain, ir.ChoiceDomain) else ())]
-        if ir.Name(id=value.id) not in allowed:
+        if not any(isinstance(word, ir.Name) and word.id == value.id for word in allowed):
             raise PolicyError.at(f"'{value.id}' is not a choice of parameter '{name}'", value.span)
         return
     expect(value, accepts, ctx, f"parameter '{name}' of '{scope.policy.name}'")
@@ -370,7 +370,7 @@ def _kept_counts(plan: StagePlan) -> Iterator[tuple[int, int, Span | None]]:
         if not (isinstance(statement, ir.Keep) and isinstance(statement.target, ir.Select)):
             continue
         select = statement.target
-        if select.source != ir.Name(id="vision"):
+        if not (isinstance(select.source, ir.Name) and select.source.id == "vision"):
             continue
         amount = select.amount
         if isinstance(amount, ir.Number) and isinstance(amount.value, int):

@@ -47,6 +47,21 @@ class Program:
     scopes: tuple[Scope, ...]
 
 
+@dataclass
+class Namespace:
+    """The policies a `use` in one file can name: the file's own, its imports, the stdlib."""
+
+    loader: Loader
+    local: dict[str, ir.Policy]
+    aliases: dict[str, dict[str, ir.Policy]]
+
+    def get(self, name: str) -> ir.Policy | None:
+        return self.local.get(name) or self.loader.stdlib_policy(name)
+
+    def names(self) -> list[str]:
+        return sorted({*self.local, *self.loader.stdlib()})
+
+
 class Loader:
     """Reads policy files once, resolves imports relative to the importing file, knows the stdlib.
 
@@ -56,12 +71,15 @@ class Loader:
     def __init__(self) -> None:
         self.sources: dict[str, str] = {}
         self._files: dict[str, ir.PolicyFile] = {}
+        self._file_of: dict[int, str] = {}  # id(policy) -> the file it was written in
+        self._namespaces: dict[str, Namespace] = {}
         self._stdlib: dict[str, ir.Policy] | None = None
 
     def parse_text(self, text: str, name: str) -> ir.PolicyFile:
         self.sources[name] = text
         if name not in self._files:
-            self._files[name] = parse(text, name)
+            file = self._files[name] = parse(text, name)
+            self._file_of.update({id(p): name for p in file.policies})
         return self._files[name]
 
     def load(self, path: str | Path) -> ir.PolicyFile:
@@ -69,38 +87,53 @@ class Loader:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            raise PolicyError.at(f"cannot read {path}: {error.strerror or error}", None) from None
+            raise PolicyError.at(f"cannot read {path}: {getattr(error, 'strerror', None) or error}", None) from None
         return self.parse_text(text, str(path))
 
     def stdlib(self) -> dict[str, ir.Policy]:
         """Every standard-library policy by name."""
         if self._stdlib is None:
             self._stdlib = {}
-            for stem, resource in stdlib_files().items():
-                file = self.parse_text(resource.read_text(encoding="utf-8"), f"{STDLIB_PREFIX}{stem}.tokpol")
-                for policy in file.policies:
+            for stem in stdlib_files():
+                for policy in self._stdlib_file(stem).policies:
                     self._stdlib.setdefault(policy.name, policy)
         return self._stdlib
 
-    def visible_policies(self, file: ir.PolicyFile, file_name: str) -> tuple[dict[str, ir.Policy], dict[str, dict]]:
-        """Policies a `use` in `file` can name (own, imported, stdlib) and import aliases."""
-        visible = dict(self.stdlib())
+    def stdlib_policy(self, name: str) -> ir.Policy | None:
+        """One standard-library policy; reads only `<name>.tokpol` when the policy lives there."""
+        if self._stdlib is None and name in stdlib_files():
+            match = next((p for p in self._stdlib_file(name).policies if p.name == name), None)
+            if match is not None:
+                return match
+        return self.stdlib().get(name)
+
+    def _stdlib_file(self, stem: str) -> ir.PolicyFile:
+        resource = stdlib_files()[stem]
+        return self.parse_text(resource.read_text(encoding="utf-8"), f"{STDLIB_PREFIX}{stem}.tokpol")
+
+    def namespace_of(self, policy: ir.Policy) -> Namespace:
+        """The namespace of the file `policy` was written in (its `use`s resolve there)."""
+        name = self._file_of[id(policy)]
+        return self.namespace(self._files[name], name)
+
+    def namespace(self, file: ir.PolicyFile, file_name: str) -> Namespace:
+        if file_name in self._namespaces:
+            return self._namespaces[file_name]
         aliases: dict[str, dict[str, ir.Policy]] = {}
-        imported: dict[str, tuple[ir.Policy, ir.Import]] = {}
+        local: dict[str, ir.Policy] = {}
         for item in file.imports:
-            target = self._import_target(item, file_name)
-            policies = {p.name: p for p in self.load(target).policies}
+            policies = {p.name: p for p in self.load(self._import_target(item, file_name)).policies}
             if item.alias is not None:
                 aliases[item.alias] = policies
                 continue
             for name, policy in policies.items():
-                if name in imported and imported[name][0] is not policy:
+                if name in local and local[name] is not policy:
                     raise PolicyError.at(f"policy '{name}' is imported twice", item.span,
-                                         f"import one of the files `as` an alias: import {item.path!r} as lib")
-                imported[name] = (policy, item)
-        visible.update({name: policy for name, (policy, _) in imported.items()})
-        visible.update({p.name: p for p in file.policies})
-        return visible, aliases
+                                         f'import one of the files `as` an alias: import "{item.path}" as lib')
+                local[name] = policy
+        local.update({p.name: p for p in file.policies})
+        self._namespaces[file_name] = Namespace(self, local, aliases)
+        return self._namespaces[file_name]
 
     def _import_target(self, item: ir.Import, file_name: str) -> Path:
         base = Path(file_name).parent if not file_name.startswith("<") else Path.cwd()
@@ -111,19 +144,19 @@ class Loader:
         return target
 
 
-def resolve(policy: ir.Policy, visible: dict[str, ir.Policy], aliases: dict[str, dict]) -> Program:
+def resolve(policy: ir.Policy, namespace: Namespace) -> Program:
     """Expand `use` recursively; a policy that uses itself (directly or not) is an error."""
     root = Scope(policy, policy.name)
     stages: list[PlacedStage] = []
     scopes: list[Scope] = [root]
-    _expand(root, visible, aliases, (policy.name,), stages, scopes)
+    _expand(root, namespace, (policy.name,), stages, scopes)
     return Program(policy, tuple(stages), tuple(scopes))
 
 
-def _expand(scope: Scope, visible: dict[str, ir.Policy], aliases: dict[str, dict], chain: tuple[str, ...],
-            stages: list[PlacedStage], scopes: list[Scope]) -> None:
+def _expand(scope: Scope, namespace: Namespace, chain: tuple[str, ...], stages: list[PlacedStage],
+            scopes: list[Scope]) -> None:
     for use in scope.policy.uses:
-        used, stage_name = _target(use, visible, aliases)
+        used, stage_name = _target(use, namespace)
         if used.name in chain:
             cycle = " -> ".join((*chain, used.name))
             raise PolicyError.at(f"cycle in `use`: {cycle}", use.span, "a policy cannot include itself")
@@ -139,24 +172,25 @@ def _expand(scope: Scope, visible: dict[str, ir.Policy], aliases: dict[str, dict
         child = Scope(used, used.name, {o.name: o.value for o in use.overrides}, scope)
         scopes.append(child)
         if stage_name is None:
-            _expand(child, visible, aliases, (*chain, used.name), stages, scopes)
+            _expand(child, namespace.loader.namespace_of(used), (*chain, used.name), stages, scopes)
         else:
             stages.append(PlacedStage(_stage(used, stage_name, use.span), child))
     stages.extend(PlacedStage(s, scope) for s in scope.policy.stages)
 
 
-def _target(use: ir.Use, visible: dict[str, ir.Policy], aliases: dict[str, dict]) -> tuple[ir.Policy, str | None]:
+def _target(use: ir.Use, namespace: Namespace) -> tuple[ir.Policy, str | None]:
     """`use p`, `use p.stage`, or `use alias.p` (a policy of a file imported `as alias`)."""
-    if use.policy in aliases:
-        policies = aliases[use.policy]
+    if use.policy in namespace.aliases:
+        policies = namespace.aliases[use.policy]
         if use.stage is None or use.stage not in policies:
             raise PolicyError.at(f"no policy '{use.stage}' in the file imported as '{use.policy}'", use.span,
                                  suggestion(use.stage or "", sorted(policies), "policies there"))
         return policies[use.stage], None
-    if use.policy not in visible:
+    used = namespace.get(use.policy)
+    if used is None:
         raise PolicyError.at(f"unknown policy '{use.policy}'", use.span,
-                             suggestion(use.policy, sorted(visible), "policies"))
-    return visible[use.policy], use.stage
+                             suggestion(use.policy, namespace.names(), "policies"))
+    return used, use.stage
 
 
 def _stage(policy: ir.Policy, name: str, span: Span | None) -> ir.Stage:
