@@ -102,8 +102,9 @@ def _string(token: Token, file: str) -> str:
         if char == "\\":
             escape = body[index + 1]  # the STRING regex guarantees a character after '\'
             if escape not in _ESCAPES:
-                raise PolicyError.at(f"unknown escape '\\{escape}' in string", _span(file, token),
-                                     'use \\" \\\\ \\n or \\t')
+                column = (token.column or 1) + 1 + index  # strings never span lines
+                span = Span(file, token.line or 1, column, token.line or 1, column + 2)
+                raise PolicyError.at(f"unknown escape '\\{escape}' in string", span, 'use \\" \\\\ \\n or \\t')
             out.append(_ESCAPES[escape])
             index += 2
         else:

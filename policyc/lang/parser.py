@@ -133,43 +133,104 @@ def _position(value: object) -> int:
     return value if isinstance(value, int) and value > 0 else 1
 
 
+_SELECTORS = ("top", "diverse", "cover", "grid", "stride")
+_STATEMENTS = ("let", "score", "keep", "drop", "protect", "merge", "positions", "cache")
+_CLOSERS = {"{": "}", "(": ")", "[": "]"}
+
+
+def _unclosed_bracket(text: str) -> tuple[str, int, int] | None:
+    """The innermost bracket left open at the end of `text`: (bracket, line, column)."""
+    stack: list[tuple[str, int, int]] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        in_string = escaped = False
+        for column, char in enumerate(line, start=1):
+            if in_string:
+                escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+            elif char == '"':
+                in_string = True
+            elif char == "#":
+                break
+            elif char in _CLOSERS:
+                stack.append((char, number, column))
+            elif stack and char == _CLOSERS[stack[-1][0]]:
+                stack.pop()
+    return stack[-1] if stack else None
+
+
+def _end_span(text: str, file: str) -> Span:
+    """Just after the last non-blank character: where a missing closer belongs."""
+    lines = text.rstrip().split("\n")
+    return Span(file, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+
+
+def _eof_error(text: str, file: str, expected: set[str], parser: Lark) -> PolicyError:
+    span = _end_span(text, file)
+    unclosed = _unclosed_bracket(text)
+    closers = {"RBRACE", "RPAR", "RSQB"}
+    if unclosed is not None and (expected & closers or not expected):
+        bracket, line, column = unclosed
+        return PolicyError.at(f"unexpected end of file: '{bracket}' at {line}:{column} is never closed", span,
+                              f"add '{_CLOSERS[bracket]}'", text)
+    return PolicyError.at("unexpected end of file", span, _expected_hint(expected, parser) or None, text)
+
+
+def _expected_terminals(error: UnexpectedToken) -> set[str]:
+    """Terminals the parser would really accept here (lark's `expected` also lists impossible ones)."""
+    try:
+        return set(error.interactive_parser.accepts()) or set(error.expected)
+    except Exception:  # the interactive parser is a diagnostic aid; fall back to lark's own list
+        return set(error.expected)
+
+
 def _syntax_error(error: UnexpectedInput, text: str, file: str, parser: Lark) -> PolicyError:
     line, column = _position(error.line), _position(error.column)
     if isinstance(error, UnexpectedCharacters):
         char = text[error.pos_in_stream] if error.pos_in_stream < len(text) else ""
+        span = Span(file, line, column, line, column + 1)
+        if char == '"':
+            return PolicyError.at("unterminated string", span,
+                                  'close it with " on the same line; strings cannot span lines (write \\n)', text)
         hints = {
             "'": 'strings use double quotes: "like this"',
             ";": "statements need no ';', put each on its own line",
             ":": "write `name = value` for options and `let name = ...` for sets",
             "=": "compare with '==', or bind a name with `let name = ...`",
         }
-        span = Span(file, line, column, line, column + 1)
-        hint = hints.get(char, _expected_hint(set(error.allowed or ()), parser) or None)
-        return PolicyError.at(f"unexpected character {char!r}", span, hint, text)
+        if char in hints:
+            return PolicyError.at(f"unexpected character {char!r}", span, hints[char], text)
+        return PolicyError.at(f"{char!r} is not part of the .tokpol language", span,
+                              "operators are + - * / | & -> and comparisons; comments start with #", text)
     if isinstance(error, UnexpectedEOF):
-        lines = text.split("\n")
-        end_line = len(lines)
-        span = Span(file, end_line, len(lines[-1]) + 1, end_line, len(lines[-1]) + 2)
-        return PolicyError.at("unexpected end of file", span, _expected_hint(set(error.expected), parser) or None, text)
+        return _eof_error(text, file, set(error.expected), parser)
     if not isinstance(error, UnexpectedToken):  # lark has no fourth kind; say something located anyway
         span = Span(file, line, column, line, column + 1)
         return PolicyError.at("syntax error", span, None, text)
     token = error.token
-    expected = set(error.expected)
+    expected = _expected_terminals(error)
     if token.type == "$END":
-        lines = text.split("\n")
-        span = Span(file, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-        return PolicyError.at("unexpected end of file", span, _expected_hint(expected, parser) or None, text)
+        return _eof_error(text, file, expected, parser)
     end_line, end_column = token.end_line or line, token.end_column or column + len(token)
     span = Span(file, line, column, end_line, end_column)
+    message = f"unexpected {_token_text(token)}"
     hint = _expected_hint(expected, parser)
     keywords = {k for t in expected if (k := _keyword(t, parser))}
+    previous = (error.token_history or [None])[-1]
     if token.type == "NAME" and keywords and (best := closest(str(token), keywords)):
         hint = f"did you mean '{best}'?"
-    previous = (error.token_history or [None])[-1]
-    selectors = {"top", "diverse", "cover", "grid", "stride"}
-    if previous is not None and previous.type == "NAME" and token.type in {"NUMBER", "PERCENT", "NAME"}:
-        best = closest(str(previous), selectors)
-        if best:
+    elif str(token) == "=":
+        hint = "compare with '==', or bind a name with `let name = ...`"
+    elif token.type in ("RBRACE", "RPAR", "RSQB") and (unclosed := _unclosed_bracket(text[: token.start_pos])):
+        bracket, open_line, open_column = unclosed
+        if _CLOSERS[bracket] != str(token):
+            closer = _CLOSERS[bracket]
+            hint = f"'{bracket}' at {open_line}:{open_column} is never closed; add '{closer}' before '{token}'"
+    elif str(token) in _STATEMENTS and "STAGE" in expected:
+        hint = f"'{token}' goes inside a stage: stage llm.layer[2] {{ {token} ... }}"
+    elif previous is not None and previous.type == "NAME" and token.type in {"NUMBER", "PERCENT", "NAME"}:
+        if str(previous) in _SELECTORS:
+            message = "a selection inside an expression needs parentheses"
+            span = Span(file, previous.line or line, previous.column or column, end_line, end_column)
+            hint = f"write ({previous} {token} of ... by ...)"
+        elif best := closest(str(previous), _SELECTORS):
             hint = f"'{previous}' is not a selector; did you mean '{best}'?"
-    return PolicyError.at(f"unexpected {_token_text(token)}", span, hint or None, text)
+    return PolicyError.at(message, span, hint or None, text)
