@@ -13,6 +13,7 @@ from typing import cast
 from policyc.catalog import CACHES, HOOKS, MERGES, POSITIONS, SETS, SIGNALS, HookSpec
 from policyc.errors import Diagnostic, PolicyError, Span, suggestion
 from policyc.lang import ir
+from policyc.lang.parser import keywords
 from policyc.lang.printer import hook_text
 from policyc.lang.resolve import PlacedStage, Program, Scope
 from policyc.lang.types import AMOUNT, Context, Definition, check_arguments, expect, param_type
@@ -110,7 +111,15 @@ def _unique(items: list[tuple[str, Span | None]], what: str) -> None:
         seen[name] = span
 
 
+def _check_name(name: str, span: Span | None, what: str) -> None:
+    """Names used in expressions must not be keywords: `let top = ...` could never be read back
+    (`keep top ...` is a selection). Policy and stage names never appear in expressions."""
+    if name in keywords():
+        raise PolicyError.at(f"{what} name '{name}' is a keyword", span, "choose another name")
+
+
 def _check_param(param: ir.Param) -> None:
+    _check_name(param.name, param.span, "parameter")
     if param.name in SETS or param.name in SIGNALS:
         raise PolicyError.at(f"parameter name '{param.name}' is a built-in name", param.span,
                              "choose another name")
@@ -309,6 +318,7 @@ def _check_statement(statement: ir.Statement, ctx: Context, seen_modes: list[ir.
     match statement:
         case ir.Let(name=name, value=value) | ir.ScoreDef(name=name, value=value):
             what = "set" if isinstance(statement, ir.Let) else "score"
+            _check_name(name, statement.span, what)
             if name in SETS or name in SIGNALS or name in ctx.params:
                 kind = "parameter" if name in ctx.params else "built-in name"
                 raise PolicyError.at(f"'{name}' is already a {kind}", statement.span, "choose another name")

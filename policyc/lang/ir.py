@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from policyc.errors import Span
 
@@ -22,6 +22,18 @@ class Node(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     span: Span | None = Field(default=None, exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _flows_only_in_calls(self) -> Node:
+        """`queries -> keys` is only expressible as an argument of a call (`attention(text -> vision)`)."""
+        if isinstance(self, Call | KwArg):  # a KwArg is checked by the node that holds it
+            return self
+        for value in self._fields():
+            items = value if isinstance(value, tuple) else (value,)
+            for item in items:
+                if isinstance(item, Flow) or (isinstance(item, KwArg) and isinstance(item.value, Flow)):
+                    raise ValueError("a flow (`a -> b`) can only be an argument of a call")
+        return self
 
     def _fields(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in type(self).model_fields if name != "span")
@@ -106,6 +118,12 @@ class Unary(Node):
     op: Literal["-", "not"]
     operand: Expr
 
+    @model_validator(mode="after")
+    def _negative_literals_are_literals(self) -> Unary:
+        if self.op == "-" and isinstance(self.operand, Number | Percent) and self.operand.value > 0:
+            raise ValueError("write a negative literal as Number(value=-x), not Unary('-', x)")
+        return self
+
 
 class Index(Node):
     """`vision[0]`: one image's tokens."""
@@ -119,7 +137,7 @@ class ListExpr(Node):
     """`[300, 200, 110]`: one value per layer of a multi-layer stage."""
 
     kind: Literal["list"] = "list"
-    items: tuple[Expr, ...]
+    items: tuple[Expr, ...] = Field(min_length=1)
 
 
 class Select(Node):
@@ -131,6 +149,15 @@ class Select(Node):
     amount: Expr
     source: Expr
     by: Expr | None = None
+
+    @model_validator(mode="after")
+    def _by_matches_selector(self) -> Select:
+        ranked = self.selector in ("top", "diverse", "cover")
+        if ranked and self.by is None:
+            raise ValueError(f"`{self.selector}` needs `by`")
+        if not ranked and (self.by is not None or self.options):
+            raise ValueError(f"`{self.selector}` takes neither `by` nor options")
+        return self
 
 
 class Where(Node):
@@ -226,6 +253,12 @@ class LayerRange(Node):
     stop: Expr | None = None
     step: Expr | None = None
 
+    @model_validator(mode="after")
+    def _step_needs_stop(self) -> LayerRange:
+        if self.step is not None and self.stop is None:
+            raise ValueError("a layer step needs a range `a..b`")
+        return self
+
 
 class AllLayers(Node):
     """`[*]`: every layer."""
@@ -235,7 +268,7 @@ class AllLayers(Node):
 
 class LayerList(Node):
     kind: Literal["list"] = "list"
-    items: tuple[LayerRange, ...]
+    items: tuple[LayerRange, ...] = Field(min_length=1)
 
 
 LayerSelection = Annotated[AllLayers | LayerList, Field(discriminator="kind")]
@@ -247,9 +280,17 @@ class Hook(Node):
     `layers_after` is how many dotted parts precede the `[...]` (2 for `encoder.layer[0].attention`).
     """
 
-    parts: tuple[str, ...]
+    parts: tuple[str, ...] = Field(min_length=1)
     layers: LayerSelection | None = None
     layers_after: int = 0
+
+    @model_validator(mode="after")
+    def _layers_placed_within_parts(self) -> Hook:
+        if self.layers is None and self.layers_after != 0:
+            raise ValueError("layers_after is 0 when there is no layer selection")
+        if self.layers is not None and not 1 <= self.layers_after <= len(self.parts):
+            raise ValueError("the layer selection follows one of the hook's parts")
+        return self
 
     @property
     def point(self) -> str:
@@ -280,7 +321,7 @@ class ChoiceDomain(Node):
     """`in {a, b, c}`: a set of choices."""
 
     kind: Literal["choice"] = "choice"
-    options: tuple[Number | Percent | String | Name, ...]
+    options: tuple[Number | Percent | String | Name, ...] = Field(min_length=1)
 
 
 Domain = Annotated[RangeDomain | ChoiceDomain, Field(discriminator="kind")]

@@ -55,6 +55,13 @@ def lark_parser() -> Lark:
     return Lark(text, cache=cache_path or False, **options)
 
 
+@functools.cache
+def keywords() -> frozenset[str]:
+    """The grammar's keywords (`policy`, `stage`, `top`, `by`, ...)."""
+    return frozenset(t.pattern.value for t in lark_parser().terminals
+                     if t.pattern.type == "str" and t.pattern.value.isidentifier())
+
+
 @dataclass(frozen=True)
 class Comment:
     line: int
