@@ -76,6 +76,9 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = _run([sys.executable, "-m", "venv", root / "env"], cwd=root, env=_child_env())
     assert result.returncode == 0, result.stderr
     python = _bin(root / "env", "python")
+    # torch first, as the README says: a bare torch requirement would fetch a multi-GB CUDA build.
+    torch = _run([python, "-m", "pip", "install", "--quiet", "torch==2.13.0"], cwd=root, env=_child_env())
+    assert torch.returncode == 0, f"installing torch failed:\n{torch.stdout}\n{torch.stderr}"
     result = _run([python, "-m", "pip", "install", "--quiet", wheel], cwd=root, env=_child_env())
     assert result.returncode == 0, f"installing the wheel failed:\n{result.stdout}\n{result.stderr}"
     return root / "env"

@@ -59,13 +59,16 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, dev
     local = path.exists() or _looks_like_path(name_or_path)
     if local and not path.is_dir():
         raise _unavailable(name_or_path, True, FileNotFoundError(name_or_path))
+    if local and not (path / "config.json").is_file():
+        raise PolicyError.at(f"cannot load model from '{name_or_path}': the directory has no config.json", None,
+                             "pass a directory written by save_pretrained() (it holds config.json and the weights)")
     source = str(path) if local else name_or_path
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local_files_only or local)
     except (OSError, ValueError) as error:
-        if local and (path / "config.json").is_file():
+        if local:
             raise PolicyError.at(f"cannot read the model config in '{name_or_path}': {error}", None) from None
-        raise _unavailable(name_or_path, local, error) from None
+        raise _unavailable(name_or_path, False, error) from None
 
     model_type = getattr(config, "model_type", None)
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
