@@ -119,6 +119,45 @@ def show(policy: str, graph: str | None, as_json: bool) -> None:
             render_policy(checked)
 
 
+@main.command()
+@click.argument("model")
+@click.argument("policy")
+@click.option("--emit", type=click.Choice(["ir", "plan"]), required=True,
+              help="Print the policy's IR (JSON) or its plan bound to MODEL.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Set a parameter, e.g. --param ratio=25%. Repeatable.")
+def compile(model: str, policy: str, emit: str, params: tuple[str, ...]) -> None:
+    """Bind POLICY (a file, FILE:NAME or a standard-library name) to MODEL (a local directory or hub id)."""
+    from policyc.compiler.plan import lower
+    from policyc.lang import Loader
+    from policyc.lang.build import parse_value
+    from policyc.models import load_model
+    from policyc.show import find_policies
+
+    loader = Loader()
+    try:
+        found = find_policies(policy, loader)
+        if len(found) != 1:
+            names = ", ".join(c.program.policy.name for c in found)
+            raise PolicyError.at(f"{policy} holds {len(found)} policies ({names})", None,
+                                 f"name one: {policy}:{found[0].program.policy.name}")
+        checked = found[0]
+        if emit == "ir":
+            click.echo(checked.program.policy.model_dump_json(indent=2))
+            return
+        assignments = {}
+        for item in params:
+            name, sep, text = item.partition("=")
+            if not sep:
+                raise click.UsageError(f"--param takes NAME=VALUE, not {item!r}")
+            assignments[name.strip()] = parse_value(text.strip(), f"--param {name.strip()}")
+        _, adapter = load_model(model)
+        click.echo(lower(checked, adapter, assignments).describe(), nl=False)
+    except PolicyError as error:
+        _fail(error.with_sources(loader.sources))
+        sys.exit(EXIT_POLICY_ERROR)
+
+
 @main.command(name="list")
 @click.argument("kind", required=False,
                 type=click.Choice(["policies", "hooks", "statements", "sets", "signals", "functions", "schedules",

@@ -41,6 +41,19 @@ def parse(text: str, file: str = "<string>") -> ir.PolicyFile:
     return attach_comments(built, scan_comments(text))
 
 
+def parse_value(text: str, name: str = "<value>") -> ir.Number | ir.Percent | ir.String | ir.Name:
+    """A literal as a parameter default is written (`25%`, `0.5`, `64`, `max`), e.g. from the command line."""
+    try:
+        file = parse(f"policy value {{ param value = {text} }}", name)
+    except PolicyError:
+        raise PolicyError.at(f"{name}: '{text}' is not a value", None,
+                             "write a number (64, 0.5), a percentage (25%), a word or a \"string\"") from None
+    policies = file.policies
+    if len(policies) != 1 or len(policies[0].params) != 1 or policies[0].params[0].domain is not None:
+        raise PolicyError.at(f"{name}: '{text}' is not a single value", None)
+    return policies[0].params[0].default
+
+
 def _check_nesting(tree: Tree, text: str, file: str) -> None:
     """Reject trees deeper than `MAX_NESTING` levels (iteratively, so the check itself cannot overflow)."""
     stack: list[tuple[Tree, int, Span | None]] = [(tree, 1, None)]

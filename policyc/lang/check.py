@@ -6,7 +6,7 @@ they are recorded as `Requirement`s, each with the span that caused it, for `pol
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -209,7 +209,7 @@ def _plan(placed: PlacedStage) -> StagePlan:
     if hook.layers is not None and hook.layers_after != 2:
         raise PolicyError.at("the layer selection goes right after `layer`", hook.span,
                              f"write {point.replace('layer', 'layer[...]', 1)}")
-    layers = _static_layers(hook, placed.scope)
+    layers = static_layers(hook, placed.scope)
     label = hook_text(hook)
     if placed.scope.parent is not None:
         label = f"{placed.scope.label}: {label}"
@@ -218,17 +218,20 @@ def _plan(placed: PlacedStage) -> StagePlan:
     return StagePlan(placed, label, spec, layers, order)
 
 
-def _static_layers(hook: ir.Hook, scope: Scope) -> tuple[int, ...] | None:
+def static_layers(hook: ir.Hook, scope: Scope, assignments: Mapping[str, ir.Expr] | None = None,
+                  ) -> tuple[int, ...] | None:
+    """The layer indices a hook lists, as written (negative ones count from the end); None for `[*]`
+    or no selection. Parameters resolve through `scope` (and search `assignments`)."""
     if not isinstance(hook.layers, ir.LayerList):
         return None
     layers: list[int] = []
     for item in hook.layers.items:
-        start = _static_int(item.start, scope, "a layer index")
+        start = _static_int(item.start, scope, "a layer index", assignments)
         if item.stop is None:
             layers.append(start)
             continue
-        stop = _static_int(item.stop, scope, "a layer index")
-        step = _static_int(item.step, scope, "a layer step") if item.step is not None else 1
+        stop = _static_int(item.stop, scope, "a layer index", assignments)
+        step = _static_int(item.step, scope, "a layer step", assignments) if item.step is not None else 1
         if step <= 0:
             raise PolicyError.at("a layer step must be positive", item.step.span if item.step else item.span)
         if (start < 0) != (stop < 0) or stop < start:
@@ -239,16 +242,14 @@ def _static_layers(hook: ir.Hook, scope: Scope) -> tuple[int, ...] | None:
     return tuple(layers)
 
 
-def _static_int(expr: ir.Expr, scope: Scope, what: str) -> int:
+def _static_int(expr: ir.Expr, scope: Scope, what: str, assignments: Mapping[str, ir.Expr] | None) -> int:
     if isinstance(expr, ir.Name):
-        param = next((p for p in scope.policy.params if p.name == expr.id), None)
-        if param is None:
+        value = scope.value(expr.id, assignments)
+        if value is None:
             names = [p.name for p in scope.policy.params]
             raise PolicyError.at(f"unknown parameter '{expr.id}' in a layer selection", expr.span,
                                  suggestion(expr.id, names, "parameters"))
-        expr = scope.overrides.get(expr.id, param.default)  # type: ignore[assignment]
-        if isinstance(expr, ir.Name) and scope.parent is not None:
-            return _static_int(expr, scope.parent, what)
+        expr = value
     if isinstance(expr, ir.Number) and isinstance(expr.value, int):
         return expr.value
     raise PolicyError.at(f"{what} must be a whole number or an integer parameter", expr.span)
@@ -424,4 +425,4 @@ def _walk(node: object) -> Iterator[ir.Node]:
             yield from _walk(item)
 
 
-__all__ = ["AMOUNT", "CheckedPolicy", "Requirement", "StagePlan", "check_program"]
+__all__ = ["AMOUNT", "CheckedPolicy", "Requirement", "StagePlan", "check_program", "static_layers"]

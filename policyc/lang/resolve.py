@@ -4,6 +4,7 @@ runs, each with the scope (policy + parameter overrides) its names are looked up
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,21 @@ class Scope:
     def qualified(self, name: str) -> str:
         """`fastv.ratio` for a param of a used policy, `ratio` for the policy's own."""
         return name if self.parent is None else f"{self.label}.{name}"
+
+    def value(self, name: str, assignments: Mapping[str, ir.Expr] | None = None) -> ir.Expr | None:
+        """The literal a parameter holds: a search assignment (by qualified name), else the `use`
+        override (evaluated in the using scope), else its default. None if `name` is no parameter."""
+        param = next((p for p in self.policy.params if p.name == name), None)
+        if param is None:
+            return None
+        if assignments and self.qualified(name) in assignments:
+            return assignments[self.qualified(name)]
+        override = self.overrides.get(name)
+        if override is None:
+            return param.default
+        if isinstance(override, ir.Name) and self.parent is not None:
+            return self.parent.value(override.id, assignments) or override
+        return override
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, dev
     """Load a hub id or a `save_pretrained` directory, in eval mode on `device`, with its adapter."""
     from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the CLI's output is the plan, not loading bars
 
     path = Path(name_or_path).expanduser()
     local = path.exists() or _looks_like_path(name_or_path)

@@ -1,0 +1,115 @@
+"""Lowering: a checked policy + a model adapter -> a `Plan` of stages bound to that model.
+
+Binding resolves what the language left open: negative and `[*]` layer selections become the
+model's layer indices, parameters take their values (defaults, `use` overrides, or a search's
+assignments), and the requirements the checker recorded (layers, a CLS token) are checked
+against the model, each failure pointing at the policy line that caused it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from policyc.catalog.base import StageKind
+from policyc.errors import PolicyError, suggestion
+from policyc.lang import ir
+from policyc.lang.check import CheckedPolicy, StagePlan, static_layers
+from policyc.lang.printer import print_expr, print_statement
+from policyc.lang.resolve import Scope
+from policyc.models.base import ModelAdapter
+
+
+@dataclass(frozen=True)
+class BoundStage:
+    """One stage of the policy on one model: where it runs and with which parameter values."""
+
+    label: str
+    point: str  # hook point, e.g. "llm.layer"
+    kind: StageKind
+    layers: tuple[int, ...]  # absolute layer indices, in execution order; () for hooks without layers
+    statements: tuple[ir.Statement, ...]
+    values: Mapping[str, ir.Expr] = field(repr=False)  # parameter name (in the stage's scope) -> literal
+    scope: Scope = field(repr=False)
+
+    def value(self, name: str) -> ir.Expr | None:
+        return self.values.get(name)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The policy bound to a model: stages in execution order."""
+
+    checked: CheckedPolicy = field(repr=False)
+    adapter: ModelAdapter = field(repr=False)
+    stages: tuple[BoundStage, ...]
+
+    @property
+    def name(self) -> str:
+        return self.checked.program.policy.name
+
+    def at(self, point: str, layer: int | None = None) -> list[BoundStage]:
+        """The stages that run at `point` (and `layer`, for layered hook points)."""
+        return [s for s in self.stages if s.point == point and (layer is None or layer in s.layers)]
+
+    def describe(self) -> str:
+        """`policyc compile --emit plan`: the model, then each bound stage with its values."""
+        lines = [f"policy {self.name} on {type(self.adapter.model).__name__}", *self.adapter.describe().split("\n"),
+                 ""]
+        for stage in self.stages:
+            where = f"{stage.point}[{', '.join(map(str, stage.layers))}]" if stage.layers else stage.point
+            lines.append(f"stage {stage.label} -> {where}  ({stage.kind})")
+            for name, value in sorted(stage.values.items()):
+                lines.append(f"  param {name} = {print_expr(value)}")
+            lines.extend(f"  {print_statement(s)}" for s in stage.statements)
+        return "\n".join(lines) + "\n"
+
+
+def lower(checked: CheckedPolicy, adapter: ModelAdapter, assignments: Mapping[str, ir.Expr] | None = None) -> Plan:
+    """Bind `checked` to `adapter`'s model. Raises `PolicyError` (at policy spans) for unmet requirements.
+
+    `assignments` maps qualified parameter names (`ratio`, `fastv.ratio`) to literal values, as a
+    search proposes them; a name that is no parameter of the policy is an error.
+    """
+    _check_assignments(checked, assignments or {})
+    adapter.check(checked.requirements)
+    bound = [(plan, _bind(plan, adapter, assignments)) for plan in checked.stages]
+    bound.sort(key=lambda pair: (pair[0].hook.order, pair[1].layers[:1], pair[0].order[-1]))
+    seen: dict[tuple[str, int], str] = {}
+    for plan, stage in bound:
+        for layer in stage.layers:
+            key = (stage.point, layer)
+            if key in seen:
+                raise PolicyError.at(f"two stages run at {stage.point}[{layer}] on this model: {seen[key]} and "
+                                     f"{stage.label}", plan.placed.stage.hook.span,
+                                     "negative indices count from the end; pick distinct layers")
+            seen[key] = stage.label
+    return Plan(checked, adapter, tuple(stage for _, stage in bound))
+
+
+def _check_assignments(checked: CheckedPolicy, assignments: Mapping[str, ir.Expr]) -> None:
+    known = {scope.qualified(p.name) for scope in checked.program.scopes for p in scope.policy.params
+             if p.name not in scope.overrides}
+    unknown = sorted(set(assignments) - known)
+    if unknown:
+        raise PolicyError.at(f"policy '{checked.program.policy.name}' has no searchable parameter "
+                             f"'{unknown[0]}'", None, suggestion(unknown[0], sorted(known), "parameters"))
+
+
+def _bind(plan: StagePlan, adapter: ModelAdapter, assignments: Mapping[str, ir.Expr] | None) -> BoundStage:
+    stage, scope = plan.placed.stage, plan.placed.scope
+    kind = plan.hook.stage_kind
+    count = len(adapter.vision_layers) if kind == "encoder" else len(adapter.decoder_layers)
+    layers: tuple[int, ...] = ()
+    if plan.hook.layered:
+        written = static_layers(stage.hook, scope, assignments)
+        for k in written or ():
+            if not -count <= k < count:  # reachable when a search assigns a layer parameter
+                raise PolicyError.at(f"layer {k} does not exist: the model has {count} layers", stage.hook.span)
+        indices = list(range(count)) if written is None else [k % count for k in written]
+        if len(set(indices)) != len(indices):
+            raise PolicyError.at(f"{plan.label} lists a layer twice on this {count}-layer model", stage.hook.span,
+                                 "negative indices count from the end")
+        layers = tuple(sorted(indices))
+    values = {p.name: v for p in scope.policy.params if (v := scope.value(p.name, assignments)) is not None}
+    return BoundStage(plan.label, stage.hook.point, kind, layers, stage.body, values, scope)
