@@ -1,0 +1,206 @@
+"""The eager backend: realise a plan on a transformers model with its own extension points.
+
+- The LLM's attention runs through a registered SDPA function that records post-RoPE queries and
+  keys where a stage reads attention (no `output_attentions`, no eager attention).
+- Decoder layers from the first pruning layer on are wrapped: a wrapper gathers the rotary
+  embeddings, mask and position ids of the rows still alive, and the wrapper at a stage's layer
+  evaluates the stage and drops rows from its output. Kept tokens keep their original positions.
+- During decoding, layers after a drop hold fewer cached keys; their mask columns are gathered.
+  `generate()`, the cache classes and padding need no other change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from policyc.compiler.plan import BoundStage, Plan
+from policyc.errors import PolicyError
+from policyc.lang import ir
+from policyc.runtime.attention import register
+from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
+from policyc.runtime.support import check_supported
+
+
+@dataclass
+class Runtime:
+    """Per-model runtime state shared by the hooks and layer wrappers."""
+
+    plan: Plan
+    state: PrefillState | None = None
+    captured: dict[int, Captured] = field(default_factory=dict)
+    kept_at_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill rows each layer cached
+
+    def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        image = input_ids == self.plan.adapter.image_token_id
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(image)
+        kept = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
+        self.state = PrefillState(image, valid, kept, torch.zeros_like(image))
+        self.captured.clear()
+        self.kept_at_layer.clear()
+
+
+class PolicyLayer(nn.Module):
+    """A decoder layer that sees only the rows still alive, and applies the stages bound to it."""
+
+    def __init__(self, inner: nn.Module, index: int, runtime: Runtime, stages: list[BoundStage]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.index = index
+        self.runtime = runtime
+        self.stages = stages
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # e.g. `attention_type`, read by some models' layer loops
+            return getattr(self.inner, name)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        state = self.runtime.state
+        if state is None:
+            return self.inner(hidden_states, **kwargs)
+        prefill = hidden_states.shape[1] > 1
+        if prefill:
+            self.runtime.kept_at_layer[self.index] = state.kept
+            kwargs = _gather_prefill(kwargs, state) if state.kept.shape[1] < state.length else kwargs
+        else:
+            kept = self.runtime.kept_at_layer.get(self.index)
+            if kept is not None and kept.shape[1] < state.length:
+                kwargs = _gather_decode(kwargs, kept, state.length)
+        output = self.inner(hidden_states, **kwargs)
+        if prefill and self.stages:
+            output = self._apply_stages(output, state)
+        return output
+
+    def _apply_stages(self, hidden: torch.Tensor, state: PrefillState) -> torch.Tensor:
+        alive = state.alive()  # padding is no image token: every stage keeps it (it stays masked)
+        for stage in self.stages:
+            evaluator = StageEvaluator(state, self.runtime.captured.get(self.index), dict(stage.values),
+                                       seed_offset=self.index)
+            alive = _run_statements(stage.statements, evaluator, alive)
+        keep_rows = torch.gather(alive, 1, state.kept)  # [B, L'] which current rows survive
+        counts = keep_rows.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise PolicyError.at(f"layer {self.index} keeps {counts.tolist()} tokens across the batch; batches "
+                                 "whose samples keep different counts are not supported yet", None,
+                                 "run these samples one at a time, or use a fixed amount (top N or N%)")
+        rows = torch.sort((~keep_rows).to(torch.int8), dim=1, stable=True).indices[:, : int(counts[0])]
+        state.kept = torch.gather(state.kept, 1, rows)
+        state.version += 1
+        return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvaluator,
+                    alive: torch.Tensor) -> torch.Tensor:
+    state = evaluator.state
+    for statement in statements:
+        match statement:
+            case ir.Let(name=name, value=value):
+                evaluator.lets[name] = state.sets[name] = evaluator.set(value)
+            case ir.ScoreDef(name=name, value=value):
+                state.scores[name] = evaluator.score(value)
+            case ir.Protect(target=target):
+                state.protected = state.protected | evaluator.set(target)
+            case ir.Keep(target=target):
+                keep = evaluator.set(target) | state.protected | ~state.image
+                alive = alive & keep
+            case ir.Drop(target=target):
+                alive = alive & ~(evaluator.set(target) & ~state.protected)
+    return alive
+
+
+def _gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gather along `dim` (the sequence) with per-sample `index` [B, n]; broadcasts a batch of 1."""
+    shape = list(tensor.shape)
+    shape[0] = index.shape[0]
+    tensor = tensor.expand(shape)
+    view = [index.shape[0]] + [1] * (tensor.dim() - 1)
+    view[dim] = index.shape[1]
+    expanded = list(tensor.shape)
+    expanded[dim] = index.shape[1]
+    return torch.gather(tensor, dim, index.view(view).expand(expanded))
+
+
+def _gather_prefill(kwargs: dict[str, object], state: PrefillState) -> dict[str, object]:
+    kept = state.kept
+    out = dict(kwargs)
+    cos, sin = kwargs["position_embeddings"]  # type: ignore[misc]
+    out["position_embeddings"] = (_gather_rows(cos, kept, 1), _gather_rows(sin, kept, 1))
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor):
+        out["position_ids"] = _gather_rows(position_ids, kept, position_ids.dim() - 1)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        out["attention_mask"] = _gather_rows(_gather_rows(mask, kept, 2), kept, 3)
+    return out
+
+
+def _gather_decode(kwargs: dict[str, object], kept: torch.Tensor, length: int) -> dict[str, object]:
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor):
+        return kwargs
+    generated = torch.arange(length, mask.shape[-1], device=mask.device).expand(kept.shape[0], -1)
+    columns = torch.cat([kept, generated], dim=1)
+    return {**kwargs, "attention_mask": _gather_rows(mask, columns, 3)}
+
+
+class CompiledModel:
+    """A model rewritten by a plan, in place. `remove()` restores the original modules."""
+
+    def __init__(self, plan: Plan) -> None:
+        check_supported(plan)
+        self.plan = plan
+        self.runtime = Runtime(plan)
+        adapter = plan.adapter
+        self.model = adapter.model
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._original_attention = adapter.decoder.config._attn_implementation
+        stage_layers = sorted({k for s in plan.stages if s.kind == "llm" for k in s.layers})
+        self._wrapped: list[tuple[int, nn.Module]] = []
+        if stage_layers:
+            name = register()
+            adapter.decoder.config._attn_implementation = name
+            for k in range(stage_layers[0], len(adapter.decoder_layers)):
+                stages = [s for s in plan.stages if s.kind == "llm" and k in s.layers]
+                inner = adapter.decoder_layers[k]
+                adapter.decoder_layers[k] = PolicyLayer(inner, k, self.runtime, stages)
+                self._wrapped.append((k, inner))
+                if stages:
+                    adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)
+            self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+
+    def _recorder(self, index: int):  # type: ignore[no-untyped-def]
+        def record(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+            self.runtime.captured[index] = Captured(query, key, scaling)
+        return record
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(input_ids, torch.Tensor):
+            raise PolicyError.at("the compiled model needs input_ids (image positions are read from them)", None)
+        if input_ids.shape[1] > 1:  # prefill: a new prompt
+            self.runtime.start_prefill(input_ids, kwargs.get("attention_mask"))
+
+    def remove(self) -> None:
+        """Undo the rewrite: original layers, attention function and hooks."""
+        adapter = self.plan.adapter
+        for index, inner in self._wrapped:
+            adapter.decoder_layers[index] = inner
+            if hasattr(adapter.decoder_attention[index], "_policyc_recorder"):
+                del adapter.decoder_attention[index]._policyc_recorder
+        adapter.decoder.config._attn_implementation = self._original_attention
+        for handle in self._handles:
+            handle.remove()
+        self._wrapped.clear()
+        self._handles.clear()
+
+    @property
+    def kept_positions(self) -> torch.Tensor | None:
+        """Original prompt positions alive after the last prefill, per sample: [B, n] (None before one)."""
+        return self.runtime.state.kept if self.runtime.state is not None else None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.model, name)

@@ -1,0 +1,73 @@
+"""What the eager runtime implements today. Anything else fails at compile time, at its policy
+line, instead of running with a silently different meaning."""
+
+from __future__ import annotations
+
+from policyc.compiler.plan import Plan
+from policyc.errors import PolicyError
+from policyc.lang import ir
+
+_SCORES = {"attention", "key_norm", "random", "sum", "mean", "max", "min"}
+_ATTENTION_OPTIONS = {"heads", "queries"}
+_SETS = {"vision", "all", "text", "system", "last", "last_instruction"}
+
+
+def check_supported(plan: Plan) -> None:
+    problems: list[PolicyError] = []
+    for stage in plan.stages:
+        for statement in stage.statements:
+            try:
+                _statement(stage.kind, statement)
+            except PolicyError as error:
+                problems.append(error)
+    if problems:
+        raise PolicyError([d for p in problems for d in p.diagnostics])
+
+
+def _not_yet(what: str, node: ir.Node) -> PolicyError:
+    return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
+                          "supported today: llm.layer[...] stages with let/score/keep/drop/protect, top selections, "
+                          "attention(...), key_norm, random, positions original, and `cache full`")
+
+
+def _statement(kind: str, statement: ir.Statement) -> None:
+    if kind == "decode":
+        if isinstance(statement, ir.Cache) and statement.method == "full":
+            return
+        raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
+    if kind != "llm":
+        raise _not_yet(f"a {kind} stage", statement)
+    match statement:
+        case ir.Positions(mode="original"):
+            return
+        case ir.Positions(mode=mode):
+            raise _not_yet(f"positions {mode}", statement)
+        case ir.Merge():
+            raise _not_yet("merge", statement)
+        case ir.Let(value=value) | ir.ScoreDef(value=value) | ir.Keep(target=value) | ir.Drop(target=value) | \
+                ir.Protect(target=value):
+            _expr(value)
+
+
+def _expr(expr: ir.Expr) -> None:
+    match expr:
+        case ir.Select(selector=selector) if selector != "top":
+            raise _not_yet(f"the `{selector}` selector", expr)
+        case ir.Select(amount=ir.ListExpr() | ir.Call() as amount):
+            raise _not_yet("a schedule amount", amount)
+        case ir.Call(fn=fn) if fn not in _SCORES:
+            raise _not_yet(f"{fn}()", expr)
+        case ir.Call(fn="attention", kwargs=kwargs):
+            for kwarg in kwargs:
+                if kwarg.name not in _ATTENTION_OPTIONS:
+                    raise _not_yet(f"attention option '{kwarg.name}'", kwarg)
+        case ir.Name(id=name) if name in {"cls", "raters", "dropped"}:
+            raise _not_yet(f"the token set '{name}'", expr)
+        case ir.Index():
+            raise _not_yet("per-image sets", expr)
+    for field_name in type(expr).model_fields:
+        value = getattr(expr, field_name)
+        for child in value if isinstance(value, tuple) else (value,):
+            child = child.value if isinstance(child, ir.KwArg) else child
+            if isinstance(child, ir.Node) and not isinstance(child, ir.KwArg):
+                _expr(child)  # type: ignore[arg-type]
