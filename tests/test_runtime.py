@@ -85,3 +85,21 @@ def test_unimplemented_features_fail_at_compile_time_at_their_line() -> None:
     (diagnostic,) = caught.value.diagnostics
     assert diagnostic.span is not None and diagnostic.span.line == 4
     assert "positions compact is not implemented by policyc's runtime yet" in diagnostic.message
+
+
+def test_static_cache_matches_the_dynamic_cache() -> None:
+    model = tiny_llava_clip()
+    inputs = make_inputs(model, batch=2, pad_left=2)
+    identity = compile_model(model, policy(IDENTITY))
+    reference = run(model, inputs)
+    static = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_scores=True,
+                            return_dict_in_generate=True, cache_implementation="static")
+    assert torch.equal(static.sequences, reference.sequences)
+    identity.remove()
+    compile_model(model, policy(TWO_STAGES))
+    dynamic = run(model, inputs, steps=6)
+    static = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_scores=True,
+                            return_dict_in_generate=True, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

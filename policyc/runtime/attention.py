@@ -24,7 +24,9 @@ def _recording_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     recorder: Recorder | None = getattr(module, "_policyc_recorder", None)
     if recorder is not None and query.shape[2] > 1:
         scaling = kwargs.get("scaling")
-        recorder(query, key, float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
+        # A static cache returns all its slots; in prefill only the first query-length ones are filled.
+        keys = key[:, :, : query.shape[2]]
+        recorder(query, keys, float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
     return output
 
 

@@ -35,11 +35,20 @@ class Runtime:
 
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         image = input_ids == self.plan.adapter.image_token_id
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(image)
+        valid = _valid_keys(attention_mask, image.shape[1]) if attention_mask is not None else torch.ones_like(image)
         kept = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
         self.state = PrefillState(image, valid, kept, torch.zeros_like(image))
         self.captured.clear()
         self.kept_at_layer.clear()
+
+
+def _valid_keys(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, L] bool: which prompt positions are real tokens. Accepts the 2D padding mask, or the 4D
+    mask generate() builds for static caches (bool, or additive with 0 where attending)."""
+    if attention_mask.dim() == 2:
+        return attention_mask[:, :length].bool()
+    last_row = attention_mask[:, 0, -1, :length]  # the last prompt row sees every real key
+    return last_row if last_row.dtype == torch.bool else last_row == 0
 
 
 class PolicyLayer(nn.Module):
@@ -124,6 +133,35 @@ def _gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.T
     return torch.gather(tensor, dim, index.view(view).expand(expanded))
 
 
+def _key_columns(kept: torch.Tensor, length: int, width: int, static: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each key slot of a layer that cached only the `kept` prompt rows: the column of the
+    full-length mask (width `width`) that describes it (kept rows first, then generated tokens),
+    and whether the slot exists in the full mask at all ([B, slots] each).
+
+    A dynamic cache holds `width - dropped` keys; a static one always `width` slots, the tail of
+    which has no column in the full mask and must stay masked.
+    """
+    dropped = length - kept.shape[1]
+    slots = width if static else width - dropped
+    generated = torch.arange(length, length + slots - kept.shape[1], device=kept.device)
+    columns = torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1)
+    return columns.clamp(max=width - 1), columns < width
+
+
+def _remap_columns(mask: torch.Tensor, kept: torch.Tensor, length: int, static: bool) -> torch.Tensor:
+    columns, exists = _key_columns(kept, length, mask.shape[-1], static)
+    remapped = _gather_rows(mask, columns, 3)
+    blocked = torch.zeros((), dtype=mask.dtype) if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    return remapped.masked_fill(~exists[:, None, None, :], blocked)
+
+
+def _is_static(kwargs: dict[str, object]) -> bool:
+    from transformers import StaticCache
+
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return isinstance(cache, StaticCache)
+
+
 def _gather_prefill(kwargs: dict[str, object], state: PrefillState) -> dict[str, object]:
     kept = state.kept
     out = dict(kwargs)
@@ -134,7 +172,7 @@ def _gather_prefill(kwargs: dict[str, object], state: PrefillState) -> dict[str,
         out["position_ids"] = _gather_rows(position_ids, kept, position_ids.dim() - 1)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor):
-        out["attention_mask"] = _gather_rows(_gather_rows(mask, kept, 2), kept, 3)
+        out["attention_mask"] = _remap_columns(_gather_rows(mask, kept, 2), kept, state.length, _is_static(kwargs))
     return out
 
 
@@ -142,9 +180,7 @@ def _gather_decode(kwargs: dict[str, object], kept: torch.Tensor, length: int) -
     mask = kwargs.get("attention_mask")
     if not isinstance(mask, torch.Tensor):
         return kwargs
-    generated = torch.arange(length, mask.shape[-1], device=mask.device).expand(kept.shape[0], -1)
-    columns = torch.cat([kept, generated], dim=1)
-    return {**kwargs, "attention_mask": _gather_rows(mask, columns, 3)}
+    return {**kwargs, "attention_mask": _remap_columns(mask, kept, length, _is_static(kwargs))}
 
 
 class CompiledModel:
