@@ -43,6 +43,13 @@ def test_unknown_assignment_is_an_error_with_a_suggestion() -> None:
     assert caught.value.diagnostics[0].hint == "did you mean 'ratio'?"
 
 
+def test_assignments_must_match_the_parameter_kind() -> None:
+    with pytest.raises(PolicyError, match=r"holds values like 50%, not 0\.5"):
+        lower(STDLIB["fastv"], CLIP, {"ratio": ir.Number(value=0.5)})
+    with pytest.raises(PolicyError, match=r"holds values like 1, not 1\.5"):
+        lower(STDLIB["fastv"], CLIP, {"layer": ir.Number(value=1.5)})
+
+
 def test_negative_and_star_layers_become_model_indices_in_execution_order() -> None:
     checked = one("""policy p {
       stage encoder.layer[-1] { keep top 50% of vision by attention(cls -> vision) }

@@ -88,12 +88,18 @@ def lower(checked: CheckedPolicy, adapter: ModelAdapter, assignments: Mapping[st
 
 
 def _check_assignments(checked: CheckedPolicy, assignments: Mapping[str, ir.Expr]) -> None:
-    known = {scope.qualified(p.name) for scope in checked.program.scopes for p in scope.policy.params
+    known = {scope.qualified(p.name): p for scope in checked.program.scopes for p in scope.policy.params
              if p.name not in scope.overrides}
-    unknown = sorted(set(assignments) - known)
+    unknown = sorted(set(assignments) - set(known))
     if unknown:
         raise PolicyError.at(f"policy '{checked.program.policy.name}' has no searchable parameter "
                              f"'{unknown[0]}'", None, suggestion(unknown[0], sorted(known), "parameters"))
+    for name, value in assignments.items():
+        default = known[name].default
+        whole = isinstance(default, ir.Number) and isinstance(default.value, int)
+        if type(value) is not type(default) or (whole and not isinstance(value.value, int)):  # type: ignore[union-attr]
+            raise PolicyError.at(f"parameter '{name}' holds values like {print_expr(default)}, not "
+                                 f"{print_expr(value)}", known[name].span)
 
 
 def _bind(plan: StagePlan, adapter: ModelAdapter, assignments: Mapping[str, ir.Expr] | None) -> BoundStage:
