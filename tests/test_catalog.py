@@ -33,3 +33,11 @@ def test_specs_are_documented_and_option_defaults_are_valid_syntax(registry: Reg
             assert option.summary, (spec.name, option.name)
             if option.default is not None:
                 parse(f"policy p {{ param x = {option.default} }}")  # a literal a user could write
+
+
+def test_runtime_operators_implement_catalog_signals() -> None:
+    from policyc.passes import SIGNAL_OPS
+
+    for name, op in SIGNAL_OPS.items():
+        spec = SIGNALS.specs[name]  # a runtime operator must have a language signature
+        assert op.options <= {o.name for o in spec.options}, name

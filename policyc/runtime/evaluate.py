@@ -13,9 +13,7 @@ import torch
 
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.runtime.attention import attention_rows
-
-REDUCE = {"mean": lambda x, d: x.mean(d), "sum": lambda x, d: x.sum(d), "max": lambda x, d: x.amax(d)}
+from policyc.passes import SIGNAL_OPS
 
 
 @dataclass
@@ -129,17 +127,10 @@ class StageEvaluator:
                 return torch.full(self.state.image.shape, float(value), device=self.state.image.device)
             case ir.Name(id=name) if name in self.state.scores:
                 return self.state.scores[name]
-            case ir.Name(id="key_norm"):
-                return self.key_norm()
-            case ir.Name(id="random"):
-                return self.random(0)
-            case ir.Call(fn="attention"):
-                return self.attention(expr)
-            case ir.Call(fn="key_norm"):
-                return self.key_norm()
-            case ir.Call(fn="random"):
-                seed = next((k.value for k in expr.kwargs if k.name == "seed"), ir.Number(value=0))
-                return self.random(int(self.literal(seed).value))  # type: ignore[union-attr]
+            case ir.Name(id=name) if name in SIGNAL_OPS:
+                return SIGNAL_OPS[name].compute(ir.Call(fn=name), self)
+            case ir.Call(fn=name) if name in SIGNAL_OPS:
+                return SIGNAL_OPS[name].compute(expr, self)
             case ir.Call(fn="sum" | "mean" | "max" | "min" as fn, args=(inner,)):
                 values = self.score(inner)
                 masked = values.masked_fill(~self.state.image, float("nan"))
@@ -169,50 +160,8 @@ class StageEvaluator:
                 return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b, "!=": a != b}[op]
         raise PolicyError.at("this condition is not supported by the runtime yet", expr.span)
 
-    def _captured(self, what: str) -> Captured:
+    def recorded(self, what: str) -> Captured:
+        """This layer's recorded queries and keys (signals that read attention need them)."""
         if self.captured is None:
             raise PolicyError.at(f"{what} needs this layer's attention, which was not recorded", None)
         return self.captured
-
-    def attention(self, call: ir.Call) -> torch.Tensor:
-        """attention(queries -> keys): probabilities from the query rows over all visible keys,
-        reduced over heads and rows, as a score over the original positions."""
-        flow = call.args[0]
-        options = {k.name: self.literal(k.value) for k in call.kwargs}
-        unsupported = {n for n, v in options.items() if n not in ("heads", "queries") and not (
-            isinstance(v, ir.Name) and v.id in ("here", "none", "all", "keys"))}
-        if unsupported or not isinstance(flow, ir.Flow):
-            raise PolicyError.at(f"attention options {sorted(unsupported)} are not supported by the runtime yet",
-                                 call.span)
-        captured = self._captured("attention()")
-        state = self.state
-        rows_mask = self.set(flow.source)  # [B, L] over original positions
-        current = state.kept  # [B, L']
-        in_rows = torch.gather(rows_mask, 1, current)  # [B, L'] which current rows are queries
-        count = in_rows.sum(1)
-        width = int(count.max().item()) if count.numel() else 0
-        order = torch.sort((~in_rows).to(torch.int8), dim=1, stable=True).indices[:, :width]  # query rows first
-        rows = order  # indices into the current sequence
-        valid_rows = torch.arange(width, device=count.device)[None] < count[:, None]  # [B, R]
-        key_valid = torch.gather(state.valid, 1, current)  # [B, L']
-        causal = torch.arange(current.shape[1], device=current.device)[None, None, :] <= rows[:, :, None]
-        visible = causal & key_valid[:, None, :] & valid_rows[:, :, None]
-        probabilities = attention_rows(captured.query, captured.key, captured.scaling, rows, visible)
-        heads = options.get("heads", ir.Name(id="mean"))
-        queries = options.get("queries", ir.Name(id="mean"))
-        per_row = REDUCE[heads.id](probabilities, 1)  # type: ignore[union-attr]  # [B, R, L']
-        per_row = per_row.masked_fill(~valid_rows[:, :, None], float("nan"))
-        reduce_rows = {"mean": torch.nanmean, "sum": torch.nansum}.get(queries.id)  # type: ignore[union-attr]
-        per_key = reduce_rows(per_row, 1) if reduce_rows is not None else per_row.nan_to_num(float("-inf")).amax(1)
-        scores = torch.zeros(state.image.shape, dtype=per_key.dtype, device=per_key.device)
-        return scores.scatter(1, current, per_key)
-
-    def key_norm(self) -> torch.Tensor:
-        captured = self._captured("key_norm")
-        norms = captured.key.float().norm(dim=-1).mean(1)  # [B, L']
-        scores = torch.zeros(self.state.image.shape, dtype=norms.dtype, device=norms.device)
-        return scores.scatter(1, self.state.kept, norms)
-
-    def random(self, seed: int) -> torch.Tensor:
-        generator = torch.Generator(device="cpu").manual_seed(seed + self.seed_offset)
-        return torch.rand(self.state.image.shape, generator=generator).to(self.state.image.device)

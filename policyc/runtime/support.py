@@ -3,12 +3,13 @@ line, instead of running with a silently different meaning."""
 
 from __future__ import annotations
 
+from policyc.catalog import SIGNALS
 from policyc.compiler.plan import Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
+from policyc.passes import SIGNAL_OPS
 
-_SCORES = {"attention", "key_norm", "random", "sum", "mean", "max", "min"}
-_ATTENTION_OPTIONS = {"heads", "queries"}
+_REDUCTIONS = {"sum", "mean", "max", "min"}
 _SETS = {"vision", "all", "text", "system", "last", "last_instruction"}
 
 
@@ -27,7 +28,7 @@ def check_supported(plan: Plan) -> None:
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: llm.layer[...] stages with let/score/keep/drop/protect, top selections, "
-                          "attention(...), key_norm, random, positions original, and `cache full`")
+                          f"the signals {', '.join(sorted(SIGNAL_OPS))}, positions original, and `cache full`")
 
 
 def _statement(kind: str, statement: ir.Statement) -> None:
@@ -55,12 +56,14 @@ def _expr(expr: ir.Expr) -> None:
             raise _not_yet(f"the `{selector}` selector", expr)
         case ir.Select(amount=ir.ListExpr() | ir.Call() as amount):
             raise _not_yet("a schedule amount", amount)
-        case ir.Call(fn=fn) if fn not in _SCORES:
+        case ir.Call(fn=fn) if fn not in SIGNAL_OPS and fn not in _REDUCTIONS:
             raise _not_yet(f"{fn}()", expr)
-        case ir.Call(fn="attention", kwargs=kwargs):
+        case ir.Call(fn=fn, kwargs=kwargs) if fn in SIGNAL_OPS:
             for kwarg in kwargs:
-                if kwarg.name not in _ATTENTION_OPTIONS:
-                    raise _not_yet(f"attention option '{kwarg.name}'", kwarg)
+                if kwarg.name not in SIGNAL_OPS[fn].options:
+                    raise _not_yet(f"{fn} option '{kwarg.name}'", kwarg)
+        case ir.Name(id=name) if name in SIGNALS and name not in SIGNAL_OPS:
+            raise _not_yet(f"the signal '{name}'", expr)
         case ir.Name(id=name) if name in {"cls", "raters", "dropped"}:
             raise _not_yet(f"the token set '{name}'", expr)
         case ir.Index():

@@ -1,0 +1,56 @@
+"""`attention(QUERIES -> KEYS, heads=..., queries=...)`: the attention the key tokens receive from a
+query set at this layer (FastV arXiv:2403.06764 reads the last row; its paper averages all rows).
+
+Computed from the post-RoPE queries and keys the recording SDPA function saw: only the query rows
+the policy names are scored, `softmax(q_rows · Kᵀ · scale)` over every key each row can see
+(causal and padding), then reduced over heads and over rows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from policyc.passes.base import SignalOp, register_signal, scatter_scores
+
+from policyc.errors import PolicyError
+from policyc.lang import ir
+from policyc.runtime.attention import attention_rows
+
+if TYPE_CHECKING:
+    from policyc.runtime.evaluate import StageEvaluator
+
+_HEADS = {"mean": lambda x: x.mean(1), "sum": lambda x: x.sum(1), "max": lambda x: x.amax(1)}
+
+
+@register_signal
+class Attention(SignalOp):
+    name = "attention"
+    options = frozenset({"heads", "queries"})
+
+    def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
+        flow = call.args[0] if call.args else None
+        if not isinstance(flow, ir.Flow):
+            raise PolicyError.at("attention() needs a flow like `last -> vision`", call.span)
+        recorded = ctx.recorded("attention()")
+        state = ctx.state
+        current = state.kept  # [B, L'] original positions of the current rows
+        is_query = torch.gather(ctx.set(flow.source), 1, current)  # [B, L']
+        count = is_query.sum(1)
+        width = int(count.max().item()) if count.numel() else 0
+        rows = torch.sort((~is_query).to(torch.int8), dim=1, stable=True).indices[:, :width]  # query rows first
+        real_row = torch.arange(width, device=count.device)[None] < count[:, None]  # [B, R]
+        key_valid = torch.gather(state.valid, 1, current)
+        causal = torch.arange(current.shape[1], device=current.device)[None, None, :] <= rows[:, :, None]
+        visible = causal & key_valid[:, None, :] & real_row[:, :, None]
+        probabilities = attention_rows(recorded.query, recorded.key, recorded.scaling, rows, visible)
+        heads = self.option(call, "heads", ctx)
+        per_row = _HEADS[heads.id if isinstance(heads, ir.Name) else "mean"](probabilities)  # [B, R, L']
+        per_row = per_row.masked_fill(~real_row[:, :, None], float("nan"))
+        queries = self.option(call, "queries", ctx)
+        reduce = queries.id if isinstance(queries, ir.Name) else "mean"
+        if reduce == "max":
+            per_key = per_row.nan_to_num(float("-inf")).amax(1)
+        else:
+            per_key = (torch.nansum if reduce == "sum" else torch.nanmean)(per_row, 1)
+        return scatter_scores(per_key, ctx)
