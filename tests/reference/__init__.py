@@ -1,0 +1,1 @@
+"""Plain reference implementations of token-compression methods, sharing no code with policyc."""
