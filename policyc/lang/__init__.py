@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from policyc.errors import PolicyError
@@ -22,7 +23,7 @@ def check_source(text: str, name: str = "<string>", loader: Loader | None = None
                 problems.append(PolicyError.at(f"duplicate policy '{policy.name}'", policy.span))
                 continue
             try:
-                checked.append(check_program(resolve(policy, namespace)))
+                checked.append(replace(check_program(resolve(policy, namespace)), sources=loader.sources))
             except PolicyError as error:
                 problems.append(error)
         if problems:

@@ -7,14 +7,14 @@ they are recorded as `Requirement`s, each with the span that caused it, for `pol
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from policyc.catalog import CACHES, HOOKS, MERGES, POSITIONS, SETS, SIGNALS, HookSpec
 from policyc.errors import Diagnostic, PolicyError, Span, suggestion
 from policyc.lang import ir
 from policyc.lang.parser import keywords
-from policyc.lang.printer import hook_text
+from policyc.lang.printer import hook_text, print_expr
 from policyc.lang.resolve import PlacedStage, Program, Scope
 from policyc.lang.types import AMOUNT, Context, Definition, check_arguments, expect, param_type
 
@@ -45,6 +45,7 @@ class CheckedPolicy:
     program: Program
     stages: tuple[StagePlan, ...]
     requirements: tuple[Requirement, ...]
+    sources: Mapping[str, str] = field(default_factory=dict, repr=False)  # file -> text, for later errors
 
 
 class _Collector:
@@ -170,8 +171,6 @@ def _check_percent(value: ir.Node) -> None:
 
 
 def _literal(value: ir.Node) -> str:
-    from policyc.lang.printer import print_expr
-
     return print_expr(value)  # type: ignore[arg-type]
 
 

@@ -19,11 +19,13 @@ def compile_model(model: nn.Module, policy: CheckedPolicy | str | Path,
     """Rewrite `model` in place to run `policy` (a checked policy, a `.tokpol` path holding one policy,
     or a standard-library name). Returns the compiled model; `.remove()` undoes the rewrite."""
     loader = Loader()
+    sources = loader.sources
     try:
         checked = _checked(policy, loader)
+        sources = {**checked.sources, **loader.sources}
         return CompiledModel(lower(checked, adapt(model), assignments))
     except PolicyError as error:
-        raise error.with_sources(loader.sources) from None
+        raise error.with_sources(sources) from None
 
 
 def _checked(policy: CheckedPolicy | str | Path, loader: Loader) -> CheckedPolicy:

@@ -98,7 +98,6 @@ class PolicyLayer(nn.Module):
                                  "run these samples one at a time, or use a fixed amount (top N or N%)")
         rows = torch.sort((~keep_rows).to(torch.int8), dim=1, stable=True).indices[:, : int(counts[0])]
         state.kept = torch.gather(state.kept, 1, rows)
-        state.version += 1
         return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 

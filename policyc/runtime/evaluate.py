@@ -26,7 +26,6 @@ class PrefillState:
     protected: torch.Tensor  # [B, L] bool
     sets: dict[str, torch.Tensor] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
-    version: int = 0  # bumps when `kept` changes (caches of gathered tensors key on it)
 
     @property
     def length(self) -> int:
