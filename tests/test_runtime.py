@@ -103,3 +103,14 @@ def test_static_cache_matches_the_dynamic_cache() -> None:
     assert torch.equal(static.sequences, dynamic.sequences)
     for a, b in zip(static.scores, dynamic.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_ragged_batches_fail_loudly_at_the_stage() -> None:
+    model = tiny_llava_clip()
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=3)
+    text = "policy p {\n  stage llm.layer[1] {\n    drop vision where key_norm < mean(key_norm)\n  }\n}"
+    compile_model(model, policy(text))
+    with pytest.raises(PolicyError) as caught:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    rendered = str(caught.value)
+    assert rendered.startswith("p.tokpol:2:9: error: layer 1 keeps [") and "stage llm.layer[1] {" in rendered

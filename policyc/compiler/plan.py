@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from policyc.catalog.base import StageKind
-from policyc.errors import PolicyError, suggestion
+from policyc.errors import PolicyError, Span, suggestion
 from policyc.lang import ir
 from policyc.lang.check import CheckedPolicy, StagePlan, static_layers
 from policyc.lang.printer import print_expr, print_statement
@@ -31,6 +31,7 @@ class BoundStage:
     statements: tuple[ir.Statement, ...]
     values: Mapping[str, ir.Expr] = field(repr=False)  # parameter name (in the stage's scope) -> literal
     scope: Scope = field(repr=False)
+    span: Span | None = field(default=None, repr=False)  # the stage's hook, for errors at run time
 
     def value(self, name: str) -> ir.Expr | None:
         return self.values.get(name)
@@ -118,4 +119,4 @@ def _bind(plan: StagePlan, adapter: ModelAdapter, assignments: Mapping[str, ir.E
                                  "negative indices count from the end")
         layers = tuple(sorted(indices))
     values = {p.name: v for p in scope.policy.params if (v := scope.value(p.name, assignments)) is not None}
-    return BoundStage(plan.label, stage.hook.point, kind, layers, stage.body, values, scope)
+    return BoundStage(plan.label, stage.hook.point, kind, layers, stage.body, values, scope, stage.hook.span)

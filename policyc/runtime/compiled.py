@@ -94,8 +94,9 @@ class PolicyLayer(nn.Module):
         counts = keep_rows.sum(1)
         if not bool((counts == counts[0]).all()):
             raise PolicyError.at(f"layer {self.index} keeps {counts.tolist()} tokens across the batch; batches "
-                                 "whose samples keep different counts are not supported yet", None,
-                                 "run these samples one at a time, or use a fixed amount (top N or N%)")
+                                 "whose samples keep different counts are not supported yet", self.stages[0].span,
+                                 "run these samples one at a time, or use a fixed amount (top N or N%)",
+                                 ).with_sources(dict(self.runtime.plan.checked.sources))
         rows = torch.sort((~keep_rows).to(torch.int8), dim=1, stable=True).indices[:, : int(counts[0])]
         state.kept = torch.gather(state.kept, 1, rows)
         return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
