@@ -66,9 +66,8 @@ def random_drop_generate(model: LlavaForConditionalGeneration, input_ids: Tensor
     """Greedy generation after a seeded random drop of image tokens; see the module docstring.
 
     Returns the new tokens [B, max_new_tokens] and, per row, the kept image-token indices into that row
-    of `input_ids` (padding included), ascending.
+    of `input_ids` (padding included), ascending. `model` is used as given (expected in eval mode).
     """
-    model.eval()
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("only left padding is supported")
     embeds, image_sizes = prompt_embeddings(model, input_ids, pixel_values)
