@@ -79,12 +79,12 @@ def test_batch_with_left_padding_equals_single_runs() -> None:
 def test_unimplemented_features_fail_at_compile_time_at_their_line() -> None:
     model = tiny_llava_clip()
     text = "policy p {\n  stage llm.layer[1] {\n    keep top 50% of vision by attention(last -> vision)\n" \
-           "    positions compact\n  }\n}"
+           "    positions cache_length\n  }\n}"
     with pytest.raises(PolicyError) as caught:
         compile_model(model, policy(text))
     (diagnostic,) = caught.value.diagnostics
     assert diagnostic.span is not None and diagnostic.span.line == 4
-    assert "positions compact is not implemented by policyc's runtime yet" in diagnostic.message
+    assert "positions cache_length is not implemented by policyc's runtime yet" in diagnostic.message
 
 
 def test_static_cache_matches_the_dynamic_cache() -> None:
@@ -114,3 +114,16 @@ def test_ragged_batches_fail_loudly_at_the_stage() -> None:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     rendered = str(caught.value)
     assert rendered.startswith("p.tokpol:2:9: error: layer 1 keeps [") and "stage llm.layer[1] {" in rendered
+
+
+def test_compact_positions_with_a_static_cache_match_the_dynamic_cache() -> None:
+    model = tiny_llava_clip()
+    inputs = make_inputs(model, batch=2, pad_left=2)
+    compile_model(model, policy(TWO_STAGES.replace("heads=max) }", "heads=max)\n positions compact }")
+                                .replace("queries=sum) }", "queries=sum)\n positions compact }")))
+    dynamic = run(model, inputs, steps=6)
+    static = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_scores=True,
+                            return_dict_in_generate=True, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -29,6 +29,7 @@ class Runtime:
     """Per-model runtime state shared by the hooks and layer wrappers."""
 
     plan: Plan
+    compact: bool = False  # `positions compact`: kept rows are renumbered 0..n-1 (PyramidDrop)
     state: PrefillState | None = None
     captured: dict[int, Captured] = field(default_factory=dict)
     kept_at_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill rows each layer cached
@@ -74,15 +75,30 @@ class PolicyLayer(nn.Module):
         prefill = hidden_states.shape[1] > 1
         if prefill:
             self.runtime.kept_at_layer[self.index] = state.kept
-            kwargs = _gather_prefill(kwargs, state) if state.kept.shape[1] < state.length else kwargs
+            if state.kept.shape[1] < state.length:
+                kwargs = _gather_prefill(kwargs, state)
+                if self.runtime.compact:
+                    kwargs = self._renumber(hidden_states, kwargs, _compact_positions(state.valid, state.kept))
         else:
             kept = self.runtime.kept_at_layer.get(self.index)
             if kept is not None and kept.shape[1] < state.length:
                 kwargs = _gather_decode(kwargs, kept, state.length)
+                if self.runtime.compact:
+                    dropped = state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)  # real rows gone
+                    position_ids = kwargs["position_ids"]
+                    kwargs = self._renumber(hidden_states, kwargs, position_ids - dropped[:, None])  # type: ignore[operator]
         output = self.inner(hidden_states, **kwargs)
         if prefill and self.stages:
             output = self._apply_stages(output, state)
         return output
+
+    def _renumber(self, hidden: torch.Tensor, kwargs: dict[str, object], positions: torch.Tensor,
+                  ) -> dict[str, object]:
+        """Rotary embeddings and position ids for renumbered positions (`positions compact`)."""
+        rotary = self.runtime.plan.adapter.rotary
+        if rotary is None:
+            raise PolicyError.at("positions compact needs the LLM's rotary embedding, which was not found", None)
+        return {**kwargs, "position_ids": positions, "position_embeddings": rotary(hidden, position_ids=positions)}
 
     def _apply_stages(self, hidden: torch.Tensor, state: PrefillState) -> torch.Tensor:
         alive = state.alive()  # padding is no image token: every stage keeps it (it stays masked)
@@ -119,6 +135,11 @@ def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvalua
             case ir.Drop(target=target):
                 alive = alive & ~(evaluator.set(target) & ~state.protected)
     return alive
+
+
+def _compact_positions(valid: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Positions 0..n-1 over the kept real tokens ([B, L']), as HF numbers a left-padded prompt."""
+    return (torch.gather(valid, 1, kept).long().cumsum(1) - 1).clamp(min=0)
 
 
 def _gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -189,7 +210,8 @@ class CompiledModel:
     def __init__(self, plan: Plan) -> None:
         check_supported(plan)
         self.plan = plan
-        self.runtime = Runtime(plan)
+        compact = any(isinstance(st, ir.Positions) and st.mode == "compact" for s in plan.stages for st in s.statements)
+        self.runtime = Runtime(plan, compact)
         adapter = plan.adapter
         self.model = adapter.model
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

@@ -28,7 +28,8 @@ def check_supported(plan: Plan) -> None:
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: llm.layer[...] stages with let/score/keep/drop/protect, top selections, "
-                          f"the signals {', '.join(sorted(SIGNAL_OPS))}, positions original, and `cache full`")
+                          f"the signals {', '.join(sorted(SIGNAL_OPS))}, positions original or compact, "
+                          "and `cache full`")
 
 
 def _statement(kind: str, statement: ir.Statement) -> None:
@@ -39,7 +40,7 @@ def _statement(kind: str, statement: ir.Statement) -> None:
     if kind != "llm":
         raise _not_yet(f"a {kind} stage", statement)
     match statement:
-        case ir.Positions(mode="original"):
+        case ir.Positions(mode="original" | "compact"):
             return
         case ir.Positions(mode=mode):
             raise _not_yet(f"positions {mode}", statement)

@@ -1,0 +1,75 @@
+"""Progressive image-token dropping at several LLM layers with contiguous re-numbering, as
+PyramidDrop's code does it (Xing et al., arXiv:2410.17247; algorithms.md §3f); shares no code with policyc.
+
+At each stage (after decoder layer k), the image tokens still present are ranked by the attention the
+last prompt token pays them in layer k (post-softmax, mean over heads) and the top `count` stay.
+With `compact`, every later layer numbers the surviving real tokens 0..n-1 (padding gets 0) and a
+generated token t gets position n + t, n being the real prompt tokens that layer still sees; without
+it, tokens keep their original positions. Greedy decoding WITHOUT a KV cache: every step recomputes
+all layers, each segment on the rows it keeps; the kept sets come from the prefill only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import LlavaForConditionalGeneration
+
+from reference.fastv import eager_copy, position_ids, prompt_embeddings, run_layers, top_indices
+
+
+def _row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, image: Tensor,
+         stages: list[tuple[int, int]], compact: bool, max_new_tokens: int) -> tuple[Tensor, list[Tensor]]:
+    lm = model.model.language_model
+    length, device = embeds.shape[0], embeds.device
+    bounds = [k for k, _ in stages]
+    # Prefill: decide each stage's kept rows, segment by segment.
+    rows = torch.arange(length, device=device)
+    kept_per_stage: list[Tensor] = []
+    hidden, start = embeds[None], 0
+    positions = position_ids(valid)
+    for layer, count in stages:
+        hidden, probs = run_layers(model, range(start, layer + 1), hidden, positions, valid[rows])
+        scores = probs[0].mean(dim=0)[-1]  # last row, over the current rows
+        candidates = image[rows].nonzero().flatten()
+        chosen = candidates[top_indices(scores[candidates], min(count, len(candidates)))]
+        keep = torch.sort(torch.cat([(~image[rows]).nonzero().flatten(), chosen])).values
+        rows, hidden = rows[keep], hidden[:, keep]
+        positions = position_ids(valid[rows]) if compact else positions[keep]
+        kept_per_stage.append(rows)
+        start = layer + 1
+    # Decoding: recompute everything each step.
+    generated: list[int] = []
+    for t in range(max_new_tokens):
+        new = model.get_input_embeddings()(torch.tensor(generated, dtype=torch.long, device=device))
+        hidden = torch.cat([embeds, new.to(embeds.dtype)])[None]
+        tail = torch.arange(length, length + t, device=device)
+        full_valid = torch.cat([valid, torch.ones(t, dtype=torch.bool, device=device)])
+        rows = torch.arange(length + t, device=device)
+        original = torch.cat([position_ids(valid), int(valid.sum()) + torch.arange(t, device=device)])
+        positions, start = original, 0
+        for stage_rows, end in zip([None, *kept_per_stage], [*bounds, len(lm.layers) - 1], strict=True):
+            if stage_rows is not None:
+                select = torch.cat([stage_rows, tail])
+                hidden = hidden[:, torch.searchsorted(rows, select)]
+                rows = select
+                real = full_valid[stage_rows]
+                positions = (torch.cat([position_ids(real), int(real.sum()) + torch.arange(t, device=device)])
+                             if compact else original[select])
+            hidden, _ = run_layers(model, range(start, end + 1), hidden, positions, full_valid[rows])
+            start = end + 1
+        generated.append(int(model.lm_head(lm.norm(hidden[0, -1])).argmax()))
+    return torch.tensor(generated, dtype=torch.long, device=device), kept_per_stage
+
+
+@torch.no_grad()
+def staged_drop_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor,
+                         pixel_values: Tensor, *, stages: list[tuple[int, int]], compact: bool,
+                         max_new_tokens: int) -> tuple[Tensor, list[list[Tensor]]]:
+    """Tokens [B, T] and, per row, the prompt rows kept after each stage (ascending)."""
+    ref = eager_copy(model)
+    embeds, _ = prompt_embeddings(ref, input_ids, pixel_values)
+    image = input_ids == ref.config.image_token_id
+    results = [_row(ref, embeds[b], attention_mask[b].bool(), image[b], stages, compact, max_new_tokens)
+               for b in range(input_ids.shape[0])]
+    return torch.stack([r[0] for r in results]), [r[1] for r in results]
