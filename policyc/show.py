@@ -13,8 +13,7 @@ from policyc.errors import PolicyError, suggestion
 from policyc.lang import CheckedPolicy, Loader, check_path, check_stdlib
 from policyc.lang.printer import print_expr, print_statement
 
-_KIND_REGISTRY = {r.kind + ("es" if r.kind.endswith("h") else "s"): r for r in REGISTRIES}
-_KIND_REGISTRY["positions"] = next(r for r in REGISTRIES if r.kind == "positions")
+_KIND_REGISTRY = {r.title: r for r in REGISTRIES}
 
 
 def find_policies(reference: str, loader: Loader | None = None) -> list[CheckedPolicy]:

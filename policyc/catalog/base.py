@@ -79,7 +79,13 @@ class Registry:
 
     kind: str
     noun: str
+    plural: str = ""  # the listing's name when not `kind + "s"`
     specs: dict[str, Spec] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        """`signals`, `positions`: how `policyc list` names this registry."""
+        return self.plural or self.kind + "s"
 
     def add(self, *specs: Spec) -> None:
         for spec in specs:

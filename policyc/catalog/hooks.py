@@ -31,7 +31,7 @@ HOOKS.add(
     HookSpec("decode", "hook", "the KV cache during decoding", stage_kind="decode", order=4),
 )
 
-POSITIONS = Registry("positions", "position mode")
+POSITIONS = Registry("positions", "position mode", plural="positions")
 POSITIONS.add(
     Spec("original", "positions", "kept tokens keep their original position ids (FastV, SparseVLM v2)"),
     Spec("compact", "positions", "kept tokens are renumbered contiguously; decode positions shift to match "
