@@ -41,3 +41,11 @@ def test_runtime_operators_implement_catalog_signals() -> None:
     for name, op in SIGNAL_OPS.items():
         spec = SIGNALS.specs[name]  # a runtime operator must have a language signature
         assert op.options <= {o.name for o in spec.options}, name
+
+
+def test_each_registry_is_listed_once() -> None:
+    from policyc.show import catalog_markdown
+
+    titles = [r.title for r in REGISTRIES]
+    assert len(titles) == len(set(titles))
+    assert [line[2:-2] for line in catalog_markdown().splitlines() if line.startswith("**")] == titles
