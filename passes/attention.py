@@ -15,10 +15,27 @@ from policyc.passes.base import SignalOp, register_signal, scatter_scores
 
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.runtime.attention import attention_rows
 
 if TYPE_CHECKING:
     from policyc.runtime.evaluate import StageEvaluator
+
+def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: torch.Tensor,
+                   visible: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities of selected query rows over all keys, per head.
+
+    query: [B, H, L, d] and key: [B, Hkv, L, d] (post-RoPE); rows: [B, R] row indices;
+    visible: [B, R, L] bool, which keys each row may see (causal and padding).
+    Returns [B, H, R, L] in float32; rows that see no key are all zero.
+    """
+    batch, heads, _, dim = query.shape
+    groups = heads // key.shape[1]
+    keys = key.repeat_interleave(groups, dim=1).float()  # [B, H, L, d], GQA groups share keys
+    picked = torch.gather(query.float(), 2, rows[:, None, :, None].expand(batch, heads, rows.shape[1], dim))
+    logits = picked @ keys.transpose(-1, -2) * scaling  # [B, H, R, L]
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    probabilities = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(probabilities, nan=0.0)
+
 
 _HEADS = {"mean": lambda x: x.mean(1), "sum": lambda x: x.sum(1), "max": lambda x: x.amax(1)}
 

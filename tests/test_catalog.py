@@ -49,3 +49,11 @@ def test_each_registry_is_listed_once() -> None:
     titles = [r.title for r in REGISTRIES]
     assert len(titles) == len(set(titles))
     assert [line[2:-2] for line in catalog_markdown().splitlines() if line.startswith("**")] == titles
+
+
+def test_operator_package_imports_on_its_own() -> None:
+    import subprocess
+    import sys
+
+    for module in ("policyc.passes", "policyc.runtime", "policyc.compiler.plan"):
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)

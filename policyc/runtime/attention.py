@@ -1,7 +1,6 @@
 """Attention signals without eager attention: the LLM keeps running SDPA, and a registered
-attention function hands the post-RoPE queries and keys of chosen layers to a recorder; scores for
-the few query rows a policy needs are then `softmax(q_rows · Kᵀ · scale)` over the visible keys
-(FastV's "last row" is exact this way: arXiv:2403.06764, algorithms.md §1e).
+attention function hands the post-RoPE queries and keys of chosen layers to a recorder; the
+`attention` operator (passes/attention.py) scores only the query rows a policy needs.
 """
 
 from __future__ import annotations
@@ -35,21 +34,3 @@ def register() -> str:
     AttentionInterface.register(ATTENTION_NAME, _recording_sdpa)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     return ATTENTION_NAME
-
-
-def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: torch.Tensor,
-                   visible: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities of selected query rows over all keys, per head.
-
-    query: [B, H, L, d] and key: [B, Hkv, L, d] (post-RoPE); rows: [B, R] row indices;
-    visible: [B, R, L] bool, which keys each row may see (causal and padding).
-    Returns [B, H, R, L] in float32; rows that see no key are all zero.
-    """
-    batch, heads, _, dim = query.shape
-    groups = heads // key.shape[1]
-    keys = key.repeat_interleave(groups, dim=1).float()  # [B, H, L, d], GQA groups share keys
-    picked = torch.gather(query.float(), 2, rows[:, None, :, None].expand(batch, heads, rows.shape[1], dim))
-    logits = picked @ keys.transpose(-1, -2) * scaling  # [B, H, R, L]
-    logits = logits.masked_fill(~visible[:, None], float("-inf"))
-    probabilities = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(probabilities, nan=0.0)
