@@ -97,8 +97,12 @@ def test_static_cache_matches_the_dynamic_cache() -> None:
     assert torch.equal(static.sequences, reference.sequences)
     identity.remove()
     compile_model(model, policy(TWO_STAGES))
-    dynamic = run(model, inputs, steps=6)
-    static = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_scores=True,
+    assert_static_matches_dynamic(model, inputs)
+
+
+def assert_static_matches_dynamic(model: torch.nn.Module, inputs: dict, steps: int = 6) -> None:
+    dynamic = run(model, inputs, steps=steps)
+    static = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
                             return_dict_in_generate=True, cache_implementation="static")
     assert torch.equal(static.sequences, dynamic.sequences)
     for a, b in zip(static.scores, dynamic.scores, strict=True):
@@ -121,9 +125,4 @@ def test_compact_positions_with_a_static_cache_match_the_dynamic_cache() -> None
     inputs = make_inputs(model, batch=2, pad_left=2)
     compile_model(model, policy(TWO_STAGES.replace("heads=max) }", "heads=max)\n positions compact }")
                                 .replace("queries=sum) }", "queries=sum)\n positions compact }")))
-    dynamic = run(model, inputs, steps=6)
-    static = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_scores=True,
-                            return_dict_in_generate=True, cache_implementation="static")
-    assert torch.equal(static.sequences, dynamic.sequences)
-    for a, b in zip(static.scores, dynamic.scores, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert_static_matches_dynamic(model, inputs)
