@@ -43,13 +43,17 @@ _HEADS = {"mean": lambda x: x.mean(1), "sum": lambda x: x.sum(1), "max": lambda 
 @register_signal
 class Attention(SignalOp):
     name = "attention"
-    options = frozenset({"heads", "queries"})
+    options = frozenset({"heads", "queries", "layer"})
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         flow = call.args[0] if call.args else None
         if not isinstance(flow, ir.Flow):
             raise PolicyError.at("attention() needs a flow like `last -> vision`", call.span)
-        recorded = ctx.recorded("attention()")
+        layer = self.option(call, "layer", ctx)
+        if layer is not None and not (isinstance(layer, ir.Name) and layer.id in ("next", "here")):
+            raise PolicyError.at("attention(layer=...) takes `next` in the runtime so far", call.span)
+        recorded = ctx.recorded_next("attention()") if isinstance(layer, ir.Name) and layer.id == "next" \
+            else ctx.recorded("attention()")
         state = ctx.state
         current = state.kept  # [B, L'] original positions of the current rows
         is_query = torch.gather(ctx.set(flow.source), 1, current)  # [B, L']

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -89,8 +90,24 @@ class PolicyLayer(nn.Module):
                     kwargs = self._renumber(hidden_states, kwargs, position_ids - dropped[:, None])  # type: ignore[operator]
         output = self.inner(hidden_states, **kwargs)
         if prefill and self.stages:
-            output = self._apply_stages(output, state)
+            output = self._apply_stages(output, state, kwargs)
         return output
+
+    def _next_layer_capture(self, hidden: torch.Tensor, kwargs: dict[str, object]) -> Captured:
+        """Post-RoPE queries and keys of `hidden` through the next layer's input norm, q/k projections and
+        rotary, at the current rows' positions (PyramidDrop's lightweight attention, arXiv:2410.17247)."""
+        adapter = self.runtime.plan.adapter
+        layer = adapter.decoder_layers[self.index + 1]
+        layer = layer.inner if isinstance(layer, PolicyLayer) else layer
+        attention = adapter.decoder_attention[self.index + 1]
+        normed = layer.input_layernorm(hidden)
+        shape = (*normed.shape[:2], -1, adapter.head_dim)
+        query = attention.q_proj(normed).view(shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]  # type: ignore[misc]
+        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        query, key = rotate(query, key, cos, sin)
+        return Captured(query, key, float(attention.scaling))
 
     def _renumber(self, hidden: torch.Tensor, kwargs: dict[str, object], positions: torch.Tensor,
                   ) -> dict[str, object]:
@@ -100,11 +117,13 @@ class PolicyLayer(nn.Module):
             raise PolicyError.at("positions compact needs the LLM's rotary embedding, which was not found", None)
         return {**kwargs, "position_ids": positions, "position_embeddings": rotary(hidden, position_ids=positions)}
 
-    def _apply_stages(self, hidden: torch.Tensor, state: PrefillState) -> torch.Tensor:
+    def _apply_stages(self, hidden: torch.Tensor, state: PrefillState, kwargs: dict[str, object]) -> torch.Tensor:
         alive = state.alive()  # padding is no image token: every stage keeps it (it stays masked)
+        last = self.index + 1 >= len(self.runtime.plan.adapter.decoder_layers)
+        next_layer = None if last else (lambda: self._next_layer_capture(hidden, kwargs))
         for stage in self.stages:
             evaluator = StageEvaluator(state, self.runtime.captured.get(self.index), dict(stage.values),
-                                       seed_offset=self.index)
+                                       seed_offset=self.index, next_layer=next_layer)
             alive = _run_statements(stage.statements, evaluator, alive)
         keep_rows = torch.gather(alive, 1, state.kept)  # [B, L'] which current rows survive
         counts = keep_rows.sum(1)

@@ -53,6 +53,7 @@ class StageEvaluator:
     captured: Captured | None
     values: dict[str, ir.Expr]
     seed_offset: int = 0
+    next_layer: Callable[[], Captured] | None = None  # recompute with the next layer's projections
     lets: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def builtin(self, name: str) -> torch.Tensor:
@@ -164,3 +165,9 @@ class StageEvaluator:
         if self.captured is None:
             raise PolicyError.at(f"{what} needs this layer's attention, which was not recorded", None)
         return self.captured
+
+    def recorded_next(self, what: str) -> Captured:
+        """Queries and keys recomputed with the next layer's norm, projections and RoPE (PyramidDrop)."""
+        if self.next_layer is None:
+            raise PolicyError.at(f"{what} with layer=next needs a next layer", None)
+        return self.next_layer()

@@ -63,6 +63,8 @@ def _expr(expr: ir.Expr) -> None:
             for kwarg in kwargs:
                 if kwarg.name not in SIGNAL_OPS[fn].options:
                     raise _not_yet(f"{fn} option '{kwarg.name}'", kwarg)
+                if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"):
+                    raise _not_yet(f"{fn}(layer=...) other than `next`", kwarg)
         case ir.Name(id=name) if name in SIGNALS and name not in SIGNAL_OPS:
             raise _not_yet(f"the signal '{name}'", expr)
         case ir.Name(id=name) if name in {"cls", "raters", "dropped"}:

@@ -18,8 +18,32 @@ from transformers import LlavaForConditionalGeneration
 from reference.fastv import eager_copy, position_ids, prompt_embeddings, run_layers, top_indices
 
 
+def _next_layer_probs(model: LlavaForConditionalGeneration, layer: int, hidden: Tensor, positions: Tensor,
+                      valid: Tensor) -> Tensor:
+    """PyramidDrop's lightweight attention: the output of `layer` through layer `layer + 1`'s input norm,
+    q/k projections and RoPE; returns the last row's probabilities per head, [H, n]."""
+    lm = model.model.language_model
+    attn = lm.layers[layer + 1].self_attn
+    x = lm.layers[layer + 1].input_layernorm(hidden)[0]  # [n, D]
+    n, head_dim = x.shape[0], attn.head_dim
+    q = attn.q_proj(x).view(n, -1, head_dim).transpose(0, 1)  # [H, n, d]
+    k = attn.k_proj(x).view(n, -1, head_dim).transpose(0, 1)  # [Hkv, n, d]
+    cos, sin = lm.rotary_emb(hidden, position_ids=positions[None])
+    cos, sin = cos[0], sin[0]
+
+    def rotate(t: Tensor) -> Tensor:
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin
+
+    q, k = rotate(q), rotate(k).repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    logits = torch.einsum("hd,hnd->hn", q[:, -1], k) * attn.scaling
+    logits = logits.masked_fill(~valid[None, :], float("-inf"))  # the last row sees every earlier key
+    return torch.softmax(logits.float(), dim=-1)
+
+
 def _row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, image: Tensor,
-         stages: list[tuple[int, int]], compact: bool, max_new_tokens: int) -> tuple[Tensor, list[Tensor]]:
+         stages: list[tuple[int, int]], compact: bool, max_new_tokens: int,
+         next_layer: bool = False) -> tuple[Tensor, list[Tensor]]:
     lm = model.model.language_model
     length, device = embeds.shape[0], embeds.device
     bounds = [k for k, _ in stages]
@@ -30,7 +54,10 @@ def _row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, im
     positions = position_ids(valid)
     for layer, count in stages:
         hidden, probs = run_layers(model, range(start, layer + 1), hidden, positions, valid[rows])
-        scores = probs[0].mean(dim=0)[-1]  # last row, over the current rows
+        if next_layer:
+            scores = _next_layer_probs(model, layer, hidden, positions, valid[rows]).mean(dim=0)
+        else:
+            scores = probs[0].mean(dim=0)[-1]  # last row, over the current rows
         candidates = image[rows].nonzero().flatten()
         chosen = candidates[top_indices(scores[candidates], min(count, len(candidates)))]
         keep = torch.sort(torch.cat([(~image[rows]).nonzero().flatten(), chosen])).values
@@ -65,11 +92,12 @@ def _row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, im
 @torch.no_grad()
 def staged_drop_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor,
                          pixel_values: Tensor, *, stages: list[tuple[int, int]], compact: bool,
-                         max_new_tokens: int) -> tuple[Tensor, list[list[Tensor]]]:
-    """Tokens [B, T] and, per row, the prompt rows kept after each stage (ascending)."""
+                         max_new_tokens: int, next_layer: bool = False) -> tuple[Tensor, list[list[Tensor]]]:
+    """Tokens [B, T] and, per row, the prompt rows kept after each stage (ascending). With `next_layer`,
+    scores come from the next layer's projections of the stage layer's output (PyramidDrop)."""
     ref = eager_copy(model)
     embeds, _ = prompt_embeddings(ref, input_ids, pixel_values)
     image = input_ids == ref.config.image_token_id
-    results = [_row(ref, embeds[b], attention_mask[b].bool(), image[b], stages, compact, max_new_tokens)
+    results = [_row(ref, embeds[b], attention_mask[b].bool(), image[b], stages, compact, max_new_tokens, next_layer)
                for b in range(input_ids.shape[0])]
     return torch.stack([r[0] for r in results]), [r[1] for r in results]
