@@ -401,7 +401,7 @@ def _check_budgets(plans: list[StagePlan]) -> None:
 
 
 def _requirements(statement: ir.Statement, plan: StagePlan) -> Iterator[Requirement]:
-    for node in _walk(statement):
+    for node in statement.walk():
         if isinstance(node, ir.Name) and node.id == "cls":
             yield Requirement("cls_token", None, node.span, "the policy reads the encoder's CLS token")
         if isinstance(node, ir.Call) and node.fn in SIGNALS:
@@ -412,16 +412,6 @@ def _requirements(statement: ir.Statement, plan: StagePlan) -> Iterator[Requirem
             elif isinstance(layer, ir.Name) and layer.id == "next":
                 for k in plan.layers or ():
                     yield Requirement("llm_layer", k + 1, layer.span, f"{node.fn}(layer=next) recomputes it")
-
-
-def _walk(node: object) -> Iterator[ir.Node]:
-    if isinstance(node, ir.Node):
-        yield node
-        for name in type(node).model_fields:
-            yield from _walk(getattr(node, name))
-    elif isinstance(node, tuple):
-        for item in node:
-            yield from _walk(item)
 
 
 __all__ = ["AMOUNT", "CheckedPolicy", "Requirement", "StagePlan", "check_program", "static_layers"]

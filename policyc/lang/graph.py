@@ -145,12 +145,4 @@ def _inputs(graph: StageGraph, expr: ir.Expr, plan: StagePlan, scope: str) -> li
             if name in SIGNALS:
                 return [graph.add(Node(f"{plan.label}/signal:{name}", "signal", name, plan.label))]
             return []
-    found: list[str] = []
-    for field_name in type(expr).model_fields:
-        value = getattr(expr, field_name)
-        for child in value if isinstance(value, tuple) else (value,):
-            if isinstance(child, ir.KwArg):
-                child = child.value
-            if isinstance(child, ir.Node) and not isinstance(child, ir.Hook):
-                found += _inputs(graph, child, plan, scope)  # type: ignore[arg-type]
-    return found
+    return [node for child in expr.children() for node in _inputs(graph, child, plan, scope)]  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ Comments are part of the IR (leading lines and a trailing note) so `policyc fmt`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -34,6 +35,19 @@ class Node(BaseModel):
                 if isinstance(item, Flow) or (isinstance(item, KwArg) and isinstance(item.value, Flow)):
                     raise ValueError("a flow (`a -> b`) can only be an argument of a call")
         return self
+
+    def children(self) -> Iterator[Node]:
+        """The nodes directly inside this one (keyword arguments included, as `KwArg` nodes)."""
+        for value in self._fields():
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, Node):
+                    yield item
+
+    def walk(self) -> Iterator[Node]:
+        """This node and every node inside it, in pre-order."""
+        yield self
+        for child in self.children():
+            yield from child.walk()
 
     def _fields(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in type(self).model_fields if name != "span")

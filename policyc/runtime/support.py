@@ -71,9 +71,5 @@ def _expr(expr: ir.Expr) -> None:
             raise _not_yet(f"the token set '{name}'", expr)
         case ir.Index():
             raise _not_yet("per-image sets", expr)
-    for field_name in type(expr).model_fields:
-        value = getattr(expr, field_name)
-        for child in value if isinstance(value, tuple) else (value,):
-            child = child.value if isinstance(child, ir.KwArg) else child
-            if isinstance(child, ir.Node) and not isinstance(child, ir.KwArg):
-                _expr(child)  # type: ignore[arg-type]
+    for child in expr.children():
+        _expr(child)  # type: ignore[arg-type]
