@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from policyc.passes.base import SignalOp, register_signal, scatter_scores
+from policyc.passes.base import SignalOp, register_signal, scatter_scores, selected_first
 
 from policyc.errors import PolicyError
 from policyc.lang import ir
@@ -59,7 +59,7 @@ class Attention(SignalOp):
         is_query = torch.gather(ctx.set(flow.source), 1, current)  # [B, L']
         count = is_query.sum(1)
         width = int(count.max().item()) if count.numel() else 0
-        rows = torch.sort((~is_query).to(torch.int8), dim=1, stable=True).indices[:, :width]  # query rows first
+        rows = selected_first(is_query)[:, :width]  # query rows first
         real_row = torch.arange(width, device=count.device)[None] < count[:, None]  # [B, R]
         key_valid = torch.gather(state.valid, 1, current)
         causal = torch.arange(current.shape[1], device=current.device)[None, None, :] <= rows[:, :, None]

@@ -45,3 +45,8 @@ def scatter_scores(values: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
     """Per-row values of the current sequence [B, L'] placed at their original positions [B, L]."""
     scores = torch.zeros(ctx.state.image.shape, dtype=values.dtype, device=values.device)
     return scores.scatter(1, ctx.state.kept, values)
+
+
+def selected_first(mask: torch.Tensor) -> torch.Tensor:
+    """Row indices with the selected ones first, each group in its original order: [B, L] -> [B, L]."""
+    return torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices

@@ -20,6 +20,7 @@ from torch import nn
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
+from policyc.passes.base import selected_first
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.support import check_supported
@@ -132,7 +133,7 @@ class PolicyLayer(nn.Module):
                                  "whose samples keep different counts are not supported yet", self.stages[0].span,
                                  "run these samples one at a time, or use a fixed amount (top N or N%)",
                                  ).with_sources(dict(self.runtime.plan.checked.sources))
-        rows = torch.sort((~keep_rows).to(torch.int8), dim=1, stable=True).indices[:, : int(counts[0])]
+        rows = selected_first(keep_rows)[:, : int(counts[0])]
         state.kept = torch.gather(state.kept, 1, rows)
         return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
@@ -143,7 +144,7 @@ def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvalua
     for statement in statements:
         match statement:
             case ir.Let(name=name, value=value):
-                evaluator.lets[name] = state.sets[name] = evaluator.set(value)
+                state.sets[name] = evaluator.set(value)
             case ir.ScoreDef(name=name, value=value):
                 state.scores[name] = evaluator.score(value)
             case ir.Protect(target=target):

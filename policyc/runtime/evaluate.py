@@ -54,7 +54,6 @@ class StageEvaluator:
     values: dict[str, ir.Expr]
     seed_offset: int = 0
     next_layer: Callable[[], Captured] | None = None  # recompute with the next layer's projections
-    lets: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def builtin(self, name: str) -> torch.Tensor:
         state = self.state
@@ -78,8 +77,6 @@ class StageEvaluator:
     def set(self, expr: ir.Expr) -> torch.Tensor:
         match expr:
             case ir.Name(id=name):
-                if name in self.lets:
-                    return self.lets[name]
                 if name in self.state.sets:
                     return self.state.sets[name] & self.state.alive()
                 return self.builtin(name)
