@@ -13,17 +13,27 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from policyc.compiler.plan import BoundStage, Plan
-from policyc.errors import PolicyError
+from policyc.errors import PolicyError, Span
 from policyc.lang import ir
 from policyc.passes.base import selected_first
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.support import check_supported
+
+
+class ImageSource(Protocol):
+    """What the pre-LLM stages (encoder, projector) leave for the LLM after a vision forward: per image
+    slot (I images in the order LLaVA scatters them, N tokens each), whether it reaches the LLM and
+    whether a stage protected it. None when no vision forward ran since the last prefill took them."""
+
+    kept: torch.Tensor | None  # [I, N] bool
+    protected: torch.Tensor | None  # [I, N] bool
 
 
 @dataclass
@@ -35,6 +45,12 @@ class Runtime:
     state: PrefillState | None = None
     captured: dict[int, Captured] = field(default_factory=dict)
     kept_at_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill rows each layer cached
+    images: ImageSource | None = None  # set when the plan has encoder or projector stages
+    # After image tokens were dropped before the LLM: the position id of every prompt position in the
+    # shorter prompt the LLM sees ([B, L]), and how many real tokens each sample lost ([B]).
+    base_positions: torch.Tensor | None = None
+    dropped_before: torch.Tensor | None = None
+    steps: int = 0  # decode steps since the prefill
 
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         image = input_ids == self.plan.adapter.image_token_id
@@ -43,6 +59,69 @@ class Runtime:
         self.state = PrefillState(image, valid, kept, torch.zeros_like(image))
         self.captured.clear()
         self.kept_at_layer.clear()
+        self.base_positions = self.dropped_before = None
+        self.steps = -1  # the prefill's own forward is not a decode step
+
+    def drop_before_llm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Drop the image rows the pre-LLM stages did not keep, from the embeddings [B, L, D] -> [B, L', D].
+
+        Equivalent to a prompt whose `<image>` runs hold only the kept tokens: the kept rows are
+        renumbered contiguously over real tokens, and decode positions shift by the tokens lost.
+        """
+        images, state = self.images, self.state
+        if images is None or state is None or images.kept is None:
+            return hidden
+        slots, protected = images.kept, images.protected
+        images.kept = images.protected = None  # taken: a later prompt needs a fresh vision forward
+        if not bool(state.image.any()):
+            return hidden
+        found, expected = int(state.image.sum()), slots.numel()
+        if found != expected:
+            raise PolicyError.at(f"the prompt holds {found} image tokens but the images gave {slots.shape[0]} x "
+                                 f"{slots.shape[1]} = {expected} (one vision forward per prompt is expected)",
+                                 self._first_image_stage_span())
+        keep = ~state.image
+        keep[state.image] = slots.flatten().to(keep.device)
+        if protected is not None:
+            state.protected = state.protected.clone()
+            state.protected[state.image] = protected.flatten().to(keep.device)
+        counts = keep.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise PolicyError.at(f"the images keep {counts.tolist()} tokens across the batch; batches whose samples "
+                                 "keep different counts are not supported yet", self._first_image_stage_span(),
+                                 "run these samples one at a time, or use a fixed amount (top N or N%)",
+                                 ).with_sources(dict(self.plan.checked.sources))
+        if bool(keep.all()):
+            return hidden
+        rows = selected_first(keep)[:, : int(counts[0])]
+        state.kept = rows
+        self.base_positions = (state.valid & keep).long().cumsum(1).sub(1).clamp(min=0)
+        self.dropped_before = (state.valid & ~keep).sum(1)
+        return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+    def full_decode_mask(self, like: torch.Tensor | None, static: bool) -> torch.Tensor | None:
+        """The decode step's mask over every original position, [B, 1, 1, W]: the prompt's padding, then
+        the generated tokens. W = L + t + 1, or a static cache's slot count (its unfilled tail masked).
+
+        transformers sizes and offsets its decode masks by layer 0's cache; once image tokens were dropped
+        before the LLM that cache is shorter than the prompt, so the mask is rebuilt from the prefill's
+        padding. Same format as `like`: boolean, or additive floats."""
+        state = self.state
+        assert state is not None  # decoding follows a prefill
+        if not static and bool(state.valid.all()):
+            return None  # no padding: a one-token query may see every cached key
+        width = like.shape[-1] if static and like is not None else state.length + self.steps + 1
+        allowed = torch.zeros(state.valid.shape[0], width, dtype=torch.bool, device=state.valid.device)
+        allowed[:, : state.length] = state.valid
+        allowed[:, state.length : state.length + self.steps + 1] = True
+        allowed = allowed[:, None, None, :]
+        if like is None or like.dtype == torch.bool:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
+            ~allowed.to(like.device), torch.finfo(like.dtype).min)
+
+    def _first_image_stage_span(self) -> Span | None:
+        return next((s.span for s in self.plan.stages if s.kind in ("encoder", "projector")), None)
 
 
 def _valid_keys(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -75,18 +154,30 @@ class PolicyLayer(nn.Module):
         if state is None:
             return self.inner(hidden_states, **kwargs)
         prefill = hidden_states.shape[1] > 1
+        runtime = self.runtime
         if prefill:
-            self.runtime.kept_at_layer[self.index] = state.kept
+            if self.index == 0:
+                hidden_states = runtime.drop_before_llm(hidden_states)
+            runtime.kept_at_layer[self.index] = state.kept
             if state.kept.shape[1] < state.length:
                 kwargs = _gather_prefill(kwargs, state)
-                if self.runtime.compact:
+                if runtime.compact:
                     kwargs = self._renumber(hidden_states, kwargs, _compact_positions(state.valid, state.kept))
+                elif runtime.base_positions is not None:
+                    kwargs = self._renumber(hidden_states, kwargs, torch.gather(runtime.base_positions, 1, state.kept))
         else:
-            kept = self.runtime.kept_at_layer.get(self.index)
+            kept = runtime.kept_at_layer.get(self.index)
             if kept is not None and kept.shape[1] < state.length:
+                if runtime.dropped_before is not None:
+                    mask = runtime.full_decode_mask(kwargs.get("attention_mask"), _is_static(kwargs))  # type: ignore[arg-type]
+                    kwargs = {**kwargs, "attention_mask": mask}
                 kwargs = _gather_decode(kwargs, kept, state.length)
-                if self.runtime.compact:
+                dropped = None
+                if runtime.compact:
                     dropped = state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)  # real rows gone
+                elif runtime.dropped_before is not None:
+                    dropped = runtime.dropped_before
+                if dropped is not None:
                     position_ids = kwargs["position_ids"]
                     kwargs = self._renumber(hidden_states, kwargs, position_ids - dropped[:, None])  # type: ignore[operator]
         output = self.inner(hidden_states, **kwargs)
@@ -237,11 +328,12 @@ class CompiledModel:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._original_attention = adapter.decoder.config._attn_implementation
         stage_layers = sorted({k for s in plan.stages if s.kind == "llm" for k in s.layers})
+        before_llm = any(s.kind in ("encoder", "projector") for s in plan.stages)  # drops at the LLM's input
         self._wrapped: list[tuple[int, nn.Module]] = []
         if stage_layers:
-            name = register()
-            adapter.decoder.config._attn_implementation = name
-            for k in range(stage_layers[0], len(adapter.decoder_layers)):
+            adapter.decoder.config._attn_implementation = register()
+        if stage_layers or before_llm:
+            for k in range(0 if before_llm else stage_layers[0], len(adapter.decoder_layers)):
                 stages = [s for s in plan.stages if s.kind == "llm" and k in s.layers]
                 inner = adapter.decoder_layers[k]
                 adapter.decoder_layers[k] = PolicyLayer(inner, k, self.runtime, stages)
@@ -261,6 +353,8 @@ class CompiledModel:
             raise PolicyError.at("the compiled model needs input_ids (image positions are read from them)", None)
         if input_ids.shape[1] > 1:  # prefill: a new prompt
             self.runtime.start_prefill(input_ids, kwargs.get("attention_mask"))
+        else:
+            self.runtime.steps += 1
 
     def remove(self) -> None:
         """Undo the rewrite: original layers, attention function and hooks."""
