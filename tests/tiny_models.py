@@ -68,14 +68,16 @@ def image_tokens(model: LlavaForConditionalGeneration) -> int:
 
 
 def make_inputs(model: LlavaForConditionalGeneration, batch: int = 1, text_before: int = 3, text_after: int = 4,
-                pad_left: int | Sequence[int] = 0, seed: int = 0) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask and pixel_values for `batch` rows of one image each.
+                pad_left: int | Sequence[int] = 0, seed: int = 0, images: int = 1) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and pixel_values for `batch` rows of `images` images each.
 
     Row b is `pad[b]` pad tokens (id 0, mask 0), then text, the image tokens (id 100) and `text_after`
-    text tokens. `pad_left` is a count per row, or an int that pads every row but the first (so a batch
-    mixes padded and unpadded rows). The first row with the least padding has `text_before` text tokens
-    before the image; more padded rows have correspondingly fewer, so all rows have the same length.
-    Text ids are random in 3..127, never the image or pad id.
+    text tokens; with several images, each further image's tokens follow two more text tokens, and
+    pixel_values holds the images row by row ([batch * images, 3, H, W]). `pad_left` is a count per
+    row, or an int that pads every row but the first (so a batch mixes padded and unpadded rows). The
+    first row with the least padding has `text_before` text tokens before the image; more padded rows
+    have correspondingly fewer, so all rows have the same length. Text ids are random in 3..127, never
+    the image or pad id.
     """
     pads = [pad_left if b > 0 else 0 for b in range(batch)] if isinstance(pad_left, int) else list(pad_left)
     if len(pads) != batch or any(p < 0 for p in pads) or text_before < 0 or text_after < 0:
@@ -89,12 +91,16 @@ def make_inputs(model: LlavaForConditionalGeneration, batch: int = 1, text_befor
         before = text_before + least - pad
         if before < 0:
             raise ValueError(f"padding {pad} leaves no room in {text_before + least} text tokens before the image")
-        picks = text_ids[torch.randint(len(text_ids), (before + text_after,), generator=generator)]
-        row = [PAD_ID] * pad + picks[:before].tolist() + [IMAGE_TOKEN_ID] * n_image + picks[before:].tolist()
+        between = 2 * (images - 1)
+        picks = text_ids[torch.randint(len(text_ids), (before + between + text_after,), generator=generator)]
+        row = [PAD_ID] * pad + picks[:before].tolist() + [IMAGE_TOKEN_ID] * n_image
+        for image in range(images - 1):
+            row += picks[before + 2 * image : before + 2 * image + 2].tolist() + [IMAGE_TOKEN_ID] * n_image
+        row += picks[before + between :].tolist()
         rows.append(row)
         masks.append([0] * pad + [1] * (len(row) - pad))
     size = model.config.vision_config.image_size
-    pixel_values = torch.randn(batch, 3, size, size, generator=generator)
+    pixel_values = torch.randn(batch * images, 3, size, size, generator=generator)
     return {
         "input_ids": torch.tensor(rows, dtype=torch.long),
         "attention_mask": torch.tensor(masks, dtype=torch.long),

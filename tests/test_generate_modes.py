@@ -1,0 +1,64 @@
+"""generate() modes on compiled tiny LLaVA models: sampling, and several images in one prompt, each
+checked against the unmodified model or a plain reference."""
+
+from __future__ import annotations
+
+import torch
+from reference.fastv import fastv_generate
+from reference.random_drop import random_drop_generate
+from test_drop_before_llm import PASS_THROUGH, KeptSlots, greedy, slots_from_rows
+from test_runtime import IDENTITY, TWO_STAGES, policy
+from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip
+
+from policyc.runtime import compile_model
+
+FASTV = "policy f { stage llm.layer[1] { keep top 25% of vision by attention(last -> vision) } }"
+
+
+def sample(model: torch.nn.Module, inputs: dict, seed: int):  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    return model.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=0, top_p=1.0,
+                          output_logits=True, return_dict_in_generate=True)
+
+
+def test_sampling_with_the_identity_policy_draws_the_same_tokens_from_the_same_logits() -> None:
+    model = tiny_llava_siglip(seed=3)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=4)
+    reference = sample(model, inputs, seed=11)
+    compile_model(model, policy(IDENTITY))
+    result = sample(model, inputs, seed=11)
+    assert torch.equal(result.sequences, reference.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(result.logits, reference.logits, strict=True))
+
+
+def test_sampling_with_a_drop_is_seeded_and_differs_from_the_full_model() -> None:
+    model = tiny_llava_clip(seed=5)
+    inputs = make_inputs(model, batch=2, pad_left=1, seed=6)
+    full = sample(model, inputs, seed=2)
+    compile_model(model, policy(TWO_STAGES))
+    first, again = sample(model, inputs, seed=2), sample(model, inputs, seed=2)
+    assert torch.equal(first.sequences, again.sequences)
+    assert not torch.equal(first.logits[0], full.logits[0])  # the drop changes what the model sees
+
+
+def test_fastv_over_two_images_in_one_prompt_matches_the_reference() -> None:
+    model = tiny_llava_clip(seed=7)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=8, images=2)
+    assert int((inputs["input_ids"][0] == 100).sum()) == 32
+    expected, kept = fastv_generate(model, **inputs, layer=1, keep=0.25, max_new_tokens=6)
+    compiled = compile_model(model, policy(FASTV))
+    assert torch.equal(greedy(model, inputs, 6).sequences[:, -6:], expected)
+    for row in range(2):
+        image = (inputs["input_ids"][row] == 100).nonzero().flatten()
+        assert torch.equal(compiled.kept_positions[row][torch.isin(compiled.kept_positions[row], image)], kept[row])
+
+
+def test_drop_before_the_llm_over_two_images_in_one_prompt_matches_the_reference() -> None:
+    model = tiny_llava_clip(seed=9)
+    inputs = make_inputs(model, batch=2, pad_left=3, seed=10, images=2)
+    expected, kept_rows = random_drop_generate(model, **inputs, fraction=0.5, seed=4, max_new_tokens=6)
+    compiled = compile_model(model, policy(PASS_THROUGH))
+    compiled.runtime.images = images = KeptSlots()
+    images.kept = slots_from_rows(inputs["input_ids"], kept_rows, 16)
+    assert images.kept.shape == (4, 16)
+    assert torch.equal(greedy(model, inputs, 6).sequences[:, -6:], expected)
