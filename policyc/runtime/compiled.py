@@ -99,6 +99,46 @@ class Runtime:
         self.dropped_before = (state.valid & ~keep).sum(1)
         return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
+    def select(self, index: int, stages: list[BoundStage], hidden: torch.Tensor, captured: Captured | None,
+               position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Evaluate the `stages` bound to decoder layer `index` on its output `hidden` [B, L', D]; returns
+        the rows that stay, [B, n] indices into the current rows in order, and narrows `state.kept`."""
+        state = self.state
+        assert state is not None  # stages run inside a prefill
+        alive = state.alive()  # padding is no image token: every stage keeps it (it stays masked)
+        last = index + 1 >= len(self.plan.adapter.decoder_layers)
+        next_layer = None if last else (lambda: self.next_layer_capture(index, hidden, position_embeddings))
+        for stage in stages:
+            evaluator = StageEvaluator(state, captured, dict(stage.values), seed_offset=index, next_layer=next_layer)
+            alive = _run_statements(stage.statements, evaluator, alive)
+        keep_rows = torch.gather(alive, 1, state.kept)  # [B, L'] which current rows survive
+        counts = keep_rows.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise PolicyError.at(f"layer {index} keeps {counts.tolist()} tokens across the batch; batches "
+                                 "whose samples keep different counts are not supported yet", stages[0].span,
+                                 "run these samples one at a time, or use a fixed amount (top N or N%)",
+                                 ).with_sources(dict(self.plan.checked.sources))
+        rows = selected_first(keep_rows)[:, : int(counts[0])]
+        state.kept = torch.gather(state.kept, 1, rows)
+        return rows
+
+    def next_layer_capture(self, index: int, hidden: torch.Tensor,
+                           position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> Captured:
+        """Post-RoPE queries and keys of `hidden` through layer `index + 1`'s input norm, q/k projections and
+        rotary, at the current rows' positions (PyramidDrop's lightweight attention, arXiv:2410.17247)."""
+        adapter = self.plan.adapter
+        layer = adapter.decoder_layers[index + 1]
+        layer = layer.inner if isinstance(layer, PolicyLayer) else layer
+        attention = adapter.decoder_attention[index + 1]
+        normed = layer.input_layernorm(hidden)
+        shape = (*normed.shape[:2], -1, adapter.head_dim)
+        query = attention.q_proj(normed).view(shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        query, key = rotate(query, key, cos, sin)
+        return Captured(query, key, float(attention.scaling))
+
     def full_decode_mask(self, like: torch.Tensor | None, static: bool) -> torch.Tensor | None:
         """The decode step's mask over every original position, [B, 1, 1, W]: the prompt's padding, then
         the generated tokens. W = L + t + 1, or a static cache's slot count (its unfilled tail masked).
@@ -182,24 +222,8 @@ class PolicyLayer(nn.Module):
                     kwargs = self._renumber(hidden_states, kwargs, position_ids - dropped[:, None])  # type: ignore[operator]
         output = self.inner(hidden_states, **kwargs)
         if prefill and self.stages:
-            output = self._apply_stages(output, state, kwargs)
+            output = self._apply_stages(output, kwargs)
         return output
-
-    def _next_layer_capture(self, hidden: torch.Tensor, kwargs: dict[str, object]) -> Captured:
-        """Post-RoPE queries and keys of `hidden` through the next layer's input norm, q/k projections and
-        rotary, at the current rows' positions (PyramidDrop's lightweight attention, arXiv:2410.17247)."""
-        adapter = self.runtime.plan.adapter
-        layer = adapter.decoder_layers[self.index + 1]
-        layer = layer.inner if isinstance(layer, PolicyLayer) else layer
-        attention = adapter.decoder_attention[self.index + 1]
-        normed = layer.input_layernorm(hidden)
-        shape = (*normed.shape[:2], -1, adapter.head_dim)
-        query = attention.q_proj(normed).view(shape).transpose(1, 2)
-        key = attention.k_proj(normed).view(shape).transpose(1, 2)
-        cos, sin = kwargs["position_embeddings"]  # type: ignore[misc]
-        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-        query, key = rotate(query, key, cos, sin)
-        return Captured(query, key, float(attention.scaling))
 
     def _renumber(self, hidden: torch.Tensor, kwargs: dict[str, object], positions: torch.Tensor,
                   ) -> dict[str, object]:
@@ -209,23 +233,10 @@ class PolicyLayer(nn.Module):
             raise PolicyError.at("positions compact needs the LLM's rotary embedding, which was not found", None)
         return {**kwargs, "position_ids": positions, "position_embeddings": rotary(hidden, position_ids=positions)}
 
-    def _apply_stages(self, hidden: torch.Tensor, state: PrefillState, kwargs: dict[str, object]) -> torch.Tensor:
-        alive = state.alive()  # padding is no image token: every stage keeps it (it stays masked)
-        last = self.index + 1 >= len(self.runtime.plan.adapter.decoder_layers)
-        next_layer = None if last else (lambda: self._next_layer_capture(hidden, kwargs))
-        for stage in self.stages:
-            evaluator = StageEvaluator(state, self.runtime.captured.get(self.index), dict(stage.values),
-                                       seed_offset=self.index, next_layer=next_layer)
-            alive = _run_statements(stage.statements, evaluator, alive)
-        keep_rows = torch.gather(alive, 1, state.kept)  # [B, L'] which current rows survive
-        counts = keep_rows.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise PolicyError.at(f"layer {self.index} keeps {counts.tolist()} tokens across the batch; batches "
-                                 "whose samples keep different counts are not supported yet", self.stages[0].span,
-                                 "run these samples one at a time, or use a fixed amount (top N or N%)",
-                                 ).with_sources(dict(self.runtime.plan.checked.sources))
-        rows = selected_first(keep_rows)[:, : int(counts[0])]
-        state.kept = torch.gather(state.kept, 1, rows)
+    def _apply_stages(self, hidden: torch.Tensor, kwargs: dict[str, object]) -> torch.Tensor:
+        position_embeddings = kwargs["position_embeddings"]  # type: ignore[assignment]
+        rows = self.runtime.select(self.index, self.stages, hidden, self.runtime.captured.get(self.index),
+                                   position_embeddings)  # type: ignore[arg-type]
         return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
