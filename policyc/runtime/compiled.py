@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +26,11 @@ from policyc.passes.base import selected_first
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.support import check_supported
+
+if TYPE_CHECKING:
+    from policyc.runtime.inductor import CapturedGraph
+
+Backend = Literal["eager", "inductor"]
 
 
 class ImageSource(Protocol):
@@ -51,6 +57,8 @@ class Runtime:
     base_positions: torch.Tensor | None = None
     dropped_before: torch.Tensor | None = None
     steps: int = 0  # decode steps since the prefill
+    static: bool = False  # the current generate() uses a static cache
+    graphs: bool = False  # the inductor backend: prefill stages run as graph passes, not in the layer wrappers
 
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         image = input_ids == self.plan.adapter.image_token_id
@@ -195,6 +203,8 @@ class PolicyLayer(nn.Module):
             return self.inner(hidden_states, **kwargs)
         prefill = hidden_states.shape[1] > 1
         runtime = self.runtime
+        if prefill and runtime.graphs:  # the inductor backend's graph passes do the prefill
+            return self.inner(hidden_states, **kwargs)
         if prefill:
             if self.index == 0:
                 hidden_states = runtime.drop_before_llm(hidden_states)
@@ -329,19 +339,24 @@ def _gather_decode(kwargs: dict[str, object], kept: torch.Tensor, length: int) -
 class CompiledModel:
     """A model rewritten by a plan, in place. `remove()` restores the original modules."""
 
-    def __init__(self, plan: Plan) -> None:
-        check_supported(plan)
+    def __init__(self, plan: Plan, backend: Backend = "eager") -> None:
+        check_supported(plan, backend)
         self.plan = plan
+        self.backend = backend
         compact = any(isinstance(st, ir.Positions) and st.mode == "compact" for s in plan.stages for st in s.statements)
         self.runtime = Runtime(plan, compact)
         adapter = plan.adapter
         self.model = adapter.model
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._undo: list[Callable[[], None]] = []
         self._original_attention = adapter.decoder.config._attn_implementation
         stage_layers = sorted({k for s in plan.stages if s.kind == "llm" for k in s.layers})
         before_llm = any(s.kind in ("encoder", "projector") for s in plan.stages)  # drops at the LLM's input
         self._wrapped: list[tuple[int, nn.Module]] = []
-        if stage_layers:
+        self.graphs: list[CapturedGraph] = []  # the inductor backend's rewritten graphs, as captured
+        if backend == "inductor":
+            self._compile_graphs(stage_layers)  # prefill stages become graph passes; decoding stays below
+        elif stage_layers:
             adapter.decoder.config._attn_implementation = register()
         if stage_layers or before_llm:
             for k in range(0 if before_llm else stage_layers[0], len(adapter.decoder_layers)):
@@ -353,6 +368,19 @@ class CompiledModel:
                     adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
 
+    def _compile_graphs(self, stage_layers: list[int]) -> None:
+        from policyc.passes.graph import GraphContext
+        from policyc.runtime import ops
+        from policyc.runtime.inductor import GraphBackend, compile_decoder
+
+        adapter = self.plan.adapter
+        handle = ops.register(self.runtime)
+        backend = GraphBackend(lambda: GraphContext(handle, type(adapter.decoder_layers[0]), tuple(stage_layers),
+                                                    len(adapter.decoder_layers), self.runtime.compact),
+                               graphs=self.graphs)
+        self.runtime.graphs = True
+        self._undo += [compile_decoder(adapter.decoder, backend), lambda: ops.unregister(handle)]
+
     def _recorder(self, index: int):  # type: ignore[no-untyped-def]
         def record(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
             self.runtime.captured[index] = Captured(query, key, scaling)
@@ -362,6 +390,7 @@ class CompiledModel:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(input_ids, torch.Tensor):
             raise PolicyError.at("the compiled model needs input_ids (image positions are read from them)", None)
+        self.runtime.static = _is_static(kwargs)
         if input_ids.shape[1] > 1:  # prefill: a new prompt
             self.runtime.start_prefill(input_ids, kwargs.get("attention_mask"))
         else:
@@ -377,8 +406,11 @@ class CompiledModel:
         adapter.decoder.config._attn_implementation = self._original_attention
         for handle in self._handles:
             handle.remove()
+        for undo in self._undo:
+            undo()
         self._wrapped.clear()
         self._handles.clear()
+        self._undo.clear()
 
     @property
     def kept_positions(self) -> torch.Tensor | None:

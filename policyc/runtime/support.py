@@ -13,9 +13,12 @@ _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SETS = {"vision", "all", "text", "system", "last", "last_instruction"}
 
 
-def check_supported(plan: Plan) -> None:
+def check_supported(plan: Plan, backend: str = "eager") -> None:
     problems: list[PolicyError] = []
     for stage in plan.stages:
+        if backend == "inductor" and stage.kind in ("encoder", "projector"):
+            problems.append(PolicyError.at(f"{stage.kind} stages are not implemented by the inductor backend yet",
+                                           stage.span, "compile with backend='eager' (the reference semantics)"))
         for statement in stage.statements:
             try:
                 _statement(stage.kind, statement)
