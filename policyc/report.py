@@ -223,7 +223,7 @@ def calibration_inputs(adapter: ModelAdapter, text_tokens: int = 16) -> dict[str
     from PIL import Image
 
     picture = Image.open(sample_image_path()).convert("RGB").resize((size[1], size[0]))
-    pixels = torch.tensor(list(picture.getdata()), dtype=torch.float32).view(size[0], size[1], 3)
+    pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(size[0], size[1], 3).float()
     pixels = (pixels.permute(2, 0, 1) / 127.5 - 1.0)[None]
     device = next(adapter.model.parameters()).device
     dtype = next(adapter.model.parameters()).dtype
