@@ -169,6 +169,12 @@ class Artifact:
         found = check_source(self.policy_text, str(self.directory / POLICY_FILE))
         return next(c for c in found if c.program.policy.name == self.policy_name)
 
+    def version_changes(self) -> list[str]:
+        """Libraries whose version differs from the one the artifact was written with."""
+        recorded = self.manifest.get("versions", {})
+        return [f"{name} {recorded.get(name)} -> {now}" for name, now in library_versions().items()
+                if recorded.get(name) != now]
+
     def check_model(self, model: Any) -> None:
         """Fail, naming the fields, when `model`'s config is not the one the artifact was compiled for."""
         differences = config_differences(self.config, config_dict(model))

@@ -214,6 +214,8 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
 
     console = console or Console()
     session = open_session(resolve_target(model, policy), assignments, device)
+    if session.artifact is not None and (changes := session.artifact.version_changes()):
+        console.print(f"[dim]note: the artifact was written with other library versions ({', '.join(changes)})[/dim]")
     dtype = next(session.model.parameters()).dtype
     inputs = prompt_inputs(session.processor, image or sample_image_path(), prompt, device, dtype)
     tokens, timings = generate_timed(session.model, inputs, max_new_tokens)

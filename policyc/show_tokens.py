@@ -36,6 +36,10 @@ def draw_kept_tokens(path: str | Path, picture: Any, grid: tuple[int, int], stag
     axes.flat[0].set_title(f"input ({rows * cols} patches)", fontsize=9)
     for axis, stage in zip(list(axes.flat)[1:], stages, strict=False):
         axis.imshow(picture)
+        for r in range(1, rows):
+            axis.axhline(r * cell_h - 0.5, color="white", linewidth=0.3, alpha=0.5)
+        for c in range(1, cols):
+            axis.axvline(c * cell_w - 0.5, color="white", linewidth=0.3, alpha=0.5)
         kept = set(stage.kept_patches)
         for patch in range(rows * cols):
             color = MERGED if patch in stage.merged else None if patch in kept else DROPPED

@@ -47,7 +47,7 @@ def test_default_model_is_deterministic_and_processes_a_real_image(image: Path) 
 
 def test_default_tokenizer_round_trips_bytes() -> None:
     tokenizer = default_processor().tokenizer
-    text = "Größe: 3×4 <image>!"
+    text = "Größe: naïve café 🙂 <image>!"
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and tokenizer.convert_tokens_to_ids("<image>") in ids
     assert tokenizer.decode(ids, skip_special_tokens=False) == "<s>" + text
