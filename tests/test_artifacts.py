@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from tiny_models import make_inputs, tiny_llava_clip
 
 import policyc
-from policyc.artifact import embedded_policy_text, read_artifact
+from policyc.artifact import embedded_policy_text, read_artifact, write_artifact
 from policyc.cli import main
 from policyc.errors import PolicyError
 from policyc.lang import check_path
@@ -176,3 +176,13 @@ def test_report_flops_match_a_hand_count() -> None:
     kept_image = sorted(p - 3 for p in compiled.kept_positions[0].tolist() if 3 <= p < 19)  # image at 3..18
     assert list(report.kept[0].kept_patches) == kept_image  # "default" strategy: token j is patch j
     assert prefill_flops(adapt(tiny_llava_clip()), [length] * 4, batch=2).total == 2 * report.flops_before.total
+
+
+def test_loading_an_artifact_of_an_uncached_hub_model_offline_fails_clearly(tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    write_artifact(out, policyc.parse("fastv"), tiny_llava_clip(), "policyc-test/no-such-model", {}, {})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    code = f"import policyc\npolicyc.load({str(out)!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 1
+    assert "cannot load model 'policyc-test/no-such-model': it is not in the local Hugging Face cache" in result.stderr
