@@ -119,42 +119,110 @@ def show(policy: str, graph: str | None, as_json: bool) -> None:
             render_policy(checked)
 
 
+def _assignments(params: tuple[str, ...]) -> dict:
+    """`--param NAME=VALUE` options as parameter assignments."""
+    from policyc.lang.build import parse_value
+
+    assignments = {}
+    for item in params:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--param takes NAME=VALUE, not {item!r}")
+        assignments[name.strip()] = parse_value(text.strip(), f"--param {name.strip()}")
+    return assignments
+
+
+def _one_policy(policy: str, loader: object) -> object:
+    from policyc.show import find_policies
+
+    found = find_policies(policy, loader)  # type: ignore[arg-type]
+    if len(found) != 1:
+        names = ", ".join(c.program.policy.name for c in found)
+        raise PolicyError.at(f"{policy} holds {len(found)} policies ({names})", None,
+                             f"name one: {policy}:{found[0].program.policy.name}")
+    return found[0]
+
+
+_PARAM = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+                      help="Set a parameter, e.g. --param ratio=25%. Repeatable.")
+
+
 @main.command()
 @click.argument("model")
 @click.argument("policy")
-@click.option("--emit", type=click.Choice(["ir", "plan"]), required=True,
+@click.option("--emit", type=click.Choice(["ir", "plan"]),
               help="Print the policy's IR (JSON) or its plan bound to MODEL.")
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
-              help="Set a parameter, e.g. --param ratio=25%. Repeatable.")
-def compile(model: str, policy: str, emit: str, params: tuple[str, ...]) -> None:
-    """Bind POLICY (a file, FILE:NAME or a standard-library name) to MODEL (a local directory or hub id)."""
-    from policyc.compiler.plan import lower
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Write a compile artifact (policy, parameters, model reference and config hash, report) to "
+                   "this directory; `policyc run DIR` and `policyc.load(DIR)` load it.")
+@_PARAM
+def compile(model: str, policy: str, emit: str | None, output: Path | None, params: tuple[str, ...]) -> None:
+    """Bind POLICY (a file, FILE:NAME or a standard-library name) to MODEL (a local directory, hub id, or
+    `default` for the embedded default model)."""
     from policyc.lang import Loader
-    from policyc.lang.build import parse_value
-    from policyc.models import load_model
-    from policyc.show import find_policies
 
+    if emit is None and output is None:
+        raise click.UsageError("say what to produce: --emit ir, --emit plan, or -o DIR")
     loader = Loader()
     try:
-        found = find_policies(policy, loader)
-        if len(found) != 1:
-            names = ", ".join(c.program.policy.name for c in found)
-            raise PolicyError.at(f"{policy} holds {len(found)} policies ({names})", None,
-                                 f"name one: {policy}:{found[0].program.policy.name}")
-        checked = found[0]
+        checked = _one_policy(policy, loader)
         if emit == "ir":
-            click.echo(checked.program.policy.model_dump_json(indent=2))
-            return
-        assignments = {}
-        for item in params:
-            name, sep, text = item.partition("=")
-            if not sep:
-                raise click.UsageError(f"--param takes NAME=VALUE, not {item!r}")
-            assignments[name.strip()] = parse_value(text.strip(), f"--param {name.strip()}")
-        _, adapter = load_model(model)
-        click.echo(lower(checked, adapter, assignments).describe(), nl=False)
+            click.echo(checked.program.policy.model_dump_json(indent=2))  # type: ignore[attr-defined]
+            if output is None:
+                return
+        assignments = _assignments(params)
+        from policyc.run import load_model_for, model_reference
+
+        reference = model_reference(model)
+        loaded = load_model_for(reference, "cpu")
+        if emit == "plan":
+            from policyc.compiler.plan import lower
+            from policyc.models import adapt
+
+            click.echo(lower(checked, adapt(loaded), assignments).describe(), nl=False)  # type: ignore[arg-type]
+        if output is not None:
+            from policyc.artifact import write_artifact
+            from policyc.report import calibration_inputs, measure
+            from policyc.runtime import compile_model
+
+            compiled = compile_model(loaded, checked, assignments)  # type: ignore[arg-type]
+            report = measure(compiled, calibration_inputs(compiled.plan.adapter), reference,
+                             "calibration: the sample image and 16 text tokens")
+            write_artifact(output, checked, loaded, reference, assignments, report.to_json())  # type: ignore[arg-type]
+            report.render()
+            click.echo(f"wrote {output} (no weights: it references {reference})")
     except PolicyError as error:
         _fail(error.with_sources(loader.sources))
+        sys.exit(EXIT_POLICY_ERROR)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.argument("policy", required=False)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The image (default: the sample image shipped with policyc).")
+@click.option("--prompt", default="Describe the image.", show_default=True, help="The question about the image.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@_PARAM
+@click.option("--show-tokens", type=click.Path(dir_okay=False, path_type=Path),
+              help="Draw the image with the tokens each stage kept and dropped into this PNG.")
+@click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
+def run(model: str | None, policy: str | None, image: Path | None, prompt: str, max_new_tokens: int,
+        params: tuple[str, ...], show_tokens: Path | None, device: str) -> None:
+    """Generate from an image and a prompt with POLICY compiled onto MODEL; print the tokens each stage
+    kept and the prefill and decode timings.
+
+    MODEL is a hub id, a local directory, a compile artifact (`policyc compile ... -o DIR`) or `default`;
+    POLICY a file, FILE:NAME or a standard-library name. `policyc run fastv` runs FastV on the embedded
+    default model (random weights), `policyc run` runs that model with no policy.
+    """
+    from policyc.run import run_command
+
+    try:
+        run_command(model, policy, image=image, prompt=prompt, max_new_tokens=max_new_tokens,
+                    assignments=_assignments(params), show_tokens=show_tokens, device=device)
+    except PolicyError as error:
+        _fail(error)
         sys.exit(EXIT_POLICY_ERROR)
 
 

@@ -131,3 +131,17 @@ def test_check_fmt_and_list_do_not_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code, str(FASTV)], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_compile_plan_on_the_default_model() -> None:
+    code, out, err = run("compile", "default", "fastv", "--emit", "plan", "--param", "ratio=25%")
+    assert code == 0, err
+    assert "32 layers" in out and "param ratio = 25%" in out
+    assert "RANDOM weights" in err
+
+
+def test_run_and_compile_output_are_listed_in_help() -> None:
+    code, out, _ = run("--help")
+    assert code == 0 and "run" in out.split("Commands:")[1]
+    code, out, _ = run("compile", "--help")
+    assert code == 0 and "-o, --output" in out

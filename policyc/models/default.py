@@ -1,0 +1,106 @@
+"""The embedded default model: a tiny LLaVA with random weights and a processor, built locally.
+
+Nothing is downloaded. The weights come from a fixed seed, so every build is the same model; they
+are random, so the text it generates is noise: it exists to show the compiler end to end (tokens
+kept per stage, timings, `--show-tokens`) on any machine. Shapes:
+
+- vision: CLIP, 64x64 images in 8x8 patches (an 8x8 grid, 64 patches + CLS), 4 layers, hidden 64;
+  LLaVA's "default" strategy drops CLS: 64 image tokens per image.
+- LLM: a 32-layer Llama like LLaVA-1.5-7B's (but hidden 64, 4 heads, 2 key/value heads), so the
+  standard library's layer indices (FastV's 1, PyramidDrop's 7, 15, 23 and their next layers) exist.
+- tokenizer: byte level (one token per UTF-8 byte) built with `tokenizers`, plus `<pad>`, `<s>`,
+  `</s>` and `<image>`; its chat template writes `USER: <image>\\n{prompt} ASSISTANT:` (the tokenizer adds `<s>`).
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_NAME = "policyc:default"  # how artifacts and `policyc run` refer to this model
+SEED = 0
+IMAGE_SIZE = 64
+PATCH_SIZE = 8
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")  # ids 0..3; bytes follow from id 4
+VOCAB_SIZE = 272  # 4 special tokens + 256 bytes, rounded up to a multiple of 16
+BANNER = ("policyc's embedded default model has RANDOM weights (seed 0): its text is noise. "
+          "It shows what a policy keeps and what it costs, not what a trained model answers.")
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] | upper }}: "
+                 "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+                 "{% else %}{{ item['text'] }}{% endif %}{% endfor %} {% endfor %}"
+                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def sample_image_path() -> Path:
+    """The sample image shipped in the package (a generated 64x64 PNG)."""
+    return Path(str(resources.files("policyc.data").joinpath("sample.png")))
+
+
+def default_config() -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=4,
+                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=32, vocab_size=VOCAB_SIZE, max_position_embeddings=1024,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=SPECIAL_TOKENS.index("<image>"),
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, pad_token_id=0)
+
+
+def default_model(device: str | torch.device = "cpu", *, banner: bool = True) -> Any:
+    """The tiny LLaVA with weights drawn from a fixed seed (the global RNG is left as it was).
+
+    Prints `BANNER` to stderr unless `banner` is false: its weights are random."""
+    from transformers import LlavaForConditionalGeneration
+
+    if banner:
+        print(f"note: {BANNER}", file=sys.stderr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = LlavaForConditionalGeneration._from_config(default_config(), attn_implementation="sdpa",
+                                                           dtype=torch.float32)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.bos_token_id = 1
+    model.generation_config.eos_token_id = 2
+    return model.to(device).eval()
+
+
+def default_tokenizer() -> Any:
+    """A byte-level tokenizer: every UTF-8 byte is one token; `<image>` and the others are special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({char: len(SPECIAL_TOKENS) + index for index, char in enumerate(sorted(alphabet))})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                             special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", padding_side="left", chat_template=CHAT_TEMPLATE)
+
+
+def default_processor() -> Any:
+    """A `LlavaProcessor`: CLIP image preprocessing at 64x64 and the byte-level tokenizer."""
+    import transformers
+
+    # transformers >= 5.2x names the PIL-only processor CLIPImageProcessorPil (no torchvision needed)
+    image_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    images = image_processor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE,
+                                                                               "width": IMAGE_SIZE})
+    return transformers.LlavaProcessor(image_processor=images, tokenizer=default_tokenizer(), patch_size=PATCH_SIZE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
+
+
+__all__ = ["BANNER", "DEFAULT_NAME", "default_config", "default_model", "default_processor", "default_tokenizer",
+           "sample_image_path"]

@@ -1,0 +1,236 @@
+"""The compile report: where a policy's stages run, how many image tokens each keeps, and what prefill
+costs before and after, as analytic FLOPs.
+
+FLOPs are counted, not timed: 2 per multiply-add of every linear layer (from the layer's weight
+shapes, which the config determines) plus attention scores (`QKᵀ` and `AV`, 2·n²·H·d each, dense,
+as SDPA computes them), per vision-encoder layer, the projector and per LLM decoder layer, for the
+tokens each layer actually processes. Embeddings, norms, rotary, softmax, the LM head and the cost
+of a policy's own scoring are left out. The expected prefill speedup is the FLOPs ratio; real
+speedups depend on the hardware and kernels (`policyc run` times them).
+
+Tokens kept are measured on one forward pass of a sample input (`measure`): the runtime records,
+per LLM layer, the original prompt positions that layer processed (`compiled.runtime.kept_at_layer`).
+Stages before the LLM (encoder, projector) report their own counts once the runtime records them;
+until then the encoder and projector are counted at full size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from torch import nn
+
+from policyc.models.base import ModelAdapter
+
+NOTE = ("analytic prefill FLOPs (linear layers + attention scores of the vision encoder, projector and LLM "
+        "decoder layers); the speedup is their ratio, not a timing")
+
+
+@dataclass(frozen=True)
+class StageTokens:
+    """Image tokens around one stage at one layer (sample 0 of the batch).
+
+    `kept_patches` are patch indices (row-major over the encoder's patch grid) whose tokens are still
+    alive after the stage; `merged` maps a merged-away patch to the patch it went into (empty until
+    the runtime merges). `cls_kept` says whether a CLS token (strategy "full") survives.
+    """
+
+    label: str
+    point: str
+    layer: int | None
+    before: int
+    after: int
+    kept_patches: tuple[int, ...]
+    merged: Mapping[int, int] = field(default_factory=dict)
+    cls_kept: bool = False
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Prefill FLOPs of one forward pass, split by part of the model."""
+
+    encoder: int
+    projector: int
+    llm: int
+
+    @property
+    def total(self) -> int:
+        return self.encoder + self.projector + self.llm
+
+
+def _linear_macs(module: nn.Module) -> int:
+    """Multiply-adds per token of every `nn.Linear` inside `module` (sum of in x out)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def layer_flops(tokens: int, linear_macs: int, heads: int, head_dim: int) -> int:
+    """One transformer layer on `tokens` rows: its linear layers plus dense attention scores."""
+    return 2 * tokens * linear_macs + 4 * tokens * tokens * heads * head_dim
+
+
+def prefill_flops(adapter: ModelAdapter, llm_tokens: list[int], batch: int = 1,
+                  encoder_tokens: list[int] | None = None, projector_tokens: int | None = None) -> Flops:
+    """Analytic FLOPs of a prefill whose LLM layer k processes `llm_tokens[k]` rows per sample.
+
+    `encoder_tokens` (per encoder layer) and `projector_tokens` default to the full image.
+    """
+    encoder_tokens = encoder_tokens or [adapter.vision_tokens] * len(adapter.vision_layers)
+    projector_tokens = adapter.tokens_per_image if projector_tokens is None else projector_tokens
+    encoder = sum(layer_flops(n, _linear_macs(layer), adapter.vision_num_heads, adapter.vision_head_dim)
+                  for layer, n in zip(adapter.vision_layers, encoder_tokens, strict=True))
+    llm = sum(layer_flops(n, _linear_macs(layer), adapter.num_heads, adapter.head_dim)
+              for layer, n in zip(adapter.decoder_layers, llm_tokens, strict=True))
+    return Flops(batch * encoder, batch * 2 * projector_tokens * _linear_macs(adapter.projector),
+                 batch * llm)
+
+
+@dataclass
+class Report:
+    """The compile report (`report.json` in an artifact)."""
+
+    policy: str
+    model: str
+    prompt_tokens: int  # per sample, padding included
+    image_tokens: int  # image tokens the LLM sees in sample 0
+    batch: int
+    stages: list[dict[str, Any]]  # label, point, kind, layers
+    hook_points: list[str]
+    kept: list[StageTokens]
+    llm_tokens_per_layer: list[int]
+    flops_before: Flops
+    flops_after: Flops
+    calibration: str = "measured on this prompt"
+
+    @property
+    def speedup(self) -> float:
+        return self.flops_before.total / self.flops_after.total
+
+    def to_json(self) -> dict[str, Any]:
+        def flops(f: Flops) -> dict[str, int]:
+            return {"encoder": f.encoder, "projector": f.projector, "llm": f.llm, "total": f.total}
+
+        return {
+            "policy": self.policy, "model": self.model, "calibration": self.calibration,
+            "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens, "batch": self.batch,
+            "stages": self.stages, "hook_points": self.hook_points,
+            "kept": [{**asdict(k), "kept_patches": list(k.kept_patches),
+                      "merged": {str(a): b for a, b in k.merged.items()}} for k in self.kept],
+            "llm_tokens_per_layer": self.llm_tokens_per_layer,
+            "flops": {"before": flops(self.flops_before), "after": flops(self.flops_after)},
+            "expected_prefill_speedup": round(self.speedup, 4), "note": NOTE,
+        }
+
+    def render(self, console: Console | None = None) -> None:
+        console = console or Console()
+        kept = Table("stage", "hook", "layer", "image tokens in", "kept", "share",
+                     title=f"tokens kept per stage (policy {escape(self.policy)}, {self.calibration})",
+                     title_justify="left")
+        for k in self.kept:
+            share = f"{k.after / k.before:.0%}" if k.before else "-"
+            kept.add_row(escape(k.label), k.point, "" if k.layer is None else str(k.layer), str(k.before),
+                         str(k.after), share)
+        if not self.kept:
+            kept.add_row("(no stage changes tokens)", "", "", str(self.image_tokens), str(self.image_tokens), "100%")
+        console.print(kept)
+        cost = Table("prefill part", "GFLOPs before", "GFLOPs after", title="analytic prefill cost",
+                     title_justify="left")
+        for part in ("encoder", "projector", "llm", "total"):
+            cost.add_row(part, f"{getattr(self.flops_before, part) / 1e9:.4f}",
+                         f"{getattr(self.flops_after, part) / 1e9:.4f}")
+        console.print(cost)
+        console.print(f"expected prefill speedup: [bold]{self.speedup:.2f}x[/bold] [dim]({NOTE})[/dim]")
+
+
+def _patches(adapter: ModelAdapter, image_slots: torch.Tensor, alive: torch.Tensor) -> tuple[tuple[int, ...], bool]:
+    """Patch indices (and whether CLS) of the image tokens at `image_slots` that are `alive`.
+
+    The LLM's image tokens are the encoder tokens from `feature_start` on, in order: CLS first when
+    the features keep it, then the patches row-major.
+    """
+    encoder_index = torch.nonzero(alive[image_slots]).flatten() + adapter.feature_start
+    patch = encoder_index - int(adapter.has_cls)
+    return tuple(int(p) for p in patch if p >= 0), bool((patch < 0).any())
+
+
+def measure(compiled: Any, inputs: Mapping[str, torch.Tensor], model_name: str,
+            calibration: str = "measured on this prompt") -> Report:
+    """Run one prefill forward of `compiled` on `inputs` (no generation) and build the report."""
+    with torch.no_grad():
+        compiled.model(**inputs, use_cache=False)
+    return report_from_last_prefill(compiled, inputs["input_ids"], model_name, calibration)
+
+
+def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name: str,
+                             calibration: str = "measured on this prompt") -> Report:
+    """The report of the prefill `compiled` ran last on `input_ids` (e.g. inside `generate()`)."""
+    plan, runtime = compiled.plan, compiled.runtime
+    adapter: ModelAdapter = plan.adapter
+    batch, length = input_ids.shape
+    image = (input_ids[0] == adapter.image_token_id).to(torch.device("cpu"))
+    image_slots = torch.nonzero(image).flatten()
+    layers = len(adapter.decoder_layers)
+
+    def rows(k: int) -> torch.Tensor:
+        """Original positions (sample 0) layer k processes; after the last layer, what prefill kept."""
+        if k < layers and k in runtime.kept_at_layer:
+            return runtime.kept_at_layer[k][0].cpu()
+        if k >= layers and compiled.kept_positions is not None:
+            return compiled.kept_positions[0].cpu()
+        return torch.arange(length)
+
+    def alive_at(k: int) -> torch.Tensor:
+        return torch.zeros(length, dtype=torch.bool).scatter(0, rows(k), True)
+
+    kept: list[StageTokens] = []
+    for stage in plan.stages:
+        if stage.kind != "llm":
+            continue
+        for k in stage.layers:
+            before, after = alive_at(k), alive_at(k + 1)
+            patches, cls = _patches(adapter, image_slots, after)
+            kept.append(StageTokens(stage.label, stage.point, k, int((before & image).sum()),
+                                    int((after & image).sum()), patches, {}, cls))
+    per_layer = [int(rows(k).numel()) for k in range(layers)]
+    stages = [{"label": s.label, "point": s.point, "kind": s.kind, "layers": list(s.layers)} for s in plan.stages]
+    return Report(
+        policy=plan.name, model=model_name, prompt_tokens=length, image_tokens=int(image.sum()), batch=batch,
+        stages=stages, hook_points=sorted({s.point for s in plan.stages}), kept=kept,
+        llm_tokens_per_layer=per_layer, flops_before=prefill_flops(adapter, [length] * layers, batch),
+        flops_after=prefill_flops(adapter, per_layer, batch), calibration=calibration,
+    )
+
+
+def calibration_inputs(adapter: ModelAdapter, text_tokens: int = 16) -> dict[str, torch.Tensor]:
+    """A model-agnostic sample prompt: `text_tokens` text ids around one image's tokens, and the sample
+    image at the encoder's size scaled to [-1, 1] (no processor needed)."""
+    from policyc.models.default import sample_image_path
+
+    config = adapter.model.config
+    vocab = config.text_config.vocab_size
+    special = {adapter.image_token_id, getattr(config, "pad_token_id", None),
+               getattr(config.text_config, "pad_token_id", None)}
+    ids = [i for i in range(3, vocab) if i not in special][: text_tokens]
+    half = len(ids) // 2
+    row = ids[:half] + [adapter.image_token_id] * adapter.tokens_per_image + ids[half:]
+    image_size = config.vision_config.image_size
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    from PIL import Image
+
+    picture = Image.open(sample_image_path()).convert("RGB").resize((size[1], size[0]))
+    pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(size[0], size[1], 3).float()
+    pixels = (pixels.permute(2, 0, 1) / 127.5 - 1.0)[None]
+    device = next(adapter.model.parameters()).device
+    dtype = next(adapter.model.parameters()).dtype
+    return {"input_ids": torch.tensor([row], device=device),
+            "attention_mask": torch.ones(1, len(row), dtype=torch.long, device=device),
+            "pixel_values": pixels.to(device=device, dtype=dtype)}
+
+
+__all__ = ["NOTE", "Flops", "Report", "StageTokens", "calibration_inputs", "layer_flops", "measure", "prefill_flops",
+           "report_from_last_prefill"]
