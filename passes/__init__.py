@@ -3,7 +3,25 @@
 Shipped as `policyc.passes`. Importing this package registers every operator in it.
 """
 
-from policyc.passes import attention, key_norm, random_score  # noqa: F401  (registration)
+from policyc.passes import (  # noqa: F401  (registration)
+    attention,
+    hidden,
+    key_norm,
+    keys,
+    merge_bipartite,
+    merge_nearest,
+    merge_pool,
+    merge_window,
+    random_score,
+    select_diverse,
+    select_grid,
+    select_stride,
+    select_top,
+)
 from policyc.passes.base import SIGNAL_OPS, SignalOp, register_signal
+from policyc.passes.features import FEATURE_OPS, FeatureOp, register_feature
+from policyc.passes.merges import MERGE_OPS, MergeOp, register_merge
+from policyc.passes.selectors import SELECTOR_OPS, SelectorOp, register_selector
 
-__all__ = ["SIGNAL_OPS", "SignalOp", "register_signal"]
+__all__ = ["FEATURE_OPS", "MERGE_OPS", "SELECTOR_OPS", "SIGNAL_OPS", "FeatureOp", "MergeOp", "SelectorOp", "SignalOp",
+           "register_feature", "register_merge", "register_selector", "register_signal"]
