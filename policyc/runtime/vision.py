@@ -112,7 +112,7 @@ def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
     own = torch.arange(into.shape[1], device=into.device).expand_as(into)
     moved = into != own
     wide = into[:, :, None].expand_as(hidden)
-    received = torch.zeros_like(moved).scatter(1, into, moved)
+    received = torch.zeros_like(into).scatter_add(1, into, moved.long()) > 0
     total = torch.zeros_like(size).scatter_add(1, into, size)
     if folding.combine == "wavg":
         merged = torch.zeros_like(hidden).scatter_add(1, wide, hidden * size[:, :, None].to(hidden.dtype))
