@@ -177,3 +177,20 @@ def test_window_merge_folds_similar_windows_into_their_top_left_slot() -> None:
         assert torch.equal(image_features(model, pixel_values), plain) and bool(compiled.images.kept.all())
     finally:
         compiled.remove()
+
+
+@pytest.mark.parametrize("objective", ["min", "sum"])
+def test_diverse_selection_equals_the_plain_divprune_reference(objective: str) -> None:
+    from reference.divprune import divprune_keep
+
+    model = tiny_llava_siglip()
+    pixel_values = make_inputs(model, batch=2, seed=6)["pixel_values"]
+    plain = image_features(model, pixel_values)
+    source = f"policy d {{ stage projector.output {{ keep diverse(objective={objective}) 5 of vision by hidden }} }}"
+    compiled = compile_model(model, policy(source))
+    try:
+        features = image_features(model, pixel_values)
+        assert torch.equal(compiled.images.kept, divprune_keep(plain, 5, objective))
+        assert torch.equal(features[compiled.images.kept], plain[compiled.images.kept])
+    finally:
+        compiled.remove()

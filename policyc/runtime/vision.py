@@ -288,6 +288,12 @@ class ImageStages:
             return
         adapter = self.adapter
         if self._encoder:
+            for stage in self.plan.at("encoder.layer.attention"):
+                missing = [n for n in ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+                           if not all(hasattr(adapter.vision_layers[k], n) for k in stage.layers)]
+                if missing:
+                    raise PolicyError.at(f"{stage.label} splits encoder layers between attention and MLP, but "
+                                         f"they have no {', '.join(missing)}", stage.span)
             for index, inner in enumerate(adapter.vision_layers):
                 adapter.vision_layers[index] = VisionLayer(inner, index, self)
                 self._wrapped.append((index, inner))
