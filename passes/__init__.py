@@ -6,10 +6,25 @@ Shipped as `policyc.passes`. Importing this package registers every operator in 
 from policyc.passes import (  # noqa: F401  (registration)
     attention,
     graph_stage_drop,
+    hidden,
     key_norm,
+    keys,
+    merge_bipartite,
+    merge_nearest,
+    merge_pool,
+    merge_window,
     random_score,
+    select_diverse,
+    select_grid,
+    select_stride,
+    select_top,
 )
 from policyc.passes.base import SIGNAL_OPS, SignalOp, register_signal
+from policyc.passes.features import FEATURE_OPS, FeatureOp, register_feature
 from policyc.passes.graph import GRAPH_PASSES, GraphPass, register_graph_pass
+from policyc.passes.merges import MERGE_OPS, MergeOp, register_merge
+from policyc.passes.selectors import SELECTOR_OPS, SelectorOp, register_selector
 
-__all__ = ["GRAPH_PASSES", "SIGNAL_OPS", "GraphPass", "SignalOp", "register_graph_pass", "register_signal"]
+__all__ = ["FEATURE_OPS", "GRAPH_PASSES", "MERGE_OPS", "SELECTOR_OPS", "SIGNAL_OPS", "FeatureOp", "GraphPass",
+           "MergeOp", "SelectorOp", "SignalOp", "register_feature", "register_graph_pass", "register_merge",
+           "register_selector", "register_signal"]

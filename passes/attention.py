@@ -62,8 +62,10 @@ class Attention(SignalOp):
         rows = selected_first(is_query)[:, :width]  # query rows first
         real_row = torch.arange(width, device=count.device)[None] < count[:, None]  # [B, R]
         key_valid = torch.gather(state.valid, 1, current)
-        causal = torch.arange(current.shape[1], device=current.device)[None, None, :] <= rows[:, :, None]
-        visible = causal & key_valid[:, None, :] & real_row[:, :, None]
+        visible = key_valid[:, None, :] & real_row[:, :, None]
+        if ctx.causal:  # the LLM; the vision encoder attends both ways
+            columns = torch.arange(current.shape[1], device=current.device)
+            visible = visible & (columns[None, None, :] <= rows[:, :, None])
         probabilities = attention_rows(recorded.query, recorded.key, recorded.scaling, rows, visible)
         heads = self.option(call, "heads", ctx)
         per_row = _HEADS[heads.id if isinstance(heads, ir.Name) else "mean"](probabilities)  # [B, R, L']

@@ -26,6 +26,7 @@ from policyc.passes.base import selected_first
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.support import check_supported
+from policyc.runtime.vision import ImageStages
 
 if TYPE_CHECKING:
     from policyc.runtime.inductor import CapturedGraph
@@ -350,6 +351,8 @@ class CompiledModel:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._undo: list[Callable[[], None]] = []
         self._original_attention = adapter.decoder.config._attn_implementation
+        self.images = ImageStages(plan)  # pre-LLM stages; .kept/.protected [images, tokens_per_image] after each
+        self.images.install()
         stage_layers = sorted({k for s in plan.stages if s.kind == "llm" for k in s.layers})
         before_llm = any(s.kind in ("encoder", "projector") for s in plan.stages)  # drops at the LLM's input
         self._wrapped: list[tuple[int, nn.Module]] = []
@@ -399,6 +402,7 @@ class CompiledModel:
     def remove(self) -> None:
         """Undo the rewrite: original layers, attention function and hooks."""
         adapter = self.plan.adapter
+        self.images.remove()
         for index, inner in self._wrapped:
             adapter.decoder_layers[index] = inner
             if hasattr(adapter.decoder_attention[index], "_policyc_recorder"):

@@ -13,7 +13,7 @@ import torch
 
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.passes import SIGNAL_OPS
+from policyc.passes import FEATURE_OPS, SELECTOR_OPS, SIGNAL_OPS
 
 
 @dataclass
@@ -54,6 +54,11 @@ class StageEvaluator:
     values: dict[str, ir.Expr]
     seed_offset: int = 0
     next_layer: Callable[[], Captured] | None = None  # recompute with the next layer's projections
+    causal: bool = True  # attention is causal (the LLM); the vision encoder's is not
+    hidden: torch.Tensor | None = None  # [B, L', C] the current rows' hidden states (the `hidden` feature)
+    cls: torch.Tensor | None = None  # [B, L] bool: the CLS token, where the stage has one
+    patches: torch.Tensor | None = None  # [B, L] long: each position's patch index on the image grid, -1 elsewhere
+    grid: tuple[int, int] | None = None  # the image patch grid (rows, columns)
 
     def builtin(self, name: str) -> torch.Tensor:
         state = self.state
@@ -69,6 +74,8 @@ class StageEvaluator:
             "last": lambda: positions == last,
             "last_instruction": lambda: positions == last,
         }
+        if self.cls is not None:
+            sets["cls"] = lambda: self.cls & alive  # type: ignore[operator]
         if name not in sets:
             raise PolicyError.at(f"token set '{name}' is not available in the runtime yet", None)
         return sets[name]()
@@ -78,7 +85,7 @@ class StageEvaluator:
         match expr:
             case ir.Name(id=name):
                 if name in self.state.sets:
-                    return self.state.sets[name] & self.state.alive()
+                    return self.state.sets[name] & self.state.alive() & self.state.valid
                 return self.builtin(name)
             case ir.Binary(op="|", left=left, right=right):
                 return self.set(left) | self.set(right)
@@ -88,19 +95,14 @@ class StageEvaluator:
                 return self.set(left) & ~self.set(right)
             case ir.Where(source=source, condition=condition):
                 return self.set(source) & self.condition(condition)
-            case ir.Select(selector="top", amount=amount, source=source, by=by) if by is not None:
-                return self.top(self.set(source), self.score(by), amount)
+            case ir.Select(selector=selector, source=source) if selector in SELECTOR_OPS:
+                return SELECTOR_OPS[selector].select(expr, self.set(source), self)
         raise PolicyError.at("this set expression is not supported by the runtime yet", expr.span)
 
-    def top(self, candidates: torch.Tensor, score: torch.Tensor, amount: ir.Expr) -> torch.Tensor:
-        """The `amount` highest-scoring candidates per sample; ties go to the earlier position."""
-        chosen = torch.zeros_like(candidates)
-        for row in range(candidates.shape[0]):
-            positions = candidates[row].nonzero().squeeze(1)
-            count = self.count(amount, positions.numel())
-            order = torch.sort(score[row, positions].float(), descending=True, stable=True).indices[:count]
-            chosen[row, positions[order]] = True
-        return chosen
+    def counts(self, amount: ir.Expr, sizes: torch.Tensor) -> torch.Tensor:
+        """How many tokens `amount` selects from sets of `sizes` tokens: [B] long."""
+        return torch.tensor([self.count(amount, int(n)) for n in sizes.tolist()], dtype=torch.long,
+                            device=sizes.device)
 
     def count(self, amount: ir.Expr, size: int) -> int:
         value = self.literal(amount)
@@ -110,6 +112,33 @@ class StageEvaluator:
         if isinstance(value, ir.Number) and isinstance(value.value, int):
             return max(0, min(size, value.value))
         raise PolicyError.at("this amount is not supported by the runtime yet", amount.span)
+
+    # ---------------------------------------------------------------- features and geometry
+    def features(self, expr: ir.Expr) -> torch.Tensor:
+        """Per-token features of the current rows: [B, L', C]."""
+        match expr:
+            case ir.Name(id=name) if name in FEATURE_OPS:
+                return FEATURE_OPS[name].compute(ir.Call(fn=name, span=expr.span), self)
+            case ir.Call(fn=name) if name in FEATURE_OPS:
+                return FEATURE_OPS[name].compute(expr, self)
+        raise PolicyError.at("these features are not supported by the runtime yet", expr.span)
+
+    def features_at(self, expr: ir.Expr) -> torch.Tensor:
+        """Per-token features at the original positions: [B, L, C] (zeros where no row is)."""
+        rows = self.features(expr)
+        out = rows.new_zeros(*self.state.image.shape, rows.shape[-1])
+        return out.scatter(1, self.state.kept[:, :, None].expand(-1, -1, rows.shape[-1]), rows)
+
+    def patch_grid(self, what: str, node: ir.Node) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The patch index of each position [B, L] and the grid shape, for geometric operators."""
+        if self.patches is None or self.grid is None:
+            raise PolicyError.at(f"{what} needs the image patch grid, which this stage does not have", node.span)
+        return self.patches, self.grid
+
+    def grid_shape(self) -> tuple[int, int]:
+        if self.grid is None:
+            raise PolicyError.at("this operator needs the image patch grid", None)
+        return self.grid
 
     def literal(self, expr: ir.Expr) -> ir.Expr:
         if isinstance(expr, ir.Name) and expr.id in self.values:

@@ -4,13 +4,15 @@ line, instead of running with a silently different meaning."""
 from __future__ import annotations
 
 from policyc.catalog import SIGNALS
-from policyc.compiler.plan import Plan
+from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.passes import SIGNAL_OPS
+from policyc.passes import FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
-_SETS = {"vision", "all", "text", "system", "last", "last_instruction"}
+_SELECTORS = {"llm": {"top"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
+_RECORDED = {"attention", "key_norm", "keys"}  # read the layer's recorded attention: not at the projector
+_SETS = {"llm": {"cls", "raters", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
 
 
 def check_supported(plan: Plan, backend: str = "eager") -> None:
@@ -21,7 +23,7 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
                                            stage.span, "compile with backend='eager' (the reference semantics)"))
         for statement in stage.statements:
             try:
-                _statement(stage.kind, statement)
+                _statement(stage, statement, plan)
             except PolicyError as error:
                 problems.append(error)
     if problems:
@@ -30,49 +32,77 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
 
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
-                          "supported today: llm.layer[...] stages with let/score/keep/drop/protect, top selections, "
-                          f"the signals {', '.join(sorted(SIGNAL_OPS))}, positions original or compact, "
-                          "and `cache full`")
+                          "supported today: encoder, projector and llm.layer[...] stages with "
+                          "let/score/keep/drop/protect, the selectors top (everywhere) and stride, grid, diverse "
+                          "(before the LLM), the merges bipartite, window, nearest and pool (before the LLM), "
+                          f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden, "
+                          "positions original or compact, and `cache full`")
 
 
-def _statement(kind: str, statement: ir.Statement) -> None:
+def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
+    kind = stage.kind
     if kind == "decode":
         if isinstance(statement, ir.Cache) and statement.method == "full":
             return
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
-    if kind != "llm":
-        raise _not_yet(f"a {kind} stage", statement)
     match statement:
         case ir.Positions(mode="original" | "compact"):
             return
         case ir.Positions(mode=mode):
             raise _not_yet(f"positions {mode}", statement)
-        case ir.Merge():
-            raise _not_yet("merge", statement)
+        case ir.Merge() if kind == "llm":
+            raise _not_yet("merge in the LLM", statement)
+        case ir.Merge(method=method) if method not in MERGE_OPS:
+            raise _not_yet(f"merge {method}", statement)
+        case ir.Merge(method=method, options=options, source=source, into=into, by=by):
+            feature_layer = plan.adapter.feature_encoder_layer
+            if kind == "encoder" and stage.layers and all(k > feature_layer for k in stage.layers):
+                raise PolicyError.at(f"merge at {stage.label} runs after the encoder's feature layer "
+                                     f"(encoder layer {feature_layer}), whose output LLaVA hands to the projector: "
+                                     "it would change nothing the LLM sees (multi-layer stages skip such layers)",
+                                     statement.span,
+                                     f"merge at encoder.layer[{feature_layer}] or earlier, or at encoder.output")
+            for option in options:
+                if option.name not in MERGE_OPS[method].options:
+                    raise _not_yet(f"{method} option '{option.name}'", option)
+                if option.name == "r" and isinstance(option.value, ir.ListExpr | ir.Call):
+                    raise _not_yet("a schedule for bipartite(r=...)", option.value)
+            for part in (source, into, by):
+                if part is not None:
+                    _expr(part, stage)
         case ir.Let(value=value) | ir.ScoreDef(value=value) | ir.Keep(target=value) | ir.Drop(target=value) | \
                 ir.Protect(target=value):
-            _expr(value)
+            _expr(value, stage)
 
 
-def _expr(expr: ir.Expr) -> None:
+def _expr(expr: ir.Expr, stage: BoundStage) -> None:
+    kind = stage.kind
     match expr:
-        case ir.Select(selector=selector) if selector != "top":
-            raise _not_yet(f"the `{selector}` selector", expr)
+        case ir.Select(selector=selector) if selector not in _SELECTORS[kind]:
+            raise _not_yet(f"the `{selector}` selector{' in the LLM' if selector in SELECTOR_OPS else ''}", expr)
         case ir.Select(amount=ir.ListExpr() | ir.Call() as amount):
             raise _not_yet("a schedule amount", amount)
+        case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "projector" and fn in _RECORDED:
+            raise _not_yet(f"{fn} at projector.output (no attention runs there)", expr)
+        case ir.Call(fn=fn) if fn in FEATURE_OPS:
+            if kind == "llm" or expr.kwargs:
+                raise _not_yet(f"the features {fn}{' in the LLM' if kind == 'llm' else ' with options'}", expr)
+        case ir.Name(id=fn) if fn in FEATURE_OPS and kind == "llm":
+            raise _not_yet(f"the features {fn} in the LLM", expr)
         case ir.Call(fn=fn) if fn not in SIGNAL_OPS and fn not in _REDUCTIONS:
             raise _not_yet(f"{fn}()", expr)
         case ir.Call(fn=fn, kwargs=kwargs) if fn in SIGNAL_OPS:
             for kwarg in kwargs:
                 if kwarg.name not in SIGNAL_OPS[fn].options:
                     raise _not_yet(f"{fn} option '{kwarg.name}'", kwarg)
-                if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"):
-                    raise _not_yet(f"{fn}(layer=...) other than `next`", kwarg)
-        case ir.Name(id=name) if name in SIGNALS and name not in SIGNAL_OPS:
+                if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"
+                                                  and kind == "llm"):
+                    raise _not_yet(f"{fn}(layer=...) other than `next` in the LLM", kwarg)
+        case ir.Name(id=name) if name in SIGNALS and name not in SIGNAL_OPS and name not in FEATURE_OPS:
             raise _not_yet(f"the signal '{name}'", expr)
-        case ir.Name(id=name) if name in {"cls", "raters", "dropped"}:
-            raise _not_yet(f"the token set '{name}'", expr)
+        case ir.Name(id=name) if name in _SETS[kind]:
+            raise _not_yet(f"the token set '{name}'{' in the LLM' if name == 'cls' else ''}", expr)
         case ir.Index():
             raise _not_yet("per-image sets", expr)
     for child in expr.children():
-        _expr(child)  # type: ignore[arg-type]
+        _expr(child, stage)  # type: ignore[arg-type]

@@ -1,0 +1,37 @@
+"""The base class of feature operators (`keys`, `hidden`): per-token vectors that selectors and merges
+compare (`diverse ... by keys`, `merge ... by hidden`). Subclasses write one method, `compute`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, TypeVar
+
+import torch
+
+from policyc.lang import ir
+
+if TYPE_CHECKING:
+    from policyc.runtime.evaluate import StageEvaluator
+
+
+class FeatureOp(ABC):
+    """Per-token features read from the model at a stage."""
+
+    name: ClassVar[str]  # the catalog name (policyc.catalog.signals, kind "feature")
+    options: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
+        """Features of the current rows, [B, L', C] (row j is the token at original position state.kept[:, j])."""
+
+
+FEATURE_OPS: dict[str, FeatureOp] = {}
+F = TypeVar("F", bound=type[FeatureOp])
+
+
+def register_feature(cls: F) -> F:
+    """Class decorator: make a feature operator available under `cls.name`."""
+    if cls.name in FEATURE_OPS:
+        raise ValueError(f"feature operator {cls.name!r} is registered twice")
+    FEATURE_OPS[cls.name] = cls()
+    return cls

@@ -1,0 +1,65 @@
+"""`merge bipartite(r=R, proportional=true) of SET by FEATURES`: ToMe's bipartite soft matching
+(arXiv:2210.09461; facebookresearch/ToMe `bipartite_soft_matching`).
+
+The current rows are split alternately into A (rows 0, 2, ...) and B (rows 1, 3, ...). Each A row of the
+set is matched to its most similar B row of the set (cosine of the features, ToMe: head-mean keys); the
+r best-matched A rows fold into their matches by size-weighted average. r = min(r, |set| // 2), and the
+smallest such r over the batch so every image keeps as many rows. Afterwards the rows are ordered as ToMe's
+code orders them with a class token: the unmerged A rows in their order, then the B rows. (Without a class
+token ToMe's code leaves the unmerged A rows in similarity order; here they always keep their order.)
+With proportional=true later encoder layers add log(size) to their attention logits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from policyc.passes.merges import Folding, MergeOp, MergeRows, register_merge, staying
+
+from policyc.errors import PolicyError
+from policyc.lang import ir
+
+if TYPE_CHECKING:
+    from policyc.runtime.evaluate import StageEvaluator
+
+
+@register_merge
+class Bipartite(MergeOp):
+    name = "bipartite"
+    options = frozenset({"r", "proportional"})
+
+    def proportional(self, merge: ir.Merge, ctx: StageEvaluator) -> bool:
+        value = self.option(merge, "proportional", ctx)
+        return not (isinstance(value, ir.Name) and value.id == "false")
+
+    def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
+        r_value = self.option(merge, "r", ctx)
+        if not (isinstance(r_value, ir.Number) and isinstance(r_value.value, int)):
+            raise PolicyError.at("bipartite(r=...) takes a whole number in the runtime so far", merge.span)
+        metric = self.features(merge, rows)  # [B, L', C] unit vectors
+        width = metric.shape[1]
+        a, b = metric[:, ::2], metric[:, 1::2]
+        scores = a @ b.transpose(1, 2)  # [B, |A|, |B|]
+        allowed = rows.sources[:, ::2, None] & rows.targets[:, None, 1::2]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        best, match = scores.max(-1)  # [B, |A|]
+        members = (rows.sources | rows.targets).sum(1)
+        matchable = torch.isfinite(best).sum(1)
+        r = min(r_value.value, int(torch.minimum(members // 2, matchable).min()) if width else 0)
+        order = torch.sort(best, dim=1, descending=True, stable=True).indices  # A rows, best match first
+        src = order[:, :r]  # A indices that fold
+        into = staying(rows.sources)
+        into.scatter_(1, 2 * src, 2 * match.gather(1, src) + 1)
+        folded_a = torch.zeros_like(best, dtype=torch.bool).scatter(1, src, True)  # [B, |A|]
+        is_a = torch.arange(width, device=metric.device) % 2 == 0
+        stays_a = torch.zeros(rows.sources.shape, dtype=torch.bool, device=metric.device)
+        stays_a[:, ::2] = ~folded_a
+        rank = torch.where(stays_a, 0, torch.where(is_a[None], 2, 1))  # unmerged A, then B, then folded A
+        return Folding(into, "wavg", order=selected_first_by(rank))
+
+
+def selected_first_by(rank: torch.Tensor) -> torch.Tensor:
+    """Row indices sorted by a small integer rank, stably: [B, L'] -> [B, L']."""
+    return torch.sort(rank.to(torch.int8), dim=1, stable=True).indices
+

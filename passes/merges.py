@@ -1,0 +1,94 @@
+"""The base class of merge operators (`bipartite`, `window`, `nearest`, `pool`):
+`merge METHOD(options) of SET [into SET] [by FEATURES]` folds tokens into others.
+
+A merge op only decides who folds into whom (a `Folding`); the runtime combines the features, adds up
+token sizes, keeps the earliest original patch of each group as its representative, and compacts.
+Subclasses write one method, `fold`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
+
+import torch
+
+from policyc.errors import PolicyError
+from policyc.lang import ir
+
+if TYPE_CHECKING:
+    from policyc.runtime.evaluate import StageEvaluator
+
+Combine = Literal["wavg", "mean", "add_mean"]
+
+
+@dataclass(frozen=True)
+class MergeRows:
+    """What a merge sees, over the current rows [B, L'] (row j is the token at original position kept[:, j])."""
+
+    sources: torch.Tensor  # bool: rows that may fold into another (the set, minus protected tokens)
+    targets: torch.Tensor  # bool: rows that may receive others (the `into` set, else the set)
+    features: torch.Tensor | None  # [B, L', C] the `by` features, when given
+    patches: torch.Tensor | None  # long: each row's patch index on the image grid, -1 for non-patches (CLS)
+
+
+@dataclass(frozen=True)
+class Folding:
+    """A merge's decision: row j folds into row `into[b, j]` (j itself when it stays)."""
+
+    into: torch.Tensor  # [B, L'] long
+    combine: Combine  # wavg: size-weighted average; mean: plain average; add_mean: target + mean(folded)
+    order: torch.Tensor | None = None  # [B, L'] a permutation: the rows' order afterwards (ToMe's)
+
+
+class MergeOp(ABC):
+    name: ClassVar[str]  # the catalog name (policyc.catalog.merges)
+    options: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
+        """Who folds into whom."""
+
+    def proportional(self, merge: ir.Merge, ctx: StageEvaluator) -> bool:
+        """Whether later encoder layers add log(token size) to their attention logits (ToMe)."""
+        return False
+
+    def option(self, merge: ir.Merge, name: str, ctx: StageEvaluator) -> ir.Expr | None:
+        value = next((k.value for k in merge.options if k.name == name), None)
+        return ctx.literal(value) if value is not None else None
+
+    def number(self, merge: ir.Merge, name: str, default: float, ctx: StageEvaluator) -> float:
+        value = self.option(merge, name, ctx)
+        if value is None:
+            return default
+        if not isinstance(value, ir.Number):
+            raise PolicyError.at(f"{self.name}({name}=...) takes a number in the runtime so far", merge.span)
+        return float(value.value)
+
+    def features(self, merge: ir.Merge, rows: MergeRows) -> torch.Tensor:
+        if rows.features is None:
+            raise PolicyError.at(f"merge {self.name} needs `by FEATURES` (e.g. by keys)", merge.span)
+        return torch.nn.functional.normalize(rows.features.float(), dim=-1)
+
+    def grid(self, merge: ir.Merge, rows: MergeRows) -> torch.Tensor:
+        if rows.patches is None:
+            raise PolicyError.at(f"merge {self.name} needs the image patch grid", merge.span)
+        return rows.patches
+
+
+MERGE_OPS: dict[str, MergeOp] = {}
+M = TypeVar("M", bound=type[MergeOp])
+
+
+def register_merge(cls: M) -> M:
+    """Class decorator: make a merge available under `cls.name`."""
+    if cls.name in MERGE_OPS:
+        raise ValueError(f"merge {cls.name!r} is registered twice")
+    MERGE_OPS[cls.name] = cls()
+    return cls
+
+
+def staying(rows: torch.Tensor) -> torch.Tensor:
+    """[B, L'] long: every row folding into itself."""
+    return torch.arange(rows.shape[1], device=rows.device).expand(rows.shape[0], -1).clone()

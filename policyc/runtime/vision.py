@@ -1,0 +1,410 @@
+"""The eager runtime's stages before the LLM: `encoder.layer[i]`, `encoder.layer[i].attention`,
+`encoder.output` and `projector.output`.
+
+- Encoder layers are wrapped. Each wrapper runs its layer on the rows still alive (real shrinking:
+  later layers see fewer tokens), splits the layer between attention and MLP where a `.attention` stage
+  sits, applies the stages after it, and adds log(token size) to later attention logits after a
+  proportional ToMe merge. Layers past the feature layer run only when a stage needs them.
+- A token keeps its original encoder position as its identity; a merged token is represented by the
+  earliest original patch of its group. At the feature layer the rows are scattered back to every
+  position, each into its representative's slot, and handed to LLaVA as `hidden_states[feature_layer]`,
+  so the projector, the `<image>` placeholders, masked_scatter and generate() stay untouched.
+- `ImageStages.kept` / `.protected` ([images, tokens_per_image] bool) tell the LLM side which image slots
+  reach the LLM and which a stage protected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from policyc.compiler.plan import BoundStage, Plan
+from policyc.errors import PolicyError
+from policyc.lang import ir
+from policyc.passes import MERGE_OPS
+from policyc.passes.base import selected_first
+from policyc.passes.merges import Folding, MergeRows
+from policyc.runtime.attention import register
+from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Image tokens as the rows of the current sequence, one image per batch row."""
+
+    hidden: torch.Tensor  # [I, R, C]
+    origin: torch.Tensor  # [I, R] long: the token's own position (its identity)
+    first: torch.Tensor  # [I, R] long: earliest position folded into the row (its representative)
+    size: torch.Tensor  # [I, R] float: original tokens folded into the row
+
+    @classmethod
+    def start(cls, hidden: torch.Tensor) -> Tokens:
+        positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        return cls(hidden, positions, positions, torch.ones(positions.shape, device=hidden.device))
+
+    def rows(self, index: torch.Tensor) -> Tokens:
+        """The rows `index` [I, R'] of each image."""
+        wide = index[:, :, None].expand(-1, -1, self.hidden.shape[-1])
+        return Tokens(self.hidden.gather(1, wide), self.origin.gather(1, index), self.first.gather(1, index),
+                      self.size.gather(1, index))
+
+
+@dataclass(frozen=True)
+class Space:
+    """Positions of one kind of stage: the encoder's tokens (CLS + patches) or the projector's slots."""
+
+    image: torch.Tensor  # [P] bool: patch positions
+    patches: torch.Tensor  # [P] long: patch index, -1 for CLS
+    cls: torch.Tensor  # [P] bool
+    grid: tuple[int, int]
+
+    def evaluator(self, state: PrefillState, stage: BoundStage, captured: Captured | None, hidden: torch.Tensor,
+                  seed_offset: int) -> StageEvaluator:
+        batch = state.image.shape[0]
+        return StageEvaluator(state, captured, dict(stage.values), seed_offset=seed_offset, causal=False,
+                              hidden=hidden, cls=self.cls.expand(batch, -1), patches=self.patches.expand(batch, -1),
+                              grid=self.grid)
+
+    def state(self, batch: int, valid: torch.Tensor | None = None) -> PrefillState:
+        image = self.image.expand(batch, -1)
+        positions = torch.arange(image.shape[1], device=image.device).expand(batch, -1)
+        return PrefillState(image, torch.ones_like(image) if valid is None else valid, positions,
+                            torch.zeros_like(image))
+
+
+@dataclass
+class VisionRun:
+    """One vision forward: the live rows, what the stages know, and the features at the feature layer."""
+
+    tokens: Tokens
+    state: PrefillState
+    proportional: bool = False  # a ToMe merge asked for log(size) attention biases
+    captured: dict[int, tuple[Captured, torch.Tensor]] = field(default_factory=dict)  # layer -> (q/k, row origins)
+    features: Tokens | None = None  # the rows at the feature layer
+
+    def attention_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The encoder's attention mask plus ToMe's log(size) and -inf for padding rows: [I, 1, 1, R]."""
+        key_valid = self.state.valid.gather(1, self.tokens.origin)
+        if not self.proportional and bool(key_valid.all()):
+            return mask
+        bias = self.tokens.size.log() if self.proportional else torch.zeros_like(self.tokens.size)
+        bias = bias.masked_fill(~key_valid, torch.finfo(dtype).min)[:, None, None, :].to(dtype)
+        return bias if mask is None else mask + bias
+
+    def captured_at(self, layer: int) -> Captured | None:
+        """The layer's queries and keys, on the current rows (rows merged away since are dropped)."""
+        if layer not in self.captured:
+            return None
+        captured, origin = self.captured[layer]
+        inverse = torch.zeros_like(self.state.image, dtype=torch.long).scatter(
+            1, origin, torch.arange(origin.shape[1], device=origin.device).expand_as(origin))
+        rows = inverse.gather(1, self.state.kept)[:, None, :, None]
+        query = captured.query.gather(2, rows.expand(-1, captured.query.shape[1], -1, captured.query.shape[-1]))
+        key = captured.key.gather(2, rows.expand(-1, captured.key.shape[1], -1, captured.key.shape[-1]))
+        return Captured(query, key, captured.scaling)
+
+
+def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
+    """Combine each group of rows into its receiving row; returns the new tokens and the rows folded away."""
+    into, hidden, size = folding.into, tokens.hidden, tokens.size
+    own = torch.arange(into.shape[1], device=into.device).expand_as(into)
+    moved = into != own
+    wide = into[:, :, None].expand_as(hidden)
+    received = torch.zeros_like(into).scatter_add(1, into, moved.long()) > 0
+    total = torch.zeros_like(size).scatter_add(1, into, size)
+    if folding.combine == "wavg":
+        merged = torch.zeros_like(hidden).scatter_add(1, wide, hidden * size[:, :, None].to(hidden.dtype))
+        merged = merged / total.clamp(min=1e-12)[:, :, None].to(hidden.dtype)
+    elif folding.combine == "mean":
+        count = torch.zeros_like(size).scatter_add(1, into, torch.ones_like(size))
+        merged = torch.zeros_like(hidden).scatter_add(1, wide, hidden) / count.clamp(min=1)[:, :, None].to(hidden.dtype)
+    else:  # add_mean: the receiver plus the mean of what folded into it (VisionZip)
+        count = torch.zeros_like(size).scatter_add(1, into, moved.to(size.dtype))
+        incoming = torch.zeros_like(hidden).scatter_add(1, wide, hidden * moved[:, :, None].to(hidden.dtype))
+        merged = hidden + incoming / count.clamp(min=1)[:, :, None].to(hidden.dtype)
+    hidden = torch.where(received[:, :, None], merged, hidden)
+    first = tokens.first.scatter_reduce(1, into, tokens.first, reduce="amin")
+    return Tokens(hidden, tokens.origin, first, torch.where(received, total, size)), moved
+
+
+def run_statements(stage: BoundStage, evaluator: StageEvaluator, tokens: Tokens,
+                   ) -> tuple[Tokens, torch.Tensor, torch.Tensor | None, bool]:
+    """Run one stage's statements. Returns the tokens (merges applied), the alive positions [I, P], the
+    row order a merge asked for, and whether a merge turned on proportional attention."""
+    state = evaluator.state
+    alive = state.alive() & state.valid
+    order, proportional = None, False
+    for statement in stage.statements:
+        match statement:
+            case ir.Let(name=name, value=value):
+                state.sets[name] = evaluator.set(value)
+            case ir.ScoreDef(name=name, value=value):
+                state.scores[name] = evaluator.score(value)
+            case ir.Protect(target=target):
+                state.protected = state.protected | evaluator.set(target)
+            case ir.Keep(target=target):
+                alive = alive & (evaluator.set(target) | state.protected | ~state.image)
+            case ir.Drop(target=target):
+                alive = alive & ~(evaluator.set(target) & ~state.protected)
+            case ir.Merge() as merge:
+                tokens, moved, merge_order, merge_proportional = _merge(merge, evaluator, tokens, alive)
+                gone = torch.zeros_like(alive).scatter(1, tokens.origin, moved)
+                alive, state.valid = alive & ~gone, state.valid & ~gone
+                evaluator.hidden = tokens.hidden
+                order = merge_order if merge_order is not None else order
+                proportional = proportional or merge_proportional
+            case _:
+                raise PolicyError.at("this statement is not supported before the LLM", statement.span)
+    return tokens, alive, order, proportional
+
+
+def _merge(merge: ir.Merge, evaluator: StageEvaluator, tokens: Tokens, alive: torch.Tensor,
+           ) -> tuple[Tokens, torch.Tensor, torch.Tensor | None, bool]:
+    op = MERGE_OPS[merge.method]
+    state = evaluator.state
+    members = evaluator.set(merge.source) & alive
+    receivers = evaluator.set(merge.into) & alive if merge.into is not None else members
+    features = evaluator.features(merge.by) if merge.by is not None else None
+    patches = evaluator.patches.gather(1, tokens.origin) if evaluator.patches is not None else None
+    rows = MergeRows((members & ~state.protected).gather(1, tokens.origin), receivers.gather(1, tokens.origin),
+                     features, patches)
+    folding = op.fold(merge, rows, evaluator)
+    folded, moved = fold(tokens, folding)
+    return folded, moved, folding.order, op.proportional(merge, evaluator)
+
+
+def compact(tokens: Tokens, state: PrefillState, alive: torch.Tensor, order: torch.Tensor | None) -> Tokens:
+    """Keep the alive rows (in `order`, else in their order). Images keeping fewer rows than others are
+    padded with dead rows, marked invalid in `state` (masked as attention keys, never selected)."""
+    if order is not None:
+        tokens = tokens.rows(order)
+    keep = alive.gather(1, tokens.origin)
+    counts = keep.sum(1)
+    tokens = tokens.rows(selected_first(keep)[:, : int(counts.max()) if counts.numel() else 0])
+    real = torch.arange(tokens.origin.shape[1], device=counts.device)[None] < counts[:, None]
+    state.kept = tokens.origin
+    state.valid = torch.zeros_like(state.valid).scatter(1, tokens.origin, real)
+    return tokens
+
+
+def scatter_rows(tokens: Tokens, alive_rows: torch.Tensor, width: int, base: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each alive row's features into its representative's position: ([I, width, C], [I, width] bool kept)."""
+    images, _, channels = tokens.hidden.shape
+    slot = torch.where(alive_rows, tokens.first, width)
+    out = tokens.hidden.new_zeros(images, width + 1, channels) if base is None else \
+        torch.cat([base, base.new_zeros(images, 1, channels)], dim=1)
+    out = out.scatter(1, slot[:, :, None].expand(-1, -1, channels), tokens.hidden)
+    kept = torch.zeros(images, width + 1, dtype=torch.bool, device=slot.device).scatter(1, slot, True)
+    return out[:, :width], kept[:, :width]
+
+
+class VisionLayer(nn.Module):
+    """An encoder layer that runs on the rows still alive and applies the stages bound to it."""
+
+    def __init__(self, inner: nn.Module, index: int, owner: ImageStages) -> None:
+        super().__init__()
+        self.inner = inner
+        self.index = index
+        self.owner = owner
+        self.inside = owner.stages_at("encoder.layer.attention", index)
+        self.after = owner.stages_at("encoder.layer", index)
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs: object) -> torch.Tensor:
+        owner = self.owner
+        if self.index == 0:
+            owner.begin(hidden_states)
+        run = owner.run
+        if run is None or self.index > owner.last_layer:
+            return hidden_states
+        mask = run.attention_mask(attention_mask, hidden_states.dtype)
+        if self.inside:
+            inner = self.inner
+            attended, _ = inner.self_attn(hidden_states=inner.layer_norm1(hidden_states), attention_mask=mask, **kwargs)
+            hidden = owner.apply(self.inside, hidden_states + attended, self.index)
+            output = hidden + inner.mlp(inner.layer_norm2(hidden))
+        else:
+            output = self.inner(hidden_states, mask, **kwargs)
+        if self.after:
+            output = owner.apply(self.after, output, self.index)
+        if self.index == owner.adapter.feature_encoder_layer:
+            run.features = replace(run.tokens, hidden=output)
+        return output
+
+
+class ImageStages:
+    """The pre-LLM stages of a plan. After each vision forward, `kept` and `protected` ([images,
+    tokens_per_image] bool, images in the order LLaVA scatters them) say which image slots reach the LLM
+    and which a stage protected; both are None before the first one (and stay None without such stages)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.adapter = adapter = plan.adapter
+        self.kept: torch.Tensor | None = None
+        self.protected: torch.Tensor | None = None
+        self.run: VisionRun | None = None
+        encoder = [s for s in plan.stages if s.kind == "encoder"]
+        self.encoder_output = plan.at("encoder.output")
+        self.projector_output = plan.at("projector.output")
+        self.active = bool(encoder or self.projector_output)
+        stage_layers = {k for s in encoder for k in s.layers}
+        feature_layer = adapter.feature_encoder_layer
+        needed = {k for s in encoder for k in s.layers if any(not isinstance(st, ir.Merge) for st in s.statements)}
+        self.last_layer = max([feature_layer, *(k for k in stage_layers if k <= feature_layer), *needed])
+        self.recorded = stage_layers | ({adapter.feature_encoder_layer} if self.encoder_output else set())
+        self.recorded.discard(-1)
+        device = next(adapter.vision_tower.parameters()).device
+        positions = torch.arange(adapter.vision_tokens, device=device)
+        cls = int(adapter.has_cls)
+        self.encoder_space = Space(positions >= cls, positions - cls, positions < cls, adapter.patch_grid)
+        slots = positions[adapter.feature_start:]
+        self.slot_space = Space(slots >= cls, slots - cls, slots < cls, adapter.patch_grid)
+        self._wrapped: list[tuple[int, nn.Module]] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attention: str | None = None
+        self._slots: tuple[Tokens, PrefillState] | None = None
+        self._encoder = bool(encoder)
+
+    def stages_at(self, point: str, layer: int) -> list[BoundStage]:
+        """The stages at an encoder layer. Past the feature layer merges change nothing LLaVA reads: left out."""
+        stages = self.plan.at(point, layer)
+        if layer > self.adapter.feature_encoder_layer:
+            stages = [replace(s, statements=tuple(st for st in s.statements if not isinstance(st, ir.Merge)))
+                      for s in stages]
+        return [s for s in stages if s.statements]
+
+    # ---------------------------------------------------------------- installation
+    def install(self) -> None:
+        if not self.active:
+            return
+        adapter = self.adapter
+        if self._encoder:
+            for stage in self.plan.at("encoder.layer.attention"):
+                missing = [n for n in ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+                           if not all(hasattr(adapter.vision_layers[k], n) for k in stage.layers)]
+                if missing:
+                    raise PolicyError.at(f"{stage.label} splits encoder layers between attention and MLP, but "
+                                         f"they have no {', '.join(missing)}", stage.span)
+            for index, inner in enumerate(adapter.vision_layers):
+                adapter.vision_layers[index] = VisionLayer(inner, index, self)
+                self._wrapped.append((index, inner))
+            for index in self.recorded:
+                adapter.vision_attention[index]._policyc_recorder = self._recorder(index)
+            config = adapter.vision_tower.config
+            self._attention = config._attn_implementation
+            config._attn_implementation = register()
+            self._handles.append(adapter.vision_tower.register_forward_hook(self._on_tower_output))
+        self._handles.append(adapter.projector.register_forward_hook(self._on_projector_output))
+
+    def remove(self) -> None:
+        adapter = self.adapter
+        for index, inner in self._wrapped:
+            adapter.vision_layers[index] = inner
+        for index in self.recorded:
+            if hasattr(adapter.vision_attention[index], "_policyc_recorder"):
+                del adapter.vision_attention[index]._policyc_recorder
+        if self._attention is not None:
+            adapter.vision_tower.config._attn_implementation = self._attention
+        for handle in self._handles:
+            handle.remove()
+        self._wrapped.clear()
+        self._handles.clear()
+        self._attention = None
+
+    def _recorder(self, index: int):  # type: ignore[no-untyped-def]
+        def record(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+            if self.run is not None:
+                self.run.captured[index] = (Captured(query, key, scaling), self.run.tokens.origin)
+        return record
+
+    # ---------------------------------------------------------------- the encoder
+    def begin(self, hidden: torch.Tensor) -> None:
+        tokens = Tokens.start(hidden)
+        self.run = VisionRun(tokens, self.encoder_space.state(hidden.shape[0]))
+        self._slots = None
+        if self.adapter.feature_encoder_layer == -1:
+            self.run.features = tokens
+
+    def apply(self, stages: list[BoundStage], hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Run `stages` on the rows `hidden` after encoder layer `layer` (or inside it); returns the kept rows."""
+        run = self.run
+        assert run is not None  # begin() ran at layer 0
+        tokens = replace(run.tokens, hidden=hidden)
+        for stage in stages:
+            evaluator = self.encoder_space.evaluator(run.state, stage, run.captured_at(layer), tokens.hidden, layer)
+            tokens, alive, order, proportional = run_statements(stage, evaluator, tokens)
+            run.proportional = run.proportional or proportional
+            tokens = compact(tokens, run.state, alive, order)
+        run.tokens = tokens
+        return tokens.hidden
+
+    def _on_tower_output(self, module: nn.Module, args: tuple, output: object) -> object:
+        run, adapter = self.run, self.adapter
+        if run is None or run.features is None:
+            return output
+        features = run.features
+        live = torch.zeros_like(run.state.valid).scatter(1, run.state.kept, run.state.valid.gather(1, run.state.kept))
+        state = replace(run.state, valid=live, kept=features.origin)
+        alive = live
+        for stage in self.encoder_output:
+            evaluator = self.encoder_space.evaluator(state, stage, run.captured_at(adapter.feature_encoder_layer),
+                                                     features.hidden, adapter.feature_encoder_layer)
+            features, alive, _, _ = run_statements(stage, evaluator, features)
+            state.valid = alive & state.valid
+        alive_rows = state.valid.gather(1, features.origin)
+        scattered, _ = scatter_rows(features, alive_rows, adapter.vision_tokens)
+        hidden_states = [None] * (len(adapter.vision_layers) + 1)
+        hidden_states[adapter.feature_layer] = scattered
+        output["hidden_states"] = tuple(hidden_states)  # type: ignore[index]
+        self._slots = self._to_slots(features, state, alive_rows)
+        self.run = None
+        return output
+
+    def _to_slots(self, tokens: Tokens, state: PrefillState, alive_rows: torch.Tensor) -> tuple[Tokens, PrefillState]:
+        """The encoder's outcome in the projector's slot space (slot s = encoder position feature_start + s)."""
+        start, width = self.adapter.feature_start, self.adapter.vision_tokens
+
+        slot = torch.where(alive_rows, tokens.first, width)
+
+        def to_slots(row_values: torch.Tensor) -> torch.Tensor:
+            out = row_values.new_zeros(row_values.shape[0], width + 1).scatter(1, slot, row_values)
+            return out[:, start:width]
+
+        def mask_to_slots(mask: torch.Tensor) -> torch.Tensor:
+            return to_slots(mask.gather(1, tokens.origin) & alive_rows)
+
+        slots = self.slot_space.state(alive_rows.shape[0], mask_to_slots(state.valid))
+        slots.protected = mask_to_slots(state.protected)
+        slots.sets.update({name: mask_to_slots(mask) for name, mask in state.sets.items()})
+        slots.scores.update({name: to_slots(score.gather(1, tokens.origin)) for name, score in state.scores.items()})
+        positions = slots.kept
+        return Tokens(torch.empty(0), positions, positions, to_slots(tokens.size).clamp(min=1)), slots
+
+    # ---------------------------------------------------------------- the projector
+    def _on_projector_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        images = output.shape[0]
+        if self._slots is None:
+            state = self.slot_space.state(images)
+            tokens = Tokens.start(output)
+        else:
+            tokens, state = self._slots
+            tokens = replace(tokens, hidden=output)
+        self._slots = None
+        for stage in self.projector_output:
+            evaluator = self.slot_space.evaluator(state, stage, None, tokens.hidden, 0)
+            tokens, alive, _, _ = run_statements(stage, evaluator, tokens)
+            state.valid = alive & state.valid
+        alive_rows = state.valid.gather(1, tokens.origin)
+        output, kept = scatter_rows(tokens, alive_rows, output.shape[1], base=output)
+        self.kept = kept
+        self.protected = state.protected & kept
+        return output
