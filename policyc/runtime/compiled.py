@@ -22,6 +22,7 @@ from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.passes.base import selected_first
 from policyc.runtime.attention import register
+from policyc.runtime.cache import CacheRuntime
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.support import check_supported
 
@@ -35,6 +36,7 @@ class Runtime:
     state: PrefillState | None = None
     captured: dict[int, Captured] = field(default_factory=dict)
     kept_at_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill rows each layer cached
+    cache: CacheRuntime | None = None  # the decode stage's cache policy (None: `cache full`)
 
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         image = input_ids == self.plan.adapter.image_token_id
@@ -83,13 +85,20 @@ class PolicyLayer(nn.Module):
                     kwargs = self._renumber(hidden_states, kwargs, _compact_positions(state.valid, state.kept))
         else:
             kept = self.runtime.kept_at_layer.get(self.index)
-            if kept is not None and kept.shape[1] < state.length:
+            cache = self.runtime.cache if self.runtime.cache and self.runtime.cache.handles(self.index) else None
+            if cache is not None:
+                kwargs = cache.decode_mask(self.index, kwargs)
+            elif kept is not None and kept.shape[1] < state.length:
                 kwargs = _gather_decode(kwargs, kept, state.length)
-                if self.runtime.compact:
-                    dropped = state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)  # real rows gone
-                    position_ids = kwargs["position_ids"]
-                    kwargs = self._renumber(hidden_states, kwargs, position_ids - dropped[:, None])  # type: ignore[operator]
+            if kept is not None and kept.shape[1] < state.length and self.runtime.compact:
+                dropped = state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)  # real rows gone
+                position_ids = kwargs["position_ids"]
+                kwargs = self._renumber(hidden_states, kwargs, position_ids - dropped[:, None])  # type: ignore[operator]
+            if cache is not None:
+                kwargs = cache.decode_positions(self.index, hidden_states, kwargs)
         output = self.inner(hidden_states, **kwargs)
+        if not prefill and cache is not None:
+            cache.after_decode(self.index)
         if prefill and self.stages:
             output = self._apply_stages(output, state, kwargs)
         return output
@@ -238,10 +247,16 @@ class CompiledModel:
         self._original_attention = adapter.decoder.config._attn_implementation
         stage_layers = sorted({k for s in plan.stages if s.kind == "llm" for k in s.layers})
         self._wrapped: list[tuple[int, nn.Module]] = []
-        if stage_layers:
+        self.runtime.cache = CacheRuntime.build(plan, self.runtime)
+        wrapped_layers = sorted(set(stage_layers) | set(self.runtime.cache.layers if self.runtime.cache else ()))
+        if wrapped_layers:
             name = register()
             adapter.decoder.config._attn_implementation = name
-            for k in range(stage_layers[0], len(adapter.decoder_layers)):
+            if self.runtime.cache is not None:
+                adapter.decoder.config._attn_implementation = self.runtime.cache.install() or name
+                self._handles.append(self.model.register_forward_pre_hook(self.runtime.cache.on_forward,
+                                                                          with_kwargs=True))
+            for k in range(wrapped_layers[0], len(adapter.decoder_layers)):
                 stages = [s for s in plan.stages if s.kind == "llm" and k in s.layers]
                 inner = adapter.decoder_layers[k]
                 adapter.decoder_layers[k] = PolicyLayer(inner, k, self.runtime, stages)
@@ -270,6 +285,8 @@ class CompiledModel:
             if hasattr(adapter.decoder_attention[index], "_policyc_recorder"):
                 del adapter.decoder_attention[index]._policyc_recorder
         adapter.decoder.config._attn_implementation = self._original_attention
+        if self.runtime.cache is not None:
+            self.runtime.cache.remove()
         for handle in self._handles:
             handle.remove()
         self._wrapped.clear()

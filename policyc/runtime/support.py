@@ -7,7 +7,7 @@ from policyc.catalog import SIGNALS
 from policyc.compiler.plan import Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.passes import SIGNAL_OPS
+from policyc.passes import CACHE_OPS, SIGNAL_OPS
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SETS = {"vision", "all", "text", "system", "last", "last_instruction"}
@@ -29,12 +29,12 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: llm.layer[...] stages with let/score/keep/drop/protect, top selections, "
                           f"the signals {', '.join(sorted(SIGNAL_OPS))}, positions original or compact, "
-                          "and `cache full`")
+                          f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
 
 
 def _statement(kind: str, statement: ir.Statement) -> None:
     if kind == "decode":
-        if isinstance(statement, ir.Cache) and statement.method == "full":
+        if isinstance(statement, ir.Cache) and (statement.method == "full" or statement.method in CACHE_OPS):
             return
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
     if kind != "llm":
