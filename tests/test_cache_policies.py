@@ -183,3 +183,24 @@ def test_static_caches_fail_loudly_at_the_cache_statement() -> None:
     with pytest.raises(PolicyError) as caught:
         generate(model, inputs, cache_implementation="static")
     assert str(caught.value).startswith("p.tokpol:3:2: error: cache heavy_hitter needs a dynamic KV cache")
+
+
+@pytest.mark.parametrize("cache", ["snapkv(window=2, capacity=8, kernel=3)", "heavy_hitter(heavy=3, recent=2)",
+                                   "sink_window(sinks=2, window=5)"])
+def test_cache_policies_after_compact_prefill_drops_equal_single_runs(cache: str) -> None:
+    model = tiny_llava_clip(seed=2)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=2)
+    compiled(model, f"""stage llm.layer[0] {{ keep top 12 of vision by attention(last -> vision)
+                                              positions compact }}
+                        stage llm.layer[2] {{ keep top 5 of vision by attention(last -> vision)
+                                              positions compact }}
+                        stage decode {{ cache {cache} }}""")
+    batched = generate(model, inputs)
+    assert max(cache_lengths(batched)) < inputs["input_ids"].shape[1]  # every layer evicted
+    for row in range(2):
+        valid = inputs["attention_mask"][row].bool()
+        alone = generate(model, {key: value[row : row + 1, valid] if key != "pixel_values" else value[row : row + 1]
+                                 for key, value in inputs.items()})
+        assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, -STEPS:])
+        for a, b in zip(batched.scores, alone.scores, strict=True):
+            torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-5)

@@ -76,6 +76,12 @@ class SlotLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
 
+    def _unsupported(self, *args: object, **kwargs: object) -> None:
+        raise NotImplementedError("policyc's decode cache policies support greedy search and sampling; beam search, "
+                                  "assisted decoding and cache cropping would desynchronise the slot map")
+
+    reorder_cache = batch_repeat_interleave = batch_select_indices = crop = _unsupported
+
     def select(self, keep: torch.Tensor) -> None:
         """Keep the `keep` slots ([B, Hkv, n] bool) of each head, in order; rows keeping fewer are padded
         with empty slots."""
