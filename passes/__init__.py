@@ -5,6 +5,10 @@ Shipped as `policyc.passes`. Importing this package registers every operator in 
 
 from policyc.passes import (  # noqa: F401  (registration)
     attention,
+    cache_heavy_hitter,
+    cache_regather,
+    cache_sink_window,
+    cache_snapkv,
     graph_stage_drop,
     hidden,
     key_norm,
@@ -20,11 +24,12 @@ from policyc.passes import (  # noqa: F401  (registration)
     select_top,
 )
 from policyc.passes.base import SIGNAL_OPS, SignalOp, register_signal
+from policyc.passes.cache_base import CACHE_OPS, CacheOp, register_cache
 from policyc.passes.features import FEATURE_OPS, FeatureOp, register_feature
 from policyc.passes.graph import GRAPH_PASSES, GraphPass, register_graph_pass
 from policyc.passes.merges import MERGE_OPS, MergeOp, register_merge
 from policyc.passes.selectors import SELECTOR_OPS, SelectorOp, register_selector
 
-__all__ = ["FEATURE_OPS", "GRAPH_PASSES", "MERGE_OPS", "SELECTOR_OPS", "SIGNAL_OPS", "FeatureOp", "GraphPass",
-           "MergeOp", "SelectorOp", "SignalOp", "register_feature", "register_graph_pass", "register_merge",
-           "register_selector", "register_signal"]
+__all__ = ["CACHE_OPS", "FEATURE_OPS", "GRAPH_PASSES", "MERGE_OPS", "SELECTOR_OPS", "SIGNAL_OPS", "CacheOp",
+           "FeatureOp", "GraphPass", "MergeOp", "SelectorOp", "SignalOp", "register_cache", "register_feature",
+           "register_graph_pass", "register_merge", "register_selector", "register_signal"]

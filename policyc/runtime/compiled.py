@@ -24,6 +24,7 @@ from policyc.errors import PolicyError, Span
 from policyc.lang import ir
 from policyc.passes.base import selected_first
 from policyc.runtime.attention import register
+from policyc.runtime.cache import CacheRuntime
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.support import check_supported
 from policyc.runtime.vision import ImageStages
@@ -60,6 +61,7 @@ class Runtime:
     steps: int = 0  # decode steps since the prefill
     static: bool = False  # the current generate() uses a static cache
     graphs: bool = False  # the inductor backend: prefill stages run as graph passes, not in the layer wrappers
+    cache: CacheRuntime | None = None  # the decode stage's cache policy (None: `cache full`)
 
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         image = input_ids == self.plan.adapter.image_token_id
@@ -218,20 +220,28 @@ class PolicyLayer(nn.Module):
                     kwargs = self._renumber(hidden_states, kwargs, torch.gather(runtime.base_positions, 1, state.kept))
         else:
             kept = runtime.kept_at_layer.get(self.index)
-            if kept is not None and kept.shape[1] < state.length:
-                if runtime.dropped_before is not None:
-                    mask = runtime.full_decode_mask(kwargs.get("attention_mask"), _is_static(kwargs))  # type: ignore[arg-type]
-                    kwargs = {**kwargs, "attention_mask": mask}
-                kwargs = _gather_decode(kwargs, kept, state.length)
-                dropped = None
-                if runtime.compact:
-                    dropped = state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)  # real rows gone
-                elif runtime.dropped_before is not None:
-                    dropped = runtime.dropped_before
-                if dropped is not None:
-                    position_ids = kwargs["position_ids"]
-                    kwargs = self._renumber(hidden_states, kwargs, position_ids - dropped[:, None])  # type: ignore[operator]
+            shorter = kept is not None and kept.shape[1] < state.length
+            if shorter and runtime.dropped_before is not None:  # transformers sized the mask by layer 0's cache
+                mask = runtime.full_decode_mask(kwargs.get("attention_mask"), _is_static(kwargs))  # type: ignore[arg-type]
+                kwargs = {**kwargs, "attention_mask": mask}
+            cache = runtime.cache if runtime.cache and runtime.cache.handles(self.index) else None
+            if cache is not None:
+                kwargs = cache.decode_mask(self.index, kwargs)
+            elif shorter:
+                kwargs = _gather_decode(kwargs, kept, state.length)  # type: ignore[arg-type]
+            dropped = None
+            if shorter and runtime.compact:
+                dropped = state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)  # type: ignore[arg-type]
+            elif shorter and runtime.dropped_before is not None:
+                dropped = runtime.dropped_before
+            if dropped is not None:
+                position_ids = kwargs["position_ids"]
+                kwargs = self._renumber(hidden_states, kwargs, position_ids - dropped[:, None])  # type: ignore[operator]
+            if cache is not None:
+                kwargs = cache.decode_positions(self.index, hidden_states, kwargs)
         output = self.inner(hidden_states, **kwargs)
+        if not prefill and cache is not None:
+            cache.after_decode(self.index)
         if prefill and self.stages:
             output = self._apply_stages(output, kwargs)
         return output
@@ -357,17 +367,27 @@ class CompiledModel:
         before_llm = any(s.kind in ("encoder", "projector") for s in plan.stages)  # drops at the LLM's input
         self._wrapped: list[tuple[int, nn.Module]] = []
         self.graphs: list[CapturedGraph] = []  # the inductor backend's rewritten graphs, as captured
+        if before_llm:
+            self.runtime.images = self.images
+        self.runtime.cache = CacheRuntime.build(plan, self.runtime)
+        cached = set(self.runtime.cache.layers if self.runtime.cache else ())
+        wrapped_layers = sorted(set(stage_layers) | cached | ({0} if before_llm else set()))
         if backend == "inductor":
             self._compile_graphs(stage_layers)  # prefill stages become graph passes; decoding stays below
-        elif stage_layers:
-            adapter.decoder.config._attn_implementation = register()
-        if stage_layers or before_llm:
-            for k in range(0 if before_llm else stage_layers[0], len(adapter.decoder_layers)):
+        if wrapped_layers:
+            if backend == "eager" and (stage_layers or cached):
+                name = register()
+                adapter.decoder.config._attn_implementation = name
+                if self.runtime.cache is not None:
+                    adapter.decoder.config._attn_implementation = self.runtime.cache.install() or name
+                    self._handles.append(self.model.register_forward_pre_hook(self.runtime.cache.on_forward,
+                                                                              with_kwargs=True))
+            for k in range(wrapped_layers[0], len(adapter.decoder_layers)):
                 stages = [s for s in plan.stages if s.kind == "llm" and k in s.layers]
                 inner = adapter.decoder_layers[k]
                 adapter.decoder_layers[k] = PolicyLayer(inner, k, self.runtime, stages)
                 self._wrapped.append((k, inner))
-                if stages:
+                if stages and backend == "eager":
                     adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
 
@@ -408,6 +428,8 @@ class CompiledModel:
             if hasattr(adapter.decoder_attention[index], "_policyc_recorder"):
                 del adapter.decoder_attention[index]._policyc_recorder
         adapter.decoder.config._attn_implementation = self._original_attention
+        if self.runtime.cache is not None:
+            self.runtime.cache.remove()
         for handle in self._handles:
             handle.remove()
         for undo in self._undo:

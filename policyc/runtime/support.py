@@ -7,7 +7,7 @@ from policyc.catalog import SIGNALS
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.passes import FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
+from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SELECTORS = {"llm": {"top"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
@@ -18,8 +18,8 @@ _SETS = {"llm": {"cls", "raters", "dropped"}, "encoder": {"raters", "dropped"}, 
 def check_supported(plan: Plan, backend: str = "eager") -> None:
     problems: list[PolicyError] = []
     for stage in plan.stages:
-        if backend == "inductor" and stage.kind in ("encoder", "projector"):
-            problems.append(PolicyError.at(f"{stage.kind} stages are not implemented by the inductor backend yet",
+        if backend == "inductor" and _not_in_graphs(stage):
+            problems.append(PolicyError.at(f"{_not_in_graphs(stage)} not implemented by the inductor backend yet",
                                            stage.span, "compile with backend='eager' (the reference semantics)"))
         for statement in stage.statements:
             try:
@@ -30,19 +30,29 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
         raise PolicyError([d for p in problems for d in p.diagnostics])
 
 
+def _not_in_graphs(stage: BoundStage) -> str | None:
+    """What the inductor backend cannot run yet: stages before the LLM and cache policies."""
+    if stage.kind in ("encoder", "projector"):
+        return f"{stage.kind} stages are"
+    if any(isinstance(s, ir.Cache) and s.method != "full" for s in stage.statements):
+        return "cache policies other than `full` are"
+    return None
+
+
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top (everywhere) and stride, grid, diverse "
                           "(before the LLM), the merges bipartite, window, nearest and pool (before the LLM), "
                           f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden, "
-                          "positions original or compact, and `cache full`")
+                          "positions original or compact, "
+                          f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
 
 
 def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
     kind = stage.kind
     if kind == "decode":
-        if isinstance(statement, ir.Cache) and statement.method == "full":
+        if isinstance(statement, ir.Cache) and (statement.method == "full" or statement.method in CACHE_OPS):
             return
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
     match statement:

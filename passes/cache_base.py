@@ -1,0 +1,119 @@
+"""The base class of decode-time cache operators (`cache METHOD(options)` in `stage decode`).
+
+A subclass writes one method, `keep`: given a layer's cache slots, which stay. The shared machinery
+(policyc/runtime/cache.py) calls it after prefill, and after every decode step for operators with
+`every_step`; it keeps protected tokens whatever `keep` says, gathers keys, values and the slot map,
+and rebuilds each layer's mask from the slot map. Budgets count real tokens only: padding and empty
+slots never take a slot a real token needs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal, TypeVar
+
+import torch
+
+from policyc.catalog.caches import CACHES
+from policyc.errors import PolicyError
+from policyc.lang import ir
+
+
+@dataclass
+class Slots:
+    """One layer's cache as a cache operator sees it: n slots per key/value head."""
+
+    positions: torch.Tensor  # [B, Hkv, n] long: the token each slot holds (its index in the sequence), -1: empty
+    real: torch.Tensor  # [B, Hkv, n] bool: the slot holds a real token (not padding, not empty)
+    protected: torch.Tensor  # [B, Hkv, n] bool: a `protect`ed prompt token (always kept)
+    survives: torch.Tensor  # [B, Hkv, n] bool: the token survives the last prefill stage (generated ones do)
+    scores: torch.Tensor | None  # [B, Hkv, n] float: accumulated attention or window votes, per key/value head
+    prompt_size: torch.Tensor  # [B] long: real prompt tokens this layer cached in prefill (percent budgets)
+    after_prefill: bool  # True for the call right after prefill, False after a decode step
+
+    @property
+    def candidates(self) -> torch.Tensor:
+        """[B, Hkv, n] bool: real, unprotected slots: the ones a budget is spent on."""
+        return self.real & ~self.protected
+
+
+class CacheOp(ABC):
+    """A decode-time KV-cache policy. Options are literals (parameters resolved, defaults filled)."""
+
+    name: ClassVar[str]  # the catalog name (policyc.catalog.caches)
+    scores: ClassVar[Literal["none", "accumulated", "window"]] = "none"  # what `Slots.scores` holds
+    every_step: ClassVar[bool] = False  # also called after each decode step (not only after prefill)
+    all_layers: ClassVar[bool] = True  # every decoder layer; False: the layers from the first prefill stage on
+    relative_positions: ClassVar[bool] = False  # after an eviction, keys are re-rotated to their cache index
+
+    def __init__(self, statement: ir.Cache, values: Mapping[str, ir.Expr]) -> None:
+        from policyc.lang.build import parse_value
+
+        self.statement = statement
+        given = {k.name: values.get(k.value.id, k.value) if isinstance(k.value, ir.Name) else k.value
+                 for k in statement.options}
+        spec = CACHES.get(statement.method, statement.span)
+        self.options: dict[str, ir.Expr] = {o.name: given[o.name] if o.name in given else parse_value(str(o.default))
+                                            for o in spec.options}
+        self.validate()
+
+    def validate(self) -> None:  # noqa: B027  (optional: most operators accept every value the checker does)
+        """Reject option values the operator cannot run with (a `PolicyError` at the statement)."""
+
+    def error(self, message: str, hint: str | None = None) -> PolicyError:
+        return PolicyError.at(message, self.statement.span, hint)
+
+    def number(self, name: str) -> float:
+        value = self.options[name]
+        if not isinstance(value, ir.Number):
+            raise self.error(f"cache option {name} must be a number here")
+        return value.value
+
+    def word(self, name: str) -> str:
+        value = self.options[name]
+        return value.id if isinstance(value, ir.Name) else str(getattr(value, "value", value))
+
+    def budget(self, name: str, slots: Slots) -> torch.Tensor:
+        """[B] long: a count option, or a percentage of the real prompt tokens the layer cached (truncated)."""
+        value = self.options[name]
+        if isinstance(value, ir.Percent):
+            return (slots.prompt_size.double() * value.value / 100).floor().long()
+        return torch.full_like(slots.prompt_size, int(self.number(name)))
+
+    @abstractmethod
+    def keep(self, slots: Slots) -> torch.Tensor:
+        """[B, Hkv, n] bool: which slots stay (protected slots stay whatever this says)."""
+
+
+CACHE_OPS: dict[str, type[CacheOp]] = {}
+C = TypeVar("C", bound=type[CacheOp])
+
+
+def register_cache(cls: C) -> C:
+    """Class decorator: make a cache operator available under `cls.name`."""
+    if cls.name in CACHE_OPS:
+        raise ValueError(f"cache operator {cls.name!r} is registered twice")
+    CACHE_OPS[cls.name] = cls
+    return cls
+
+
+def last(candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, n] bool: the last `count[b]` candidates of each row, in slot order."""
+    from_end = candidates.flip(-1).long().cumsum(-1).flip(-1)  # candidates at or after each slot
+    return candidates & (from_end <= count[:, None, None])
+
+
+def first(candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, n] bool: the first `count[b]` candidates of each row, in slot order."""
+    return candidates & (candidates.long().cumsum(-1) <= count[:, None, None])
+
+
+def top(candidates: torch.Tensor, scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, n] bool: the `count[b]` highest-scoring candidates of each row; ties go to the earlier slot."""
+    ranked = scores.float().masked_fill(~candidates, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                            .expand_as(order).contiguous())
+    return candidates & (rank < count[:, None, None])

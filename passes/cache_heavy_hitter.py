@@ -1,0 +1,35 @@
+"""`cache heavy_hitter(heavy, recent, per_head)`: H2O (Zhang et al., arXiv:2306.14048; algorithms.md §12.1).
+
+Each slot accumulates the attention it receives: column sums over every prompt query in prefill,
+then the new query's attention at each decode step. Whenever a layer holds more than
+`heavy + recent` candidate tokens, it keeps the `recent` newest plus the `heavy` highest-scoring
+older ones and evicts the rest, so each query sees at most `heavy + recent + 1` tokens.
+
+Percentages are of the real prompt tokens the layer cached in prefill. With grouped-query attention
+a decision is made per key/value head, on the attention its query heads pay summed over the group
+(keys and values are what is cached, once per key/value head); `per_head=false` makes one decision
+per layer from the sum over all heads. Tokens keep their original positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from policyc.passes.cache_base import CacheOp, Slots, last, register_cache, top
+
+
+@register_cache
+class HeavyHitter(CacheOp):
+    name = "heavy_hitter"
+    scores = "accumulated"
+    every_step = True
+
+    def keep(self, slots: Slots) -> torch.Tensor:
+        assert slots.scores is not None  # the machinery accumulates them for `scores = "accumulated"`
+        heavy, recent = self.budget("heavy", slots), self.budget("recent", slots)
+        candidates = slots.candidates
+        over = candidates.sum(-1, keepdim=True) > (heavy + recent)[:, None, None]
+        newest = last(candidates, recent)
+        scores = slots.scores if self.word("per_head") == "true" else slots.scores.sum(1, keepdim=True).expand_as(
+            slots.scores)
+        kept = newest | top(candidates & ~newest, scores, heavy)
+        return torch.where(over, kept, torch.ones_like(kept))

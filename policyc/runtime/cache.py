@@ -1,0 +1,345 @@
+"""Decode-time cache policies (`stage decode { cache METHOD(...) }`) on transformers' cache classes.
+
+- After prefill, each layer's `DynamicLayer` becomes a `SlotLayer`: the same keys and values plus a
+  slot map, [B, Hkv, n], the token each slot holds (its index in the full sequence; -1: empty). It
+  generalises `Runtime.kept_at_layer` to per-head, evolving caches. It reports the full sequence
+  length, so `generate()` keeps building full-length masks and positions.
+- Before a layer runs a decode step, its mask is the full mask's columns gathered through the slot
+  map, per head ([B, H, 1, n]: SDPA takes per-head masks). A layer whose slots are still the whole
+  sequence in order is left untouched (bit-exact with the unmodified model).
+- The operator (passes/cache_*.py) decides which slots stay, after prefill and, for `every_step`
+  operators, after each decode step. Attention scores come from a registered attention function
+  that hands post-RoPE queries and keys to an observer (never eager attention or output_attentions).
+- Static caches are refused with a clear error (their slots cannot shrink per head).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import sdpa_mask
+
+from policyc.compiler.plan import Plan
+from policyc.errors import PolicyError
+from policyc.lang import ir
+from policyc.passes.cache_base import CACHE_OPS, CacheOp, Slots
+from policyc.runtime import attention
+
+if TYPE_CHECKING:
+    from policyc.runtime.compiled import Runtime
+
+OBSERVING_NAME = "policyc_sdpa_cache"
+_CHUNK = 256  # query rows per block when summing prefill attention columns
+
+
+class SlotLayer(DynamicLayer):
+    """A `DynamicLayer` whose n slots per key/value head may hold any tokens of the sequence.
+
+    keys, values: [B, Hkv, n, d]; positions: [B, Hkv, n] each slot's token (-1: empty); scores:
+    [B, Hkv, n] what the operator ranks by (or None); rotary: [B, Hkv, n] the rotary position each key
+    was rotated at (only for operators with relative positions). `seen` counts the sequence's tokens.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, seen: int,
+                 scores: torch.Tensor | None, rotary: torch.Tensor | None) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self.positions, self.seen, self.scores, self.rotary = positions, seen, scores, rotary
+        self.identity = positions.shape[-1] == seen  # slots are still the whole sequence, in order
+        self.prompt_size = torch.zeros(keys.shape[0], dtype=torch.long, device=keys.device)
+        self.next_position: torch.Tensor | None = None  # [B] once keys are renumbered (relative positions)
+        self.incoming: torch.Tensor | None = None  # [B] rotary position of the token being added
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heads, count = key_states.shape[:3]
+        new = torch.arange(self.seen, self.seen + count, device=self.positions.device).expand(batch, heads, count)
+        self.positions = torch.cat([self.positions, new], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, count)], dim=-1)
+        if self.rotary is not None and self.incoming is not None:
+            self.rotary = torch.cat([self.rotary, self.incoming[:, None, None].expand(batch, heads, count)], dim=-1)
+        if self.next_position is not None:
+            self.next_position = self.next_position + count
+        self.seen += count
+        return super().update(key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def _unsupported(self, *args: object, **kwargs: object) -> None:
+        raise NotImplementedError("policyc's decode cache policies support greedy search and sampling; beam search, "
+                                  "assisted decoding and cache cropping would desynchronise the slot map")
+
+    reorder_cache = batch_repeat_interleave = batch_select_indices = crop = _unsupported
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep the `keep` slots ([B, Hkv, n] bool) of each head, in order; rows keeping fewer are padded
+        with empty slots."""
+        count = keep.sum(-1)
+        width = int(count.max())
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+        empty = torch.arange(width, device=keep.device) >= count[..., None]
+        rows = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys, self.values = torch.gather(self.keys, 2, rows), torch.gather(self.values, 2, rows)
+        self.positions = torch.gather(self.positions, -1, order).masked_fill(empty, -1)
+        if self.scores is not None:
+            self.scores = torch.gather(self.scores, -1, order)
+        if self.rotary is not None:
+            self.rotary = torch.gather(self.rotary, -1, order)
+        self.identity = False
+
+
+def _observing_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """The recording SDPA (policyc/runtime/attention.py), then the module's cache observer, if any."""
+    output = attention._recording_sdpa(module, query, key, value, attention_mask, **kwargs)
+    observer = getattr(module, "_policyc_cache_observer", None)
+    if observer is not None:
+        scaling = kwargs.get("scaling")
+        observer(query, key, attention_mask, float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
+    return output
+
+
+def register_observing() -> str:
+    """Register the observing attention (and its mask function) with transformers; returns its name."""
+    AttentionInterface.register(OBSERVING_NAME, _observing_sdpa)
+    AttentionMaskInterface.register(OBSERVING_NAME, sdpa_mask)
+    return OBSERVING_NAME
+
+
+def _cache_of(kwargs: dict[str, object]) -> object:
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def attention_columns(query: torch.Tensor, key: torch.Tensor, scaling: float, visible: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities summed over query rows, per key/value head: [B, Hkv, n] float32.
+
+    query [B, H, q, d], key [B, Hkv, n, d] (post-RoPE); visible [B, 1 or H, q, n] bool. Rows that see
+    no key add nothing. Query heads of one key/value head are summed (GQA).
+    """
+    batch, heads, rows, _ = query.shape
+    groups = heads // key.shape[1]
+    keys = key.repeat_interleave(groups, dim=1).float()
+    total = torch.zeros(batch, heads, key.shape[2], device=query.device)
+    for start in range(0, rows, _CHUNK):
+        logits = query[:, :, start:start + _CHUNK].float() @ keys.transpose(-1, -2) * scaling
+        logits = logits.masked_fill(~visible[:, :, start:start + _CHUNK], float("-inf"))
+        total += torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(2)
+    return total.view(batch, key.shape[1], groups, -1).sum(2)
+
+
+class CacheRuntime:
+    """The decode-time cache policy of one compiled model: observers, slot layers, masks, evictions."""
+
+    def __init__(self, plan: Plan, runtime: Runtime, op: CacheOp, span_sources: dict[str, str]) -> None:
+        self.plan, self.runtime, self.op, self.sources = plan, runtime, op, span_sources
+        count = len(plan.adapter.decoder_layers)
+        stage_layers = sorted({k for s in plan.stages if s.kind == "llm" for k in s.layers})
+        self.layers = list(range(count)) if op.all_layers else list(range(stage_layers[0], count))
+        self.prefill_scores: dict[int, torch.Tensor] = {}
+        self._cache: object = None
+
+    @classmethod
+    def build(cls, plan: Plan, runtime: Runtime) -> CacheRuntime | None:
+        """The plan's cache policy, or None when decoding needs nothing (`cache full`, no decode stage,
+        or `regather` without prefill stages)."""
+        statements = [st for s in plan.stages if s.kind == "decode" for st in s.statements if isinstance(st, ir.Cache)]
+        stage = next((s for s in plan.stages if s.kind == "decode"), None)
+        if not statements or statements[-1].method == "full" or stage is None:
+            return None
+        try:
+            op = CACHE_OPS[statements[-1].method](statements[-1], stage.values)
+        except PolicyError as error:
+            raise error.with_sources(dict(plan.checked.sources)) from None
+        if not op.all_layers and not any(s.kind == "llm" for s in plan.stages):
+            return None
+        return cls(plan, runtime, op, dict(plan.checked.sources))
+
+    # ------------------------------------------------------------ installation
+    def install(self) -> str | None:
+        """Attach observers where the operator reads attention; returns the attention function to use
+        (None: the operator needs no scores)."""
+        if self.op.scores == "none":
+            return None
+        for k in self.layers:
+            self.plan.adapter.decoder_attention[k]._policyc_cache_observer = self._observer(k)
+        return register_observing()
+
+    def remove(self) -> None:
+        for k in self.layers:
+            attention_module = self.plan.adapter.decoder_attention[k]
+            if hasattr(attention_module, "_policyc_cache_observer"):
+                del attention_module._policyc_cache_observer
+
+    def on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Model pre-hook: a prefill starts afresh; static caches are refused before any work."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(input_ids, torch.Tensor) and input_ids.shape[1] > 1:
+            self.prefill_scores.clear()
+            if isinstance(_cache_of(kwargs), StaticCache):
+                raise self.error(f"cache {self.op.name} needs a dynamic KV cache; static caches are not supported",
+                                 "drop cache_implementation=\"static\" from generate()")
+
+    def error(self, message: str, hint: str | None = None) -> PolicyError:
+        return PolicyError.at(message, self.op.statement.span, hint).with_sources(self.sources)
+
+    # ------------------------------------------------------------ attention scores
+    def _observer(self, index: int):  # type: ignore[no-untyped-def]
+        def observe(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> None:
+            if query.shape[2] > 1:
+                self.prefill_scores[index] = self._prefill_scores(index, query, key, scaling)
+                return
+            layer = getattr(self._cache, "layers", [None] * (index + 1))[index]
+            if isinstance(layer, SlotLayer) and layer.scores is not None and self.op.scores == "accumulated":
+                visible = torch.ones_like(layer.positions[:, :1, None, :], dtype=torch.bool)
+                if mask is not None:
+                    visible = _visible(mask)
+                layer.scores = layer.scores + attention_columns(query, key, scaling, visible)
+        return observe
+
+    def _prefill_scores(self, index: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Column sums over every real prompt row (accumulated), or over the last `window` rows (window)."""
+        state = self.runtime.state
+        assert state is not None
+        kept = self.runtime.kept_at_layer[index]
+        rows = torch.gather(state.valid, 1, kept)  # [B, L'] real rows
+        length = kept.shape[1]
+        first_row = 0 if self.op.scores == "accumulated" else max(0, length - int(self.op.number("window")))
+        query_rows = torch.arange(first_row, length, device=kept.device)
+        causal = torch.arange(length, device=kept.device)[None, :] <= query_rows[:, None]  # [q, L']
+        visible = causal[None, None] & rows[:, None, None, :] & rows[:, None, first_row:, None]
+        return attention_columns(query[:, :, first_row:], key[:, :, :length], scaling, visible)
+
+    # ------------------------------------------------------------ decoding
+    def handles(self, index: int) -> bool:
+        return index in self.layers
+
+    def decode_mask(self, index: int, kwargs: dict[str, object]) -> dict[str, object]:
+        """Before decode step of layer `index`: its cache becomes a `SlotLayer` (the first time), and its
+        mask the full mask's columns gathered through the slot map, per head."""
+        self._cache = _cache_of(kwargs)
+        layer = self._slot_layer(index)
+        if layer.identity:
+            return kwargs
+        batch, heads = layer.positions.shape[:2]
+        current = torch.full((batch, heads, 1), layer.seen, device=layer.positions.device)
+        columns = torch.cat([layer.positions, current], dim=-1)  # [B, Hkv, n + 1]
+        exists = columns >= 0
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor):
+            if bool(exists.all()):
+                return kwargs
+            remapped = exists[:, :, None, :]
+        else:
+            full = mask.expand(batch, heads, mask.shape[2], mask.shape[3])
+            index_ = columns.clamp(min=0)[:, :, None, :].expand(-1, -1, mask.shape[2], -1)
+            remapped = torch.gather(full, 3, index_)
+            blocked = torch.zeros((), dtype=mask.dtype) if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+            remapped = remapped.masked_fill(~exists[:, :, None, :], blocked)
+        groups = self.plan.adapter.decoder_attention[index].num_key_value_groups
+        return {**kwargs, "attention_mask": remapped.repeat_interleave(groups, dim=1)}
+
+    def decode_positions(self, index: int, hidden: torch.Tensor, kwargs: dict[str, object]) -> dict[str, object]:
+        """Relative positions (StreamingLLM's pos-shift): once a layer has evicted, the new token takes the
+        next index in its cache."""
+        if not self.op.relative_positions:
+            return kwargs
+        layer = self._slot_layer(index)
+        if layer.next_position is not None:
+            positions = layer.next_position[:, None]
+            rotary = self.plan.adapter.rotary
+            if rotary is None:
+                raise self.error(f"cache {self.op.name} re-rotates keys and needs the LLM's rotary embedding")
+            embeddings = rotary(hidden, position_ids=positions)
+            kwargs = {**kwargs, "position_ids": positions, "position_embeddings": embeddings}
+        position_ids = kwargs["position_ids"]
+        assert isinstance(position_ids, torch.Tensor)
+        layer.incoming = position_ids[..., -1].expand(layer.keys.shape[0])
+        return kwargs
+
+    def after_decode(self, index: int) -> None:
+        if self.op.every_step:
+            self._evict(index, self._slot_layer(index), after_prefill=False)
+
+    def _slot_layer(self, index: int) -> SlotLayer:
+        cache = self._cache
+        layer = cache.layers[index]  # type: ignore[attr-defined]
+        if isinstance(layer, SlotLayer):
+            return layer
+        if type(layer) is not DynamicLayer:
+            raise self.error(f"cache {self.op.name} needs a dynamic KV cache, not {type(layer).__name__}")
+        state = self.runtime.state
+        assert state is not None
+        kept = self.runtime.kept_at_layer.get(index)
+        if kept is None:
+            kept = torch.arange(state.length, device=layer.keys.device).expand(layer.keys.shape[0], -1)
+        batch, heads = layer.keys.shape[:2]
+        positions = kept[:, None, :].expand(batch, heads, -1).contiguous()
+        rotary = None
+        if self.op.relative_positions:
+            real = torch.gather(state.valid, 1, kept).long()
+            if self.runtime.compact and kept.shape[1] < state.length:
+                rotary = real.cumsum(1) - 1
+            else:
+                rotary = torch.gather(state.valid.long().cumsum(1) - 1, 1, kept)
+            rotary = rotary.clamp(min=0)[:, None, :].expand(batch, heads, -1).contiguous()
+        slot = SlotLayer(layer.keys, layer.values, positions, state.length, self.prefill_scores.pop(index, None),
+                         rotary)
+        slot.prompt_size = torch.gather(state.valid, 1, kept).sum(1)
+        cache.layers[index] = slot  # type: ignore[attr-defined]
+        self._evict(index, slot, after_prefill=True)
+        return slot
+
+    def _slots(self, layer: SlotLayer, after_prefill: bool) -> Slots:
+        state = self.runtime.state
+        assert state is not None
+        positions, length = layer.positions, state.length
+        in_prompt = (positions >= 0) & (positions < length)
+        at = positions.clamp(0, length - 1)
+
+        def lookup(mask: torch.Tensor) -> torch.Tensor:
+            return torch.gather(mask[:, None, :].expand(-1, positions.shape[1], -1), 2, at) & in_prompt
+
+        real = (positions >= length) | lookup(state.valid)
+        return Slots(positions, real, lookup(state.protected), (positions >= length) | lookup(state.alive()),
+                     layer.scores, layer.prompt_size, after_prefill)
+
+    def _evict(self, index: int, layer: SlotLayer, after_prefill: bool) -> None:
+        slots = self._slots(layer, after_prefill)
+        keep = self.op.keep(slots) | slots.protected
+        if bool(keep.all()):
+            return
+        layer.select(keep)
+        if self.op.relative_positions:
+            self._renumber(index, layer)
+
+    def _renumber(self, index: int, layer: SlotLayer) -> None:
+        """Re-rotate the kept keys to their index among the layer's real slots (StreamingLLM's pos-shift)."""
+        rotary = self.plan.adapter.rotary
+        if rotary is None or layer.rotary is None:
+            raise self.error(f"cache {self.op.name} re-rotates keys and needs the LLM's rotary embedding")
+        real = self._slots(layer, False).real
+        target = (real.long().cumsum(-1) - 1).clamp(min=0)
+        delta = (target - layer.rotary).masked_fill(~real, 0)
+        batch, heads, slots, dim = layer.keys.shape
+        cos, sin = rotary(layer.keys, position_ids=delta.reshape(batch, heads * slots))
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        cos, sin = (t.view(batch, heads, slots, dim) / scale for t in (cos, sin))
+        rotate_half = sys.modules[type(self.plan.adapter.decoder_attention[index]).__module__].rotate_half
+        layer.keys = layer.keys * cos + rotate_half(layer.keys) * sin
+        layer.rotary = torch.where(real, target, layer.rotary)
+        layer.next_position = real.sum(-1)[:, 0]
