@@ -37,9 +37,16 @@ class StageDrop(GraphPass):
     def run(self, graph: fx.Graph, ctx: GraphContext) -> bool:
         rotary = rotary_nodes(graph, ctx.layer_class)
         sized: set[fx.Node] = set()  # inserted symbolic sizes: kept lengths and sizes computed from them
+        if not ctx.stage_layers:
+            return False
+        first = layer_output(graph, ctx.stage_layers[0], ctx.layer_class)
         for layer in ctx.stage_layers:
             rotary = self._drop_after(graph, layer, ctx, rotary, sized)
-        return bool(ctx.stage_layers)
+        nodes = list(graph.nodes)
+        for node in nodes[nodes.index(first) + 1 :]:  # traced shapes of the full prompt no longer hold
+            for key in ("val", "tensor_meta", "unbacked_bindings"):
+                node.meta.pop(key, None)
+        return True
 
     def _drop_after(self, graph: fx.Graph, layer: int, ctx: GraphContext, rotary: tuple[fx.Node, fx.Node],
                     sized: set[fx.Node]) -> tuple[fx.Node, fx.Node]:

@@ -77,19 +77,21 @@ def _uncompile(model: Any) -> None:
         previous.remove()
 
 
-def compile(model: Any, policy: Any, params: Mapping[str, Any] | None = None, **values: Any) -> Any:
+def compile(model: Any, policy: Any, params: Mapping[str, Any] | None = None, *, backend: str = "eager",
+            **values: Any) -> Any:
     """Compile `policy` onto `model` in place and return `model`; `model.policyc` is the `CompiledModel`
     (`model.policyc.remove()` restores the original model). Compiling again replaces the previous policy.
 
     `policy`: a checked policy (`policyc.parse`), a `.tokpol` path holding one policy, or a standard-library
     name. Parameters: keyword arguments (`ratio="25%"`, `layer=2`), or `params` for qualified names
-    (`{"fastv.ratio": "25%"}`).
+    (`{"fastv.ratio": "25%"}`). `backend`: "eager" (the reference semantics) or "fx" (the LLM captured by
+    torch.compile, its prefill graph rewritten by graph passes; LLM prefill stages).
     """
     from policyc.runtime import compile_model
 
     assignments = {name: _expr(name, value) for name, value in {**(params or {}), **values}.items()}
     _uncompile(model)
-    model.policyc = compile_model(model, policy, assignments)
+    model.policyc = compile_model(model, policy, assignments, backend)  # type: ignore[arg-type]
     return model
 
 

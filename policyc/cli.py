@@ -143,6 +143,9 @@ def _one_policy(policy: str, loader: object) -> object:
     return found[0]
 
 
+_BACKEND = click.option("--backend", type=click.Choice(["eager", "fx"]), default="eager", show_default=True,
+                        help="eager: the module-level rewrite (the reference semantics); fx: the LLM captured by "
+                             "torch.compile, its prefill graph rewritten by graph passes.")
 _PARAM = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
                       help="Set a parameter, e.g. --param ratio=25%. Repeatable.")
 
@@ -150,19 +153,22 @@ _PARAM = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
 @main.command()
 @click.argument("model")
 @click.argument("policy")
-@click.option("--emit", type=click.Choice(["ir", "plan"]),
-              help="Print the policy's IR (JSON) or its plan bound to MODEL.")
+@click.option("--emit", type=click.Choice(["ir", "plan", "fx"]),
+              help="Print the policy's IR (JSON), its plan bound to MODEL, or the LLM graphs the fx "
+                   "backend captured and rewrote on a calibration prompt.")
+@_BACKEND
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Write a compile artifact (policy, parameters, model reference and config hash, report) to "
                    "this directory; `policyc run DIR` and `policyc.load(DIR)` load it.")
 @_PARAM
-def compile(model: str, policy: str, emit: str | None, output: Path | None, params: tuple[str, ...]) -> None:
+def compile(model: str, policy: str, emit: str | None, backend: str, output: Path | None,
+            params: tuple[str, ...]) -> None:
     """Bind POLICY (a file, FILE:NAME or a standard-library name) to MODEL (a local directory, hub id, or
     `default` for the embedded default model)."""
     from policyc.lang import Loader
 
     if emit is None and output is None:
-        raise click.UsageError("say what to produce: --emit ir, --emit plan, or -o DIR")
+        raise click.UsageError("say what to produce: --emit ir, --emit plan, --emit fx, or -o DIR")
     loader = Loader()
     try:
         checked = _one_policy(policy, loader)
@@ -180,12 +186,14 @@ def compile(model: str, policy: str, emit: str | None, output: Path | None, para
             from policyc.models import adapt
 
             click.echo(lower(checked, adapt(loaded), assignments).describe(), nl=False)  # type: ignore[arg-type]
+        if emit == "fx":
+            _emit_fx(loaded, checked, assignments)
         if output is not None:
             from policyc.artifact import write_artifact
             from policyc.report import calibration_inputs, measure
             from policyc.runtime import compile_model
 
-            compiled = compile_model(loaded, checked, assignments)  # type: ignore[arg-type]
+            compiled = compile_model(loaded, checked, assignments, backend)  # type: ignore[arg-type]
             report = measure(compiled, calibration_inputs(compiled.plan.adapter), reference,
                              "calibration: the sample image and 16 text tokens")
             write_artifact(output, checked, loaded, reference, assignments, report.to_json())  # type: ignore[arg-type]
@@ -194,6 +202,25 @@ def compile(model: str, policy: str, emit: str | None, output: Path | None, para
     except PolicyError as error:
         _fail(error.with_sources(loader.sources))
         sys.exit(EXIT_POLICY_ERROR)
+
+
+def _emit_fx(model: object, checked: object, assignments: dict) -> None:
+    """Compile with the fx backend, run a two-token generate() on the calibration prompt, and print
+    each captured LLM graph as the graph passes left it."""
+    import torch
+
+    from policyc.report import calibration_inputs
+    from policyc.runtime import compile_model
+
+    compiled = compile_model(model, checked, assignments, "fx")  # type: ignore[arg-type]
+    inputs = calibration_inputs(compiled.plan.adapter)
+    with torch.no_grad():
+        compiled.model.generate(**inputs, max_new_tokens=2, do_sample=False)  # type: ignore[operator]
+    for number, graph in enumerate(compiled.graphs):
+        passes = ", ".join(graph.passes) or "none"
+        click.echo(f"# graph {number}: {graph.phase or 'no decoder layer'} (passes applied: {passes})")
+        click.echo(graph.module.code.strip() + "\n")
+    compiled.remove()
 
 
 @main.command()
@@ -207,8 +234,9 @@ def compile(model: str, policy: str, emit: str | None, output: Path | None, para
 @click.option("--show-tokens", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw the image with the tokens each stage kept and dropped into this PNG.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
+@_BACKEND
 def run(model: str | None, policy: str | None, image: Path | None, prompt: str, max_new_tokens: int,
-        params: tuple[str, ...], show_tokens: Path | None, device: str) -> None:
+        params: tuple[str, ...], show_tokens: Path | None, device: str, backend: str) -> None:
     """Generate from an image and a prompt with POLICY compiled onto MODEL; print the tokens each stage
     kept and the prefill and decode timings.
 
@@ -220,7 +248,8 @@ def run(model: str | None, policy: str | None, image: Path | None, prompt: str, 
 
     try:
         run_command(model, policy, image=image, prompt=prompt, max_new_tokens=max_new_tokens,
-                    assignments=_assignments(params), show_tokens=show_tokens, device=device)
+                    assignments=_assignments(params), show_tokens=show_tokens, device=device,
+                    backend=backend)
     except PolicyError as error:
         _fail(error)
         sys.exit(EXIT_POLICY_ERROR)

@@ -153,7 +153,7 @@ class Session:
     artifact: Artifact | None = None
 
 
-def open_session(target: Target, assignments: dict[str, ir.Expr], device: str) -> Session:
+def open_session(target: Target, assignments: dict[str, ir.Expr], device: str, backend: str = "eager") -> Session:
     from policyc.runtime import compile_model
 
     if target.artifact is not None:
@@ -177,7 +177,8 @@ def open_session(target: Target, assignments: dict[str, ir.Expr], device: str) -
         names = ", ".join(c.program.policy.name for c in found)
         raise PolicyError.at(f"{target.policy} holds {len(found)} policies ({names})", None,
                              f"name one: {target.policy}:{found[0].program.policy.name}")
-    return Session(target.model, model, processor, compile_model(model, found[0], assignments))
+    return Session(target.model, model, processor,
+                   compile_model(model, found[0], assignments, backend))  # type: ignore[arg-type]
 
 
 def decode_text(processor: Any, tokens: torch.Tensor) -> str:
@@ -203,7 +204,7 @@ __all__ = ["Session", "Target", "Timings", "decode_text", "generate_timed", "ima
 
 def run_command(model: str | None, policy: str | None, *, image: Path | None, prompt: str, max_new_tokens: int,
                 assignments: dict[str, ir.Expr], show_tokens: Path | None, device: str,
-                console: Any = None) -> None:
+                console: Any = None, backend: str = "eager") -> None:
     """`policyc run`: everything it prints, in order (text, tokens kept per stage, cost, timings)."""
     from rich.console import Console
     from rich.markup import escape
@@ -213,7 +214,7 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
     from policyc.report import report_from_last_prefill
 
     console = console or Console()
-    session = open_session(resolve_target(model, policy), assignments, device)
+    session = open_session(resolve_target(model, policy), assignments, device, backend)
     if session.artifact is not None and (changes := session.artifact.version_changes()):
         console.print(f"[dim]note: the artifact was written with other library versions ({', '.join(changes)})[/dim]")
     dtype = next(session.model.parameters()).dtype

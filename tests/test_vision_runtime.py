@@ -151,7 +151,7 @@ def test_stdlib_pre_llm_policies_compile_and_generate(name: str) -> None:
     try:
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
-        kept, protected = compiled.images.kept, compiled.images.protected
+        kept, protected = compiled.runtime.image_slots  # what the prefill took from the pre-LLM stages
         assert kept.shape == protected.shape == (2, 16) and bool((protected <= kept).all())
         if name == "mustdrop_encoder":
             assert protected.sum(1).tolist() == [1, 1]  # 8% of the patches left after the window merge

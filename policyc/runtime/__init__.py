@@ -1,4 +1,4 @@
-"""Compiling policies onto models (the eager backend)."""
+"""Compiling policies onto models: the eager backend (module-level) and the fx backend (graph passes)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,25 @@ from policyc.compiler.plan import lower
 from policyc.errors import PolicyError
 from policyc.lang import CheckedPolicy, Loader, check_path, check_stdlib, ir
 from policyc.models import adapt
-from policyc.runtime.compiled import CompiledModel
+from policyc.runtime.compiled import BACKENDS, Backend, CompiledModel
 
 
 def compile_model(model: nn.Module, policy: CheckedPolicy | str | Path,
-                  assignments: Mapping[str, ir.Expr] | None = None) -> CompiledModel:
+                  assignments: Mapping[str, ir.Expr] | None = None, backend: Backend = "eager") -> CompiledModel:
     """Rewrite `model` in place to run `policy` (a checked policy, a `.tokpol` path holding one policy,
-    or a standard-library name). Returns the compiled model; `.remove()` undoes the rewrite."""
+    or a standard-library name). Returns the compiled model; `.remove()` undoes the rewrite.
+
+    `backend="eager"` is the reference semantics (layer wrappers, transformers' extension points);
+    `backend="fx"` captures the LLM with torch.compile (dynamo + aot_autograd) and rewrites its prefill
+    graph with the graph passes (passes/graph_*.py); the first prompt of each shape pays the capture."""
+    if backend not in BACKENDS:
+        raise PolicyError.at(f"unknown backend '{backend}'", None, f"backends: {', '.join(BACKENDS)}")
     loader = Loader()
     sources = loader.sources
     try:
         checked = _checked(policy, loader)
         sources = {**checked.sources, **loader.sources}
-        return CompiledModel(lower(checked, adapt(model), assignments))
+        return CompiledModel(lower(checked, adapt(model), assignments), backend)
     except PolicyError as error:
         raise error.with_sources(sources) from None
 

@@ -21,7 +21,7 @@ def _recording_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     """SDPA, unchanged; during prefill also passes (query, key, scale) to the module's recorder."""
     output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     recorder: Recorder | None = getattr(module, "_policyc_recorder", None)
-    if recorder is not None and query.shape[2] > 1:
+    if recorder is not None and query.shape[2] > 1 and not torch.compiler.is_compiling():  # graphs read q/k
         scaling = kwargs.get("scaling")
         # A static cache returns all its slots; in prefill only the first query-length ones are filled.
         keys = key[:, :, : query.shape[2]]

@@ -30,9 +30,10 @@ from policyc.runtime.support import check_supported
 from policyc.runtime.vision import ImageStages
 
 if TYPE_CHECKING:
-    from policyc.runtime.inductor import CapturedGraph
+    from policyc.runtime.graphs import CapturedGraph
 
-Backend = Literal["eager", "inductor"]
+Backend = Literal["eager", "fx"]
+BACKENDS: tuple[Backend, ...] = ("eager", "fx")
 
 
 class ImageSource(Protocol):
@@ -60,8 +61,11 @@ class Runtime:
     dropped_before: torch.Tensor | None = None
     steps: int = 0  # decode steps since the prefill
     static: bool = False  # the current generate() uses a static cache
-    graphs: bool = False  # the inductor backend: prefill stages run as graph passes, not in the layer wrappers
+    graphs: bool = False  # the fx backend: prefill stages run as graph passes, not in the layer wrappers
     cache: CacheRuntime | None = None  # the decode stage's cache policy (None: `cache full`)
+    stages_ran: set[int] = field(default_factory=set)  # decoder layers whose stages ran in this prefill
+    # The kept and protected image slots ([I, N] bool each) the last prefill took from the pre-LLM stages.
+    image_slots: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         image = input_ids == self.plan.adapter.image_token_id
@@ -70,8 +74,9 @@ class Runtime:
         self.state = PrefillState(image, valid, kept, torch.zeros_like(image))
         self.captured.clear()
         self.kept_at_layer.clear()
-        self.base_positions = self.dropped_before = None
+        self.base_positions = self.dropped_before = self.image_slots = None
         self.steps = -1  # the prefill's own forward is not a decode step
+        self.stages_ran.clear()
 
     def drop_before_llm(self, hidden: torch.Tensor) -> torch.Tensor:
         """Drop the image rows the pre-LLM stages did not keep, from the embeddings [B, L, D] -> [B, L', D].
@@ -84,6 +89,7 @@ class Runtime:
             return hidden
         slots, protected = images.kept, images.protected
         images.kept = images.protected = None  # taken: a later prompt needs a fresh vision forward
+        self.image_slots = (slots, protected)
         if not bool(state.image.any()):
             return hidden
         found, expected = int(state.image.sum()), slots.numel()
@@ -206,8 +212,8 @@ class PolicyLayer(nn.Module):
             return self.inner(hidden_states, **kwargs)
         prefill = hidden_states.shape[1] > 1
         runtime = self.runtime
-        if prefill and runtime.graphs:  # the inductor backend's graph passes do the prefill
-            return self.inner(hidden_states, **kwargs)
+        if prefill and runtime.graphs and torch.compiler.is_compiling():  # the graph passes do the prefill
+            return self.inner(hidden_states, **kwargs)  # (dynamo falling back to eager runs the code below)
         if prefill:
             if self.index == 0:
                 hidden_states = runtime.drop_before_llm(hidden_states)
@@ -258,6 +264,7 @@ class PolicyLayer(nn.Module):
         position_embeddings = kwargs["position_embeddings"]  # type: ignore[assignment]
         rows = self.runtime.select(self.index, self.stages, hidden, self.runtime.captured.get(self.index),
                                    position_embeddings)  # type: ignore[arg-type]
+        self.runtime.stages_ran.add(self.index)
         return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
@@ -366,16 +373,17 @@ class CompiledModel:
         stage_layers = sorted({k for s in plan.stages if s.kind == "llm" for k in s.layers})
         before_llm = any(s.kind in ("encoder", "projector") for s in plan.stages)  # drops at the LLM's input
         self._wrapped: list[tuple[int, nn.Module]] = []
-        self.graphs: list[CapturedGraph] = []  # the inductor backend's rewritten graphs, as captured
+        self.graphs: list[CapturedGraph] = []  # the fx backend's rewritten graphs, as captured
         if before_llm:
             self.runtime.images = self.images
         self.runtime.cache = CacheRuntime.build(plan, self.runtime)
         cached = set(self.runtime.cache.layers if self.runtime.cache else ())
         wrapped_layers = sorted(set(stage_layers) | cached | ({0} if before_llm else set()))
-        if backend == "inductor":
-            self._compile_graphs(stage_layers)  # prefill stages become graph passes; decoding stays below
+        if backend != "eager":
+            # prefill stages become graph passes; decoding stays with the layer wrappers below
+            self._compile_graphs(stage_layers)
         if wrapped_layers:
-            if backend == "eager" and (stage_layers or cached):
+            if stage_layers or cached:
                 name = register()
                 adapter.decoder.config._attn_implementation = name
                 if self.runtime.cache is not None:
@@ -387,14 +395,14 @@ class CompiledModel:
                 inner = adapter.decoder_layers[k]
                 adapter.decoder_layers[k] = PolicyLayer(inner, k, self.runtime, stages)
                 self._wrapped.append((k, inner))
-                if stages and backend == "eager":
+                if stages:
                     adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
 
     def _compile_graphs(self, stage_layers: list[int]) -> None:
         from policyc.passes.graph import GraphContext
         from policyc.runtime import ops
-        from policyc.runtime.inductor import GraphBackend, compile_decoder
+        from policyc.runtime.graphs import GraphBackend, compile_decoder
 
         adapter = self.plan.adapter
         handle = ops.register(self.runtime)
@@ -403,6 +411,23 @@ class CompiledModel:
                                graphs=self.graphs)
         self.runtime.graphs = True
         self._undo += [compile_decoder(adapter.decoder, backend), lambda: ops.unregister(handle)]
+        self._handles.append(self.model.register_forward_hook(self._check_stages_ran, with_kwargs=True))
+
+    def _check_stages_ran(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        """After a prefill under the graph backends: every stage ran, in the rewritten graph or (where
+        torch.compile fell back to eager) in the layer wrappers; never a silently uncompressed model."""
+        state = self.runtime.state
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if state is None or not isinstance(input_ids, torch.Tensor) or input_ids.shape[1] <= 1:
+            return
+        expected = {k for s in self.plan.stages if s.kind == "llm" for k in s.layers}
+        missing = sorted(expected - self.runtime.stages_ran)
+        if missing:
+            stage = next(s for s in self.plan.stages if s.kind == "llm" and missing[0] in s.layers)
+            raise PolicyError.at(f"the {self.backend} backend's prefill did not run the stage at llm.layer"
+                                 f"[{missing[0]}]: torch.compile split the decoder graph so the graph pass could "
+                                 "not apply", stage.span, "compile with backend='eager'; please report this model",
+                                 ).with_sources(dict(self.plan.checked.sources))
 
     def _recorder(self, index: int):  # type: ignore[no-untyped-def]
         def record(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:

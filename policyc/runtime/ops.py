@@ -49,9 +49,10 @@ def llm_stage(hidden: Tensor, query: Tensor, key: Tensor, cos: Tensor, sin: Tens
     # A static cache hands attention all its slots; the prompt's rows fill the first ones.
     captured = Captured(query, key[:, :, : query.shape[2]], float(adapter.decoder_attention[layer].scaling))
     rows = state.select(layer, state.plan.at("llm.layer", layer), hidden, captured, (cos, sin))
+    state.stages_ran.add(layer)
     for later in range(layer + 1, len(adapter.decoder_layers)):
         state.kept_at_layer[later] = state.state.kept  # type: ignore[union-attr]
-    return rows
+    return rows.contiguous()  # compilers expect the strides of a fresh tensor
 
 
 @llm_stage.register_fake

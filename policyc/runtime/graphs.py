@@ -1,10 +1,13 @@
-"""The inductor backend: the LLM decoder is captured by `torch.compile` (dynamo + aot_autograd), the
-policy's graph passes (passes/graph_*.py) rewrite its aten graphs, and inductor compiles the result.
+"""The fx backend: the LLM decoder is captured by `torch.compile` (dynamo + aot_autograd) and the
+policy's graph passes (passes/graph_*.py) rewrite its aten graphs.
 
 One graph for the prefill (every decoder layer; stages dropping rows in-graph) and one for decoding
-(masks narrowed per layer) in the common case; transformers' extension points still do what has no
-graph (the prompt's image positions, read by a pre-hook; encoder and projector stages). The eager
+in the common case; transformers' extension points still do what has no graph (the prompt's image
+positions, read by a pre-hook; decode masks and positions of layers with shorter caches). The eager
 backend is the reference semantics: both call the same stage code (policyc/runtime/ops.py).
+
+Not yet: handing the rewritten graphs to inductor. Its lowering equates the kept length (an unbacked
+size from `policyc::llm_stage`) with the prompt length the captured outputs had, and fails at run time.
 """
 
 from __future__ import annotations
@@ -32,11 +35,10 @@ class CapturedGraph:
 
 @dataclass
 class GraphBackend:
-    """A torch.compile backend that runs policyc's graph passes, then inductor (or nothing: `inductor=False`
-    runs the rewritten graphs as they are, which tests use to separate the passes from inductor)."""
+    """A torch.compile backend that runs policyc's graph passes on the aten graphs aot_autograd captures,
+    and runs the rewritten graphs."""
 
     make_context: Callable[[], GraphContext]
-    inductor: bool = True
     graphs: list[CapturedGraph] = field(default_factory=list)
 
     def __call__(self, module: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -51,12 +53,7 @@ class GraphBackend:
         module.graph.lint()
         module.recompile()
         self.graphs.append(CapturedGraph(phase, module, changed))
-        if not self.inductor:
-            return module.forward
-        from torch._functorch.aot_autograd import make_boxed_func
-        from torch._inductor.compile_fx import compile_fx
-
-        return make_boxed_func(compile_fx(module, example_inputs))  # aot calls its compilers with a list
+        return module.forward
 
 
 def _phase(graph: fx.Graph, ctx: GraphContext) -> Phase | None:
@@ -72,7 +69,14 @@ def _phase(graph: fx.Graph, ctx: GraphContext) -> Phase | None:
 def compile_decoder(decoder: torch.nn.Module, backend: GraphBackend) -> Callable[[], None]:
     """Route `decoder`'s forward through torch.compile with `backend`; returns the undo."""
     original = decoder.__dict__.get("forward")
-    decoder.forward = torch.compile(decoder.forward, backend=backend, dynamic=True)
+    compiled = torch.compile(decoder.forward, backend=backend, dynamic=True)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        # policyc::llm_stage returns as many rows as the stages keep: a data-dependent size.
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            return compiled(*args, **kwargs)
+
+    decoder.forward = forward
 
     def undo() -> None:
         if original is None:
