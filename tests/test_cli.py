@@ -145,3 +145,15 @@ def test_run_and_compile_output_are_listed_in_help() -> None:
     assert code == 0 and "run" in out.split("Commands:")[1]
     code, out, _ = run("compile", "--help")
     assert code == 0 and "-o, --output" in out
+
+
+def test_compile_emit_fx_prints_the_rewritten_prefill_graph(tmp_path: Path) -> None:
+    from tiny_models import tiny_llava_clip
+
+    tiny_llava_clip().save_pretrained(tmp_path / "tiny")
+    code, out, err = run("compile", str(tmp_path / "tiny"), str(FASTV), "--emit", "fx", "--param", "layer=1")
+    assert code == 0, err
+    headers = [line for line in out.splitlines() if line.startswith("# graph ")]
+    assert headers[0] == "# graph 0: prefill (passes applied: stage_drop)"
+    assert any(h.endswith("decode (passes applied: none)") for h in headers[1:])
+    assert out.count("torch.ops.policyc.llm_stage.default(") == 1

@@ -62,3 +62,25 @@ def test_drop_before_the_llm_over_two_images_in_one_prompt_matches_the_reference
     images.kept = slots_from_rows(inputs["input_ids"], kept_rows, 16)
     assert images.kept.shape == (4, 16)
     assert torch.equal(greedy(model, inputs, 6).sequences[:, -6:], expected)
+
+
+def test_image_text_to_text_pipeline_runs_the_compiled_model() -> None:
+    from PIL import Image
+    from transformers import pipeline
+
+    import policyc
+    from policyc.models.default import default_model, default_processor, sample_image_path
+
+    model, processor = default_model(banner=False), default_processor()
+    image = Image.open(sample_image_path()).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    policyc.compile(model, "fastv", ratio="25%")
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    answer = pipe(text=messages, max_new_tokens=6, generate_kwargs={"do_sample": False})[0]["generated_text"][-1]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    kept_by_pipeline = model.policyc.kept_positions.clone()
+    direct = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert answer["content"] == processor.decode(direct[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert kept_by_pipeline.shape[1] == inputs["input_ids"].shape[1] - image_tokens + image_tokens // 4
