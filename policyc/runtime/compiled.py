@@ -26,6 +26,13 @@ from policyc.passes.base import selected_first
 from policyc.runtime.attention import register
 from policyc.runtime.cache import CacheRuntime
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
+from policyc.runtime.rows import (
+    compact_positions,
+    gather_decode,
+    gather_prefill,
+    is_static,
+    valid_keys,
+)
 from policyc.runtime.support import check_supported
 from policyc.runtime.vision import ImageStages
 
@@ -69,7 +76,7 @@ class Runtime:
 
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         image = input_ids == self.plan.adapter.image_token_id
-        valid = _valid_keys(attention_mask, image.shape[1]) if attention_mask is not None else torch.ones_like(image)
+        valid = valid_keys(attention_mask, image.shape[1]) if attention_mask is not None else torch.ones_like(image)
         kept = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
         self.state = PrefillState(image, valid, kept, torch.zeros_like(image))
         self.captured.clear()
@@ -181,15 +188,6 @@ class Runtime:
         return next((s.span for s in self.plan.stages if s.kind in ("encoder", "projector")), None)
 
 
-def _valid_keys(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
-    """[B, L] bool: which prompt positions are real tokens. Accepts the 2D padding mask, or the 4D
-    mask generate() builds for static caches (bool, or additive with 0 where attending)."""
-    if attention_mask.dim() == 2:
-        return attention_mask[:, :length].bool()
-    last_row = attention_mask[:, 0, -1, :length]  # the last prompt row sees every real key
-    return last_row if last_row.dtype == torch.bool else last_row == 0
-
-
 class PolicyLayer(nn.Module):
     """A decoder layer that sees only the rows still alive, and applies the stages bound to it."""
 
@@ -219,22 +217,22 @@ class PolicyLayer(nn.Module):
                 hidden_states = runtime.drop_before_llm(hidden_states)
             runtime.kept_at_layer[self.index] = state.kept
             if state.kept.shape[1] < state.length:
-                kwargs = _gather_prefill(kwargs, state)
+                kwargs = gather_prefill(kwargs, state)
                 if runtime.compact:
-                    kwargs = self._renumber(hidden_states, kwargs, _compact_positions(state.valid, state.kept))
+                    kwargs = self._renumber(hidden_states, kwargs, compact_positions(state.valid, state.kept))
                 elif runtime.base_positions is not None:
                     kwargs = self._renumber(hidden_states, kwargs, torch.gather(runtime.base_positions, 1, state.kept))
         else:
             kept = runtime.kept_at_layer.get(self.index)
             shorter = kept is not None and kept.shape[1] < state.length
             if shorter and runtime.dropped_before is not None:  # transformers sized the mask by layer 0's cache
-                mask = runtime.full_decode_mask(kwargs.get("attention_mask"), _is_static(kwargs))  # type: ignore[arg-type]
+                mask = runtime.full_decode_mask(kwargs.get("attention_mask"), is_static(kwargs))  # type: ignore[arg-type]
                 kwargs = {**kwargs, "attention_mask": mask}
             cache = runtime.cache if runtime.cache and runtime.cache.handles(self.index) else None
             if cache is not None:
                 kwargs = cache.decode_mask(self.index, kwargs)
             elif shorter:
-                kwargs = _gather_decode(kwargs, kept, state.length)  # type: ignore[arg-type]
+                kwargs = gather_decode(kwargs, kept, state.length)  # type: ignore[arg-type]
             dropped = None
             if shorter and runtime.compact:
                 dropped = state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)  # type: ignore[arg-type]
@@ -285,73 +283,6 @@ def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvalua
             case ir.Drop(target=target):
                 alive = alive & ~(evaluator.set(target) & ~state.protected)
     return alive
-
-
-def _compact_positions(valid: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Positions 0..n-1 over the kept real tokens ([B, L']), as HF numbers a left-padded prompt."""
-    return (torch.gather(valid, 1, kept).long().cumsum(1) - 1).clamp(min=0)
-
-
-def _gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Gather along `dim` (the sequence) with per-sample `index` [B, n]; broadcasts a batch of 1."""
-    shape = list(tensor.shape)
-    shape[0] = index.shape[0]
-    tensor = tensor.expand(shape)
-    view = [index.shape[0]] + [1] * (tensor.dim() - 1)
-    view[dim] = index.shape[1]
-    expanded = list(tensor.shape)
-    expanded[dim] = index.shape[1]
-    return torch.gather(tensor, dim, index.view(view).expand(expanded))
-
-
-def _key_columns(kept: torch.Tensor, length: int, width: int, static: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each key slot of a layer that cached only the `kept` prompt rows: the column of the
-    full-length mask (width `width`) that describes it (kept rows first, then generated tokens),
-    and whether the slot exists in the full mask at all ([B, slots] each).
-
-    A dynamic cache holds `width - dropped` keys; a static one always `width` slots, the tail of
-    which has no column in the full mask and must stay masked.
-    """
-    dropped = length - kept.shape[1]
-    slots = width if static else width - dropped
-    generated = torch.arange(length, length + slots - kept.shape[1], device=kept.device)
-    columns = torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1)
-    return columns.clamp(max=width - 1), columns < width
-
-
-def _remap_columns(mask: torch.Tensor, kept: torch.Tensor, length: int, static: bool) -> torch.Tensor:
-    columns, exists = _key_columns(kept, length, mask.shape[-1], static)
-    remapped = _gather_rows(mask, columns, 3)
-    blocked = torch.zeros((), dtype=mask.dtype) if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
-    return remapped.masked_fill(~exists[:, None, None, :], blocked)
-
-
-def _is_static(kwargs: dict[str, object]) -> bool:
-    from transformers import StaticCache
-
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    return isinstance(cache, StaticCache)
-
-
-def _gather_prefill(kwargs: dict[str, object], state: PrefillState) -> dict[str, object]:
-    kept = state.kept
-    out = dict(kwargs)
-    cos, sin = kwargs["position_embeddings"]  # type: ignore[misc]
-    out["position_embeddings"] = (_gather_rows(cos, kept, 1), _gather_rows(sin, kept, 1))
-    position_ids = kwargs.get("position_ids")
-    if isinstance(position_ids, torch.Tensor):
-        out["position_ids"] = _gather_rows(position_ids, kept, position_ids.dim() - 1)
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor):
-        out["attention_mask"] = _remap_columns(_gather_rows(mask, kept, 2), kept, state.length, _is_static(kwargs))
-    return out
-
-
-def _gather_decode(kwargs: dict[str, object], kept: torch.Tensor, length: int) -> dict[str, object]:
-    mask = kwargs.get("attention_mask")
-    if not isinstance(mask, torch.Tensor):
-        return kwargs
-    return {**kwargs, "attention_mask": _remap_columns(mask, kept, length, _is_static(kwargs))}
 
 
 class CompiledModel:
@@ -438,7 +369,7 @@ class CompiledModel:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(input_ids, torch.Tensor):
             raise PolicyError.at("the compiled model needs input_ids (image positions are read from them)", None)
-        self.runtime.static = _is_static(kwargs)
+        self.runtime.static = is_static(kwargs)
         if input_ids.shape[1] > 1:  # prefill: a new prompt
             self.runtime.start_prefill(input_ids, kwargs.get("attention_mask"))
         else:

@@ -64,9 +64,9 @@ def _(hidden: Tensor, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor, runt
 @torch.library.custom_op("policyc::take_rows", mutates_args=())
 def take_rows(x: Tensor, rows: Tensor, dim: int) -> Tensor:
     """x gathered along `dim` with per-sample rows [B, n] (a batch of 1 broadcasts)."""
-    from policyc.runtime.compiled import _gather_rows
+    from policyc.runtime.rows import gather_rows
 
-    return _gather_rows(x, rows, dim)
+    return gather_rows(x, rows, dim)
 
 
 @take_rows.register_fake
@@ -81,12 +81,12 @@ def prefill_mask(mask: Tensor, rows: Tensor, runtime: int) -> Tensor:
     """The prompt's mask [B, 1, L, W] narrowed to the kept rows, [B, 1, n, W']: W' = n with a dynamic cache,
     or a static cache's slot count (its first n slots hold the kept rows, the rest stay masked).
     `rows` orders the call after the stage that chose them."""
-    from policyc.runtime.compiled import _gather_rows, _remap_columns
+    from policyc.runtime.rows import gather_rows, remap_columns
 
     state = _runtime(runtime)
     prefill = state.state
     kept = prefill.kept  # type: ignore[union-attr]
-    return _remap_columns(_gather_rows(mask, kept, 2), kept, prefill.length, state.static)  # type: ignore[union-attr]
+    return remap_columns(gather_rows(mask, kept, 2), kept, prefill.length, state.static)  # type: ignore[union-attr]
 
 
 @prefill_mask.register_fake
@@ -99,10 +99,10 @@ def _(mask: Tensor, rows: Tensor, runtime: int) -> Tensor:
 def renumber(hidden: Tensor, rows: Tensor, runtime: int) -> tuple[Tensor, Tensor]:
     """Rotary cos/sin [B, n, d] for the kept rows renumbered 0..n-1 over real tokens (`positions compact`).
     `rows` orders the call after the stage that chose them."""
-    from policyc.runtime.compiled import _compact_positions
+    from policyc.runtime.rows import compact_positions
 
     state = _runtime(runtime)
-    positions = _compact_positions(state.state.valid, state.state.kept)  # type: ignore[union-attr]
+    positions = compact_positions(state.state.valid, state.state.kept)  # type: ignore[union-attr]
     cos, sin = state.plan.adapter.rotary(hidden, position_ids=positions)  # type: ignore[misc]
     return cos.contiguous(), sin.contiguous()
 

@@ -1,0 +1,90 @@
+"""Rows, masks and positions of a prompt whose tokens were dropped: gathering a layer's inputs to the rows
+it keeps, remapping mask columns to the keys a shorter (dynamic or static) cache holds, and renumbering.
+
+Shared by the eager layer wrappers (compiled.py) and the fx backend's operators (ops.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from policyc.runtime.evaluate import PrefillState
+
+
+def valid_keys(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, L] bool: which prompt positions are real tokens. Accepts the 2D padding mask, or the 4D
+    mask generate() builds for static caches (bool, or additive with 0 where attending)."""
+    if attention_mask.dim() == 2:
+        return attention_mask[:, :length].bool()
+    last_row = attention_mask[:, 0, -1, :length]  # the last prompt row sees every real key
+    return last_row if last_row.dtype == torch.bool else last_row == 0
+
+
+def compact_positions(valid: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Positions 0..n-1 over the kept real tokens ([B, L']), as HF numbers a left-padded prompt."""
+    return (torch.gather(valid, 1, kept).long().cumsum(1) - 1).clamp(min=0)
+
+
+def gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gather along `dim` (the sequence) with per-sample `index` [B, n]; broadcasts a batch of 1."""
+    shape = list(tensor.shape)
+    shape[0] = index.shape[0]
+    tensor = tensor.expand(shape)
+    view = [index.shape[0]] + [1] * (tensor.dim() - 1)
+    view[dim] = index.shape[1]
+    expanded = list(tensor.shape)
+    expanded[dim] = index.shape[1]
+    return torch.gather(tensor, dim, index.view(view).expand(expanded))
+
+
+def key_columns(kept: torch.Tensor, length: int, width: int, static: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each key slot of a layer that cached only the `kept` prompt rows: the column of the
+    full-length mask (width `width`) that describes it (kept rows first, then generated tokens),
+    and whether the slot exists in the full mask at all ([B, slots] each).
+
+    A dynamic cache holds `width - dropped` keys; a static one always `width` slots, the tail of
+    which has no column in the full mask and must stay masked.
+    """
+    dropped = length - kept.shape[1]
+    slots = width if static else width - dropped
+    generated = torch.arange(length, length + slots - kept.shape[1], device=kept.device)
+    columns = torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1)
+    return columns.clamp(max=width - 1), columns < width
+
+
+def remap_columns(mask: torch.Tensor, kept: torch.Tensor, length: int, static: bool) -> torch.Tensor:
+    columns, exists = key_columns(kept, length, mask.shape[-1], static)
+    remapped = gather_rows(mask, columns, 3)
+    blocked = torch.zeros((), dtype=mask.dtype) if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    return remapped.masked_fill(~exists[:, None, None, :], blocked)
+
+
+def is_static(kwargs: dict[str, object]) -> bool:
+    from transformers import StaticCache
+
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return isinstance(cache, StaticCache)
+
+
+def gather_prefill(kwargs: dict[str, object], state: PrefillState) -> dict[str, object]:
+    kept = state.kept
+    out = dict(kwargs)
+    cos, sin = kwargs["position_embeddings"]  # type: ignore[misc]
+    out["position_embeddings"] = (gather_rows(cos, kept, 1), gather_rows(sin, kept, 1))
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor):
+        out["position_ids"] = gather_rows(position_ids, kept, position_ids.dim() - 1)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        out["attention_mask"] = remap_columns(gather_rows(mask, kept, 2), kept, state.length, is_static(kwargs))
+    return out
+
+
+def gather_decode(kwargs: dict[str, object], kept: torch.Tensor, length: int) -> dict[str, object]:
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor):
+        return kwargs
+    return {**kwargs, "attention_mask": remap_columns(mask, kept, length, is_static(kwargs))}
