@@ -84,8 +84,9 @@ def compile(model: Any, policy: Any, params: Mapping[str, Any] | None = None, *,
 
     `policy`: a checked policy (`policyc.parse`), a `.tokpol` path holding one policy, or a standard-library
     name. Parameters: keyword arguments (`ratio="25%"`, `layer=2`), or `params` for qualified names
-    (`{"fastv.ratio": "25%"}`). `backend`: "eager" (the reference semantics) or "fx" (the LLM captured by
-    torch.compile, its prefill graph rewritten by graph passes; LLM prefill stages).
+    (`{"fastv.ratio": "25%"}`). `backend`: "eager" (the reference semantics), "inductor" (the LLM captured by
+    torch.compile, its prefill graph rewritten by graph passes and compiled by inductor; LLM prefill
+    stages) or "fx" (the rewritten graphs without inductor).
     """
     from policyc.runtime import compile_model
 

@@ -143,9 +143,11 @@ def _one_policy(policy: str, loader: object) -> object:
     return found[0]
 
 
-_BACKEND = click.option("--backend", type=click.Choice(["eager", "fx"]), default="eager", show_default=True,
-                        help="eager: the module-level rewrite (the reference semantics); fx: the LLM captured by "
-                             "torch.compile, its prefill graph rewritten by graph passes.")
+_BACKEND = click.option("--backend", type=click.Choice(["eager", "inductor", "fx"]), default="eager",
+                        show_default=True,
+                        help="eager: the module-level rewrite (the reference semantics); inductor: the LLM "
+                             "captured by torch.compile, its prefill graph rewritten by graph passes, compiled by "
+                             "inductor; fx: the same rewritten graphs without inductor.")
 _PARAM = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
                       help="Set a parameter, e.g. --param ratio=25%. Repeatable.")
 

@@ -1,4 +1,4 @@
-"""Compiling policies onto models: the eager backend (module-level) and the fx backend (graph passes)."""
+"""Compiling policies onto models: the eager backend (module-level) and the graph backends (inductor, fx)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ def compile_model(model: nn.Module, policy: CheckedPolicy | str | Path,
     or a standard-library name). Returns the compiled model; `.remove()` undoes the rewrite.
 
     `backend="eager"` is the reference semantics (layer wrappers, transformers' extension points);
-    `backend="fx"` captures the LLM with torch.compile (dynamo + aot_autograd) and rewrites its prefill
-    graph with the graph passes (passes/graph_*.py); the first prompt of each shape pays the capture."""
+    `backend="inductor"` captures the LLM with torch.compile (dynamo + aot_autograd), rewrites its prefill
+    graph with the graph passes (passes/graph_*.py) and compiles the result with inductor; the first
+    prompt of each shape pays the compile time. `backend="fx"` runs the rewritten graphs without
+    inductor (to tell a pass from inductor)."""
     if backend not in BACKENDS:
         raise PolicyError.at(f"unknown backend '{backend}'", None, f"backends: {', '.join(BACKENDS)}")
     loader = Loader()

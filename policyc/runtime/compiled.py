@@ -39,8 +39,8 @@ from policyc.runtime.vision import ImageStages
 if TYPE_CHECKING:
     from policyc.runtime.graphs import CapturedGraph
 
-Backend = Literal["eager", "fx"]
-BACKENDS: tuple[Backend, ...] = ("eager", "fx")
+Backend = Literal["eager", "inductor", "fx"]
+BACKENDS: tuple[Backend, ...] = ("eager", "inductor", "fx")
 
 
 class ImageSource(Protocol):
@@ -68,7 +68,7 @@ class Runtime:
     dropped_before: torch.Tensor | None = None
     steps: int = 0  # decode steps since the prefill
     static: bool = False  # the current generate() uses a static cache
-    graphs: bool = False  # the fx backend: prefill stages run as graph passes, not in the layer wrappers
+    graphs: bool = False  # the graph backends: prefill stages run as graph passes, not in the layer wrappers
     cache: CacheRuntime | None = None  # the decode stage's cache policy (None: `cache full`)
     stages_ran: set[int] = field(default_factory=set)  # decoder layers whose stages ran in this prefill
     # The kept and protected image slots ([I, N] bool each) the last prefill took from the pre-LLM stages.
@@ -304,7 +304,7 @@ class CompiledModel:
         stage_layers = sorted({k for s in plan.stages if s.kind == "llm" for k in s.layers})
         before_llm = any(s.kind in ("encoder", "projector") for s in plan.stages)  # drops at the LLM's input
         self._wrapped: list[tuple[int, nn.Module]] = []
-        self.graphs: list[CapturedGraph] = []  # the fx backend's rewritten graphs, as captured
+        self.graphs: list[CapturedGraph] = []  # the graph backends' rewritten graphs, as captured
         if before_llm:
             self.runtime.images = self.images
         self.runtime.cache = CacheRuntime.build(plan, self.runtime)
@@ -312,7 +312,7 @@ class CompiledModel:
         wrapped_layers = sorted(set(stage_layers) | cached | ({0} if before_llm else set()))
         if backend != "eager":
             # prefill stages become graph passes; decoding stays with the layer wrappers below
-            self._compile_graphs(stage_layers)
+            self._compile_graphs(stage_layers, inductor=backend == "inductor")
         if wrapped_layers:
             if stage_layers or cached:
                 name = register()
@@ -330,7 +330,7 @@ class CompiledModel:
                     adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
 
-    def _compile_graphs(self, stage_layers: list[int]) -> None:
+    def _compile_graphs(self, stage_layers: list[int], inductor: bool) -> None:
         from policyc.passes.graph import GraphContext
         from policyc.runtime import ops
         from policyc.runtime.graphs import GraphBackend, compile_decoder
@@ -339,7 +339,7 @@ class CompiledModel:
         handle = ops.register(self.runtime)
         backend = GraphBackend(lambda: GraphContext(handle, type(adapter.decoder_layers[0]), tuple(stage_layers),
                                                     len(adapter.decoder_layers), self.runtime.compact),
-                               graphs=self.graphs)
+                               inductor=inductor, graphs=self.graphs)
         self.runtime.graphs = True
         self._undo += [compile_decoder(adapter.decoder, backend), lambda: ops.unregister(handle)]
         self._handles.append(self.model.register_forward_hook(self._check_stages_ran, with_kwargs=True))

@@ -1,13 +1,11 @@
-"""The fx backend: the LLM decoder is captured by `torch.compile` (dynamo + aot_autograd) and the
-policy's graph passes (passes/graph_*.py) rewrite its aten graphs.
+"""The graph backends: the LLM decoder is captured by `torch.compile` (dynamo + aot_autograd), the
+policy's graph passes (passes/graph_*.py) rewrite its aten graphs, and inductor compiles the result
+(`inductor`), or the rewritten graphs run as they are (`fx`, to tell a pass from inductor).
 
 One graph for the prefill (every decoder layer; stages dropping rows in-graph) and one for decoding
 in the common case; transformers' extension points still do what has no graph (the prompt's image
 positions, read by a pre-hook; decode masks and positions of layers with shorter caches). The eager
 backend is the reference semantics: both call the same stage code (policyc/runtime/ops.py).
-
-Not yet: handing the rewritten graphs to inductor. Its lowering equates the kept length (an unbacked
-size from `policyc::llm_stage`) with the prompt length the captured outputs had, and fails at run time.
 """
 
 from __future__ import annotations
@@ -36,9 +34,10 @@ class CapturedGraph:
 @dataclass
 class GraphBackend:
     """A torch.compile backend that runs policyc's graph passes on the aten graphs aot_autograd captures,
-    and runs the rewritten graphs."""
+    then compiles the rewritten graphs with inductor (or, `inductor=False`, runs them as they are)."""
 
     make_context: Callable[[], GraphContext]
+    inductor: bool = True
     graphs: list[CapturedGraph] = field(default_factory=list)
 
     def __call__(self, module: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -53,7 +52,15 @@ class GraphBackend:
         module.graph.lint()
         module.recompile()
         self.graphs.append(CapturedGraph(phase, module, changed))
-        return module.forward
+        if not self.inductor:
+            return module.forward
+        from torch._functorch.aot_autograd import make_boxed_func
+        from torch._inductor.compile_fx import compile_fx
+
+        # Inductor traces the rewritten graph afresh: outside the capture's tracing context, whose recorded
+        # outputs still have the prompt's length (inductor would equate the kept length with it).
+        with torch._guards.tracing(None):
+            return make_boxed_func(compile_fx(module, example_inputs))
 
 
 def _phase(graph: fx.Graph, ctx: GraphContext) -> Phase | None:

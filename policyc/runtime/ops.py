@@ -109,7 +109,7 @@ def renumber(hidden: Tensor, rows: Tensor, runtime: int) -> tuple[Tensor, Tensor
 
 @renumber.register_fake
 def _(hidden: Tensor, rows: Tensor, runtime: int) -> tuple[Tensor, Tensor]:
-    shape = (hidden.shape[0], hidden.shape[1], _head_dim(runtime))
+    shape = (rows.shape[0], rows.shape[1], _head_dim(runtime))  # the kept rows, not the prompt
     return hidden.new_empty(shape), hidden.new_empty(shape)
 
 

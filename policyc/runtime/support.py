@@ -19,7 +19,7 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
     problems: list[PolicyError] = []
     for stage in plan.stages:
         if backend != "eager" and _not_in_graphs(stage):
-            problems.append(PolicyError.at(f"{_not_in_graphs(stage)} not implemented by the fx backend yet",
+            problems.append(PolicyError.at(f"{_not_in_graphs(stage)} not implemented by the {backend} backend yet",
                                            stage.span, "compile with backend='eager' (the reference semantics)"))
         for statement in stage.statements:
             try:
@@ -31,7 +31,7 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
 
 
 def _not_in_graphs(stage: BoundStage) -> str | None:
-    """What the fx backend cannot run yet: stages before the LLM and cache policies."""
+    """What the graph backends cannot run yet: stages before the LLM and cache policies."""
     if stage.kind in ("encoder", "projector"):
         return f"{stage.kind} stages are"
     if any(isinstance(s, ir.Cache) and s.method != "full" for s in stage.statements):
