@@ -207,8 +207,8 @@ def compile(model: str, policy: str, emit: str | None, backend: str, output: Pat
 
 
 def _emit_fx(model: object, checked: object, assignments: dict) -> None:
-    """Compile with the fx backend, run a two-token generate() on the calibration prompt, and print
-    each captured LLM graph as the graph passes left it."""
+    """Compile with the fx backend (the graph passes, without inductor), run a two-token generate() on
+    the calibration prompt, and print each captured LLM graph as the graph passes left it."""
     import torch
 
     from policyc.report import calibration_inputs

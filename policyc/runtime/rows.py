@@ -1,7 +1,7 @@
 """Rows, masks and positions of a prompt whose tokens were dropped: gathering a layer's inputs to the rows
 it keeps, remapping mask columns to the keys a shorter (dynamic or static) cache holds, and renumbering.
 
-Shared by the eager layer wrappers (compiled.py) and the fx backend's operators (ops.py).
+Shared by the eager layer wrappers (compiled.py) and the graph backends' operators (ops.py).
 """
 
 from __future__ import annotations
