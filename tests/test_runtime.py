@@ -126,3 +126,19 @@ def test_compact_positions_with_a_static_cache_match_the_dynamic_cache() -> None
     compile_model(model, policy(TWO_STAGES.replace("heads=max) }", "heads=max)\n positions compact }")
                                 .replace("queries=sum) }", "queries=sum)\n positions compact }")))
     assert_static_matches_dynamic(model, inputs)
+
+
+@pytest.mark.parametrize("text", [IDENTITY, TWO_STAGES.replace("top 75%", "top 100%").replace("top 2", "top 0")],
+                         ids=["one_stage", "two_stages"])
+def test_identity_policy_is_bit_exact_with_eager_attention(text: str) -> None:
+    model = tiny_llava_clip(seed=6)
+    model.set_attn_implementation("eager")
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=6)
+    reference = run(model, inputs)
+    compiled = compile_model(model, policy(text))
+    assert model.config.text_config._attn_implementation == "policyc_eager"  # still eager, now recording
+    result = run(model, inputs)
+    assert torch.equal(result.sequences, reference.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(result.scores, reference.scores, strict=True))
+    compiled.remove()
+    assert model.config.text_config._attn_implementation == "eager"

@@ -315,7 +315,7 @@ class CompiledModel:
             self._compile_graphs(stage_layers, inductor=backend == "inductor")
         if wrapped_layers:
             if stage_layers or cached:
-                name = register()
+                name = register(self._original_attention or "sdpa")
                 adapter.decoder.config._attn_implementation = name
                 if self.runtime.cache is not None:
                     adapter.decoder.config._attn_implementation = self.runtime.cache.install() or name
