@@ -10,8 +10,9 @@ speedups depend on the hardware and kernels (`policyc run` times them).
 
 Tokens kept are measured on one forward pass of a sample input (`measure`): the runtime records,
 per LLM layer, the original prompt positions that layer processed (`compiled.runtime.kept_at_layer`).
-Stages before the LLM (encoder, projector) report their own counts once the runtime records them;
-until then the encoder and projector are counted at full size.
+Stages before the LLM (encoder, projector) report, together, the image tokens they hand to the LLM;
+the encoder's and projector's FLOPs are counted at full size (their internal shrinking is not yet
+measured).
 """
 
 from __future__ import annotations
@@ -188,6 +189,12 @@ def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name:
         return torch.zeros(length, dtype=torch.bool).scatter(0, rows(k), True)
 
     kept: list[StageTokens] = []
+    before_llm = [s for s in plan.stages if s.kind in ("encoder", "projector")]
+    if before_llm:  # together, as the LLM receives them: what the stages before it left of sample 0's images
+        entering = alive_at(0)
+        patches, cls = _patches(adapter, image_slots, entering)
+        kept.append(StageTokens(" + ".join(s.label for s in before_llm), before_llm[-1].point, None,
+                                int(image.sum()), int((entering & image).sum()), patches, {}, cls))
     for stage in plan.stages:
         if stage.kind != "llm":
             continue

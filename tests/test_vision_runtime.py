@@ -194,3 +194,20 @@ def test_diverse_selection_equals_the_plain_divprune_reference(objective: str) -
         assert torch.equal(features[compiled.images.kept], plain[compiled.images.kept])
     finally:
         compiled.remove()
+
+
+def test_the_compile_report_counts_what_the_stages_before_the_llm_hand_over() -> None:
+    from policyc.report import measure
+
+    model = tiny_llava_clip()
+    inputs = make_inputs(model)
+    compiled = compile_model(model, "random_drop")
+    try:
+        report = measure(compiled, inputs, "tiny")
+        (entry,) = report.kept
+        assert (entry.point, entry.layer, entry.before, entry.after) == ("projector.output", None, 16, 4)
+        assert len(entry.kept_patches) == 4 and set(entry.kept_patches) <= set(range(16))
+        assert report.llm_tokens_per_layer == [inputs["input_ids"].shape[1] - 12] * 4
+        assert report.flops_after.llm < report.flops_before.llm
+    finally:
+        compiled.remove()
