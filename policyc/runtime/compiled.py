@@ -268,20 +268,9 @@ class PolicyLayer(nn.Module):
 
 def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvaluator,
                     alive: torch.Tensor) -> torch.Tensor:
-    state = evaluator.state
-    for statement in statements:
-        match statement:
-            case ir.Let(name=name, value=value):
-                state.sets[name] = evaluator.set(value)
-            case ir.ScoreDef(name=name, value=value):
-                state.scores[name] = evaluator.score(value)
-            case ir.Protect(target=target):
-                state.protected = state.protected | evaluator.set(target)
-            case ir.Keep(target=target):
-                keep = evaluator.set(target) | state.protected | ~state.image
-                alive = alive & keep
-            case ir.Drop(target=target):
-                alive = alive & ~(evaluator.set(target) & ~state.protected)
+    for statement in statements:  # `positions` acts in the layer wrappers; support.py rejects the rest
+        applied = evaluator.apply(statement, alive)
+        alive = alive if applied is None else applied
     return alive
 
 

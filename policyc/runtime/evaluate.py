@@ -80,6 +80,25 @@ class StageEvaluator:
             raise PolicyError.at(f"token set '{name}' is not available in the runtime yet", None)
         return sets[name]()
 
+    def apply(self, statement: ir.Statement, alive: torch.Tensor) -> torch.Tensor | None:
+        """Run one let/score/protect/keep/drop statement; returns the tokens still alive ([B, L] bool), or
+        None for a statement the caller handles (a merge, positions, ...)."""
+        state = self.state
+        match statement:
+            case ir.Let(name=name, value=value):
+                state.sets[name] = self.set(value)
+            case ir.ScoreDef(name=name, value=value):
+                state.scores[name] = self.score(value)
+            case ir.Protect(target=target):
+                state.protected = state.protected | self.set(target)
+            case ir.Keep(target=target):
+                return alive & (self.set(target) | state.protected | ~state.image)
+            case ir.Drop(target=target):
+                return alive & ~(self.set(target) & ~state.protected)
+            case _:
+                return None
+        return alive
+
     # ---------------------------------------------------------------- sets
     def set(self, expr: ir.Expr) -> torch.Tensor:
         match expr:

@@ -137,17 +137,10 @@ def run_statements(stage: BoundStage, evaluator: StageEvaluator, tokens: Tokens,
     alive = state.alive() & state.valid
     order, proportional = None, False
     for statement in stage.statements:
+        if (applied := evaluator.apply(statement, alive)) is not None:
+            alive = applied
+            continue
         match statement:
-            case ir.Let(name=name, value=value):
-                state.sets[name] = evaluator.set(value)
-            case ir.ScoreDef(name=name, value=value):
-                state.scores[name] = evaluator.score(value)
-            case ir.Protect(target=target):
-                state.protected = state.protected | evaluator.set(target)
-            case ir.Keep(target=target):
-                alive = alive & (evaluator.set(target) | state.protected | ~state.image)
-            case ir.Drop(target=target):
-                alive = alive & ~(evaluator.set(target) & ~state.protected)
             case ir.Merge() as merge:
                 tokens, moved, merge_order, merge_proportional = _merge(merge, evaluator, tokens, alive)
                 gone = torch.zeros_like(alive).scatter(1, tokens.origin, moved)
