@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
@@ -29,16 +30,22 @@ class SignalOp(ABC):
         return ctx.literal(value) if value is not None else None
 
 
+C = TypeVar("C", bound=type)
+
+
+def registrar(registry: dict[str, Any], what: str, instantiate: bool = True) -> Callable[[C], C]:
+    """A class decorator that makes an operator (an instance, or the class itself) available in `registry`
+    under `cls.name`, refusing a name registered twice."""
+    def register(cls: C) -> C:
+        if cls.name in registry:  # type: ignore[attr-defined]
+            raise ValueError(f"{what} {cls.name!r} is registered twice")  # type: ignore[attr-defined]
+        registry[cls.name] = cls() if instantiate else cls  # type: ignore[attr-defined]
+        return cls
+    return register
+
+
 SIGNAL_OPS: dict[str, SignalOp] = {}
-S = TypeVar("S", bound=type[SignalOp])
-
-
-def register_signal(cls: S) -> S:
-    """Class decorator: make a signal operator available under `cls.name`."""
-    if cls.name in SIGNAL_OPS:
-        raise ValueError(f"signal operator {cls.name!r} is registered twice")
-    SIGNAL_OPS[cls.name] = cls()
-    return cls
+register_signal = registrar(SIGNAL_OPS, "signal operator")
 
 
 def scatter_scores(values: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:

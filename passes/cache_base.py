@@ -12,9 +12,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal, TypeVar
+from typing import ClassVar, Literal
 
 import torch
+from policyc.passes.base import registrar
 
 from policyc.catalog.caches import CACHES
 from policyc.errors import PolicyError
@@ -87,16 +88,8 @@ class CacheOp(ABC):
         """[B, Hkv, n] bool: which slots stay (protected slots stay whatever this says)."""
 
 
-CACHE_OPS: dict[str, type[CacheOp]] = {}
-C = TypeVar("C", bound=type[CacheOp])
-
-
-def register_cache(cls: C) -> C:
-    """Class decorator: make a cache operator available under `cls.name`."""
-    if cls.name in CACHE_OPS:
-        raise ValueError(f"cache operator {cls.name!r} is registered twice")
-    CACHE_OPS[cls.name] = cls
-    return cls
+CACHE_OPS: dict[str, type[CacheOp]] = {}  # classes: the cache runtime makes one per compiled model
+register_cache = registrar(CACHE_OPS, "cache operator", instantiate=False)
 
 
 def last(candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

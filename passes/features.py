@@ -4,9 +4,10 @@ compare (`diverse ... by keys`, `merge ... by hidden`). Subclasses write one met
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from policyc.passes.base import registrar
 
 from policyc.lang import ir
 
@@ -26,12 +27,4 @@ class FeatureOp(ABC):
 
 
 FEATURE_OPS: dict[str, FeatureOp] = {}
-F = TypeVar("F", bound=type[FeatureOp])
-
-
-def register_feature(cls: F) -> F:
-    """Class decorator: make a feature operator available under `cls.name`."""
-    if cls.name in FEATURE_OPS:
-        raise ValueError(f"feature operator {cls.name!r} is registered twice")
-    FEATURE_OPS[cls.name] = cls()
-    return cls
+register_feature = registrar(FEATURE_OPS, "feature operator")

@@ -14,9 +14,10 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, TypeVar
+from typing import ClassVar, Literal
 
 import torch
+from policyc.passes.base import registrar
 from torch import fx
 
 Phase = Literal["prefill", "decode"]
@@ -48,16 +49,8 @@ class GraphPass(ABC):
         """Rewrite `graph` in place; return whether anything changed."""
 
 
-GRAPH_PASSES: dict[str, GraphPass] = {}
-P = TypeVar("P", bound=type[GraphPass])
-
-
-def register_graph_pass(cls: P) -> P:
-    """Class decorator: run `cls` on every captured graph of its phase, in registration order."""
-    if cls.name in GRAPH_PASSES:
-        raise ValueError(f"graph pass {cls.name!r} is registered twice")
-    GRAPH_PASSES[cls.name] = cls()
-    return cls
+GRAPH_PASSES: dict[str, GraphPass] = {}  # run on every captured graph of their phase, in registration order
+register_graph_pass = registrar(GRAPH_PASSES, "graph pass")
 
 
 # ---------------------------------------------------------------- reading captured graphs

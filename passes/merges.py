@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
+from policyc.passes.base import registrar
 
 from policyc.errors import PolicyError
 from policyc.lang import ir
@@ -78,15 +79,7 @@ class MergeOp(ABC):
 
 
 MERGE_OPS: dict[str, MergeOp] = {}
-M = TypeVar("M", bound=type[MergeOp])
-
-
-def register_merge(cls: M) -> M:
-    """Class decorator: make a merge available under `cls.name`."""
-    if cls.name in MERGE_OPS:
-        raise ValueError(f"merge {cls.name!r} is registered twice")
-    MERGE_OPS[cls.name] = cls()
-    return cls
+register_merge = registrar(MERGE_OPS, "merge")
 
 
 def staying(rows: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@ picks a token set. Subclasses write one method, `select`."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from policyc.passes.base import registrar
 
 from policyc.lang import ir
 
@@ -31,15 +32,7 @@ class SelectorOp(ABC):
 
 
 SELECTOR_OPS: dict[str, SelectorOp] = {}
-S = TypeVar("S", bound=type[SelectorOp])
-
-
-def register_selector(cls: S) -> S:
-    """Class decorator: make a selector available under `cls.name`."""
-    if cls.name in SELECTOR_OPS:
-        raise ValueError(f"selector {cls.name!r} is registered twice")
-    SELECTOR_OPS[cls.name] = cls()
-    return cls
+register_selector = registrar(SELECTOR_OPS, "selector")
 
 
 def ranked(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
