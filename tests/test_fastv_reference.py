@@ -32,3 +32,22 @@ def test_compiled_fastv_equals_the_reference(seed: int, layer: int, keep: int, b
         kept = compiled.kept_positions[row]
         assert torch.equal(kept[image[row, kept]], expected_kept[row])
     assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize(("seed", "layer", "keep"), [(0, 1, 50), (5, 2, 25), (6, 0, 60)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fastv_paper_variant_equals_the_reference(seed: int, layer: int, keep: int, batch: int) -> None:
+    """fastv.tokpol with rows=all: the paper's column mean over every query row."""
+    model = tiny_llava_clip(seed=seed)
+    inputs = make_inputs(model, batch=batch, pad_left=2 if batch > 1 else 0, seed=seed)
+    expected_tokens, expected_kept = fastv_generate(
+        model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], layer=layer,
+        keep=keep / 100, max_new_tokens=6, rows="all")
+    compiled = compile_model(model, "fastv", {"layer": ir.Number(value=layer), "ratio": ir.Percent(value=keep),
+                                              "rows": ir.Name(id="all")})
+    tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    image = inputs["input_ids"] == 100
+    for row in range(batch):
+        kept = compiled.kept_positions[row]
+        assert torch.equal(kept[image[row, kept]], expected_kept[row])
+    assert torch.equal(tokens, expected_tokens)

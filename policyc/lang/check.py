@@ -16,7 +16,7 @@ from policyc.lang import ir
 from policyc.lang.parser import keywords
 from policyc.lang.printer import hook_text, print_expr
 from policyc.lang.resolve import PlacedStage, Program, Scope
-from policyc.lang.types import AMOUNT, Context, Definition, check_arguments, expect, param_type
+from policyc.lang.types import AMOUNT, Context, Definition, check_arguments, expect, param_type, param_words
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,8 @@ def _check_override(scope: Scope, name: str, value: ir.Expr) -> None:
                   {}, {})
     wanted = param_type(param)
     accepts = ("number", "count") if wanted in ("number", "count") else (wanted,)
-    if wanted == "enum" and isinstance(value, ir.Name) and value.id not in ctx.params:
-        allowed = [param.default, *(param.domain.options if isinstance(param.domain, ir.ChoiceDomain) else ())]
-        if not any(isinstance(word, ir.Name) and word.id == value.id for word in allowed):
+    if wanted in ("enum", "set") and isinstance(value, ir.Name) and value.id not in ctx.params:
+        if not any(isinstance(word, ir.Name) and word.id == value.id for word in param_words(param)):
             raise PolicyError.at(f"'{value.id}' is not a choice of parameter '{name}'", value.span)
         return
     expect(value, accepts, ctx, f"parameter '{name}' of '{scope.policy.name}'")

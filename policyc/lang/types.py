@@ -50,7 +50,14 @@ def param_type(param: ir.Param) -> ValueType:
         return "count" if isinstance(default.value, int) else "number"
     if isinstance(default, ir.Percent):
         return "percent"
-    return "text" if isinstance(default, ir.String) else "enum"
+    if isinstance(default, ir.String):
+        return "text"
+    return "set" if all(isinstance(w, ir.Name) and w.id in SETS for w in param_words(param)) else "enum"
+
+
+def param_words(param: ir.Param) -> list[ir.Expr]:
+    """A parameter's default and choices."""
+    return [param.default, *(param.domain.options if isinstance(param.domain, ir.ChoiceDomain) else ())]
 
 
 def fits(actual: ValueType, accepts: tuple[ValueType, ...]) -> bool:
@@ -124,7 +131,17 @@ def _name(name: str, span: Span | None, ctx: Context) -> ValueType:
     if name in ctx.visible:
         return ctx.visible[name].type
     if name in ctx.params:
-        return param_type(ctx.params[name])
+        param = ctx.params[name]
+        kind = param_type(param)
+        if kind == "set":  # a choice of built-in sets (FastV's `last` or `all` query rows): each must fit here
+            for word in param_words(param):
+                try:
+                    _builtin_set(word.id, span, ctx)  # type: ignore[attr-defined]
+                except PolicyError as error:
+                    first = error.diagnostics[0]
+                    raise PolicyError.at(f"parameter '{name}' can be '{word.id}': {first.message}", span,  # type: ignore[attr-defined]
+                                         first.hint) from None
+        return kind
     if name in SETS:
         return _builtin_set(name, span, ctx)
     for registry in (SIGNALS,):
@@ -238,8 +255,7 @@ def _check_option(spec: Spec, option: Option, value: ir.Expr, ctx: Context) -> V
 
 
 def _check_enum_param(param: ir.Param, option: Option, label: str) -> None:
-    words = [param.default, *(param.domain.options if isinstance(param.domain, ir.ChoiceDomain) else ())]
-    for word in words:
+    for word in param_words(param):
         if not isinstance(word, ir.Name) or word.id not in option.choices:
             shown = word.id if isinstance(word, ir.Name) else "a non-word value"
             raise PolicyError.at(f"parameter '{param.name}' can be {shown}, which {label} does not accept",

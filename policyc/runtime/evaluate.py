@@ -102,6 +102,8 @@ class StageEvaluator:
     # ---------------------------------------------------------------- sets
     def set(self, expr: ir.Expr) -> torch.Tensor:
         match expr:
+            case ir.Name(id=name) if name in self.values:  # a parameter choosing a built-in set
+                return self.set(self.values[name])
             case ir.Name(id=name):
                 if name in self.state.sets:
                     return self.state.sets[name] & self.state.alive() & self.state.valid

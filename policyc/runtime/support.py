@@ -87,6 +87,8 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
 
 def _expr(expr: ir.Expr, stage: BoundStage) -> None:
     kind = stage.kind
+    if isinstance(expr, ir.Name) and isinstance(stage.values.get(expr.id), ir.Name):
+        expr = stage.values[expr.id]  # a parameter choosing a built-in set: check the set it chose
     match expr:
         case ir.Select(selector=selector) if selector not in _SELECTORS[kind]:
             raise _not_yet(f"the `{selector}` selector{' in the LLM' if selector in SELECTOR_OPS else ''}", expr)

@@ -3,8 +3,9 @@
 FastV: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", arXiv:2403.06764 (pkunlp-icler/FastV).
 After LLM decoder layer `layer` (the paper's K - 1), every image token is scored by the attention the
 LAST prompt token pays it (post-softmax probabilities of that layer, mean over heads; the released code
-uses that one row, not the paper's mean over all rows). The top `keep` image tokens and every text token
-go on; the later layers see only them, at their ORIGINAL position ids.
+uses that one row; `rows="all"` gives the paper's variant: the mean over every real (non-padding) query
+row, each row's probabilities being zero for the keys it cannot see). The top `keep` image tokens and every
+text token go on; the later layers see only them, at their ORIGINAL position ids.
 
 Exact semantics of this reference:
 - keep: an int is a count; a float f in [0, 1] keeps `int(n_image * f)` (truncation, as lmms-eval's
@@ -102,7 +103,7 @@ def run_layers(model: LlavaForConditionalGeneration, layers: range, hidden: Tens
 
 
 def _fastv_row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, image: Tensor, layer: int,
-               keep: int | float, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+               keep: int | float, max_new_tokens: int, rows: str) -> tuple[Tensor, Tensor]:
     """FastV greedy decoding of one row: embeds [L, D], valid and image [L] booleans."""
     lm = model.model.language_model
     length, device = embeds.shape[0], embeds.device
@@ -113,9 +114,12 @@ def _fastv_row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tens
     image_idx = image.nonzero().flatten()
     count = keep_count(keep, len(image_idx))
     text_idx = (~image).nonzero().flatten()
-    # Prefill: the attention of layer `layer`, row of the last prompt token (index length - 1), mean over heads.
+    # Prefill: the attention of layer `layer`, mean over heads, the row of the last prompt token (index
+    # length - 1) or (paper) the mean of all real rows.
     _, probs = run_layers(model, range(layer + 1), embeds[None], prompt_positions, valid)
-    kept = image_idx[top_indices(probs[0].mean(dim=0)[length - 1, image_idx], count)]
+    heads_mean = probs[0].mean(dim=0)  # [L, L]
+    scores = heads_mean[length - 1] if rows == "last" else heads_mean[valid].mean(dim=0)
+    kept = image_idx[top_indices(scores[image_idx], count)]
     prompt_rows = torch.sort(torch.cat([text_idx, kept])).values
     generated: list[int] = []
     for t in range(max_new_tokens):  # the kept set stays the prefill's
@@ -134,8 +138,9 @@ def _fastv_row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tens
 @torch.no_grad()
 def fastv_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor,
                    pixel_values: Tensor, *, layer: int, keep: int | float,
-                   max_new_tokens: int) -> tuple[Tensor, list[Tensor]]:
-    """Greedy FastV generation (arXiv:2403.06764, released-code variant); see the module docstring.
+                   max_new_tokens: int, rows: str = "last") -> tuple[Tensor, list[Tensor]]:
+    """Greedy FastV generation (arXiv:2403.06764, released-code variant; rows="all": the paper's); see the
+    module docstring.
 
     Returns the new tokens [B, max_new_tokens] and, per row, the kept image-token indices into that row
     of `input_ids` (padding included), ascending.
@@ -149,7 +154,7 @@ def fastv_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, atte
     tokens, kept = [], []
     for b in range(input_ids.shape[0]):
         row_tokens, row_kept = _fastv_row(ref, embeds[b], attention_mask[b].bool(), image[b], layer, keep,
-                                          max_new_tokens)
+                                          max_new_tokens, rows)
         tokens.append(row_tokens)
         kept.append(row_kept)
     return torch.stack(tokens), kept
