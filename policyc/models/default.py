@@ -89,14 +89,14 @@ def default_tokenizer() -> Any:
                                    pad_token="<pad>", padding_side="left", chat_template=CHAT_TEMPLATE)
 
 
-def default_processor() -> Any:
-    """A `LlavaProcessor`: CLIP image preprocessing at 64x64 and the byte-level tokenizer."""
+def default_processor(image_size: int = IMAGE_SIZE) -> Any:
+    """A `LlavaProcessor`: CLIP image preprocessing at `image_size` pixels square and the byte-level tokenizer."""
     import transformers
 
     # transformers >= 5.2x names the PIL-only processor CLIPImageProcessorPil (no torchvision needed)
     image_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    images = image_processor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE,
-                                                                               "width": IMAGE_SIZE})
+    images = image_processor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
+                                                                               "width": image_size})
     return transformers.LlavaProcessor(image_processor=images, tokenizer=default_tokenizer(), patch_size=PATCH_SIZE,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=CHAT_TEMPLATE)
