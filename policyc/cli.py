@@ -257,6 +257,37 @@ def run(model: str | None, policy: str | None, image: Path | None, prompt: str, 
         sys.exit(EXIT_POLICY_ERROR)
 
 
+@main.command(name="eval")
+@click.argument("model", required=False)
+@click.argument("policy", required=False)
+@click.option("--data", default="synthetic", show_default=True,
+              help="`synthetic` (policyc's generated scenes) or a JSONL file of {image, question, answer} lines.")
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True,
+              help="Split of the synthetic scenes.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most this many items (synthetic: 500).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Set a parameter (repeatable).")
+@click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as JSON to this file.")
+def eval_(model: str | None, policy: str | None, data: str, split: str, limit: int | None, batch_size: int,
+          params: tuple[str, ...], device: str, json_path: Path | None) -> None:
+    """Accuracy of POLICY compiled onto MODEL next to the unmodified model: exact match, VQA score,
+    retention, image tokens reaching the LLM's last layer and the analytic prefill FLOPs share.
+
+    MODEL and POLICY are read as in `policyc run`; `policyc eval fastv` evaluates FastV on the embedded
+    default model and the synthetic test split.
+    """
+    from policyc.eval_command import eval_command
+
+    try:
+        eval_command(model, policy, data=data, split=split, limit=limit, batch_size=batch_size,
+                     assignments=_assignments(params), device=device, json_path=json_path)
+    except PolicyError as error:
+        _fail(error)
+        sys.exit(EXIT_POLICY_ERROR)
+
+
 @main.command(name="list")
 @click.argument("kind", required=False,
                 type=click.Choice(["policies", "hooks", "statements", "sets", "signals", "functions", "schedules",

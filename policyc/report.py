@@ -97,7 +97,7 @@ class Report:
 
     policy: str
     model: str
-    prompt_tokens: int  # per sample, padding included
+    prompt_tokens: int  # tokens of the reported row (padding excluded when an attention mask was given)
     image_tokens: int  # image tokens the LLM sees in sample 0
     batch: int
     stages: list[dict[str, Any]]  # label, point, kind, layers
@@ -168,21 +168,24 @@ def measure(compiled: Any, inputs: Mapping[str, torch.Tensor], model_name: str,
 
 
 def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name: str,
-                             calibration: str = "measured on this prompt") -> Report:
-    """The report of the prefill `compiled` ran last on `input_ids` (e.g. inside `generate()`)."""
+                             calibration: str = "measured on this prompt", row: int = 0,
+                             attention_mask: torch.Tensor | None = None) -> Report:
+    """The report of the prefill `compiled` ran last on `input_ids` (e.g. inside `generate()`), for the
+    batch's `row`; with `attention_mask`, padding counts as neither prompt tokens nor FLOPs."""
     plan, runtime = compiled.plan, compiled.runtime
     adapter: ModelAdapter = plan.adapter
     batch, length = input_ids.shape
-    image = (input_ids[0] == adapter.image_token_id).to(torch.device("cpu"))
+    image = (input_ids[row] == adapter.image_token_id).to(torch.device("cpu"))
+    real = torch.ones(length, dtype=torch.bool) if attention_mask is None else attention_mask[row].bool().cpu()
     image_slots = torch.nonzero(image).flatten()
     layers = len(adapter.decoder_layers)
 
     def rows(k: int) -> torch.Tensor:
         """Original positions (sample 0) layer k processes; after the last layer, what prefill kept."""
         if k < layers and k in runtime.kept_at_layer:
-            return runtime.kept_at_layer[k][0].cpu()
+            return runtime.kept_at_layer[k][row].cpu()
         if k >= layers and compiled.kept_positions is not None:
-            return compiled.kept_positions[0].cpu()
+            return compiled.kept_positions[row].cpu()
         return torch.arange(length)
 
     def alive_at(k: int) -> torch.Tensor:
@@ -203,12 +206,12 @@ def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name:
             patches, cls = _patches(adapter, image_slots, after)
             kept.append(StageTokens(stage.label, stage.point, k, int((before & image).sum()),
                                     int((after & image).sum()), patches, {}, cls))
-    per_layer = [int(rows(k).numel()) for k in range(layers)]
+    per_layer = [int((alive_at(k) & real).sum()) for k in range(layers)]
     stages = [{"label": s.label, "point": s.point, "kind": s.kind, "layers": list(s.layers)} for s in plan.stages]
     return Report(
-        policy=plan.name, model=model_name, prompt_tokens=length, image_tokens=int(image.sum()), batch=batch,
-        stages=stages, hook_points=sorted({s.point for s in plan.stages}), kept=kept,
-        llm_tokens_per_layer=per_layer, flops_before=prefill_flops(adapter, [length] * layers, batch),
+        policy=plan.name, model=model_name, prompt_tokens=int(real.sum()), image_tokens=int(image.sum()),
+        batch=batch, stages=stages, hook_points=sorted({s.point for s in plan.stages}), kept=kept,
+        llm_tokens_per_layer=per_layer, flops_before=prefill_flops(adapter, [int(real.sum())] * layers, batch),
         flops_after=prefill_flops(adapter, per_layer, batch), calibration=calibration,
     )
 
