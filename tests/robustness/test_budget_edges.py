@@ -1,0 +1,102 @@
+"""Budget edge cases: each works as documented (compared with the unmodified model or a plain
+expectation) or fails with a clear error; none gives a silently different model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import IMAGE_TOKEN_ID, make_inputs, tiny_llava_clip
+
+from policyc.lang import check_source
+from policyc.runtime import compile_model
+
+
+def policy(body: str):  # type: ignore[no-untyped-def]
+    return check_source(f"policy p {{ {body} }}", "p.tokpol")[0]
+
+
+def greedy(model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int = 4) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=steps, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+
+
+LLM_KEEP = "stage llm.layer[1] {{ keep top {amount} of vision by attention(last -> vision) }}"
+PRE_KEEP = "stage projector.output {{ keep top {amount} of vision by random(seed=1) }}"
+ENCODER_KEEP = "stage encoder.layer[0] {{ keep top {amount} of vision by key_norm }}"
+
+
+@pytest.mark.parametrize("stage", [LLM_KEEP, PRE_KEEP])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_keep_more_than_exists_keeps_everything_bit_exactly(stage: str, batch: int) -> None:
+    model = tiny_llava_clip()
+    inputs = make_inputs(model, batch=batch, pad_left=2 if batch > 1 else 0)
+    expected = greedy(model, inputs)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    compiled = compile_model(model, policy(stage.format(amount=1000)))
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, logits)
+        assert torch.equal(greedy(model, inputs), expected)
+    finally:
+        compiled.remove()
+
+
+@pytest.mark.parametrize("stage", [LLM_KEEP, PRE_KEEP])
+@pytest.mark.parametrize("amount", ["0", "0%", "1"])
+def test_keep_nothing_or_one_token_drops_the_rest_and_still_generates(stage: str, amount: str) -> None:
+    model = tiny_llava_clip()
+    inputs = make_inputs(model, batch=2, pad_left=2)
+    compiled = compile_model(model, policy(stage.format(amount=amount)))
+    try:
+        tokens = greedy(model, inputs)
+        assert tokens.shape == (2, 4)
+        image = inputs["input_ids"] == IMAGE_TOKEN_ID
+        kept = compiled.kept_positions
+        for row in range(2):
+            assert int(image[row, kept[row]].sum()) == (1 if amount == "1" else 0)
+            assert bool(torch.isin((~image[row]).nonzero().flatten(), kept[row]).all())  # every text token stays
+    finally:
+        compiled.remove()
+
+
+@pytest.mark.parametrize("stage", [LLM_KEEP, PRE_KEEP, ENCODER_KEEP])
+def test_a_prompt_without_an_image_runs_unchanged(stage: str) -> None:
+    model = tiny_llava_clip()
+    inputs = make_inputs(model, batch=2, pad_left=1)
+    text = {"input_ids": inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, 5),
+            "attention_mask": inputs["attention_mask"]}
+    expected = greedy(model, text)
+    compiled = compile_model(model, policy(stage.format(amount="50%")))
+    try:
+        assert torch.equal(greedy(model, text), expected)
+    finally:
+        compiled.remove()
+
+
+def test_no_question_after_the_image_gives_text_signals_nothing_to_drop_on() -> None:
+    """`text` is empty when nothing follows the image: text-guided scores are 0 and a share-based keep
+    still keeps its share (ties go to the earlier token)."""
+    model = tiny_llava_clip()
+    inputs = make_inputs(model, batch=1, text_after=0)
+    compiled = compile_model(model, policy(
+        "stage llm.layer[1] { keep top 25% of vision by attention(text -> vision) }"))
+    try:
+        tokens = greedy(model, inputs)
+        assert tokens.shape == (1, 4)
+        image = inputs["input_ids"][0] == IMAGE_TOKEN_ID
+        kept = compiled.kept_positions[0]
+        assert kept[image[kept]].tolist() == image.nonzero().flatten()[:4].tolist()
+    finally:
+        compiled.remove()
+
+
+def test_a_long_prompt_runs() -> None:
+    model = tiny_llava_clip()
+    inputs = make_inputs(model, batch=2, text_after=600, pad_left=3)
+    compiled = compile_model(model, policy(LLM_KEEP.format(amount="50%")))
+    try:
+        assert greedy(model, inputs, 2).shape == (2, 2)
+        image = inputs["input_ids"] == IMAGE_TOKEN_ID
+        assert [int(image[r, compiled.kept_positions[r]].sum()) for r in range(2)] == [8, 8]
+    finally:
+        compiled.remove()
