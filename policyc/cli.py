@@ -132,6 +132,18 @@ def _assignments(params: tuple[str, ...]) -> dict:
     return assignments
 
 
+def _sweep(option: str | None) -> tuple[str, list] | None:
+    """`--sweep NAME=V1,V2,...` as a parameter name and its values."""
+    from policyc.lang.build import parse_value
+
+    if option is None:
+        return None
+    name, sep, text = option.partition("=")
+    if not sep or not text.strip():
+        raise click.UsageError(f"--sweep takes NAME=V1,V2,..., not {option!r}")
+    return name.strip(), [parse_value(v.strip(), f"--sweep {name.strip()}") for v in text.split(",")]
+
+
 def _one_policy(policy: str, loader: object) -> object:
     from policyc.show import find_policies
 
@@ -270,8 +282,11 @@ def run(model: str | None, policy: str | None, image: Path | None, prompt: str, 
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as JSON to this file.")
+@click.option("--sweep", metavar="NAME=V1,V2,...", help="Evaluate POLICY at each of these values of a parameter.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Draw accuracy against FLOPs share to this PNG file.")
 def eval_(model: str | None, policy: str | None, data: str, split: str, limit: int | None, batch_size: int,
-          params: tuple[str, ...], device: str, json_path: Path | None) -> None:
+          params: tuple[str, ...], device: str, json_path: Path | None, sweep: str | None, plot: Path | None) -> None:
     """Accuracy of POLICY compiled onto MODEL next to the unmodified model: exact match, VQA score,
     retention, image tokens reaching the LLM's last layer and the analytic prefill FLOPs share.
 
@@ -282,7 +297,8 @@ def eval_(model: str | None, policy: str | None, data: str, split: str, limit: i
 
     try:
         eval_command(model, policy, data=data, split=split, limit=limit, batch_size=batch_size,
-                     assignments=_assignments(params), device=device, json_path=json_path)
+                     assignments=_assignments(params), device=device, json_path=json_path,
+                     sweep=_sweep(sweep), plot=plot)
     except PolicyError as error:
         _fail(error)
         sys.exit(EXIT_POLICY_ERROR)

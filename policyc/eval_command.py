@@ -15,12 +15,16 @@ from rich.table import Table
 from policyc.errors import PolicyError
 from policyc.evaluation import Evaluation, evaluate, load_items, retention
 from policyc.lang import ir
+from policyc.lang.printer import print_expr
 from policyc.run import load_model_for, load_processor, resolve_target
 
 
 def eval_command(model: str | None, policy: str | None, *, data: str, split: str, limit: int | None,
                  batch_size: int, assignments: dict[str, ir.Expr], device: str, json_path: Path | None,
+                 sweep: tuple[str, list[ir.Expr]] | None = None, plot: Path | None = None,
                  console: Console | None = None) -> list[Evaluation]:
+    """Evaluate the unmodified model, then POLICY (at each value of a swept parameter); print, write JSON
+    and draw accuracy against FLOPs share as asked."""
     from policyc.runtime import compile_model
     from policyc.show import find_policies
 
@@ -29,8 +33,8 @@ def eval_command(model: str | None, policy: str | None, *, data: str, split: str
     if target.artifact is not None:
         raise PolicyError.at("policyc eval takes MODEL and POLICY, not a compile artifact", None,
                              "evaluate the artifact's model and policy by name")
-    if target.policy is None and assignments:
-        raise PolicyError.at("--param needs a POLICY", None, "e.g. policyc eval fastv --param ratio=25%")
+    if target.policy is None and (assignments or sweep):
+        raise PolicyError.at("--param and --sweep need a POLICY", None, "e.g. policyc eval fastv --param ratio=25%")
     items = load_items(data, split, limit)
     loaded = load_model_for(target.model, device)
     processor = load_processor(target.model)
@@ -48,12 +52,20 @@ def eval_command(model: str | None, policy: str | None, *, data: str, split: str
             if len(found) != 1:
                 raise PolicyError.at(f"{target.policy} holds {len(found)} policies", None,
                                      f"name one: {target.policy}:{found[0].program.policy.name}")
-            compiled = compile_model(loaded, found[0], assignments)  # type: ignore[arg-type]
-            try:
-                results.append(run(compiled.plan.name, compiled))
-            finally:
-                compiled.remove()
-    render(results, f"{data} ({split})" if data == "synthetic" else data, console)
+            name, values = sweep if sweep is not None else ("", [None])
+            for value in values:
+                settings = {**assignments, name: value} if value is not None else assignments
+                compiled = compile_model(loaded, found[0], settings)  # type: ignore[arg-type]
+                label = compiled.plan.name + (f" {name}={print_expr(value)}" if value is not None else "")
+                try:
+                    results.append(run(label, compiled))
+                finally:
+                    compiled.remove()
+    title = f"{data} ({split})" if data == "synthetic" else data
+    render(results, title, console)
+    if plot is not None:
+        draw(results, title, plot)
+        console.print(f"wrote {plot}")
     if json_path is not None:
         base = results[0]
         json_path.write_text(json.dumps({"model": target.model, "data": data, "split": split, "results": [
@@ -78,3 +90,28 @@ def render(results: list[Evaluation], data: str, console: Console) -> None:
             shares = r.by_kind()
             by_kind.add_row(escape(r.name), *(f"{shares[k]:.1%}" if k in shares else "-" for k in kinds))
         console.print(by_kind)
+
+
+def draw(results: list[Evaluation], title: str, path: Path) -> None:
+    """Accuracy against analytic prefill FLOPs share, one point per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    policy = results[-1].name.partition(" ")[0]
+    axes.plot([r.flops_share for r in results[1:]], [r.accuracy for r in results[1:]], "o-", label=policy)
+    for r in results[1:]:
+        axes.annotate(r.name.partition(" ")[2], (r.flops_share, r.accuracy), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+    axes.axhline(results[0].accuracy, color="gray", linestyle="--", label="unmodified")
+    axes.set_xlabel("analytic prefill FLOPs share")
+    axes.set_ylabel("accuracy (exact match)")
+    axes.set_title(f"accuracy on {title}")
+    axes.set_xlim(0, 1.05)
+    axes.set_ylim(0, 1.05)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

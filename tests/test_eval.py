@@ -97,3 +97,16 @@ def test_cli_eval_writes_json(tmp_path: Path) -> None:
     assert set(fastv["accuracy_by_kind"]) == {"color", "shape", "count", "exists", "left"}
     assert "accuracy on synthetic (test)" in result.output
     assert 0.0 <= fastv["accuracy"] <= 1.0
+
+
+def test_cli_eval_sweeps_a_parameter_and_plots(tmp_path: Path) -> None:
+    out, picture = tmp_path / "eval.json", tmp_path / "sweep.png"
+    result = CliRunner().invoke(main, ["eval", "fastv", "--limit", "3", "--batch-size", "3",
+                                       "--sweep", "ratio=25%,50%", "--plot", str(picture), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [r["policy"] for r in report["results"]] == ["unmodified", "fastv ratio=25%", "fastv ratio=50%"]
+    assert [r["image_tokens_in_last_layer"] for r in report["results"]] == [64, 16, 32]
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = CliRunner().invoke(main, ["eval", "fastv", "--sweep", "ratio"])
+    assert bad.exit_code == 2 and "--sweep takes NAME=V1,V2" in bad.output
