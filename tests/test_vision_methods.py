@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from reference.fastervlm import fastervlm_image_features
+from reference.hiprune import hiprune_image_features
 from tiny_models import IMAGE_TOKEN_ID, make_inputs, tiny_llava_clip, tiny_llava_siglip
 
 from policyc.errors import PolicyError
@@ -82,3 +83,33 @@ def test_fastervlm_equals_the_plain_reference(batch: int, seed: int, tokens: int
 def test_fastervlm_needs_a_cls_token() -> None:
     with pytest.raises(PolicyError, match="no CLS token"):
         compile_model(tiny_llava_siglip(), "fastervlm")
+
+
+# ---------------------------------------------------------------- HiPrune
+
+BUILDS = [tiny_llava_clip, tiny_llava_siglip]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize(("seed", "tokens", "alpha"), [(0, 7, 0.5), (1, 12, 1.0), (2, 10, 0.75), (3, 10, 0.25)])
+def test_hiprune_equals_the_plain_reference(build, batch: int, seed: int, tokens: int,  # type: ignore[no-untyped-def]
+                                            alpha: float) -> None:
+    model = build(seed=seed)
+    params = {"tokens": number(tokens), "alpha": number(alpha), "object_layer": number(0)}
+    kept = assert_equals_reference(model, "hiprune", params,
+                                   lambda m, p: hiprune_image_features(m, p, tokens, alpha, 0), batch, seed)
+    assert kept.sum(1).tolist() == [tokens] * batch  # anchors, buffers and registers fill the budget
+
+
+def test_dilate_grows_a_set_by_its_grid_neighbours_clamped_without_row_wrap() -> None:
+    from policyc.passes.dilate import dilate
+
+    patches = torch.arange(-1, 16)[None]  # a CLS position, then a 4 x 4 grid
+    members = torch.zeros(1, 17, dtype=torch.bool)
+    members[0, 1 + torch.tensor([3, 5])] = True  # patches 3 (end of row 0) and 5
+    grown = (dilate(members, patches, (4, 4))[0, 1:]).nonzero().flatten().tolist()
+    # 3: 2, 4 (the next row's first patch: no wrap guard), 0 (3 - 4 clamped), 7; 5: 4, 6, 1, 9
+    assert grown == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    twice = (dilate(members[:, :], patches, (4, 4), radius=2)[0, 1:]).nonzero().flatten().tolist()
+    assert set(grown) < set(twice)

@@ -13,6 +13,7 @@ _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SELECTORS = {"llm": {"top"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 _RECORDED = {"attention", "key_norm", "keys"}  # read the layer's recorded attention: not at the projector
 _SETS = {"llm": {"cls", "raters", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
+_PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate"}  # policyc/runtime/vision_evaluate.py
 
 
 def check_supported(plan: Plan, backend: str = "eager") -> None:
@@ -90,6 +91,8 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
     match expr:
         case ir.Select(selector=selector) if selector not in _SELECTORS[kind]:
             raise _not_yet(f"the `{selector}` selector{' in the LLM' if selector in SELECTOR_OPS else ''}", expr)
+        case ir.Select(amount=ir.Call(fn=fn)) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
+            pass
         case ir.Select(amount=ir.ListExpr() | ir.Call() as amount):
             raise _not_yet("a schedule amount", amount)
         case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "projector" and fn in _RECORDED:
@@ -99,6 +102,8 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                 raise _not_yet(f"the features {fn}{' in the LLM' if kind == 'llm' else ' with options'}", expr)
         case ir.Name(id=fn) if fn in FEATURE_OPS and kind == "llm":
             raise _not_yet(f"the features {fn} in the LLM", expr)
+        case ir.Call(fn=fn) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
+            pass
         case ir.Call(fn=fn) if fn not in SIGNAL_OPS and fn not in _REDUCTIONS:
             raise _not_yet(f"{fn}()", expr)
         case ir.Call(fn=fn, kwargs=kwargs) if fn in SIGNAL_OPS:

@@ -28,6 +28,7 @@ from policyc.passes.base import selected_first
 from policyc.passes.merges import Folding, MergeRows
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
+from policyc.runtime.vision_evaluate import VisionEvaluator
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Space:
     def evaluator(self, state: PrefillState, stage: BoundStage, captured: Captured | None, hidden: torch.Tensor,
                   seed_offset: int) -> StageEvaluator:
         batch = state.image.shape[0]
-        return StageEvaluator(state, captured, dict(stage.values), seed_offset=seed_offset, causal=False,
+        return VisionEvaluator(state, captured, dict(stage.values), seed_offset=seed_offset, causal=False,
                               hidden=hidden, cls=self.cls.expand(batch, -1), patches=self.patches.expand(batch, -1),
                               grid=self.grid)
 
