@@ -8,12 +8,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from reference.fastervlm import fastervlm_image_features
+from reference.fastervlm import cls_attention_rows, fastervlm_image_features, top_patches
 from reference.hiprune import hiprune_image_features
+from reference.vtc_cls import vtc_cls_image_features
 from tiny_models import IMAGE_TOKEN_ID, make_inputs, tiny_llava_clip, tiny_llava_siglip
 
 from policyc.errors import PolicyError
-from policyc.lang import ir
+from policyc.lang import check_source, ir
 from policyc.runtime import compile_model
 
 Reference = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -113,3 +114,65 @@ def test_dilate_grows_a_set_by_its_grid_neighbours_clamped_without_row_wrap() ->
     assert grown == [0, 1, 2, 3, 4, 5, 6, 7, 9]
     twice = (dilate(members[:, :], patches, (4, 4), radius=2)[0, 1:]).nonzero().flatten().tolist()
     assert set(grown) < set(twice)
+
+
+# ---------------------------------------------------------------- VTC-CLS
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize(("seed", "tokens", "start"), [(0, 4, 0), (1, 6, 1), (2, 9, 0)])
+def test_vtc_cls_equals_the_plain_reference(batch: int, seed: int, tokens: int, start: int) -> None:
+    model = tiny_llava_clip(seed=seed)
+    kept = assert_equals_reference(model, "vtc_cls", {"tokens": number(tokens), "start": number(start)},
+                                   lambda m, p: vtc_cls_image_features(m, p, tokens, start), batch, seed)
+    assert kept.sum(1).tolist() == [tokens] * batch
+
+
+def test_vtc_cls_sums_layers_unlike_the_feature_layer_alone() -> None:
+    """The ensemble is not FasterVLM in disguise: on this model and image they keep different patches."""
+    model = tiny_llava_clip(seed=2)
+    pixel_values = make_inputs(model, seed=2)["pixel_values"]
+    _, ensemble = vtc_cls_image_features(model, pixel_values, 5, 0)
+    _, single = fastervlm_image_features(model, pixel_values, 5)
+    assert not torch.equal(ensemble, single)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_attention_of_an_earlier_layer_is_as_that_layer_computed_it(batch: int) -> None:
+    """Layer 0's CLS row read at layer 1, after a stage at layer 0 dropped patches: the scores are layer 0's,
+    softmax over every token it ran on (a plain run of layer 0 on all patches), ranked among the survivors."""
+    model = tiny_llava_clip(seed=3)
+    pixel_values = make_inputs(model, batch=batch, seed=3)["pixel_values"]
+    source = """policy p {
+      stage encoder.layer[0] { keep top 12 of vision by key_norm }
+      stage encoder.layer[1] { keep top 5 of vision by attention(cls -> vision, layer=0) }
+    }"""
+    compiled = compile_model(model, check_source(source, "p.tokpol")[0])
+    try:
+        image_features(model, pixel_values)
+        kept = compiled.images.kept
+    finally:
+        compiled.remove()
+    first_stage = compile_model(model, check_source(source.replace("5 of", "100% of"), "p.tokpol")[0])
+    try:
+        image_features(model, pixel_values)
+        survivors = first_stage.images.kept
+    finally:
+        first_stage.remove()
+    for image, alive, chosen in zip(pixel_values, survivors, kept, strict=True):
+        _, rows = cls_attention_rows(model, image)
+        score = rows[0].masked_fill(~alive, float("-inf"))
+        assert chosen.nonzero().flatten().tolist() == top_patches(score, 5)
+    assert kept.sum(1).tolist() == [5] * batch
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("attention(cls -> vision, layers=0..2)", "reads encoder layer 2, which runs after this stage"),
+    ("attention(cls -> vision, layer=-1)", "reads encoder layer 2, which runs after this stage"),
+    ("attention(cls -> vision, layers=1..0)", "layer range 1..0 is empty"),
+    ("attention(cls -> vision, layers=-7..1)", "encoder layer -7 does not exist"),
+])
+def test_attention_at_other_encoder_layers_fails_at_compile_time(text: str, message: str) -> None:
+    source = f"policy p {{ stage encoder.layer[1] {{ keep top 4 of vision by {text} }} }}"
+    with pytest.raises(PolicyError, match=message):
+        compile_model(tiny_llava_clip(), check_source(source, "p.tokpol")[0])

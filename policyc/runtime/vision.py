@@ -28,7 +28,7 @@ from policyc.passes.base import selected_first
 from policyc.passes.merges import Folding, MergeRows
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
-from policyc.runtime.vision_evaluate import VisionEvaluator
+from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,12 @@ class Space:
     grid: tuple[int, int]
 
     def evaluator(self, state: PrefillState, stage: BoundStage, captured: Captured | None, hidden: torch.Tensor,
-                  seed_offset: int) -> StageEvaluator:
+                  seed_offset: int, run: VisionRun | None = None, layer_count: int = 0) -> StageEvaluator:
         batch = state.image.shape[0]
         return VisionEvaluator(state, captured, dict(stage.values), seed_offset=seed_offset, causal=False,
-                              hidden=hidden, cls=self.cls.expand(batch, -1), patches=self.patches.expand(batch, -1),
-                              grid=self.grid)
+                               hidden=hidden, cls=self.cls.expand(batch, -1), patches=self.patches.expand(batch, -1),
+                               grid=self.grid, earlier_attention=run.earlier if run is not None else None,
+                               layer_count=layer_count, layer=seed_offset)
 
     def state(self, batch: int, valid: torch.Tensor | None = None) -> PrefillState:
         image = self.image.expand(batch, -1)
@@ -82,7 +83,7 @@ class VisionRun:
     tokens: Tokens
     state: PrefillState
     proportional: bool = False  # a ToMe merge asked for log(size) attention biases
-    captured: dict[int, tuple[Captured, torch.Tensor]] = field(default_factory=dict)  # layer -> (q/k, row origins)
+    captured: dict[int, LayerAttention] = field(default_factory=dict)  # the recorded layers' queries and keys
     features: Tokens | None = None  # the rows at the feature layer
 
     def attention_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -98,13 +99,20 @@ class VisionRun:
         """The layer's queries and keys, on the current rows (rows merged away since are dropped)."""
         if layer not in self.captured:
             return None
-        captured, origin = self.captured[layer]
+        captured, origin = self.captured[layer].captured, self.captured[layer].origin
         inverse = torch.zeros_like(self.state.image, dtype=torch.long).scatter(
             1, origin, torch.arange(origin.shape[1], device=origin.device).expand_as(origin))
         rows = inverse.gather(1, self.state.kept)[:, None, :, None]
         query = captured.query.gather(2, rows.expand(-1, captured.query.shape[1], -1, captured.query.shape[-1]))
         key = captured.key.gather(2, rows.expand(-1, captured.key.shape[1], -1, captured.key.shape[-1]))
         return Captured(query, key, captured.scaling)
+
+    def earlier(self, layer: int) -> tuple[Captured, torch.Tensor, torch.Tensor]:
+        """An encoder layer's queries and keys as it ran: (q/k, row origins [I, R], key rows valid [I, R])."""
+        if layer not in self.captured:
+            raise PolicyError.at(f"encoder layer {layer}'s attention was not recorded", None)
+        recorded = self.captured[layer]
+        return recorded.captured, recorded.origin, recorded.key_valid
 
 
 def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
@@ -255,6 +263,10 @@ class ImageStages:
         needed = {k for s in encoder for k in s.layers if any(not isinstance(st, ir.Merge) for st in s.statements)}
         self.last_layer = max([feature_layer, *(k for k in stage_layers if k <= feature_layer), *needed])
         self.recorded = stage_layers | ({adapter.feature_encoder_layer} if self.encoder_output else set())
+        count = len(adapter.vision_layers)
+        for stage in encoder:
+            for layer in stage.layers or (feature_layer,):
+                self.recorded.update(read_layers(stage.statements, stage.values, count, layer))
         self.recorded.discard(-1)
         device = next(adapter.vision_tower.parameters()).device
         positions = torch.arange(adapter.vision_tokens, device=device)
@@ -317,7 +329,9 @@ class ImageStages:
     def _recorder(self, index: int):  # type: ignore[no-untyped-def]
         def record(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
             if self.run is not None:
-                self.run.captured[index] = (Captured(query, key, scaling), self.run.tokens.origin)
+                origin = self.run.tokens.origin
+                self.run.captured[index] = LayerAttention(Captured(query, key, scaling), origin,
+                                                          self.run.state.valid.gather(1, origin))
         return record
 
     # ---------------------------------------------------------------- the encoder
@@ -334,7 +348,8 @@ class ImageStages:
         assert run is not None  # begin() ran at layer 0
         tokens = replace(run.tokens, hidden=hidden)
         for stage in stages:
-            evaluator = self.encoder_space.evaluator(run.state, stage, run.captured_at(layer), tokens.hidden, layer)
+            evaluator = self.encoder_space.evaluator(run.state, stage, run.captured_at(layer), tokens.hidden, layer,
+                                                     run, len(self.adapter.vision_layers))
             tokens, alive, order, proportional = run_statements(stage, evaluator, tokens)
             run.proportional = run.proportional or proportional
             tokens = compact(tokens, run.state, alive, order)
@@ -351,7 +366,8 @@ class ImageStages:
         alive = live
         for stage in self.encoder_output:
             evaluator = self.encoder_space.evaluator(state, stage, run.captured_at(adapter.feature_encoder_layer),
-                                                     features.hidden, adapter.feature_encoder_layer)
+                                                     features.hidden, adapter.feature_encoder_layer, run,
+                                                     len(adapter.vision_layers))
             features, alive, _, _ = run_statements(stage, evaluator, features)
             state.valid = alive & state.valid
         alive_rows = state.valid.gather(1, features.origin)
