@@ -4,10 +4,12 @@ logits within fp32 tolerance, over seeds, budgets and batches of 1 and 2 images;
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
 import torch
+from reference.evit import evit_image_features
 from reference.fastervlm import cls_attention_rows, fastervlm_image_features, top_patches
 from reference.hiprune import hiprune_image_features
 from reference.vtc_cls import vtc_cls_image_features
@@ -176,3 +178,28 @@ def test_attention_at_other_encoder_layers_fails_at_compile_time(text: str, mess
     source = f"policy p {{ stage encoder.layer[1] {{ keep top 4 of vision by {text} }} }}"
     with pytest.raises(PolicyError, match=message):
         compile_model(tiny_llava_clip(), check_source(source, "p.tokpol")[0])
+
+
+# ---------------------------------------------------------------- EViT
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize(("seed", "keep_rate", "fuse_layers"), [(0, 0.7, (0, 1)), (1, 0.5, (0, 1)), (2, 0.6, (1,)),
+                                                                 (3, 0.8, (0,))])
+def test_evit_equals_the_plain_reference(batch: int, seed: int, keep_rate: float, fuse_layers: tuple[int, ...],
+                                         ) -> None:
+    model = tiny_llava_clip(seed=seed)
+    params = {"keep_rate": number(keep_rate), "first_layer": number(fuse_layers[0]),
+              "last_layer": number(fuse_layers[-1]), "every": number(1)}
+    kept = assert_equals_reference(model, "evit", params,
+                                   lambda m, p: evit_image_features(m, p, keep_rate, list(fuse_layers)), batch, seed)
+    expected = 16
+    for _ in fuse_layers:
+        expected = math.ceil(keep_rate * expected) + 1  # the attentive tokens and the fused one
+    assert kept.sum(1).tolist() == [expected] * batch
+
+
+def test_evit_needs_a_cls_token() -> None:
+    with pytest.raises(PolicyError, match="no CLS token"):
+        compile_model(tiny_llava_siglip(), "evit", {"first_layer": number(0), "last_layer": number(1),
+                                                    "every": number(1)})
