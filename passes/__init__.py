@@ -23,6 +23,7 @@ from policyc.passes import (  # noqa: F401  (registration)
     select_grid,
     select_stride,
     select_top,
+    value_norm,
 )
 from policyc.passes.base import SIGNAL_OPS, SignalOp, register_signal
 from policyc.passes.cache_base import CACHE_OPS, CacheOp, register_cache

@@ -7,7 +7,8 @@ the policy names are scored, `softmax(q_rows · Kᵀ · scale)` over every key e
 
 In encoder stages `layer=k` reads an earlier encoder layer (at or before the stage's) and `layers=a..b`
 sums the scores of several (VTC-CLS arXiv:2412.05819): each layer's attention is as that layer computed
-it, over the rows it ran on, with the query set as it is at the stage.
+it, over the rows it ran on, with the query set as it is at the stage. `space=values` scores with the
+layer's attention values instead, softmax(v_q . v_k) unscaled (FlowCut's semantic score, arXiv:2505.19536).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ _HEADS = {"mean": lambda x: x.mean(1), "sum": lambda x: x.sum(1), "max": lambda 
 @register_signal
 class Attention(SignalOp):
     name = "attention"
-    options = frozenset({"heads", "queries", "layer", "layers"})
+    options = frozenset({"heads", "queries", "layer", "layers", "space"})
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         flow = call.args[0] if call.args else None
@@ -63,8 +64,17 @@ class Attention(SignalOp):
         if layer is not None and not (isinstance(layer, ir.Name) and layer.id in ("next", "here")):
             raise PolicyError.at("attention(layer=...) takes `next` or an encoder layer in the runtime so far",
                                  call.span)
-        recorded = ctx.recorded_next("attention()") if isinstance(layer, ir.Name) and layer.id == "next" \
-            else ctx.recorded("attention()")
+        space = self.option(call, "space", ctx)
+        if isinstance(space, ir.Name) and space.id == "values":  # FlowCut: softmax of unscaled v_q . v_k
+            values = getattr(ctx, "recorded_values", None)
+            if values is None:
+                raise PolicyError.at("attention(space=values) reads encoder values", call.span)
+            from policyc.runtime.evaluate import Captured  # here: the runtime imports the passes
+
+            recorded = Captured(values("attention(space=values)"), values("attention(space=values)"), 1.0)
+        else:
+            recorded = ctx.recorded_next("attention()") if isinstance(layer, ir.Name) and layer.id == "next" \
+                else ctx.recorded("attention()")
         current = ctx.state.kept  # [B, L'] original positions of the current rows
         return self.received(call, flow, ctx, recorded, current, torch.gather(ctx.state.valid, 1, current))
 

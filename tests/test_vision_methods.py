@@ -11,7 +11,9 @@ import pytest
 import torch
 from reference.evit import evit_image_features
 from reference.fastervlm import cls_attention_rows, fastervlm_image_features, top_patches
+from reference.flowcut import flowcut_image_features
 from reference.hiprune import hiprune_image_features
+from reference.vision import layers as vision_layers
 from reference.vtc_cls import vtc_cls_image_features
 from tiny_models import IMAGE_TOKEN_ID, make_inputs, tiny_llava_clip, tiny_llava_siglip
 
@@ -203,3 +205,24 @@ def test_evit_needs_a_cls_token() -> None:
     with pytest.raises(PolicyError, match="no CLS token"):
         compile_model(tiny_llava_siglip(), "evit", {"first_layer": number(0), "last_layer": number(1),
                                                     "every": number(1)})
+
+
+# ---------------------------------------------------------------- FlowCut
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize(("seed", "tokens"), [(0, 4), (1, 6), (2, 9)])
+def test_flowcut_equals_the_plain_reference(batch: int, seed: int, tokens: int) -> None:
+    """8 encoder layers (feature layer 6: FlowCut at layers 0..5, pruning after 1, 3 and 5); queries scaled up so
+    the CLS attention is peaked enough for the entropy schedule to prune before the last layer (random tiny
+    weights attend almost uniformly), by different amounts per image (seed 0: 16 -> 13 -> 11 -> 4 patches and
+    16 -> 14 -> 12 -> 4): later layers run on those rows, so the features match only if every count does."""
+    model = tiny_llava_clip(seed=seed, num_vision_layers=8)
+    with torch.no_grad():
+        for layer in vision_layers(model):
+            layer.self_attn.q_proj.weight.mul_(48)
+    params = {"tokens": number(tokens), "last_layer": number(5)}
+    kept = assert_equals_reference(model, "flowcut", params,
+                                   lambda m, p: flowcut_image_features(m, p, tokens, 5), batch, seed)
+    assert kept.sum(1).tolist() == [tokens] * batch
+

@@ -25,7 +25,7 @@ from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
-from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers
+from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers, reads_values
 from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows
 
 
@@ -39,12 +39,14 @@ class Space:
     grid: tuple[int, int]
 
     def evaluator(self, state: PrefillState, stage: BoundStage, captured: Captured | None, hidden: torch.Tensor,
-                  seed_offset: int, run: VisionRun | None = None, layer_count: int = 0) -> StageEvaluator:
+                  layer: int, run: VisionRun | None = None, layer_count: int = 0) -> StageEvaluator:
         batch = state.image.shape[0]
-        return VisionEvaluator(state, captured, dict(stage.values), seed_offset=seed_offset, causal=False,
+        return VisionEvaluator(state, captured, dict(stage.values), seed_offset=layer, causal=False,
                                hidden=hidden, cls=self.cls.expand(batch, -1), patches=self.patches.expand(batch, -1),
                                grid=self.grid, earlier_attention=run.earlier if run is not None else None,
-                               layer_count=layer_count, layer=seed_offset)
+                               attention_values=run.values_at(layer) if run is not None else None,
+                               memory=run.memory if run is not None else {}, layer_count=layer_count, layer=layer,
+                               stage_layers=stage.layers or (layer,), label=stage.label)
 
     def state(self, batch: int, valid: torch.Tensor | None = None) -> PrefillState:
         image = self.image.expand(batch, -1)
@@ -61,6 +63,8 @@ class VisionRun:
     state: PrefillState
     proportional: bool = False  # a ToMe merge asked for log(size) attention biases
     captured: dict[int, LayerAttention] = field(default_factory=dict)  # the recorded layers' queries and keys
+    values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> ([I,H,R,d], origin)
+    memory: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # ema() state across a stage's layers
     features: Tokens | None = None  # the rows at the feature layer
 
     def attention_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -77,12 +81,20 @@ class VisionRun:
         if layer not in self.captured:
             return None
         captured, origin = self.captured[layer].captured, self.captured[layer].origin
+        return Captured(self._current(captured.query, origin), self._current(captured.key, origin), captured.scaling)
+
+    def values_at(self, layer: int) -> torch.Tensor | None:
+        """The layer's attention values [I, H, R', d] on the current rows, where a stage needs them."""
+        if layer not in self.values:
+            return None
+        return self._current(*self.values[layer])
+
+    def _current(self, per_head: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        """[I, H, R, d] recorded over rows of original positions `origin` -> the current rows [I, H, R', d]."""
         inverse = torch.zeros_like(self.state.image, dtype=torch.long).scatter(
             1, origin, torch.arange(origin.shape[1], device=origin.device).expand_as(origin))
         rows = inverse.gather(1, self.state.kept)[:, None, :, None]
-        query = captured.query.gather(2, rows.expand(-1, captured.query.shape[1], -1, captured.query.shape[-1]))
-        key = captured.key.gather(2, rows.expand(-1, captured.key.shape[1], -1, captured.key.shape[-1]))
-        return Captured(query, key, captured.scaling)
+        return per_head.gather(2, rows.expand(-1, per_head.shape[1], -1, per_head.shape[-1]))
 
     def earlier(self, layer: int) -> tuple[Captured, torch.Tensor, torch.Tensor]:
         """An encoder layer's queries and keys as it ran: (q/k, row origins [I, R], key rows valid [I, R])."""
@@ -118,6 +130,11 @@ class VisionLayer(nn.Module):
         if run is None or self.index > owner.last_layer:
             return hidden_states
         mask = run.attention_mask(attention_mask, hidden_states.dtype)
+        if self.index in owner.value_layers:  # value_norm, attention(space=values): one more v_proj, on these rows
+            attention = self.inner.self_attn
+            values = attention.v_proj(self.inner.layer_norm1(hidden_states))
+            values = values.view(*values.shape[:2], attention.num_heads, -1).transpose(1, 2)
+            run.values[self.index] = (values, run.tokens.origin)
         if self.inside:
             inner = self.inner
             attended, _ = inner.self_attn(hidden_states=inner.layer_norm1(hidden_states), attention_mask=mask, **kwargs)
@@ -157,6 +174,7 @@ class ImageStages:
             for layer in stage.layers or (feature_layer,):
                 self.recorded.update(read_layers(stage.statements, stage.values, count, layer))
         self.recorded.discard(-1)
+        self.value_layers = {k for s in encoder for k in s.layers if reads_values(s.statements)}
         device = next(adapter.vision_tower.parameters()).device
         positions = torch.arange(adapter.vision_tokens, device=device)
         cls = int(adapter.has_cls)
