@@ -45,7 +45,7 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top (everywhere) and stride, grid, diverse "
-                          "(before the LLM), the merges bipartite, window, nearest and pool (before the LLM), "
+                          f"(before the LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM), "
                           f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden, "
                           "positions original or compact, "
                           f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")

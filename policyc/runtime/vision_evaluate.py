@@ -99,7 +99,9 @@ class VisionEvaluator(StageEvaluator):
     layer: int = 0  # the encoder layer the stage runs at
     stage_layers: tuple[int, ...] = ()  # every layer of the stage
     label: str = ""  # the stage, for ema()'s memory
-    _scheduled: tuple[ir.Expr, torch.Tensor] | None = None  # an entropy() amount, counted with its candidates
+    # An entropy() amount needs the selection's candidates and score, which `counts` is not given: `set` counts
+    # it when it meets the selection and hands the counts to the selector's `counts` call for that amount.
+    _scheduled: tuple[ir.Expr, torch.Tensor] | None = None
 
     def recorded_values(self, what: str) -> torch.Tensor:
         if self.attention_values is None:
@@ -108,6 +110,8 @@ class VisionEvaluator(StageEvaluator):
 
     # ---------------------------------------------------------------- scores: normalize, ema
     def score(self, expr: ir.Expr) -> torch.Tensor:
+        """normalize(x, by=sum|max|minmax) rescales over the image tokens alive (FlowCut divides by the sum over
+        the patches); ema(x, decay) is x at the stage's first layer, then decay * previous + (1 - decay) * x."""
         expr = self.literal(expr)
         if isinstance(expr, ir.Call) and expr.fn == "normalize":
             x = self.score(expr.args[0])
@@ -156,11 +160,8 @@ class VisionEvaluator(StageEvaluator):
             self._scheduled = (expr.amount, self._entropy_counts(amount, expr, self.set(expr.source)))
         if isinstance(expr, ir.Call) and expr.fn == "dilate":
             patches, grid = self.patch_grid("dilate()", expr)
-            radius = next((k.value for k in expr.kwargs if k.name == "radius"), None)
-            radius = self.literal(radius) if radius is not None else ir.Number(value=1)
-            if not (isinstance(radius, ir.Number) and isinstance(radius.value, int)):
-                raise PolicyError.at("dilate(radius=...) takes a whole number", expr.span)
-            return dilate(super().set(expr.args[0]), patches, grid, radius.value) & self.builtin("vision")
+            radius = self._number(expr, "radius", 1)
+            return dilate(self.set(expr.args[0]), patches, grid, int(radius)) & self.builtin("vision")
         return super().set(expr)
 
     def counts(self, amount: ir.Expr, sizes: torch.Tensor) -> torch.Tensor:
