@@ -1,4 +1,4 @@
-"""Vision-encoder methods of the standard library (FasterVLM, HiPrune, VTC-CLS, EViT) against plain
+"""Vision-encoder methods of the standard library (FasterVLM, HiPrune, VTC-CLS, EViT, FlowCut) against plain
 references in tests/reference/: the same kept image slots exactly, projected features and the LLM's
 logits within fp32 tolerance, over seeds, budgets and batches of 1 and 2 images; each also generates."""
 
@@ -85,9 +85,15 @@ def test_fastervlm_equals_the_plain_reference(batch: int, seed: int, tokens: int
     assert kept.sum(1).tolist() == [tokens] * batch
 
 
-def test_fastervlm_needs_a_cls_token() -> None:
-    with pytest.raises(PolicyError, match="no CLS token"):
-        compile_model(tiny_llava_siglip(), "fastervlm")
+@pytest.mark.parametrize(("name", "params"), [
+    ("fastervlm", {}),
+    ("vtc_cls", {"start": number(0)}),
+    ("evit", {"first_layer": number(0), "last_layer": number(1), "every": number(1)}),
+    ("flowcut", {"last_layer": number(0)}),
+])
+def test_cls_attention_methods_fail_clearly_on_siglip(name: str, params: dict[str, ir.Expr]) -> None:
+    with pytest.raises(PolicyError, match="has no CLS token"):
+        compile_model(tiny_llava_siglip(), name, params)
 
 
 # ---------------------------------------------------------------- HiPrune
@@ -200,11 +206,6 @@ def test_evit_equals_the_plain_reference(batch: int, seed: int, keep_rate: float
         expected = math.ceil(keep_rate * expected) + 1  # the attentive tokens and the fused one
     assert kept.sum(1).tolist() == [expected] * batch
 
-
-def test_evit_needs_a_cls_token() -> None:
-    with pytest.raises(PolicyError, match="no CLS token"):
-        compile_model(tiny_llava_siglip(), "evit", {"first_layer": number(0), "last_layer": number(1),
-                                                    "every": number(1)})
 
 
 # ---------------------------------------------------------------- FlowCut
