@@ -14,6 +14,7 @@ from policyc.passes import (  # noqa: F401  (registration)
     key_norm,
     keys,
     merge_bipartite,
+    merge_fuse,
     merge_nearest,
     merge_pool,
     merge_window,
@@ -22,6 +23,7 @@ from policyc.passes import (  # noqa: F401  (registration)
     select_grid,
     select_stride,
     select_top,
+    value_norm,
 )
 from policyc.passes.base import SIGNAL_OPS, SignalOp, register_signal
 from policyc.passes.cache_base import CACHE_OPS, CacheOp, register_cache

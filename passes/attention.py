@@ -4,6 +4,11 @@ query set at this layer (FastV arXiv:2403.06764 reads the last row; its paper av
 Computed from the post-RoPE queries and keys the recording SDPA function saw: only the query rows
 the policy names are scored, `softmax(q_rows · Kᵀ · scale)` over every key each row can see
 (causal and padding), then reduced over heads and over rows.
+
+In encoder stages `layer=k` reads an earlier encoder layer (at or before the stage's) and `layers=a..b`
+sums the scores of several (VTC-CLS arXiv:2412.05819): each layer's attention is as that layer computed
+it, over the rows it ran on, with the query set as it is at the stage. `space=values` scores with the
+layer's attention values instead, softmax(v_q . v_k) unscaled (FlowCut's semantic score, arXiv:2505.19536).
 """
 
 from __future__ import annotations
@@ -11,13 +16,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from policyc.passes.base import SignalOp, register_signal, scatter_scores, selected_first
+from policyc.passes.base import SignalOp, register_signal, selected_first
 
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
 if TYPE_CHECKING:
-    from policyc.runtime.evaluate import StageEvaluator
+    from policyc.runtime.evaluate import Captured, StageEvaluator
 
 def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: torch.Tensor,
                    visible: torch.Tensor) -> torch.Tensor:
@@ -43,32 +48,52 @@ _HEADS = {"mean": lambda x: x.mean(1), "sum": lambda x: x.sum(1), "max": lambda 
 @register_signal
 class Attention(SignalOp):
     name = "attention"
-    options = frozenset({"heads", "queries", "layer"})
+    options = frozenset({"heads", "queries", "layer", "layers", "space"})
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         flow = call.args[0] if call.args else None
         if not isinstance(flow, ir.Flow):
             raise PolicyError.at("attention() needs a flow like `last -> vision`", call.span)
         layer = self.option(call, "layer", ctx)
+        if isinstance(layer, ir.Number) or self.option(call, "layers", ctx) is not None:
+            earlier = getattr(ctx, "earlier_attention", None)  # encoder stages (policyc/runtime/vision_evaluate.py)
+            if earlier is None:
+                raise PolicyError.at("attention(layer=<index>) and layers=a..b read encoder layers", call.span)
+            per_layer = [self.received(call, flow, ctx, *earlier(k)) for k in ctx.signal_layers(call)]
+            return torch.stack(per_layer).sum(0)  # VTC-CLS's ensemble: the sum over the layers
         if layer is not None and not (isinstance(layer, ir.Name) and layer.id in ("next", "here")):
-            raise PolicyError.at("attention(layer=...) takes `next` in the runtime so far", call.span)
-        recorded = ctx.recorded_next("attention()") if isinstance(layer, ir.Name) and layer.id == "next" \
-            else ctx.recorded("attention()")
-        state = ctx.state
-        current = state.kept  # [B, L'] original positions of the current rows
-        is_query = torch.gather(ctx.set(flow.source), 1, current)  # [B, L']
+            raise PolicyError.at("attention(layer=...) takes `next` or an encoder layer in the runtime so far",
+                                 call.span)
+        space = self.option(call, "space", ctx)
+        if isinstance(space, ir.Name) and space.id == "values":  # FlowCut: softmax of unscaled v_q . v_k
+            values = getattr(ctx, "recorded_values", None)
+            if values is None:
+                raise PolicyError.at("attention(space=values) reads encoder values", call.span)
+            from policyc.runtime.evaluate import Captured  # here: the runtime imports the passes
+
+            recorded = Captured(values("attention(space=values)"), values("attention(space=values)"), 1.0)
+        else:
+            recorded = ctx.recorded_next("attention()") if isinstance(layer, ir.Name) and layer.id == "next" \
+                else ctx.recorded("attention()")
+        current = ctx.state.kept  # [B, L'] original positions of the current rows
+        return self.received(call, flow, ctx, recorded, current, torch.gather(ctx.state.valid, 1, current))
+
+    def received(self, call: ir.Call, flow: ir.Flow, ctx: StageEvaluator, recorded: Captured, origin: torch.Tensor,
+                 key_valid: torch.Tensor) -> torch.Tensor:
+        """The attention each key row of `recorded` receives, at the original positions: [B, L].
+        origin: [B, R] the original position of each recorded row; key_valid: [B, R] which rows were keys."""
+        is_query = torch.gather(ctx.set(flow.source), 1, origin)  # [B, R]
         count = is_query.sum(1)
         width = int(count.max().item()) if count.numel() else 0
         rows = selected_first(is_query)[:, :width]  # query rows first
-        real_row = torch.arange(width, device=count.device)[None] < count[:, None]  # [B, R]
-        key_valid = torch.gather(state.valid, 1, current)
+        real_row = torch.arange(width, device=count.device)[None] < count[:, None]  # [B, Q]
         visible = key_valid[:, None, :] & real_row[:, :, None]
         if ctx.causal:  # the LLM; the vision encoder attends both ways
-            columns = torch.arange(current.shape[1], device=current.device)
+            columns = torch.arange(origin.shape[1], device=origin.device)
             visible = visible & (columns[None, None, :] <= rows[:, :, None])
         probabilities = attention_rows(recorded.query, recorded.key, recorded.scaling, rows, visible)
         heads = self.option(call, "heads", ctx)
-        per_row = _HEADS[heads.id if isinstance(heads, ir.Name) else "mean"](probabilities)  # [B, R, L']
+        per_row = _HEADS[heads.id if isinstance(heads, ir.Name) else "mean"](probabilities)  # [B, Q, R]
         per_row = per_row.masked_fill(~real_row[:, :, None], float("nan"))
         queries = self.option(call, "queries", ctx)
         reduce = queries.id if isinstance(queries, ir.Name) else "mean"
@@ -76,4 +101,5 @@ class Attention(SignalOp):
             per_key = per_row.nan_to_num(float("-inf")).amax(1)
         else:
             per_key = (torch.nansum if reduce == "sum" else torch.nanmean)(per_row, 1)
-        return scatter_scores(per_key, ctx)
+        return torch.zeros(ctx.state.image.shape, dtype=per_key.dtype, device=per_key.device).scatter(1, origin,
+                                                                                                       per_key)

@@ -21,7 +21,7 @@ from policyc.lang import ir
 if TYPE_CHECKING:
     from policyc.runtime.evaluate import StageEvaluator
 
-Combine = Literal["wavg", "mean", "add_mean"]
+Combine = Literal["wavg", "mean", "add_mean", "weighted_sum"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class MergeRows:
     targets: torch.Tensor  # bool: rows that may receive others (the `into` set, else the set)
     features: torch.Tensor | None  # [B, L', C] the `by` features, when given
     patches: torch.Tensor | None  # long: each row's patch index on the image grid, -1 for non-patches (CLS)
+    weights: torch.Tensor | None = None  # [B, L'] float: the `by` score, for merges that weigh by a score (fuse)
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,17 @@ class Folding:
     """A merge's decision: row j folds into row `into[b, j]` (j itself when it stays)."""
 
     into: torch.Tensor  # [B, L'] long
-    combine: Combine  # wavg: size-weighted average; mean: plain average; add_mean: target + mean(folded)
+    combine: Combine  # wavg: size-weighted average; mean: plain average; add_mean: target + mean(folded);
+    # weighted_sum: sum of weights * rows over the `fused` rows of a group, the receiver's own included (EViT)
     order: torch.Tensor | None = None  # [B, L'] a permutation: the rows' order afterwards (ToMe's)
+    weights: torch.Tensor | None = None  # [B, L'] float, for weighted_sum
+    fused: torch.Tensor | None = None  # [B, L'] bool, for weighted_sum: the rows its groups combine
 
 
 class MergeOp(ABC):
     name: ClassVar[str]  # the catalog name (policyc.catalog.merges)
     options: ClassVar[frozenset[str]] = frozenset()
+    by: ClassVar[Literal["feature", "score"]] = "feature"  # what `by` gives: MergeRows.features or .weights
 
     @abstractmethod
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:

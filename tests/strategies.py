@@ -6,6 +6,7 @@ which `parse(print_file(f)) == f` must hold. The constraints this encodes (see g
 - names are identifiers and never a keyword of the grammar (`KEYWORDS`);
 - `Flow` (`a -> b`) only as a call argument or a call's keyword-argument value, never nested in a flow,
   never as an option of `merge`/`cache`/a selector or a `use` override (those take plain `expr`);
+- `Range` (`a..b`) only as the value of a call's keyword argument;
 - `grid`/`stride` selections have no `by` and no options; `top`/`diverse`/`cover` need `by`;
 - `Unary('-', <positive number or percent>)` does not exist: the builder folds `-5` into `Number(-5)`;
 - lists, choice domains, hook parts and layer lists are non-empty; a layer `step` needs a `stop`;
@@ -111,12 +112,13 @@ def _negate(expr: ir.Expr) -> ir.Expr:
 def _extend(children: st.SearchStrategy[ir.Expr]) -> st.SearchStrategy[ir.Expr]:
     """One level of composite expressions over `children` (which never contain a bare `Flow`)."""
     flows = st.builds(ir.Flow, source=children, target=children)
+    ranges = st.builds(ir.Range, start=children, stop=children)  # `a..b`: only as a keyword argument's value
     call_arg = st.one_of(children, flows)
     calls = st.builds(
         ir.Call,
         fn=names,
         args=st.lists(call_arg, max_size=3).map(tuple),
-        kwargs=_kwargs(call_arg),
+        kwargs=_kwargs(st.one_of(call_arg, ranges)),
     )
     ranked = st.builds(
         ir.Select,

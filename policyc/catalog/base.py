@@ -28,6 +28,7 @@ ValueType = Literal[
     "condition",  # one boolean per token
     "set",        # a token set
     "flow",       # queries -> keys
+    "range",      # a..b: an inclusive range of layers, as an option's value
     "enum",       # a bare word from a fixed list, e.g. heads=mean
     "text",       # a "string"
 ]

@@ -45,7 +45,7 @@ FUNCTIONS.add(
     _rounding("floor", "round down"),
     _rounding("ceil", "round up"),
     Spec("size", "function", "number of tokens in a set",
-         options=(Option("set", ("set",), "token set", positional=True),), returns="number"),
+         options=(Option("set", ("set",), "token set", positional=True),), returns="count"),
     Spec("dilate", "function", "a set grown by its neighbours on the image patch grid (HiPrune's buffer tokens)",
          options=(Option("set", ("set",), "token set", positional=True),
                   Option("radius", ("number",), "grid distance (4-neighbourhood steps)", default="1", low=1,

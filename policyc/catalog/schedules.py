@@ -27,8 +27,10 @@ SCHEDULES.add(
     Spec("entropy", "schedule", "adaptive: prune more where the score distribution is peaked, reaching `target` "
          "tokens by the stage's last layer, acting every `every` layers (FlowCut)",
          options=(Option("target", ("count",), "tokens left after the last layer", positional=True, integer=True),
-                  Option("every", ("number",), "act on every n-th layer of the stage", default="1", low=1,
-                         integer=True)),
+                  Option("every", ("number",), "act on the stage's last layer and every n-th layer before it",
+                         default="1", low=1, integer=True),
+                  Option("score", ("score",), "the distribution whose entropy sets the pace (FlowCut: the CLS "
+                         "attention row)", default="by")),
          returns="schedule", paper="FlowCut arXiv:2505.19536"),
     Spec("rank", "schedule", "adaptive: scale * rank(attention of the flow's queries to the set) + bias "
          "(SparseVLM v1)",

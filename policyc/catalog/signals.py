@@ -15,6 +15,9 @@ SIGNALS.add(
              Option("heads", ("enum",), "reduce over heads", default="mean", choices=("mean", "sum", "max")),
              Option("queries", ("enum",), "reduce over query rows", default="mean", choices=("mean", "sum", "max")),
              LAYER,
+             Option("layers", ("range",), "sum the scores of encoder layers a..b (inclusive; negative indices "
+                    "count from the end), each at or before the stage's layer (VTC-CLS's ensemble)",
+                    default="here", integer=True),
              Option("top_heads", ("count",), "keep only the k heads giving the keys most mass (SparseVLM v2)",
                     default="all", low=1, integer=True),
              Option("space", ("enum",), "`values`: softmax of unscaled value products (FlowCut's semantic score)",
@@ -25,7 +28,7 @@ SIGNALS.add(
              Option("softmax", ("enum",), "normalise over `all` visible keys or only the `keys` of the flow",
                     default="all", choices=("all", "keys")),
          ),
-         paper="FastV arXiv:2403.06764; PyramidDrop arXiv:2410.17247"),
+         paper="FastV arXiv:2403.06764; PyramidDrop arXiv:2410.17247; VTC-CLS arXiv:2412.05819"),
     Spec("key_norm", "signal", "L2 norm of each token's attention key (mean over heads)", options=(LAYER,)),
     Spec("value_norm", "signal", "L1 norm of each token's head-mean value vector (FlowCut)", options=(LAYER,),
          paper="FlowCut arXiv:2505.19536"),

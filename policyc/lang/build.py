@@ -332,5 +332,8 @@ class _Builder(Transformer):
     def flow(self, meta: LarkMeta, source: Any, target: Any) -> ir.Flow:
         return _node(ir.Flow, source=source, target=target, span=self._at(meta))
 
+    def layer_span(self, meta: LarkMeta, start: Any, stop: Any) -> ir.Range:
+        return _node(ir.Range, start=start, stop=stop, span=self._at(meta))
+
     def list(self, meta: LarkMeta, *items: Any) -> ir.ListExpr:
         return _node(ir.ListExpr, items=tuple(i for i in items if i is not None), span=self._at(meta))

@@ -295,7 +295,8 @@ def _check_stage(plan: StagePlan, visible: dict[str, Definition], later: dict[st
     collect = _Collector()
     drops_before = False
     seen_modes: list[ir.Statement] = []
-    for point_layer in plan.layers or ():
+    # layers written with parameters are checked when the policy is bound, with the values it runs with
+    for point_layer in () if _layers_from_params(stage.hook) else plan.layers or ():
         what = "encoder_layer" if kind == "encoder" else "llm_layer"
         requirements.append(Requirement(what, point_layer, stage.hook.span, f"{plan.label} runs there"))
     for statement in stage.body:
@@ -308,6 +309,12 @@ def _check_stage(plan: StagePlan, visible: dict[str, Definition], later: dict[st
         drops_before = drops_before or isinstance(statement, ir.Keep | ir.Drop | ir.Merge)
         requirements.extend(_requirements(statement, plan))
     collect.raise_if_any()
+
+
+def _layers_from_params(hook: ir.Hook) -> bool:
+    if not isinstance(hook.layers, ir.LayerList):
+        return False
+    return any(isinstance(part, ir.Name) for item in hook.layers.items for part in (item.start, item.stop, item.step))
 
 
 def _check_statement(statement: ir.Statement, ctx: Context, seen_modes: list[ir.Statement]) -> None:

@@ -26,14 +26,37 @@ class Node(BaseModel):
 
     @model_validator(mode="after")
     def _flows_only_in_calls(self) -> Node:
-        """`queries -> keys` is only expressible as an argument of a call (`attention(text -> vision)`)."""
-        if isinstance(self, Call | KwArg):  # a KwArg is checked by the node that holds it
+        """`queries -> keys` is only expressible as an argument of a call (`attention(text -> vision)`), and
+        a range `a..b` only as the value of a call's keyword argument (`layers=2..-2`)."""
+        if isinstance(self, KwArg):  # a KwArg is checked by the node that holds it
+            return self
+        if isinstance(self, Call):
+            if any(isinstance(a, Range) for a in self.args):
+                raise ValueError("a range (`a..b`) can only be the value of a keyword argument")
             return self
         for value in self._fields():
             items = value if isinstance(value, tuple) else (value,)
             for item in items:
-                if isinstance(item, Flow) or (isinstance(item, KwArg) and isinstance(item.value, Flow)):
+                inner = item.value if isinstance(item, KwArg) else item
+                if isinstance(inner, Flow):
                     raise ValueError("a flow (`a -> b`) can only be an argument of a call")
+                if isinstance(inner, Range):
+                    raise ValueError("a range (`a..b`) can only be the value of a call's keyword argument")
+        return self
+        for value in self._fields():
+            items = value if isinstance(value, tuple) else (value,)
+            for item in items:
+                if isinstance(item, Range) and not isinstance(self, Call):
+                    raise ValueError("a range (`a..b`) can only be the value of a call's keyword argument")
+                if isinstance(self, Call):
+                    if isinstance(item, Range):
+                        raise ValueError("a range (`a..b`) can only be the value of a call's keyword argument")
+                    continue
+                value_ = item.value if isinstance(item, KwArg) else item
+                if isinstance(value_, Flow | Range):
+                    what = "a flow (`a -> b`) can only be an argument of a call" if isinstance(value_, Flow) else \
+                        "a range (`a..b`) can only be the value of a call's keyword argument"
+                    raise ValueError(what)
         return self
 
     def children(self) -> Iterator[Node]:
@@ -115,6 +138,15 @@ class Flow(Node):
     target: Expr
 
 
+class Range(Node):
+    """`a..b`: an inclusive range of layers (negative indices count from the end), only as the value of a
+    call's keyword argument (`attention(cls -> vision, layers=12..-2)`)."""
+
+    kind: Literal["range"] = "range"
+    start: Expr
+    stop: Expr
+
+
 BinaryOp = Literal["+", "-", "*", "/", "|", "&", "<", "<=", ">", ">=", "==", "!=", "and", "or"]
 
 
@@ -183,7 +215,7 @@ class Where(Node):
 
 
 Expr = Annotated[
-    Number | Percent | String | Name | Call | Flow | Binary | Unary | Index | ListExpr | Select | Where,
+    Number | Percent | String | Name | Call | Flow | Range | Binary | Unary | Index | ListExpr | Select | Where,
     Field(discriminator="kind"),
 ]
 

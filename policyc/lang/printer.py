@@ -151,6 +151,8 @@ def _kwargs(kwargs: Iterable[ir.KwArg]) -> str:
 def _arg(expr: ir.Expr) -> str:
     if isinstance(expr, ir.Flow):
         return f"{_expr(expr.source, 1)} -> {_expr(expr.target, 1)}"
+    if isinstance(expr, ir.Range):
+        return f"{_expr(expr.start, 7)}..{_expr(expr.stop, 7)}"
     return _expr(expr)
 
 
@@ -190,7 +192,7 @@ def _expr(expr: ir.Expr, context: float = 0) -> str:
         case ir.Call(fn=fn, args=args, kwargs=kwargs):
             parts = [_arg(a) for a in args] + [f"{k.name}={_arg(k.value)}" for k in kwargs]
             return f"{fn}({', '.join(parts)})"
-        case ir.Flow():
+        case ir.Flow() | ir.Range():
             return f"({_arg(expr)})"  # only valid as an argument; parenthesised elsewhere
         case ir.ListExpr(items=items):
             return "[" + ", ".join(_expr(i) for i in items) + "]"

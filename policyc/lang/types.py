@@ -67,7 +67,8 @@ def fits(actual: ValueType, accepts: tuple[ValueType, ...]) -> bool:
 def _describe(types: tuple[ValueType, ...]) -> str:
     words = {"number": "a number", "count": "a whole number", "percent": "a percentage", "schedule": "a schedule",
              "score": "a per-token score", "feature": "per-token features", "condition": "a condition",
-             "set": "a token set", "flow": "a flow like `text -> vision`", "enum": "a word", "text": "a string"}
+             "set": "a token set", "flow": "a flow like `text -> vision`", "range": "a layer range like `2..-2`",
+             "enum": "a word", "text": "a string"}
     parts = [words[t] for t in types]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
 
@@ -102,6 +103,9 @@ def infer(expr: ir.Expr, ctx: Context) -> ValueType:
         case ir.Flow():
             raise PolicyError.at("`->` describes an attention flow and only goes inside attention(...)", expr.span,
                                  "write attention(text -> vision)")
+        case ir.Range():
+            raise PolicyError.at("a range `a..b` only goes in an option that takes layers", expr.span,
+                                 "write attention(cls -> vision, layers=2..-2)")
         case ir.Call():
             return _call(expr, ctx)
         case ir.ListExpr(items=items):
@@ -249,6 +253,11 @@ def _check_option(spec: Spec, option: Option, value: ir.Expr, ctx: Context) -> V
         expect(value.source, ("set",), ctx, "the query side of a flow")
         expect(value.target, ("set",), ctx, "the key side of a flow")
         return "flow"
+    if isinstance(value, ir.Range) and "range" in option.accepts:
+        for end in (value.start, value.stop):
+            expect(end, ("count",), ctx, f"an end of the range of {label}")
+            _check_bounds(end, option, label)
+        return "range"
     actual = expect(value, option.accepts, ctx, label)
     _check_bounds(value, option, label)
     return actual

@@ -11,8 +11,10 @@ from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGN
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SELECTORS = {"llm": {"top"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
-_RECORDED = {"attention", "key_norm", "keys"}  # read the layer's recorded attention: not at the projector
+_RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
+_ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
 _SETS = {"llm": {"cls", "raters", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
+_PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy"}  # vision_evaluate.py
 
 
 def check_supported(plan: Plan, backend: str = "eager") -> None:
@@ -43,7 +45,7 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top (everywhere) and stride, grid, diverse "
-                          "(before the LLM), the merges bipartite, window, nearest and pool (before the LLM), "
+                          f"(before the LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM), "
                           f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden, "
                           "positions original or compact, "
                           f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
@@ -92,21 +94,31 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
     match expr:
         case ir.Select(selector=selector) if selector not in _SELECTORS[kind]:
             raise _not_yet(f"the `{selector}` selector{' in the LLM' if selector in SELECTOR_OPS else ''}", expr)
+        case ir.Select(amount=ir.Call(fn=fn)) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
+            pass
         case ir.Select(amount=ir.ListExpr() | ir.Call() as amount):
             raise _not_yet("a schedule amount", amount)
         case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "projector" and fn in _RECORDED:
             raise _not_yet(f"{fn} at projector.output (no attention runs there)", expr)
+        case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "llm" and fn in _ENCODER_ONLY:
+            raise _not_yet(f"{fn} in the LLM", expr)
         case ir.Call(fn=fn) if fn in FEATURE_OPS:
             if kind == "llm" or expr.kwargs:
                 raise _not_yet(f"the features {fn}{' in the LLM' if kind == 'llm' else ' with options'}", expr)
         case ir.Name(id=fn) if fn in FEATURE_OPS and kind == "llm":
             raise _not_yet(f"the features {fn} in the LLM", expr)
+        case ir.Call(fn=fn) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
+            pass
         case ir.Call(fn=fn) if fn not in SIGNAL_OPS and fn not in _REDUCTIONS:
             raise _not_yet(f"{fn}()", expr)
         case ir.Call(fn=fn, kwargs=kwargs) if fn in SIGNAL_OPS:
             for kwarg in kwargs:
                 if kwarg.name not in SIGNAL_OPS[fn].options:
                     raise _not_yet(f"{fn} option '{kwarg.name}'", kwarg)
+                if kind == "encoder" and fn == "attention" and kwarg.name in ("layer", "layers", "space"):
+                    continue  # checked against the model in policyc/runtime/vision_evaluate.py
+                if kwarg.name == "space" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "keys"):
+                    raise _not_yet(f"{fn}(space=values) outside encoder stages", kwarg)
                 if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"
                                                   and kind == "llm"):
                     raise _not_yet(f"{fn}(layer=...) other than `next` in the LLM", kwarg)
@@ -117,4 +129,13 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
         case ir.Index():
             raise _not_yet("per-image sets", expr)
     for child in expr.children():
-        _expr(child, stage)  # type: ignore[arg-type]
+        if not _choice_word(expr, child):  # e.g. space=values is a word, not the `values` features
+            _expr(child, stage)  # type: ignore[arg-type]
+
+
+def _choice_word(call: ir.Node, child: ir.Node) -> bool:
+    if not (isinstance(call, ir.Call) and call.fn in SIGNALS and isinstance(child, ir.KwArg)
+            and isinstance(child.value, ir.Name)):
+        return False
+    option = SIGNALS.specs[call.fn].option(child.name)
+    return option is not None and child.value.id in option.choices

@@ -23,32 +23,10 @@ from torch import nn
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.passes import MERGE_OPS
-from policyc.passes.base import selected_first
-from policyc.passes.merges import Folding, MergeRows
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """Image tokens as the rows of the current sequence, one image per batch row."""
-
-    hidden: torch.Tensor  # [I, R, C]
-    origin: torch.Tensor  # [I, R] long: the token's own position (its identity)
-    first: torch.Tensor  # [I, R] long: earliest position folded into the row (its representative)
-    size: torch.Tensor  # [I, R] float: original tokens folded into the row
-
-    @classmethod
-    def start(cls, hidden: torch.Tensor) -> Tokens:
-        positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-        return cls(hidden, positions, positions, torch.ones(positions.shape, device=hidden.device))
-
-    def rows(self, index: torch.Tensor) -> Tokens:
-        """The rows `index` [I, R'] of each image."""
-        wide = index[:, :, None].expand(-1, -1, self.hidden.shape[-1])
-        return Tokens(self.hidden.gather(1, wide), self.origin.gather(1, index), self.first.gather(1, index),
-                      self.size.gather(1, index))
+from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers, reads_values
+from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows
 
 
 @dataclass(frozen=True)
@@ -61,11 +39,14 @@ class Space:
     grid: tuple[int, int]
 
     def evaluator(self, state: PrefillState, stage: BoundStage, captured: Captured | None, hidden: torch.Tensor,
-                  seed_offset: int) -> StageEvaluator:
+                  layer: int, run: VisionRun | None = None, layer_count: int = 0) -> StageEvaluator:
         batch = state.image.shape[0]
-        return StageEvaluator(state, captured, dict(stage.values), seed_offset=seed_offset, causal=False,
-                              hidden=hidden, cls=self.cls.expand(batch, -1), patches=self.patches.expand(batch, -1),
-                              grid=self.grid)
+        return VisionEvaluator(state, captured, dict(stage.values), seed_offset=layer, causal=False,
+                               hidden=hidden, cls=self.cls.expand(batch, -1), patches=self.patches.expand(batch, -1),
+                               grid=self.grid, earlier_attention=run.earlier if run is not None else None,
+                               attention_values=run.values_at(layer) if run is not None else None,
+                               memory=run.memory if run is not None else {}, layer_count=layer_count, layer=layer,
+                               stage_layers=stage.layers or (layer,), label=stage.label)
 
     def state(self, batch: int, valid: torch.Tensor | None = None) -> PrefillState:
         image = self.image.expand(batch, -1)
@@ -81,7 +62,9 @@ class VisionRun:
     tokens: Tokens
     state: PrefillState
     proportional: bool = False  # a ToMe merge asked for log(size) attention biases
-    captured: dict[int, tuple[Captured, torch.Tensor]] = field(default_factory=dict)  # layer -> (q/k, row origins)
+    captured: dict[int, LayerAttention] = field(default_factory=dict)  # the recorded layers' queries and keys
+    values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> ([I,H,R,d], origin)
+    memory: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # ema() state across a stage's layers
     features: Tokens | None = None  # the rows at the feature layer
 
     def attention_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -97,101 +80,28 @@ class VisionRun:
         """The layer's queries and keys, on the current rows (rows merged away since are dropped)."""
         if layer not in self.captured:
             return None
-        captured, origin = self.captured[layer]
+        captured, origin = self.captured[layer].captured, self.captured[layer].origin
+        return Captured(self._current(captured.query, origin), self._current(captured.key, origin), captured.scaling)
+
+    def values_at(self, layer: int) -> torch.Tensor | None:
+        """The layer's attention values [I, H, R', d] on the current rows, where a stage needs them."""
+        if layer not in self.values:
+            return None
+        return self._current(*self.values[layer])
+
+    def _current(self, per_head: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        """[I, H, R, d] recorded over rows of original positions `origin` -> the current rows [I, H, R', d]."""
         inverse = torch.zeros_like(self.state.image, dtype=torch.long).scatter(
             1, origin, torch.arange(origin.shape[1], device=origin.device).expand_as(origin))
         rows = inverse.gather(1, self.state.kept)[:, None, :, None]
-        query = captured.query.gather(2, rows.expand(-1, captured.query.shape[1], -1, captured.query.shape[-1]))
-        key = captured.key.gather(2, rows.expand(-1, captured.key.shape[1], -1, captured.key.shape[-1]))
-        return Captured(query, key, captured.scaling)
+        return per_head.gather(2, rows.expand(-1, per_head.shape[1], -1, per_head.shape[-1]))
 
-
-def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
-    """Combine each group of rows into its receiving row; returns the new tokens and the rows folded away."""
-    into, hidden, size = folding.into, tokens.hidden, tokens.size
-    own = torch.arange(into.shape[1], device=into.device).expand_as(into)
-    moved = into != own
-    wide = into[:, :, None].expand_as(hidden)
-    received = torch.zeros_like(into).scatter_add(1, into, moved.long()) > 0
-    total = torch.zeros_like(size).scatter_add(1, into, size)
-    if folding.combine == "wavg":
-        merged = torch.zeros_like(hidden).scatter_add(1, wide, hidden * size[:, :, None].to(hidden.dtype))
-        merged = merged / total.clamp(min=1e-12)[:, :, None].to(hidden.dtype)
-    elif folding.combine == "mean":
-        count = torch.zeros_like(size).scatter_add(1, into, torch.ones_like(size))
-        merged = torch.zeros_like(hidden).scatter_add(1, wide, hidden) / count.clamp(min=1)[:, :, None].to(hidden.dtype)
-    else:  # add_mean: the receiver plus the mean of what folded into it (VisionZip)
-        count = torch.zeros_like(size).scatter_add(1, into, moved.to(size.dtype))
-        incoming = torch.zeros_like(hidden).scatter_add(1, wide, hidden * moved[:, :, None].to(hidden.dtype))
-        merged = hidden + incoming / count.clamp(min=1)[:, :, None].to(hidden.dtype)
-    hidden = torch.where(received[:, :, None], merged, hidden)
-    first = tokens.first.scatter_reduce(1, into, tokens.first, reduce="amin")
-    return Tokens(hidden, tokens.origin, first, torch.where(received, total, size)), moved
-
-
-def run_statements(stage: BoundStage, evaluator: StageEvaluator, tokens: Tokens,
-                   ) -> tuple[Tokens, torch.Tensor, torch.Tensor | None, bool]:
-    """Run one stage's statements. Returns the tokens (merges applied), the alive positions [I, P], the
-    row order a merge asked for, and whether a merge turned on proportional attention."""
-    state = evaluator.state
-    alive = state.alive() & state.valid
-    order, proportional = None, False
-    for statement in stage.statements:
-        if (applied := evaluator.apply(statement, alive)) is not None:
-            alive = applied
-            continue
-        match statement:
-            case ir.Merge() as merge:
-                tokens, moved, merge_order, merge_proportional = _merge(merge, evaluator, tokens, alive)
-                gone = torch.zeros_like(alive).scatter(1, tokens.origin, moved)
-                alive, state.valid = alive & ~gone, state.valid & ~gone
-                evaluator.hidden = tokens.hidden
-                order = merge_order if merge_order is not None else order
-                proportional = proportional or merge_proportional
-            case _:
-                raise PolicyError.at("this statement is not supported before the LLM", statement.span)
-    return tokens, alive, order, proportional
-
-
-def _merge(merge: ir.Merge, evaluator: StageEvaluator, tokens: Tokens, alive: torch.Tensor,
-           ) -> tuple[Tokens, torch.Tensor, torch.Tensor | None, bool]:
-    op = MERGE_OPS[merge.method]
-    state = evaluator.state
-    members = evaluator.set(merge.source) & alive
-    receivers = evaluator.set(merge.into) & alive if merge.into is not None else members
-    features = evaluator.features(merge.by) if merge.by is not None else None
-    patches = evaluator.patches.gather(1, tokens.origin) if evaluator.patches is not None else None
-    rows = MergeRows((members & ~state.protected).gather(1, tokens.origin), receivers.gather(1, tokens.origin),
-                     features, patches)
-    folding = op.fold(merge, rows, evaluator)
-    folded, moved = fold(tokens, folding)
-    return folded, moved, folding.order, op.proportional(merge, evaluator)
-
-
-def compact(tokens: Tokens, state: PrefillState, alive: torch.Tensor, order: torch.Tensor | None) -> Tokens:
-    """Keep the alive rows (in `order`, else in their order). Images keeping fewer rows than others are
-    padded with dead rows, marked invalid in `state` (masked as attention keys, never selected)."""
-    if order is not None:
-        tokens = tokens.rows(order)
-    keep = alive.gather(1, tokens.origin)
-    counts = keep.sum(1)
-    tokens = tokens.rows(selected_first(keep)[:, : int(counts.max()) if counts.numel() else 0])
-    real = torch.arange(tokens.origin.shape[1], device=counts.device)[None] < counts[:, None]
-    state.kept = tokens.origin
-    state.valid = torch.zeros_like(state.valid).scatter(1, tokens.origin, real)
-    return tokens
-
-
-def scatter_rows(tokens: Tokens, alive_rows: torch.Tensor, width: int, base: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each alive row's features into its representative's position: ([I, width, C], [I, width] bool kept)."""
-    images, _, channels = tokens.hidden.shape
-    slot = torch.where(alive_rows, tokens.first, width)
-    out = tokens.hidden.new_zeros(images, width + 1, channels) if base is None else \
-        torch.cat([base, base.new_zeros(images, 1, channels)], dim=1)
-    out = out.scatter(1, slot[:, :, None].expand(-1, -1, channels), tokens.hidden)
-    kept = torch.zeros(images, width + 1, dtype=torch.bool, device=slot.device).scatter(1, slot, True)
-    return out[:, :width], kept[:, :width]
+    def earlier(self, layer: int) -> tuple[Captured, torch.Tensor, torch.Tensor]:
+        """An encoder layer's queries and keys as it ran: (q/k, row origins [I, R], key rows valid [I, R])."""
+        if layer not in self.captured:
+            raise PolicyError.at(f"encoder layer {layer}'s attention was not recorded", None)
+        recorded = self.captured[layer]
+        return recorded.captured, recorded.origin, recorded.key_valid
 
 
 class VisionLayer(nn.Module):
@@ -220,6 +130,11 @@ class VisionLayer(nn.Module):
         if run is None or self.index > owner.last_layer:
             return hidden_states
         mask = run.attention_mask(attention_mask, hidden_states.dtype)
+        if self.index in owner.value_layers:  # value_norm, attention(space=values): one more v_proj, on these rows
+            attention = self.inner.self_attn
+            values = attention.v_proj(self.inner.layer_norm1(hidden_states))
+            values = values.view(*values.shape[:2], attention.num_heads, -1).transpose(1, 2)
+            run.values[self.index] = (values, run.tokens.origin)
         if self.inside:
             inner = self.inner
             attended, _ = inner.self_attn(hidden_states=inner.layer_norm1(hidden_states), attention_mask=mask, **kwargs)
@@ -254,7 +169,12 @@ class ImageStages:
         needed = {k for s in encoder for k in s.layers if any(not isinstance(st, ir.Merge) for st in s.statements)}
         self.last_layer = max([feature_layer, *(k for k in stage_layers if k <= feature_layer), *needed])
         self.recorded = stage_layers | ({adapter.feature_encoder_layer} if self.encoder_output else set())
+        count = len(adapter.vision_layers)
+        for stage in encoder:
+            for layer in stage.layers or (feature_layer,):
+                self.recorded.update(read_layers(stage.statements, stage.values, count, layer))
         self.recorded.discard(-1)
+        self.value_layers = {k for s in encoder for k in s.layers if reads_values(s.statements)}
         device = next(adapter.vision_tower.parameters()).device
         positions = torch.arange(adapter.vision_tokens, device=device)
         cls = int(adapter.has_cls)
@@ -316,7 +236,9 @@ class ImageStages:
     def _recorder(self, index: int):  # type: ignore[no-untyped-def]
         def record(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
             if self.run is not None:
-                self.run.captured[index] = (Captured(query, key, scaling), self.run.tokens.origin)
+                origin = self.run.tokens.origin
+                self.run.captured[index] = LayerAttention(Captured(query, key, scaling), origin,
+                                                          self.run.state.valid.gather(1, origin))
         return record
 
     # ---------------------------------------------------------------- the encoder
@@ -333,7 +255,8 @@ class ImageStages:
         assert run is not None  # begin() ran at layer 0
         tokens = replace(run.tokens, hidden=hidden)
         for stage in stages:
-            evaluator = self.encoder_space.evaluator(run.state, stage, run.captured_at(layer), tokens.hidden, layer)
+            evaluator = self.encoder_space.evaluator(run.state, stage, run.captured_at(layer), tokens.hidden, layer,
+                                                     run, len(self.adapter.vision_layers))
             tokens, alive, order, proportional = run_statements(stage, evaluator, tokens)
             run.proportional = run.proportional or proportional
             tokens = compact(tokens, run.state, alive, order)
@@ -350,7 +273,8 @@ class ImageStages:
         alive = live
         for stage in self.encoder_output:
             evaluator = self.encoder_space.evaluator(state, stage, run.captured_at(adapter.feature_encoder_layer),
-                                                     features.hidden, adapter.feature_encoder_layer)
+                                                     features.hidden, adapter.feature_encoder_layer, run,
+                                                     len(adapter.vision_layers))
             features, alive, _, _ = run_statements(stage, evaluator, features)
             state.valid = alive & state.valid
         alive_rows = state.valid.gather(1, features.origin)

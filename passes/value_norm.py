@@ -1,0 +1,26 @@
+"""`value_norm`: the L1 norm of each token's attention value vector, mean over heads (FlowCut's
+information-flow magnitude, arXiv:2505.19536). Encoder stages: the layer's values, [B, H, L', d] -> [B, L]."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from policyc.passes.base import SignalOp, register_signal, scatter_scores
+
+from policyc.errors import PolicyError
+from policyc.lang import ir
+
+if TYPE_CHECKING:
+    from policyc.runtime.evaluate import StageEvaluator
+
+
+@register_signal
+class ValueNorm(SignalOp):
+    name = "value_norm"
+
+    def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
+        values = getattr(ctx, "recorded_values", None)
+        if values is None:
+            raise PolicyError.at("value_norm reads encoder values", call.span)
+        return scatter_scores(values("value_norm").float().mean(1).abs().sum(-1), ctx)

@@ -1,0 +1,135 @@
+"""The image tokens of one vision forward as rows of the current sequence, and what stages do to them:
+run a stage's statements (merges folded in), compact to the rows still alive, scatter rows back to their
+representatives' slots. Used by policyc/runtime/vision.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from policyc.compiler.plan import BoundStage
+from policyc.errors import PolicyError
+from policyc.lang import ir
+from policyc.passes import MERGE_OPS
+from policyc.passes.base import selected_first
+from policyc.passes.merges import Folding, MergeRows
+from policyc.runtime.evaluate import PrefillState, StageEvaluator
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Image tokens as the rows of the current sequence, one image per batch row."""
+
+    hidden: torch.Tensor  # [I, R, C]
+    origin: torch.Tensor  # [I, R] long: the token's own position (its identity)
+    first: torch.Tensor  # [I, R] long: earliest position folded into the row (its representative)
+    size: torch.Tensor  # [I, R] float: original tokens folded into the row
+
+    @classmethod
+    def start(cls, hidden: torch.Tensor) -> Tokens:
+        positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        return cls(hidden, positions, positions, torch.ones(positions.shape, device=hidden.device))
+
+    def rows(self, index: torch.Tensor) -> Tokens:
+        """The rows `index` [I, R'] of each image."""
+        wide = index[:, :, None].expand(-1, -1, self.hidden.shape[-1])
+        return Tokens(self.hidden.gather(1, wide), self.origin.gather(1, index), self.first.gather(1, index),
+                      self.size.gather(1, index))
+
+
+
+def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
+    """Combine each group of rows into its receiving row; returns the new tokens and the rows folded away."""
+    into, hidden, size = folding.into, tokens.hidden, tokens.size
+    own = torch.arange(into.shape[1], device=into.device).expand_as(into)
+    moved = into != own
+    wide = into[:, :, None].expand_as(hidden)
+    joined = moved if folding.fused is None else folding.fused  # rows that join a group
+    received = torch.zeros_like(into).scatter_add(1, into, joined.long()) > 0
+    total = torch.zeros_like(size).scatter_add(1, into, size)
+    if folding.combine == "wavg":
+        merged = torch.zeros_like(hidden).scatter_add(1, wide, hidden * size[:, :, None].to(hidden.dtype))
+        merged = merged / total.clamp(min=1e-12)[:, :, None].to(hidden.dtype)
+    elif folding.combine == "mean":
+        count = torch.zeros_like(size).scatter_add(1, into, torch.ones_like(size))
+        merged = torch.zeros_like(hidden).scatter_add(1, wide, hidden) / count.clamp(min=1)[:, :, None].to(hidden.dtype)
+    elif folding.combine == "weighted_sum":  # EViT's fused token: sum of weight * row over the group
+        if folding.weights is None:
+            raise ValueError("a weighted_sum folding needs weights")
+        weights = torch.where(joined, folding.weights, torch.zeros_like(folding.weights))
+        merged = torch.zeros_like(hidden).scatter_add(1, wide, hidden * weights[:, :, None].to(hidden.dtype))
+    else:  # add_mean: the receiver plus the mean of what folded into it (VisionZip)
+        count = torch.zeros_like(size).scatter_add(1, into, moved.to(size.dtype))
+        incoming = torch.zeros_like(hidden).scatter_add(1, wide, hidden * moved[:, :, None].to(hidden.dtype))
+        merged = hidden + incoming / count.clamp(min=1)[:, :, None].to(hidden.dtype)
+    hidden = torch.where(received[:, :, None], merged, hidden)
+    first = tokens.first.scatter_reduce(1, into, tokens.first, reduce="amin")
+    return Tokens(hidden, tokens.origin, first, torch.where(received, total, size)), moved
+
+
+def run_statements(stage: BoundStage, evaluator: StageEvaluator, tokens: Tokens,
+                   ) -> tuple[Tokens, torch.Tensor, torch.Tensor | None, bool]:
+    """Run one stage's statements. Returns the tokens (merges applied), the alive positions [I, P], the
+    row order a merge asked for, and whether a merge turned on proportional attention."""
+    state = evaluator.state
+    alive = state.alive() & state.valid
+    order, proportional = None, False
+    for statement in stage.statements:
+        if (applied := evaluator.apply(statement, alive)) is not None:
+            alive = applied
+            continue
+        match statement:
+            case ir.Merge() as merge:
+                tokens, moved, merge_order, merge_proportional = _merge(merge, evaluator, tokens, alive)
+                gone = torch.zeros_like(alive).scatter(1, tokens.origin, moved)
+                alive, state.valid = alive & ~gone, state.valid & ~gone
+                evaluator.hidden = tokens.hidden
+                order = merge_order if merge_order is not None else order
+                proportional = proportional or merge_proportional
+            case _:
+                raise PolicyError.at("this statement is not supported before the LLM", statement.span)
+    return tokens, alive, order, proportional
+
+
+def _merge(merge: ir.Merge, evaluator: StageEvaluator, tokens: Tokens, alive: torch.Tensor,
+           ) -> tuple[Tokens, torch.Tensor, torch.Tensor | None, bool]:
+    op = MERGE_OPS[merge.method]
+    state = evaluator.state
+    members = evaluator.set(merge.source) & alive
+    receivers = evaluator.set(merge.into) & alive if merge.into is not None else members
+    features = evaluator.features(merge.by) if merge.by is not None and op.by == "feature" else None
+    weights = evaluator.score(merge.by).gather(1, tokens.origin) if merge.by is not None and op.by == "score" \
+        else None
+    patches = evaluator.patches.gather(1, tokens.origin) if evaluator.patches is not None else None
+    rows = MergeRows((members & ~state.protected).gather(1, tokens.origin), receivers.gather(1, tokens.origin),
+                     features, patches, weights)
+    folding = op.fold(merge, rows, evaluator)
+    folded, moved = fold(tokens, folding)
+    return folded, moved, folding.order, op.proportional(merge, evaluator)
+
+
+def compact(tokens: Tokens, state: PrefillState, alive: torch.Tensor, order: torch.Tensor | None) -> Tokens:
+    """Keep the alive rows (in `order`, else in their order). Images keeping fewer rows than others are
+    padded with dead rows, marked invalid in `state` (masked as attention keys, never selected)."""
+    if order is not None:
+        tokens = tokens.rows(order)
+    keep = alive.gather(1, tokens.origin)
+    counts = keep.sum(1)
+    tokens = tokens.rows(selected_first(keep)[:, : int(counts.max()) if counts.numel() else 0])
+    real = torch.arange(tokens.origin.shape[1], device=counts.device)[None] < counts[:, None]
+    state.kept = tokens.origin
+    state.valid = torch.zeros_like(state.valid).scatter(1, tokens.origin, real)
+    return tokens
+
+
+def scatter_rows(tokens: Tokens, alive_rows: torch.Tensor, width: int, base: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each alive row's features into its representative's position: ([I, width, C], [I, width] bool kept)."""
+    images, _, channels = tokens.hidden.shape
+    slot = torch.where(alive_rows, tokens.first, width)
+    out = tokens.hidden.new_zeros(images, width + 1, channels) if base is None else \
+        torch.cat([base, base.new_zeros(images, 1, channels)], dim=1)
+    out = out.scatter(1, slot[:, :, None].expand(-1, -1, channels), tokens.hidden)
+    kept = torch.zeros(images, width + 1, dtype=torch.bool, device=slot.device).scatter(1, slot, True)
+    return out[:, :width], kept[:, :width]
