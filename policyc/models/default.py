@@ -4,7 +4,8 @@ Nothing is downloaded. The weights come from a fixed seed, so every build is the
 are random, so the text it generates is noise: it exists to show the compiler end to end (tokens
 kept per stage, timings, `--show-tokens`) on any machine. Shapes:
 
-- vision: CLIP, 64x64 images in 8x8 patches (an 8x8 grid, 64 patches + CLS), 4 layers, hidden 64;
+- vision: CLIP, 64x64 images in 8x8 patches (an 8x8 grid, 64 patches + CLS), 24 layers
+  like LLaVA-1.5's CLIP ViT-L (so the standard library's encoder layer indices exist), hidden 64;
   LLaVA's "default" strategy drops CLS: 64 image tokens per image.
 - LLM: a 32-layer Llama like LLaVA-1.5-7B's (but hidden 64, 4 heads, 2 key/value heads), so the
   standard library's layer indices (FastV's 1, PyramidDrop's 7, 15, 23 and their next layers) exist.
@@ -43,7 +44,7 @@ def sample_image_path() -> Path:
 def default_config() -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=4,
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=24,
                               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64)
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                        num_hidden_layers=32, vocab_size=VOCAB_SIZE, max_position_embeddings=1024,
