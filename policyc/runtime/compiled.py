@@ -133,7 +133,11 @@ class Runtime:
         last = index + 1 >= len(self.plan.adapter.decoder_layers)
         next_layer = None if last else (lambda: self.next_layer_capture(index, hidden, position_embeddings))
         for stage in stages:
-            evaluator = StageEvaluator(state, captured, dict(stage.values), seed_offset=index, next_layer=next_layer)
+            step = stage.layers.index(index)
+            if step == 0:  # N0 of the stage's schedules: the image tokens alive before its first layer
+                state.origins[stage.label] = (state.image & alive & state.valid).sum(1)
+            evaluator = StageEvaluator(state, captured, dict(stage.values), seed_offset=index, next_layer=next_layer,
+                                       step=step, steps=len(stage.layers), origin=state.origins.get(stage.label))
             alive = _run_statements(stage.statements, evaluator, alive)
         keep_rows = torch.gather(alive, 1, state.kept)  # [B, L'] which current rows survive
         counts = keep_rows.sum(1)

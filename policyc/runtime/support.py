@@ -10,6 +10,7 @@ from policyc.lang import ir
 from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
+_SCHEDULES = {"geometric", "linear", "cosine"}  # in LLM stages (and lists [300, 200, 110])
 _SELECTORS = {"llm": {"top"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 _RECORDED = {"attention", "key_norm", "keys"}  # read the layer's recorded attention: not at the projector
 _SETS = {"llm": {"cls", "raters", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
@@ -90,8 +91,12 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
     match expr:
         case ir.Select(selector=selector) if selector not in _SELECTORS[kind]:
             raise _not_yet(f"the `{selector}` selector{' in the LLM' if selector in SELECTOR_OPS else ''}", expr)
-        case ir.Select(amount=ir.ListExpr() | ir.Call() as amount):
-            raise _not_yet("a schedule amount", amount)
+        case ir.Select(amount=ir.ListExpr() | ir.Call() as amount) if kind != "llm":
+            raise _not_yet("a schedule amount before the LLM", amount)
+        case ir.Select(amount=ir.Call(fn=fn) as amount) if fn not in _SCHEDULES:
+            raise _not_yet(f"the amount {fn}()", amount)
+        case ir.Call(fn=fn) if fn in _SCHEDULES:
+            return  # an LLM stage's schedule amount (the case above rejects the others)
         case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "projector" and fn in _RECORDED:
             raise _not_yet(f"{fn} at projector.output (no attention runs there)", expr)
         case ir.Call(fn=fn) if fn in FEATURE_OPS:
