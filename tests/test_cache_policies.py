@@ -161,13 +161,23 @@ def test_standard_library_cache_policies_generate(name: str, overrides: dict[str
 def test_pyramiddrop_snapkv_compiles_and_generates() -> None:
     model = tiny_llava_clip(num_llm_layers=25)
     inputs = make_inputs(model, batch=2, pad_left=2)
-    try:
-        compile_model(model, "pyramiddrop_snapkv", {"snapkv.window": parse_value("16")})  # capacity: 512
-    except PolicyError as error:  # only PyramidDrop's schedule may still be missing, never the cache
-        assert all("schedule" in d.message for d in error.diagnostics), str(error)
-        pytest.skip("PyramidDrop's geometric() schedule is not in the runtime yet")
+    pyramiddrop = compile_model(model, "pyramiddrop")
+    alone = generate(model, inputs)
+    pyramiddrop.remove()
+    compile_model(model, "pyramiddrop_snapkv", {"snapkv.window": parse_value("16")})  # capacity 512: no eviction
     result = generate(model, inputs)
     assert result.sequences.shape[1] == inputs["input_ids"].shape[1] + STEPS
+    assert torch.equal(result.sequences, alone.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(result.scores, alone.scores, strict=True))
+
+
+def test_pyramiddrop_with_an_evicting_snapkv_equals_single_runs() -> None:
+    model = tiny_llava_clip(seed=3, num_llm_layers=25)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=3)
+    compiled(model, "use pyramiddrop(lam=0.6)\nuse snapkv(window=3, capacity=8)")
+    batched = generate(model, inputs)
+    assert max(cache_lengths(batched)) < inputs["input_ids"].shape[1]  # every layer evicted
+    assert_rows_equal_single_runs(model, inputs, batched)
 
 
 def test_static_caches_fail_loudly_at_the_cache_statement() -> None:
