@@ -31,7 +31,7 @@ from policyc.passes.cache_base import CACHE_OPS, CacheOp, Slots
 from policyc.runtime import attention
 
 if TYPE_CHECKING:
-    from policyc.runtime.compiled import Runtime
+    from policyc.runtime.llm import Runtime
 
 OBSERVING_NAME = "policyc_sdpa_cache"
 _CHUNK = 256  # query rows per block when summing prefill attention columns
