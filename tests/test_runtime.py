@@ -78,13 +78,14 @@ def test_batch_with_left_padding_equals_single_runs() -> None:
 
 def test_unimplemented_features_fail_at_compile_time_at_their_line() -> None:
     model = tiny_llava_clip()
-    text = "policy p {\n  stage llm.layer[1] {\n    keep top 50% of vision by attention(last -> vision)\n" \
-           "    positions cache_length\n  }\n}"
+    text = "policy p {\n  stage llm.layer[1] { keep top 50% of vision by attention(last -> vision)\n" \
+           "    positions cache_length }\n  stage decode { cache heavy_hitter(heavy=4, recent=2) }\n}"
     with pytest.raises(PolicyError) as caught:
         compile_model(model, policy(text))
     (diagnostic,) = caught.value.diagnostics
     assert diagnostic.span is not None and diagnostic.span.line == 4
-    assert "positions cache_length is not implemented by policyc's runtime yet" in diagnostic.message
+    assert "cache heavy_hitter with positions cache_length is not implemented by policyc's runtime yet" \
+        in diagnostic.message
 
 
 def test_static_cache_matches_the_dynamic_cache() -> None:

@@ -271,6 +271,14 @@ class CacheRuntime:
         layer.incoming = position_ids[..., -1].expand(layer.keys.shape[0])
         return kwargs
 
+    def prompt_tokens(self, index: int) -> torch.Tensor:
+        """[B] real prompt tokens layer `index`'s cache holds now (its first key/value head)."""
+        state = self.runtime.state
+        assert state is not None
+        positions = self._slot_layer(index).positions[:, 0]  # [B, n]
+        in_prompt = (positions >= 0) & (positions < state.length)
+        return (torch.gather(state.valid, 1, positions.clamp(0, state.length - 1)) & in_prompt).sum(1)
+
     def after_decode(self, index: int) -> None:
         if self.op.every_step:
             self._evict(index, self._slot_layer(index), after_prefill=False)

@@ -80,11 +80,7 @@ class PolicyLayer(nn.Module):
                 kwargs = cache.decode_mask(self.index, kwargs)
             elif shorter:
                 kwargs = gather_decode(kwargs, kept, state.length)  # type: ignore[arg-type]
-            dropped = None
-            if shorter and runtime.compact:
-                dropped = state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)  # type: ignore[arg-type]
-            elif shorter and runtime.dropped_before is not None:
-                dropped = runtime.dropped_before
+            dropped = runtime.decode_shift(self.index)
             if dropped is not None:
                 position_ids = kwargs["position_ids"]
                 kwargs = self._renumber(hidden_states, kwargs, position_ids - dropped[:, None])  # type: ignore[operator]
@@ -99,10 +95,10 @@ class PolicyLayer(nn.Module):
 
     def _renumber(self, hidden: torch.Tensor, kwargs: dict[str, object], positions: torch.Tensor,
                   ) -> dict[str, object]:
-        """Rotary embeddings and position ids for renumbered positions (`positions compact`)."""
+        """Rotary embeddings and position ids for renumbered positions (this layer's own, [B, n])."""
         rotary = self.runtime.plan.adapter.rotary
         if rotary is None:
-            raise PolicyError.at("positions compact needs the LLM's rotary embedding, which was not found", None)
+            raise PolicyError.at("renumbering positions needs the LLM's rotary embedding, which was not found", None)
         return {**kwargs, "position_ids": positions, "position_embeddings": rotary(hidden, position_ids=positions)}
 
     def _apply_stages(self, hidden: torch.Tensor, kwargs: dict[str, object]) -> torch.Tensor:
@@ -120,8 +116,9 @@ class CompiledModel:
         check_supported(plan, backend)
         self.plan = plan
         self.backend = backend
-        compact = any(isinstance(st, ir.Positions) and st.mode == "compact" for s in plan.stages for st in s.statements)
-        self.runtime = Runtime(plan, compact)
+        modes = {st.mode for s in plan.stages for st in s.statements if isinstance(st, ir.Positions)}
+        self.runtime = Runtime(plan, compact=bool(modes & {"compact", "cache_length"}),
+                               cache_length="cache_length" in modes)
         adapter = plan.adapter
         self.model = adapter.model
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

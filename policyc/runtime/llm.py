@@ -37,7 +37,10 @@ class Runtime:
     """Per-model runtime state shared by the hooks and layer wrappers."""
 
     plan: Plan
-    compact: bool = False  # `positions compact`: kept rows are renumbered 0..n-1 (PyramidDrop)
+    compact: bool = False  # `positions compact` or `cache_length`: kept rows are renumbered 0..n-1 in prefill
+    # `positions cache_length` (MustDrop, SparseVLM v1): a decode token's position in a layer is the real tokens
+    # that layer's cache holds (after `cache regather`), not the prompt's stage-consistent numbering.
+    cache_length: bool = False
     state: PrefillState | None = None
     captured: dict[int, Captured] = field(default_factory=dict)
     kept_at_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill rows each layer cached
@@ -167,6 +170,32 @@ class Runtime:
             return allowed
         return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
             ~allowed.to(like.device), torch.finfo(like.dtype).min)
+
+    def decode_shift(self, index: int) -> torch.Tensor | None:
+        """How far decoder layer `index` moves a decode token's position back, [B] (None: not at all).
+
+        transformers numbers the new token after every real prompt token. `positions compact` subtracts the
+        real tokens this layer no longer sees (PyramidDrop's stage-consistent shift); `positions cache_length`
+        the real prompt tokens missing from this layer's cache, so the token sits right after what the cache
+        holds (MustDrop's `get_usable_length(layer_idx)`); tokens dropped before the LLM always shift.
+        """
+        state = self.state
+        assert state is not None  # decoding follows a prefill
+        kept = self.kept_at_layer.get(index)
+        if self.cache_length:
+            if self.cache is not None and self.cache.handles(index):
+                held = self.cache.prompt_tokens(index)
+            elif kept is not None:
+                held = torch.gather(state.valid, 1, kept).sum(1)
+            else:
+                return None
+            shift = state.valid.sum(1) - held
+            return shift if bool(shift.any()) else None
+        if kept is None or kept.shape[1] >= state.length:
+            return None
+        if self.compact:
+            return state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)
+        return self.dropped_before
 
     def _first_image_stage_span(self) -> Span | None:
         return next((s.span for s in self.plan.stages if s.kind in ("encoder", "projector")), None)

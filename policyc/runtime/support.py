@@ -27,8 +27,18 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
                 _statement(stage, statement, plan)
             except PolicyError as error:
                 problems.append(error)
+    problems += _cache_length_with(plan)
     if problems:
         raise PolicyError([d for p in problems for d in p.diagnostics])
+
+
+def _cache_length_with(plan: Plan) -> list[PolicyError]:
+    """`positions cache_length` numbers decode tokens by each layer's cache: only caches that shrink once, after
+    prefill, to the same tokens in every head (`full`, `regather`) are defined with it so far."""
+    if not any(isinstance(st, ir.Positions) and st.mode == "cache_length" for s in plan.stages for st in s.statements):
+        return []
+    return [_not_yet(f"cache {st.method} with positions cache_length", st) for s in plan.stages if s.kind == "decode"
+            for st in s.statements if isinstance(st, ir.Cache) and st.method not in ("full", "regather")]
 
 
 def _not_in_graphs(stage: BoundStage) -> str | None:
@@ -43,10 +53,11 @@ def _not_in_graphs(stage: BoundStage) -> str | None:
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
-                          "let/score/keep/drop/protect, the selectors top (everywhere) and stride, grid, diverse "
-                          "(before the LLM), the merges bipartite, window, nearest and pool (before the LLM), "
+                          "let/score/keep/drop/protect, the selectors top (everywhere; in the LLM also with the "
+                          "schedules geometric, linear, cosine and [lists]) and stride, grid, diverse (before the "
+                          "LLM), the merges bipartite, window, nearest and pool (before the LLM), "
                           f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden, "
-                          "positions original or compact, "
+                          "positions original, compact or cache_length (with the caches full and regather), "
                           f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
 
 
@@ -57,7 +68,7 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
             return
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
     match statement:
-        case ir.Positions(mode="original" | "compact"):
+        case ir.Positions(mode="original" | "compact" | "cache_length"):
             return
         case ir.Positions(mode=mode):
             raise _not_yet(f"positions {mode}", statement)
