@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference.mustdrop import mustdrop_generate
 from reference.pyramiddrop import pyramiddrop_counts, pyramiddrop_generate
 from tiny_models import make_inputs, tiny_llava_clip
 
@@ -50,3 +51,62 @@ def test_pyramiddrop_static_cache_equals_the_dynamic_one() -> None:
     assert torch.equal(dynamic.sequences, static.sequences)
     for a, b in zip(dynamic.scores, static.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+MUSTDROP = """policy p {
+  param g_thr = 0.01 in [0, 1]
+  param i_thr = 0.01 in [0, 1]
+
+  stage encoder.layer[-1] as key_set {
+    let key = top 3 of vision by attention(cls -> vision)
+    protect key
+  }
+
+  stage llm.layer[2, 6, 10, 14] as filter {
+    score received = attention(text -> vision, queries=sum)
+    drop vision where received < g_thr * sum(received) and attention(text -> vision, queries=max) < i_thr
+    positions cache_length
+  }
+
+  stage decode {
+    cache regather
+  }
+}"""
+PRUNING = [2, 6, 10, 14]
+
+
+def mustdrop_thresholds(model: torch.nn.Module, inputs: dict) -> tuple[float, float]:
+    """Thresholds that drop some image tokens at the first pruning layer and keep others, halfway between two
+    observed scores (so that no score sits on a threshold): the 60% quantile of the text's share, the 80%
+    quantile of the strongest single text token's attention."""
+    probe = mustdrop_generate(model, **inputs, pruning=PRUNING, g_thr=0.0, i_thr=0.0, key_count=3, max_new_tokens=1)
+    shares = torch.cat([r.scores[0][0] for r in probe]).sort().values
+    strongest = torch.cat([r.scores[0][1] for r in probe]).sort().values
+
+    def between(values: torch.Tensor, quantile: float) -> float:
+        at = int(quantile * (len(values) - 1))
+        return float(values[at] + values[at + 1]) / 2
+
+    return between(shares, 0.6), between(strongest, 0.8)
+
+
+@pytest.mark.parametrize(("seed", "batch"), [(0, 1), (1, 1), (2, 2)])
+def test_mustdrop_llm_and_decode_stages_equal_the_reference(seed: int, batch: int) -> None:
+    model = tiny_llava_clip(seed=seed, num_llm_layers=16)
+    inputs = make_inputs(model, batch=batch, pad_left=2, seed=seed, text_after=6)
+    g_thr, i_thr = mustdrop_thresholds(model, inputs)
+    expected = mustdrop_generate(model, **inputs, pruning=PRUNING, g_thr=g_thr, i_thr=i_thr, key_count=3,
+                                 max_new_tokens=STEPS)
+    compiled = policyc.compile(model, policyc.parse(MUSTDROP), g_thr=g_thr, i_thr=i_thr).policyc
+    result = generate(model, inputs)
+    image = inputs["input_ids"] == model.config.image_token_id
+    for row, reference in enumerate(expected):
+        pad = int((inputs["attention_mask"][row] == 0).sum())
+        for stage, layer in enumerate(PRUNING):
+            rows = compiled.runtime.kept_at_layer[layer + 1][row]
+            assert torch.equal(rows[rows >= pad] - pad, reference.kept[stage])
+        kept = int(image[row, compiled.runtime.kept_at_layer[15][row]].sum())
+        assert 3 <= kept < 16  # something dropped, something (the key set at least) kept
+    tokens = torch.stack([r.tokens for r in expected])
+    assert_same_steps(result, tokens, torch.stack([torch.stack(r.logits) for r in expected]),
+                      inputs["input_ids"].shape[1])

@@ -81,8 +81,8 @@ def _rotate(model: LlavaForConditionalGeneration, x: Tensor, positions: Tensor) 
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def _layer(model: LlavaForConditionalGeneration, index: int, x: Tensor, cache: LayerCache | None, tokens: Tensor,
-           rope: Tensor) -> tuple[Tensor, LayerCache, Tensor]:
+def decoder_layer(model: LlavaForConditionalGeneration, index: int, x: Tensor, cache: LayerCache | None,
+                  tokens: Tensor, rope: Tensor) -> tuple[Tensor, LayerCache, Tensor]:
     """Decoder layer `index` on new rows x [m, D] (token indices `tokens`, rotary positions `rope`)."""
     layer = model.model.language_model.layers[index]
     attn = layer.self_attn
@@ -125,7 +125,7 @@ def generate_row(model: LlavaForConditionalGeneration, embeds: Tensor, image: Te
     x, caches = embeds, []
     protected = torch.zeros(0, dtype=torch.long)
     for index in range(n_layers):
-        x, cache, probs = _layer(model, index, x, None, rows, rows)
+        x, cache, probs = decoder_layer(model, index, x, None, rows, rows)
         cache.prompt_size, cache.prefill_probs = len(rows), probs
         caches.append(cache)
         for stage in (s for s in stages if s.layer == index):
@@ -151,7 +151,7 @@ def generate_row(model: LlavaForConditionalGeneration, embeds: Tensor, image: Te
         position = torch.tensor([length + step])
         for index in range(n_layers):
             rope = torch.tensor([caches[index].keys.shape[1]]) if policy.relative else position
-            x, caches[index], _ = _layer(model, index, x, caches[index], position, rope)
+            x, caches[index], _ = decoder_layer(model, index, x, caches[index], position, rope)
             _evict(policy, index, caches[index], False, rows)
         logits = _logits(model, x[-1])
     return result
