@@ -8,9 +8,10 @@ import pytest
 import torch
 from reference.mustdrop import mustdrop_generate
 from reference.pyramiddrop import pyramiddrop_counts, pyramiddrop_generate
-from tiny_models import make_inputs, tiny_llava_clip
+from tiny_models import PAD_ID, make_inputs, tiny_llava_clip
 
 import policyc
+from policyc.errors import PolicyError
 
 STEPS = 5
 
@@ -110,3 +111,74 @@ def test_mustdrop_llm_and_decode_stages_equal_the_reference(seed: int, batch: in
     tokens = torch.stack([r.tokens for r in expected])
     assert_same_steps(result, tokens, torch.stack([torch.stack(r.logits) for r in expected]),
                       inputs["input_ids"].shape[1])
+
+
+def observed_share(model: torch.nn.Module, inputs: dict, quantile: float) -> float:
+    """Halfway between two observed values of `received / sum(received)` at MustDrop's last filter layer, for
+    the full standard-library policy with thresholds that drop nothing (every window merged)."""
+    policyc.compile(model, policyc.parse("policy w { use mustdrop(similar=-1.0, g_thr=0.0, i_thr=0.0) }"))
+    model(**inputs)
+    state = model.policyc.runtime.state
+    image = state.image & state.alive() & state.valid
+    received = state.scores["received"]
+    shares = torch.cat([(received[b, image[b]] / received[b, image[b]].sum()) for b in range(image.shape[0])]).sort()
+    at = int(quantile * (len(shares.values) - 1))
+    return float(shares.values[at] + shares.values[at + 1]) / 2
+
+
+def twice(inputs: dict, pad: int) -> dict:
+    """The one sample of `inputs` twice, each row left-padded by `pad` (a batch whose rows keep equal counts)."""
+    padded = {"input_ids": torch.cat([torch.full((1, pad), PAD_ID), inputs["input_ids"]], 1),
+              "attention_mask": torch.cat([torch.zeros(1, pad, dtype=torch.long), inputs["attention_mask"]], 1)}
+    return {**{k: v.expand(2, -1).contiguous() for k, v in padded.items()},
+            "pixel_values": inputs["pixel_values"].expand(2, -1, -1, -1).contiguous()}
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_mustdrop_runs_end_to_end(batch: int) -> None:
+    model = tiny_llava_clip(seed=batch, num_llm_layers=16)
+    inputs = make_inputs(model, text_after=6, seed=batch)
+    inputs = twice(inputs, pad=2) if batch == 2 else inputs
+    prompt = inputs["input_ids"].shape[1]
+    compiled = policyc.compile(model, "mustdrop").policyc  # 16 random tokens: its thresholds drop nothing
+    result = generate(model, inputs)
+    assert result.sequences.shape == (batch, prompt + STEPS)
+    assert compiled.runtime.image_slots[1].sum(1).tolist() == [1] * batch  # the key set: 8% of 16 patches
+    g_thr = observed_share(model, inputs, 0.5)
+    compiled = policyc.compile(model, policyc.parse(
+        f"policy w {{ use mustdrop(similar=-1.0, g_thr={g_thr}, i_thr=1.0) }}")).policyc
+    result = generate(model, inputs)
+    assert result.sequences.shape == (batch, prompt + STEPS)
+    image = inputs["input_ids"] == model.config.image_token_id
+    before_llm = compiled.runtime.kept_at_layer[0]
+    final = compiled.runtime.kept_at_layer[15]
+    for row in range(batch):
+        assert int(image[row, before_llm[row]].sum()) == 8  # the 3x3 window merged into one token
+        assert 0 < int(image[row, final[row]].sum()) < 8  # the filter dropped some, kept some
+        for layer in range(2, 16):  # the output-aware cache holds what survived the last filter layer
+            held = result.past_key_values.layers[layer].positions[row, 0]
+            assert torch.equal(held[(held >= 0) & (held < prompt)], final[row])
+    if batch > 1:
+        assert_rows_equal_single_runs(model, inputs, result)
+
+
+def test_mustdrop_batches_whose_rows_keep_different_counts_fail_loudly() -> None:
+    model = tiny_llava_clip(seed=1, num_llm_layers=16)
+    inputs = make_inputs(model, batch=2, pad_left=2, text_after=6, seed=1)
+    g_thr = observed_share(model, inputs, 0.5)
+    policyc.compile(model, policyc.parse(f"policy w {{ use mustdrop(similar=-1.0, g_thr={g_thr}, i_thr=1.0) }}"))
+    with pytest.raises(PolicyError) as caught:
+        generate(model, inputs)
+    assert "tokens across the batch; batches whose samples keep different counts are not supported yet" \
+        in str(caught.value)
+
+
+def assert_rows_equal_single_runs(model: torch.nn.Module, inputs: dict, batched) -> None:  # type: ignore[no-untyped-def]
+    """Each row of a left-padded batch generates what it generates alone (tokens; scores within 1e-5)."""
+    for row in range(inputs["input_ids"].shape[0]):
+        valid = inputs["attention_mask"][row].bool()
+        alone = generate(model, {key: value[row : row + 1, valid] if key != "pixel_values" else value[row : row + 1]
+                                 for key, value in inputs.items()})
+        assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, -STEPS:])
+        for a, b in zip(batched.scores, alone.scores, strict=True):
+            torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-5)
