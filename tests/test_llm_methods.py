@@ -182,3 +182,49 @@ def assert_rows_equal_single_runs(model: torch.nn.Module, inputs: dict, batched)
         assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, -STEPS:])
         for a, b in zip(batched.scores, alone.scores, strict=True):
             torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-5)
+
+
+TWO_STAGES = """policy p {{
+  stage llm.layer[0] {{ keep top 12 of vision by attention(last -> vision)
+                        positions {mode} }}
+  stage llm.layer[2] {{ keep top 5 of vision by attention(last -> vision)
+                        positions {mode} }}
+}}"""
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cache_length_without_regather_numbers_as_compact(cache: str) -> None:
+    """Without `cache regather` every layer's cache holds the rows it processed, so per-layer cache lengths
+    give PyramidDrop's stage-consistent decode positions."""
+    model = tiny_llava_clip(seed=3)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=3)
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    policyc.compile(model, policyc.parse(TWO_STAGES.format(mode="compact")))
+    compact = generate(model, inputs)
+    policyc.compile(model, policyc.parse(TWO_STAGES.format(mode="cache_length")))
+    cache_length = generate(model, inputs, **kwargs)
+    assert torch.equal(cache_length.sequences, compact.sequences)
+    for a, b in zip(cache_length.scores, compact.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_cache_length_with_regather_refuses_static_caches_at_the_cache_line() -> None:
+    model = tiny_llava_clip(seed=0, num_llm_layers=16)
+    inputs = make_inputs(model)
+    policyc.compile(model, "mustdrop")
+    with pytest.raises(PolicyError) as caught:
+        generate(model, inputs, cache_implementation="static")
+    assert "cache regather needs a dynamic KV cache" in str(caught.value)
+
+
+def test_cache_length_under_the_fx_graph_backend_equals_eager() -> None:
+    model = tiny_llava_clip(seed=3)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=3)
+    policy = policyc.parse(TWO_STAGES.format(mode="cache_length"))
+    policyc.compile(model, policy)
+    eager = generate(model, inputs)
+    policyc.compile(model, policy, backend="fx")
+    graphs = generate(model, inputs)
+    assert torch.equal(graphs.sequences, eager.sequences)
+    for a, b in zip(graphs.scores, eager.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

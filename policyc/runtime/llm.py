@@ -189,8 +189,7 @@ class Runtime:
                 held = torch.gather(state.valid, 1, kept).sum(1)
             else:
                 return None
-            shift = state.valid.sum(1) - held
-            return shift if bool(shift.any()) else None
+            return state.valid.sum(1) - held
         if kept is None or kept.shape[1] >= state.length:
             return None
         if self.compact:
