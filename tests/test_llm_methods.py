@@ -8,6 +8,7 @@ import pytest
 import torch
 from reference.mustdrop import mustdrop_generate
 from reference.pyramiddrop import pyramiddrop_counts, pyramiddrop_generate
+from reference.sparsevlm import sparsevlm_generate
 from tiny_models import PAD_ID, make_inputs, tiny_llava_clip
 
 import policyc
@@ -228,3 +229,24 @@ def test_cache_length_under_the_fx_graph_backend_equals_eager() -> None:
     assert torch.equal(graphs.sequences, eager.sequences)
     for a, b in zip(graphs.scores, eager.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("seed", "batch"), [(0, 1), (1, 2), (2, 2)])
+def test_sparsevlm_equals_the_reference(seed: int, batch: int) -> None:
+    model = tiny_llava_clip(seed=seed, num_llm_layers=16)  # the standard library's layers 2, 6, 15
+    inputs = make_inputs(model, batch=batch, pad_left=3, seed=seed, text_after=8)
+    budgets = [10, 6, 3]
+    expected = sparsevlm_generate(model, **inputs, pruning=[2, 6, 15], budgets=budgets, max_new_tokens=STEPS)
+    compiled = policyc.compile(model, "sparsevlm", early=10, middle=6, late=3).policyc
+    result = generate(model, inputs)
+    raters = compiled.runtime.state.sets["raters"]
+    for row, reference in enumerate(expected):
+        pad = int((inputs["attention_mask"][row] == 0).sum())
+        assert torch.equal(raters[row].nonzero().flatten() - pad, reference.raters)
+        assert 0 < len(reference.raters) < 8
+        for stage, layer in enumerate([3, 7]):
+            rows = compiled.runtime.kept_at_layer[layer][row]
+            assert torch.equal(rows[rows >= pad] - pad, reference.kept[stage])
+        assert torch.equal(compiled.kept_positions[row][compiled.kept_positions[row] >= pad] - pad, reference.kept[2])
+    assert_same_steps(result, torch.stack([r.tokens for r in expected]),
+                      torch.stack([torch.stack(r.logits) for r in expected]), inputs["input_ids"].shape[1])

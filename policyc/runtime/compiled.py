@@ -62,6 +62,8 @@ class PolicyLayer(nn.Module):
         if prefill:
             if self.index == 0:
                 hidden_states = runtime.drop_before_llm(hidden_states)
+                if runtime.rates_text:
+                    runtime.rate_text(hidden_states)
             runtime.kept_at_layer[self.index] = state.kept
             if state.kept.shape[1] < state.length:
                 kwargs = gather_prefill(kwargs, state)
@@ -109,6 +111,12 @@ class PolicyLayer(nn.Module):
         return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
+def _reads(plan: Plan, name: str) -> bool:
+    """Whether an LLM stage's statements name `name` (a set or score)."""
+    return any(isinstance(node, ir.Name) and node.id == name
+               for s in plan.stages if s.kind == "llm" for st in s.statements for node in st.walk())
+
+
 class CompiledModel:
     """A model rewritten by a plan, in place. `remove()` restores the original modules."""
 
@@ -118,7 +126,7 @@ class CompiledModel:
         self.backend = backend
         modes = {st.mode for s in plan.stages for st in s.statements if isinstance(st, ir.Positions)}
         self.runtime = Runtime(plan, compact=bool(modes & {"compact", "cache_length"}),
-                               cache_length="cache_length" in modes)
+                               cache_length="cache_length" in modes, rates_text=_reads(plan, "raters"))
         adapter = plan.adapter
         self.model = adapter.model
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -134,7 +142,8 @@ class CompiledModel:
             self.runtime.images = self.images
         self.runtime.cache = CacheRuntime.build(plan, self.runtime)
         cached = set(self.runtime.cache.layers if self.runtime.cache else ())
-        wrapped_layers = sorted(set(stage_layers) | cached | ({0} if before_llm else set()))
+        at_input = before_llm or self.runtime.rates_text  # layer 0's wrapper sees the LLM's input embeddings
+        wrapped_layers = sorted(set(stage_layers) | cached | ({0} if at_input else set()))
         if backend != "eager":
             # prefill stages become graph passes; decoding stays with the layer wrappers below
             self._compile_graphs(stage_layers, inductor=backend == "inductor")

@@ -41,6 +41,7 @@ class Runtime:
     # `positions cache_length` (MustDrop, SparseVLM v1): a decode token's position in a layer is the real tokens
     # that layer's cache holds (after `cache regather`), not the prompt's stage-consistent numbering.
     cache_length: bool = False
+    rates_text: bool = False  # a stage reads SparseVLM's `raters`: computed from the embeddings before layer 0
     state: PrefillState | None = None
     captured: dict[int, Captured] = field(default_factory=dict)
     kept_at_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill rows each layer cached
@@ -170,6 +171,26 @@ class Runtime:
             return allowed
         return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
             ~allowed.to(like.device), torch.finfo(like.dtype).min)
+
+    def rate_text(self, hidden: torch.Tensor) -> None:
+        """SparseVLM's raters (arXiv:2410.04417; algorithms.md §9b), once per prompt from the LLM's input
+        embeddings [B, L', D]: with V the image rows and T the text rows after the first image,
+        M = softmax(V Tᵀ over T).mean(over V), and the raters are the text tokens whose M is above its mean.
+        Stored as the token set `raters`, [B, L] over original positions."""
+        state = self.state
+        assert state is not None  # runs at the start of a prefill
+        rows = state.kept
+        positions = torch.arange(state.length, device=rows.device)
+        first_image = torch.where(state.image, positions, state.length).amin(1, keepdim=True)
+        image = torch.gather(state.image & state.valid, 1, rows)
+        text = torch.gather(state.valid & ~state.image & (positions > first_image), 1, rows)
+        raters = torch.zeros_like(state.image)
+        for b in range(rows.shape[0]):
+            vision, words = hidden[b, image[b]].float(), hidden[b, text[b]].float()
+            if vision.shape[0] and words.shape[0]:
+                relevance = torch.softmax(vision @ words.T, dim=-1).mean(0)  # [T]
+                raters[b, rows[b, text[b]][relevance > relevance.mean()]] = True
+        state.sets["raters"] = raters
 
     def decode_shift(self, index: int) -> torch.Tensor | None:
         """How far decoder layer `index` moves a decode token's position back, [B] (None: not at all).

@@ -13,7 +13,7 @@ _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SCHEDULES = {"geometric", "linear", "cosine"}  # in LLM stages (and lists [300, 200, 110])
 _SELECTORS = {"llm": {"top"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 _RECORDED = {"attention", "key_norm", "keys"}  # read the layer's recorded attention: not at the projector
-_SETS = {"llm": {"cls", "raters", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
+_SETS = {"llm": {"cls", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
 
 
 def check_supported(plan: Plan, backend: str = "eager") -> None:
@@ -47,7 +47,13 @@ def _not_in_graphs(stage: BoundStage) -> str | None:
         return f"{stage.kind} stages are"
     if any(isinstance(s, ir.Cache) and s.method != "full" for s in stage.statements):
         return "cache policies other than `full` are"
+    if any(_names(s, "raters") for s in stage.statements):
+        return "the token set `raters` is"
     return None
+
+
+def _names(node: ir.Node, name: str) -> bool:
+    return any(isinstance(n, ir.Name) and n.id == name for n in node.walk())
 
 
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
