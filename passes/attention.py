@@ -62,6 +62,8 @@ class Attention(SignalOp):
         rows = selected_first(is_query)[:, :width]  # query rows first
         real_row = torch.arange(width, device=count.device)[None] < count[:, None]  # [B, R]
         key_valid = torch.gather(state.valid, 1, current)
+        live = state.live()  # fillers of a batch whose samples keep different counts are no keys
+        key_valid = key_valid if live is None else key_valid & live
         visible = key_valid[:, None, :] & real_row[:, :, None]
         if ctx.causal:  # the LLM; the vision encoder attends both ways
             columns = torch.arange(current.shape[1], device=current.device)

@@ -9,7 +9,7 @@ import torch
 from reference.mustdrop import mustdrop_generate
 from reference.pyramiddrop import pyramiddrop_counts, pyramiddrop_generate
 from reference.sparsevlm import sparsevlm_generate
-from tiny_models import PAD_ID, make_inputs, tiny_llava_clip
+from tiny_models import make_inputs, tiny_llava_clip
 
 import policyc
 from policyc.errors import PolicyError
@@ -77,6 +77,14 @@ MUSTDROP = """policy p {
 PRUNING = [2, 6, 10, 14]
 
 
+def tokens_at(compiled, layer: int, row: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The prompt positions decoder layer `layer` processed for batch row `row`, without fillers (the rows a
+    sample keeping fewer tokens than another carries so that the batch stays rectangular)."""
+    rows = compiled.runtime.kept_at_layer[layer][row]
+    live = compiled.runtime.live_at_layer.get(layer)
+    return rows if live is None else rows[live[row]]
+
+
 def mustdrop_thresholds(model: torch.nn.Module, inputs: dict) -> tuple[float, float]:
     """Thresholds that drop some image tokens at the first pruning layer and keep others, halfway between two
     observed scores (so that no score sits on a threshold): the 60% quantile of the text's share, the 80%
@@ -92,8 +100,10 @@ def mustdrop_thresholds(model: torch.nn.Module, inputs: dict) -> tuple[float, fl
     return between(shares, 0.6), between(strongest, 0.8)
 
 
-@pytest.mark.parametrize(("seed", "batch"), [(0, 1), (1, 1), (2, 2)])
-def test_mustdrop_llm_and_decode_stages_equal_the_reference(seed: int, batch: int) -> None:
+@pytest.mark.parametrize(("seed", "batch", "ragged"), [(0, 1, False), (1, 1, False), (2, 2, False), (3, 2, True),
+                                                        (4, 2, True)])
+def test_mustdrop_llm_and_decode_stages_equal_the_reference(seed: int, batch: int, ragged: bool) -> None:
+    """`ragged`: the two samples keep different counts (the one keeping fewer carries fillers)."""
     model = tiny_llava_clip(seed=seed, num_llm_layers=16)
     inputs = make_inputs(model, batch=batch, pad_left=2, seed=seed, text_after=6)
     g_thr, i_thr = mustdrop_thresholds(model, inputs)
@@ -104,11 +114,12 @@ def test_mustdrop_llm_and_decode_stages_equal_the_reference(seed: int, batch: in
     image = inputs["input_ids"] == model.config.image_token_id
     for row, reference in enumerate(expected):
         pad = int((inputs["attention_mask"][row] == 0).sum())
-        for stage, layer in enumerate(PRUNING):
-            rows = compiled.runtime.kept_at_layer[layer + 1][row]
+        for stage, layer in enumerate(PRUNING):  # the tokens each later layer processed (fillers aside)
+            rows = tokens_at(compiled, layer + 1, row)
             assert torch.equal(rows[rows >= pad] - pad, reference.kept[stage])
-        kept = int(image[row, compiled.runtime.kept_at_layer[15][row]].sum())
+        kept = int(image[row, tokens_at(compiled, 15, row)].sum())
         assert 3 <= kept < 16  # something dropped, something (the key set at least) kept
+    assert any(live is not None for live in compiled.runtime.live_at_layer.values()) == ragged
     tokens = torch.stack([r.tokens for r in expected])
     assert_same_steps(result, tokens, torch.stack([torch.stack(r.logits) for r in expected]),
                       inputs["input_ids"].shape[1])
@@ -118,7 +129,8 @@ def observed_share(model: torch.nn.Module, inputs: dict, quantile: float) -> flo
     """Halfway between two observed values of `received / sum(received)` at MustDrop's last filter layer, for
     the full standard-library policy with thresholds that drop nothing (every window merged)."""
     policyc.compile(model, policyc.parse("policy w { use mustdrop(similar=-1.0, g_thr=0.0, i_thr=0.0) }"))
-    model(**inputs)
+    with torch.no_grad():
+        model(**inputs)
     state = model.policyc.runtime.state
     image = state.image & state.alive() & state.valid
     received = state.scores["received"]
@@ -127,19 +139,10 @@ def observed_share(model: torch.nn.Module, inputs: dict, quantile: float) -> flo
     return float(shares.values[at] + shares.values[at + 1]) / 2
 
 
-def twice(inputs: dict, pad: int) -> dict:
-    """The one sample of `inputs` twice, each row left-padded by `pad` (a batch whose rows keep equal counts)."""
-    padded = {"input_ids": torch.cat([torch.full((1, pad), PAD_ID), inputs["input_ids"]], 1),
-              "attention_mask": torch.cat([torch.zeros(1, pad, dtype=torch.long), inputs["attention_mask"]], 1)}
-    return {**{k: v.expand(2, -1).contiguous() for k, v in padded.items()},
-            "pixel_values": inputs["pixel_values"].expand(2, -1, -1, -1).contiguous()}
-
-
 @pytest.mark.parametrize("batch", [1, 2])
 def test_mustdrop_runs_end_to_end(batch: int) -> None:
     model = tiny_llava_clip(seed=batch, num_llm_layers=16)
-    inputs = make_inputs(model, text_after=6, seed=batch)
-    inputs = twice(inputs, pad=2) if batch == 2 else inputs
+    inputs = make_inputs(model, batch=batch, pad_left=2, text_after=6, seed=batch)
     prompt = inputs["input_ids"].shape[1]
     compiled = policyc.compile(model, "mustdrop").policyc  # 16 random tokens: its thresholds drop nothing
     result = generate(model, inputs)
@@ -152,26 +155,14 @@ def test_mustdrop_runs_end_to_end(batch: int) -> None:
     assert result.sequences.shape == (batch, prompt + STEPS)
     image = inputs["input_ids"] == model.config.image_token_id
     before_llm = compiled.runtime.kept_at_layer[0]
-    final = compiled.runtime.kept_at_layer[15]
     for row in range(batch):
         assert int(image[row, before_llm[row]].sum()) == 8  # the 3x3 window merged into one token
-        assert 0 < int(image[row, final[row]].sum()) < 8  # the filter dropped some, kept some
+        assert 0 < int(image[row, tokens_at(compiled, 15, row)].sum()) < 8  # the filter dropped some, kept some
         for layer in range(2, 16):  # the output-aware cache holds what survived the last filter layer
             held = result.past_key_values.layers[layer].positions[row, 0]
-            assert torch.equal(held[(held >= 0) & (held < prompt)], final[row])
+            assert torch.equal(held[(held >= 0) & (held < prompt)], tokens_at(compiled, 15, row))
     if batch > 1:
         assert_rows_equal_single_runs(model, inputs, result)
-
-
-def test_mustdrop_batches_whose_rows_keep_different_counts_fail_loudly() -> None:
-    model = tiny_llava_clip(seed=1, num_llm_layers=16)
-    inputs = make_inputs(model, batch=2, pad_left=2, text_after=6, seed=1)
-    g_thr = observed_share(model, inputs, 0.5)
-    policyc.compile(model, policyc.parse(f"policy w {{ use mustdrop(similar=-1.0, g_thr={g_thr}, i_thr=1.0) }}"))
-    with pytest.raises(PolicyError) as caught:
-        generate(model, inputs)
-    assert "tokens across the batch; batches whose samples keep different counts are not supported yet" \
-        in str(caught.value)
 
 
 def assert_rows_equal_single_runs(model: torch.nn.Module, inputs: dict, batched) -> None:  # type: ignore[no-untyped-def]
@@ -250,3 +241,32 @@ def test_sparsevlm_equals_the_reference(seed: int, batch: int) -> None:
         assert torch.equal(compiled.kept_positions[row][compiled.kept_positions[row] >= pad] - pad, reference.kept[2])
     assert_same_steps(result, torch.stack([r.tokens for r in expected]),
                       torch.stack([torch.stack(r.logits) for r in expected]), inputs["input_ids"].shape[1])
+
+
+@pytest.mark.parametrize(("mode", "cache", "pad"), [("original", "dynamic", 2), ("compact", "dynamic", 2),
+                                                    ("cache_length", "dynamic", 2), ("original", "static", 2),
+                                                    ("compact", "static", 2), ("cache_length", "static", 2),
+                                                    ("compact", "dynamic", 0), ("original", "static", 0)])
+def test_batches_whose_samples_keep_different_counts_equal_single_runs(mode: str, cache: str, pad: int) -> None:
+    """A threshold drops a different number of tokens per sample: the sample keeping fewer carries fillers,
+    masked everywhere, and generates what it generates alone (with padding, and without: SDPA's implicit
+    causal mask made explicit)."""
+    model = tiny_llava_clip(seed=3)
+    inputs = make_inputs(model, batch=2, pad_left=pad, seed=3)
+    policyc.compile(model, policyc.parse("policy p { stage llm.layer[0] { score s = attention(last -> vision) } }"))
+    with torch.no_grad():
+        model(**inputs)
+    state = model.policyc.runtime.state
+    scores = state.scores["s"][state.image].sort().values
+    middle = len(scores) // 2
+    threshold = float(scores[middle] + scores[middle + 1]) / 2
+    compiled = policyc.compile(model, policyc.parse(f"""policy p {{
+      stage llm.layer[0] {{ drop vision where attention(last -> vision) < {threshold}
+                            positions {mode} }}
+      stage llm.layer[2] {{ keep top 3 of vision by attention(last -> vision)
+                            positions {mode} }}
+    }}""")).policyc
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    batched = generate(model, inputs, **kwargs)
+    assert compiled.runtime.live_at_layer[1] is not None  # the samples kept different counts
+    assert_rows_equal_single_runs(model, inputs, batched)

@@ -64,16 +64,17 @@ class PolicyLayer(nn.Module):
                 hidden_states = runtime.drop_before_llm(hidden_states)
                 if runtime.rates_text:
                     runtime.rate_text(hidden_states)
-            runtime.kept_at_layer[self.index] = state.kept
-            if state.kept.shape[1] < state.length:
-                kwargs = gather_prefill(kwargs, state)
+            live = state.live()  # None unless the batch's samples keep different counts (fillers)
+            runtime.kept_at_layer[self.index], runtime.live_at_layer[self.index] = state.kept, live
+            if state.kept.shape[1] < state.length or live is not None:
+                kwargs = gather_prefill(kwargs, state, live)
                 if runtime.compact:
-                    kwargs = self._renumber(hidden_states, kwargs, compact_positions(state.valid, state.kept))
+                    kwargs = self._renumber(hidden_states, kwargs, compact_positions(state.valid, state.kept, live))
                 elif runtime.base_positions is not None:
                     kwargs = self._renumber(hidden_states, kwargs, torch.gather(runtime.base_positions, 1, state.kept))
         else:
             kept = runtime.kept_at_layer.get(self.index)
-            shorter = kept is not None and kept.shape[1] < state.length
+            shorter = runtime.shorter(self.index)
             if shorter and runtime.dropped_before is not None:  # transformers sized the mask by layer 0's cache
                 mask = runtime.full_decode_mask(kwargs.get("attention_mask"), is_static(kwargs))  # type: ignore[arg-type]
                 kwargs = {**kwargs, "attention_mask": mask}
@@ -81,7 +82,8 @@ class PolicyLayer(nn.Module):
             if cache is not None:
                 kwargs = cache.decode_mask(self.index, kwargs)
             elif shorter:
-                kwargs = gather_decode(kwargs, kept, state.length)  # type: ignore[arg-type]
+                kwargs = gather_decode(kwargs, kept, state.length, runtime.live_at_layer.get(self.index),  # type: ignore[arg-type]
+                                       runtime.steps)
             dropped = runtime.decode_shift(self.index)
             if dropped is not None:
                 position_ids = kwargs["position_ids"]

@@ -28,14 +28,23 @@ class PrefillState:
     sets: dict[str, torch.Tensor] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     origins: dict[str, torch.Tensor] = field(default_factory=dict)  # stage label -> [B] image tokens before it
+    # [B, L] bool: dropped tokens. Set once samples of a batch keep different counts: a sample keeping fewer rows
+    # carries some of its dropped tokens on as fillers (masked everywhere), so the batch stays rectangular.
+    dead: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
         return self.image.shape[1]
 
     def alive(self) -> torch.Tensor:
-        mask = torch.zeros_like(self.image)
-        return mask.scatter(1, self.kept, True)
+        mask = torch.zeros_like(self.image).scatter(1, self.kept, True)
+        return mask if self.dead is None else mask & ~self.dead
+
+    def live(self) -> torch.Tensor | None:
+        """[B, L'] bool: which current rows are tokens rather than fillers (None: all are)."""
+        if self.dead is None:
+            return None
+        return ~torch.gather(self.dead, 1, self.kept)
 
 
 @dataclass

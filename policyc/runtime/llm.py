@@ -45,6 +45,8 @@ class Runtime:
     state: PrefillState | None = None
     captured: dict[int, Captured] = field(default_factory=dict)
     kept_at_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill rows each layer cached
+    # Per layer, which of those rows were tokens rather than fillers ([B, L'] bool; None: all were).
+    live_at_layer: dict[int, torch.Tensor | None] = field(default_factory=dict)
     images: ImageSource | None = None  # set when the plan has encoder or projector stages
     # After image tokens were dropped before the LLM: the position id of every prompt position in the
     # shorter prompt the LLM sees ([B, L]), and how many real tokens each sample lost ([B]).
@@ -65,6 +67,7 @@ class Runtime:
         self.state = PrefillState(image, valid, kept, torch.zeros_like(image))
         self.captured.clear()
         self.kept_at_layer.clear()
+        self.live_at_layer.clear()
         self.base_positions = self.dropped_before = self.image_slots = None
         self.steps = -1  # the prefill's own forward is not a decode step
         self.stages_ran.clear()
@@ -125,13 +128,17 @@ class Runtime:
             alive = _run_statements(stage.statements, evaluator, alive)
         keep_rows = torch.gather(alive, 1, state.kept)  # [B, L'] which current rows survive
         counts = keep_rows.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise PolicyError.at(f"layer {index} keeps {counts.tolist()} tokens across the batch; batches "
-                                 "whose samples keep different counts are not supported yet", stages[0].span,
-                                 "run these samples one at a time, or use a fixed amount (top N or N%)",
+        ragged = not bool((counts == counts[0]).all())
+        if ragged and self.graphs:
+            raise PolicyError.at(f"layer {index} keeps {counts.tolist()} tokens across the batch; the graph "
+                                 "backends need every sample to keep the same count", stages[0].span,
+                                 "compile with backend='eager', or use a fixed amount (top N or N%)",
                                  ).with_sources(dict(self.plan.checked.sources))
-        rows = selected_first(keep_rows)[:, : int(counts[0])]
+        # A sample keeping fewer rows than the widest one carries its earliest dropped rows on as fillers.
+        rows = selected_first(keep_rows)[:, : int(counts.max())].sort(1).values
         state.kept = torch.gather(state.kept, 1, rows)
+        if ragged or state.dead is not None:
+            state.dead = ~alive
         return rows
 
     def next_layer_capture(self, index: int, hidden: torch.Tensor,
@@ -207,15 +214,28 @@ class Runtime:
             if self.cache is not None and self.cache.handles(index):
                 held = self.cache.prompt_tokens(index)
             elif kept is not None:
-                held = torch.gather(state.valid, 1, kept).sum(1)
+                held = self.real_rows(index).sum(1)
             else:
                 return None
             return state.valid.sum(1) - held
-        if kept is None or kept.shape[1] >= state.length:
+        if kept is None or not self.shorter(index):
             return None
         if self.compact:
-            return state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)
+            return state.valid.sum(1) - self.real_rows(index).sum(1)
         return self.dropped_before
+
+    def shorter(self, index: int) -> bool:
+        """Whether decoder layer `index` processed fewer tokens than the prompt's (it has a wrapper)."""
+        assert self.state is not None
+        kept = self.kept_at_layer.get(index)
+        return kept is not None and (kept.shape[1] < self.state.length or self.live_at_layer.get(index) is not None)
+
+    def real_rows(self, index: int) -> torch.Tensor:
+        """[B, L'] bool: which rows layer `index` processed in prefill were real tokens (no padding, no filler)."""
+        assert self.state is not None
+        real = torch.gather(self.state.valid, 1, self.kept_at_layer[index])
+        live = self.live_at_layer.get(index)
+        return real if live is None else real & live
 
     def _first_image_stage_span(self) -> Span | None:
         return next((s.span for s in self.plan.stages if s.kind in ("encoder", "projector")), None)
