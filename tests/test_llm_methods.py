@@ -270,3 +270,10 @@ def test_batches_whose_samples_keep_different_counts_equal_single_runs(mode: str
     batched = generate(model, inputs, **kwargs)
     assert compiled.runtime.live_at_layer[1] is not None  # the samples kept different counts
     assert_rows_equal_single_runs(model, inputs, batched)
+
+
+def test_raters_fail_at_compile_time_under_the_graph_backends() -> None:
+    model = tiny_llava_clip(num_llm_layers=16)
+    with pytest.raises(PolicyError) as caught:
+        policyc.compile(model, "sparsevlm", backend="fx")
+    assert "the token set `raters` is not implemented by the fx backend yet" in str(caught.value)

@@ -4,9 +4,13 @@
   keys where a stage reads attention (no `output_attentions`, no eager attention).
 - Decoder layers from the first pruning layer on are wrapped: a wrapper gathers the rotary
   embeddings, mask and position ids of the rows still alive, and the wrapper at a stage's layer
-  evaluates the stage and drops rows from its output. Kept tokens keep their original positions.
-- During decoding, layers after a drop hold fewer cached keys; their mask columns are gathered.
-  `generate()`, the cache classes and padding need no other change.
+  evaluates the stage and drops rows from its output. Kept tokens keep their original positions,
+  or are renumbered 0..n-1 (`positions compact` and `cache_length`).
+- During decoding, layers after a drop hold fewer cached keys; their mask columns are gathered, and
+  their position ids follow the policy's position mode, per layer (policyc/runtime/llm.py
+  `Runtime.decode_shift`). `generate()`, the cache classes and padding need no other change.
+- Where the samples of a batch keep different counts, the sample keeping fewer carries some of its
+  dropped rows on as fillers, masked as keys everywhere (`Runtime.live_at_layer`).
 """
 
 from __future__ import annotations
@@ -232,7 +236,8 @@ class CompiledModel:
 
     @property
     def kept_positions(self) -> torch.Tensor | None:
-        """Original prompt positions alive after the last prefill, per sample: [B, n] (None before one)."""
+        """Original prompt positions alive after the last prefill, per sample: [B, n] (None before one).
+        Where samples kept different counts, the rows `runtime.state.live()` marks False are fillers."""
         return self.runtime.state.kept if self.runtime.state is not None else None
 
     def __getattr__(self, name: str) -> object:
