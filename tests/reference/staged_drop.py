@@ -18,7 +18,7 @@ from transformers import LlavaForConditionalGeneration
 from reference.fastv import eager_copy, position_ids, prompt_embeddings, run_layers, top_indices
 
 
-def _next_layer_probs(model: LlavaForConditionalGeneration, layer: int, hidden: Tensor, positions: Tensor,
+def next_layer_probs(model: LlavaForConditionalGeneration, layer: int, hidden: Tensor, positions: Tensor,
                       valid: Tensor) -> Tensor:
     """PyramidDrop's lightweight attention: the output of `layer` through layer `layer + 1`'s input norm,
     q/k projections and RoPE; returns the last row's probabilities per head, [H, n]."""
@@ -55,7 +55,7 @@ def _row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, im
     for layer, count in stages:
         hidden, probs = run_layers(model, range(start, layer + 1), hidden, positions, valid[rows])
         if next_layer:
-            scores = _next_layer_probs(model, layer, hidden, positions, valid[rows]).mean(dim=0)
+            scores = next_layer_probs(model, layer, hidden, positions, valid[rows]).mean(dim=0)
         else:
             scores = probs[0].mean(dim=0)[-1]  # last row, over the current rows
         candidates = image[rows].nonzero().flatten()
