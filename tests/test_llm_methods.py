@@ -277,3 +277,20 @@ def test_raters_fail_at_compile_time_under_the_graph_backends() -> None:
     with pytest.raises(PolicyError) as caught:
         policyc.compile(model, "sparsevlm", backend="fx")
     assert "the token set `raters` is not implemented by the fx backend yet" in str(caught.value)
+
+
+def test_images_keeping_different_counts_before_the_llm_equal_single_runs() -> None:
+    """An encoder stage keeps a data-dependent number of patches per image (those the CLS token attends to
+    more than the mean); then an LLM stage and compact positions."""
+    model = tiny_llava_clip(seed=3)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=3)
+    compiled = policyc.compile(model, policyc.parse("""policy p {
+      stage encoder.layer[-2] { drop vision where attention(cls -> vision) < mean(attention(cls -> vision)) }
+      stage llm.layer[1] { keep top 3 of vision by attention(last -> vision)
+                           positions compact }
+    }""")).policyc
+    batched = generate(model, inputs)
+    kept = compiled.runtime.image_slots[0].sum(1)
+    assert kept[0] != kept[1] and bool((kept < 16).all())
+    assert compiled.runtime.live_at_layer[0] is not None
+    assert_rows_equal_single_runs(model, inputs, batched)

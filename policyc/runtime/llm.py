@@ -96,16 +96,14 @@ class Runtime:
         if protected is not None:
             state.protected = state.protected.clone()
             state.protected[state.image] = protected.flatten().to(keep.device)
-        counts = keep.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise PolicyError.at(f"the images keep {counts.tolist()} tokens across the batch; batches whose samples "
-                                 "keep different counts are not supported yet", self._first_image_stage_span(),
-                                 "run these samples one at a time, or use a fixed amount (top N or N%)",
-                                 ).with_sources(dict(self.plan.checked.sources))
         if bool(keep.all()):
             return hidden
-        rows = selected_first(keep)[:, : int(counts[0])]
+        counts = keep.sum(1)
+        # A sample keeping fewer tokens than the widest one carries its earliest dropped rows on as fillers.
+        rows = selected_first(keep)[:, : int(counts.max())].sort(1).values
         state.kept = rows
+        if not bool((counts == counts[0]).all()):
+            state.dead = ~keep
         self.base_positions = (state.valid & keep).long().cumsum(1).sub(1).clamp(min=0)
         self.dropped_before = (state.valid & ~keep).sum(1)
         return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
