@@ -76,7 +76,9 @@ class Attention(SignalOp):
             recorded = ctx.recorded_next("attention()") if isinstance(layer, ir.Name) and layer.id == "next" \
                 else ctx.recorded("attention()")
         current = ctx.state.kept  # [B, L'] original positions of the current rows
-        return self.received(call, flow, ctx, recorded, current, torch.gather(ctx.state.valid, 1, current))
+        key_valid = torch.gather(ctx.state.valid, 1, current)
+        live = ctx.state.live()  # fillers of a batch whose samples keep different counts are no keys
+        return self.received(call, flow, ctx, recorded, current, key_valid if live is None else key_valid & live)
 
     def received(self, call: ir.Call, flow: ir.Flow, ctx: StageEvaluator, recorded: Captured, origin: torch.Tensor,
                  key_valid: torch.Tensor) -> torch.Tensor:

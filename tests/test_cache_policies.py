@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.cache_loop import Stage
+from reference.cache_loop import Stage, cache_generate
+from reference.fastv import eager_copy
 from reference.h2o import h2o_generate
 from reference.regather import regather_generate
-from reference.snapkv import snapkv_generate
+from reference.snapkv import SnapKV, snapkv_generate
 from reference.streamingllm import streaming_generate
 from tiny_models import make_inputs, tiny_llava_clip
 
@@ -161,13 +162,29 @@ def test_standard_library_cache_policies_generate(name: str, overrides: dict[str
 def test_pyramiddrop_snapkv_compiles_and_generates() -> None:
     model = tiny_llava_clip(num_llm_layers=25)
     inputs = make_inputs(model, batch=2, pad_left=2)
-    try:
-        compile_model(model, "pyramiddrop_snapkv", {"snapkv.window": parse_value("16")})  # capacity: 512
-    except PolicyError as error:  # only PyramidDrop's schedule may still be missing, never the cache
-        assert all("schedule" in d.message for d in error.diagnostics), str(error)
-        pytest.skip("PyramidDrop's geometric() schedule is not in the runtime yet")
+    pyramiddrop = compile_model(model, "pyramiddrop")
+    alone = generate(model, inputs)
+    pyramiddrop.remove()
+    compile_model(model, "pyramiddrop_snapkv", {"snapkv.window": parse_value("16")})  # capacity 512: no eviction
     result = generate(model, inputs)
     assert result.sequences.shape[1] == inputs["input_ids"].shape[1] + STEPS
+    assert torch.equal(result.sequences, alone.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(result.scores, alone.scores, strict=True))
+
+
+@pytest.mark.parametrize(("seed", "batch"), [(3, 2), (5, 1)])
+def test_pyramiddrop_with_an_evicting_snapkv_equals_the_composed_reference(seed: int, batch: int) -> None:
+    """PyramidDrop's prefill (tests/reference/staged_drop.py's next-layer scores and compact positions) under
+    SnapKV's cache, in the reference decoder with per-head caches."""
+    model = tiny_llava_clip(seed=seed, num_llm_layers=25)
+    inputs = make_inputs(model, batch=batch, pad_left=2, seed=seed)
+    stages = [Stage(7, 9), Stage(15, 5), Stage(23, 3)]  # int(16 * 0.6 ** (i + 1))
+    expected = cache_generate(eager_copy(model), **inputs, policy_for_row=lambda: SnapKV(3, 8, 7, "max"),
+                              max_new_tokens=STEPS, stages=stages, compact=True, next_layer=True)
+    compiled(model, "use pyramiddrop(lam=0.6)\nuse snapkv(window=3, capacity=8)")
+    result = generate(model, inputs)
+    assert max(cache_lengths(result)) < inputs["input_ids"].shape[1]  # every layer evicted
+    assert_matches(result, expected, inputs)
 
 
 def test_static_caches_fail_loudly_at_the_cache_statement() -> None:

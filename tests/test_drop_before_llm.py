@@ -118,8 +118,4 @@ def test_hand_off_that_does_not_fit_the_prompt_fails_loudly() -> None:
     images.kept = torch.ones(1, 16, dtype=torch.bool)  # one image's worth for a prompt with two
     with pytest.raises(PolicyError, match="the prompt holds 32 image tokens but the images gave 1 x 16"):
         greedy(model, inputs, 2)
-    ragged = torch.ones(2, 16, dtype=torch.bool)
-    ragged[0, :3] = False
-    images.kept = ragged
-    with pytest.raises(PolicyError, match=r"the images keep \[\d+, \d+\] tokens across the batch"):
-        greedy(model, inputs, 2)
+    # (Images keeping different counts are supported: tests/test_llm_methods.py, fillers.)

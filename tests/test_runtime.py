@@ -78,13 +78,14 @@ def test_batch_with_left_padding_equals_single_runs() -> None:
 
 def test_unimplemented_features_fail_at_compile_time_at_their_line() -> None:
     model = tiny_llava_clip()
-    text = "policy p {\n  stage llm.layer[1] {\n    keep top 50% of vision by attention(last -> vision)\n" \
-           "    positions cache_length\n  }\n}"
+    text = "policy p {\n  stage llm.layer[1] { keep top 50% of vision by attention(last -> vision)\n" \
+           "    positions cache_length }\n  stage decode { cache heavy_hitter(heavy=4, recent=2) }\n}"
     with pytest.raises(PolicyError) as caught:
         compile_model(model, policy(text))
     (diagnostic,) = caught.value.diagnostics
     assert diagnostic.span is not None and diagnostic.span.line == 4
-    assert "positions cache_length is not implemented by policyc's runtime yet" in diagnostic.message
+    assert "cache heavy_hitter with positions cache_length is not implemented by policyc's runtime yet" \
+        in diagnostic.message
 
 
 def test_static_cache_matches_the_dynamic_cache() -> None:
@@ -109,15 +110,22 @@ def assert_static_matches_dynamic(model: torch.nn.Module, inputs: dict, steps: i
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_ragged_batches_fail_loudly_at_the_stage() -> None:
+def test_ragged_batches_equal_single_runs() -> None:
+    """Samples keeping different counts at a stage: the one keeping fewer carries fillers, masked everywhere."""
     model = tiny_llava_clip()
     inputs = make_inputs(model, batch=2, pad_left=2, seed=3)
     text = "policy p {\n  stage llm.layer[1] {\n    drop vision where key_norm < mean(key_norm)\n  }\n}"
-    compile_model(model, policy(text))
-    with pytest.raises(PolicyError) as caught:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    rendered = str(caught.value)
-    assert rendered.startswith("p.tokpol:2:9: error: layer 1 keeps [") and "stage llm.layer[1] {" in rendered
+    compiled = compile_model(model, policy(text))
+    batched = run(model, inputs)
+    assert compiled.runtime.live_at_layer[2] is not None  # the samples kept different counts
+    for row in range(2):
+        valid = inputs["attention_mask"][row].bool()
+        alone = run(model, {"input_ids": inputs["input_ids"][row : row + 1, valid],
+                            "attention_mask": inputs["attention_mask"][row : row + 1, valid],
+                            "pixel_values": inputs["pixel_values"][row : row + 1]})
+        assert torch.equal(batched.sequences[row, -5:], alone.sequences[0, -5:])
+        for step_batched, step_alone in zip(batched.scores, alone.scores, strict=True):
+            torch.testing.assert_close(step_batched[row], step_alone[0], rtol=0, atol=1e-5)
 
 
 def test_compact_positions_with_a_static_cache_match_the_dynamic_cache() -> None:

@@ -31,7 +31,7 @@ from policyc.passes.cache_base import CACHE_OPS, CacheOp, Slots
 from policyc.runtime import attention
 
 if TYPE_CHECKING:
-    from policyc.runtime.compiled import Runtime
+    from policyc.runtime.llm import Runtime
 
 OBSERVING_NAME = "policyc_sdpa_cache"
 _CHUNK = 256  # query rows per block when summing prefill attention columns
@@ -51,7 +51,7 @@ class SlotLayer(DynamicLayer):
         self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
         self.positions, self.seen, self.scores, self.rotary = positions, seen, scores, rotary
-        self.identity = positions.shape[-1] == seen  # slots are still the whole sequence, in order
+        self.identity = positions.shape[-1] == seen and bool((positions >= 0).all())  # the whole sequence, in order
         self.prompt_size = torch.zeros(keys.shape[0], dtype=torch.long, device=keys.device)
         self.next_position: torch.Tensor | None = None  # [B] once keys are renumbered (relative positions)
         self.incoming: torch.Tensor | None = None  # [B] rotary position of the token being added
@@ -216,7 +216,7 @@ class CacheRuntime:
         state = self.runtime.state
         assert state is not None
         kept = self.runtime.kept_at_layer[index]
-        rows = torch.gather(state.valid, 1, kept)  # [B, L'] real rows
+        rows = self.runtime.real_rows(index)  # [B, L'] real rows
         length = kept.shape[1]
         first_row = 0 if self.op.scores == "accumulated" else max(0, length - int(self.op.number("window")))
         query_rows = torch.arange(first_row, length, device=kept.device)
@@ -271,6 +271,14 @@ class CacheRuntime:
         layer.incoming = position_ids[..., -1].expand(layer.keys.shape[0])
         return kwargs
 
+    def prompt_tokens(self, index: int) -> torch.Tensor:
+        """[B] real prompt tokens layer `index`'s cache holds now (its first key/value head)."""
+        state = self.runtime.state
+        assert state is not None
+        positions = self._slot_layer(index).positions[:, 0]  # [B, n]
+        in_prompt = (positions >= 0) & (positions < state.length)
+        return (torch.gather(state.valid, 1, positions.clamp(0, state.length - 1)) & in_prompt).sum(1)
+
     def after_decode(self, index: int) -> None:
         if self.op.every_step:
             self._evict(index, self._slot_layer(index), after_prefill=False)
@@ -288,10 +296,13 @@ class CacheRuntime:
         if kept is None:
             kept = torch.arange(state.length, device=layer.keys.device).expand(layer.keys.shape[0], -1)
         batch, heads = layer.keys.shape[:2]
-        positions = kept[:, None, :].expand(batch, heads, -1).contiguous()
+        live = self.runtime.live_at_layer.get(index)
+        real = torch.gather(state.valid, 1, kept) if live is None else self.runtime.real_rows(index)
+        slots = kept if live is None else kept.masked_fill(~live, -1)  # fillers are empty slots
+        positions = slots[:, None, :].expand(batch, heads, -1).contiguous()
         rotary = None
         if self.op.relative_positions:
-            real = torch.gather(state.valid, 1, kept).long()
+            real = real.long()
             if self.runtime.compact and kept.shape[1] < state.length:
                 rotary = real.cumsum(1) - 1
             else:
@@ -299,7 +310,7 @@ class CacheRuntime:
             rotary = rotary.clamp(min=0)[:, None, :].expand(batch, heads, -1).contiguous()
         slot = SlotLayer(layer.keys, layer.values, positions, state.length, self.prefill_scores.pop(index, None),
                          rotary)
-        slot.prompt_size = torch.gather(state.valid, 1, kept).sum(1)
+        slot.prompt_size = real.sum(1)
         cache.layers[index] = slot  # type: ignore[attr-defined]
         self._evict(index, slot, after_prefill=True)
         return slot

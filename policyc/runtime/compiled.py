@@ -4,35 +4,31 @@
   keys where a stage reads attention (no `output_attentions`, no eager attention).
 - Decoder layers from the first pruning layer on are wrapped: a wrapper gathers the rotary
   embeddings, mask and position ids of the rows still alive, and the wrapper at a stage's layer
-  evaluates the stage and drops rows from its output. Kept tokens keep their original positions.
-- During decoding, layers after a drop hold fewer cached keys; their mask columns are gathered.
-  `generate()`, the cache classes and padding need no other change.
+  evaluates the stage and drops rows from its output. Kept tokens keep their original positions,
+  or are renumbered 0..n-1 (`positions compact` and `cache_length`).
+- During decoding, layers after a drop hold fewer cached keys; their mask columns are gathered, and
+  their position ids follow the policy's position mode, per layer (policyc/runtime/llm.py
+  `Runtime.decode_shift`). `generate()`, the cache classes and padding need no other change.
+- Where the samples of a batch keep different counts, the sample keeping fewer carries some of its
+  dropped rows on as fillers, masked as keys everywhere (`Runtime.live_at_layer`).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from policyc.compiler.plan import BoundStage, Plan
-from policyc.errors import PolicyError, Span
+from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.passes.base import selected_first
 from policyc.runtime.attention import register
 from policyc.runtime.cache import CacheRuntime
-from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
-from policyc.runtime.rows import (
-    compact_positions,
-    gather_decode,
-    gather_prefill,
-    is_static,
-    valid_keys,
-)
+from policyc.runtime.evaluate import Captured
+from policyc.runtime.llm import ImageSource, Runtime
+from policyc.runtime.rows import compact_positions, gather_decode, gather_prefill, is_static
 from policyc.runtime.support import check_supported
 from policyc.runtime.vision import ImageStages
 
@@ -41,151 +37,6 @@ if TYPE_CHECKING:
 
 Backend = Literal["eager", "inductor", "fx"]
 BACKENDS: tuple[Backend, ...] = ("eager", "inductor", "fx")
-
-
-class ImageSource(Protocol):
-    """What the pre-LLM stages (encoder, projector) leave for the LLM after a vision forward: per image
-    slot (I images in the order LLaVA scatters them, N tokens each), whether it reaches the LLM and
-    whether a stage protected it. None when no vision forward ran since the last prefill took them."""
-
-    kept: torch.Tensor | None  # [I, N] bool
-    protected: torch.Tensor | None  # [I, N] bool
-
-
-@dataclass
-class Runtime:
-    """Per-model runtime state shared by the hooks and layer wrappers."""
-
-    plan: Plan
-    compact: bool = False  # `positions compact`: kept rows are renumbered 0..n-1 (PyramidDrop)
-    state: PrefillState | None = None
-    captured: dict[int, Captured] = field(default_factory=dict)
-    kept_at_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill rows each layer cached
-    images: ImageSource | None = None  # set when the plan has encoder or projector stages
-    # After image tokens were dropped before the LLM: the position id of every prompt position in the
-    # shorter prompt the LLM sees ([B, L]), and how many real tokens each sample lost ([B]).
-    base_positions: torch.Tensor | None = None
-    dropped_before: torch.Tensor | None = None
-    steps: int = 0  # decode steps since the prefill
-    static: bool = False  # the current generate() uses a static cache
-    graphs: bool = False  # the graph backends: prefill stages run as graph passes, not in the layer wrappers
-    cache: CacheRuntime | None = None  # the decode stage's cache policy (None: `cache full`)
-    stages_ran: set[int] = field(default_factory=set)  # decoder layers whose stages ran in this prefill
-    # The kept and protected image slots ([I, N] bool each) the last prefill took from the pre-LLM stages.
-    image_slots: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        image = input_ids == self.plan.adapter.image_token_id
-        valid = valid_keys(attention_mask, image.shape[1]) if attention_mask is not None else torch.ones_like(image)
-        kept = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
-        self.state = PrefillState(image, valid, kept, torch.zeros_like(image))
-        self.captured.clear()
-        self.kept_at_layer.clear()
-        self.base_positions = self.dropped_before = self.image_slots = None
-        self.steps = -1  # the prefill's own forward is not a decode step
-        self.stages_ran.clear()
-
-    def drop_before_llm(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Drop the image rows the pre-LLM stages did not keep, from the embeddings [B, L, D] -> [B, L', D].
-
-        Equivalent to a prompt whose `<image>` runs hold only the kept tokens: the kept rows are
-        renumbered contiguously over real tokens, and decode positions shift by the tokens lost.
-        """
-        images, state = self.images, self.state
-        if images is None or state is None or images.kept is None:
-            return hidden
-        slots, protected = images.kept, images.protected
-        images.kept = images.protected = None  # taken: a later prompt needs a fresh vision forward
-        self.image_slots = (slots, protected)
-        if not bool(state.image.any()):
-            return hidden
-        found, expected = int(state.image.sum()), slots.numel()
-        if found != expected:
-            raise PolicyError.at(f"the prompt holds {found} image tokens but the images gave {slots.shape[0]} x "
-                                 f"{slots.shape[1]} = {expected} (one vision forward per prompt is expected)",
-                                 self._first_image_stage_span())
-        keep = ~state.image
-        keep[state.image] = slots.flatten().to(keep.device)
-        if protected is not None:
-            state.protected = state.protected.clone()
-            state.protected[state.image] = protected.flatten().to(keep.device)
-        counts = keep.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise PolicyError.at(f"the images keep {counts.tolist()} tokens across the batch; batches whose samples "
-                                 "keep different counts are not supported yet", self._first_image_stage_span(),
-                                 "run these samples one at a time, or use a fixed amount (top N or N%)",
-                                 ).with_sources(dict(self.plan.checked.sources))
-        if bool(keep.all()):
-            return hidden
-        rows = selected_first(keep)[:, : int(counts[0])]
-        state.kept = rows
-        self.base_positions = (state.valid & keep).long().cumsum(1).sub(1).clamp(min=0)
-        self.dropped_before = (state.valid & ~keep).sum(1)
-        return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
-
-    def select(self, index: int, stages: list[BoundStage], hidden: torch.Tensor, captured: Captured | None,
-               position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Evaluate the `stages` bound to decoder layer `index` on its output `hidden` [B, L', D]; returns
-        the rows that stay, [B, n] indices into the current rows in order, and narrows `state.kept`."""
-        state = self.state
-        assert state is not None  # stages run inside a prefill
-        alive = state.alive()  # padding is no image token: every stage keeps it (it stays masked)
-        last = index + 1 >= len(self.plan.adapter.decoder_layers)
-        next_layer = None if last else (lambda: self.next_layer_capture(index, hidden, position_embeddings))
-        for stage in stages:
-            evaluator = StageEvaluator(state, captured, dict(stage.values), seed_offset=index, next_layer=next_layer)
-            alive = _run_statements(stage.statements, evaluator, alive)
-        keep_rows = torch.gather(alive, 1, state.kept)  # [B, L'] which current rows survive
-        counts = keep_rows.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise PolicyError.at(f"layer {index} keeps {counts.tolist()} tokens across the batch; batches "
-                                 "whose samples keep different counts are not supported yet", stages[0].span,
-                                 "run these samples one at a time, or use a fixed amount (top N or N%)",
-                                 ).with_sources(dict(self.plan.checked.sources))
-        rows = selected_first(keep_rows)[:, : int(counts[0])]
-        state.kept = torch.gather(state.kept, 1, rows)
-        return rows
-
-    def next_layer_capture(self, index: int, hidden: torch.Tensor,
-                           position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> Captured:
-        """Post-RoPE queries and keys of `hidden` through layer `index + 1`'s input norm, q/k projections and
-        rotary, at the current rows' positions (PyramidDrop's lightweight attention, arXiv:2410.17247)."""
-        adapter = self.plan.adapter
-        layer = adapter.decoder_layers[index + 1]
-        layer = layer.inner if isinstance(layer, PolicyLayer) else layer
-        attention = adapter.decoder_attention[index + 1]
-        normed = layer.input_layernorm(hidden)
-        shape = (*normed.shape[:2], -1, adapter.head_dim)
-        query = attention.q_proj(normed).view(shape).transpose(1, 2)
-        key = attention.k_proj(normed).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-        query, key = rotate(query, key, cos, sin)
-        return Captured(query, key, float(attention.scaling))
-
-    def full_decode_mask(self, like: torch.Tensor | None, static: bool) -> torch.Tensor | None:
-        """The decode step's mask over every original position, [B, 1, 1, W]: the prompt's padding, then
-        the generated tokens. W = L + t + 1, or a static cache's slot count (its unfilled tail masked).
-
-        transformers sizes and offsets its decode masks by layer 0's cache; once image tokens were dropped
-        before the LLM that cache is shorter than the prompt, so the mask is rebuilt from the prefill's
-        padding. Same format as `like`: boolean, or additive floats."""
-        state = self.state
-        assert state is not None  # decoding follows a prefill
-        if not static and bool(state.valid.all()):
-            return None  # no padding: a one-token query may see every cached key
-        width = like.shape[-1] if static and like is not None else state.length + self.steps + 1
-        allowed = torch.zeros(state.valid.shape[0], width, dtype=torch.bool, device=state.valid.device)
-        allowed[:, : state.length] = state.valid
-        allowed[:, state.length : state.length + self.steps + 1] = True
-        allowed = allowed[:, None, None, :]
-        if like is None or like.dtype == torch.bool:
-            return allowed
-        return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
-            ~allowed.to(like.device), torch.finfo(like.dtype).min)
-
-    def _first_image_stage_span(self) -> Span | None:
-        return next((s.span for s in self.plan.stages if s.kind in ("encoder", "projector")), None)
 
 
 class PolicyLayer(nn.Module):
@@ -215,16 +66,19 @@ class PolicyLayer(nn.Module):
         if prefill:
             if self.index == 0:
                 hidden_states = runtime.drop_before_llm(hidden_states)
-            runtime.kept_at_layer[self.index] = state.kept
-            if state.kept.shape[1] < state.length:
-                kwargs = gather_prefill(kwargs, state)
+                if runtime.rates_text:
+                    runtime.rate_text(hidden_states)
+            live = state.live()  # None unless the batch's samples keep different counts (fillers)
+            runtime.kept_at_layer[self.index], runtime.live_at_layer[self.index] = state.kept, live
+            if state.kept.shape[1] < state.length or live is not None:
+                kwargs = gather_prefill(kwargs, state, live)
                 if runtime.compact:
-                    kwargs = self._renumber(hidden_states, kwargs, compact_positions(state.valid, state.kept))
+                    kwargs = self._renumber(hidden_states, kwargs, compact_positions(state.valid, state.kept, live))
                 elif runtime.base_positions is not None:
                     kwargs = self._renumber(hidden_states, kwargs, torch.gather(runtime.base_positions, 1, state.kept))
         else:
             kept = runtime.kept_at_layer.get(self.index)
-            shorter = kept is not None and kept.shape[1] < state.length
+            shorter = runtime.shorter(self.index)
             if shorter and runtime.dropped_before is not None:  # transformers sized the mask by layer 0's cache
                 mask = runtime.full_decode_mask(kwargs.get("attention_mask"), is_static(kwargs))  # type: ignore[arg-type]
                 kwargs = {**kwargs, "attention_mask": mask}
@@ -232,12 +86,9 @@ class PolicyLayer(nn.Module):
             if cache is not None:
                 kwargs = cache.decode_mask(self.index, kwargs)
             elif shorter:
-                kwargs = gather_decode(kwargs, kept, state.length)  # type: ignore[arg-type]
-            dropped = None
-            if shorter and runtime.compact:
-                dropped = state.valid.sum(1) - torch.gather(state.valid, 1, kept).sum(1)  # type: ignore[arg-type]
-            elif shorter and runtime.dropped_before is not None:
-                dropped = runtime.dropped_before
+                kwargs = gather_decode(kwargs, kept, state.length, runtime.live_at_layer.get(self.index),  # type: ignore[arg-type]
+                                       runtime.steps)
+            dropped = runtime.decode_shift(self.index)
             if dropped is not None:
                 position_ids = kwargs["position_ids"]
                 kwargs = self._renumber(hidden_states, kwargs, position_ids - dropped[:, None])  # type: ignore[operator]
@@ -252,10 +103,10 @@ class PolicyLayer(nn.Module):
 
     def _renumber(self, hidden: torch.Tensor, kwargs: dict[str, object], positions: torch.Tensor,
                   ) -> dict[str, object]:
-        """Rotary embeddings and position ids for renumbered positions (`positions compact`)."""
+        """Rotary embeddings and position ids for renumbered positions (this layer's own, [B, n])."""
         rotary = self.runtime.plan.adapter.rotary
         if rotary is None:
-            raise PolicyError.at("positions compact needs the LLM's rotary embedding, which was not found", None)
+            raise PolicyError.at("renumbering positions needs the LLM's rotary embedding, which was not found", None)
         return {**kwargs, "position_ids": positions, "position_embeddings": rotary(hidden, position_ids=positions)}
 
     def _apply_stages(self, hidden: torch.Tensor, kwargs: dict[str, object]) -> torch.Tensor:
@@ -266,12 +117,10 @@ class PolicyLayer(nn.Module):
         return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvaluator,
-                    alive: torch.Tensor) -> torch.Tensor:
-    for statement in statements:  # `positions` acts in the layer wrappers; support.py rejects the rest
-        applied = evaluator.apply(statement, alive)
-        alive = alive if applied is None else applied
-    return alive
+def _reads(plan: Plan, name: str) -> bool:
+    """Whether an LLM stage's statements name `name` (a set or score)."""
+    return any(isinstance(node, ir.Name) and node.id == name
+               for s in plan.stages if s.kind == "llm" for st in s.statements for node in st.walk())
 
 
 class CompiledModel:
@@ -281,8 +130,9 @@ class CompiledModel:
         check_supported(plan, backend)
         self.plan = plan
         self.backend = backend
-        compact = any(isinstance(st, ir.Positions) and st.mode == "compact" for s in plan.stages for st in s.statements)
-        self.runtime = Runtime(plan, compact)
+        modes = {st.mode for s in plan.stages for st in s.statements if isinstance(st, ir.Positions)}
+        self.runtime = Runtime(plan, compact=bool(modes & {"compact", "cache_length"}),
+                               cache_length="cache_length" in modes, rates_text=_reads(plan, "raters"))
         adapter = plan.adapter
         self.model = adapter.model
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -298,7 +148,8 @@ class CompiledModel:
             self.runtime.images = self.images
         self.runtime.cache = CacheRuntime.build(plan, self.runtime)
         cached = set(self.runtime.cache.layers if self.runtime.cache else ())
-        wrapped_layers = sorted(set(stage_layers) | cached | ({0} if before_llm else set()))
+        at_input = before_llm or self.runtime.rates_text  # layer 0's wrapper sees the LLM's input embeddings
+        wrapped_layers = sorted(set(stage_layers) | cached | ({0} if at_input else set()))
         if backend != "eager":
             # prefill stages become graph passes; decoding stays with the layer wrappers below
             self._compile_graphs(stage_layers, inductor=backend == "inductor")
@@ -385,8 +236,12 @@ class CompiledModel:
 
     @property
     def kept_positions(self) -> torch.Tensor | None:
-        """Original prompt positions alive after the last prefill, per sample: [B, n] (None before one)."""
+        """Original prompt positions alive after the last prefill, per sample: [B, n] (None before one).
+        Where samples kept different counts, the rows `runtime.state.live()` marks False are fillers."""
         return self.runtime.state.kept if self.runtime.state is not None else None
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.model, name)
+
+
+__all__ = ["BACKENDS", "Backend", "CompiledModel", "ImageSource", "PolicyLayer", "Runtime"]

@@ -6,6 +6,7 @@ Sets are boolean masks over the prompt's ORIGINAL positions, [B, L]; scores are 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,14 +27,24 @@ class PrefillState:
     protected: torch.Tensor  # [B, L] bool
     sets: dict[str, torch.Tensor] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    origins: dict[str, torch.Tensor] = field(default_factory=dict)  # stage label -> [B] image tokens before it
+    # [B, L] bool: dropped tokens. Set once samples of a batch keep different counts: a sample keeping fewer rows
+    # carries some of its dropped tokens on as fillers (masked everywhere), so the batch stays rectangular.
+    dead: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
         return self.image.shape[1]
 
     def alive(self) -> torch.Tensor:
-        mask = torch.zeros_like(self.image)
-        return mask.scatter(1, self.kept, True)
+        mask = torch.zeros_like(self.image).scatter(1, self.kept, True)
+        return mask if self.dead is None else mask & ~self.dead
+
+    def live(self) -> torch.Tensor | None:
+        """[B, L'] bool: which current rows are tokens rather than fillers (None: all are)."""
+        if self.dead is None:
+            return None
+        return ~torch.gather(self.dead, 1, self.kept)
 
 
 @dataclass
@@ -59,6 +70,9 @@ class StageEvaluator:
     cls: torch.Tensor | None = None  # [B, L] bool: the CLS token, where the stage has one
     patches: torch.Tensor | None = None  # [B, L] long: each position's patch index on the image grid, -1 elsewhere
     grid: tuple[int, int] | None = None  # the image patch grid (rows, columns)
+    step: int = 0  # which layer of its (multi-layer) stage this is: schedules pick their amount by it
+    steps: int = 1  # how many layers the stage has
+    origin: torch.Tensor | None = None  # [B] long: image tokens alive before the stage's first layer (N0)
 
     def builtin(self, name: str) -> torch.Tensor:
         state = self.state
@@ -122,17 +136,55 @@ class StageEvaluator:
 
     def counts(self, amount: ir.Expr, sizes: torch.Tensor) -> torch.Tensor:
         """How many tokens `amount` selects from sets of `sizes` tokens: [B] long."""
-        return torch.tensor([self.count(amount, int(n)) for n in sizes.tolist()], dtype=torch.long,
-                            device=sizes.device)
+        return torch.tensor([self.count(amount, int(n), row) for row, n in enumerate(sizes.tolist())],
+                            dtype=torch.long, device=sizes.device)
 
-    def count(self, amount: ir.Expr, size: int) -> int:
+    def count(self, amount: ir.Expr, size: int, row: int = 0) -> int:
+        """How many of `size` tokens `amount` selects in batch row `row`. A count is taken as is, a percentage
+        of `size` is truncated; a schedule gives the amount of this layer of the stage, percentages in it
+        (and `geometric`) relative to N0, the image tokens alive before the stage's first layer."""
         value = self.literal(amount)
-        if isinstance(value, ir.Percent):
-            return min(size, int(size * value.value // 100) if isinstance(value.value, int)
-                       else int(size * value.value / 100))
-        if isinstance(value, ir.Number) and isinstance(value.value, int):
-            return max(0, min(size, value.value))
+        match value:
+            case ir.ListExpr(items=items):  # one budget per layer of the stage (SparseVLM's [300, 200, 110])
+                return min(size, self._budget(items[self.step], row))
+            case ir.Call(fn="geometric", args=(ratio,)):  # PyramidDrop: int(N0 * lambda^(i+1))
+                return max(0, min(size, int(self._origin(row) * self._number(ratio) ** (self.step + 1))))
+            case ir.Call(fn="linear" | "cosine" as fn, args=(start, end)):
+                share = self.step / max(1, self.steps - 1)
+                if fn == "cosine":  # p-MoD's shifted cosine: start at the first layer, end at the last
+                    share = (1 - math.cos(math.pi * share)) / 2
+                low, high = self._amount(start, row), self._amount(end, row)
+                return max(0, min(size, int(low + (high - low) * share)))
+            case ir.Percent(value=percent):
+                return min(size, int(size * percent // 100) if isinstance(percent, int) else int(size * percent / 100))
+            case ir.Number(value=number) if isinstance(number, int):
+                return max(0, min(size, number))
         raise PolicyError.at("this amount is not supported by the runtime yet", amount.span)
+
+    def _origin(self, row: int) -> int:
+        if self.origin is None:
+            raise PolicyError.at("a schedule needs the image tokens before its stage, which are not known here", None)
+        return int(self.origin[row])
+
+    def _number(self, expr: ir.Expr) -> float:
+        value = self.literal(expr)
+        if not isinstance(value, ir.Number):
+            raise PolicyError.at("a schedule needs a number here", expr.span)
+        return float(value.value)
+
+    def _amount(self, expr: ir.Expr, row: int) -> float:
+        """A schedule's count, or its percentage of N0, as a real number."""
+        value = self.literal(expr)
+        if isinstance(value, ir.Percent):
+            return self._origin(row) * value.value / 100
+        return self._number(value)
+
+    def _budget(self, expr: ir.Expr, row: int) -> int:
+        value = self.literal(expr)
+        if isinstance(value, ir.Percent):
+            origin = self._origin(row)
+            return int(origin * value.value // 100) if isinstance(value.value, int) else int(origin * value.value / 100)
+        return max(0, int(self._number(value)))
 
     # ---------------------------------------------------------------- features and geometry
     def features(self, expr: ir.Expr) -> torch.Tensor:
@@ -180,12 +232,13 @@ class StageEvaluator:
                 return SIGNAL_OPS[name].compute(expr, self)
             case ir.Call(fn="sum" | "mean" | "max" | "min" as fn, args=(inner,)):
                 values = self.score(inner)
-                masked = values.masked_fill(~self.state.image, float("nan"))
+                over = self.state.image & self.state.alive() & self.state.valid  # the image tokens still alive
+                masked = values.masked_fill(~over, float("nan"))
                 reduced = {"sum": torch.nansum, "mean": torch.nanmean}.get(fn)
                 if reduced is not None:
                     return reduced(masked, 1, keepdim=True).expand_as(values)
                 fill = float("-inf") if fn == "max" else float("inf")
-                pick = values.masked_fill(~self.state.image, fill)
+                pick = values.masked_fill(~over, fill)
                 return (pick.amax(1, keepdim=True) if fn == "max" else pick.amin(1, keepdim=True)).expand_as(values)
             case ir.Unary(op="-", operand=operand):
                 return -self.score(operand)

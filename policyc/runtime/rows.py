@@ -23,9 +23,27 @@ def valid_keys(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
     return last_row if last_row.dtype == torch.bool else last_row == 0
 
 
-def compact_positions(valid: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Positions 0..n-1 over the kept real tokens ([B, L']), as HF numbers a left-padded prompt."""
-    return (torch.gather(valid, 1, kept).long().cumsum(1) - 1).clamp(min=0)
+def compact_positions(valid: torch.Tensor, kept: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions 0..n-1 over the kept real tokens ([B, L']), as HF numbers a left-padded prompt; fillers
+    (rows where `live` is False) take no number."""
+    real = torch.gather(valid, 1, kept)
+    real = real if live is None else real & live
+    return (real.long().cumsum(1) - 1).clamp(min=0)
+
+
+def block_fillers(mask: torch.Tensor, live: torch.Tensor, prefill: bool) -> torch.Tensor:
+    """Mask [B, 1 or H, q, W] with the key columns of fillers (rows where `live` [B, L'] is False) blocked; the
+    columns past L' (generated tokens, a static cache's tail) stay as they are. In prefill each filler row still
+    sees itself, so that no row is fully masked."""
+    batch, rows = live.shape
+    allowed = torch.ones(batch, mask.shape[-2], mask.shape[-1], dtype=torch.bool, device=live.device)
+    allowed[:, :, :rows] = live[:, None, :]
+    if prefill:
+        allowed[:, :, :rows] |= torch.eye(rows, dtype=torch.bool, device=live.device)[None]
+    allowed = allowed[:, None]
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
 
 
 def gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -69,7 +87,8 @@ def is_static(kwargs: dict[str, object]) -> bool:
     return isinstance(cache, StaticCache)
 
 
-def gather_prefill(kwargs: dict[str, object], state: PrefillState) -> dict[str, object]:
+def gather_prefill(kwargs: dict[str, object], state: PrefillState, live: torch.Tensor | None = None,
+                   ) -> dict[str, object]:
     kept = state.kept
     out = dict(kwargs)
     cos, sin = kwargs["position_embeddings"]  # type: ignore[misc]
@@ -80,11 +99,37 @@ def gather_prefill(kwargs: dict[str, object], state: PrefillState) -> dict[str, 
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor):
         out["attention_mask"] = remap_columns(gather_rows(mask, kept, 2), kept, state.length, is_static(kwargs))
+    if live is not None:
+        mask = out.get("attention_mask")
+        if not isinstance(mask, torch.Tensor):  # SDPA's implicit causal mask over the kept rows, made explicit
+            rows = kept.shape[1]
+            mask = torch.zeros(kept.shape[0], 1, rows, _static_slots(kwargs) or rows, dtype=torch.bool,
+                               device=kept.device)
+            mask[:, 0, :, :rows] = kept[:, None, :] <= kept[:, :, None]
+        out["attention_mask"] = block_fillers(mask, live, True)
     return out
 
 
-def gather_decode(kwargs: dict[str, object], kept: torch.Tensor, length: int) -> dict[str, object]:
+def _static_slots(kwargs: dict[str, object]) -> int | None:
+    """A static cache's slot count (its keys' length), or None for other caches."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layers = getattr(cache, "layers", None)
+    return getattr(layers[0], "max_cache_len", None) if is_static(kwargs) and layers else None
+
+
+def gather_decode(kwargs: dict[str, object], kept: torch.Tensor, length: int, live: torch.Tensor | None = None,
+                  steps: int = 0) -> dict[str, object]:
+    """A decode step's mask for a layer that cached the prefill rows `kept` [B, L'] (`live`: which were no
+    fillers) and `steps` generated tokens since."""
     mask = kwargs.get("attention_mask")
-    if not isinstance(mask, torch.Tensor):
+    if isinstance(mask, torch.Tensor):
+        mask = remap_columns(mask, kept, length, is_static(kwargs))
+    elif live is None:
         return kwargs
-    return {**kwargs, "attention_mask": remap_columns(mask, kept, length, is_static(kwargs))}
+    else:  # no mask: every cached key and the new token (a static cache's unfilled tail masked)
+        filled = kept.shape[1] + steps + 1
+        slots = torch.arange(_static_slots(kwargs) or filled, device=kept.device)
+        mask = (slots < filled).expand(kept.shape[0], 1, 1, -1)
+    if live is not None:
+        mask = block_fillers(mask, live, False)
+    return {**kwargs, "attention_mask": mask}

@@ -10,10 +10,11 @@ from policyc.lang import ir
 from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
+_SCHEDULES = {"geometric", "linear", "cosine"}  # in LLM stages (and lists [300, 200, 110])
 _SELECTORS = {"llm": {"top"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 _RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
 _ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
-_SETS = {"llm": {"cls", "raters", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
+_SETS = {"llm": {"cls", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
 _PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy"}  # vision_evaluate.py
 
 
@@ -28,8 +29,18 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
                 _statement(stage, statement, plan)
             except PolicyError as error:
                 problems.append(error)
+    problems += _cache_length_with(plan)
     if problems:
         raise PolicyError([d for p in problems for d in p.diagnostics])
+
+
+def _cache_length_with(plan: Plan) -> list[PolicyError]:
+    """`positions cache_length` numbers decode tokens by each layer's cache: only caches that shrink once, after
+    prefill, to the same tokens in every head (`full`, `regather`) are defined with it so far."""
+    if not any(isinstance(st, ir.Positions) and st.mode == "cache_length" for s in plan.stages for st in s.statements):
+        return []
+    return [_not_yet(f"cache {st.method} with positions cache_length", st) for s in plan.stages if s.kind == "decode"
+            for st in s.statements if isinstance(st, ir.Cache) and st.method not in ("full", "regather")]
 
 
 def _not_in_graphs(stage: BoundStage) -> str | None:
@@ -38,16 +49,23 @@ def _not_in_graphs(stage: BoundStage) -> str | None:
         return f"{stage.kind} stages are"
     if any(isinstance(s, ir.Cache) and s.method != "full" for s in stage.statements):
         return "cache policies other than `full` are"
+    if any(_names(s, "raters") for s in stage.statements):
+        return "the token set `raters` is"
     return None
+
+
+def _names(node: ir.Node, name: str) -> bool:
+    return any(isinstance(n, ir.Name) and n.id == name for n in node.walk())
 
 
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
-                          "let/score/keep/drop/protect, the selectors top (everywhere) and stride, grid, diverse "
-                          f"(before the LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM), "
+                          "let/score/keep/drop/protect, the selectors top (everywhere; in the LLM also with the "
+                          "schedules geometric, linear, cosine and [lists]) and stride, grid, diverse (before the "
+                          f"LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM), "
                           f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden, "
-                          "positions original or compact, "
+                          "positions original, compact or cache_length (with the caches full and regather), "
                           f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
 
 
@@ -58,7 +76,7 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
             return
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
     match statement:
-        case ir.Positions(mode="original" | "compact"):
+        case ir.Positions(mode="original" | "compact" | "cache_length"):
             return
         case ir.Positions(mode=mode):
             raise _not_yet(f"positions {mode}", statement)
@@ -96,8 +114,12 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
             raise _not_yet(f"the `{selector}` selector{' in the LLM' if selector in SELECTOR_OPS else ''}", expr)
         case ir.Select(amount=ir.Call(fn=fn)) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
             pass
-        case ir.Select(amount=ir.ListExpr() | ir.Call() as amount):
-            raise _not_yet("a schedule amount", amount)
+        case ir.Select(amount=ir.ListExpr() | ir.Call() as amount) if kind != "llm":
+            raise _not_yet("a schedule amount before the LLM", amount)
+        case ir.Select(amount=ir.Call(fn=fn) as amount) if fn not in _SCHEDULES:
+            raise _not_yet(f"the amount {fn}()", amount)
+        case ir.Call(fn=fn) if fn in _SCHEDULES:
+            return  # an LLM stage's schedule amount (the case above rejects the others)
         case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "projector" and fn in _RECORDED:
             raise _not_yet(f"{fn} at projector.output (no attention runs there)", expr)
         case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "llm" and fn in _ENCODER_ONLY:

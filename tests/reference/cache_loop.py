@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
 from reference.fastv import prompt_embeddings, top_indices
+from reference.staged_drop import next_layer_probs
 
 
 @dataclass
@@ -81,8 +82,8 @@ def _rotate(model: LlavaForConditionalGeneration, x: Tensor, positions: Tensor) 
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def _layer(model: LlavaForConditionalGeneration, index: int, x: Tensor, cache: LayerCache | None, tokens: Tensor,
-           rope: Tensor) -> tuple[Tensor, LayerCache, Tensor]:
+def decoder_layer(model: LlavaForConditionalGeneration, index: int, x: Tensor, cache: LayerCache | None,
+                  tokens: Tensor, rope: Tensor) -> tuple[Tensor, LayerCache, Tensor]:
     """Decoder layer `index` on new rows x [m, D] (token indices `tokens`, rotary positions `rope`)."""
     layer = model.model.language_model.layers[index]
     attn = layer.self_attn
@@ -117,20 +118,29 @@ def _logits(model: LlavaForConditionalGeneration, x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def generate_row(model: LlavaForConditionalGeneration, embeds: Tensor, image: Tensor, policy: CachePolicy,
-                 max_new_tokens: int, stages: list[Stage]) -> Result:
-    """Greedy decoding of one unpadded sample: embeds [L, D], image [L] bool."""
+                 max_new_tokens: int, stages: list[Stage], compact: bool = False, next_layer: bool = False) -> Result:
+    """Greedy decoding of one unpadded sample: embeds [L, D], image [L] bool.
+
+    `compact` (PyramidDrop): layers after a stage number their rows 0..n-1, and a generated token t takes
+    position n + t in a layer that processed n prompt rows. `next_layer`: stages score with the next layer's
+    norm, q/k projections and RoPE of the stage layer's output (tests/reference/staged_drop.py)."""
     length = embeds.shape[0]
     n_layers = len(model.model.language_model.layers)
     rows = torch.arange(length)
     x, caches = embeds, []
     protected = torch.zeros(0, dtype=torch.long)
     for index in range(n_layers):
-        x, cache, probs = _layer(model, index, x, None, rows, rows)
+        rope = torch.arange(len(rows)) if compact else rows
+        x, cache, probs = decoder_layer(model, index, x, None, rows, rope)
         cache.prompt_size, cache.prefill_probs = len(rows), probs
         caches.append(cache)
         for stage in (s for s in stages if s.layer == index):
             candidates = image[rows].nonzero().flatten()
-            scores = probs.mean(0)[-1, candidates]  # the last prompt row, mean over heads
+            if next_layer:
+                votes = next_layer_probs(model, index, x[None], rope, torch.ones(len(rows), dtype=torch.bool))
+                scores = votes.mean(0)[candidates]
+            else:
+                scores = probs.mean(0)[-1, candidates]  # the last prompt row, mean over heads
             chosen = rows[candidates[top_indices(scores, min(stage.count, len(candidates)))]]
             if stage.action == "protect":
                 protected = torch.cat([protected, chosen]).unique()
@@ -150,8 +160,9 @@ def generate_row(model: LlavaForConditionalGeneration, embeds: Tensor, image: Te
         x = model.get_input_embeddings()(torch.tensor([token])).to(embeds.dtype)
         position = torch.tensor([length + step])
         for index in range(n_layers):
-            rope = torch.tensor([caches[index].keys.shape[1]]) if policy.relative else position
-            x, caches[index], _ = _layer(model, index, x, caches[index], position, rope)
+            rope = torch.tensor([caches[index].keys.shape[1]]) if policy.relative else \
+                torch.tensor([caches[index].prompt_size + step]) if compact else position
+            x, caches[index], _ = decoder_layer(model, index, x, caches[index], position, rope)
             _evict(policy, index, caches[index], False, rows)
         logits = _logits(model, x[-1])
     return result
@@ -165,7 +176,7 @@ def _evict(policy: CachePolicy, index: int, cache: LayerCache, after_prefill: bo
 
 def cache_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor,
                    pixel_values: Tensor, policy_for_row, max_new_tokens: int,  # type: ignore[no-untyped-def]
-                   stages: list[Stage] | None = None) -> list[Result]:
+                   stages: list[Stage] | None = None, compact: bool = False, next_layer: bool = False) -> list[Result]:
     """Each row alone, its padding removed; `policy_for_row()` makes a fresh policy per row."""
     embeds, _ = prompt_embeddings(model, input_ids, pixel_values)
     image = input_ids == model.config.image_token_id
@@ -173,6 +184,6 @@ def cache_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, atte
     for row in range(input_ids.shape[0]):
         real = attention_mask[row].bool()
         results.append(generate_row(model, embeds[row, real], image[row, real], policy_for_row(), max_new_tokens,
-                                    stages or []))
+                                    stages or [], compact, next_layer))
     return results
 

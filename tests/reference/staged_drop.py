@@ -18,7 +18,7 @@ from transformers import LlavaForConditionalGeneration
 from reference.fastv import eager_copy, position_ids, prompt_embeddings, run_layers, top_indices
 
 
-def _next_layer_probs(model: LlavaForConditionalGeneration, layer: int, hidden: Tensor, positions: Tensor,
+def next_layer_probs(model: LlavaForConditionalGeneration, layer: int, hidden: Tensor, positions: Tensor,
                       valid: Tensor) -> Tensor:
     """PyramidDrop's lightweight attention: the output of `layer` through layer `layer + 1`'s input norm,
     q/k projections and RoPE; returns the last row's probabilities per head, [H, n]."""
@@ -43,7 +43,7 @@ def _next_layer_probs(model: LlavaForConditionalGeneration, layer: int, hidden: 
 
 def _row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, image: Tensor,
          stages: list[tuple[int, int]], compact: bool, max_new_tokens: int,
-         next_layer: bool = False) -> tuple[Tensor, list[Tensor]]:
+         next_layer: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     lm = model.model.language_model
     length, device = embeds.shape[0], embeds.device
     bounds = [k for k, _ in stages]
@@ -55,7 +55,7 @@ def _row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, im
     for layer, count in stages:
         hidden, probs = run_layers(model, range(start, layer + 1), hidden, positions, valid[rows])
         if next_layer:
-            scores = _next_layer_probs(model, layer, hidden, positions, valid[rows]).mean(dim=0)
+            scores = next_layer_probs(model, layer, hidden, positions, valid[rows]).mean(dim=0)
         else:
             scores = probs[0].mean(dim=0)[-1]  # last row, over the current rows
         candidates = image[rows].nonzero().flatten()
@@ -67,6 +67,7 @@ def _row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, im
         start = layer + 1
     # Decoding: recompute everything each step.
     generated: list[int] = []
+    logits: list[Tensor] = []
     for t in range(max_new_tokens):
         new = model.get_input_embeddings()(torch.tensor(generated, dtype=torch.long, device=device))
         hidden = torch.cat([embeds, new.to(embeds.dtype)])[None]
@@ -85,19 +86,25 @@ def _row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, im
                              if compact else original[select])
             hidden, _ = run_layers(model, range(start, end + 1), hidden, positions, full_valid[rows])
             start = end + 1
-        generated.append(int(model.lm_head(lm.norm(hidden[0, -1])).argmax()))
-    return torch.tensor(generated, dtype=torch.long, device=device), kept_per_stage
+        logits.append(model.lm_head(lm.norm(hidden[0, -1])))
+        generated.append(int(logits[-1].argmax()))
+    return torch.tensor(generated, dtype=torch.long, device=device), kept_per_stage, logits
 
 
 @torch.no_grad()
 def staged_drop_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor,
                          pixel_values: Tensor, *, stages: list[tuple[int, int]], compact: bool,
-                         max_new_tokens: int, next_layer: bool = False) -> tuple[Tensor, list[list[Tensor]]]:
-    """Tokens [B, T] and, per row, the prompt rows kept after each stage (ascending). With `next_layer`,
-    scores come from the next layer's projections of the stage layer's output (PyramidDrop)."""
+                         max_new_tokens: int, next_layer: bool = False,
+                         with_logits: bool = False):  # type: ignore[no-untyped-def]
+    """Tokens [B, T] and, per row, the prompt rows kept after each stage (ascending); with `with_logits`
+    also the logits of every step, [B, T, V]. With `next_layer`, scores come from the next layer's
+    projections of the stage layer's output (PyramidDrop)."""
     ref = eager_copy(model)
     embeds, _ = prompt_embeddings(ref, input_ids, pixel_values)
     image = input_ids == ref.config.image_token_id
     results = [_row(ref, embeds[b], attention_mask[b].bool(), image[b], stages, compact, max_new_tokens, next_layer)
                for b in range(input_ids.shape[0])]
-    return torch.stack([r[0] for r in results]), [r[1] for r in results]
+    tokens, kept = torch.stack([r[0] for r in results]), [r[1] for r in results]
+    if with_logits:
+        return tokens, kept, torch.stack([torch.stack(r[2]) for r in results])
+    return tokens, kept

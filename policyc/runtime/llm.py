@@ -1,0 +1,249 @@
+"""The LLM's runtime state during one request: which prompt rows each decoder layer keeps, the
+stages' evaluation at their layers, the tokens dropped before the LLM, and the position ids and
+decode masks that follow from them. The layer wrappers (compiled.py) and the graph backends'
+operators (ops.py) call into it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from policyc.compiler.plan import BoundStage, Plan
+from policyc.errors import PolicyError, Span
+from policyc.lang import ir
+from policyc.passes.base import selected_first
+from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
+from policyc.runtime.rows import valid_keys
+
+if TYPE_CHECKING:
+    from policyc.runtime.cache import CacheRuntime
+
+
+class ImageSource(Protocol):
+    """What the pre-LLM stages (encoder, projector) leave for the LLM after a vision forward: per image
+    slot (I images in the order LLaVA scatters them, N tokens each), whether it reaches the LLM and
+    whether a stage protected it. None when no vision forward ran since the last prefill took them."""
+
+    kept: torch.Tensor | None  # [I, N] bool
+    protected: torch.Tensor | None  # [I, N] bool
+
+
+@dataclass
+class Runtime:
+    """Per-model runtime state shared by the hooks and layer wrappers."""
+
+    plan: Plan
+    compact: bool = False  # `positions compact` or `cache_length`: kept rows are renumbered 0..n-1 in prefill
+    # `positions cache_length` (MustDrop, SparseVLM v1): a decode token's position in a layer is the real tokens
+    # that layer's cache holds (after `cache regather`), not the prompt's stage-consistent numbering.
+    cache_length: bool = False
+    rates_text: bool = False  # a stage reads SparseVLM's `raters`: computed from the embeddings before layer 0
+    state: PrefillState | None = None
+    captured: dict[int, Captured] = field(default_factory=dict)
+    kept_at_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill rows each layer cached
+    # Per layer, which of those rows were tokens rather than fillers ([B, L'] bool; None: all were).
+    live_at_layer: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    images: ImageSource | None = None  # set when the plan has encoder or projector stages
+    # After image tokens were dropped before the LLM: the position id of every prompt position in the
+    # shorter prompt the LLM sees ([B, L]), and how many real tokens each sample lost ([B]).
+    base_positions: torch.Tensor | None = None
+    dropped_before: torch.Tensor | None = None
+    steps: int = 0  # decode steps since the prefill
+    static: bool = False  # the current generate() uses a static cache
+    graphs: bool = False  # the graph backends: prefill stages run as graph passes, not in the layer wrappers
+    cache: CacheRuntime | None = None  # the decode stage's cache policy (None: `cache full`)
+    stages_ran: set[int] = field(default_factory=set)  # decoder layers whose stages ran in this prefill
+    # The kept and protected image slots ([I, N] bool each) the last prefill took from the pre-LLM stages.
+    image_slots: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        image = input_ids == self.plan.adapter.image_token_id
+        valid = valid_keys(attention_mask, image.shape[1]) if attention_mask is not None else torch.ones_like(image)
+        kept = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
+        self.state = PrefillState(image, valid, kept, torch.zeros_like(image))
+        self.captured.clear()
+        self.kept_at_layer.clear()
+        self.live_at_layer.clear()
+        self.base_positions = self.dropped_before = self.image_slots = None
+        self.steps = -1  # the prefill's own forward is not a decode step
+        self.stages_ran.clear()
+
+    def drop_before_llm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Drop the image rows the pre-LLM stages did not keep, from the embeddings [B, L, D] -> [B, L', D].
+
+        Equivalent to a prompt whose `<image>` runs hold only the kept tokens: the kept rows are
+        renumbered contiguously over real tokens, and decode positions shift by the tokens lost.
+        """
+        images, state = self.images, self.state
+        if images is None or state is None or images.kept is None:
+            return hidden
+        slots, protected = images.kept, images.protected
+        images.kept = images.protected = None  # taken: a later prompt needs a fresh vision forward
+        self.image_slots = (slots, protected)
+        if not bool(state.image.any()):
+            return hidden
+        found, expected = int(state.image.sum()), slots.numel()
+        if found != expected:
+            raise PolicyError.at(f"the prompt holds {found} image tokens but the images gave {slots.shape[0]} x "
+                                 f"{slots.shape[1]} = {expected} (one vision forward per prompt is expected)",
+                                 self._first_image_stage_span())
+        keep = ~state.image
+        keep[state.image] = slots.flatten().to(keep.device)
+        if protected is not None:
+            state.protected = state.protected.clone()
+            state.protected[state.image] = protected.flatten().to(keep.device)
+        if bool(keep.all()):
+            return hidden
+        counts = keep.sum(1)
+        # A sample keeping fewer tokens than the widest one carries its earliest dropped rows on as fillers.
+        rows = selected_first(keep)[:, : int(counts.max())].sort(1).values
+        state.kept = rows
+        if not bool((counts == counts[0]).all()):
+            state.dead = ~keep
+        self.base_positions = (state.valid & keep).long().cumsum(1).sub(1).clamp(min=0)
+        self.dropped_before = (state.valid & ~keep).sum(1)
+        return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+    def select(self, index: int, stages: list[BoundStage], hidden: torch.Tensor, captured: Captured | None,
+               position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Evaluate the `stages` bound to decoder layer `index` on its output `hidden` [B, L', D]; returns
+        the rows that stay, [B, n] indices into the current rows in order, and narrows `state.kept`."""
+        state = self.state
+        assert state is not None  # stages run inside a prefill
+        alive = state.alive()  # padding is no image token: every stage keeps it (it stays masked)
+        last = index + 1 >= len(self.plan.adapter.decoder_layers)
+        next_layer = None if last else (lambda: self.next_layer_capture(index, hidden, position_embeddings))
+        for stage in stages:
+            step = stage.layers.index(index)
+            if step == 0:  # N0 of the stage's schedules: the image tokens alive before its first layer
+                state.origins[stage.label] = (state.image & alive & state.valid).sum(1)
+            evaluator = StageEvaluator(state, captured, dict(stage.values), seed_offset=index, next_layer=next_layer,
+                                       step=step, steps=len(stage.layers), origin=state.origins.get(stage.label))
+            alive = _run_statements(stage.statements, evaluator, alive)
+        keep_rows = torch.gather(alive, 1, state.kept)  # [B, L'] which current rows survive
+        counts = keep_rows.sum(1)
+        ragged = not bool((counts == counts[0]).all())
+        if ragged and self.graphs:
+            raise PolicyError.at(f"layer {index} keeps {counts.tolist()} tokens across the batch; the graph "
+                                 "backends need every sample to keep the same count", stages[0].span,
+                                 "compile with backend='eager', or use a fixed amount (top N or N%)",
+                                 ).with_sources(dict(self.plan.checked.sources))
+        # A sample keeping fewer rows than the widest one carries its earliest dropped rows on as fillers.
+        rows = selected_first(keep_rows)[:, : int(counts.max())].sort(1).values
+        state.kept = torch.gather(state.kept, 1, rows)
+        if ragged or state.dead is not None:
+            state.dead = ~alive
+        return rows
+
+    def next_layer_capture(self, index: int, hidden: torch.Tensor,
+                           position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> Captured:
+        """Post-RoPE queries and keys of `hidden` through layer `index + 1`'s input norm, q/k projections and
+        rotary, at the current rows' positions (PyramidDrop's lightweight attention, arXiv:2410.17247)."""
+        adapter = self.plan.adapter
+        layer = adapter.decoder_layers[index + 1]
+        layer = getattr(layer, "inner", layer)  # unwrap a policyc layer wrapper
+        attention = adapter.decoder_attention[index + 1]
+        normed = layer.input_layernorm(hidden)
+        shape = (*normed.shape[:2], -1, adapter.head_dim)
+        query = attention.q_proj(normed).view(shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        query, key = rotate(query, key, cos, sin)
+        return Captured(query, key, float(attention.scaling))
+
+    def full_decode_mask(self, like: torch.Tensor | None, static: bool) -> torch.Tensor | None:
+        """The decode step's mask over every original position, [B, 1, 1, W]: the prompt's padding, then
+        the generated tokens. W = L + t + 1, or a static cache's slot count (its unfilled tail masked).
+
+        transformers sizes and offsets its decode masks by layer 0's cache; once image tokens were dropped
+        before the LLM that cache is shorter than the prompt, so the mask is rebuilt from the prefill's
+        padding. Same format as `like`: boolean, or additive floats."""
+        state = self.state
+        assert state is not None  # decoding follows a prefill
+        if not static and bool(state.valid.all()):
+            return None  # no padding: a one-token query may see every cached key
+        width = like.shape[-1] if static and like is not None else state.length + self.steps + 1
+        allowed = torch.zeros(state.valid.shape[0], width, dtype=torch.bool, device=state.valid.device)
+        allowed[:, : state.length] = state.valid
+        allowed[:, state.length : state.length + self.steps + 1] = True
+        allowed = allowed[:, None, None, :]
+        if like is None or like.dtype == torch.bool:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
+            ~allowed.to(like.device), torch.finfo(like.dtype).min)
+
+    def rate_text(self, hidden: torch.Tensor) -> None:
+        """SparseVLM's raters (arXiv:2410.04417; algorithms.md §9b), once per prompt from the LLM's input
+        embeddings [B, L', D]: with V the image rows and T the text rows after the first image,
+        M = softmax(V Tᵀ over T).mean(over V), and the raters are the text tokens whose M is above its mean.
+        Stored as the token set `raters`, [B, L] over original positions."""
+        state = self.state
+        assert state is not None  # runs at the start of a prefill
+        rows = state.kept
+        positions = torch.arange(state.length, device=rows.device)
+        first_image = torch.where(state.image, positions, state.length).amin(1, keepdim=True)
+        image = torch.gather(state.image & state.valid, 1, rows)
+        text = torch.gather(state.valid & ~state.image & (positions > first_image), 1, rows)
+        raters = torch.zeros_like(state.image)
+        for b in range(rows.shape[0]):
+            vision, words = hidden[b, image[b]].float(), hidden[b, text[b]].float()
+            if vision.shape[0] and words.shape[0]:
+                relevance = torch.softmax(vision @ words.T, dim=-1).mean(0)  # [T]
+                raters[b, rows[b, text[b]][relevance > relevance.mean()]] = True
+        state.sets["raters"] = raters
+
+    def decode_shift(self, index: int) -> torch.Tensor | None:
+        """How far decoder layer `index` moves a decode token's position back, [B] (None: not at all).
+
+        transformers numbers the new token after every real prompt token. `positions compact` subtracts the
+        real tokens this layer no longer sees (PyramidDrop's stage-consistent shift); `positions cache_length`
+        the real prompt tokens missing from this layer's cache, so the token sits right after what the cache
+        holds (MustDrop's `get_usable_length(layer_idx)`); tokens dropped before the LLM always shift.
+        """
+        state = self.state
+        assert state is not None  # decoding follows a prefill
+        kept = self.kept_at_layer.get(index)
+        if self.cache_length:
+            if self.cache is not None and self.cache.handles(index):
+                held = self.cache.prompt_tokens(index)
+            elif kept is not None:
+                held = self.real_rows(index).sum(1)
+            else:
+                return None
+            return state.valid.sum(1) - held
+        if kept is None or not self.shorter(index):
+            return None
+        if self.compact:
+            return state.valid.sum(1) - self.real_rows(index).sum(1)
+        return self.dropped_before
+
+    def shorter(self, index: int) -> bool:
+        """Whether decoder layer `index` processed fewer tokens than the prompt's (it has a wrapper)."""
+        assert self.state is not None
+        kept = self.kept_at_layer.get(index)
+        return kept is not None and (kept.shape[1] < self.state.length or self.live_at_layer.get(index) is not None)
+
+    def real_rows(self, index: int) -> torch.Tensor:
+        """[B, L'] bool: which rows layer `index` processed in prefill were real tokens (no padding, no filler)."""
+        assert self.state is not None
+        real = torch.gather(self.state.valid, 1, self.kept_at_layer[index])
+        live = self.live_at_layer.get(index)
+        return real if live is None else real & live
+
+    def _first_image_stage_span(self) -> Span | None:
+        return next((s.span for s in self.plan.stages if s.kind in ("encoder", "projector")), None)
+
+
+def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvaluator,
+                    alive: torch.Tensor) -> torch.Tensor:
+    for statement in statements:  # `positions` acts in the layer wrappers; support.py rejects the rest
+        applied = evaluator.apply(statement, alive)
+        alive = alive if applied is None else applied
+    return alive
+
+
