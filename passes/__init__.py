@@ -19,6 +19,7 @@ from policyc.passes import (  # noqa: F401  (registration)
     merge_pool,
     merge_window,
     random_score,
+    select_cover,
     select_diverse,
     select_grid,
     select_stride,

@@ -44,7 +44,7 @@ def _not_in_graphs(stage: BoundStage) -> str | None:
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
-                          "let/score/keep/drop/protect, the selectors top (everywhere) and stride, grid, diverse "
+                          "let/score/keep/drop/protect, the selectors top (everywhere) and stride, grid, diverse, cover "
                           f"(before the LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM), "
                           f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden, "
                           "positions original or compact, "
@@ -94,6 +94,11 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
     match expr:
         case ir.Select(selector=selector) if selector not in _SELECTORS[kind]:
             raise _not_yet(f"the `{selector}` selector{' in the LLM' if selector in SELECTOR_OPS else ''}", expr)
+        case ir.Select(selector="cover", options=options) if any(
+                o.name == "words" and isinstance(o.value, ir.Name) and stage.values.get(o.value.id, o.value) ==
+                ir.Name(id="keywords") for o in options):
+            raise _not_yet("cover(words=keywords) (MMTok's stopword filter works on the question's text, which the "
+                           "runtime does not have; words=prompt uses every text token after the image)", expr)
         case ir.Select(amount=ir.Call(fn=fn)) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
             pass
         case ir.Select(amount=ir.ListExpr() | ir.Call() as amount):

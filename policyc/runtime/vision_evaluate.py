@@ -99,9 +99,19 @@ class VisionEvaluator(StageEvaluator):
     layer: int = 0  # the encoder layer the stage runs at
     stage_layers: tuple[int, ...] = ()  # every layer of the stage
     label: str = ""  # the stage, for ema()'s memory
+    encoder_features: torch.Tensor | None = None  # [B, L, E] what the projector read (projector.output only)
+    question: Callable[[], list[torch.Tensor]] | None = None  # per image: its prompt words' embeddings [m, D]
     # An entropy() amount needs the selection's candidates and score, which `counts` is not given: `set` counts
     # it when it meets the selection and hands the counts to the selector's `counts` call for that amount.
     _scheduled: tuple[ir.Expr, torch.Tensor] | None = None
+
+    def coverage_inputs(self, node: ir.Node) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """What `cover` compares besides its `by` features: the encoder's feature-layer features at the original
+        positions [B, L, E] and each image's question words [m_b, D] (MMTok's xc and z)."""
+        if self.encoder_features is None or self.question is None:
+            raise PolicyError.at("cover runs at projector.output only: it reads the encoder features the projector "
+                                 "received and the question", node.span)
+        return self.encoder_features, self.question()
 
     def recorded_values(self, what: str) -> torch.Tensor:
         if self.attention_values is None:
