@@ -44,8 +44,8 @@ def _not_in_graphs(stage: BoundStage) -> str | None:
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
-                          "let/score/keep/drop/protect, the selectors top (everywhere) and stride, grid, diverse, cover "
-                          f"(before the LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM), "
+                          "let/score/keep/drop/protect, the selectors top (everywhere) and stride, grid, diverse, "
+                          f"cover (before the LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM), "
                           f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden, "
                           "positions original or compact, "
                           f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
@@ -97,8 +97,10 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
         case ir.Select(selector="cover", options=options) if any(
                 o.name == "words" and isinstance(o.value, ir.Name) and stage.values.get(o.value.id, o.value) ==
                 ir.Name(id="keywords") for o in options):
-            raise _not_yet("cover(words=keywords) (MMTok's stopword filter works on the question's text, which the "
-                           "runtime does not have; words=prompt uses every text token after the image)", expr)
+            raise PolicyError.at("cover(words=keywords) is not implemented by policyc's runtime yet: MMTok's keyword "
+                                 "filter drops stopwords and LLaVA's suffix prompts from the question's text, which "
+                                 "the runtime does not have", expr.span,
+                                 "words=prompt covers the LLM input embeddings of every text token after the image")
         case ir.Select(amount=ir.Call(fn=fn)) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
             pass
         case ir.Select(amount=ir.ListExpr() | ir.Call() as amount):
