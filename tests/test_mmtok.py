@@ -57,17 +57,22 @@ def test_mmtok_equals_the_plain_reference(build, batch: int, pad: int, images: i
     features, expected = mmtok_image_features(model, inputs, tokens, alpha)
     expected_logits = reference_logits(model, inputs, features, expected)
     compiled = compile_model(model, "mmtok", params(tokens, alpha))
+    seen: list[torch.Tensor] = []  # the projector's output as the LLM receives it (after policyc's hook)
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: seen.append(out))
     try:
         with torch.no_grad():
             logits = model(**inputs).logits[:, -1]
+        handle.remove()
         kept, _ = compiled.runtime.image_slots
         assert torch.equal(kept, expected)
+        torch.testing.assert_close(seen[0][kept], features[expected], atol=1e-5, rtol=1e-5)
         assert kept.sum(1).tolist() == [tokens] * batch * images
         torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert out.shape == (batch, inputs["input_ids"].shape[1] + 3)
         assert torch.equal(compiled.runtime.image_slots[0], expected)  # generate() reads the same question
     finally:
+        handle.remove()
         compiled.remove()
 
 
