@@ -24,6 +24,7 @@ from policyc.passes import (  # noqa: F401  (registration)
     select_grid,
     select_stride,
     select_top,
+    text_relevance,
     value_norm,
 )
 from policyc.passes.base import SIGNAL_OPS, SignalOp, register_signal

@@ -69,10 +69,10 @@ class Cover(SelectorOp):
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         if node.by is None:
             raise PolicyError.at("cover needs `by FEATURES`", node.span)
-        inputs = getattr(ctx, "coverage_inputs", None)
-        if inputs is None:
+        if not (hasattr(ctx, "projector_input") and hasattr(ctx, "question_words")):
             raise PolicyError.at("cover runs at projector.output only", node.span)
-        encoder, words = inputs(node)  # [B, L, E] at original positions; per image [m_b, D]
+        encoder = ctx.projector_input(node)  # [B, L, E] at original positions
+        words = ctx.question_words(node)  # per image [m_b, D]
         alpha, tau_text, tau_vision = (self._number(node, name, default, ctx) for name, default in
                                        (("alpha", 0.5), ("tau_text", 0.02), ("tau_vision", 0.2)))
         features = ctx.features_at(node.by)  # [B, L, D] at original positions

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from reference.mmtok import mmtok_image_features
+from reference.mmtok import mmtok_image_features, text_relevance_keep
 from tiny_models import IMAGE_TOKEN_ID, make_inputs, tiny_llava_clip, tiny_llava_siglip
 
 from policyc.cli import main
@@ -93,6 +93,25 @@ def test_the_question_changes_what_mmtok_keeps_and_no_question_covers_the_image_
         finally:
             compiled.remove()
     assert not all(torch.equal(kept[0], k) for k in kept[1:])
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize(("batch", "pad", "images"), [(1, 0, 1), (2, 2, 1), (2, 1, 2)])
+@pytest.mark.parametrize(("seed", "tokens", "tau"), [(0, 4, 0.02), (1, 9, 0.1)])
+def test_text_relevance_ranks_as_the_reference(build, batch: int, pad: int, images: int, seed: int,  # type: ignore[no-untyped-def]
+                                                tokens: int, tau: float) -> None:
+    model = build(seed=seed)
+    inputs = make_inputs(model, batch=batch, pad_left=pad, seed=seed, images=images, text_after=5)
+    expected = text_relevance_keep(model, inputs, tokens, tau)
+    source = (f"policy p {{\n  stage projector.output {{\n    keep top {tokens} of vision by text_relevance(tau={tau})"
+              "\n  }\n}\n")
+    compiled = compile_model(model, check_source(source, "p.tokpol")[0])
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        assert torch.equal(compiled.runtime.image_slots[0], expected)
+    finally:
+        compiled.remove()
 
 
 def test_image_features_alone_have_no_question_and_fail_clearly() -> None:

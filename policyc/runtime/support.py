@@ -13,6 +13,7 @@ _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SELECTORS = {"llm": {"top"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 _RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
 _ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
+_PROJECTOR_ONLY = {"text_relevance"}  # reads the question's words, stashed for projector.output (vision.py)
 _SETS = {"llm": {"cls", "raters", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
 _PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy"}  # vision_evaluate.py
 
@@ -107,7 +108,7 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
             raise _not_yet("a schedule amount", amount)
         case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "projector" and fn in _RECORDED:
             raise _not_yet(f"{fn} at projector.output (no attention runs there)", expr)
-        case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "llm" and fn in _ENCODER_ONLY:
+        case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "llm" and fn in _ENCODER_ONLY | _PROJECTOR_ONLY:
             raise _not_yet(f"{fn} in the LLM", expr)
         case ir.Call(fn=fn) if fn in FEATURE_OPS:
             if kind == "llm" or expr.kwargs:

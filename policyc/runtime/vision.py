@@ -11,8 +11,9 @@
   so the projector, the `<image>` placeholders, masked_scatter and generate() stay untouched.
 - `ImageStages.kept` / `.protected` ([images, tokens_per_image] bool) tell the LLM side which image slots
   reach the LLM and which a stage protected.
-- Projector stages that read the question (`cover`) get it from a forward pre-hook on the top-level model
-  that stashes input_ids and attention_mask for that forward (LLaVA's get_image_features never sees them);
+- Projector stages that read the question (`cover`, `text_relevance`) get it from a forward pre-hook on the
+  top-level model that stashes input_ids and attention_mask for that forward (and a wrapper of its generate(),
+  which runs get_image_features before any forward; LLaVA's get_image_features never sees the prompt);
   image i (in LLaVA's scatter order: its i-th run of image tokens) reads the text tokens after its run in its
   own prompt row, up to the row's next image or end, padding left out.
 """
@@ -33,6 +34,10 @@ from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.rows import valid_keys
 from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers, reads_values
 from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows
+
+
+def _name(node: ir.Call | ir.Name) -> str:
+    return node.fn if isinstance(node, ir.Call) else node.id
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,8 @@ class ImageStages:
         self._attention: str | None = None
         self._slots: tuple[Tokens, PrefillState] | None = None
         self._encoder = bool(encoder)
-        self._reads_prompt = any(isinstance(node, ir.Select) and node.selector == "cover"
+        self._reads_prompt = any((isinstance(node, ir.Select) and node.selector == "cover")
+                                 or (isinstance(node, ir.Call | ir.Name) and _name(node) == "text_relevance")
                                  for s in self.projector_output for st in s.statements for node in st.walk())
         self._prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's input_ids, valid [B, L]
         self._generate: nn.Module | None = None  # the model whose generate() stashes the prompt
@@ -356,7 +362,7 @@ class ImageStages:
         """Per image, the LLM input embeddings of the text tokens after its image run in its prompt row, up to
         the row's next image or end, padding left out: [m_i, D] each."""
         if self._prompt is None:
-            raise PolicyError.at("cover reads the question, but this vision forward came without input_ids",
+            raise PolicyError.at("the policy reads the question, but this vision forward came without input_ids",
                                  None, "call the model or generate() with input_ids (not inputs_embeds, nor "
                                        "get_image_features alone)")
         ids, valid = self._prompt

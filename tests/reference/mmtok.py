@@ -13,6 +13,7 @@ MMTok's keyword filter is not applied). Every vector is divided by max(its norm,
 
 and `count` times the unchosen j with the largest Σ_r max(0, C[r][j] - best[r]) is chosen (the first on
 ties), best[r] = max(best[r], C[r][j]). Returns the kept slots [I, N] and the projected features [I, N, D].
+`text_relevance_keep` ranks the tokens by the column sums of P without its 1/m (the `text_relevance` signal).
 """
 
 from __future__ import annotations
@@ -75,15 +76,36 @@ def question_words(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     return words
 
 
-@torch.no_grad()
-def mmtok_image_features(model: torch.nn.Module, inputs: dict[str, Tensor], count: int, alpha: float = 0.5,
-                         tau_text: float = 0.02, tau_vision: float = 0.2) -> tuple[Tensor, Tensor]:
+def _encoder_and_projected(model: torch.nn.Module, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
     config = model.config
-    hidden = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
     encoder = hidden[config.vision_feature_layer]
     if config.vision_feature_select_strategy == "default":
         encoder = encoder[:, 1:]
-    projected = model.model.multi_modal_projector(encoder)
+    return encoder, model.model.multi_modal_projector(encoder)
+
+
+@torch.no_grad()
+def text_relevance_keep(model: torch.nn.Module, inputs: dict[str, Tensor], count: int, tau: float) -> Tensor:
+    """The kept slots [I, N] of `keep top count of vision by text_relevance(tau)` at projector.output: the
+    column sums of P·m (P without its 1/m), the highest first, the earlier slot on ties."""
+    _, projected = _encoder_and_projected(model, inputs["pixel_values"])
+    images, n = projected.shape[:2]
+    words = question_words(model, inputs["input_ids"], inputs["attention_mask"], images, n)
+    kept = torch.zeros(images, n, dtype=torch.bool)
+    for i in range(images):
+        x, z = _unit(projected[i]), _unit(words[i])
+        rows = _softmax_rows([[float(zr @ xj) for xj in x] for zr in z], tau, 1.0)
+        scores = [sum(row[j] for row in rows) for j in range(n)]
+        order = sorted(range(n), key=lambda j: (-scores[j], j))
+        kept[i, order[:count]] = True
+    return kept
+
+
+@torch.no_grad()
+def mmtok_image_features(model: torch.nn.Module, inputs: dict[str, Tensor], count: int, alpha: float = 0.5,
+                         tau_text: float = 0.02, tau_vision: float = 0.2) -> tuple[Tensor, Tensor]:
+    encoder, projected = _encoder_and_projected(model, inputs["pixel_values"])
     images, n = projected.shape[:2]
     words = question_words(model, inputs["input_ids"], inputs["attention_mask"], images, n)
     kept = torch.zeros(images, n, dtype=torch.bool)
@@ -97,4 +119,4 @@ def mmtok_image_features(model: torch.nn.Module, inputs: dict[str, Tensor], coun
     return projected, kept
 
 
-__all__ = ["greedy_cover", "mmtok_image_features", "question_words"]
+__all__ = ["greedy_cover", "mmtok_image_features", "question_words", "text_relevance_keep"]
