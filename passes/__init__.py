@@ -19,10 +19,12 @@ from policyc.passes import (  # noqa: F401  (registration)
     merge_pool,
     merge_window,
     random_score,
+    select_cover,
     select_diverse,
     select_grid,
     select_stride,
     select_top,
+    text_relevance,
     value_norm,
 )
 from policyc.passes.base import SIGNAL_OPS, SignalOp, register_signal

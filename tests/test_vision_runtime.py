@@ -154,7 +154,7 @@ def test_stdlib_pre_llm_policies_compile_and_generate(name: str) -> None:
         kept, protected = compiled.runtime.image_slots  # what the prefill took from the pre-LLM stages
         assert kept.shape == protected.shape == (2, 16) and bool((protected <= kept).all())
         if name == "mustdrop_encoder":
-            assert protected.sum(1).tolist() == [1, 1]  # 8% of the patches left after the window merge
+            assert protected.sum(1).tolist() == [2, 2]  # ceil(8%) of the 16 patches, as MustDrop's code rounds up
     finally:
         compiled.remove()
 

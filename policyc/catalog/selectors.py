@@ -10,10 +10,13 @@ SELECTORS.add(
          options=(Option("metric", ("enum",), "distance", default="cosine", choices=("cosine", "l2")),
                   Option("objective", ("enum",), "max-min or max-sum", default="min", choices=("min", "sum"))),
          returns="set", by="feature", paper="DivPrune arXiv:2503.02175"),
-    Spec("cover", "selector", "greedy maximum coverage of question words and image tokens (MMTok)",
+    Spec("cover", "selector", "greedy maximum coverage of the question's words (by the `by` features) and of the "
+         "image tokens (by the encoder features the projector reads) (MMTok)",
          options=(Option("alpha", ("number",), "weight of vision-to-vision coverage", default="0.5", low=0),
                   Option("tau_text", ("number",), "text-vision temperature", default="0.02", low=0),
-                  Option("tau_vision", ("number",), "vision-vision temperature", default="0.2", low=0)),
+                  Option("tau_vision", ("number",), "vision-vision temperature", default="0.2", low=0),
+                  Option("words", ("enum",), "question words: the prompt's text tokens after the image, or "
+                         "MMTok's keyword filter", default="prompt", choices=("prompt", "keywords"))),
          returns="set", by="feature", stages=frozenset({"projector", "llm"}), paper="MMTok arXiv:2508.18264"),
     Spec("grid", "selector", "tokens on a uniform 2-D grid over the image patches (a downsampling baseline)",
          returns="set", stages=frozenset({"encoder", "projector", "llm"})),

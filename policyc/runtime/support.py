@@ -14,6 +14,7 @@ _SCHEDULES = {"geometric", "linear", "cosine"}  # in LLM stages (and lists [300,
 _SELECTORS = {"llm": {"top"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 _RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
 _ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
+_PROJECTOR_ONLY = {"text_relevance"}  # reads the question's words, stashed for projector.output (vision.py)
 _SETS = {"llm": {"cls", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
 _PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy"}  # vision_evaluate.py
 
@@ -62,8 +63,8 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top (everywhere; in the LLM also with the "
-                          "schedules geometric, linear, cosine and [lists]) and stride, grid, diverse (before the "
-                          f"LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM), "
+                          "schedules geometric, linear, cosine and [lists]) and stride, grid, diverse, cover (before "
+                          f"the LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM), "
                           f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden, "
                           "positions original, compact or cache_length (with the caches full and regather), "
                           f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
@@ -112,6 +113,13 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
     match expr:
         case ir.Select(selector=selector) if selector not in _SELECTORS[kind]:
             raise _not_yet(f"the `{selector}` selector{' in the LLM' if selector in SELECTOR_OPS else ''}", expr)
+        case ir.Select(selector="cover", options=options) if any(
+                o.name == "words" and isinstance(o.value, ir.Name) and stage.values.get(o.value.id, o.value) ==
+                ir.Name(id="keywords") for o in options):
+            raise PolicyError.at("cover(words=keywords) is not implemented by policyc's runtime yet: MMTok's keyword "
+                                 "filter drops stopwords and LLaVA's suffix prompts from the question's text, which "
+                                 "the runtime does not have", expr.span,
+                                 "words=prompt covers the LLM input embeddings of every text token after the image")
         case ir.Select(amount=ir.Call(fn=fn)) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
             pass
         case ir.Select(amount=ir.ListExpr() | ir.Call() as amount) if kind != "llm":
@@ -122,7 +130,7 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
             return  # an LLM stage's schedule amount (the case above rejects the others)
         case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "projector" and fn in _RECORDED:
             raise _not_yet(f"{fn} at projector.output (no attention runs there)", expr)
-        case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "llm" and fn in _ENCODER_ONLY:
+        case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "llm" and fn in _ENCODER_ONLY | _PROJECTOR_ONLY:
             raise _not_yet(f"{fn} in the LLM", expr)
         case ir.Call(fn=fn) if fn in FEATURE_OPS:
             if kind == "llm" or expr.kwargs:

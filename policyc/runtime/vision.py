@@ -11,10 +11,16 @@
   so the projector, the `<image>` placeholders, masked_scatter and generate() stay untouched.
 - `ImageStages.kept` / `.protected` ([images, tokens_per_image] bool) tell the LLM side which image slots
   reach the LLM and which a stage protected.
+- Projector stages that read the question (`cover`, `text_relevance`) get it from a forward pre-hook on the
+  top-level model that stashes input_ids and attention_mask for that forward (and a wrapper of its generate(),
+  which runs get_image_features before any forward; LLaVA's get_image_features never sees the prompt);
+  image i (in LLaVA's scatter order: its i-th run of image tokens) reads the text tokens after its run in its
+  own prompt row, up to the row's next image or end, padding left out.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,8 +31,13 @@ from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
+from policyc.runtime.rows import valid_keys
 from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers, reads_values
 from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows
+
+
+def _name(node: ir.Call | ir.Name) -> str:
+    return node.fn if isinstance(node, ir.Call) else node.id
 
 
 @dataclass(frozen=True)
@@ -39,14 +50,16 @@ class Space:
     grid: tuple[int, int]
 
     def evaluator(self, state: PrefillState, stage: BoundStage, captured: Captured | None, hidden: torch.Tensor,
-                  layer: int, run: VisionRun | None = None, layer_count: int = 0) -> StageEvaluator:
+                  layer: int, run: VisionRun | None = None, layer_count: int = 0,
+                  **projector: object) -> StageEvaluator:
         batch = state.image.shape[0]
         return VisionEvaluator(state, captured, dict(stage.values), seed_offset=layer, causal=False,
                                hidden=hidden, cls=self.cls.expand(batch, -1), patches=self.patches.expand(batch, -1),
                                grid=self.grid, earlier_attention=run.earlier if run is not None else None,
                                attention_values=run.values_at(layer) if run is not None else None,
                                memory=run.memory if run is not None else {}, layer_count=layer_count, layer=layer,
-                               stage_layers=stage.layers or (layer,), label=stage.label)
+                               stage_layers=stage.layers or (layer,), label=stage.label,
+                               **projector)  # type: ignore[arg-type]
 
     def state(self, batch: int, valid: torch.Tensor | None = None) -> PrefillState:
         image = self.image.expand(batch, -1)
@@ -186,6 +199,11 @@ class ImageStages:
         self._attention: str | None = None
         self._slots: tuple[Tokens, PrefillState] | None = None
         self._encoder = bool(encoder)
+        self._reads_prompt = any((isinstance(node, ir.Select) and node.selector == "cover")
+                                 or (isinstance(node, ir.Call | ir.Name) and _name(node) == "text_relevance")
+                                 for s in self.projector_output for st in s.statements for node in st.walk())
+        self._prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's input_ids, valid [B, L]
+        self._generate: nn.Module | None = None  # the model whose generate() stashes the prompt
 
     def stages_at(self, point: str, layer: int) -> list[BoundStage]:
         """The stages at an encoder layer. Past the feature layer merges change nothing LLaVA reads: left out."""
@@ -217,6 +235,23 @@ class ImageStages:
             config._attn_implementation = register()
             self._handles.append(adapter.vision_tower.register_forward_hook(self._on_tower_output))
         self._handles.append(adapter.projector.register_forward_hook(self._on_projector_output))
+        if self._reads_prompt:
+            model = adapter.model
+            self._handles.append(model.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._on_model_output))
+            # generate() (transformers >= 5.x) runs get_image_features before the first forward: stash there too
+            generate = model.generate
+
+            @functools.wraps(generate)
+            def generate_with_prompt(*args: object, **kwargs: object) -> object:
+                self._on_model_input(model, args, kwargs)
+                try:
+                    return generate(*args, **kwargs)
+                finally:
+                    self._prompt = None
+
+            model.generate = generate_with_prompt
+            self._generate = model
 
     def remove(self) -> None:
         adapter = self.adapter
@@ -229,6 +264,9 @@ class ImageStages:
             adapter.vision_tower.config._attn_implementation = self._attention
         for handle in self._handles:
             handle.remove()
+        if self._generate is not None:
+            del self._generate.generate  # the class's generate() again
+            self._generate = None
         self._wrapped.clear()
         self._handles.clear()
         self._attention = None
@@ -306,9 +344,50 @@ class ImageStages:
         positions = slots.kept
         return Tokens(torch.empty(0), positions, positions, to_slots(tokens.size).clamp(min=1)), slots
 
+    # ---------------------------------------------------------------- the question
+    def _on_model_input(self, module: nn.Module, args: tuple, kwargs: dict[str, object]) -> None:
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        mask = kwargs.get("attention_mask")
+        if isinstance(ids, torch.Tensor):
+            valid = valid_keys(mask, ids.shape[1]) if isinstance(mask, torch.Tensor) else torch.ones_like(ids).bool()
+            self._prompt = (ids, valid)
+        else:
+            self._prompt = None
+
+    def _on_model_output(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._prompt = None  # a later get_image_features() on its own must not read this prompt
+
+    @torch.no_grad()
+    def question_words(self, images: int, tokens: int) -> list[torch.Tensor]:
+        """Per image, the LLM input embeddings of the text tokens after its image run in its prompt row, up to
+        the row's next image or end, padding left out: [m_i, D] each."""
+        if self._prompt is None:
+            raise PolicyError.at("the policy reads the question, but this vision forward came without input_ids",
+                                 None, "call the model or generate() with input_ids (not inputs_embeds, nor "
+                                       "get_image_features alone)")
+        ids, valid = self._prompt
+        image = ids == self.adapter.image_token_id
+        rows, columns = image.nonzero(as_tuple=True)  # row-major: LLaVA's order of image features
+        if rows.numel() != images * tokens:
+            raise PolicyError.at(f"the prompt holds {rows.numel()} image tokens for {images} images of {tokens} "
+                                 "tokens each", None)
+        embed = self.adapter.model.get_input_embeddings()
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        words = []
+        for i in range(images):
+            row, end = int(rows[i * tokens]), int(columns[(i + 1) * tokens - 1])
+            after = positions > end
+            later = torch.where(image[row] & after, positions, ids.shape[1]).amin()
+            words.append(embed(ids[row][after & (positions < later) & valid[row]]))
+        return words
+
     # ---------------------------------------------------------------- the projector
     def _on_projector_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         images = output.shape[0]
+        projector: dict[str, object] = {}
+        if self._reads_prompt:
+            projector = {"encoder_features": args[0],
+                         "question": lambda: self.question_words(images, output.shape[1])}
         if self._slots is None:
             state = self.slot_space.state(images)
             tokens = Tokens.start(output)
@@ -317,7 +396,7 @@ class ImageStages:
             tokens = replace(tokens, hidden=output)
         self._slots = None
         for stage in self.projector_output:
-            evaluator = self.slot_space.evaluator(state, stage, None, tokens.hidden, 0)
+            evaluator = self.slot_space.evaluator(state, stage, None, tokens.hidden, 0, **projector)
             tokens, alive, _, _ = run_statements(stage, evaluator, tokens)
             state.valid = alive & state.valid
         alive_rows = state.valid.gather(1, tokens.origin)

@@ -2,7 +2,8 @@
 amounts computed from counts, `size(set)` and `round`/`floor`/`ceil` (HiPrune's `top round(T * alpha / 5)`
 and `top T - size(buffers)`), evaluated per image; attention read at earlier encoder layers
 (`attention(..., layer=k)`, `layers=a..b`: VTC-CLS); and FlowCut's pieces: `normalize`, `ema` across the
-layers of a stage, the attention values (`value_norm`, `attention(space=values)`) and the `entropy` schedule."""
+layers of a stage, the attention values (`value_norm`, `attention(space=values)`) and the `entropy` schedule;
+and, at projector.output, the projector's input and the question's words (MMTok's `cover`, `text_relevance`)."""
 
 from __future__ import annotations
 
@@ -99,9 +100,24 @@ class VisionEvaluator(StageEvaluator):
     layer: int = 0  # the encoder layer the stage runs at
     stage_layers: tuple[int, ...] = ()  # every layer of the stage
     label: str = ""  # the stage, for ema()'s memory
+    encoder_features: torch.Tensor | None = None  # [B, L, E] what the projector read (projector.output only)
+    question: Callable[[], list[torch.Tensor]] | None = None  # per image: its prompt words' embeddings [m, D]
     # An entropy() amount needs the selection's candidates and score, which `counts` is not given: `set` counts
     # it when it meets the selection and hands the counts to the selector's `counts` call for that amount.
     _scheduled: tuple[ir.Expr, torch.Tensor] | None = None
+
+    def projector_input(self, node: ir.Node) -> torch.Tensor:
+        """The encoder features the projector received, at the original positions: [B, L, E] (MMTok's xc)."""
+        if self.encoder_features is None:
+            raise PolicyError.at("this reads the projector's input, which only projector.output stages have", node.span)
+        return self.encoder_features
+
+    def question_words(self, node: ir.Node) -> list[torch.Tensor]:
+        """Each image's question words, the LLM input embeddings of its prompt's text after it: [m_b, D] each."""
+        if self.question is None:
+            raise PolicyError.at("this reads the question, which only projector.output stages have before the LLM",
+                                 node.span)
+        return self.question()
 
     def recorded_values(self, what: str) -> torch.Tensor:
         if self.attention_values is None:

@@ -103,7 +103,7 @@ def run_layers(model: LlavaForConditionalGeneration, layers: range, hidden: Tens
 
 
 def _fastv_row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, image: Tensor, layer: int,
-               keep: int | float, max_new_tokens: int, rows: str) -> tuple[Tensor, Tensor]:
+               keep: int | float, max_new_tokens: int, rows: str = "last") -> tuple[Tensor, Tensor]:
     """FastV greedy decoding of one row: embeds [L, D], valid and image [L] booleans."""
     lm = model.model.language_model
     length, device = embeds.shape[0], embeds.device
