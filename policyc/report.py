@@ -76,15 +76,19 @@ def layer_flops(tokens: int, linear_macs: int, heads: int, head_dim: int) -> int
 
 
 def prefill_flops(adapter: ModelAdapter, llm_tokens: list[int], batch: int = 1,
-                  encoder_tokens: list[int] | None = None, projector_tokens: int | None = None) -> Flops:
+                  encoder_tokens: list[list[int]] | None = None, projector_tokens: int | None = None,
+                  images: int = 1) -> Flops:
     """Analytic FLOPs of a prefill whose LLM layer k processes `llm_tokens[k]` rows per sample.
 
-    `encoder_tokens` (per encoder layer) and `projector_tokens` default to the full image.
+    `encoder_tokens` (per image, per encoder layer: the rows it ran on) defaults to `images` full images;
+    `projector_tokens` to their full slots.
     """
-    encoder_tokens = encoder_tokens or [adapter.vision_tokens] * len(adapter.vision_layers)
-    projector_tokens = adapter.tokens_per_image if projector_tokens is None else projector_tokens
+    full = [adapter.vision_tokens] * len(adapter.vision_layers)
+    encoder_tokens = [full] * images if encoder_tokens is None else encoder_tokens
+    projector_tokens = images * adapter.tokens_per_image if projector_tokens is None else projector_tokens
     encoder = sum(layer_flops(n, _linear_macs(layer), adapter.vision_num_heads, adapter.vision_head_dim)
-                  for layer, n in zip(adapter.vision_layers, encoder_tokens, strict=True))
+                  for per_image in encoder_tokens
+                  for layer, n in zip(adapter.vision_layers, per_image, strict=True))
     llm = sum(layer_flops(n, _linear_macs(layer), adapter.num_heads, adapter.head_dim)
               for layer, n in zip(adapter.decoder_layers, llm_tokens, strict=True))
     return Flops(batch * encoder, batch * 2 * projector_tokens * _linear_macs(adapter.projector),
@@ -207,12 +211,19 @@ def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name:
             kept.append(StageTokens(stage.label, stage.point, k, int((before & image).sum()),
                                     int((after & image).sum()), patches, {}, cls))
     per_layer = [int((alive_at(k) & real).sum()) for k in range(layers)]
+    per_row = (input_ids == adapter.image_token_id).sum(1).cpu() // max(1, adapter.tokens_per_image)
+    images = int(per_row[row])
+    first = int(per_row[:row].sum())
+    encoder_rows = getattr(getattr(compiled, "images", None), "encoder_rows", None)  # pre-LLM stages shrink
+    encoder_after = None if encoder_rows is None or encoder_rows.shape[0] < first + images else \
+        encoder_rows[first:first + images].tolist()
     stages = [{"label": s.label, "point": s.point, "kind": s.kind, "layers": list(s.layers)} for s in plan.stages]
     return Report(
         policy=plan.name, model=model_name, prompt_tokens=int(real.sum()), image_tokens=int(image.sum()),
         batch=batch, stages=stages, hook_points=sorted({s.point for s in plan.stages}), kept=kept,
-        llm_tokens_per_layer=per_layer, flops_before=prefill_flops(adapter, [int(real.sum())] * layers, batch),
-        flops_after=prefill_flops(adapter, per_layer, batch), calibration=calibration,
+        llm_tokens_per_layer=per_layer,
+        flops_before=prefill_flops(adapter, [int(real.sum())] * layers, batch, images=images),
+        flops_after=prefill_flops(adapter, per_layer, batch, encoder_after, images=images), calibration=calibration,
     )
 
 

@@ -211,3 +211,26 @@ def test_the_compile_report_counts_what_the_stages_before_the_llm_hand_over() ->
         assert report.flops_after.llm < report.flops_before.llm
     finally:
         compiled.remove()
+
+
+def test_the_compile_report_counts_the_encoder_rows_each_layer_ran_on() -> None:
+    """ToMe merges r pairs per layer: each later encoder layer runs on fewer rows, and the report's encoder
+    FLOPs are those of the rows each layer really ran on (layers past the feature layer do not run)."""
+    from policyc.report import _linear_macs as linear_macs
+    from policyc.report import layer_flops, measure
+
+    model = tiny_llava_clip(num_vision_layers=3)
+    inputs = make_inputs(model, batch=2, pad_left=1)
+    compiled = compile_model(model, policy("policy t { stage encoder.layer[*].attention { "
+                                           "merge bipartite(r=2) of vision by keys } }"))
+    try:
+        report = measure(compiled, inputs, "tiny")
+        rows = compiled.images.encoder_rows.tolist()
+        assert rows == [[17, 15, 0], [17, 15, 0]]  # CLS + 16 patches; 2 merged inside layer 0; layer 2 unused
+        adapter = compiled.plan.adapter
+        expected = sum(layer_flops(n, linear_macs(layer), adapter.vision_num_heads, adapter.vision_head_dim)
+                       for layer, n in zip(adapter.vision_layers, rows[0], strict=True))
+        assert report.flops_after.encoder == 2 * expected  # the report scales one row's cost by the batch
+        assert report.flops_after.encoder < report.flops_before.encoder
+    finally:
+        compiled.remove()

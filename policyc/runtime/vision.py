@@ -79,6 +79,7 @@ class VisionRun:
     values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> ([I,H,R,d], origin)
     memory: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # ema() state across a stage's layers
     features: Tokens | None = None  # the rows at the feature layer
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [I] real rows each image ran there
 
     def attention_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """The encoder's attention mask plus ToMe's log(size) and -inf for padding rows: [I, 1, 1, R]."""
@@ -143,6 +144,7 @@ class VisionLayer(nn.Module):
         if run is None or self.index > owner.last_layer:
             return hidden_states
         mask = run.attention_mask(attention_mask, hidden_states.dtype)
+        run.rows[self.index] = run.state.valid.gather(1, run.tokens.origin).sum(1)  # for the compile report's FLOPs
         if self.index in owner.value_layers:  # value_norm, attention(space=values): one more v_proj, on these rows
             attention = self.inner.self_attn
             values = attention.v_proj(self.inner.layer_norm1(hidden_states))
@@ -172,6 +174,7 @@ class ImageStages:
         self.adapter = adapter = plan.adapter
         self.kept: torch.Tensor | None = None
         self.protected: torch.Tensor | None = None
+        self.encoder_rows: torch.Tensor | None = None  # [images, encoder layers]: real rows each layer ran on
         self.run: VisionRun | None = None
         encoder = [s for s in plan.stages if s.kind == "encoder"]
         self.encoder_output = plan.at("encoder.output")
@@ -321,6 +324,8 @@ class ImageStages:
         hidden_states[adapter.feature_layer] = scattered
         output["hidden_states"] = tuple(hidden_states)  # type: ignore[index]
         self._slots = self._to_slots(features, state, alive_rows)
+        skipped = torch.zeros_like(run.state.valid[:, 0], dtype=torch.long)  # layers past the last one a stage needs
+        self.encoder_rows = torch.stack([run.rows.get(k, skipped) for k in range(len(adapter.vision_layers))], 1)
         self.run = None
         return output
 
