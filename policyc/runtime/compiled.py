@@ -111,10 +111,10 @@ class PolicyLayer(nn.Module):
 
     def _apply_stages(self, hidden: torch.Tensor, kwargs: dict[str, object]) -> torch.Tensor:
         position_embeddings = kwargs["position_embeddings"]  # type: ignore[assignment]
-        rows = self.runtime.select(self.index, self.stages, hidden, self.runtime.captured.get(self.index),
-                                   position_embeddings)  # type: ignore[arg-type]
+        hidden = self.runtime.apply_stages(self.index, self.stages, hidden, self.runtime.captured.get(self.index),
+                                           position_embeddings)  # type: ignore[arg-type]
         self.runtime.stages_ran.add(self.index)
-        return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return hidden
 
 
 def _reads(plan: Plan, name: str) -> bool:
