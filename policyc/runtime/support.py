@@ -92,8 +92,7 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
                 value = stage.values.get(option.value.id, option.value) if isinstance(option.value, ir.Name) \
                     else option.value
                 if not (option.name == "combine" and isinstance(value, ir.Name) and value.id == "add_mean"):
-                    raise _not_yet(f"merge {method}({option.name}={_text(value)}) in the LLM (combine=add_mean is)",
-                                   option)
+                    raise _not_yet(f"merge {method}({option.name}={_text(value)}) in the LLM", option)
             if not _keys(by):
                 raise _not_yet(f"merge {method} in the LLM by features other than keys", by or statement)
             for part in (source, into, by):
