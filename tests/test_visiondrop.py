@@ -95,3 +95,14 @@ def test_other_llm_merges_fail_at_compile_time(merge: str, message: str) -> None
 }}"""
     with pytest.raises(PolicyError, match=message):
         policyc.compile(tiny_llava_clip(), policyc.parse(source))
+
+
+def test_a_static_cache_equals_the_dynamic_one() -> None:
+    model = tiny_llava_64(seed=4)
+    inputs = make_inputs(model, batch=2, pad_left=3, seed=4)
+    policyc.compile(model, "visiondrop")
+    dynamic = generate(model, inputs)
+    static = generate(model, inputs, cache_implementation="static")
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.scores, static.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
