@@ -106,3 +106,37 @@ def test_a_static_cache_equals_the_dynamic_one() -> None:
     assert torch.equal(dynamic.sequences, static.sequences)
     for a, b in zip(dynamic.scores, static.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+RAGGED = """policy p {
+  stage llm.layer[3, 7] as drop {
+    score s = attention(vision -> vision, layer=next)
+    let salient = vision where s > mean(s)
+    let rest = vision - salient
+    let targets = stride 2 of rest
+    merge nearest of rest - targets into targets by keys(layer=next)
+    keep salient | targets
+    positions compact
+  }
+}"""
+
+
+def test_a_batch_whose_samples_keep_different_counts_equals_single_runs() -> None:
+    model = tiny_llava_clip(seed=5, num_llm_layers=10)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=5, text_after=5)
+    compiled = policyc.compile(model, policyc.parse(RAGGED)).policyc
+    batch = generate(model, inputs)
+    image = inputs["input_ids"] == model.config.image_token_id
+    live = compiled.runtime.live_at_layer[8]
+    assert live is not None  # the samples kept different counts: one carries fillers
+    counts = [int((image[b, compiled.runtime.kept_at_layer[8][b]] & live[b]).sum()) for b in range(2)]
+    assert counts[0] != counts[1]
+    length = inputs["input_ids"].shape[1]
+    for row in range(2):
+        real = inputs["attention_mask"][row].bool()
+        single = generate(model, {"input_ids": inputs["input_ids"][row : row + 1, real],
+                                  "attention_mask": inputs["attention_mask"][row : row + 1, real],
+                                  "pixel_values": inputs["pixel_values"][row : row + 1]})
+        assert torch.equal(single.sequences[0, int(real.sum()):], batch.sequences[row, length:])
+        for a, b in zip(single.scores, batch.scores, strict=True):
+            torch.testing.assert_close(a[0], b[row], rtol=0, atol=1e-5)
