@@ -4,7 +4,8 @@
   keys where a stage reads attention (no `output_attentions`, no eager attention).
 - Decoder layers from the first pruning layer on are wrapped: a wrapper gathers the rotary
   embeddings, mask and position ids of the rows still alive, and the wrapper at a stage's layer
-  evaluates the stage and drops rows from its output. Kept tokens keep their original positions,
+  evaluates the stage and drops rows from its output; a stage's merge (`merge nearest`, VisionDrop) first
+  folds rows into their targets in that output (llm.py `merge_rows`). Kept tokens keep their original positions,
   or are renumbered 0..n-1 (`positions compact` and `cache_length`).
 - During decoding, layers after a drop hold fewer cached keys; their mask columns are gathered, and
   their position ids follow the policy's position mode, per layer (policyc/runtime/llm.py
@@ -111,10 +112,10 @@ class PolicyLayer(nn.Module):
 
     def _apply_stages(self, hidden: torch.Tensor, kwargs: dict[str, object]) -> torch.Tensor:
         position_embeddings = kwargs["position_embeddings"]  # type: ignore[assignment]
-        rows = self.runtime.select(self.index, self.stages, hidden, self.runtime.captured.get(self.index),
-                                   position_embeddings)  # type: ignore[arg-type]
+        hidden = self.runtime.apply_stages(self.index, self.stages, hidden, self.runtime.captured.get(self.index),
+                                           position_embeddings)  # type: ignore[arg-type]
         self.runtime.stages_ran.add(self.index)
-        return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return hidden
 
 
 def _reads(plan: Plan, name: str) -> bool:

@@ -7,6 +7,7 @@ operators (ops.py) call into it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,7 +16,9 @@ import torch
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError, Span
 from policyc.lang import ir
+from policyc.passes import MERGE_OPS
 from policyc.passes.base import selected_first
+from policyc.passes.merges import MergeRows
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.rows import valid_keys
 
@@ -111,19 +114,32 @@ class Runtime:
     def select(self, index: int, stages: list[BoundStage], hidden: torch.Tensor, captured: Captured | None,
                position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Evaluate the `stages` bound to decoder layer `index` on its output `hidden` [B, L', D]; returns
-        the rows that stay, [B, n] indices into the current rows in order, and narrows `state.kept`."""
+        the rows that stay, [B, n] indices into the current rows in order, and narrows `state.kept`.
+        (The graph backends' entry: they run no merges, support.py rejects those.)"""
+        return self.evaluate(index, stages, hidden, captured, position_embeddings)[0]
+
+    def apply_stages(self, index: int, stages: list[BoundStage], hidden: torch.Tensor, captured: Captured | None,
+                     position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The eager wrappers' entry: the layer output narrowed to the rows that stay, merges applied, [B, n, D]."""
+        rows, hidden = self.evaluate(index, stages, hidden, captured, position_embeddings)
+        return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+    def evaluate(self, index: int, stages: list[BoundStage], hidden: torch.Tensor, captured: Captured | None,
+                 position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows that stay ([B, n] indices into the current rows) and the current rows' hidden states with
+        the stages' merges applied ([B, L', D]); narrows `state.kept`."""
         state = self.state
         assert state is not None  # stages run inside a prefill
         alive = state.alive()  # padding is no image token: every stage keeps it (it stays masked)
         last = index + 1 >= len(self.plan.adapter.decoder_layers)
-        next_layer = None if last else (lambda: self.next_layer_capture(index, hidden, position_embeddings))
         for stage in stages:
             step = stage.layers.index(index)
             if step == 0:  # N0 of the stage's schedules: the image tokens alive before its first layer
                 state.origins[stage.label] = (state.image & alive & state.valid).sum(1)
-            evaluator = StageEvaluator(state, captured, dict(stage.values), seed_offset=index, next_layer=next_layer,
-                                       step=step, steps=len(stage.layers), origin=state.origins.get(stage.label))
-            alive = _run_statements(stage.statements, evaluator, alive)
+            evaluator = StageEvaluator(state, captured, dict(stage.values), seed_offset=index, step=step,
+                                       steps=len(stage.layers), origin=state.origins.get(stage.label))
+            alive, hidden = _run_statements(stage.statements, evaluator, alive, hidden,
+                                            None if last else self._next_layer(index, position_embeddings))
         keep_rows = torch.gather(alive, 1, state.kept)  # [B, L'] which current rows survive
         counts = keep_rows.sum(1)
         ragged = not bool((counts == counts[0]).all())
@@ -137,7 +153,20 @@ class Runtime:
         state.kept = torch.gather(state.kept, 1, rows)
         if ragged or state.dead is not None:
             state.dead = ~alive
-        return rows
+        return rows, hidden
+
+    def _next_layer(self, index: int, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                    ) -> Callable[[torch.Tensor], Captured]:
+        """The next layer's recomputed queries and keys of given hidden states, computed once per hidden tensor
+        (`attention(layer=next)` and `keys(layer=next)` of one stage share them; a merge makes new ones)."""
+        memo: dict[int, tuple[torch.Tensor, Captured]] = {}
+
+        def capture(hidden: torch.Tensor) -> Captured:
+            held = memo.get(0)
+            if held is None or held[0] is not hidden:
+                held = memo[0] = (hidden, self.next_layer_capture(index, hidden, position_embeddings))
+            return held[1]
+        return capture
 
     def next_layer_capture(self, index: int, hidden: torch.Tensor,
                            position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> Captured:
@@ -239,11 +268,40 @@ class Runtime:
         return next((s.span for s in self.plan.stages if s.kind in ("encoder", "projector")), None)
 
 
-def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvaluator,
-                    alive: torch.Tensor) -> torch.Tensor:
+def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvaluator, alive: torch.Tensor,
+                    hidden: torch.Tensor, next_layer: Callable[[torch.Tensor], Captured] | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     for statement in statements:  # `positions` acts in the layer wrappers; support.py rejects the rest
+        evaluator.next_layer = None if next_layer is None else (lambda h=hidden: next_layer(h))
+        if isinstance(statement, ir.Merge):
+            alive, hidden = merge_rows(statement, evaluator, alive, hidden)
+            continue
         applied = evaluator.apply(statement, alive)
         alive = alive if applied is None else applied
-    return alive
+    return alive, hidden
 
 
+def merge_rows(merge: ir.Merge, evaluator: StageEvaluator, alive: torch.Tensor, hidden: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge nearest(combine=add_mean) of SET into TARGETS by FEATURES` in the LLM (VisionDrop, arXiv:2506.22283):
+    each row of SET that is no target folds into a target, which becomes itself plus the mean of the rows folded
+    into it, in `hidden` [B, L', D]; the folded rows are dropped (the tokens alive afterwards, [B, L] bool).
+    A target keeps its own position: the sequence keeps its order."""
+    state = evaluator.state
+    op = MERGE_OPS[merge.method]
+    members = evaluator.set(merge.source) & alive
+    receivers = (evaluator.set(merge.into) if merge.into is not None else members) & alive
+    features = evaluator.features(merge.by) if merge.by is not None else None
+    kept = state.kept
+    rows = MergeRows((members & ~state.protected).gather(1, kept), receivers.gather(1, kept), features, None)
+    folding = op.fold(merge, rows, evaluator)
+    if folding.combine != "add_mean":
+        raise PolicyError.at(f"merge {merge.method} in the LLM combines with add_mean only so far", merge.span)
+    into = folding.into
+    moved = into != torch.arange(into.shape[1], device=into.device)[None]
+    count = torch.zeros(into.shape, dtype=hidden.dtype, device=into.device).scatter_add(1, into, moved.to(hidden.dtype))
+    wide = into[:, :, None].expand_as(hidden)
+    incoming = torch.zeros_like(hidden).scatter_add(1, wide, hidden * moved[:, :, None].to(hidden.dtype))
+    merged = torch.where((count > 0)[:, :, None], hidden + incoming / count.clamp(min=1)[:, :, None], hidden)
+    gone = torch.zeros_like(alive).scatter(1, kept, moved)
+    return alive & ~gone, merged

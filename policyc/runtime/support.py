@@ -11,11 +11,12 @@ from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGN
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SCHEDULES = {"geometric", "linear", "cosine"}  # in LLM stages (and lists [300, 200, 110])
-_SELECTORS = {"llm": {"top"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
+_SELECTORS = {"llm": {"top", "stride"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 _RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
 _ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
 _PROJECTOR_ONLY = {"text_relevance"}  # reads the question's words, stashed for projector.output (vision.py)
 _SETS = {"llm": {"cls", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
+_LLM_MERGES = {"nearest"}  # policyc/runtime/llm.py `merge_rows`: combine=add_mean (VisionDrop)
 _PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy"}  # vision_evaluate.py
 
 
@@ -45,9 +46,11 @@ def _cache_length_with(plan: Plan) -> list[PolicyError]:
 
 
 def _not_in_graphs(stage: BoundStage) -> str | None:
-    """What the graph backends cannot run yet: stages before the LLM and cache policies."""
+    """What the graph backends cannot run yet: stages before the LLM, merges in the LLM and cache policies."""
     if stage.kind in ("encoder", "projector"):
         return f"{stage.kind} stages are"
+    if stage.kind == "llm" and any(isinstance(s, ir.Merge) for s in stage.statements):
+        return "merges in the LLM are"
     if any(isinstance(s, ir.Cache) and s.method != "full" for s in stage.statements):
         return "cache policies other than `full` are"
     if any(_names(s, "raters") for s in stage.statements):
@@ -62,10 +65,12 @@ def _names(node: ir.Node, name: str) -> bool:
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
-                          "let/score/keep/drop/protect, the selectors top (everywhere; in the LLM also with the "
-                          "schedules geometric, linear, cosine and [lists]) and stride, grid, diverse, cover (before "
-                          f"the LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM), "
-                          f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden, "
+                          "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
+                          "the schedules geometric, linear, cosine and [lists]) and grid, diverse, cover (before the "
+                          f"LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM; nearest with "
+                          "combine=add_mean by keys also in the LLM), "
+                          f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden (keys and "
+                          "keys(layer=next) in the LLM), "
                           "positions original, compact or cache_length (with the caches full and regather), "
                           f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
 
@@ -81,8 +86,19 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
             return
         case ir.Positions(mode=mode):
             raise _not_yet(f"positions {mode}", statement)
-        case ir.Merge() if kind == "llm":
-            raise _not_yet("merge in the LLM", statement)
+        case ir.Merge(method=method, options=options, source=source, into=into, by=by) if kind == "llm":
+            if method not in _LLM_MERGES:
+                raise _not_yet(f"merge {method} in the LLM", statement)
+            for option in options:
+                value = stage.values.get(option.value.id, option.value) if isinstance(option.value, ir.Name) \
+                    else option.value
+                if not (option.name == "combine" and isinstance(value, ir.Name) and value.id == "add_mean"):
+                    raise _not_yet(f"merge {method}({option.name}={_text(value)}) in the LLM", option)
+            if not _keys(by):
+                raise _not_yet(f"merge {method} in the LLM by features other than keys", by or statement)
+            for part in (source, into, by):
+                if part is not None:
+                    _expr(part, stage)
         case ir.Merge(method=method) if method not in MERGE_OPS:
             raise _not_yet(f"merge {method}", statement)
         case ir.Merge(method=method, options=options, source=source, into=into, by=by):
@@ -132,6 +148,13 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
             raise _not_yet(f"{fn} at projector.output (no attention runs there)", expr)
         case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "llm" and fn in _ENCODER_ONLY | _PROJECTOR_ONLY:
             raise _not_yet(f"{fn} in the LLM", expr)
+        case ir.Call(fn="keys", kwargs=kwargs) if kind == "llm":
+            for kwarg in kwargs:
+                if not (kwarg.name == "layer" and isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"):
+                    raise _not_yet(f"keys option {kwarg.name}={_text(kwarg.value)} in the LLM", kwarg)
+            return
+        case ir.Name(id="keys") if kind == "llm":
+            return
         case ir.Call(fn=fn) if fn in FEATURE_OPS:
             if kind == "llm" or expr.kwargs:
                 raise _not_yet(f"the features {fn}{' in the LLM' if kind == 'llm' else ' with options'}", expr)
@@ -161,6 +184,15 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
     for child in expr.children():
         if not _choice_word(expr, child):  # e.g. space=values is a word, not the `values` features
             _expr(child, stage)  # type: ignore[arg-type]
+
+
+def _keys(by: ir.Expr | None) -> bool:
+    """Whether a merge's `by` is `keys` or `keys(layer=next)`: the features the LLM runtime gives a merge."""
+    return isinstance(by, ir.Name | ir.Call) and getattr(by, "id", getattr(by, "fn", None)) == "keys"
+
+
+def _text(expr: ir.Expr) -> str:
+    return expr.id if isinstance(expr, ir.Name) else type(expr).__name__.lower()
 
 
 def _choice_word(call: ir.Node, child: ir.Node) -> bool:
