@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from policyc.passes.base import selected_first
 from policyc.passes.selectors import SelectorOp, register_selector
 
 from policyc.errors import PolicyError
@@ -73,23 +72,8 @@ class Cover(SelectorOp):
             raise PolicyError.at("cover runs at projector.output only", node.span)
         encoder = ctx.projector_input(node)  # [B, L, E] at original positions
         words = ctx.question_words(node)  # per image [m_b, D]
-        alpha, tau_text, tau_vision = (self._number(node, name, default, ctx) for name, default in
+        alpha, tau_text, tau_vision = (self.number(node, name, default, ctx) for name, default in
                                        (("alpha", 0.5), ("tau_text", 0.02), ("tau_vision", 0.2)))
         features = ctx.features_at(node.by)  # [B, L, D] at original positions
-        sizes = candidates.sum(1)
-        counts = ctx.counts(node.amount, sizes)
-        order = selected_first(candidates)
-        chosen = torch.zeros_like(candidates)
-        for b in range(candidates.shape[0]):
-            positions = order[b, : int(sizes[b])]
-            combined = coverage(features[b, positions], encoder[b, positions], words[b], alpha, tau_text, tau_vision)
-            chosen[b, positions[greedy_cover(combined, int(counts[b]))]] = True
-        return chosen
-
-    def _number(self, node: ir.Select, name: str, default: float, ctx: StageEvaluator) -> float:
-        value = self.option(node, name, ctx)
-        if value is None:
-            return default
-        if not isinstance(value, ir.Number):
-            raise PolicyError.at(f"cover({name}=...) takes a number", node.span)
-        return float(value.value)
+        return self.per_sample(node, candidates, ctx, lambda b, positions, count: greedy_cover(
+            coverage(features[b, positions], encoder[b, positions], words[b], alpha, tau_text, tau_vision), count))

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from policyc.passes.base import selected_first
 from policyc.passes.selectors import SelectorOp, register_selector
 
 from policyc.errors import PolicyError
@@ -62,12 +61,5 @@ class Diverse(SelectorOp):
         metric_name = metric.id if isinstance(metric, ir.Name) else "cosine"
         objective_name = objective.id if isinstance(objective, ir.Name) else "min"
         features = ctx.features_at(node.by)  # [B, L, C] at original positions
-        sizes = candidates.sum(1)
-        counts = ctx.counts(node.amount, sizes)
-        order = selected_first(candidates)
-        chosen = torch.zeros_like(candidates)
-        for b in range(candidates.shape[0]):
-            positions = order[b, : int(sizes[b])]
-            picks = greedy(distances(features[b, positions], metric_name), int(counts[b]), objective_name)
-            chosen[b, positions[picks]] = True
-        return chosen
+        return self.per_sample(node, candidates, ctx, lambda b, positions, count: greedy(
+            distances(features[b, positions], metric_name), count, objective_name))

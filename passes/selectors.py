@@ -4,11 +4,13 @@ picks a token set. Subclasses write one method, `select`."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from policyc.passes.base import registrar
+from policyc.passes.base import registrar, selected_first
 
+from policyc.errors import PolicyError
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -29,6 +31,28 @@ class SelectorOp(ABC):
         """An option's literal value (parameters resolved), or None when not given."""
         value = next((k.value for k in node.options if k.name == name), None)
         return ctx.literal(value) if value is not None else None
+
+    def number(self, node: ir.Select, name: str, default: float, ctx: StageEvaluator) -> float:
+        """A numeric option's value, or `default` when not given."""
+        value = self.option(node, name, ctx)
+        if value is None:
+            return default
+        if not isinstance(value, ir.Number):
+            raise PolicyError.at(f"{self.name}({name}=...) takes a number", node.span)
+        return float(value.value)
+
+    def per_sample(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator,
+                   pick: Callable[[int, torch.Tensor, int], Sequence[int] | torch.Tensor]) -> torch.Tensor:
+        """Greedy selectors, one sample at a time: `pick(b, positions, count)` returns indices into the
+        sample's candidate `positions` (ascending original positions); the chosen set, [B, L] bool."""
+        sizes = candidates.sum(1)
+        counts = ctx.counts(node.amount, sizes)
+        order = selected_first(candidates)
+        chosen = torch.zeros_like(candidates)
+        for b in range(candidates.shape[0]):
+            positions = order[b, : int(sizes[b])]
+            chosen[b, positions[pick(b, positions, int(counts[b]))]] = True
+        return chosen
 
 
 SELECTOR_OPS: dict[str, SelectorOp] = {}
