@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generation import assert_rows_equal_single_runs
 from reference.cache_loop import Stage, cache_generate
 from reference.fastv import eager_copy
 from reference.h2o import h2o_generate
@@ -141,7 +142,7 @@ def test_left_padded_batch_equals_single_runs_with_percent_budgets() -> None:
     compile_model(model, "h2o", {"heavy": parse_value("20%"), "recent": parse_value("15%")})
     batched = generate(model, inputs)
     assert_matches(batched, expected, inputs)
-    assert_rows_equal_single_runs(model, inputs, batched)
+    assert_rows_equal_single_runs(lambda i: generate(model, i), inputs, batched, STEPS)
 
 
 @pytest.mark.parametrize(("name", "overrides"), [("h2o", {"heavy": "10%", "recent": "10%"}),
@@ -208,15 +209,4 @@ def test_cache_policies_after_compact_prefill_drops_equal_single_runs(cache: str
                         stage decode {{ cache {cache} }}""")
     batched = generate(model, inputs)
     assert max(cache_lengths(batched)) < inputs["input_ids"].shape[1]  # every layer evicted
-    assert_rows_equal_single_runs(model, inputs, batched)
-
-
-def assert_rows_equal_single_runs(model: torch.nn.Module, inputs: dict, batched) -> None:  # type: ignore[no-untyped-def]
-    """Each row of a left-padded batch generates what it generates alone (tokens; scores within 1e-5)."""
-    for row in range(inputs["input_ids"].shape[0]):
-        valid = inputs["attention_mask"][row].bool()
-        alone = generate(model, {key: value[row : row + 1, valid] if key != "pixel_values" else value[row : row + 1]
-                                 for key, value in inputs.items()})
-        assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, -STEPS:])
-        for a, b in zip(batched.scores, alone.scores, strict=True):
-            torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-5)
+    assert_rows_equal_single_runs(lambda i: generate(model, i), inputs, batched, STEPS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generation import assert_rows_equal_single_runs
 from reference.mustdrop import mustdrop_generate
 from reference.pyramiddrop import pyramiddrop_counts, pyramiddrop_generate
 from reference.sparsevlm import sparsevlm_generate
@@ -161,18 +162,7 @@ def test_mustdrop_runs_end_to_end(batch: int) -> None:
             held = result.past_key_values.layers[layer].positions[row, 0]
             assert torch.equal(held[(held >= 0) & (held < prompt)], tokens_at(compiled, 15, row))
     if batch > 1:
-        assert_rows_equal_single_runs(model, inputs, result)
-
-
-def assert_rows_equal_single_runs(model: torch.nn.Module, inputs: dict, batched) -> None:  # type: ignore[no-untyped-def]
-    """Each row of a left-padded batch generates what it generates alone (tokens; scores within 1e-5)."""
-    for row in range(inputs["input_ids"].shape[0]):
-        valid = inputs["attention_mask"][row].bool()
-        alone = generate(model, {key: value[row : row + 1, valid] if key != "pixel_values" else value[row : row + 1]
-                                 for key, value in inputs.items()})
-        assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, -STEPS:])
-        for a, b in zip(batched.scores, alone.scores, strict=True):
-            torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-5)
+        assert_rows_equal_single_runs(lambda i: generate(model, i), inputs, result, STEPS)
 
 
 TWO_STAGES = """policy p {{
@@ -267,7 +257,7 @@ def test_batches_whose_samples_keep_different_counts_equal_single_runs(mode: str
     kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     batched = generate(model, inputs, **kwargs)
     assert compiled.runtime.live_at_layer[1] is not None  # the samples kept different counts
-    assert_rows_equal_single_runs(model, inputs, batched)
+    assert_rows_equal_single_runs(lambda i: generate(model, i), inputs, batched, STEPS)
 
 
 def test_raters_fail_at_compile_time_under_the_graph_backends() -> None:
@@ -291,4 +281,4 @@ def test_images_keeping_different_counts_before_the_llm_equal_single_runs() -> N
     kept = compiled.runtime.image_slots[0].sum(1)
     assert kept[0] != kept[1] and bool((kept < 16).all())
     assert compiled.runtime.live_at_layer[0] is not None
-    assert_rows_equal_single_runs(model, inputs, batched)
+    assert_rows_equal_single_runs(lambda i: generate(model, i), inputs, batched, STEPS)
