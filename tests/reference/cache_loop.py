@@ -187,3 +187,22 @@ def cache_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, atte
                                     stages or [], compact, next_layer))
     return results
 
+
+def decode_at_cache_length(model: LlavaForConditionalGeneration, logits: Tensor, caches: list[LayerCache],
+                           length: int, steps: int, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+    """Greedy decoding from the prompt's last logits [V] where each layer places a new token right after
+    the tokens its own cache holds (MustDrop's and SparseVLM v1's per-layer cache length); new token t has
+    index `length + t`. Returns the tokens [steps] and the logits of each step."""
+    tokens: list[int] = []
+    seen: list[Tensor] = []
+    for step in range(steps):
+        seen.append(logits)
+        tokens.append(int(logits.argmax()))
+        if step == steps - 1:
+            break
+        x = model.get_input_embeddings()(torch.tensor([tokens[-1]])).to(dtype)
+        for index in range(len(caches)):
+            rope = torch.tensor([caches[index].keys.shape[1]])  # the tokens this layer's cache holds
+            x, caches[index], _ = decoder_layer(model, index, x, caches[index], torch.tensor([length + step]), rope)
+        logits = model.lm_head(model.model.language_model.norm(x[-1]))
+    return torch.tensor(tokens, dtype=torch.long), seen

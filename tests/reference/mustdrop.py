@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
-from reference.cache_loop import LayerCache, decoder_layer
+from reference.cache_loop import LayerCache, decode_at_cache_length, decoder_layer
 from reference.fastv import eager_copy, prompt_embeddings
 from reference.vision import attention, embed, layers
 
@@ -82,17 +82,7 @@ def _row(model: LlavaForConditionalGeneration, embeds: Tensor, image: Tensor, ke
         if index >= min(pruning):
             cache.keep(torch.isin(cache.tokens, rows))
     logits = model.lm_head(model.model.language_model.norm(x[-1]))
-    for step in range(max_new_tokens):
-        result.logits.append(logits)
-        token = int(logits.argmax())
-        result.tokens = torch.cat([result.tokens, torch.tensor([token])])
-        if step == max_new_tokens - 1:
-            break
-        x = model.get_input_embeddings()(torch.tensor([token])).to(embeds.dtype)
-        for index in range(n_layers):
-            rope = torch.tensor([caches[index].keys.shape[1]])  # the tokens this layer's cache holds
-            x, caches[index], _ = decoder_layer(model, index, x, caches[index], torch.tensor([length + step]), rope)
-        logits = model.lm_head(model.model.language_model.norm(x[-1]))
+    result.tokens, result.logits = decode_at_cache_length(model, logits, caches, length, max_new_tokens, embeds.dtype)
     result.caches = caches
     return result
 
