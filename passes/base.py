@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
+from policyc.errors import PolicyError, Span
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -26,8 +27,22 @@ class SignalOp(ABC):
 
     def option(self, call: ir.Call, name: str, ctx: StageEvaluator) -> ir.Expr | None:
         """An option's literal value (parameters resolved), or None when not given."""
-        value = next((k.value for k in call.kwargs if k.name == name), None)
-        return ctx.literal(value) if value is not None else None
+        return option_value(call.kwargs, name, ctx.literal)
+
+
+def option_value(options: Iterable[ir.KwArg], name: str, literal: Callable[[ir.Expr], ir.Expr]) -> ir.Expr | None:
+    """The value of option `name` among `options` with parameters resolved by `literal`, or None."""
+    value = next((k.value for k in options if k.name == name), None)
+    return literal(value) if value is not None else None
+
+
+def number_value(value: ir.Expr | None, default: float, what: str, span: Span | None) -> float:
+    """A numeric option's value (`what` names it in the error), or `default` when it is not given."""
+    if value is None:
+        return default
+    if not isinstance(value, ir.Number):
+        raise PolicyError.at(f"{what} takes a number", span)
+    return float(value.value)
 
 
 C = TypeVar("C", bound=type)

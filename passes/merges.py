@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from policyc.passes.base import registrar
+from policyc.passes.base import number_value, option_value, registrar
 
 from policyc.errors import PolicyError
 from policyc.lang import ir
@@ -61,16 +61,10 @@ class MergeOp(ABC):
         return False
 
     def option(self, merge: ir.Merge, name: str, ctx: StageEvaluator) -> ir.Expr | None:
-        value = next((k.value for k in merge.options if k.name == name), None)
-        return ctx.literal(value) if value is not None else None
+        return option_value(merge.options, name, ctx.literal)
 
     def number(self, merge: ir.Merge, name: str, default: float, ctx: StageEvaluator) -> float:
-        value = self.option(merge, name, ctx)
-        if value is None:
-            return default
-        if not isinstance(value, ir.Number):
-            raise PolicyError.at(f"{self.name}({name}=...) takes a number in the runtime so far", merge.span)
-        return float(value.value)
+        return number_value(self.option(merge, name, ctx), default, f"{self.name}({name}=...)", merge.span)
 
     def features(self, merge: ir.Merge, rows: MergeRows) -> torch.Tensor:
         if rows.features is None:

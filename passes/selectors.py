@@ -8,9 +8,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from policyc.passes.base import registrar, selected_first
+from policyc.passes.base import number_value, option_value, registrar, selected_first
 
-from policyc.errors import PolicyError
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -29,17 +28,11 @@ class SelectorOp(ABC):
 
     def option(self, node: ir.Select, name: str, ctx: StageEvaluator) -> ir.Expr | None:
         """An option's literal value (parameters resolved), or None when not given."""
-        value = next((k.value for k in node.options if k.name == name), None)
-        return ctx.literal(value) if value is not None else None
+        return option_value(node.options, name, ctx.literal)
 
     def number(self, node: ir.Select, name: str, default: float, ctx: StageEvaluator) -> float:
         """A numeric option's value, or `default` when not given."""
-        value = self.option(node, name, ctx)
-        if value is None:
-            return default
-        if not isinstance(value, ir.Number):
-            raise PolicyError.at(f"{self.name}({name}=...) takes a number", node.span)
-        return float(value.value)
+        return number_value(self.option(node, name, ctx), default, f"{self.name}({name}=...)", node.span)
 
     def per_sample(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator,
                    pick: Callable[[int, torch.Tensor, int], Sequence[int] | torch.Tensor]) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.lang.printer import print_expr
+from policyc.passes.base import number_value, option_value
 from policyc.passes.dilate import dilate
 from policyc.runtime.evaluate import Captured, StageEvaluator
 
@@ -152,20 +153,14 @@ class VisionEvaluator(StageEvaluator):
         return super().score(expr)
 
     def _option(self, call: ir.Call, name: str) -> ir.Expr | None:
-        value = next((k.value for k in call.kwargs if k.name == name), None)
-        return self.literal(value) if value is not None else None
+        return option_value(call.kwargs, name, self.literal)
 
     def _word(self, call: ir.Call, name: str, default: str) -> str:
         value = self._option(call, name)
         return value.id if isinstance(value, ir.Name) else default
 
     def _number(self, call: ir.Call, name: str, default: float) -> float:
-        value = self._option(call, name)
-        if value is None:
-            return default
-        if not isinstance(value, ir.Number):
-            raise PolicyError.at(f"{call.fn}({name}=...) takes a number", call.span)
-        return float(value.value)
+        return number_value(self._option(call, name), default, f"{call.fn}({name}=...)", call.span)
 
     def signal_layers(self, call: ir.Call) -> list[int]:
         return signal_layers(call, self.values, self.layer_count, self.layer) or [self.layer]
