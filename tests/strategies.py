@@ -13,7 +13,8 @@ which `parse(print_file(f)) == f` must hold. The constraints this encodes (see g
 - parameter literals (defaults, domain bounds, choices) cannot be negative percentages (`-5%` is not a
   `literal` in the grammar) and range bounds/steps are numbers or percentages;
 - `Hook.layers_after` is in 1..len(parts) when there is a layer selection, else 0;
-- `Policy.meta` is in canonical order (title, paper, description), as the builder stores it;
+- `Policy.meta` is in canonical order (title, paper, description), as the builder stores it; a `Search`
+  has `title` and `description` only, and a search parameter's target has at least two parts;
 - comment text contains no newline and is right-stripped (it is what follows '#', right-stripped).
 """
 
@@ -30,9 +31,9 @@ from policyc.lang import ir
 # Every identifier-like string literal of grammar/tokpol.lark. `test_keywords_match_grammar` keeps this
 # list honest when the grammar changes.
 KEYWORDS: frozenset[str] = frozenset({
-    "and", "as", "by", "cache", "cover", "description", "diverse", "drop", "grid", "import", "in", "into",
-    "keep", "let", "log", "merge", "not", "of", "or", "paper", "param", "policy", "positions", "protect",
-    "score", "stage", "step", "stride", "title", "top", "use", "where",
+    "and", "as", "by", "cache", "choose", "cover", "description", "diverse", "drop", "grid", "import", "in",
+    "into", "keep", "let", "log", "merge", "not", "of", "or", "paper", "param", "policy", "positions", "protect",
+    "score", "search", "stage", "step", "stride", "title", "top", "use", "where",
 })
 
 GRAMMAR_PATH = Path(__file__).resolve().parents[1] / "grammar" / "tokpol.lark"
@@ -240,10 +241,29 @@ policies: st.SearchStrategy[ir.Policy] = _commented(
 
 imports = _commented(ir.Import, path=string_values, alias=st.none() | names)
 
+# Searches: a dotted candidate (`fastv`, `lib.fastv`) and parameter; `title`/`description` only; parameter
+# literals as for `param` (no negative percentages); exactly one of a domain and a fixed value.
+_dotted = st.lists(names, min_size=1, max_size=2).map(".".join)
+_search_targets = st.lists(names, min_size=2, max_size=3).map(tuple)
+search_params = st.one_of(
+    _commented(ir.SearchParam, target=_search_targets, domain=domains.filter(lambda d: d is not None)),
+    _commented(ir.SearchParam, target=_search_targets, value=literals),
+)
+searches: st.SearchStrategy[ir.Search] = _commented(
+    ir.Search,
+    name=names,
+    meta=st.lists(_commented(ir.Meta, key=st.sampled_from(["title", "description"]), value=string_values),
+                  max_size=2).map(lambda ms: tuple(sorted(ms, key=lambda m: _META_ORDER.index(m.key)))),  # type: ignore
+    choose=st.none() | _commented(ir.Choose, policies=st.lists(_dotted, min_size=1, max_size=3).map(tuple)),
+    params=st.lists(search_params, max_size=3).map(tuple),
+    end_comments=comment_lines,
+)  # type: ignore[assignment]
+
 policy_files: st.SearchStrategy[ir.PolicyFile] = st.builds(
     ir.PolicyFile,
     imports=st.lists(imports, max_size=2).map(tuple),
     policies=st.lists(policies, max_size=2).map(tuple),
+    searches=st.lists(searches, max_size=2).map(tuple),
     end_comments=comment_lines,
 )
-"""Whole files: imports, policies, comments everywhere comments can be."""
+"""Whole files: imports, policies, searches, comments everywhere comments can be."""

@@ -19,7 +19,7 @@ from policyc.lang.printer import print_expr, print_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).parent / "data" / "everything.tokpol"
-SHIPPED = sorted((ROOT / "policies").glob("**/*.tokpol"))
+SHIPPED = sorted([*(ROOT / "policies").glob("**/*.tokpol"), *(ROOT / "examples").glob("**/*.tokpol")])
 ROUND_TRIP_FILES = [*SHIPPED, SAMPLE]
 
 PROPERTY_SETTINGS = settings(

@@ -15,7 +15,7 @@ from policyc.errors import PolicyError, Span
 from policyc.lang import ir
 from policyc.lang.comments import attach_comments
 from policyc.lang.parser import parse_tree, scan_comments
-from policyc.lang.printer import META_ORDER
+from policyc.lang.printer import META_ORDER, SEARCH_META
 
 _ESCAPES = {"\\": "\\", '"': '"', "n": "\n", "t": "\t"}
 
@@ -148,7 +148,8 @@ class _Builder(Transformer):
     def start(self, meta: LarkMeta, *items: Any) -> ir.PolicyFile:
         imports = tuple(i for i in items if isinstance(i, ir.Import))
         policies = tuple(i for i in items if isinstance(i, ir.Policy))
-        return _node(ir.PolicyFile, imports=imports, policies=policies, span=self._at(meta))
+        searches = tuple(i for i in items if isinstance(i, ir.Search))
+        return _node(ir.PolicyFile, imports=imports, policies=policies, searches=searches, span=self._at(meta))
 
     def import_decl(self, meta: LarkMeta, path: Token, alias: Token | None) -> ir.Import:
         return _node(ir.Import, path=_string(path, self.file), alias=str(alias) if alias else None, span=self._at(meta))
@@ -164,6 +165,45 @@ class _Builder(Transformer):
             stages=tuple(m for m in members if isinstance(m, ir.Stage)),
             span=self._at(meta),
         )
+
+    # -- searches
+    def search(self, meta: LarkMeta, name: Token, *members: Any) -> ir.Search:
+        chooses = [m for m in members if isinstance(m, ir.Choose)]
+        if len(chooses) > 1:
+            raise PolicyError.at(f"search '{name}' has more than one `choose`", chooses[1].span,
+                                 "list every candidate policy in one `choose { a, b, c }`")
+        metas = [m for m in members if isinstance(m, ir.Meta)]
+        for item in metas:
+            if item.key not in SEARCH_META:
+                raise PolicyError.at(f"a search takes no `{item.key}`", item.span,
+                                     "a search has a `title` and a `description`; papers belong to policies")
+        return _node(ir.Search,
+            name=str(name),
+            meta=tuple(sorted(metas, key=lambda m: META_ORDER.index(m.key))),
+            choose=chooses[0] if chooses else None,
+            params=tuple(m for m in members if isinstance(m, ir.SearchParam)),
+            span=self._at(meta),
+        )
+
+    def choose(self, meta: LarkMeta, *names: Any) -> ir.Choose:
+        return _node(ir.Choose, policies=tuple(".".join(n) for n in names if n is not None), span=self._at(meta))
+
+    def dotted_name(self, meta: LarkMeta, *parts: Token) -> tuple[str, ...]:
+        return tuple(str(p) for p in parts)
+
+    def narrow(self, meta: LarkMeta, target: tuple[str, ...], domain: Any) -> ir.SearchParam:
+        return _node(ir.SearchParam, target=self._target(target, meta), domain=domain, value=None,
+                     span=self._at(meta))
+
+    def fix(self, meta: LarkMeta, target: tuple[str, ...], value: Any) -> ir.SearchParam:
+        return _node(ir.SearchParam, target=self._target(target, meta), domain=None, value=value,
+                     span=self._at(meta))
+
+    def _target(self, target: tuple[str, ...], meta: LarkMeta) -> tuple[str, ...]:
+        if len(target) < 2:
+            raise PolicyError.at(f"'{target[0]}' does not say which policy's parameter it is", self._at(meta),
+                                 f"write POLICY.PARAM, e.g. fastv.{target[0]}")
+        return target
 
     def meta(self, meta: LarkMeta, key: Token, value: Token) -> ir.Meta:
         return _node(ir.Meta, key=str(key), value=_string(value, self.file), span=self._at(meta))

@@ -22,11 +22,12 @@ N = TypeVar("N", bound=ir.Commented)
 def attach_comments(file: ir.PolicyFile, comments: Sequence[Comment]) -> ir.PolicyFile:
     if not comments:
         return file
-    children: list[ir.Commented] = [*file.imports, *file.policies]
+    children: list[ir.Commented] = [*file.imports, *file.policies, *file.searches]
     placed, end = _distribute(children, list(comments))
     return file.model_copy(update={
         "imports": tuple(p for p in placed if isinstance(p, ir.Import)),
         "policies": tuple(p for p in placed if isinstance(p, ir.Policy)),
+        "searches": tuple(p for p in placed if isinstance(p, ir.Search)),
         "end_comments": tuple(c.text for c in end),
     })
 
@@ -56,7 +57,7 @@ def _give(node: N, comments: list[Comment]) -> N:
     before = [c for c in comments if c.line < node.span.line]
     inside = [c for c in comments if c.line >= node.span.line]
     update: dict[str, object] = {"comments": (*node.comments, *(c.text for c in before))}
-    if isinstance(node, ir.Stage | ir.Policy):
+    if isinstance(node, ir.Stage | ir.Policy | ir.Search):
         header = [c for c in inside if c.line == node.span.line and not _child_on_line(node, c.line)]
         inside = [c for c in inside if c not in header]
         if header:
@@ -70,12 +71,19 @@ def _give(node: N, comments: list[Comment]) -> N:
     return node.model_copy(update=update)
 
 
-def _block_update(node: ir.Stage | ir.Policy, comments: list[Comment]) -> dict[str, object]:
+def _block_update(node: ir.Stage | ir.Policy | ir.Search, comments: list[Comment]) -> dict[str, object]:
     if isinstance(node, ir.Stage):
         body, end = _distribute(list(node.body), comments)
         return {"body": tuple(body), "end_comments": (*node.end_comments, *(c.text for c in end))}
-    members: list[ir.Commented] = [*node.meta, *node.params, *node.uses, *node.stages]
-    placed, end = _distribute(members, comments)
+    if isinstance(node, ir.Search):
+        placed, end = _distribute(_members(node), comments)
+        return {
+            "meta": tuple(m for m in placed if isinstance(m, ir.Meta)),
+            "choose": next((m for m in placed if isinstance(m, ir.Choose)), None),
+            "params": tuple(m for m in placed if isinstance(m, ir.SearchParam)),
+            "end_comments": (*node.end_comments, *(c.text for c in end)),
+        }
+    placed, end = _distribute(_members(node), comments)
     return {
         "meta": tuple(m for m in placed if isinstance(m, ir.Meta)),
         "params": tuple(m for m in placed if isinstance(m, ir.Param)),
@@ -85,8 +93,16 @@ def _block_update(node: ir.Stage | ir.Policy, comments: list[Comment]) -> dict[s
     }
 
 
-def _child_on_line(node: ir.Stage | ir.Policy, line: int) -> bool:
-    children = node.body if isinstance(node, ir.Stage) else (*node.meta, *node.params, *node.uses, *node.stages)
+def _members(node: ir.Stage | ir.Policy | ir.Search) -> list[ir.Commented]:
+    if isinstance(node, ir.Stage):
+        return list(node.body)
+    if isinstance(node, ir.Search):
+        return [*node.meta, *([node.choose] if node.choose else []), *node.params]
+    return [*node.meta, *node.params, *node.uses, *node.stages]
+
+
+def _child_on_line(node: ir.Stage | ir.Policy | ir.Search, line: int) -> bool:
+    children = _members(node)
     return any(c.span is not None and c.span.line <= line <= c.span.end_line for c in children)
 
 

@@ -415,10 +415,59 @@ class Import(Commented):
     alias: str | None = None
 
 
+# ---------------------------------------------------------------- searches
+
+
+class Choose(Commented):
+    """`choose { fastv, lib.visionzip }`: the candidate policies of a search, named as `use` names them."""
+
+    policies: tuple[str, ...] = Field(min_length=1)
+
+
+class SearchParam(Commented):
+    """`fastv.ratio in [5%, 50%]` narrows (or gives) a parameter's domain; `fastv.rows = last` fixes it.
+
+    `target` is the dotted name as written: a candidate as chosen (`fastv`, `lib.fastv`), then the
+    parameter's qualified name (`ratio`, or `pyramiddrop.ratio` for a policy the candidate uses).
+    Exactly one of `domain` and `value` is set.
+    """
+
+    target: tuple[str, ...] = Field(min_length=2)
+    domain: Domain | None = None
+    value: Number | Percent | String | Name | None = None
+
+    @model_validator(mode="after")
+    def _narrows_or_fixes(self) -> SearchParam:
+        if (self.domain is None) == (self.value is None):
+            raise ValueError("a search parameter has either a domain or a fixed value")
+        return self
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.target)
+
+
+class Search(Commented):
+    """`search name { choose {...} ... }`: a space of policies and parameter values to search over.
+
+    `choose` is None only for a search written without one (the checker reports it).
+    """
+
+    name: str
+    meta: tuple[Meta, ...] = ()
+    choose: Choose | None = None
+    params: tuple[SearchParam, ...] = ()
+    end_comments: tuple[str, ...] = ()
+
+    def meta_value(self, key: str) -> str | None:
+        return next((m.value for m in self.meta if m.key == key), None)
+
+
 class PolicyFile(Node):
     """A parsed `.tokpol` file."""
 
     format_version: Literal[1] = FORMAT_VERSION
     imports: tuple[Import, ...] = ()
     policies: tuple[Policy, ...] = ()
+    searches: tuple[Search, ...] = ()
     end_comments: tuple[str, ...] = ()

@@ -13,6 +13,8 @@ from policyc.lang import ir
 
 # Canonical order of a policy's metadata lines (the builder stores `Policy.meta` in this order too).
 META_ORDER = ("title", "paper", "description")
+# The metadata a search takes.
+SEARCH_META = ("title", "description")
 
 # Binding strength of each operator: a child binding looser than its parent gets parentheses.
 _PRECEDENCE = {"or": 1, "and": 2, "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4,
@@ -22,7 +24,7 @@ _SELECT, _WHERE, _NOT, _UNARY, _POSTFIX, _ATOM = 0, 0.5, 3, 9, 10, 11
 
 def print_file(file: ir.PolicyFile) -> str:
     imports = [line for i in file.imports for line in _lines(i, _import(i), 0)]
-    blocks = ([imports] if imports else []) + [_policy(p) for p in file.policies]
+    blocks = ([imports] if imports else []) + [_policy(p) for p in file.policies] + [_search(s) for s in file.searches]
     text = "\n\n".join("\n".join(block) for block in blocks)
     tail = "\n".join(_comment(c, 0) for c in file.end_comments)
     return (text + ("\n\n" if text and tail else "") + tail).rstrip("\n") + "\n" if text or tail else ""
@@ -76,14 +78,36 @@ def _policy(policy: ir.Policy) -> list[str]:
 
 def _param(param: ir.Param) -> str:
     text = f"param {param.name} = {_expr(param.default)}"
-    domain = param.domain
-    if isinstance(domain, ir.RangeDomain):
-        text += f" in [{_expr(domain.low)}, {_expr(domain.high)}]"
-        text += f" step {_expr(domain.step)}" if domain.step is not None else ""
-        text += " log" if domain.log else ""
-    elif isinstance(domain, ir.ChoiceDomain):
-        text += " in {" + ", ".join(_expr(o) for o in domain.options) + "}"
-    return text
+    return text + (f" {domain_text(param.domain)}" if param.domain is not None else "")
+
+
+def domain_text(domain: ir.RangeDomain | ir.ChoiceDomain) -> str:
+    """`in [5%, 50%] step 5%`, `in [1, 64] log`, `in {last, all}`."""
+    if isinstance(domain, ir.ChoiceDomain):
+        return "in {" + ", ".join(_expr(o) for o in domain.options) + "}"
+    text = f"in [{_expr(domain.low)}, {_expr(domain.high)}]"
+    text += f" step {_expr(domain.step)}" if domain.step is not None else ""
+    return text + (" log" if domain.log else "")
+
+
+def print_search(search: ir.Search) -> str:
+    return "\n".join(_search(search)) + "\n"
+
+
+def _search(search: ir.Search) -> list[str]:
+    meta = sorted(search.meta, key=lambda m: META_ORDER.index(m.key))
+    groups = [[line for m in meta for line in _lines(m, f"{m.key} {_quote(m.value)}", 1)]]
+    if search.choose is not None:
+        groups.append(_lines(search.choose, "choose { " + ", ".join(search.choose.policies) + " }", 1))
+    groups.append([line for p in search.params for line in _lines(p, search_param_text(p), 1)])
+    return _block(search, f"search {search.name}", 0, [g for g in groups if g], search.end_comments)
+
+
+def search_param_text(param: ir.SearchParam) -> str:
+    """`fastv.ratio in [5%, 50%]` or `fastv.rows = last`."""
+    if param.domain is not None:
+        return f"{param.dotted} {domain_text(param.domain)}"
+    return f"{param.dotted} = {_expr(param.value)}"  # type: ignore[arg-type]
 
 
 def _use(use: ir.Use) -> str:
