@@ -254,7 +254,7 @@ searches: st.SearchStrategy[ir.Search] = _commented(
     name=names,
     meta=st.lists(_commented(ir.Meta, key=st.sampled_from(["title", "description"]), value=string_values),
                   max_size=2).map(lambda ms: tuple(sorted(ms, key=lambda m: _META_ORDER.index(m.key)))),  # type: ignore
-    choose=st.none() | _commented(ir.Choose, policies=st.lists(_dotted, min_size=1, max_size=3).map(tuple)),
+    choose=st.none() | _commented(ir.Choose, policies=st.lists(_dotted.map(lambda n: ir.Name(id=n)), min_size=1, max_size=3).map(tuple)),
     params=st.lists(search_params, max_size=3).map(tuple),
     end_comments=comment_lines,
 )  # type: ignore[assignment]

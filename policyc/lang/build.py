@@ -185,25 +185,23 @@ class _Builder(Transformer):
             span=self._at(meta),
         )
 
-    def choose(self, meta: LarkMeta, *names: Any) -> ir.Choose:
-        return _node(ir.Choose, policies=tuple(".".join(n) for n in names if n is not None), span=self._at(meta))
+    def choose(self, meta: LarkMeta, *names: ir.Name | None) -> ir.Choose:
+        return _node(ir.Choose, policies=tuple(n for n in names if n is not None), span=self._at(meta))
 
-    def dotted_name(self, meta: LarkMeta, *parts: Token) -> tuple[str, ...]:
-        return tuple(str(p) for p in parts)
+    def dotted_name(self, meta: LarkMeta, *parts: Token) -> ir.Name:
+        return _node(ir.Name, id=".".join(parts), span=self._at(meta))
 
-    def narrow(self, meta: LarkMeta, target: tuple[str, ...], domain: Any) -> ir.SearchParam:
-        return _node(ir.SearchParam, target=self._target(target, meta), domain=domain, value=None,
-                     span=self._at(meta))
+    def narrow(self, meta: LarkMeta, target: ir.Name, domain: Any) -> ir.SearchParam:
+        return _node(ir.SearchParam, target=self._target(target), domain=domain, value=None, span=self._at(meta))
 
-    def fix(self, meta: LarkMeta, target: tuple[str, ...], value: Any) -> ir.SearchParam:
-        return _node(ir.SearchParam, target=self._target(target, meta), domain=None, value=value,
-                     span=self._at(meta))
+    def fix(self, meta: LarkMeta, target: ir.Name, value: Any) -> ir.SearchParam:
+        return _node(ir.SearchParam, target=self._target(target), domain=None, value=value, span=self._at(meta))
 
-    def _target(self, target: tuple[str, ...], meta: LarkMeta) -> tuple[str, ...]:
-        if len(target) < 2:
-            raise PolicyError.at(f"'{target[0]}' does not say which policy's parameter it is", self._at(meta),
-                                 f"write POLICY.PARAM, e.g. fastv.{target[0]}")
-        return target
+    def _target(self, target: ir.Name) -> tuple[str, ...]:
+        if "." not in target.id:
+            raise PolicyError.at(f"'{target.id}' does not say which policy's parameter it is", target.span,
+                                 f"write POLICY.PARAM, e.g. fastv.{target.id}")
+        return tuple(target.id.split("."))
 
     def meta(self, meta: LarkMeta, key: Token, value: Token) -> ir.Meta:
         return _node(ir.Meta, key=str(key), value=_string(value, self.file), span=self._at(meta))

@@ -421,7 +421,7 @@ class Import(Commented):
 class Choose(Commented):
     """`choose { fastv, lib.visionzip }`: the candidate policies of a search, named as `use` names them."""
 
-    policies: tuple[str, ...] = Field(min_length=1)
+    policies: tuple[Name, ...] = Field(min_length=1)  # `Name(id="lib.visionzip")` for a dotted name
 
 
 class SearchParam(Commented):

@@ -224,6 +224,8 @@ def _syntax_error(error: UnexpectedInput, text: str, file: str, parser: Lark) ->
     previous = (error.token_history or [None])[-1]
     if token.type == "NAME" and keywords and (best := closest(str(token), keywords)):
         hint = f"did you mean '{best}'?"
+    elif str(token) == "=" and previous is not None and str(previous) == "=":
+        hint = "one '=' sets a value: `param k = 3`, or `fastv.ratio = 25%` in a search"
     elif str(token) == "=":
         hint = "compare with '==', or bind a name with `let name = ...`"
     elif token.type in ("RBRACE", "RPAR", "RSQB") and (unclosed := _unclosed_bracket(text[: token.start_pos])):

@@ -98,7 +98,7 @@ def _search(search: ir.Search) -> list[str]:
     meta = sorted(search.meta, key=lambda m: META_ORDER.index(m.key))
     groups = [[line for m in meta for line in _lines(m, f"{m.key} {_quote(m.value)}", 1)]]
     if search.choose is not None:
-        groups.append(_lines(search.choose, "choose { " + ", ".join(search.choose.policies) + " }", 1))
+        groups.append(_lines(search.choose, "choose { " + ", ".join(n.id for n in search.choose.policies) + " }", 1))
     groups.append([line for p in search.params for line in _lines(p, search_param_text(p), 1)])
     return _block(search, f"search {search.name}", 0, [g for g in groups if g], search.end_comments)
 

@@ -77,7 +77,7 @@ class CheckedSearch:
             dimension = dimensions[name]
             problem = value_problem(f"{policy}.{name}", value, dimension.default, dimension.domain)
             if problem is not None:
-                raise PolicyError.at(problem, self.span)
+                raise PolicyError.at(problem[0], self.span, problem[1])
         return {**fixed, **values}
 
 
@@ -113,15 +113,22 @@ def _bounds(domain: Domain) -> str:
     return domain_text(domain).removeprefix("in ")
 
 
-def value_problem(name: str, value: ir.Expr, default: Literal, domain: Domain | None) -> str | None:
-    """Why `value` cannot be parameter `name`'s (kind of its default, whole numbers, inside `domain`), or None."""
+def value_problem(name: str, value: ir.Expr, default: Literal, domain: Domain | None) -> tuple[str, str] | None:
+    """Why `value` cannot be parameter `name`'s, with a hint, or None: it must be of its default's kind (the
+    check `--param` values get) and lie in `domain`."""
     whole = isinstance(default, ir.Number) and isinstance(default.value, int)
     if type(value) is not type(default) or (whole and not isinstance(value.value, int)):  # type: ignore[union-attr]
-        return f"'{name}' holds values like {_text(default)}, not {_text(value)}"
+        kind = "whole numbers" if whole else {ir.Number: "numbers", ir.Percent: "percentages",
+                                              ir.String: '"strings"', ir.Name: "words"}[type(default)]
+        return f"'{name}' holds values like {_text(default)}, not {_text(value)}", f"write one of its {kind}"
     if isinstance(value, ir.Percent) and not 0 <= value.value <= 100:
-        return f"percentage {_text(value)} is outside 0%..100%"
-    if not in_domain(value, domain):
-        return f"{_text(value)} is outside the domain {_bounds(domain)} of '{name}'"  # type: ignore[arg-type]
+        return f"percentage {_text(value)} is outside 0%..100%", "write a share between 0% and 100%"
+    if domain is not None and not in_domain(value, domain):
+        if isinstance(domain, ir.ChoiceDomain):
+            return f"{_text(value)} is not one of the choices {_bounds(domain)} of '{name}'", \
+                f"pick one of {_bounds(domain)}"
+        return f"{_text(value)} is outside the range {_bounds(domain)} of '{name}'", \
+            f"pick a value within {_bounds(domain)}"
     return None
 
 
@@ -163,13 +170,13 @@ def check_search(search: ir.Search, namespace: Namespace, own: Mapping[int, Chec
     if choose is None:
         raise PolicyError.at(f"search '{search.name}' has no `choose`", search.span,
                              "name the candidate policies: choose { fastv, pyramiddrop }")
-    _unique([(name, choose.span) for name in choose.policies], "candidate")
+    _unique([(name.id, name.span) for name in choose.policies], "candidate")
     collect = _Collector()
-    found = [collect.run(_candidate, name, choose.span, namespace, own, checked_cache) for name in choose.policies]
+    found = [collect.run(_candidate, name, namespace, own, checked_cache) for name in choose.policies]
     collect.raise_if_any()
     if any(c is None for c in found):
         return None
-    candidates = dict(zip(choose.policies, found, strict=True))
+    candidates = dict(zip((n.id for n in choose.policies), found, strict=True))
     narrowed: dict[tuple[str, str], Domain] = {}
     fixed: dict[tuple[str, str], Literal] = {}
     written: dict[tuple[str, str], ir.SearchParam] = {}
@@ -189,10 +196,11 @@ def check_search(search: ir.Search, namespace: Namespace, own: Mapping[int, Chec
                          search.meta_value("title"), search.meta_value("description"))
 
 
-def _candidate(name: str, span: Span | None, namespace: Namespace, own: Mapping[int, CheckedPolicy | None],
+def _candidate(chosen: ir.Name, namespace: Namespace, own: Mapping[int, CheckedPolicy | None],
                checked_cache: dict[int, CheckedPolicy]) -> CheckedPolicy | None:
     """The checked policy `choose` names: the file's own, an imported one (`lib.p` for `import ... as lib`)
     or a standard-library one."""
+    name, span = chosen.id, chosen.span
     alias, _, inner = name.rpartition(".")
     if alias:
         if alias not in namespace.aliases:
@@ -245,9 +253,7 @@ def _check_search_param(search: str, item: ir.SearchParam, candidates: Mapping[s
     else:
         problem = value_problem(item.dotted, item.value, param.default, param.domain)  # type: ignore[arg-type]
         if problem is not None:
-            raise PolicyError.at(problem, item.value.span if item.value else item.span,  # type: ignore[union-attr]
-                                 "fix it to a value its policy accepts" if param.domain is None else
-                                 f"fix it inside the declared domain {_bounds(param.domain)}")
+            raise PolicyError.at(problem[0], item.value.span, problem[1])  # type: ignore[union-attr]
     return key
 
 
@@ -283,10 +289,9 @@ def _check_narrowed(name: str, param: ir.Param, domain: Domain) -> None:
     outside = next((v for v in (domain.low, domain.high) if not in_domain(v, declared)), None) \
         if isinstance(domain, ir.RangeDomain) else next((v for v in domain.options if not in_domain(v, declared)), None)
     if outside is not None:
-        what = "choices" if isinstance(domain, ir.ChoiceDomain) else "range"
-        raise PolicyError.at(f"the {what} {_bounds(domain)} of '{name}' is not within its declared domain "
-                             f"{_bounds(declared)}", outside.span,
-                             "a search narrows a domain; widen it in the policy to search further")
+        raise PolicyError.at(f"{_text(outside)} is outside the declared domain {_bounds(declared)} of '{name}'",
+                             outside.span, f"a search narrows a domain: stay within {_bounds(declared)}, or widen "
+                                           "it in the policy")
 
 
 def _dimensions(name: str, checked: CheckedPolicy, narrowed: Mapping[tuple[str, str], Domain],
@@ -318,7 +323,7 @@ def concrete_policy_text(checked: CheckedPolicy, assignments: Mapping[str, ir.Ex
                                  suggestion(name, sorted(params), "parameters"))
         problem = value_problem(name, value, params[name].default, params[name].domain)
         if problem is not None:
-            raise PolicyError.at(problem, params[name].span)
+            raise PolicyError.at(problem[0], None, problem[1])
     text = embedded_policy_text(checked)
     if not assignments:
         return text
