@@ -243,18 +243,20 @@ imports = _commented(ir.Import, path=string_values, alias=st.none() | names)
 
 # Searches: a dotted candidate (`fastv`, `lib.fastv`) and parameter; `title`/`description` only; parameter
 # literals as for `param` (no negative percentages); exactly one of a domain and a fixed value.
-_dotted = st.lists(names, min_size=1, max_size=2).map(".".join)
+_dotted = st.lists(names, min_size=1, max_size=2).map(lambda parts: ir.Name(id=".".join(parts)))
 _search_targets = st.lists(names, min_size=2, max_size=3).map(tuple)
 search_params = st.one_of(
     _commented(ir.SearchParam, target=_search_targets, domain=domains.filter(lambda d: d is not None)),
     _commented(ir.SearchParam, target=_search_targets, value=literals),
 )
+search_metas = _commented(ir.Meta, key=st.sampled_from(["title", "description"]), value=string_values)
 searches: st.SearchStrategy[ir.Search] = _commented(
     ir.Search,
     name=names,
-    meta=st.lists(_commented(ir.Meta, key=st.sampled_from(["title", "description"]), value=string_values),
-                  max_size=2).map(lambda ms: tuple(sorted(ms, key=lambda m: _META_ORDER.index(m.key)))),  # type: ignore
-    choose=st.none() | _commented(ir.Choose, policies=st.lists(_dotted.map(lambda n: ir.Name(id=n)), min_size=1, max_size=3).map(tuple)),
+    meta=st.lists(search_metas, max_size=2).map(
+        lambda ms: tuple(sorted(ms, key=lambda m: _META_ORDER.index(m.key)))  # type: ignore[attr-defined]
+    ),
+    choose=st.none() | _commented(ir.Choose, policies=st.lists(_dotted, min_size=1, max_size=3).map(tuple)),
     params=st.lists(search_params, max_size=3).map(tuple),
     end_comments=comment_lines,
 )  # type: ignore[assignment]
