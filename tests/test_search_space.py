@@ -165,6 +165,19 @@ def test_assignments_add_fixed_values_and_reject_values_outside_the_domain() -> 
             search.assignments(policy, values)
 
 
+def test_sampled_values_become_literals_of_the_dimension() -> None:
+    (search,) = check_search_path(EXAMPLE)
+    fastv = dimensions(search, "fastv")
+    assert fastv["ratio"].literal(25) == pct(25) and fastv["ratio"].literal(12.5) == pct(12.5)
+    assert fastv["layer"].literal(3.0) == num(3) and isinstance(fastv["layer"].literal(3.0).value, int)
+    rows = space_from_policies([STDLIB["fastv"]]).dimensions[2]
+    assert rows.literal("all") == ir.Name(id="all")
+    with pytest.raises(PolicyError, match="did you mean 'last'"):
+        rows.literal("lst")
+    with pytest.raises(PolicyError, match="takes a number"):
+        fastv["ratio"].literal("25%")
+
+
 def test_concrete_policy_text_is_the_policy_with_the_values_as_defaults() -> None:
     fastv = STDLIB["fastv"]
     assignments = {"ratio": pct(25)}

@@ -37,6 +37,22 @@ class SearchDimension:
     domain: Domain  # the search's narrowed domain, else the declared one
     default: Literal  # the declared default, or the value of `domain` nearest to it (see `nearest`)
 
+    def literal(self, sampled: int | float | str) -> Literal:
+        """The IR value of what a sampler proposes: a number for a range (the number of a percentage: 25 for
+        25%), or a choice's printed text (`print_expr(option)`: `last`, `16`, `"text"`)."""
+        name = f"{self.policy}.{self.param}"
+        if isinstance(self.domain, ir.ChoiceDomain):
+            texts = [print_expr(option) for option in self.domain.options]
+            if str(sampled) not in texts:
+                raise PolicyError.at(f"'{sampled}' is not a choice of '{name}'", None, suggestion(str(sampled), texts,
+                                                                                                 "choices"))
+            return self.domain.options[texts.index(str(sampled))]
+        if isinstance(sampled, bool) or not isinstance(sampled, int | float):
+            raise PolicyError.at(f"'{name}' takes a number from its range {_bounds(self.domain)}, not {sampled!r}",
+                                 None)
+        whole = isinstance(self.default, ir.Number) and isinstance(self.default.value, int)
+        return type(self.domain.low)(value=int(sampled) if whole and float(sampled).is_integer() else sampled)
+
 
 @dataclass(frozen=True)
 class CheckedSearch:
