@@ -39,7 +39,8 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, rows:
     logits = picked @ keys.transpose(-1, -2) * scaling  # [B, H, R, L]
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
     probabilities = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(probabilities, nan=0.0)
+    # rows that see no key are 0/0 = NaN: zero them; a NaN from the model itself stays (the guards catch it)
+    return probabilities.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
 
 
 _HEADS = {"mean": lambda x: x.mean(1), "sum": lambda x: x.sum(1), "max": lambda x: x.amax(1)}

@@ -114,4 +114,46 @@ def load(directory: str | Path, model: Any = None, *, device: str = "cpu") -> An
     return model
 
 
-__all__ = ["compile", "load", "parse"]
+def search(model: Any, space: Any, *, evaluate: Any = None, processor: Any = None, data: str = "synthetic",
+           split: str = "validation", limit: int = 200, batch_size: int = 32,
+           objectives: Any = ("accuracy", "flops"), constraints: Mapping[str, float] | None = None,
+           n_trials: int = 40, storage: str | None = None, study_name: str | None = None, sampler: Any = None,
+           seed: int = 0, device: str = "cpu") -> Any:
+    """Search `space` for the best policies on `model`; returns a `policyc.policy_search.SearchResult` whose `front`
+    holds the Pareto-optimal concrete policies (`.text`, canonical .tokpol) with their measured figures.
+
+    `model`: a loaded model, or a reference as in the CLI ("default", a directory, a hub id). `space`: a
+    `CheckedSearch`, a .tokpol file (FILE:NAME), or standard-library names ("fastv,pyramiddrop").
+    `evaluate(compiled, candidate) -> {figure: value}`: default the evaluation harness on `data`/`split`/`limit`
+    (accuracy, vqa_score, flops, kv, image_tokens, latency_ms), which needs `processor` for a loaded model.
+    `objectives`: names (directions known) or {name: "maximize"|"minimize"}; `constraints`: {figure: bound}.
+    `storage`: an Optuna RDB URL (default: sqlite file policyc-search.db here); `n_trials` counts finished
+    trials of the whole study, so calling again resumes it.
+    """
+    from policyc.models.bundled import load_reference_model, load_reference_processor, reference_name
+    from policyc.policy_search import harness, load_space
+    from policyc.policy_search import search as run_search
+
+    checked = load_space(space if not isinstance(space, Path) else str(space))
+    if isinstance(model, str | Path):
+        reference = reference_name(str(model))
+        processor = processor or load_reference_processor(reference)
+        model = load_reference_model(reference, device)
+    else:
+        reference = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    data_key = ""
+    if evaluate is None:
+        from policyc.errors import PolicyError
+        from policyc.evaluation import load_items
+
+        if processor is None:
+            raise PolicyError.at("the default evaluation needs the model's processor", None,
+                                 "pass processor=..., a model reference, or evaluate=...")
+        evaluate = harness(model, processor, load_items(data, split, limit), batch_size)
+        data_key = f"{data}:{split}:{limit}"
+    return run_search(model, checked, evaluate, model_ref=reference, data_key=data_key, objectives=objectives,
+                      constraints=constraints, n_trials=n_trials, storage=storage, study_name=study_name,
+                      sampler=sampler, seed=seed)
+
+
+__all__ = ["compile", "load", "parse", "search"]

@@ -250,16 +250,10 @@ def read_artifact(directory: str | Path) -> Artifact:
 
 
 def load_artifact_model(artifact: Artifact, *, device: str = "cpu", dtype: Any = None) -> Any:
-    """The model an artifact references: the embedded default, a local directory or a hub id."""
-    from policyc.models.default import DEFAULT_NAME
+    """The model an artifact references: an embedded model, a local directory or a hub id."""
+    from policyc.models.bundled import load_reference_model
 
-    if artifact.model_ref == DEFAULT_NAME:
-        from policyc.models.default import default_model
-
-        return default_model(device)
-    from policyc.models import load_model
-
-    return load_model(artifact.model_ref, dtype=dtype, device=device)[0]
+    return load_reference_model(artifact.model_ref, device, dtype)
 
 
 def compile_artifact(artifact: Artifact, model: Any) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from policyc.errors import PolicyError
+from policyc.models.bundled import EXAMPLE_QUESTION
 
 EXIT_POLICY_ERROR = 1
 
@@ -191,10 +192,10 @@ def compile(model: str, policy: str, emit: str | None, backend: str, output: Pat
             if output is None:
                 return
         assignments = _assignments(params)
-        from policyc.run import load_model_for, model_reference
+        from policyc.models.bundled import load_reference_model, reference_name
 
-        reference = model_reference(model)
-        loaded = load_model_for(reference, "cpu")
+        reference = reference_name(model)
+        loaded = load_reference_model(reference, "cpu")
         if emit == "plan":
             from policyc.compiler.plan import lower
             from policyc.models import adapt
@@ -241,8 +242,8 @@ def _emit_fx(model: object, checked: object, assignments: dict) -> None:
 @click.argument("model", required=False)
 @click.argument("policy", required=False)
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The image (default: the sample image shipped with policyc).")
-@click.option("--prompt", default="Describe the image.", show_default=True, help="The question about the image.")
+              help="The image (default: the example scene shipped with policyc).")
+@click.option("--prompt", default=EXAMPLE_QUESTION, show_default=True, help="The question about the image.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @_PARAM
 @click.option("--show-tokens", type=click.Path(dir_okay=False, path_type=Path),
@@ -299,6 +300,53 @@ def eval_(model: str | None, policy: str | None, data: str, split: str, limit: i
         eval_command(model, policy, data=data, split=split, limit=limit, batch_size=batch_size,
                      assignments=_assignments(params), device=device, json_path=json_path,
                      sweep=_sweep(sweep), plot=plot)
+    except PolicyError as error:
+        _fail(error)
+        sys.exit(EXIT_POLICY_ERROR)
+
+
+@main.command()
+@click.argument("first", metavar="[MODEL] SPACE")
+@click.argument("second", required=False, metavar="")
+@click.option("--trials", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Finished trials the study must hold (all workers together).")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for trials.csv, trials.json, pareto/*.tokpol and pareto.png.")
+@click.option("--storage", help="Optuna storage URL shared by workers, e.g. postgresql://user:pw@host/db "
+                                "(default: sqlite in the output directory).")
+@click.option("--study", help="Study name (default: the search space's name).")
+@click.option("--objective", "objectives", multiple=True, default=("accuracy", "flops"), show_default=True,
+              type=click.Choice(["accuracy", "vqa_score", "flops", "kv", "latency_ms", "image_tokens"]),
+              help="Figures to optimize (repeatable).")
+@click.option("--constraint", "constraints", multiple=True, metavar="NAME<=V|NAME>=V",
+              help="Keep only trials within a bound, e.g. flops<=0.4 (repeatable).")
+@click.option("--data", default="synthetic", show_default=True, help="`synthetic` or a JSONL file, as in eval.")
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="validation",
+              show_default=True, help="Split of the synthetic scenes (search on validation, report on test).")
+@click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True, help="Items per trial.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="The sampler's seed (give each worker of a shared study its own).")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Seconds between a worker's heartbeats; a trial silent for twice that is marked failed.")
+@click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
+def search(first: str, second: str | None, trials: int, output: Path, storage: str | None, study: str | None,
+           objectives: tuple[str, ...], constraints: tuple[str, ...], data: str, split: str, limit: int,
+           batch_size: int, seed: int, heartbeat: int, device: str) -> None:
+    """Search SPACE for the policies with the best trade-off (Optuna; Pareto front of the objectives).
+
+    SPACE is a .tokpol file with a `search` block (FILE:NAME picks one), a policy file (every parameter with a
+    domain is searched), or standard-library names (`fastv,pyramiddrop`). MODEL defaults to the embedded
+    model. Run the same command again to resume, or on several machines with one --storage to share the work.
+    """
+    from policyc.search_command import parse_constraints, search_command
+
+    model, space = (None, first) if second is None else (first, second)
+    try:
+        search_command(model, space, trials=trials, output=output, storage=storage, study=study, data=data,
+                       split=split, limit=limit, batch_size=batch_size, objectives=list(objectives),
+                       constraints=parse_constraints(constraints), device=device, seed=seed,
+                       heartbeat=heartbeat)
     except PolicyError as error:
         _fail(error)
         sys.exit(EXIT_POLICY_ERROR)

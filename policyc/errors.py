@@ -64,13 +64,13 @@ class PolicyError(Exception):
 
     def with_source(self, source: str) -> PolicyError:
         """The same error with `source` attached to diagnostics that lack it (for the caret line)."""
-        return PolicyError([
+        return type(self)([
             d if d.source is not None else Diagnostic(d.message, d.span, d.hint, source) for d in self.diagnostics
         ])
 
     def with_sources(self, sources: dict[str, str]) -> PolicyError:
         """The same error with each diagnostic's source looked up by its span's file name."""
-        return PolicyError([
+        return type(self)([
             d if d.source is not None or d.span is None or d.span.file not in sources
             else Diagnostic(d.message, d.span, d.hint, sources[d.span.file])
             for d in self.diagnostics

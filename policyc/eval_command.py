@@ -16,7 +16,8 @@ from policyc.errors import PolicyError
 from policyc.evaluation import Evaluation, evaluate, load_items, retention
 from policyc.lang import ir
 from policyc.lang.printer import print_expr
-from policyc.run import load_model_for, load_processor, resolve_target
+from policyc.models.bundled import load_reference_model, load_reference_processor
+from policyc.run import resolve_target
 
 
 def eval_command(model: str | None, policy: str | None, *, data: str, split: str, limit: int | None,
@@ -36,8 +37,8 @@ def eval_command(model: str | None, policy: str | None, *, data: str, split: str
     if target.policy is None and (assignments or sweep):
         raise PolicyError.at("--param and --sweep need a POLICY", None, "e.g. policyc eval fastv --param ratio=25%")
     items = load_items(data, split, limit)
-    loaded = load_model_for(target.model, device)
-    processor = load_processor(target.model)
+    loaded = load_reference_model(target.model, device)
+    processor = load_reference_processor(target.model)
     results: list[Evaluation] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:

@@ -37,6 +37,7 @@ class Prediction:
     predicted: str
     flops_share: float  # analytic prefill FLOPs after / before (1.0 without a policy)
     image_tokens: int  # image tokens the LLM's last layer still sees
+    kv_share: float = 1.0  # KV cache entries after prefill, summed over layers, over the unmodified model's
 
     @property
     def exact(self) -> float:
@@ -72,6 +73,10 @@ class Evaluation:
     def image_tokens(self) -> float:
         return self.mean(lambda p: p.image_tokens)
 
+    @property
+    def kv_share(self) -> float:
+        return self.mean(lambda p: p.kv_share)
+
     def by_kind(self) -> dict[str, float]:
         kinds = sorted({p.item.kind for p in self.predictions if p.item.kind})
         return {k: sum(p.exact for p in self.predictions if p.item.kind == k)
@@ -79,7 +84,7 @@ class Evaluation:
 
     def to_json(self) -> dict[str, Any]:
         return {"policy": self.name, "samples": len(self.predictions), "accuracy": self.accuracy,
-                "vqa_score": self.vqa_score, "flops_share": self.flops_share,
+                "vqa_score": self.vqa_score, "flops_share": self.flops_share, "kv_share": self.kv_share,
                 "image_tokens_in_last_layer": self.image_tokens, "accuracy_by_kind": self.by_kind()}
 
 
@@ -159,13 +164,14 @@ def evaluate(model: Any, processor: Any, items: Sequence[Item], compiled: Any | 
         texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         for row, (item, text) in enumerate(zip(batch, texts, strict=True)):
             if compiled is None:
-                share, tokens = 1.0, int((inputs["input_ids"][row] == model.config.image_token_id).sum())
+                share, kv, tokens = 1.0, 1.0, int((inputs["input_ids"][row] == model.config.image_token_id).sum())
             else:
                 report = report_from_last_prefill(compiled, inputs["input_ids"], name, row=row,
                                                   attention_mask=inputs.get("attention_mask"))
                 share = report.flops_after.total / report.flops_before.total
+                kv = report.kv_share
                 tokens = report.kept[-1].after if report.kept else report.image_tokens
-            result.predictions.append(Prediction(item, normalize(text), share, tokens))
+            result.predictions.append(Prediction(item, normalize(text), share, tokens, kv))
         if progress is not None:
             progress(len(batch))
     return result

@@ -116,6 +116,13 @@ class Report:
     def speedup(self) -> float:
         return self.flops_before.total / self.flops_after.total
 
+    @property
+    def kv_share(self) -> float:
+        """KV cache entries prefill leaves, summed over layers, over the unmodified model's (all prompt tokens
+        at every layer): the KV memory share after prefill (decode-time eviction not included)."""
+        layers = len(self.llm_tokens_per_layer)
+        return sum(self.llm_tokens_per_layer) / (layers * self.prompt_tokens) if layers and self.prompt_tokens else 1.0
+
     def to_json(self) -> dict[str, Any]:
         def flops(f: Flops) -> dict[str, int]:
             return {"encoder": f.encoder, "projector": f.projector, "llm": f.llm, "total": f.total}
@@ -230,7 +237,7 @@ def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name:
 def calibration_inputs(adapter: ModelAdapter, text_tokens: int = 16) -> dict[str, torch.Tensor]:
     """A model-agnostic sample prompt: `text_tokens` text ids around one image's tokens, and the sample
     image at the encoder's size scaled to [-1, 1] (no processor needed)."""
-    from policyc.models.default import sample_image_path
+    from policyc.models.bundled import example_image_path
 
     config = adapter.model.config
     vocab = config.text_config.vocab_size
@@ -243,7 +250,7 @@ def calibration_inputs(adapter: ModelAdapter, text_tokens: int = 16) -> dict[str
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     from PIL import Image
 
-    picture = Image.open(sample_image_path()).convert("RGB").resize((size[1], size[0]))
+    picture = Image.open(example_image_path()).convert("RGB").resize((size[1], size[0]))
     pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(size[0], size[1], 3).float()
     pixels = (pixels.permute(2, 0, 1) / 127.5 - 1.0)[None]
     device = next(adapter.model.parameters()).device

@@ -14,7 +14,12 @@ import torch
 from policyc.artifact import Artifact, compile_artifact, is_artifact, read_artifact
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.models.default import DEFAULT_NAME
+from policyc.models.bundled import (
+    DEFAULT_NAME,
+    load_reference_model,
+    load_reference_processor,
+    reference_name,
+)
 
 
 @dataclass(frozen=True)
@@ -43,48 +48,11 @@ def resolve_target(first: str | None, second: str | None) -> Target:
             return Target("", artifact=Path(first))
         if _is_policy(first):
             return Target(DEFAULT_NAME, first)
-        return Target(model_reference(first))
+        return Target(reference_name(first))
     if is_artifact(first):
         raise PolicyError.at(f"{first} is a compile artifact: it already holds its policy, so POLICY "
                              f"('{second}') cannot be given too", None, f"run it alone: policyc run {first}")
-    return Target(model_reference(first), second)
-
-
-def model_reference(name: str) -> str:
-    """How a MODEL argument is recorded: `default` is the embedded model, a directory its absolute path."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return str(path.resolve())
-    return DEFAULT_NAME if name in ("default", DEFAULT_NAME) else name
-
-
-def load_processor(reference: str) -> Any:
-    """The processor that prepares images and text for `reference` (never downloaded for the default)."""
-    if reference == DEFAULT_NAME:
-        from policyc.models.default import default_processor
-
-        return default_processor()
-    from transformers import AutoProcessor
-
-    local = Path(reference).expanduser().exists()
-    try:
-        return AutoProcessor.from_pretrained(str(Path(reference).expanduser()) if local else reference,
-                                             local_files_only=local)
-    except (OSError, ValueError, TypeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PolicyError.at(f"cannot load a processor (image processor and tokenizer) for '{reference}'", None,
-                             "the model directory needs the files processor.save_pretrained() writes "
-                             f"({first})") from None
-
-
-def load_model_for(reference: str, device: str) -> Any:
-    if reference == DEFAULT_NAME:
-        from policyc.models.default import default_model
-
-        return default_model(device)
-    from policyc.models import load_model
-
-    return load_model(reference, device=device)[0]
+    return Target(reference_name(first), second)
 
 
 def prompt_inputs(processor: Any, image_path: Path, prompt: str, device: str | torch.device,
@@ -161,11 +129,11 @@ def open_session(target: Target, assignments: dict[str, ir.Expr], device: str, b
         if assignments:
             raise PolicyError.at("--param cannot change an artifact's parameters (they are part of it)", None,
                                  "compile again with `policyc compile MODEL POLICY --param ... -o DIR`")
-        model = load_model_for(artifact.model_ref, device)
+        model = load_reference_model(artifact.model_ref, device)
         compiled = compile_artifact(artifact, model)
-        return Session(artifact.model_ref, model, load_processor(artifact.model_ref), compiled, artifact)
-    model = load_model_for(target.model, device)
-    processor = load_processor(target.model)
+        return Session(artifact.model_ref, model, load_reference_processor(artifact.model_ref), compiled, artifact)
+    model = load_reference_model(target.model, device)
+    processor = load_reference_processor(target.model)
     if target.policy is None:
         if assignments:
             raise PolicyError.at("--param needs a POLICY", None, "e.g. policyc run fastv --param ratio=25%")
@@ -198,8 +166,8 @@ def image_for_display(processor: Any, pixel_values: torch.Tensor) -> Any:
     return pixels.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-__all__ = ["Session", "Target", "Timings", "decode_text", "generate_timed", "image_for_display", "load_processor",
-           "model_reference", "open_session", "prompt_inputs", "resolve_target", "run_command"]
+__all__ = ["Session", "Target", "Timings", "decode_text", "generate_timed", "image_for_display",
+           "open_session", "prompt_inputs", "resolve_target", "run_command"]
 
 
 def run_command(model: str | None, policy: str | None, *, image: Path | None, prompt: str, max_new_tokens: int,
@@ -210,7 +178,7 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
     from rich.markup import escape
     from rich.table import Table
 
-    from policyc.models.default import sample_image_path
+    from policyc.models.bundled import example_image_path
     from policyc.report import report_from_last_prefill
 
     console = console or Console()
@@ -218,7 +186,7 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
     if session.artifact is not None and (changes := session.artifact.version_changes()):
         console.print(f"[dim]note: the artifact was written with other library versions ({', '.join(changes)})[/dim]")
     dtype = next(session.model.parameters()).dtype
-    inputs = prompt_inputs(session.processor, image or sample_image_path(), prompt, device, dtype)
+    inputs = prompt_inputs(session.processor, image or example_image_path(), prompt, device, dtype)
     tokens, timings = generate_timed(session.model, inputs, max_new_tokens)
     text = decode_text(session.processor, tokens)
     console.print(f"[bold]output[/bold] ({timings.new_tokens} tokens): {escape(repr(text))}")

@@ -1,6 +1,9 @@
 """Train the small LLaVA (policyc.vqa.model) on synthetic scenes; deterministic for a given seed and device.
 
-    python scripts/train_vqa.py --out runs/vqa --steps 6000 --batch 32
+    python scripts/train_vqa.py --out runs/vqa --steps 3000 --batch 32
+
+Each training row is one scene with up to five questions (policyc.vqa.scenes.scene_questions): the first
+as at inference, the others as further chat turns.
 
 Writes DIR/model (save_pretrained: config, safetensors weights, processor) whenever validation accuracy
 improves, and DIR/log.jsonl (step, loss, validation accuracy per kind, seconds).
@@ -20,26 +23,43 @@ from transformers import LlavaForConditionalGeneration
 
 from policyc.vqa.accuracy import accuracy
 from policyc.vqa.model import training_batch, vqa_config, vqa_processor
-from policyc.vqa.scenes import samples
+from policyc.vqa.scenes import samples, scene_questions
+
+
+def identity_init(model: torch.nn.Module) -> None:
+    """Zero each residual block's output projections (CLIP out_proj/fc2, Llama o_proj/down_proj) so the deep,
+    narrow stacks start as identity maps and the image reaches the answer from the first step (SkipInit,
+    De & Smith 2020); without it the model sits on the answer priors for hundreds of steps."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("out_proj", "fc2", "o_proj",
+                                                                                    "down_proj"):
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--eval-samples", type=int, default=500)
+    parser.add_argument("--eval-samples", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--identity-init", action=argparse.BooleanOptionalAction, default=True,
+                        help="zero the output projection of every attention and MLP block (each starts as identity)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     processor = vqa_processor()
     model = LlavaForConditionalGeneration._from_config(vqa_config(), attn_implementation="sdpa",
                                                        dtype=torch.float32).to(args.device)
+    if args.identity_init:
+        identity_init(model)
     for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
         setattr(model.generation_config, key, value)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -59,7 +79,8 @@ def main() -> None:
     best, losses, start = -1.0, [], time.time()
     for step in range(args.steps):
         model.train()
-        batch = training_batch(processor, list(samples("train", args.batch, start=step * args.batch)))
+        batch = training_batch(processor, [scene_questions("train", step * args.batch + row)
+                                           for row in range(args.batch)])
         batch = {k: v.to(args.device) for k, v in batch.items()}
         loss = model(**batch).loss
         loss.backward()

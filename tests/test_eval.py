@@ -13,7 +13,7 @@ from policyc.cli import main
 from policyc.errors import PolicyError
 from policyc.evaluation import Item, Prediction, evaluate, jsonl_items, load_items, retention
 from policyc.lang import check_source
-from policyc.models.default import default_model, default_processor
+from policyc.models.random_tiny import random_model, random_processor
 from policyc.runtime import compile_model
 from policyc.vqa.scenes import samples
 
@@ -31,7 +31,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_identity_policy_keeps_every_answer_and_costs_nothing(dataset: Path) -> None:
-    model, processor = default_model(banner=False), default_processor()
+    model, processor = random_model(banner=False), random_processor()
     items = jsonl_items(dataset)
     plain = evaluate(model, processor, items, batch_size=4)
     # answers the unmodified model gives become the reference: its accuracy is then exactly 1
@@ -50,7 +50,7 @@ def test_identity_policy_keeps_every_answer_and_costs_nothing(dataset: Path) -> 
 
 
 def test_a_pruning_policy_reports_tokens_and_flops_per_prompt(dataset: Path) -> None:
-    model, processor = default_model(banner=False), default_processor()
+    model, processor = random_model(banner=False), random_processor()
     compiled = compile_model(model, "fastv")
     try:
         result = evaluate(model, processor, jsonl_items(dataset), compiled, "fastv", batch_size=4)

@@ -69,9 +69,9 @@ def test_image_text_to_text_pipeline_runs_the_compiled_model() -> None:
     from transformers import pipeline
 
     import policyc
-    from policyc.models.default import default_model, default_processor, sample_image_path
+    from policyc.models.random_tiny import random_model, random_processor, sample_image_path
 
-    model, processor = default_model(banner=False), default_processor()
+    model, processor = random_model(banner=False), random_processor()
     image = Image.open(sample_image_path()).convert("RGB")
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
     policyc.compile(model, "fastv", ratio="25%")

@@ -1,5 +1,5 @@
-"""`policyc run` on the embedded default model (random weights), a local model directory and an artifact;
-`--show-tokens`; the default model and its processor."""
+"""`policyc run` on the embedded default model (the bundled trained model), the random tiny model, a local
+model directory and an artifact; `--show-tokens`; the embedded models and their processors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from PIL import Image
 from policyc.cli import main
 from policyc.errors import PolicyError
 from policyc.models import adapt
-from policyc.models.default import DEFAULT_NAME, default_model, default_processor, sample_image_path
+from policyc.models.bundled import DEFAULT_NAME, EXAMPLE_QUESTION, RANDOM_NAME, bundled_model_dir, example_image_path
+from policyc.models.random_tiny import random_model, random_processor
 from policyc.run import Target, generate_timed, prompt_inputs, resolve_target
 
 
@@ -32,21 +33,21 @@ def invoke(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_default_model_is_deterministic_and_processes_a_real_image(image: Path) -> None:
-    first, second = default_model(banner=False), default_model(banner=False)
+def test_random_model_is_deterministic_and_processes_a_real_image(image: Path) -> None:
+    first, second = random_model(banner=False), random_model(banner=False)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
                                                   strict=True))
     adapter = adapt(first)
     assert adapter.tokens_per_image == 64 and adapter.patch_grid == (8, 8) and len(adapter.decoder_layers) == 32
-    inputs = prompt_inputs(default_processor(), image, "What is this?", "cpu", torch.float32)
+    inputs = prompt_inputs(random_processor(), image, "What is this?", "cpu", torch.float32)
     assert inputs["pixel_values"].shape == (1, 3, 64, 64)
     assert int((inputs["input_ids"] == adapter.image_token_id).sum()) == 64
     tokens, timings = generate_timed(first, inputs, 4)
     assert tokens.shape == (1, timings.new_tokens) and 1 <= timings.new_tokens <= 4
 
 
-def test_default_tokenizer_round_trips_bytes() -> None:
-    tokenizer = default_processor().tokenizer
+def test_random_models_tokenizer_round_trips_bytes() -> None:
+    tokenizer = random_processor().tokenizer
     text = "Größe: naïve café 🙂 <image>!"
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and tokenizer.convert_tokens_to_ids("<image>") in ids
@@ -57,17 +58,30 @@ def test_run_fastv_on_the_default_model(image: Path) -> None:
     code, out, err = invoke("run", "fastv", "--image", str(image), "--prompt", "Where is the sun?",
                             "--max-new-tokens", "3")
     assert code == 0, err
-    assert "RANDOM weights" in err
+    assert "RANDOM weights" not in err
     assert "tokens kept per stage" in out and "timings" in out and "expected prefill speedup" in out
     row = next(line for line in out.splitlines() if "llm.layer[layer]" in line)
-    assert row.split("│")[3:6] == [" 1     ", " 64              ", " 32   "]  # fastv: 50% of 64 after layer 1
+    assert row.split("│")[3:6] == [" 1     ", " 144             ", " 72   "]  # fastv: 50% of 144 after layer 1
 
 
-def test_run_without_a_policy_and_with_the_sample_image() -> None:
-    assert sample_image_path().is_file()
-    code, out, err = invoke("run", "--max-new-tokens", "2")
+def test_the_random_model_runs_by_name_and_says_it_is_random() -> None:
+    code, out, err = invoke("run", "random", "fastv", "--max-new-tokens", "2")
     assert code == 0, err
-    assert "no policy: the model ran unchanged" in out and "RANDOM weights" in err
+    assert "RANDOM weights" in err and " 32   " in next(x for x in out.splitlines() if "llm.layer[layer]" in x)
+    assert resolve_target("random", None) == Target(RANDOM_NAME)
+
+
+def test_run_with_no_arguments_answers_the_example_question() -> None:
+    """The bundled model is loaded with from_pretrained from the package directory and answers the example
+    question about the example scene (test sample 0: its triangle is green)."""
+    from policyc.vqa.scenes import sample
+
+    assert (bundled_model_dir() / "model.safetensors").is_file() and example_image_path().is_file()
+    item = sample("test", 0)
+    assert item.question == EXAMPLE_QUESTION and item.answer == "green"
+    code, out, err = invoke("run")
+    assert code == 0, err
+    assert "no policy: the model ran unchanged" in out and "output (2 tokens): 'green'" in out
 
 
 def test_show_tokens_writes_a_png(image: Path, tmp_path: Path) -> None:
@@ -80,14 +94,14 @@ def test_show_tokens_writes_a_png(image: Path, tmp_path: Path) -> None:
     with Image.open(target) as drawn:
         assert drawn.format == "PNG" and drawn.width == 900  # 3 panels of 3 inches at 100 dpi: input, 2 layers
     assert [line.split("│")[4:6] for line in out.splitlines() if "llm.layer[2, 5]" in line] == [
-        [" 64              ", " 32   "], [" 32              ", " 16   "]]
+        [" 144             ", " 72   "], [" 72              ", " 36   "]]
     assert f"wrote {target}" in out
 
 
 def test_run_a_local_directory_and_an_artifact_of_it(tmp_path: Path) -> None:
     model_dir, artifact = tmp_path / "model", tmp_path / "artifact"
-    default_model(banner=False).save_pretrained(model_dir)
-    default_processor().save_pretrained(model_dir)
+    random_model(banner=False).save_pretrained(model_dir)
+    random_processor().save_pretrained(model_dir)
     code, out, err = invoke("run", str(model_dir), "fastv", "--param", "ratio=25%", "--max-new-tokens", "2")
     assert code == 0, err
     assert " 16   " in next(line for line in out.splitlines() if "llm.layer[layer]" in line)
@@ -100,7 +114,7 @@ def test_run_a_local_directory_and_an_artifact_of_it(tmp_path: Path) -> None:
 
 def test_run_errors(tmp_path: Path) -> None:
     model_dir = tmp_path / "bare"
-    default_model(banner=False).save_pretrained(model_dir)  # no processor files
+    random_model(banner=False).save_pretrained(model_dir)  # no processor files
     code, _, err = invoke("run", str(model_dir), "fastv")
     assert code == 1 and f"cannot load a processor (image processor and tokenizer) for '{model_dir}'" in err
     code, _, err = invoke("run", "fastv", "--show-tokens", str(tmp_path / "x.png"), "--param", "ratoi=1%")

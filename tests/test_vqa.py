@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from policyc.vqa.accuracy import normalize
-from policyc.vqa.model import IGNORE, training_batch, vqa_processor
-from policyc.vqa.scenes import CELLS, COLORS, KINDS, NUMBERS, SHAPES, sample, samples
+from policyc.vqa.model import IGNORE, prompt_text, training_batch, vqa_processor
+from policyc.vqa.scenes import CELLS, COLORS, KINDS, NUMBERS, SHAPES, sample, samples, scene_questions
 
 
 def test_samples_are_reproducible_and_splits_differ() -> None:
@@ -55,19 +55,35 @@ def test_the_image_shows_each_shape_in_its_colour() -> None:
             assert image.getpixel((shape.x, shape.y + 2)) == COLORS[shape.color]
 
 
-def test_training_batches_supervise_only_the_answer() -> None:
+def test_training_batches_supervise_only_the_answers() -> None:
     processor = vqa_processor()
-    items = list(samples("train", 3))
-    batch = training_batch(processor, items)
+    scenes = [scene_questions("train", i) for i in range(3)]
+    batch = training_batch(processor, scenes)
     assert batch["pixel_values"].shape == (3, 3, 96, 96)
-    for row, item in enumerate(items):
+    eos = processor.tokenizer.eos_token_id
+    for row, (scene, questions) in enumerate(scenes):
         ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
         assert int((ids == 3).sum()) == 144  # 12 x 12 image tokens
+        assert len(questions) >= 4 and len({q for q, _ in questions}) == len(questions)
         supervised = labels[labels != IGNORE]
-        assert processor.tokenizer.decode(supervised) == f" {item.answer}</s>"
+        assert processor.tokenizer.decode(supervised) == " ".join(f"{a} </s>" for _, a in questions)
         assert torch.equal(ids[labels != IGNORE], supervised)
         real = int(mask.sum())
         assert bool(mask[:real].all()) and not bool(mask[real:].any())  # padded on the right
+        # the first question is the inference prompt, token for token
+        first_answer = int((labels != IGNORE).nonzero()[0])
+        prompt = processor(images=scene.render(), text=prompt_text(processor, questions[0][0]),
+                           return_tensors="pt")["input_ids"][0]
+        assert torch.equal(ids[:first_answer], prompt) and int(ids[first_answer + 1]) == eos
+
+
+def test_the_tokenizer_knows_every_word_of_the_task() -> None:
+    tokenizer = vqa_processor().tokenizer
+    for item in samples("validation", 40):
+        ids = tokenizer(f"{item.question} {item.answer}", add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids and len(ids) == len(f"{item.question} {item.answer}".split())
+    assert tokenizer.decode(tokenizer("What COLOR is it?")["input_ids"], skip_special_tokens=False) \
+        == "<s> what color is <unk> ?"
 
 
 def test_answers_are_normalized_to_their_first_word() -> None:

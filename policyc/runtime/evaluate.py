@@ -15,6 +15,7 @@ import torch
 from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.passes import FEATURE_OPS, SELECTOR_OPS, SIGNAL_OPS
+from policyc.runtime.guards import check_scores
 
 
 @dataclass
@@ -220,6 +221,13 @@ class StageEvaluator:
 
     # ---------------------------------------------------------------- scores
     def score(self, expr: ir.Expr) -> torch.Tensor:
+        """A score [B, L] over original positions; NaN at an alive image token raises (runtime guard)."""
+        values = self._score(expr)
+        check_scores(values, self.state.image & self.state.alive() & self.state.valid,
+                     f"the score at {'LLM' if self.causal else 'encoder'} layer {self.seed_offset}", expr.span)
+        return values
+
+    def _score(self, expr: ir.Expr) -> torch.Tensor:
         expr = self.literal(expr)
         match expr:
             case ir.Number(value=value):

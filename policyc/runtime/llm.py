@@ -20,6 +20,7 @@ from policyc.passes import MERGE_OPS
 from policyc.passes.base import selected_first
 from policyc.passes.merges import MergeRows
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
+from policyc.runtime.guards import check_kept, check_protected
 from policyc.runtime.rows import valid_keys
 
 if TYPE_CHECKING:
@@ -104,6 +105,10 @@ class Runtime:
         counts = keep.sum(1)
         # A sample keeping fewer tokens than the widest one carries its earliest dropped rows on as fillers.
         rows = selected_first(keep)[:, : int(counts.max())].sort(1).values
+        check_kept(rows, state.length, "the stages before the LLM", self._first_image_stage_span())
+        if protected is not None:
+            check_protected(state.protected & state.valid, keep, "the stages before the LLM",
+                            self._first_image_stage_span())
         state.kept = rows
         if not bool((counts == counts[0]).all()):
             state.dead = ~keep
@@ -153,6 +158,9 @@ class Runtime:
         state.kept = torch.gather(state.kept, 1, rows)
         if ragged or state.dead is not None:
             state.dead = ~alive
+        where = f"stage '{stages[-1].label}' at LLM layer {index}"
+        check_kept(state.kept, state.length, where, stages[-1].span)
+        check_protected(state.protected & state.valid, alive, where, stages[-1].span)
         return rows, hidden
 
     def _next_layer(self, index: int, position_embeddings: tuple[torch.Tensor, torch.Tensor],

@@ -1,8 +1,10 @@
-"""The small LLaVA trained on the synthetic scenes (policyc.vqa.scenes), and how samples become batches.
+"""The small LLaVA trained on the synthetic scenes (policyc.vqa.scenes), its tokenizer, and training batches.
 
 Shapes: a CLIP tower on 96x96 images in 8x8 patches (a 12x12 grid: 144 image tokens after LLaVA drops
-CLS), 4 layers of width 128; a 2-layer projector; a 32-layer Llama of width 96 (so the standard library's
-layer indices exist, as on LLaVA-1.5-7B); the embedded default's byte-level tokenizer and chat template.
+CLS), 24 layers of width 64 like LLaVA-1.5's CLIP ViT-L (so the standard library's encoder layer indices
+exist); a 2-layer projector; a 32-layer Llama of width 64 like LLaVA-1.5-7B (FastV's layer 2, PyramidDrop's
+8/16/24 exist). The tokenizer is word level (every word of the task is one token, unknown words are
+`<unk>`), lower-cased, with the embedded default's chat template `USER: <image>\\n{question} ASSISTANT:`.
 """
 
 from __future__ import annotations
@@ -12,27 +14,60 @@ from typing import Any
 
 import torch
 
-from policyc.models.default import PATCH_SIZE, SPECIAL_TOKENS, VOCAB_SIZE, default_processor
-from policyc.vqa.scenes import IMAGE_SIZE, Sample
+from policyc.models.random_tiny import CHAT_TEMPLATE, PATCH_SIZE
+from policyc.vqa.scenes import IMAGE_SIZE, Scene, vocabulary
 
 IGNORE = -100  # label of tokens the loss skips
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")  # ids 0..4
+ROLE_WORDS = ("user", "assistant", ":")  # the chat template's words (lower-cased)
+IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
+
+
+def vocab() -> list[str]:
+    """Every token: the special ones, the chat template's words, then the task's words."""
+    return [*SPECIAL_TOKENS, *ROLE_WORDS, *vocabulary()]
 
 
 def vqa_config() -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_hidden_layers=4,
-                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=128)
-    text = LlamaConfig(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
-                       num_hidden_layers=32, vocab_size=VOCAB_SIZE, max_position_embeddings=1024,
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=24,
+                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64)
+    size = len(vocab())
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=32, vocab_size=size + (-size) % 16, max_position_embeddings=1024,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=SPECIAL_TOKENS.index("<image>"),
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
                        vision_feature_layer=-2, vision_feature_select_strategy="default",
                        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, pad_token_id=0)
 
 
+def vqa_tokenizer() -> Any:
+    """A word-level tokenizer over `vocab()`: lower-cases, splits on spaces and punctuation; `<s>` first."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab())}, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                             special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="left", chat_template=CHAT_TEMPLATE)
+
+
 def vqa_processor() -> Any:
-    return default_processor(IMAGE_SIZE)
+    """A `LlavaProcessor`: CLIP preprocessing at 96x96 and the word-level tokenizer."""
+    import transformers
+
+    image_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    images = image_processor(size={"shortest_edge": IMAGE_SIZE},
+                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return transformers.LlavaProcessor(image_processor=images, tokenizer=vqa_tokenizer(), patch_size=PATCH_SIZE,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       chat_template=CHAT_TEMPLATE)
 
 
 def prompt_text(processor: Any, question: str) -> str:
@@ -40,26 +75,36 @@ def prompt_text(processor: Any, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def answer_ids(processor: Any, answer: str) -> list[int]:
-    """The tokens the model must generate: ' ANSWER' then end of sequence."""
-    tokenizer = processor.tokenizer
-    return [*tokenizer(" " + answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+def _words(processor: Any, text: str) -> list[int]:
+    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def training_batch(processor: Any, batch: Sequence[Sample]) -> dict[str, torch.Tensor]:
-    """Prompt and answer tokens, padded on the right (so positions match generation's), with labels on the
-    answer tokens only."""
+def training_batch(processor: Any, scenes: Sequence[tuple[Scene, Sequence[tuple[str, str]]]]
+                   ) -> dict[str, torch.Tensor]:
+    """One row per scene: the first question exactly as at inference (the chat template's prompt), its
+    answer and `</s>`, then each further question as `USER: question ASSISTANT: answer </s>` (more answers
+    supervised per image for the same encoder cost). Padded on the right (positions match generation's);
+    labels on the answer and `</s>` tokens only.
+
+    Returns input_ids, attention_mask, labels [rows, width] and pixel_values [rows, 3, 96, 96]."""
+    eos = processor.tokenizer.eos_token_id
     rows, labels = [], []
-    for item in batch:
-        prompt = processor(images=item.scene.render(), text=prompt_text(processor, item.question),
+    for scene, questions in scenes:
+        prompt = processor(images=scene.render(), text=prompt_text(processor, questions[0][0]),
                            return_tensors="pt")["input_ids"][0].tolist()
-        answer = answer_ids(processor, item.answer)
-        rows.append(prompt + answer)
-        labels.append([IGNORE] * len(prompt) + answer)
+        row, label = prompt, [IGNORE] * len(prompt)
+        for turn, (question, answer) in enumerate(questions):
+            if turn:
+                asked = _words(processor, f"USER: {question} ASSISTANT:")
+                row, label = row + asked, label + [IGNORE] * len(asked)
+            said = [*_words(processor, answer), eos]
+            row, label = row + said, label + said
+        rows.append(row)
+        labels.append(label)
     width = max(len(r) for r in rows)
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     label_ids = torch.tensor([x + [IGNORE] * (width - len(x)) for x in labels])
-    pixels = processor.image_processor([s.scene.render() for s in batch], return_tensors="pt")["pixel_values"]
+    pixels = processor.image_processor([scene.render() for scene, _ in scenes], return_tensors="pt")["pixel_values"]
     return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixels, "labels": label_ids}

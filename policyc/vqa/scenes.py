@@ -142,6 +142,18 @@ def sample(split: str, index: int, size: int = IMAGE_SIZE) -> Sample:
             return Sample(scene, asked[0], asked[1], kind)
 
 
+def scene_questions(split: str, index: int, count: int = len(KINDS)) -> tuple[Scene, list[tuple[str, str]]]:
+    """The `index`-th training scene of `split` with up to `count` (question, answer) pairs, one per kind
+    (starting at kind `index % 5`, skipping kinds the scene allows none of): for training, where each
+    image serves several questions. Seeded apart from `sample` (another stream of the same split)."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split '{split}': one of {', '.join(SPLIT_SEEDS)}")
+    rng = random.Random(-(SPLIT_SEEDS[split] * 1_000_003 + index) - 1)
+    scene = make_scene(rng)
+    asked = [ask(scene, KINDS[(index + k) % len(KINDS)], rng) for k in range(len(KINDS))]
+    return scene, [qa for qa in asked if qa is not None][:count]
+
+
 def samples(split: str, count: int, start: int = 0, size: int = IMAGE_SIZE) -> Iterator[Sample]:
     for index in range(start, start + count):
         yield sample(split, index, size)

@@ -1,8 +1,9 @@
-"""The embedded default model: a tiny LLaVA with random weights and a processor, built locally.
+"""`policyc:random`: a tiny LLaVA with random weights and a processor, built locally in a second.
 
 Nothing is downloaded. The weights come from a fixed seed, so every build is the same model; they
-are random, so the text it generates is noise: it exists to show the compiler end to end (tokens
-kept per stage, timings, `--show-tokens`) on any machine. Shapes:
+are random, so the text it generates is noise: it exists to test the compiler end to end (tokens
+kept per stage, timings, `--show-tokens`) quickly; the embedded default (`policyc:default`,
+policyc.models.bundled) is the trained one. Shapes:
 
 - vision: CLIP, 64x64 images in 8x8 patches (an 8x8 grid, 64 patches + CLS), 24 layers
   like LLaVA-1.5's CLIP ViT-L (so the standard library's encoder layer indices exist), hidden 64;
@@ -16,19 +17,16 @@ kept per stage, timings, `--show-tokens`) on any machine. Shapes:
 from __future__ import annotations
 
 import sys
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import torch
 
-DEFAULT_NAME = "policyc:default"  # how artifacts and `policyc run` refer to this model
 SEED = 0
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")  # ids 0..3; bytes follow from id 4
 VOCAB_SIZE = 272  # 4 special tokens + 256 bytes, rounded up to a multiple of 16
-BANNER = ("policyc's embedded default model has RANDOM weights (seed 0): its text is noise. "
+BANNER = ("policyc:random has RANDOM weights (seed 0): its text is noise. "
           "It shows what a policy keeps and what it costs, not what a trained model answers.")
 CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] | upper }}: "
                  "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
@@ -36,12 +34,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] | upper }}: "
                  "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-def sample_image_path() -> Path:
-    """The sample image shipped in the package (a generated 64x64 PNG)."""
-    return Path(str(resources.files("policyc.data").joinpath("sample.png")))
-
-
-def default_config() -> Any:
+def random_config() -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=24,
@@ -54,7 +47,7 @@ def default_config() -> Any:
                        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, pad_token_id=0)
 
 
-def default_model(device: str | torch.device = "cpu", *, banner: bool = True) -> Any:
+def random_model(device: str | torch.device = "cpu", *, banner: bool = True) -> Any:
     """The tiny LLaVA with weights drawn from a fixed seed (the global RNG is left as it was).
 
     Prints `BANNER` to stderr unless `banner` is false: its weights are random."""
@@ -64,7 +57,7 @@ def default_model(device: str | torch.device = "cpu", *, banner: bool = True) ->
         print(f"note: {BANNER}", file=sys.stderr)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = LlavaForConditionalGeneration._from_config(default_config(), attn_implementation="sdpa",
+        model = LlavaForConditionalGeneration._from_config(random_config(), attn_implementation="sdpa",
                                                            dtype=torch.float32)
     model.generation_config.pad_token_id = 0
     model.generation_config.bos_token_id = 1
@@ -72,7 +65,7 @@ def default_model(device: str | torch.device = "cpu", *, banner: bool = True) ->
     return model.to(device).eval()
 
 
-def default_tokenizer() -> Any:
+def random_tokenizer() -> Any:
     """A byte-level tokenizer: every UTF-8 byte is one token; `<image>` and the others are special."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -90,7 +83,7 @@ def default_tokenizer() -> Any:
                                    pad_token="<pad>", padding_side="left", chat_template=CHAT_TEMPLATE)
 
 
-def default_processor(image_size: int = IMAGE_SIZE) -> Any:
+def random_processor(image_size: int = IMAGE_SIZE) -> Any:
     """A `LlavaProcessor`: CLIP image preprocessing at `image_size` pixels square and the byte-level tokenizer."""
     import transformers
 
@@ -98,10 +91,9 @@ def default_processor(image_size: int = IMAGE_SIZE) -> Any:
     image_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     images = image_processor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
                                                                                "width": image_size})
-    return transformers.LlavaProcessor(image_processor=images, tokenizer=default_tokenizer(), patch_size=PATCH_SIZE,
+    return transformers.LlavaProcessor(image_processor=images, tokenizer=random_tokenizer(), patch_size=PATCH_SIZE,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=CHAT_TEMPLATE)
 
 
-__all__ = ["BANNER", "DEFAULT_NAME", "default_config", "default_model", "default_processor", "default_tokenizer",
-           "sample_image_path"]
+__all__ = ["BANNER", "random_config", "random_model", "random_processor", "random_tokenizer"]

@@ -1,0 +1,88 @@
+"""Runtime guards (policyc.runtime.guards): injected faults (NaN in the model, a selection that repeats or
+drops protected tokens) raise GuardError naming the stage, the layer and the policy line; a healthy policy
+keeps the same tokens for a sample wherever it sits in the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_inputs, tiny_llava_clip
+
+import policyc.runtime.llm as llm_runtime
+from policyc.lang import check_source
+from policyc.runtime import compile_model
+from policyc.runtime.guards import GuardError
+
+FASTV = """policy guarded {
+  stage llm.layer[1] as prune {
+    protect top 2 of vision by attention(last -> vision)
+    keep top 25% of vision by attention(last -> vision)
+  }
+}
+"""
+
+
+def compiled_fastv(model: torch.nn.Module):  # type: ignore[no-untyped-def]
+    return compile_model(model, check_source(FASTV, "guarded.tokpol")[0])
+
+
+def test_nan_scores_raise_naming_the_layer_and_the_policy_line() -> None:
+    model = tiny_llava_clip()
+    with torch.no_grad():
+        model.model.language_model.layers[1].self_attn.k_proj.weight.fill_(float("nan"))
+    compiled = compiled_fastv(model)
+    try:
+        with pytest.raises(GuardError) as error:
+            model.generate(**make_inputs(model), max_new_tokens=2, do_sample=False)
+    finally:
+        compiled.remove()
+    text = str(error.value)
+    assert "runtime guard: the score at LLM layer 1 scored" in text and "NaN" in text
+    assert "guarded.tokpol:3:" in text and "fp16 overflow" in text
+
+
+def test_repeated_kept_indices_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llava_clip()
+    compiled = compiled_fastv(model)
+    monkeypatch.setattr(llm_runtime, "selected_first", lambda keep: torch.zeros_like(keep, dtype=torch.long))
+    try:
+        with pytest.raises(GuardError, match=r"stage 'llm\.layer\[1\]' at LLM layer 1 kept token indices not sorted or "
+                                             r"repeated \(sample 0"):
+            model(**make_inputs(model))
+    finally:
+        compiled.remove()
+
+
+def test_dropping_protected_tokens_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llava_clip()
+    compiled = compiled_fastv(model)
+    run = llm_runtime._run_statements
+
+    def forgets_protection(statements, evaluator, alive, hidden, next_layer):  # type: ignore[no-untyped-def]
+        alive, hidden = run(statements, evaluator, alive, hidden, next_layer)
+        return alive & ~evaluator.state.protected, hidden  # a faulty op: drops what it must keep
+
+    monkeypatch.setattr(llm_runtime, "_run_statements", forgets_protection)
+    try:
+        with pytest.raises(GuardError, match=r"stage 'llm\.layer\[1\]' at LLM layer 1 dropped protected tokens "
+                                             r"\(sample 0"):
+            model(**make_inputs(model))
+    finally:
+        compiled.remove()
+
+
+def test_kept_tokens_do_not_depend_on_the_batch_position() -> None:
+    model = tiny_llava_clip()
+    inputs = make_inputs(model, batch=3, pad_left=[0, 2, 1], seed=5)
+    inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(3))
+    compiled = compiled_fastv(model)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            first = compiled.runtime.kept_at_layer[2].clone()
+            order = torch.tensor([2, 0, 1])
+            model(**{k: v[order] for k, v in inputs.items()})
+            second = compiled.runtime.kept_at_layer[2]
+    finally:
+        compiled.remove()
+    assert torch.equal(second, first[order])
