@@ -13,7 +13,6 @@ from pathlib import Path
 import click
 
 from policyc.errors import PolicyError
-from policyc.models.bundled import EXAMPLE_QUESTION
 
 EXIT_POLICY_ERROR = 1
 
@@ -243,14 +242,15 @@ def _emit_fx(model: object, checked: object, assignments: dict) -> None:
 @click.argument("policy", required=False)
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The image (default: the example scene shipped with policyc).")
-@click.option("--prompt", default=EXAMPLE_QUESTION, show_default=True, help="The question about the image.")
+@click.option("--prompt", help="The question about the image (default: the example scene's question, "
+                               "'what color is the triangle ?').")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @_PARAM
 @click.option("--show-tokens", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw the image with the tokens each stage kept and dropped into this PNG.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
 @_BACKEND
-def run(model: str | None, policy: str | None, image: Path | None, prompt: str, max_new_tokens: int,
+def run(model: str | None, policy: str | None, image: Path | None, prompt: str | None, max_new_tokens: int,
         params: tuple[str, ...], show_tokens: Path | None, device: str, backend: str) -> None:
     """Generate from an image and a prompt with POLICY compiled onto MODEL; print the tokens each stage
     kept and the prefill and decode timings.

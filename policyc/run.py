@@ -170,7 +170,7 @@ __all__ = ["Session", "Target", "Timings", "decode_text", "generate_timed", "ima
            "open_session", "prompt_inputs", "resolve_target", "run_command"]
 
 
-def run_command(model: str | None, policy: str | None, *, image: Path | None, prompt: str, max_new_tokens: int,
+def run_command(model: str | None, policy: str | None, *, image: Path | None, prompt: str | None, max_new_tokens: int,
                 assignments: dict[str, ir.Expr], show_tokens: Path | None, device: str,
                 console: Any = None, backend: str = "eager") -> None:
     """`policyc run`: everything it prints, in order (text, tokens kept per stage, cost, timings)."""
@@ -178,7 +178,7 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
     from rich.markup import escape
     from rich.table import Table
 
-    from policyc.models.bundled import example_image_path
+    from policyc.models.bundled import EXAMPLE_QUESTION, example_image_path
     from policyc.report import report_from_last_prefill
 
     console = console or Console()
@@ -186,7 +186,8 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
     if session.artifact is not None and (changes := session.artifact.version_changes()):
         console.print(f"[dim]note: the artifact was written with other library versions ({', '.join(changes)})[/dim]")
     dtype = next(session.model.parameters()).dtype
-    inputs = prompt_inputs(session.processor, image or example_image_path(), prompt, device, dtype)
+    inputs = prompt_inputs(session.processor, image or example_image_path(), prompt or EXAMPLE_QUESTION, device,
+                           dtype)
     tokens, timings = generate_timed(session.model, inputs, max_new_tokens)
     text = decode_text(session.processor, tokens)
     console.print(f"[bold]output[/bold] ({timings.new_tokens} tokens): {escape(repr(text))}")

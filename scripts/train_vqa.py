@@ -39,6 +39,23 @@ def identity_init(model: torch.nn.Module) -> None:
                     module.bias.zero_()
 
 
+def thumbnail_init(model: torch.nn.Module) -> None:
+    """Start the patch embedding as a colour thumbnail: output channel 3k + c is the mean of colour c over the
+    k-th 2x2-pixel block of a 4x4 grid of the patch (48 channels for patch 8 and width >= 48); the other
+    channels keep their random init. Each image token then starts out holding its patch's coarse picture,
+    which shapes and colours can be read from, instead of a random projection of it."""
+    conv = next(m for name, m in model.named_modules() if name.endswith("patch_embedding"))
+    out_channels, _, size, _ = conv.weight.shape
+    block = size // 4
+    with torch.no_grad():
+        for k in range(min(16, out_channels // 3)):
+            row, column = divmod(k, 4)
+            rows, columns = slice(row * block, (row + 1) * block), slice(column * block, (column + 1) * block)
+            for c in range(3):
+                conv.weight[3 * k + c].zero_()
+                conv.weight[3 * k + c, c, rows, columns] = 1 / block**2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -60,6 +77,7 @@ def main() -> None:
                                                        dtype=torch.float32).to(args.device)
     if args.identity_init:
         identity_init(model)
+        thumbnail_init(model)
     for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
         setattr(model.generation_config, key, value)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

@@ -69,10 +69,11 @@ def test_image_text_to_text_pipeline_runs_the_compiled_model() -> None:
     from transformers import pipeline
 
     import policyc
-    from policyc.models.random_tiny import random_model, random_processor, sample_image_path
+    from policyc.models.bundled import example_image_path
+    from policyc.models.random_tiny import random_model, random_processor
 
     model, processor = random_model(banner=False), random_processor()
-    image = Image.open(sample_image_path()).convert("RGB")
+    image = Image.open(example_image_path()).convert("RGB")
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
     policyc.compile(model, "fastv", ratio="25%")
     pipe = pipeline("image-text-to-text", model=model, processor=processor)

@@ -1,5 +1,5 @@
-"""`policyc run` on the embedded default model (the bundled trained model), the random tiny model, a local
-model directory and an artifact; `--show-tokens`; the embedded models and their processors."""
+"""`policyc run` on the embedded default model (random weights), a local model directory and an artifact;
+`--show-tokens`; the embedded models, their processors, and loading the trained `policyc:vqa` directory."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from PIL import Image
 
 from policyc.cli import main
 from policyc.errors import PolicyError
-from policyc.models import adapt
-from policyc.models.bundled import DEFAULT_NAME, EXAMPLE_QUESTION, RANDOM_NAME, bundled_model_dir, example_image_path
+from policyc.models import adapt, bundled
+from policyc.models.bundled import DEFAULT_NAME, VQA_NAME, example_image_path, load_reference_model
 from policyc.models.random_tiny import random_model, random_processor
 from policyc.run import Target, generate_timed, prompt_inputs, resolve_target
 
@@ -58,30 +58,37 @@ def test_run_fastv_on_the_default_model(image: Path) -> None:
     code, out, err = invoke("run", "fastv", "--image", str(image), "--prompt", "Where is the sun?",
                             "--max-new-tokens", "3")
     assert code == 0, err
-    assert "RANDOM weights" not in err
+    assert "RANDOM weights" in err
     assert "tokens kept per stage" in out and "timings" in out and "expected prefill speedup" in out
     row = next(line for line in out.splitlines() if "llm.layer[layer]" in line)
-    assert row.split("│")[3:6] == [" 1     ", " 144             ", " 72   "]  # fastv: 50% of 144 after layer 1
+    assert row.split("│")[3:6] == [" 1     ", " 64              ", " 32   "]  # fastv: 50% of 64 after layer 1
 
 
-def test_the_random_model_runs_by_name_and_says_it_is_random() -> None:
-    code, out, err = invoke("run", "random", "fastv", "--max-new-tokens", "2")
+def test_run_without_a_policy_and_with_the_example_image() -> None:
+    assert example_image_path().is_file()
+    code, out, err = invoke("run", "--max-new-tokens", "2")
     assert code == 0, err
-    assert "RANDOM weights" in err and " 32   " in next(x for x in out.splitlines() if "llm.layer[layer]" in x)
-    assert resolve_target("random", None) == Target(RANDOM_NAME)
+    assert "no policy: the model ran unchanged" in out and "RANDOM weights" in err
 
 
-def test_run_with_no_arguments_answers_the_example_question() -> None:
-    """The bundled model is loaded with from_pretrained from the package directory and answers the example
-    question about the example scene (test sample 0: its triangle is green)."""
-    from policyc.vqa.scenes import sample
+def test_the_trained_model_loads_from_its_package_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`policyc:vqa` is a save_pretrained directory loaded with from_pretrained; without weights it fails
+    clearly (they are not shipped yet)."""
+    from transformers import LlavaForConditionalGeneration
 
-    assert (bundled_model_dir() / "model.safetensors").is_file() and example_image_path().is_file()
-    item = sample("test", 0)
-    assert item.question == EXAMPLE_QUESTION and item.answer == "green"
-    code, out, err = invoke("run")
+    from policyc.vqa.model import vqa_config, vqa_processor
+
+    monkeypatch.setattr(bundled, "bundled_model_dir", lambda: tmp_path / "vqa")
+    code, _, err = invoke("run", "vqa", "fastv")
+    assert code == 1 and "the trained model policyc:vqa is not shipped in this version" in err
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration._from_config(vqa_config()).save_pretrained(tmp_path / "vqa")
+    vqa_processor().save_pretrained(tmp_path / "vqa")
+    model = load_reference_model(VQA_NAME)
+    assert adapt(model).tokens_per_image == 144 and len(adapt(model).decoder_layers) == 32
+    code, out, err = invoke("run", "vqa", "fastv", "--max-new-tokens", "2")
     assert code == 0, err
-    assert "no policy: the model ran unchanged" in out and "output (2 tokens): 'green'" in out
+    assert " 72   " in next(x for x in out.splitlines() if "llm.layer[layer]" in x)  # 50% of 144
 
 
 def test_show_tokens_writes_a_png(image: Path, tmp_path: Path) -> None:
@@ -94,7 +101,7 @@ def test_show_tokens_writes_a_png(image: Path, tmp_path: Path) -> None:
     with Image.open(target) as drawn:
         assert drawn.format == "PNG" and drawn.width == 900  # 3 panels of 3 inches at 100 dpi: input, 2 layers
     assert [line.split("│")[4:6] for line in out.splitlines() if "llm.layer[2, 5]" in line] == [
-        [" 144             ", " 72   "], [" 72              ", " 36   "]]
+        [" 64              ", " 32   "], [" 32              ", " 16   "]]
     assert f"wrote {target}" in out
 
 
