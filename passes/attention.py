@@ -97,12 +97,15 @@ class Attention(SignalOp):
         probabilities = attention_rows(recorded.query, recorded.key, recorded.scaling, rows, visible)
         heads = self.option(call, "heads", ctx)
         per_row = _HEADS[heads.id if isinstance(heads, ir.Name) else "mean"](probabilities)  # [B, Q, R]
-        per_row = per_row.masked_fill(~real_row[:, :, None], float("nan"))
         queries = self.option(call, "queries", ctx)
         reduce = queries.id if isinstance(queries, ir.Name) else "mean"
+        padding = ~real_row[:, :, None]  # masked explicitly (not nan-skipping reductions: a model NaN must show)
         if reduce == "max":
-            per_key = per_row.nan_to_num(float("-inf")).amax(1)
+            per_key = per_row.masked_fill(padding, float("-inf")).amax(1) if width else per_row.sum(1)
         else:
-            per_key = (torch.nansum if reduce == "sum" else torch.nanmean)(per_row, 1)
+            per_key = per_row.masked_fill(padding, 0.0).sum(1)
+            if reduce == "mean":
+                per_key = per_key / count.clamp(min=1)[:, None].to(per_key.dtype)
+        per_key = per_key.masked_fill((count == 0)[:, None], 0.0)  # no query row (e.g. no text): no attention
         return torch.zeros(ctx.state.image.shape, dtype=per_key.dtype, device=per_key.device).scatter(1, origin,
                                                                                                        per_key)

@@ -214,7 +214,8 @@ def _redact(url: str) -> str:
     if not at or "://" not in head:
         return url
     scheme, _, credentials = head.partition("://")
-    return f"{scheme}://{credentials.split(':')[0]}:***@{tail}"
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}://{user}:***@{tail}" if colon else url
 
 
 def _finished(study: Any) -> list[Any]:

@@ -64,7 +64,7 @@ def test_search_measures_trials_and_returns_a_front_of_valid_policies(model_and_
     space_file.write_text(SPACE)
     space = load_space(f"{space_file}:both")
     evaluate = harness(model, processor, synthetic_items("validation", 3), batch_size=3)
-    result = search(model, space, evaluate, model_ref="policyc:random", n_trials=7,
+    result = search(model, space, evaluate, model_ref="policyc:default", n_trials=7,
                     storage=sqlite(tmp_path / "s.db"))
     assert len(result.trials) == 7 and result.baseline["flops"] == 1.0
     # the candidates at their defaults come first
@@ -110,7 +110,7 @@ def test_a_policy_measured_once_is_reused_not_measured_again(model_and_processor
 
 
 def test_python_api_with_a_model_reference(tmp_path: Path) -> None:
-    result = policyc.search("random", "fastv", limit=2, batch_size=2, n_trials=3,
+    result = policyc.search("default", "fastv", limit=2, batch_size=2, n_trials=3,
                             storage=sqlite(tmp_path / "api.db"), objectives={"accuracy": "maximize", "kv": "minimize"})
     assert len(result.trials) == 3 and set(result.objectives) == {"accuracy", "kv"}
     assert all(0 < t.metrics["kv"] < 1 for t in result.trials)
@@ -144,7 +144,7 @@ def completed(storage: str, study: str) -> dict[int, dict]:
 
 
 def search_process(space: Path, out: Path, storage: str, trials: int, seed: int = 0) -> subprocess.Popen:
-    command = [sys.executable, "-m", "policyc.cli", "search", "random", f"{space}:both", "--trials", str(trials),
+    command = [sys.executable, "-m", "policyc.cli", "search", "default", f"{space}:both", "--trials", str(trials),
                "--limit", "2", "--batch-size", "2", "--heartbeat", "1", "--seed", str(seed), "--storage", storage,
                "--study", "s", "-o", str(out)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
@@ -170,6 +172,36 @@ class CompiledModel:
                 if stages:
                     adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        self._serialize_generate()
+
+    def _serialize_generate(self) -> None:
+        """The runtime keeps one request's state (kept rows, positions, cache bookkeeping) from prefill to the
+        last decode step, so requests must not interleave: generate() takes a lock for the whole call (threads
+        sharing the model wait their turn), and a bare forward() from another thread during one raises."""
+        self._request_lock = threading.Lock()
+        self._holder: int | None = None
+        model = self.model
+        previous = model.__dict__.get("generate")  # an instance-level wrapper installed before (vision.py)
+        inner = model.generate
+
+        @functools.wraps(inner)
+        def generate_one_at_a_time(*args: object, **kwargs: object) -> object:
+            with self._request_lock:
+                self._holder = threading.get_ident()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    self._holder = None
+
+        model.generate = generate_one_at_a_time
+
+        def undo() -> None:
+            if previous is None:
+                del model.generate
+            else:
+                model.generate = previous
+
+        self._unwrap_generate = undo
 
     def _compile_graphs(self, stage_layers: list[int], inductor: bool) -> None:
         from policyc.passes.graph import GraphContext
@@ -207,6 +239,12 @@ class CompiledModel:
         return record
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        holder = self._holder
+        if holder is not None and holder != threading.get_ident():
+            raise PolicyError.at("this compiled model is inside a generate() call of another thread: its runtime "
+                                 "holds that request's state until the call returns", None,
+                                 "use generate() from every thread (calls are serialized), or compile one model "
+                                 "per thread")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(input_ids, torch.Tensor):
             raise PolicyError.at("the compiled model needs input_ids (image positions are read from them)", None)
@@ -219,6 +257,9 @@ class CompiledModel:
     def remove(self) -> None:
         """Undo the rewrite: original layers, attention function and hooks."""
         adapter = self.plan.adapter
+        if self._unwrap_generate is not None:
+            self._unwrap_generate()  # first: it is the outermost generate() wrapper
+            self._unwrap_generate = None
         self.images.remove()
         for index, inner in self._wrapped:
             adapter.decoder_layers[index] = inner

@@ -21,6 +21,10 @@ IGNORE = -100  # label of tokens the loss skips
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")  # ids 0..4
 ROLE_WORDS = ("user", "assistant", ":")  # the chat template's words (lower-cased)
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
+# Llama's and the projector's init std: 1/sqrt(width) for width 64. Their default 0.02 suits widths in the
+# thousands; at 64 every projection shrinks signals about 6x, and the image barely reaches the answer (measured:
+# a 2+2-layer model stayed at the answer priors for 1500 steps with 0.02, and learned with 0.125).
+INIT_STD = 0.125
 
 
 def vocab() -> list[str]:
@@ -36,10 +40,10 @@ def vqa_config() -> Any:
     size = len(vocab())
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                        num_hidden_layers=32, vocab_size=size + (-size) % 16, max_position_embeddings=1024,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=INIT_STD)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
                        vision_feature_layer=-2, vision_feature_select_strategy="default",
-                       image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, pad_token_id=0)
+                       image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, pad_token_id=0, initializer_range=INIT_STD)
 
 
 def vqa_tokenizer() -> Any:
