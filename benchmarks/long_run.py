@@ -17,6 +17,7 @@ import os
 import platform
 import time
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ def resident_mib() -> float:
 
 def live_tensors() -> int:
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    with warnings.catch_warnings():  # isinstance() on some torch module objects warns about deprecations
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
 def main() -> None:
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--policy", default="mustdrop")
+    parser.add_argument("--max-new-tokens", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -69,9 +73,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         if call < args.calls:
             with torch.no_grad():
-                model.generate(**batches[call % 2], max_new_tokens=6, do_sample=False)
+                model.generate(**batches[call % 2], max_new_tokens=args.max_new_tokens, do_sample=False)
     first, last = rows[1] if len(rows) > 2 else rows[0], rows[-1]  # after warm-up (the first 100 calls)
     summary = {"policy": args.policy, "device": args.device, "machine": platform.machine(),
+               "max_new_tokens": args.max_new_tokens,
                "torch": torch.__version__, "calls": args.calls, "samples": rows,
                "growth_after_warmup": {k: round(last[k] - first[k], 2) for k in last if k not in ("calls", "seconds")}}
     print("growth from call", first["calls"], "to", last["calls"], ":", summary["growth_after_warmup"])

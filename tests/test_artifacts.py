@@ -96,6 +96,8 @@ def _copy(artifact: Path, tmp_path: Path) -> Path:
     (lambda d: (d / "manifest.json").write_text("{not json"), r"manifest.json is not valid JSON \(line 1"),
     (lambda d: (d / "policy.tokpol").write_text((d / "policy.tokpol").read_text().replace("50%", "60%")),
      "policy.tokpol does not match the sha256 in manifest.json"),
+    (lambda d: (d / "policy.tokpol").write_text((d / "policy.tokpol").read_text()[:40]),  # truncated
+     "policy.tokpol does not match the sha256 in manifest.json"),
     (lambda d: (d / "report.json").unlink(), "report.json is missing"),
     (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text().replace('"25%"', '"30%"')),
      "manifest.json does not match its own sha256"),
