@@ -32,19 +32,21 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def check(files: tuple[Path, ...], quiet: bool) -> None:
     """Parse and validate policy FILES."""
-    from policyc.lang import Loader, check_path
+    from policyc.lang import Loader, check_path, check_search_path
 
     loader = Loader()
     failed = 0
     for path in files:
         try:
             checked = check_path(path, loader)
+            searches = check_search_path(path, loader) if not quiet else []
         except PolicyError as error:
             _fail(error)
             failed += 1
             continue
         if not quiet:
-            names = ", ".join(c.program.policy.name for c in checked) or "no policies"
+            names = ", ".join([c.program.policy.name for c in checked] + [f"search {s.name}" for s in searches])
+            names = names or "no policies"
             click.echo(f"ok  {path}  ({names})")
     if failed:
         click.echo(f"{failed} of {len(files)} file{'s' * (len(files) != 1)} failed", err=True)

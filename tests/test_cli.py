@@ -157,3 +157,10 @@ def test_compile_emit_fx_prints_the_rewritten_prefill_graph(tmp_path: Path) -> N
     assert headers[0] == "# graph 0: prefill (passes applied: stage_drop)"
     assert any(h.endswith("decode (passes applied: none)") for h in headers[1:])
     assert out.count("torch.ops.policyc.llm_stage.default(") == 1
+
+
+def test_check_lists_the_searches_of_a_file() -> None:
+    example = Path(__file__).parent.parent / "examples" / "budget_front.tokpol"
+    code, out, err = run("check", str(example))
+    assert code == 0, err
+    assert out.strip() == f"ok  {example}  (search budget_front)"
