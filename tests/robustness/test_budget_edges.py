@@ -100,3 +100,32 @@ def test_a_long_prompt_runs() -> None:
         assert [int(image[r, compiled.kept_positions[r]].sum()) for r in range(2)] == [8, 8]
     finally:
         compiled.remove()
+
+
+def test_images_of_different_sizes_in_one_batch() -> None:
+    """The processor brings every image to the encoder's size; each row of the batch then keeps what it keeps
+    alone (FastV on the embedded default model, through its processor and chat template)."""
+    from generation import assert_rows_equal_single_runs
+    from PIL import Image
+
+    from policyc.models.random_tiny import random_model, random_processor
+
+    model, processor = random_model(banner=False), random_processor()
+    generator = torch.Generator().manual_seed(0)
+    images = [Image.frombytes("RGB", (w, h), bytes(torch.randint(0, 256, (h * w * 3,), generator=generator,
+                                                                 dtype=torch.uint8).tolist()))
+              for w, h in ((50, 40), (200, 90))]
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+               "text": text}]}], add_generation_prompt=True) for text in ("what is it ?", "and where is the red one ?")]
+    inputs = dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+    assert inputs["pixel_values"].shape == (2, 3, 64, 64)
+    compiled = compile_model(model, check_source(
+        "policy p { stage llm.layer[1] { keep top 25% of vision by attention(last -> vision) } }")[0])
+    def scored(x: dict) -> object:
+        return model.generate(**x, max_new_tokens=4, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True)
+
+    try:
+        assert_rows_equal_single_runs(scored, inputs, scored(inputs), 4)
+    finally:
+        compiled.remove()
