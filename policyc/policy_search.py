@@ -29,6 +29,7 @@ from policyc.lang.search_space import CheckedSearch, SearchDimension
 DIRECTIONS = {"accuracy": "maximize", "vqa_score": "maximize", "flops": "minimize", "kv": "minimize",
               "latency_ms": "minimize", "image_tokens": "minimize"}
 METRIC_PREFIX = "metric:"  # user attributes of a trial that hold its measured figures
+DEFAULT_STORAGE = "sqlite:///policyc-search.db"
 
 # (compiled model, candidate) -> figures; (None, None) measures the unmodified model
 Evaluate = Callable[[Any, "Candidate | None"], Mapping[str, float]]
@@ -69,7 +70,7 @@ class SearchResult:
     baseline: dict[str, float] = field(default_factory=dict)  # the unmodified model's figures, when measured
 
     def feasible(self, trial: TrialResult) -> bool:
-        return all(_satisfies(trial.metrics[name], bound, self.objectives.get(name, "minimize"))
+        return all(_satisfies(trial.metrics[name], bound, direction_of(name, self.objectives))
                    for name, bound in self.constraints.items())
 
     @property
@@ -82,6 +83,11 @@ class SearchResult:
                 front.setdefault(trial.key, trial)
         first, direction = next(iter(self.objectives.items()))
         return sorted(front.values(), key=lambda t: t.metrics[first], reverse=direction == "maximize")
+
+
+def direction_of(name: str, objectives: Mapping[str, str]) -> str:
+    """Whether a figure is maximized: as an objective says, else as known (accuracy up, costs down)."""
+    return objectives.get(name) or DIRECTIONS.get(name, "minimize")
 
 
 def _satisfies(value: float, bound: float, direction: str) -> bool:
@@ -193,7 +199,7 @@ def open_study(storage: str | None, study_name: str, objectives: Mapping[str, st
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, metric names
-    url = storage or "sqlite:///policyc-search.db"
+    url = storage or DEFAULT_STORAGE
     try:
         rdb = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                                          engine_kwargs={"pool_pre_ping": True})
@@ -268,7 +274,7 @@ def search(model: Any, space: CheckedSearch, evaluate: Evaluate, *, model_ref: s
 
     chosen = directions(objectives)
     bounds = dict(constraints or {})
-    name = study_name or f"{space.name}"
+    name = study_name or space.name
     if sampler is None:
         def constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
             return list(trial.user_attrs.get("constraints", []))
@@ -305,7 +311,7 @@ def search(model: Any, space: CheckedSearch, evaluate: Evaluate, *, model_ref: s
                                  f"it returned {', '.join(figures) or 'nothing'}")
         for metric, value in figures.items():
             trial.set_user_attr(METRIC_PREFIX + metric, float(value))
-        trial.set_user_attr("constraints", [_violation(figures[n], b, chosen.get(n, "minimize"))
+        trial.set_user_attr("constraints", [_violation(figures[n], b, direction_of(n, chosen))
                                             for n, b in bounds.items()])
         return tuple(float(figures[n]) for n in chosen)
 
@@ -319,7 +325,7 @@ def search(model: Any, space: CheckedSearch, evaluate: Evaluate, *, model_ref: s
         study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=states), report],
                        catch=())
     trials = sorted((_result(t) for t in _finished(study)), key=lambda t: t.number)
-    return SearchResult(name, _redact(storage or "sqlite:///policyc-search.db"), chosen, bounds, trials,
+    return SearchResult(name, _redact(storage or DEFAULT_STORAGE), chosen, bounds, trials,
                         dict(study.user_attrs.get("baseline", {})))
 
 

@@ -190,3 +190,15 @@ def _safe_completed(storage: str) -> dict[int, dict]:
         return completed(storage, "s")
     except Exception:  # the study does not exist yet
         return {}
+
+
+def test_a_constraint_on_a_figure_that_is_no_objective_keeps_its_own_direction() -> None:
+    from policyc.policy_search import SearchResult
+
+    def trial(number: int, accuracy: float, flops: float) -> TrialResult:
+        return TrialResult(number, "p", {}, "", f"k{number}", {"accuracy": accuracy, "flops": flops})
+
+    weak, strong = trial(0, 0.1, 0.2), trial(1, 0.9, 0.5)
+    result = SearchResult("s", "", {"flops": "minimize"}, {"accuracy": 0.5}, [weak, strong])
+    assert not result.feasible(weak) and result.feasible(strong)  # accuracy >= 0.5, though only flops is optimized
+    assert result.front == [strong]
