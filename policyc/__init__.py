@@ -4,6 +4,7 @@
     model = policyc.compile(model, "fastv", ratio="25%")  # in place; model.policyc is the CompiledModel
     model = policyc.load("fastv.artifact")                # an artifact of `policyc compile ... -o DIR`
     checked = policyc.parse("policy p { ... }")           # or a path, or a standard-library name
+    result = policyc.search("default", "fastv,pyramiddrop")  # Pareto front of accuracy vs FLOPs: result.front
 
 Importing `policyc` imports neither torch nor transformers; each function imports what it needs.
 """
