@@ -1,12 +1,15 @@
 """Train the small LLaVA (policyc.vqa.model) on synthetic scenes; deterministic for a given seed and device.
 
     python scripts/train_vqa.py --out runs/vqa --steps 3000 --batch 32
+    python scripts/train_vqa.py --out runs/vqa --steps 3000 --batch 32 --resume   # after an interruption
 
 Each training row is one scene with up to five questions (policyc.vqa.scenes.scene_questions): the first
 as at inference, the others as further chat turns.
 
 Writes DIR/model (save_pretrained: config, safetensors weights, processor) whenever validation accuracy
-improves, and DIR/log.jsonl (step, loss, validation accuracy per kind, seconds).
+improves, DIR/checkpoint.pt (everything --resume needs) at every evaluation, and DIR/log.jsonl (step, loss,
+validation accuracy per kind, seconds). Training batches are a function of the step, so a resumed run sees
+the batches the interrupted one would have.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from DIR/checkpoint.pt (weights, optimizer, schedule, step, best accuracy)")
     parser.add_argument("--identity-init", action=argparse.BooleanOptionalAction, default=True,
                         help="zero the output projection of every attention and MLP block (each starts as identity)")
     args = parser.parse_args()
@@ -94,8 +99,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "log.jsonl").open("a")
     validation = list(samples("validation", args.eval_samples))
-    best, losses, start = -1.0, [], time.time()
-    for step in range(args.steps):
+    best, losses, start, first = -1.0, [], time.time(), 0
+    checkpoint = args.out / "checkpoint.pt"
+    if args.resume:
+        state = torch.load(checkpoint, map_location=args.device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first, best = state["step"], state["best"]
+        torch.set_rng_state(state["rng"])
+    for step in range(first, args.steps):
         model.train()
         batch = training_batch(processor, [scene_questions("train", step * args.batch + row)
                                            for row in range(args.batch)])
@@ -124,6 +137,9 @@ def main() -> None:
                 best = score
                 model.save_pretrained(args.out / "model")
                 processor.save_pretrained(args.out / "model")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step + 1, "best": best,
+                        "rng": torch.get_rng_state()}, checkpoint)
 
 
 if __name__ == "__main__":
