@@ -31,6 +31,7 @@ from policyc.runtime.attention import register
 from policyc.runtime.cache import CacheRuntime
 from policyc.runtime.evaluate import Captured
 from policyc.runtime.llm import ImageSource, Runtime
+from policyc.runtime.patching import replace_attribute
 from policyc.runtime.rows import compact_positions, gather_decode, gather_prefill, is_static
 from policyc.runtime.support import check_supported
 from policyc.runtime.vision import ImageStages
@@ -180,9 +181,7 @@ class CompiledModel:
         sharing the model wait their turn), and a bare forward() from another thread during one raises."""
         self._request_lock = threading.Lock()
         self._holder: int | None = None
-        model = self.model
-        previous = model.__dict__.get("generate")  # an instance-level wrapper installed before (vision.py)
-        inner = model.generate
+        inner = self.model.generate  # the class's, or a wrapper installed before (vision.py)
 
         @functools.wraps(inner)
         def generate_one_at_a_time(*args: object, **kwargs: object) -> object:
@@ -193,15 +192,7 @@ class CompiledModel:
                 finally:
                     self._holder = None
 
-        model.generate = generate_one_at_a_time
-
-        def undo() -> None:
-            if previous is None:
-                del model.generate
-            else:
-                model.generate = previous
-
-        self._unwrap_generate = undo
+        self._unwrap_generate = replace_attribute(self.model, "generate", generate_one_at_a_time)
 
     def _compile_graphs(self, stage_layers: list[int], inductor: bool) -> None:
         from policyc.passes.graph import GraphContext

@@ -20,6 +20,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 from policyc.passes.graph import GRAPH_PASSES, GraphContext, Phase, is_attention, layer_of
 from policyc.runtime import ops  # noqa: F401  (registers the policyc:: operators)
+from policyc.runtime.patching import replace_attribute
 
 
 @dataclass
@@ -75,7 +76,6 @@ def _phase(graph: fx.Graph, ctx: GraphContext) -> Phase | None:
 
 def compile_decoder(decoder: torch.nn.Module, backend: GraphBackend) -> Callable[[], None]:
     """Route `decoder`'s forward through torch.compile with `backend`; returns the undo."""
-    original = decoder.__dict__.get("forward")
     compiled = torch.compile(decoder.forward, backend=backend, dynamic=True)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -83,11 +83,4 @@ def compile_decoder(decoder: torch.nn.Module, backend: GraphBackend) -> Callable
         with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
             return compiled(*args, **kwargs)
 
-    decoder.forward = forward
-
-    def undo() -> None:
-        if original is None:
-            del decoder.forward
-        else:
-            decoder.forward = original
-    return undo
+    return replace_attribute(decoder, "forward", forward)
