@@ -14,6 +14,7 @@ running is marked failed and its policy is measured afresh.
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -201,8 +202,7 @@ def open_study(storage: str | None, study_name: str, objectives: Mapping[str, st
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, metric names
     url = storage or DEFAULT_STORAGE
     try:
-        rdb = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                         engine_kwargs={"pool_pre_ping": True})
+        rdb = _rdb_storage(url, heartbeat)
         return optuna.create_study(study_name=study_name, storage=rdb, sampler=sampler, load_if_exists=True,
                                    directions=list(objectives.values()))
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ModuleNotFoundError) as error:
@@ -212,6 +212,25 @@ def open_study(storage: str | None, study_name: str, objectives: Mapping[str, st
     except ValueError as error:  # a study of the same name with other directions
         raise PolicyError.at(f"study '{study_name}' in {_redact(url)} does not fit this search: {error}", None,
                              "give another --study name, or the objectives it was made with") from None
+
+
+def _rdb_storage(url: str, heartbeat: int, attempts: int = 5) -> Any:
+    """Optuna's RDBStorage at `url`. Workers that start together on an empty database race to create its
+    tables (PostgreSQL: a unique violation on pg_type, or "relation already exists"); the loser retries
+    once the winner's tables exist. Connection errors (OperationalError) are not retried."""
+    import optuna
+    import sqlalchemy
+
+    def open_storage() -> Any:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                          engine_kwargs={"pool_pre_ping": True})
+
+    for attempt in range(attempts - 1):
+        try:
+            return open_storage()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
+    return open_storage()
 
 
 def _redact(url: str) -> str:
