@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -28,6 +30,9 @@ from policyc.vqa.accuracy import accuracy
 from policyc.vqa.model import training_batch, vqa_config, vqa_processor
 from policyc.vqa.scenes import samples, scene_questions
 
+RESIDUAL_OUTPUTS = ("out_proj", "fc2", "o_proj", "down_proj")  # each block's projections into the residual stream
+LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)\.(.*)$")  # prefix of a layer list, layer index, rest
+
 
 def identity_init(model: torch.nn.Module) -> None:
     """Zero each residual block's output projections (CLIP out_proj/fc2, Llama o_proj/down_proj) so the deep,
@@ -35,8 +40,7 @@ def identity_init(model: torch.nn.Module) -> None:
     De & Smith 2020); without it the model sits on the answer priors for hundreds of steps."""
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("out_proj", "fc2", "o_proj",
-                                                                                    "down_proj"):
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS:
                 module.weight.zero_()
                 if module.bias is not None:
                     module.bias.zero_()
@@ -59,6 +63,67 @@ def thumbnail_init(model: torch.nn.Module) -> None:
                 conv.weight[3 * k + c, c, rows, columns] = 1 / block**2
 
 
+PATCH_TARGETS = {"color": 7, "kind": 4, "centre": 2, "cell": 9}  # Scene.patch_labels: classes per target
+
+
+def pretrain_vision(model: torch.nn.Module, processor: object, steps: int, batch: int, lr: float) -> None:
+    """Pretrain the vision tower alone, as LLaVA starts from a pretrained CLIP: linear heads on the features
+    LLaVA takes (hidden_states[-2] without CLS, [B, 144, width]) predict each patch's shape colour, shape kind,
+    whether a shape's centre lies in it, and its layout cell (Scene.patch_labels). The heads are dropped after."""
+    tower = model.model.vision_tower
+    device = next(tower.parameters()).device
+    width = tower.config.hidden_size
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in PATCH_TARGETS.items()}).to(device)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=lr, weight_decay=0.05)
+    for step in range(steps):
+        scenes = [scene_questions("train", step * batch + row)[0] for row in range(batch)]
+        pixels = processor.image_processor([s.render() for s in scenes], return_tensors="pt")["pixel_values"]
+        features = tower(pixels.to(device), output_hidden_states=True).hidden_states[-2][:, 1:]
+        labels = [scene.patch_labels() for scene in scenes]
+        loss, correct = torch.zeros((), device=device), {}
+        for name, head in heads.items():
+            target = torch.tensor([label[name] for label in labels], device=device)
+            logits = head(features)
+            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+            correct[name] = round((logits.argmax(-1) == target).float().mean().item(), 4)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            print(json.dumps({"vision_step": step + 1, "loss": round(loss.item(), 4), "patch_accuracy": correct}),
+                  flush=True)
+
+
+def stack_layers(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Load a shallower trained model into a deeper one of the same widths by progressive stacking (Gong et al.
+    2019, "Efficient training of BERT by progressively stacking"): target layer j of a stack of depth D copies
+    source layer floor(j * d / D) of depth d, with its residual output projections scaled by d / D, so each run
+    of D/d copies adds about what the one source layer added. Everything outside the layer stacks is copied."""
+    weights = source.state_dict()
+
+    def depths(keys: Iterable[str]) -> dict[str, int]:
+        found: dict[str, int] = defaultdict(int)
+        for key in keys:
+            if match := LAYER_KEY.match(key):
+                found[match[1]] = max(found[match[1]], int(match[2]) + 1)
+        return found
+
+    shallow, deep = depths(weights), depths(target.state_dict())
+    stacked = {}
+    for key in target.state_dict():
+        match = LAYER_KEY.match(key)
+        if match is None:
+            stacked[key] = weights[key]
+            continue
+        prefix, index, rest = match[1], int(match[2]), match[3]
+        value = weights[f"{prefix}{index * shallow[prefix] // deep[prefix]}.{rest}"]
+        if rest.split(".")[-2] in RESIDUAL_OUTPUTS:
+            value = value * shallow[prefix] / deep[prefix]
+        stacked[key] = value
+    target.load_state_dict(stacked)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -70,6 +135,14 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vision-layers", type=int, default=24)
+    parser.add_argument("--text-layers", type=int, default=32)
+    parser.add_argument("--pretrain-vision", type=int, default=0, metavar="STEPS",
+                        help="first train the vision tower alone on per-patch scene labels for STEPS steps")
+    parser.add_argument("--freeze-vision", action="store_true",
+                        help="keep the vision tower fixed (implied by --pretrain-vision)")
+    parser.add_argument("--grow-from", type=Path,
+                        help="start from this shallower trained model (DIR/model), its layers stacked to full depth")
     parser.add_argument("--resume", action="store_true",
                         help="continue from DIR/checkpoint.pt (weights, optimizer, schedule, step, best accuracy)")
     parser.add_argument("--identity-init", action=argparse.BooleanOptionalAction, default=True,
@@ -78,15 +151,23 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     processor = vqa_processor()
-    model = LlavaForConditionalGeneration._from_config(vqa_config(), attn_implementation="sdpa",
+    config = vqa_config(args.vision_layers, args.text_layers)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa",
                                                        dtype=torch.float32).to(args.device)
-    if args.identity_init:
+    if args.grow_from:
+        stack_layers(LlavaForConditionalGeneration.from_pretrained(args.grow_from, dtype=torch.float32), model)
+    elif args.identity_init:
         identity_init(model)
         thumbnail_init(model)
+    if args.pretrain_vision and not args.resume:
+        pretrain_vision(model, processor, args.pretrain_vision, args.batch, args.lr)
+    if args.pretrain_vision or args.freeze_vision:  # LLaVA trains the projector and LLM on a frozen CLIP
+        model.model.vision_tower.requires_grad_(False)
     for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
         setattr(model.generation_config, key, value)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    rest = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.98))
 

@@ -25,6 +25,11 @@ IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
 # thousands; at 64 every projection shrinks signals about 6x, and the image barely reaches the answer (measured:
 # a 2+2-layer model stayed at the answer priors for 1500 steps with 0.02, and learned with 0.125).
 INIT_STD = 0.125
+# Attention heads of 32 dimensions with RoPE base 1e6: at 16 dimensions and base 1e4 only 3 of 8 rotary pairs
+# turn less than a radian across the ~170 positions of a prompt, too few for an answer token to find an image
+# token by its content wherever it lies.
+HEAD_DIM = 32
+ROPE_THETA = 1e6
 
 
 def vocab() -> list[str]:
@@ -32,14 +37,17 @@ def vocab() -> list[str]:
     return [*SPECIAL_TOKENS, *ROLE_WORDS, *vocabulary()]
 
 
-def vqa_config() -> Any:
+def vqa_config(vision_layers: int = 24, text_layers: int = 32) -> Any:
+    """The shipped shape (24 CLIP and 32 Llama layers); shallower ones train first (scripts/train_vqa.py)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=24,
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                              num_hidden_layers=vision_layers,
                               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64)
     size = len(vocab())
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                       num_hidden_layers=32, vocab_size=size + (-size) % 16, max_position_embeddings=1024,
+                       head_dim=HEAD_DIM, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+                       num_hidden_layers=text_layers, vocab_size=size + (-size) % 16, max_position_embeddings=1024,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=INIT_STD)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
                        vision_feature_layer=-2, vision_feature_select_strategy="default",

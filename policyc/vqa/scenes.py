@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -54,17 +55,41 @@ class Scene:
         """The scene as an RGB image of `size` x `size` pixels."""
         image = Image.new("RGB", (self.size, self.size), self.background)
         draw = ImageDraw.Draw(image)
+        for shape in self.shapes:
+            _draw(draw, shape, self.size / IMAGE_SIZE, COLORS[shape.color])
+        return image
+
+    def patch_labels(self, patch: int = 8, cover: float = 0.2) -> dict[str, list[int]]:
+        """Per-patch targets for pretraining a vision tower on this scene, one entry per patch of the
+        (size / patch)^2 grid in row-major order: `color` (0 background, 1 + index into COLORS) and `kind`
+        (0 none, 1 + index into SHAPES) of the shape covering most of the patch (at least `cover` of it),
+        `centre` (1 where a shape's centre lies), and `cell` (the 3 x 3 layout cell the patch lies in)."""
+        grid = self.size // patch
+        best = [(cover, None)] * grid**2
         scale = self.size / IMAGE_SIZE
         for shape in self.shapes:
-            r = SIZES[shape.size] * scale
-            x, y, fill = shape.x * scale, shape.y * scale, COLORS[shape.color]
-            if shape.kind == "circle":
-                draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-            elif shape.kind == "square":
-                draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
-            else:
-                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
-        return image
+            mask = Image.new("L", (self.size, self.size), 0)
+            _draw(ImageDraw.Draw(mask), shape, scale, 255)
+            shares = mask.resize((grid, grid), Image.Resampling.BOX).tobytes()  # one byte per patch
+            best = [(share / 255, shape) if share / 255 >= top else (top, old)
+                    for share, (top, old) in zip(shares, best, strict=True)]
+        colors, kinds = list(COLORS), list(SHAPES)
+        centres = {int(s.y * scale) // patch * grid + int(s.x * scale) // patch for s in self.shapes}
+        return {"color": [0 if s is None else 1 + colors.index(s.color) for _, s in best],
+                "kind": [0 if s is None else 1 + kinds.index(s.kind) for _, s in best],
+                "centre": [int(i in centres) for i in range(grid**2)],
+                "cell": [(i // grid * 3 // grid) * 3 + (i % grid) * 3 // grid for i in range(grid**2)]}
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: Shape, scale: float, fill: Any) -> None:
+    r = SIZES[shape.size] * scale
+    x, y = shape.x * scale, shape.y * scale
+    if shape.kind == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+    else:
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
 
 
 @dataclass(frozen=True)
