@@ -96,10 +96,12 @@ def pretrain_vision(model: torch.nn.Module, processor: object, steps: int, batch
 
 
 def stack_layers(source: torch.nn.Module, target: torch.nn.Module) -> None:
-    """Load a shallower trained model into a deeper one of the same widths by progressive stacking (Gong et al.
-    2019, "Efficient training of BERT by progressively stacking"): target layer j of a stack of depth D copies
-    source layer floor(j * d / D) of depth d, with its residual output projections scaled by d / D, so each run
-    of D/d copies adds about what the one source layer added. Everything outside the layer stacks is copied."""
+    """Load a shallower trained model into a deeper one of the same widths, computing the same function
+    (Net2DeeperNet, Chen et al. 2016, with the copies of progressive stacking, Gong et al. 2019): target
+    layer j of a stack of depth D is a copy of source layer floor(j * d / D) of depth d; in each run of copies
+    only the last writes to the residual stream, the others have their residual output projections zeroed
+    (identity blocks whose attention starts as the source layer's). With the live copy last, the penultimate
+    hidden state LLaVA reads from the vision tower is the source's too. Everything else is copied."""
     weights = source.state_dict()
 
     def depths(keys: Iterable[str]) -> dict[str, int]:
@@ -117,11 +119,21 @@ def stack_layers(source: torch.nn.Module, target: torch.nn.Module) -> None:
             stacked[key] = weights[key]
             continue
         prefix, index, rest = match[1], int(match[2]), match[3]
-        value = weights[f"{prefix}{index * shallow[prefix] // deep[prefix]}.{rest}"]
-        if rest.split(".")[-2] in RESIDUAL_OUTPUTS:
-            value = value * shallow[prefix] / deep[prefix]
-        stacked[key] = value
+        origin = index * shallow[prefix] // deep[prefix]
+        value = weights[f"{prefix}{origin}.{rest}"]
+        last_copy = index == -(-(origin + 1) * deep[prefix] // shallow[prefix]) - 1  # ceil((origin + 1) D / d) - 1
+        stacked[key] = value if last_copy or rest.split(".")[-2] not in RESIDUAL_OUTPUTS else torch.zeros_like(value)
     target.load_state_dict(stacked)
+
+
+def validate(model: torch.nn.Module, processor: object, validation: list) -> dict:
+    """Validation accuracy, overall and per question kind."""
+    model.eval()
+    score, answered = accuracy(model, processor, validation, batch_size=64)
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for item in answered:
+        by_kind[item.sample.kind].append(item.correct)
+    return {"accuracy": score, "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}
 
 
 def main() -> None:
@@ -189,6 +201,8 @@ def main() -> None:
         scheduler.load_state_dict(state["scheduler"])
         first, best = state["step"], state["best"]
         torch.set_rng_state(state["rng"])
+    if args.grow_from and not args.resume:  # what stacking kept, before any training at full depth
+        print(json.dumps({"step": 0, **validate(model, processor, validation)}), flush=True)
     for step in range(first, args.steps):
         model.train()
         batch = training_batch(processor, [scene_questions("train", step * args.batch + row)
@@ -202,18 +216,13 @@ def main() -> None:
         scheduler.step()
         losses.append(loss.item())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            model.eval()
-            score, answered = accuracy(model, processor, validation, batch_size=64)
-            by_kind: dict[str, list[bool]] = defaultdict(list)
-            for item in answered:
-                by_kind[item.sample.kind].append(item.correct)
-            record = {"step": step + 1, "loss": sum(losses) / len(losses), "accuracy": score,
-                      "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            record = {"step": step + 1, "loss": sum(losses) / len(losses), **validate(model, processor, validation),
                       "seconds": round(time.time() - start, 1)}
             losses = []
             print(json.dumps(record), flush=True)
             log.write(json.dumps(record) + "\n")
             log.flush()
+            score = record["accuracy"]
             if score > best:
                 best = score
                 model.save_pretrained(args.out / "model")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from policyc.vqa.model import vqa_config
-from policyc.vqa.scenes import COLORS, SHAPES, samples
+from policyc.vqa.model import training_batch, vqa_config, vqa_processor
+from policyc.vqa.scenes import COLORS, SHAPES, samples, scene_questions
 
 
 def _train_script() -> ModuleType:
@@ -55,7 +55,7 @@ def test_stacking_into_the_same_depth_is_a_copy() -> None:
         assert torch.equal(a, b), name
 
 
-def test_stacking_repeats_each_layer_and_shares_its_residual_output() -> None:
+def test_stacking_repeats_each_layer_and_computes_the_same_function() -> None:
     script = _train_script()
     source, target = _model(2, 4), _model(4, 8)
     script.stack_layers(source, target)
@@ -63,12 +63,16 @@ def test_stacking_repeats_each_layer_and_shares_its_residual_output() -> None:
     for j, layer in enumerate(deep):
         origin = shallow[j // 2]
         assert torch.equal(layer.self_attn.q_proj.weight, origin.self_attn.q_proj.weight)
-        assert torch.equal(layer.mlp.down_proj.weight, origin.mlp.down_proj.weight / 2)
+        live = origin.mlp.down_proj.weight if j % 2 == 1 else torch.zeros_like(origin.mlp.down_proj.weight)
+        assert torch.equal(layer.mlp.down_proj.weight, live)
     shallow, deep = (next(m for name, m in model.named_modules() if name.endswith("encoder.layers"))
                      for model in (source, target))  # the CLIP layers' path differs across transformers 5.x
     for j, layer in enumerate(deep):
-        assert torch.equal(layer.mlp.fc2.bias, shallow[j // 2].mlp.fc2.bias / 2)
         assert torch.equal(layer.layer_norm1.weight, shallow[j // 2].layer_norm1.weight)
+        assert torch.equal(layer.self_attn.out_proj.bias, shallow[j // 2].self_attn.out_proj.bias * (j % 2 == 1))
     assert torch.equal(source.lm_head.weight, target.lm_head.weight)
-    assert torch.equal(source.model.multi_modal_projector.linear_1.weight,
-                       target.model.multi_modal_projector.linear_1.weight)
+    processor = vqa_processor()
+    batch = training_batch(processor, [scene_questions("train", i) for i in range(2)])
+    del batch["labels"]
+    with torch.no_grad():
+        torch.testing.assert_close(target(**batch).logits, source(**batch).logits, rtol=1e-5, atol=1e-5)
