@@ -137,7 +137,9 @@ def test_compile_plan_on_the_default_model() -> None:
     code, out, err = run("compile", "default", "fastv", "--emit", "plan", "--param", "ratio=25%")
     assert code == 0, err
     assert "32 layers" in out and "param ratio = 25%" in out
-    assert "RANDOM weights" in err
+    assert "RANDOM weights" not in err
+    code, out, err = run("compile", "random", "fastv", "--emit", "plan")
+    assert code == 0 and "RANDOM weights" in err
 
 
 def test_run_and_compile_output_are_listed_in_help() -> None:

@@ -104,6 +104,8 @@ def test_wheel_maps_top_level_folders_into_the_package(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "policyc/grammar/tokpol.lark" in names
     assert "policyc/passes/__init__.py" in names
+    for shipped in ("model.safetensors", "config.json", "tokenizer.json", "processor_config.json"):
+        assert f"policyc/data/vqa/{shipped}" in names  # the trained default model
     policies = {n for n in names if n.startswith("policyc/policies/") and n.endswith(".tokpol")}
     assert policies, "the wheel ships no stdlib policies"
     assert f"policyc/policies/{STDLIB_POLICY}" in names

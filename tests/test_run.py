@@ -1,5 +1,5 @@
-"""`policyc run` on the embedded default model (random weights), a local model directory and an artifact;
-`--show-tokens`; the embedded models, their processors, and loading the trained `policyc:vqa` directory."""
+"""`policyc run` on the embedded models (the trained default, the random one), a local model directory and an
+artifact; `--show-tokens`; the embedded models, their processors, and loading the trained model's directory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 from policyc.cli import main
 from policyc.errors import PolicyError
 from policyc.models import adapt, bundled
-from policyc.models.bundled import DEFAULT_NAME, VQA_NAME, example_image_path, load_reference_model
+from policyc.models.bundled import DEFAULT_NAME, RANDOM_NAME, example_image_path, load_reference_model
 from policyc.models.random_tiny import random_model, random_processor
 from policyc.run import Target, generate_timed, prompt_inputs, resolve_target
 
@@ -54,8 +54,8 @@ def test_random_models_tokenizer_round_trips_bytes() -> None:
     assert tokenizer.decode(ids, skip_special_tokens=False) == "<s>" + text
 
 
-def test_run_fastv_on_the_default_model(image: Path) -> None:
-    code, out, err = invoke("run", "fastv", "--image", str(image), "--prompt", "Where is the sun?",
+def test_run_fastv_on_the_random_model(image: Path) -> None:
+    code, out, err = invoke("run", "random", "fastv", "--image", str(image), "--prompt", "Where is the sun?",
                             "--max-new-tokens", "3")
     assert code == 0, err
     assert "RANDOM weights" in err
@@ -64,29 +64,37 @@ def test_run_fastv_on_the_default_model(image: Path) -> None:
     assert row.split("│")[3:6] == [" 1     ", " 64              ", " 32   "]  # fastv: 50% of 64 after layer 1
 
 
-def test_run_without_a_policy_and_with_the_example_image() -> None:
+def test_run_with_no_arguments_answers_the_example_question() -> None:
+    """The trained embedded model answers the example question about the shipped scene (a green triangle)."""
     assert example_image_path().is_file()
-    code, out, err = invoke("run", "--max-new-tokens", "2")
+    code, out, err = invoke("run")
     assert code == 0, err
-    assert "no policy: the model ran unchanged" in out and "RANDOM weights" in err
+    assert "no policy: the model ran unchanged" in out and "RANDOM" not in err
+    assert "output (2 tokens): 'green'" in out
+
+
+def test_run_fastv_on_the_default_model() -> None:
+    code, out, err = invoke("run", "fastv", "--param", "ratio=25%")
+    assert code == 0, err
+    assert " 36   " in next(x for x in out.splitlines() if "llm.layer[layer]" in x)  # 25% of 144
 
 
 def test_the_trained_model_loads_from_its_package_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`policyc:vqa` is a save_pretrained directory loaded with from_pretrained; without weights it fails
-    clearly (they are not shipped yet)."""
+    """`policyc:default` is a save_pretrained directory loaded with from_pretrained; without weights it fails
+    clearly."""
     from transformers import LlavaForConditionalGeneration
 
     from policyc.vqa.model import vqa_config, vqa_processor
 
     monkeypatch.setattr(bundled, "bundled_model_dir", lambda: tmp_path / "vqa")
-    code, _, err = invoke("run", "vqa", "fastv")
-    assert code == 1 and "the trained model policyc:vqa is not shipped in this version" in err
+    code, _, err = invoke("run", "default", "fastv")
+    assert code == 1 and "the embedded model policyc:default has no weights in" in err
     torch.manual_seed(0)
     LlavaForConditionalGeneration._from_config(vqa_config()).save_pretrained(tmp_path / "vqa")
     vqa_processor().save_pretrained(tmp_path / "vqa")
-    model = load_reference_model(VQA_NAME)
+    model = load_reference_model(DEFAULT_NAME)
     assert adapt(model).tokens_per_image == 144 and len(adapt(model).decoder_layers) == 32
-    code, out, err = invoke("run", "vqa", "fastv", "--max-new-tokens", "2")
+    code, out, err = invoke("run", "fastv", "--max-new-tokens", "2")
     assert code == 0, err
     assert " 72   " in next(x for x in out.splitlines() if "llm.layer[layer]" in x)  # 50% of 144
 
@@ -95,7 +103,7 @@ def test_show_tokens_writes_a_png(image: Path, tmp_path: Path) -> None:
     target, policy = tmp_path / "kept.png", tmp_path / "two.tokpol"
     policy.write_text("policy two {\n  stage llm.layer[2, 5] {\n    keep top 50% of vision by attention(last -> vision)"
                       "\n  }\n}\n")
-    code, out, err = invoke("run", "default", str(policy), "--image", str(image), "--max-new-tokens", "2",
+    code, out, err = invoke("run", "random", str(policy), "--image", str(image), "--max-new-tokens", "2",
                             "--show-tokens", str(target))
     assert code == 0, err
     with Image.open(target) as drawn:
@@ -112,7 +120,7 @@ def test_run_a_local_directory_and_an_artifact_of_it(tmp_path: Path) -> None:
     code, out, err = invoke("run", str(model_dir), "fastv", "--param", "ratio=25%", "--max-new-tokens", "2")
     assert code == 0, err
     assert " 16   " in next(line for line in out.splitlines() if "llm.layer[layer]" in line)
-    assert "RANDOM" not in err  # a directory is not the embedded default
+    assert "RANDOM" not in err  # a directory is not the random embedded model
     assert invoke("compile", str(model_dir), "fastv", "--param", "ratio=25%", "-o", str(artifact))[0] == 0
     code, out_artifact, err = invoke("run", str(artifact), "--max-new-tokens", "2")
     assert code == 0, err
@@ -135,6 +143,7 @@ def test_resolve_target(tmp_path: Path) -> None:
     assert resolve_target(None, None) == Target(DEFAULT_NAME)
     assert resolve_target("fastv", None) == Target(DEFAULT_NAME, "fastv")
     assert resolve_target("default", "fastv") == Target(DEFAULT_NAME, "fastv")
+    assert resolve_target("random", None) == Target(RANDOM_NAME)
     assert resolve_target("org/model", None) == Target("org/model")
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(PolicyError, match="already holds its policy"):

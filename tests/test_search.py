@@ -144,7 +144,7 @@ def completed(storage: str, study: str) -> dict[int, dict]:
 
 
 def search_process(space: Path, out: Path, storage: str, trials: int, seed: int = 0) -> subprocess.Popen:
-    command = [sys.executable, "-m", "policyc.cli", "search", "default", f"{space}:both", "--trials", str(trials),
+    command = [sys.executable, "-m", "policyc.cli", "search", "random", f"{space}:both", "--trials", str(trials),
                "--limit", "2", "--batch-size", "2", "--heartbeat", "1", "--seed", str(seed), "--storage", storage,
                "--study", "s", "-o", str(out)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -1,9 +1,8 @@
-"""The embedded models and MODEL references: `policyc:default` is the random tiny LLaVA
-(policyc.models.random_tiny); `policyc:vqa` is the small LLaVA trained on the synthetic scenes (policyc.vqa),
-a `save_pretrained` directory (config, safetensors weights, tokenizer, processor) inside the package, loaded
-with `from_pretrained` like any local model. Its weights are not shipped yet (training has not reached the
-accuracy the project asks for); until they are, `policyc:vqa` fails with a clear error. A MODEL reference is
-one of those names, a directory or a hub id.
+"""The embedded models and MODEL references. `policyc:default` is the small LLaVA trained on the synthetic
+scenes (policyc.vqa): a `save_pretrained` directory (config, safetensors weights, tokenizer, processor) inside
+the package, loaded with `from_pretrained` like any local model. `policyc:random` is a tiny LLaVA with random
+weights built in a second (policyc.models.random_tiny), for tests of the compiler's mechanics. A MODEL
+reference is one of those names, a directory or a hub id.
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ from typing import Any
 
 from policyc.errors import PolicyError
 
-DEFAULT_NAME = "policyc:default"  # the random tiny model of policyc.models.random_tiny
-VQA_NAME = "policyc:vqa"  # the trained model in the package's data/vqa directory
+DEFAULT_NAME = "policyc:default"  # the trained model in the package's data/vqa directory
+RANDOM_NAME = "policyc:random"  # the random tiny model of policyc.models.random_tiny
 EXAMPLE_QUESTION = "what color is the triangle ?"  # `policyc run`'s default prompt; the answer is green
 
 
@@ -35,15 +34,15 @@ def reference_name(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         return str(path.resolve())
-    return {"default": DEFAULT_NAME, "vqa": VQA_NAME}.get(name, name)
+    return {"default": DEFAULT_NAME, "random": RANDOM_NAME}.get(name, name)
 
 
 def _bundled_or_fail() -> str:
     directory = bundled_model_dir()
     if not (directory / "model.safetensors").is_file():
-        raise PolicyError.at(f"the trained model {VQA_NAME} is not shipped in this version (no weights in "
-                             f"{directory})", None, "train it with `python scripts/train_vqa.py --out DIR` and pass "
-                             "DIR/model as MODEL, or use policyc:default (random weights)")
+        raise PolicyError.at(f"the embedded model {DEFAULT_NAME} has no weights in {directory} (a partial install?)",
+                             None, "reinstall policyc, or train one with `python scripts/train_vqa.py` and pass "
+                             "DIR/model as MODEL")
     return str(directory)
 
 
@@ -51,11 +50,11 @@ def load_reference_model(reference: str, device: Any = "cpu", dtype: Any = None)
     """The model `reference` names (see `reference_name`), in eval mode on `device`."""
     from policyc.models import load_model
 
-    if reference == DEFAULT_NAME:
+    if reference == RANDOM_NAME:
         from policyc.models.random_tiny import random_model
 
         return random_model(device)
-    local = reference == VQA_NAME
+    local = reference == DEFAULT_NAME
     path = _bundled_or_fail() if local else reference
     return load_model(path, dtype=dtype, device=device, local_files_only=local)[0]
 
@@ -63,13 +62,13 @@ def load_reference_model(reference: str, device: Any = "cpu", dtype: Any = None)
 def load_reference_processor(reference: str) -> Any:
     """The processor (image processor, tokenizer, chat template) of `reference`; never downloaded for the
     embedded models."""
-    if reference == DEFAULT_NAME:
+    if reference == RANDOM_NAME:
         from policyc.models.random_tiny import random_processor
 
         return random_processor()
     from transformers import AutoProcessor
 
-    path = _bundled_or_fail() if reference == VQA_NAME else str(Path(reference).expanduser())
+    path = _bundled_or_fail() if reference == DEFAULT_NAME else str(Path(reference).expanduser())
     local = Path(path).exists()
     try:
         return AutoProcessor.from_pretrained(path if local else reference, local_files_only=local)
@@ -80,5 +79,5 @@ def load_reference_processor(reference: str) -> Any:
                              f"({first})") from None
 
 
-__all__ = ["DEFAULT_NAME", "EXAMPLE_QUESTION", "VQA_NAME", "bundled_model_dir", "example_image_path",
+__all__ = ["DEFAULT_NAME", "EXAMPLE_QUESTION", "RANDOM_NAME", "bundled_model_dir", "example_image_path",
            "load_reference_model", "load_reference_processor", "reference_name"]

@@ -1,10 +1,10 @@
-"""The embedded default model (`policyc:default`): a tiny LLaVA with random weights and a processor, built
+"""The random embedded model (`policyc:random`): a tiny LLaVA with random weights and a processor, built
 locally in a second.
 
 Nothing is downloaded. The weights come from a fixed seed, so every build is the same model; they
 are random, so the text it generates is noise: it exists to test the compiler end to end (tokens
-kept per stage, timings, `--show-tokens`) on any machine; policyc.models.bundled names it and the
-trained `policyc:vqa`. Shapes:
+kept per stage, timings, `--show-tokens`) on any machine and fast; policyc.models.bundled names it and
+the trained `policyc:default`. Shapes:
 
 - vision: CLIP, 64x64 images in 8x8 patches (an 8x8 grid, 64 patches + CLS), 24 layers
   like LLaVA-1.5's CLIP ViT-L (so the standard library's encoder layer indices exist), hidden 64;
@@ -27,7 +27,7 @@ IMAGE_SIZE = 64
 PATCH_SIZE = 8
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")  # ids 0..3; bytes follow from id 4
 VOCAB_SIZE = 272  # 4 special tokens + 256 bytes, rounded up to a multiple of 16
-BANNER = ("policyc's embedded default model has RANDOM weights (seed 0): its text is noise. "
+BANNER = ("policyc:random has RANDOM weights (seed 0): its text is noise. "
           "It shows what a policy keeps and what it costs, not what a trained model answers.")
 CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] | upper }}: "
                  "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
