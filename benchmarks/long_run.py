@@ -2,7 +2,8 @@
 
     python benchmarks/long_run.py --calls 1000 --policy mustdrop
 
-Runs POLICY compiled onto the random embedded model (policyc:random), `--calls` greedy generate() calls on the example image
+Runs POLICY compiled onto the random embedded model (policyc:random), `--calls` greedy generate() calls on
+the example image
 (alternating two prompts of different lengths, batch 2 with left padding), and every `--every` calls records
 the process's resident memory (/proc/self/statm), the Python heap (tracemalloc) and the live tensor count
 (gc), plus CUDA allocated memory on a GPU. Prints a table and the growth from the first sample to the last.

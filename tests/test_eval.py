@@ -93,7 +93,7 @@ def test_cli_eval_writes_json(tmp_path: Path) -> None:
     assert [r["policy"] for r in report["results"]] == ["unmodified", "fastv"]
     unmodified, fastv = report["results"]
     assert unmodified["samples"] == fastv["samples"] == 5 and unmodified["flops_share"] == 1.0
-    assert fastv["image_tokens_in_last_layer"] == 16 and fastv["flops_share"] < 1.0
+    assert fastv["image_tokens_in_last_layer"] == 36 and fastv["flops_share"] < 1.0
     assert set(fastv["accuracy_by_kind"]) == {"color", "shape", "count", "exists", "left"}
     assert "accuracy on synthetic (test)" in result.output
     assert 0.0 <= fastv["accuracy"] <= 1.0
@@ -106,7 +106,7 @@ def test_cli_eval_sweeps_a_parameter_and_plots(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [r["policy"] for r in report["results"]] == ["unmodified", "fastv ratio=25%", "fastv ratio=50%"]
-    assert [r["image_tokens_in_last_layer"] for r in report["results"]] == [64, 16, 32]
+    assert [r["image_tokens_in_last_layer"] for r in report["results"]] == [144, 36, 72]  # of 144
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(main, ["eval", "fastv", "--sweep", "ratio"])
     assert bad.exit_code == 2 and "--sweep takes NAME=V1,V2" in bad.output
