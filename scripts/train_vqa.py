@@ -1,15 +1,18 @@
 """Train the small LLaVA (policyc.vqa.model) on synthetic scenes; deterministic for a given seed and device.
 
-    python scripts/train_vqa.py --out runs/vqa --steps 3000 --batch 32
-    python scripts/train_vqa.py --out runs/vqa --steps 3000 --batch 32 --resume   # after an interruption
+    python scripts/train_vqa.py --out runs/v24t8 --text-layers 8 --pretrain-vision 600 --steps 6500 --lr 2e-3
+    python scripts/train_vqa.py --out runs/v24t8 ... --resume          # after an interruption
+    python scripts/train_vqa.py --out runs/full --grow-from runs/v24t8/model --steps 0   # stacked to 32 layers
+
+(the README's "Evaluating a policy" gives the run that shipped and its curve).
 
 Each training row is one scene with up to five questions (policyc.vqa.scenes.scene_questions): the first
 as at inference, the others as further chat turns.
 
 Writes DIR/model (save_pretrained: config, safetensors weights, processor) whenever validation accuracy
-improves, DIR/checkpoint.pt (everything --resume needs) at every evaluation, and DIR/log.jsonl (step, loss,
-validation accuracy per kind, seconds). Training batches are a function of the step, so a resumed run sees
-the batches the interrupted one would have.
+matches or beats its best, DIR/checkpoint.pt (everything --resume needs) at every evaluation, and
+DIR/log.jsonl (step, loss, validation accuracy per kind, seconds). Training batches are a function of the
+step, so a resumed run sees the batches the interrupted one would have.
 """
 
 from __future__ import annotations
@@ -201,8 +204,12 @@ def main() -> None:
         scheduler.load_state_dict(state["scheduler"])
         first, best = state["step"], state["best"]
         torch.set_rng_state(state["rng"])
-    if args.grow_from and not args.resume:  # what stacking kept, before any training at full depth
-        print(json.dumps({"step": 0, **validate(model, processor, validation)}), flush=True)
+    if args.grow_from and not args.resume:  # what stacking kept, saved before any training at full depth
+        record = {"step": 0, **validate(model, processor, validation)}
+        print(json.dumps(record), flush=True)
+        best = record["accuracy"]
+        model.save_pretrained(args.out / "model")
+        processor.save_pretrained(args.out / "model")
     for step in range(first, args.steps):
         model.train()
         batch = training_batch(processor, [scene_questions("train", step * args.batch + row)
@@ -223,7 +230,7 @@ def main() -> None:
             log.write(json.dumps(record) + "\n")
             log.flush()
             score = record["accuracy"]
-            if score > best:
+            if score >= best:  # ties: the later, longer-trained weights
                 best = score
                 model.save_pretrained(args.out / "model")
                 processor.save_pretrained(args.out / "model")
