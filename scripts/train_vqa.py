@@ -129,6 +129,12 @@ def stack_layers(source: torch.nn.Module, target: torch.nn.Module) -> None:
     target.load_state_dict(stacked)
 
 
+def save_model(model: torch.nn.Module, processor: object, directory: Path) -> None:
+    """What `from_pretrained` loads: config, safetensors weights, tokenizer and processor."""
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
 def validate(model: torch.nn.Module, processor: object, validation: list) -> dict:
     """Validation accuracy, overall and per question kind."""
     model.eval()
@@ -208,8 +214,7 @@ def main() -> None:
         record = {"step": 0, **validate(model, processor, validation)}
         print(json.dumps(record), flush=True)
         best = record["accuracy"]
-        model.save_pretrained(args.out / "model")
-        processor.save_pretrained(args.out / "model")
+        save_model(model, processor, args.out / "model")
     for step in range(first, args.steps):
         model.train()
         batch = training_batch(processor, [scene_questions("train", step * args.batch + row)
@@ -232,8 +237,7 @@ def main() -> None:
             score = record["accuracy"]
             if score >= best:  # ties: the later, longer-trained weights
                 best = score
-                model.save_pretrained(args.out / "model")
-                processor.save_pretrained(args.out / "model")
+                save_model(model, processor, args.out / "model")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "step": step + 1, "best": best,
                         "rng": torch.get_rng_state()}, checkpoint)
