@@ -77,15 +77,17 @@ def layer_flops(tokens: int, linear_macs: int, heads: int, head_dim: int) -> int
 
 def prefill_flops(adapter: ModelAdapter, llm_tokens: list[int], batch: int = 1,
                   encoder_tokens: list[list[int]] | None = None, projector_tokens: int | None = None,
-                  images: int = 1) -> Flops:
+                  images: int | list[int] = 1) -> Flops:
     """Analytic FLOPs of a prefill whose LLM layer k processes `llm_tokens[k]` rows per sample.
 
-    `encoder_tokens` (per image, per encoder layer: the rows it ran on) defaults to `images` full images;
-    `projector_tokens` to their full slots.
+    `images` is an image count at the model's fixed size, or each image's LLM tokens (sizes vary on
+    Qwen2-VL); `encoder_tokens` (per image, per encoder layer: the rows it ran on) defaults to those
+    images in full; `projector_tokens` to their full slots.
     """
-    full = [adapter.vision_tokens] * len(adapter.vision_layers)
-    encoder_tokens = [full] * images if encoder_tokens is None else encoder_tokens
-    projector_tokens = images * adapter.tokens_per_image if projector_tokens is None else projector_tokens
+    sizes = [adapter.tokens_per_image or 0] * images if isinstance(images, int) else images
+    if encoder_tokens is None:
+        encoder_tokens = [[adapter.encoder_tokens(n)] * len(adapter.vision_layers) for n in sizes]
+    projector_tokens = sum(sizes) if projector_tokens is None else projector_tokens
     encoder = sum(layer_flops(n, _linear_macs(layer), adapter.vision_num_heads, adapter.vision_head_dim)
                   for per_image in encoder_tokens
                   for layer, n in zip(adapter.vision_layers, per_image, strict=True))
@@ -186,7 +188,7 @@ def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name:
     plan, runtime = compiled.plan, compiled.runtime
     adapter: ModelAdapter = plan.adapter
     batch, length = input_ids.shape
-    image = (input_ids[row] == adapter.image_token_id).to(torch.device("cpu"))
+    image = adapter.visual_mask(input_ids[row]).to(torch.device("cpu"))
     real = torch.ones(length, dtype=torch.bool) if attention_mask is None else attention_mask[row].bool().cpu()
     image_slots = torch.nonzero(image).flatten()
     layers = len(adapter.decoder_layers)
@@ -218,9 +220,9 @@ def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name:
             kept.append(StageTokens(stage.label, stage.point, k, int((before & image).sum()),
                                     int((after & image).sum()), patches, {}, cls))
     per_layer = [int((alive_at(k) & real).sum()) for k in range(layers)]
-    per_row = (input_ids == adapter.image_token_id).sum(1).cpu() // max(1, adapter.tokens_per_image)
-    images = int(per_row[row])
-    first = int(per_row[:row].sum())
+    sizes = adapter.image_sizes(input_ids[row])
+    first = sum(len(adapter.image_sizes(earlier)) for earlier in input_ids[:row])
+    images = len(sizes)
     encoder_rows = getattr(getattr(compiled, "images", None), "encoder_rows", None)  # pre-LLM stages shrink
     encoder_after = None if encoder_rows is None or encoder_rows.shape[0] < first + images else \
         encoder_rows[first:first + images].tolist()
@@ -229,35 +231,14 @@ def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name:
         policy=plan.name, model=model_name, prompt_tokens=int(real.sum()), image_tokens=int(image.sum()),
         batch=batch, stages=stages, hook_points=sorted({s.point for s in plan.stages}), kept=kept,
         llm_tokens_per_layer=per_layer,
-        flops_before=prefill_flops(adapter, [int(real.sum())] * layers, batch, images=images),
-        flops_after=prefill_flops(adapter, per_layer, batch, encoder_after, images=images), calibration=calibration,
+        flops_before=prefill_flops(adapter, [int(real.sum())] * layers, batch, images=sizes),
+        flops_after=prefill_flops(adapter, per_layer, batch, encoder_after, images=sizes), calibration=calibration,
     )
 
 
 def calibration_inputs(adapter: ModelAdapter, text_tokens: int = 16) -> dict[str, torch.Tensor]:
-    """A model-agnostic sample prompt: `text_tokens` text ids around one image's tokens, and the sample
-    image at the encoder's size scaled to [-1, 1] (no processor needed)."""
-    from policyc.models.bundled import example_image_path
-
-    config = adapter.model.config
-    vocab = config.text_config.vocab_size
-    special = {adapter.image_token_id, getattr(config, "pad_token_id", None),
-               getattr(config.text_config, "pad_token_id", None)}
-    ids = [i for i in range(3, vocab) if i not in special][: text_tokens]
-    half = len(ids) // 2
-    row = ids[:half] + [adapter.image_token_id] * adapter.tokens_per_image + ids[half:]
-    image_size = config.vision_config.image_size
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    from PIL import Image
-
-    picture = Image.open(example_image_path()).convert("RGB").resize((size[1], size[0]))
-    pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(size[0], size[1], 3).float()
-    pixels = (pixels.permute(2, 0, 1) / 127.5 - 1.0)[None]
-    device = next(adapter.model.parameters()).device
-    dtype = next(adapter.model.parameters()).dtype
-    return {"input_ids": torch.tensor([row], device=device),
-            "attention_mask": torch.ones(1, len(row), dtype=torch.long, device=device),
-            "pixel_values": pixels.to(device=device, dtype=dtype)}
+    """A model-agnostic sample prompt around the example image (`ModelAdapter.sample_inputs`)."""
+    return adapter.sample_inputs(text_tokens)
 
 
 __all__ = ["NOTE", "Flops", "Report", "StageTokens", "calibration_inputs", "layer_flops", "measure", "prefill_flops",

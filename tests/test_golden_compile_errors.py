@@ -1,5 +1,6 @@
 """Golden tests for compile-time diagnostics: each tests/golden/errors/compile/*.tokpol checks fine
-but cannot be compiled onto the tiny LLaVA model (SigLIP for `siglip_*` files, CLIP otherwise)."""
+but cannot be compiled onto its tiny model: Qwen2-VL for `qwen2_vl_*` files, LLaVA with SigLIP for `siglip_*`,
+LLaVA with CLIP otherwise."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from golden import check_golden
-from tiny_models import tiny_llava_clip, tiny_llava_siglip
+from tiny_models import tiny_llava_clip, tiny_llava_siglip, tiny_qwen2_vl
 
 from policyc.errors import PolicyError
 from policyc.lang import check_source
@@ -15,7 +16,7 @@ from policyc.runtime import compile_model
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "errors" / "compile"
 INPUTS = sorted(GOLDEN_DIR.glob("*.tokpol"))
-MODELS = {"clip": tiny_llava_clip(), "siglip": tiny_llava_siglip()}
+MODELS = {"clip": tiny_llava_clip(), "siglip": tiny_llava_siglip(), "qwen2_vl": tiny_qwen2_vl()}
 
 
 def test_there_are_golden_inputs() -> None:
@@ -25,7 +26,7 @@ def test_there_are_golden_inputs() -> None:
 @pytest.mark.parametrize("source", INPUTS, ids=lambda p: p.stem)
 def test_compile_error(source: Path, update_goldens: bool) -> None:
     checked = check_source(source.read_text(encoding="utf-8"), source.name)[0]  # valid as a policy
-    model = MODELS["siglip" if source.stem.startswith("siglip_") else "clip"]
+    model = next((m for name, m in MODELS.items() if source.stem.startswith(f"{name}_")), MODELS["clip"])
     with pytest.raises(PolicyError) as caught:
         compile_model(model, checked).remove()
     rendered = str(caught.value)

@@ -83,7 +83,7 @@ def test_describe(tiny: tuple[str, LlavaForConditionalGeneration, ModelAdapter])
     assert "LlavaForConditionalGeneration (family llava)" in text
     assert ("4x4 patches + CLS" if name == "clip" else "4x4 patches (no CLS)") in text
     assert "encoder layer 1 (hidden_states[2])" in text and "16 image tokens per image" in text
-    assert "4 heads (2 kv) x 16, hidden 64" in text and "image token id: 100" in text
+    assert "4 heads (2 kv) x 16, hidden 64" in text and "visual token ids: 100" in text
     assert len(text.splitlines()) <= 8
 
 

@@ -108,4 +108,73 @@ def make_inputs(model: LlavaForConditionalGeneration, batch: int = 1, text_befor
     }
 
 
-__all__ = ["IMAGE_TOKEN_ID", "PAD_ID", "image_tokens", "make_inputs", "tiny_llava_clip", "tiny_llava_siglip"]
+QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_START_ID, QWEN_END_ID = 121, 122, 120, 123  # vision start/end frame an image
+QWEN_PATCH, QWEN_MERGE = 4, 2
+
+
+def tiny_qwen2_vl(seed: int = 0, num_llm_layers: int = 4, *, version: str = "2") -> Any:
+    """Qwen2-VL (`version="2"`) or Qwen2.5-VL (`"2.5"`, window attention in the encoder with block 1 global):
+    2 encoder blocks of width 32 on 4x4-pixel patches with a 2x2 merger, a 4-layer Qwen2 LLM with GQA (4 query,
+    2 key/value heads) and M-RoPE sections [2, 3, 3]; vocab 128."""
+    import transformers
+
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": num_llm_layers, "vocab_size": VOCAB, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "pad_token_id": PAD_ID, "bos_token_id": 1, "eos_token_id": 2}
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "patch_size": QWEN_PATCH,
+              "spatial_merge_size": QWEN_MERGE, "temporal_patch_size": 2, "in_channels": 3}
+    if version == "2":
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        vision["mlp_ratio"] = 2
+    elif version == "2.5":
+        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        vision |= {"intermediate_size": 64, "out_hidden_size": 64, "window_size": 16, "fullatt_block_indexes": [1]}
+    else:
+        raise ValueError(f"unknown Qwen-VL version {version!r}")
+    config = config_class(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE_ID,
+                          video_token_id=QWEN_VIDEO_ID, vision_start_token_id=QWEN_START_ID,
+                          vision_end_token_id=QWEN_END_ID, pad_token_id=PAD_ID)
+    torch.manual_seed(seed)
+    model = model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.generation_config.pad_token_id = PAD_ID
+    return model.eval()
+
+
+def make_qwen_inputs(batch: int = 1, grids: Sequence[tuple[int, int]] = ((8, 8),), text_before: int = 3,
+                     text_after: int = 4, pad_left: int | Sequence[int] = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs of `tiny_qwen2_vl` as its processor would give them: per row, left padding, text, then for each
+    image of `grids` (patches per side, multiples of 2) `<vision_start>`, its (h/2)*(w/2) image tokens and
+    `<vision_end>` followed by two text tokens (the last image by `text_after`); `pixel_values` holds every
+    image's flattened patches ([patches, 3 * 2 * 4 * 4], rows then images), `image_grid_thw` their grids and
+    `mm_token_type_ids` marks image tokens with 1. Padding works as in `make_inputs`."""
+    pads = [pad_left if b > 0 else 0 for b in range(batch)] if isinstance(pad_left, int) else list(pad_left)
+    least = min(pads)
+    generator = torch.Generator().manual_seed(seed)
+    specials = {QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_START_ID, QWEN_END_ID}
+    text_ids = torch.tensor([i for i in range(3, VOCAB) if i not in specials])
+    rows, masks = [], []
+    for pad in pads:
+        before = text_before + least - pad
+        picks = text_ids[torch.randint(len(text_ids), (before + 2 * len(grids) + text_after,), generator=generator)]
+        row = [PAD_ID] * pad + picks[:before].tolist()
+        for index, (h, w) in enumerate(grids):
+            row += [QWEN_START_ID] + [QWEN_IMAGE_ID] * (h * w // QWEN_MERGE**2) + [QWEN_END_ID]
+            if index < len(grids) - 1:
+                row += picks[before + 2 * index : before + 2 * index + 2].tolist()
+        row += picks[before + 2 * len(grids) - 2 :][:text_after].tolist()
+        rows.append(row)
+        masks.append([0] * pad + [1] * (len(row) - pad))
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    patches = sum(h * w for h, w in grids) * batch
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.tensor(masks, dtype=torch.long),
+        "mm_token_type_ids": (input_ids == QWEN_IMAGE_ID).long(),
+        "pixel_values": torch.randn(patches, 3 * 2 * QWEN_PATCH * QWEN_PATCH, generator=generator),
+        "image_grid_thw": torch.tensor([[1, h, w] for _ in range(batch) for h, w in grids]),
+    }
+
+
+__all__ = ["IMAGE_TOKEN_ID", "PAD_ID", "QWEN_IMAGE_ID", "image_tokens", "make_inputs", "make_qwen_inputs",
+           "tiny_llava_clip", "tiny_llava_siglip", "tiny_qwen2_vl"]

@@ -73,7 +73,8 @@ def lower(checked: CheckedPolicy, adapter: ModelAdapter, assignments: Mapping[st
     search proposes them; a name that is no parameter of the policy is an error.
     """
     _check_assignments(checked, assignments or {})
-    adapter.check(checked.requirements)
+    adapter.check(checked.requirements, [(p.label, p.hook.stage_kind, p.placed.stage.hook.span)
+                                         for p in checked.stages])
     bound = [(plan, _bind(plan, adapter, assignments)) for plan in checked.stages]
     bound.sort(key=lambda pair: (pair[0].hook.order, pair[1].layers[:1], pair[0].order[-1]))
     seen: dict[tuple[str, int], str] = {}

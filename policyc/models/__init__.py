@@ -11,6 +11,7 @@ from torch import nn
 
 from policyc.errors import PolicyError
 from policyc.models import llava as _llava  # noqa: F401  (registers the llava factory)
+from policyc.models import qwen2_vl as _qwen2_vl  # noqa: F401  (registers the qwen2_vl factory)
 from policyc.models.base import (
     AdapterFactory,
     ModelAdapter,

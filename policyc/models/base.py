@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 
+import torch
 from torch import nn
 
 from policyc.errors import Diagnostic, PolicyError, Span
@@ -47,7 +48,7 @@ class ModelAdapter:
     feature_layer: int  # index into the encoder's hidden_states: 0 = embeddings, i + 1 = output of layer i
     feature_start: int  # first encoder token the projector sees: 1 ("default" strategy drops token 0), 0 ("full")
     keeps_cls_in_features: bool  # the CLS token reaches the projector (strategy "full" on a tower with CLS)
-    patch_grid: tuple[int, int]  # patches per side (rows, columns) at the configured image size
+    patch_grid: tuple[int, int] | None  # patches per side (rows, columns); None: each image has its own (Qwen2-VL)
     projector: nn.Module = field(repr=False)  # maps encoder features into the LLM embedding space
     decoder: nn.Module = field(repr=False)  # the language model body (what `model.get_decoder()` returns)
     decoder_layers: nn.ModuleList = field(repr=False)  # the LLM decoder layers, in order
@@ -60,12 +61,17 @@ class ModelAdapter:
     vision_num_heads: int  # encoder attention heads
     vision_head_dim: int  # encoder per-head dimension
     image_token_id: int  # the placeholder id that marks image positions in input_ids
-    tokens_per_image: int  # image tokens the LLM sees per image at the configured image size
+    tokens_per_image: int | None  # image tokens the LLM sees per image; None: set by each image's size
+    rope: str = "1d"  # the LLM's position encoding: "1d" RoPE, or "mrope" (Qwen2-VL's 3-D time/height/width)
+    vision_token_ids: tuple[int, ...] = ()  # every placeholder id of visual tokens (images, video); () = image's
+    encoder_patches_per_token: int = 1  # encoder patches behind one LLM image token (Qwen2-VL's 2x2 merger: 4)
+    # Why stages before the LLM (encoder, projector) cannot bind to this model yet; None: they can.
+    pre_llm_unsupported: str | None = None
 
     @property
     def num_patches(self) -> int:
-        """Patch tokens per image in the encoder (CLS not counted)."""
-        return self.patch_grid[0] * self.patch_grid[1]
+        """Patch tokens per image in the encoder (CLS not counted); 0 where images set their own grid."""
+        return self.patch_grid[0] * self.patch_grid[1] if self.patch_grid is not None else 0
 
     @property
     def vision_tokens(self) -> int:
@@ -73,27 +79,85 @@ class ModelAdapter:
         return self.num_patches + int(self.has_cls)
 
     @property
+    def visual_ids(self) -> tuple[int, ...]:
+        """The input_ids that mark visual tokens (what the `vision` set holds in the LLM)."""
+        return self.vision_token_ids or (self.image_token_id,)
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: the positions of visual tokens in `input_ids` [B, L]."""
+        ids = torch.tensor(self.visual_ids, device=input_ids.device)
+        return torch.isin(input_ids, ids)
+
+    def image_sizes(self, input_ids: torch.Tensor) -> list[int]:
+        """The LLM tokens of each image in one prompt row `input_ids` [L], in order: its runs of image
+        tokens, each split into images of `tokens_per_image` where that is fixed (adjacent images)."""
+        image = (input_ids == self.image_token_id).long().cpu()
+        edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.long), image, torch.zeros(1, dtype=torch.long)]))
+        runs = (torch.nonzero(edges == -1).flatten() - torch.nonzero(edges == 1).flatten()).tolist()
+        if self.tokens_per_image is None:
+            return runs
+        size = self.tokens_per_image
+        return [min(size, run - start) for run in runs for start in range(0, run, size)]
+
+    def encoder_tokens(self, llm_tokens: int) -> int:
+        """Encoder tokens behind an image the LLM sees as `llm_tokens` tokens."""
+        if self.tokens_per_image is not None:
+            return self.vision_tokens
+        return llm_tokens * self.encoder_patches_per_token + int(self.has_cls)
+
+    def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
+        """A model-agnostic calibration prompt: `text_tokens` text ids around one image's tokens, and the
+        example image at the encoder's size scaled to [-1, 1] (no processor needed). Families with their
+        own inputs (grids, token types) override this."""
+        config = self.model.config
+        if self.tokens_per_image is None or self.patch_grid is None:
+            raise NotImplementedError(f"{type(self).__name__} must build its own sample inputs")
+        row = text_around(self, text_tokens, [self.image_token_id] * self.tokens_per_image)
+        image_size = config.vision_config.image_size
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        pixels = example_pixels(size)[None]
+        device, dtype = placement(self.model)
+        return {"input_ids": torch.tensor([row], device=device),
+                "attention_mask": torch.ones(1, len(row), dtype=torch.long, device=device),
+                "pixel_values": pixels.to(device=device, dtype=dtype)}
+
+    @property
     def feature_encoder_layer(self) -> int:
         """The encoder layer whose output LLaVA hands to the projector (-1: the embeddings)."""
         return self.feature_layer - 1
 
     def signals(self) -> frozenset[str]:
-        """The signal capabilities this model offers; `cls_attention` and `cls_token` only with a CLS token."""
+        """The signal capabilities this model offers; `cls_attention` and `cls_token` only with a CLS token, the
+        encoder's only where stages before the LLM can bind."""
+        if self.pre_llm_unsupported is not None:
+            return LLM_SIGNALS
         return ENCODER_SIGNALS | LLM_SIGNALS | (CLS_SIGNALS if self.has_cls else frozenset())
 
-    def check(self, requirements: Iterable[Requirement]) -> None:
-        """Raise one `PolicyError` listing every requirement this model cannot meet, at the policy's spans."""
-        problems = [d for r in requirements if (d := self._problem(r)) is not None]
+    def check(self, requirements: Iterable[Requirement],
+              stages: Iterable[tuple[str, str, Span | None]] = ()) -> None:
+        """Raise one `PolicyError` listing every requirement this model cannot meet, at the policy's spans, and
+        every (label, kind, span) stage it cannot run (stages before the LLM where `pre_llm_unsupported` says why)."""
+        problems = [d for label, kind, span in stages if (d := self._stage_problem(label, kind, span)) is not None]
+        problems += [d for r in requirements if (d := self._problem(r)) is not None]
         if problems:
             raise PolicyError(problems)
+
+    def _stage_problem(self, label: str, kind: str, span: Span | None) -> Diagnostic | None:
+        if self.pre_llm_unsupported is None or kind not in ("encoder", "projector"):
+            return None
+        return Diagnostic(f"{label} is a{'n' if kind == 'encoder' else ''} {kind} stage: {self.pre_llm_unsupported}",
+                          span, "LLM stages (llm.layer[...]) and decode cache policies run on this model, e.g. "
+                                "fastv, pyramiddrop, sparsevlm, h2o, snapkv")
 
     def _problem(self, requirement: Requirement) -> Diagnostic | None:
         what, value, span, reason = requirement.what, requirement.value, requirement.span, requirement.reason
         tower = type(self.vision_tower).__name__
         if what == "cls_token" and not self.has_cls:
+            substitute = "attention(last -> vision) in an LLM stage (FastV's signal)" if self.pre_llm_unsupported \
+                else "attention(last -> vision) in the LLM, or attention(all -> vision) or key_norm in the encoder"
             return Diagnostic(f"{reason}, but this model's vision tower ({tower}) has no CLS token", span,
-                              "towers without CLS (SigLIP) need a score that does not read `cls`, "
-                              "e.g. attention(last -> vision) in the LLM or key_norm")
+                              f"towers without CLS (SigLIP, Qwen2-VL) need a score that does not read `cls`, e.g. "
+                              f"{substitute}")
         if what == "encoder_layer" and value is not None:
             count = len(self.vision_layers)
             if not -count <= value < count:
@@ -109,21 +173,50 @@ class ModelAdapter:
     def describe(self) -> str:
         """A few lines for `policyc compile --emit plan`."""
         cls = " + CLS" if self.has_cls else " (no CLS)"
-        rows, cols = self.patch_grid
+        grid = "patches per image set by its size" if self.patch_grid is None else \
+            f"{self.patch_grid[0]}x{self.patch_grid[1]} patches"
+        per_image = "a size-dependent number of" if self.tokens_per_image is None else str(self.tokens_per_image)
         rotary = type(self.rotary).__name__ if self.rotary is not None else "none"
         strategy = "full" if self.feature_start == 0 else "default"
         return "\n".join([
             f"model: {type(self.model).__name__} (family {self.family})",
             f"encoder: {type(self.vision_tower).__name__}, {len(self.vision_layers)} layers, "
-            f"{self.vision_num_heads} heads x {self.vision_head_dim}, {rows}x{cols} patches{cls}",
+            f"{self.vision_num_heads} heads x {self.vision_head_dim}, {grid}{cls}",
             f"features: encoder layer {self.feature_encoder_layer} (hidden_states[{self.feature_layer}]), "
-            f"strategy {strategy}, {self.tokens_per_image} image tokens per image",
+            f"strategy {strategy}, {per_image} image tokens per image",
             f"projector: {type(self.projector).__name__}",
             f"llm: {type(self.decoder).__name__}, {len(self.decoder_layers)} layers, {self.num_heads} heads "
-            f"({self.num_kv_heads} kv) x {self.head_dim}, hidden {self.hidden_size}, rotary {rotary}",
-            f"image token id: {self.image_token_id}",
+            f"({self.num_kv_heads} kv) x {self.head_dim}, hidden {self.hidden_size}, rotary {rotary} ({self.rope})",
+            f"visual token ids: {', '.join(map(str, self.visual_ids))}",
             f"signals: {', '.join(sorted(self.signals()))}",
         ])
+
+
+def text_around(adapter: ModelAdapter, count: int, middle: list[int]) -> list[int]:
+    """`count` ordinary text ids (no special or visual id) with `middle` in their middle."""
+    config = adapter.model.config
+    text_config = getattr(config, "text_config", config)
+    special = {*adapter.visual_ids, getattr(config, "pad_token_id", None), getattr(text_config, "pad_token_id", None)}
+    special |= {v for k, v in vars(config).items() if k.endswith("_token_id") and isinstance(v, int)}
+    ids = [i for i in range(3, text_config.vocab_size) if i not in special][:count]
+    half = len(ids) // 2
+    return ids[:half] + middle + ids[half:]
+
+
+def example_pixels(size: tuple[int, int]) -> torch.Tensor:
+    """The example image resized to `size` (height, width), [3, H, W] float in [-1, 1]."""
+    from PIL import Image
+
+    from policyc.models.bundled import example_image_path
+
+    picture = Image.open(example_image_path()).convert("RGB").resize((size[1], size[0]))
+    pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(size[0], size[1], 3).float()
+    return pixels.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters())
+    return parameter.device, parameter.dtype
 
 
 class AdapterFactory(ABC):
@@ -168,4 +261,5 @@ def supported_families() -> str:
     return "supported models: " + "; ".join(f"{f.family} ({f.description})" for f in _FACTORIES)
 
 
-__all__ = ["AdapterFactory", "ModelAdapter", "Requirement", "factories", "register_adapter", "supported_families"]
+__all__ = ["AdapterFactory", "ModelAdapter", "Requirement", "example_pixels", "factories", "placement",
+           "register_adapter", "supported_families", "text_around"]

@@ -15,56 +15,13 @@ from torch import nn
 
 from policyc.errors import PolicyError
 from policyc.models.base import AdapterFactory, ModelAdapter, register_adapter
+from policyc.models.structure import adapt_error, attention_of, config_int, language_model, layer_list, sub_model
 
 VISION_TOWERS = {"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP"}
 
 
 def _fail(model: nn.Module, what: str) -> PolicyError:
-    return PolicyError.at(f"cannot adapt {type(model).__name__}: {what}", None,
-                          "the model's structure differs from what the llava adapter expects")
-
-
-def _int(config: Any, *names: str) -> int | None:
-    """The first of `names` that `config` sets to an int."""
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _sub_model(model: nn.Module, config: Any) -> nn.Module | None:
-    """The outermost sub-module (not `model`) built from `config`, matched by its model_type."""
-    model_type = getattr(config, "model_type", None)
-    for _, module in model.named_modules():
-        if module is not model and getattr(getattr(module, "config", None), "model_type", None) == model_type:
-            return module
-    return None
-
-
-def _layer_list(root: nn.Module, count: int | None) -> nn.ModuleList | None:
-    """The one `nn.ModuleList` under `root` holding `count` layers (None when there is not exactly one)."""
-    found = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-             and (count is None or len(m) == count)]
-    return found[0] if len(found) == 1 else None
-
-
-def _attention(layer: nn.Module) -> nn.Module | None:
-    """A layer's self-attention module: `self_attn`, else its one child whose class name ends in Attention."""
-    module = getattr(layer, "self_attn", None)
-    if isinstance(module, nn.Module):
-        return module
-    found = [m for m in layer.children() if type(m).__name__.endswith("Attention")]
-    return found[0] if len(found) == 1 else None
-
-
-def _rotary(decoder: nn.Module, layers: nn.ModuleList) -> nn.Module | None:
-    """The decoder's shared rotary embedding (outside the layers), found by class name or `inv_freq`."""
-    inside = {id(m) for m in layers.modules()}
-    for module in decoder.modules():
-        if id(module) not in inside and ("Rotary" in type(module).__name__ or hasattr(module, "inv_freq")):
-            return module
-    return None
+    return adapt_error(model, "llava", what)
 
 
 def _projector(base: nn.Module, exclude: tuple[nn.Module, ...]) -> nn.Module | None:
@@ -97,31 +54,22 @@ class LlavaFactory(AdapterFactory):
 
     def build(self, model: nn.Module) -> ModelAdapter:
         config = model.config
-        vision_config, text_config = config.vision_config, config.text_config
+        vision_config = config.vision_config
 
-        tower = _sub_model(model, vision_config)
+        tower = sub_model(model, vision_config)
         if tower is None:
             raise _fail(model, f"no {vision_config.model_type} vision tower found")
-        vision_layers = _layer_list(tower, vision_config.num_hidden_layers)
+        vision_layers = layer_list(tower, vision_config.num_hidden_layers)
         if vision_layers is None:
             raise _fail(model, f"no single list of {vision_config.num_hidden_layers} encoder layers in the tower")
-        vision_attention = tuple(_attention(layer) for layer in vision_layers)
+        vision_attention = tuple(attention_of(layer) for layer in vision_layers)
 
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        if not isinstance(decoder, nn.Module):
-            decoder = _sub_model(model, text_config)
-        if decoder is None:
-            raise _fail(model, "no language model found")
-        layers = getattr(decoder, "layers", None)
-        decoder_layers = layers if isinstance(layers, nn.ModuleList) else _layer_list(decoder, None)
-        if decoder_layers is None or len(decoder_layers) != text_config.num_hidden_layers:
-            raise _fail(model, f"no list of {text_config.num_hidden_layers} decoder layers in {type(decoder).__name__}")
-        decoder_attention = tuple(_attention(layer) for layer in decoder_layers)
-        if any(a is None for a in vision_attention + decoder_attention):
-            raise _fail(model, "a layer without a self-attention module")
+        llm = language_model(model, self.family)
+        if any(a is None for a in vision_attention):
+            raise _fail(model, "an encoder layer without a self-attention module")
 
         base = next((m for m in model.children() if any(c is tower for c in m.children())), model)
-        projector = _projector(base, (tower, decoder))
+        projector = _projector(base, (tower, llm["decoder"]))
         if projector is None:
             raise _fail(model, "no multimodal projector found")
 
@@ -135,10 +83,9 @@ class LlavaFactory(AdapterFactory):
         grid = _grid(vision_config)
         tokens = grid[0] * grid[1] + int(has_cls) - feature_start
 
-        image_token_id = _int(config, "image_token_id", "image_token_index")
+        image_token_id = config_int(config, "image_token_id", "image_token_index")
         if image_token_id is None:
             raise _fail(model, "the config has no image_token_id")
-        num_heads = text_config.num_attention_heads
         vision_heads = vision_config.num_attention_heads
         return ModelAdapter(
             family=self.family,
@@ -152,18 +99,11 @@ class LlavaFactory(AdapterFactory):
             keeps_cls_in_features=has_cls and feature_start == 0,
             patch_grid=grid,
             projector=projector,
-            decoder=decoder,
-            decoder_layers=decoder_layers,
-            decoder_attention=decoder_attention,  # type: ignore[arg-type]
-            rotary=_rotary(decoder, decoder_layers),
-            num_heads=num_heads,
-            num_kv_heads=_int(text_config, "num_key_value_heads") or num_heads,
-            head_dim=_int(text_config, "head_dim") or text_config.hidden_size // num_heads,
-            hidden_size=text_config.hidden_size,
             vision_num_heads=vision_heads,
-            vision_head_dim=_int(vision_config, "head_dim") or vision_config.hidden_size // vision_heads,
+            vision_head_dim=config_int(vision_config, "head_dim") or vision_config.hidden_size // vision_heads,
             image_token_id=image_token_id,
             tokens_per_image=tokens,
+            **llm,
         )
 
 

@@ -135,6 +135,8 @@ class CompiledModel:
         self.plan = plan
         self.backend = backend
         modes = {st.mode for s in plan.stages for st in s.statements if isinstance(st, ir.Positions)}
+        if plan.adapter.rope == "mrope":  # dropped image tokens leave no gap in M-RoPE positions (qwen2_vl.py)
+            modes = set()
         self.runtime = Runtime(plan, compact=bool(modes & {"compact", "cache_length"}),
                                cache_length="cache_length" in modes, rates_text=_reads(plan, "raters"))
         adapter = plan.adapter

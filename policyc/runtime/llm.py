@@ -65,7 +65,7 @@ class Runtime:
     image_slots: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        image = input_ids == self.plan.adapter.image_token_id
+        image = self.plan.adapter.visual_mask(input_ids)
         valid = valid_keys(attention_mask, image.shape[1]) if attention_mask is not None else torch.ones_like(image)
         kept = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
         self.state = PrefillState(image, valid, kept, torch.zeros_like(image))

@@ -78,6 +78,12 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
 def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
     kind = stage.kind
     if kind == "decode":
+        if isinstance(statement, ir.Cache) and statement.method in CACHE_OPS and plan.adapter.rope != "1d" \
+                and CACHE_OPS[statement.method].relative_positions:
+            raise PolicyError.at(f"cache {statement.method} re-rotates cached keys to their index in the cache "
+                                 "(StreamingLLM's pos-shift), which is defined for 1-D RoPE; this model's LLM uses "
+                                 "M-RoPE (3-D positions)", statement.span,
+                                 "heavy_hitter (H2O) or snapkv keep positions and run on M-RoPE models")
         if isinstance(statement, ir.Cache) and (statement.method == "full" or statement.method in CACHE_OPS):
             return
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)

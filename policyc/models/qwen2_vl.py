@@ -1,0 +1,131 @@
+"""Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`).
+
+What differs from LLaVA:
+- no CLS token; a 2x2 patch merger after the encoder turns 4 patches into one LLM token;
+- dynamic resolution: each image has its own patch grid (`image_grid_thw`), so the tokens per image vary;
+- the LLM's positions are 3-D (M-RoPE: time, height, width). transformers 5.24 needs `mm_token_type_ids`
+  next to `input_ids`, or it silently falls back to 1-D positions; `sample_inputs` passes it.
+- Qwen2.5-VL's encoder attends within windows except in its full-attention blocks.
+
+On M-RoPE a kept image token keeps its grid coordinates and text after an image starts after the image's
+grid, not after its token count: dropping image tokens leaves no gap to close. `positions compact` and
+`positions cache_length` therefore keep every position, as `positions original` does (the README's model
+matrix says so).
+
+Stages before the LLM are not bound yet: the encoder packs every image of a batch into one sequence
+(`cu_seqlens`, window attention, 2-D rotary per patch) and the merger needs whole 2x2 groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
+from policyc.models.structure import adapt_error, attention_of, config_int, language_model, layer_list, sub_model
+
+MODEL_TYPES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+SAMPLE_GRID = (8, 8)  # patches per side of the calibration image: 16 LLM tokens after the 2x2 merger
+PRE_LLM = ("stages before the LLM do not run on Qwen2-VL yet: its encoder packs the images of a batch into one "
+           "sequence with per-image grids, and its merger needs whole 2x2 patch groups")
+
+
+@dataclass(frozen=True, eq=False)
+class QwenVLAdapter(ModelAdapter):
+    """A Qwen2-VL adapter: its calibration inputs carry the image grid and the token types M-RoPE needs."""
+
+    temporal_patch_size: int = 2
+    patch_size: int = 14
+    merge_size: int = 2
+
+    def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
+        """`text_tokens` text ids around the example image at `SAMPLE_GRID` patches, with `image_grid_thw`
+        and `mm_token_type_ids` as the Qwen2-VL processor returns them."""
+        rows, cols = SAMPLE_GRID
+        tokens = rows * cols // self.merge_size**2
+        ids = text_around(self, text_tokens, [self.image_token_id] * tokens)
+        device, dtype = placement(self.model)
+        input_ids = torch.tensor([ids], device=device)
+        return {"input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "mm_token_type_ids": (input_ids == self.image_token_id).long(),
+                "pixel_values": self.patchify(example_pixels((rows * self.patch_size, cols * self.patch_size)))
+                .to(device=device, dtype=dtype),
+                "image_grid_thw": torch.tensor([[1, rows, cols]], device=device)}
+
+    def patchify(self, image: torch.Tensor) -> torch.Tensor:
+        """One image [3, H, W] (H, W multiples of patch x merge size) as the encoder's flattened patches,
+        [H/p * W/p, 3 * t * p * p], ordered in 2x2 merge groups as the Qwen2-VL image processor orders them."""
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        channels, height, width = image.shape
+        frames = image[None].expand(t, -1, -1, -1)  # a still image repeats over the temporal patch
+        grid_h, grid_w = height // p, width // p
+        patches = frames.reshape(1, t, channels, grid_h // m, m, p, grid_w // m, m, p)
+        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return patches.reshape(grid_h * grid_w, channels * t * p * p)
+
+
+@register_adapter
+class QwenVLFactory(AdapterFactory):
+    """Qwen2-VL and Qwen2.5-VL: LLM stages and decode cache policies."""
+
+    family = "qwen2_vl"
+    description = "Qwen2-VL and Qwen2.5-VL (LLM and decode stages)"
+
+    def matches(self, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPES
+
+    def build(self, model: nn.Module) -> ModelAdapter:
+        config = model.config
+        vision_config = config.vision_config
+        tower = sub_model(model, vision_config)
+        if tower is None:
+            raise adapt_error(model, self.family, f"no {vision_config.model_type} vision tower found")
+        depth = config_int(vision_config, "depth", "num_hidden_layers")
+        blocks = layer_list(tower, depth)
+        if blocks is None:
+            raise adapt_error(model, self.family, f"no single list of {depth} encoder blocks in the tower")
+        vision_attention = tuple(attention_of(block) for block in blocks)
+        if any(a is None for a in vision_attention):
+            raise adapt_error(model, self.family, "an encoder block without an attention module")
+        merger = getattr(tower, "merger", None)
+        if not isinstance(merger, nn.Module):
+            raise adapt_error(model, self.family, "no patch merger in the vision tower")
+        llm = language_model(model, self.family)
+        image_token_id = config_int(config, "image_token_id")
+        if image_token_id is None:
+            raise adapt_error(model, self.family, "the config has no image_token_id")
+        video_token_id = config_int(config, "video_token_id")
+        merge = config_int(vision_config, "spatial_merge_size") or 2
+        heads = vision_config.num_heads
+        width = config_int(vision_config, "embed_dim", "hidden_size")
+        return QwenVLAdapter(
+            family=self.family,
+            model=model,
+            vision_tower=tower,
+            vision_layers=blocks,
+            vision_attention=vision_attention,  # type: ignore[arg-type]
+            has_cls=False,
+            feature_layer=len(blocks),
+            feature_start=0,
+            keeps_cls_in_features=False,
+            patch_grid=None,
+            projector=merger,
+            vision_num_heads=heads,
+            vision_head_dim=(width or 0) // heads,
+            image_token_id=image_token_id,
+            tokens_per_image=None,
+            rope="mrope",
+            vision_token_ids=(image_token_id,) if video_token_id is None else (image_token_id, video_token_id),
+            encoder_patches_per_token=merge * merge,
+            pre_llm_unsupported=PRE_LLM,
+            temporal_patch_size=config_int(vision_config, "temporal_patch_size") or 2,
+            patch_size=config_int(vision_config, "patch_size") or 14,
+            merge_size=merge,
+            **llm,
+        )
+
+
+__all__ = ["MODEL_TYPES", "QwenVLAdapter", "QwenVLFactory"]

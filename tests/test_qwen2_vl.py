@@ -1,0 +1,179 @@
+"""Qwen2-VL and Qwen2.5-VL: the adapter, the identity policy bit-exact at every generate() step, FastV against an
+independent M-RoPE reference (tests/reference/fastv_mrope.py), the standard library's LLM and decode policies
+end to end with padded batches equal to single runs, and clear errors for what does not bind yet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference.fastv_mrope import fastv_mrope_generate, mrope_positions
+from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, tiny_qwen2_vl
+
+import policyc
+from policyc.errors import PolicyError
+from policyc.lang import check_source
+from policyc.models import adapt
+from policyc.models.qwen2_vl import QwenVLAdapter
+from policyc.report import measure
+
+VERSIONS = ("2", "2.5")
+GRIDS = ((8, 8), (4, 8))  # two images per row: 16 and 8 LLM tokens
+
+
+def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int = 5) -> object:
+    return model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True)
+
+
+def _single(inputs: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
+    """Row `row` of a batch from `make_qwen_inputs`, without its padding, with its own images."""
+    valid = inputs["attention_mask"][row].bool()
+    rows = inputs["input_ids"].shape[0]
+    patches = inputs["pixel_values"].shape[0] // rows
+    images = inputs["image_grid_thw"].shape[0] // rows
+    return {"input_ids": inputs["input_ids"][row:row + 1, valid],
+            "attention_mask": inputs["attention_mask"][row:row + 1, valid],
+            "mm_token_type_ids": inputs["mm_token_type_ids"][row:row + 1, valid],
+            "pixel_values": inputs["pixel_values"][row * patches:(row + 1) * patches],
+            "image_grid_thw": inputs["image_grid_thw"][row * images:(row + 1) * images]}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_adapter_finds_the_parts(version: str) -> None:
+    model = tiny_qwen2_vl(version=version)
+    adapter = adapt(model)
+    assert isinstance(adapter, QwenVLAdapter) and adapter.family == "qwen2_vl"
+    assert adapter.decoder_layers is model.model.language_model.layers and len(adapter.decoder_layers) == 4
+    assert adapter.vision_layers is model.model.visual.blocks and adapter.projector is model.model.visual.merger
+    assert (adapter.rope, adapter.has_cls, adapter.tokens_per_image, adapter.patch_grid) == ("mrope", False, None, None)
+    assert adapter.visual_ids == (QWEN_IMAGE_ID, 122) and adapter.encoder_patches_per_token == 4
+    assert (adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (4, 2, 16)
+    assert adapter.image_sizes(make_qwen_inputs(grids=GRIDS)["input_ids"][0]) == [16, 8]
+    assert "family qwen2_vl" in adapter.describe() and "(mrope)" in adapter.describe()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sample_inputs_are_what_the_model_takes(version: str) -> None:
+    model = tiny_qwen2_vl(version=version)
+    inputs = adapt(model).sample_inputs()
+    assert inputs["pixel_values"].shape == (64, 3 * 2 * 4 * 4) and inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert int(inputs["mm_token_type_ids"].sum()) == 16 == int((inputs["input_ids"] == QWEN_IMAGE_ID).sum())
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
+
+
+def test_the_reference_positions_match_the_models_own() -> None:
+    """The reference's M-RoPE positions, written from the paper, are the model's (so the FastV test below
+    compares against the model's real position scheme)."""
+    model = tiny_qwen2_vl()
+    inputs = make_qwen_inputs(grids=GRIDS)
+    expected, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             image_grid_thw=inputs["image_grid_thw"],
+                                             attention_mask=inputs["attention_mask"])
+    grids = [(h, w) for _, h, w in inputs["image_grid_thw"].tolist()]
+    assert torch.equal(mrope_positions(inputs["input_ids"][0], QWEN_IMAGE_ID, grids, 2), expected[:, 0])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_identity_is_bit_exact_at_every_step(version: str, batch: int) -> None:
+    model = tiny_qwen2_vl(version=version)
+    inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2)
+    plain = _generate(model, inputs)
+    policyc.compile(model, "fastv", ratio="100%")
+    compiled = _generate(model, inputs)
+    assert torch.equal(plain.sequences, compiled.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.scores, compiled.scores, strict=True))
+
+
+@pytest.mark.parametrize(("version", "seed", "layer", "keep"), [
+    ("2", 0, 1, 12), ("2", 1, 0, 5), ("2", 2, 2, 20), ("2.5", 0, 1, 12), ("2.5", 3, 2, 6)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fastv_equals_the_mrope_reference(version: str, seed: int, layer: int, keep: int, batch: int) -> None:
+    model = tiny_qwen2_vl(seed=seed, version=version)
+    inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed)
+    expected_tokens, expected_kept = fastv_mrope_generate(model, inputs, layer=layer, keep=keep, max_new_tokens=5)
+    text = f"policy f {{ stage llm.layer[{layer}] {{ keep top {keep} of vision by attention(last -> vision) }} }}"
+    policyc.compile(model, check_source(text)[0])
+    tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    image = inputs["input_ids"] == QWEN_IMAGE_ID
+    for row in range(batch):
+        kept = model.policyc.kept_positions[row]
+        assert torch.equal(kept[image[row, kept]], expected_kept[row])
+    assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.fixture(scope="module")
+def deep_models() -> dict[str, torch.nn.Module]:
+    """32-layer LLMs, so the standard library's layer indices (PyramidDrop's 7, 15, 23) exist."""
+    return {version: tiny_qwen2_vl(version=version, num_llm_layers=32) for version in VERSIONS}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(("policy", "params"), [
+    ("fastv", {}), ("pyramiddrop", {}), ("sparsevlm", {"early": 20, "middle": 12, "late": 6}),
+    ("h2o", {}), ("snapkv", {"window": 4, "capacity": 24}), ("pyramiddrop_snapkv", {})])
+def test_stdlib_policies_generate_and_batches_equal_single_runs(
+        deep_models: dict[str, torch.nn.Module], version: str, policy: str, params: dict) -> None:
+    model = deep_models[version]
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=7)
+    plain = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    policyc.compile(model, policy, **params)
+    try:
+        batched = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        kept = model.policyc.kept_positions
+        for row in range(2):
+            single = model.generate(**_single(inputs, row), max_new_tokens=6, do_sample=False)
+            assert torch.equal(single[0, -6:], batched[row, -6:])
+    finally:
+        model.policyc.remove()
+        del model.policyc
+    assert batched.shape == plain.shape
+    if policy in ("fastv", "pyramiddrop", "sparsevlm"):  # prefill stages dropped image tokens
+        assert kept.shape[1] < inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("policy", ["tome", "visionzip", "divprune", "mustdrop"])
+def test_stages_before_the_llm_fail_at_compile_time(policy: str) -> None:
+    model = tiny_qwen2_vl()
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(model, policy)
+    text = str(error.value)
+    assert "stages before the LLM do not run on Qwen2-VL yet" in text and f"{policy}.tokpol:" in text
+    assert "fastv, pyramiddrop" in text
+
+
+def test_streamingllm_pos_shift_fails_on_mrope_with_a_substitute() -> None:
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(tiny_qwen2_vl(), "streamingllm")
+    assert "M-RoPE" in str(error.value) and "heavy_hitter (H2O) or snapkv" in str(error.value)
+
+
+def test_cls_signals_name_a_substitute() -> None:
+    """FasterVLM ranks patches by the CLS token's attention: both problems are reported, with a substitute."""
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(tiny_qwen2_vl(), "fastervlm")
+    text = str(error.value)
+    assert "is an encoder stage" in text and "has no CLS token" in text
+    assert "attention(last -> vision) in an LLM stage" in text
+
+
+def test_the_compile_report_measures_qwen(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_qwen2_vl()
+    policyc.compile(model, "fastv", ratio="25%")
+    report = measure(model.policyc, adapt(model).sample_inputs(), "tiny-qwen2-vl")
+    assert report.image_tokens == 16 and report.kept[0].after == 4
+    assert report.flops_after.llm < report.flops_before.llm and report.flops_before.encoder > 0
+    assert report.flops_before.encoder == report.flops_after.encoder  # no stage before the LLM
+
+
+def test_a_saved_qwen_directory_compiles_from_the_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from policyc.cli import main
+
+    tiny_qwen2_vl().save_pretrained(tmp_path / "qwen")
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "qwen"), "fastv", "-o", str(tmp_path / "out"),
+                                      "--param", "layer=1"])
+    assert result.exit_code == 0, result.output
+    assert "tokens kept per stage" in result.output and (tmp_path / "out" / "report.json").is_file()
