@@ -149,6 +149,13 @@ def test_streamingllm_pos_shift_fails_on_mrope_with_a_substitute() -> None:
     assert "M-RoPE" in str(error.value) and "heavy_hitter (H2O) or snapkv" in str(error.value)
 
 
+@pytest.mark.parametrize("backend", ["inductor", "fx"])
+def test_the_graph_backends_refuse_mrope(backend: str) -> None:
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(tiny_qwen2_vl(), "fastv", backend=backend)
+    assert "uses M-RoPE" in str(error.value) and "fastv.tokpol:" in str(error.value)
+
+
 def test_cls_signals_name_a_substitute() -> None:
     """FasterVLM ranks patches by the CLS token's attention: both problems are reported, with a substitute."""
     with pytest.raises(PolicyError) as error:

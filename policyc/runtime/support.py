@@ -22,6 +22,11 @@ _PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "
 
 def check_supported(plan: Plan, backend: str = "eager") -> None:
     problems: list[PolicyError] = []
+    if backend != "eager" and plan.adapter.rope != "1d":
+        span = next((s.span for s in plan.stages if s.kind == "llm"), None)
+        problems.append(PolicyError.at(f"the {backend} backend's graph passes rewrite 1-D RoPE decoders so far; "
+                                       f"this model ({plan.adapter.family}) uses M-RoPE", span,
+                                       "compile with backend='eager' (the reference semantics)"))
     for stage in plan.stages:
         if backend != "eager" and _not_in_graphs(stage):
             problems.append(PolicyError.at(f"{_not_in_graphs(stage)} not implemented by the {backend} backend yet",
