@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_identity_is_bit_exact
 from reference.fastv_mrope import fastv_mrope_generate, mrope_positions
 from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, tiny_qwen2_vl
 
@@ -18,11 +19,6 @@ from policyc.report import measure
 
 VERSIONS = ("2", "2.5")
 GRIDS = ((8, 8), (4, 8))  # two images per row: 16 and 8 LLM tokens
-
-
-def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int = 5) -> object:
-    return model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
-                          return_dict_in_generate=True)
 
 
 def _single(inputs: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
@@ -77,13 +73,7 @@ def test_the_reference_positions_match_the_models_own() -> None:
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_identity_is_bit_exact_at_every_step(version: str, batch: int) -> None:
-    model = tiny_qwen2_vl(version=version)
-    inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2)
-    plain = _generate(model, inputs)
-    policyc.compile(model, "fastv", ratio="100%")
-    compiled = _generate(model, inputs)
-    assert torch.equal(plain.sequences, compiled.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(plain.scores, compiled.scores, strict=True))
+    assert_identity_is_bit_exact(tiny_qwen2_vl(version=version), make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2))
 
 
 @pytest.mark.parametrize(("version", "seed", "layer", "keep"), [
@@ -110,27 +100,11 @@ def deep_models() -> dict[str, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize(("policy", "params"), [
-    ("fastv", {}), ("pyramiddrop", {}), ("sparsevlm", {"early": 20, "middle": 12, "late": 6}),
-    ("h2o", {}), ("snapkv", {"window": 4, "capacity": 24}), ("pyramiddrop_snapkv", {})])
+@pytest.mark.parametrize(("policy", "params", "drops"), LLM_POLICIES, ids=[p[0] for p in LLM_POLICIES])
 def test_stdlib_policies_generate_and_batches_equal_single_runs(
-        deep_models: dict[str, torch.nn.Module], version: str, policy: str, params: dict) -> None:
-    model = deep_models[version]
+        deep_models: dict[str, torch.nn.Module], version: str, policy: str, params: dict, drops: bool) -> None:
     inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=7)
-    plain = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    policyc.compile(model, policy, **params)
-    try:
-        batched = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        kept = model.policyc.kept_positions
-        for row in range(2):
-            single = model.generate(**_single(inputs, row), max_new_tokens=6, do_sample=False)
-            assert torch.equal(single[0, -6:], batched[row, -6:])
-    finally:
-        model.policyc.remove()
-        del model.policyc
-    assert batched.shape == plain.shape
-    if policy in ("fastv", "pyramiddrop", "sparsevlm"):  # prefill stages dropped image tokens
-        assert kept.shape[1] < inputs["input_ids"].shape[1]
+    assert_batch_equals_single_runs(deep_models[version], policy, params, inputs, _single, drops=drops)
 
 
 @pytest.mark.parametrize("policy", ["tome", "visionzip", "divprune", "mustdrop"])

@@ -1,0 +1,75 @@
+"""The checks every model family passes (issue "Beyond LLaVA-1.5"), shared by the per-family test files:
+the identity policy bit-exact at every generate() step, and standard-library policies whose padded batches
+generate what their rows generate alone.
+
+A family's test file supplies a tiny model and `inputs` (a left-padded batch, as its processor gives them)
+and `split(inputs, row)`: that row alone, without its padding, with its own images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+import policyc
+
+Inputs = dict[str, torch.Tensor]
+
+
+def greedy(model: torch.nn.Module, inputs: Inputs, steps: int) -> Any:
+    """Greedy generate() with the scores of every step."""
+    return model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True)
+
+
+def assert_identity_is_bit_exact(model: torch.nn.Module, inputs: Inputs, steps: int = 5) -> None:
+    """FastV keeping every image token (its machinery runs: scores, gathers) gives the unmodified model's
+    sequences and bit-identical logits at every step; `remove()` leaves the model as it was."""
+    plain = greedy(model, inputs, steps)
+    policyc.compile(model, "fastv", ratio="100%")
+    try:
+        compiled = greedy(model, inputs, steps)
+    finally:
+        model.policyc.remove()
+        del model.policyc
+    assert torch.equal(plain.sequences, compiled.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.scores, compiled.scores, strict=True))
+    assert torch.equal(greedy(model, inputs, steps).sequences, plain.sequences)
+
+
+def assert_batch_equals_single_runs(model: torch.nn.Module, policy: str, params: Mapping[str, Any], inputs: Inputs,
+                                    split: Callable[[Inputs, int], Inputs], steps: int = 6,
+                                    drops: bool = False) -> torch.Tensor | None:
+    """Compile `policy` with `params`, generate the batch and each row alone: the same tokens, and scores
+    within 1e-5. With `drops`, prefill must have dropped tokens. Returns the kept prompt positions."""
+    policyc.compile(model, policy, **params)
+    try:
+        batched = greedy(model, inputs, steps)
+        kept = model.policyc.kept_positions
+        for row in range(inputs["input_ids"].shape[0]):
+            alone = greedy(model, split(inputs, row), steps)
+            assert torch.equal(batched.sequences[row, -steps:], alone.sequences[0, -steps:])
+            for a, b in zip(batched.scores, alone.scores, strict=True):
+                torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-5)
+    finally:
+        model.policyc.remove()
+        del model.policyc
+    if drops:
+        assert kept is not None and kept.shape[1] < inputs["input_ids"].shape[1]
+    return kept
+
+
+# The LLM-side standard library every family runs, with parameters that act on tiny inputs (16-24 image tokens)
+# and 32-layer LLMs (PyramidDrop's layers 7, 15, 23 exist); True: prefill drops tokens.
+LLM_POLICIES: list[tuple[str, dict[str, Any], bool]] = [
+    ("fastv", {}, True),
+    ("pyramiddrop", {}, True),
+    ("sparsevlm", {"early": 20, "middle": 12, "late": 6}, True),
+    ("h2o", {}, False),
+    ("snapkv", {"window": 4, "capacity": 24}, False),
+    ("pyramiddrop_snapkv", {}, True),
+]
+
+__all__ = ["LLM_POLICIES", "assert_batch_equals_single_runs", "assert_identity_is_bit_exact", "greedy"]
