@@ -207,7 +207,7 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
             raise PolicyError.at("--show-tokens needs a POLICY: without one every token is kept", None)
         from policyc.show_tokens import draw_kept_tokens
 
-        adapter = session.compiled.plan.adapter
-        draw_kept_tokens(show_tokens, image_for_display(session.processor, inputs["pixel_values"]),
-                         adapter.patch_grid, report.kept, f"policy {report.policy}")
+        picture, grid = session.compiled.plan.adapter.first_image(inputs)
+        draw_kept_tokens(show_tokens, image_for_display(session.processor, picture[None]), grid, report.kept,
+                         f"policy {report.policy}")
         console.print(f"wrote {show_tokens}")

@@ -158,3 +158,20 @@ def test_a_saved_qwen_directory_compiles_from_the_command_line(tmp_path) -> None
                                       "--param", "layer=1"])
     assert result.exit_code == 0, result.output
     assert "tokens kept per stage" in result.output and (tmp_path / "out" / "report.json").is_file()
+
+
+def test_kept_token_pictures_render(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The first image comes back from its flattened patches exactly, and a picture of the kept tokens renders
+    on its grid of merged tokens (what `policyc run --show-tokens` draws)."""
+    from policyc.show_tokens import draw_kept_tokens
+
+    model = tiny_qwen2_vl()
+    adapter = adapt(model)
+    inputs = adapter.sample_inputs()
+    picture, grid = adapter.first_image(inputs)
+    assert grid == (4, 4) and torch.equal(adapter.patchify(picture), inputs["pixel_values"])
+    policyc.compile(model, "fastv", ratio="25%")
+    report = measure(model.policyc, inputs, "tiny-qwen2-vl")
+    assert len(report.kept[0].kept_patches) == 4 and all(0 <= p < 16 for p in report.kept[0].kept_patches)
+    path = draw_kept_tokens(tmp_path / "kept.png", ((picture + 1) / 2).permute(1, 2, 0).numpy(), grid, report.kept)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

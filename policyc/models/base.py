@@ -7,7 +7,7 @@ transformers version's attribute paths, so the same code runs on transformers 5.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 
@@ -104,6 +104,13 @@ class ModelAdapter:
         if self.tokens_per_image is not None:
             return self.vision_tokens
         return llm_tokens * self.encoder_patches_per_token + int(self.has_cls)
+
+    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The first image of processed `inputs` as the encoder saw it ([3, H, W], normalized), and the grid
+        (rows, columns) its tokens tile, for `--show-tokens` pictures."""
+        if self.patch_grid is None:
+            raise NotImplementedError(f"{type(self).__name__} must locate its own first image")
+        return inputs["pixel_values"][0], self.patch_grid
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
         """A model-agnostic calibration prompt: `text_tokens` text ids around one image's tokens, and the

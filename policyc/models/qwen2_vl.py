@@ -18,6 +18,7 @@ Stages before the LLM are not bound yet: the encoder packs every image of a batc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,15 @@ class QwenVLAdapter(ModelAdapter):
                 "pixel_values": self.patchify(example_pixels((rows * self.patch_size, cols * self.patch_size)))
                 .to(device=device, dtype=dtype),
                 "image_grid_thw": torch.tensor([[1, rows, cols]], device=device)}
+
+    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The first image rebuilt from its flattened patches ([3, H, W]) and its grid of LLM tokens (merged)."""
+        _, rows, cols = (int(v) for v in inputs["image_grid_thw"][0])
+        patches = inputs["pixel_values"][: rows * cols]
+        p, m = self.patch_size, self.merge_size
+        grouped = patches.reshape(rows // m, cols // m, m, m, -1, self.temporal_patch_size, p, p)[:, :, :, :, :, 0]
+        image = grouped.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, rows * p, cols * p)
+        return image, (rows // m, cols // m)
 
     def patchify(self, image: torch.Tensor) -> torch.Tensor:
         """One image [3, H, W] (H, W multiples of patch x merge size) as the encoder's flattened patches,
