@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_identity_is_bit_exact
-from reference.fastv_mrope import fastv_mrope_generate, mrope_positions
+from reference.divprune import divprune_keep
+from reference.fastv_mrope import fastv_mrope_generate, mrope_positions, projector_mrope_generate
 from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, tiny_qwen2_vl
 
 import policyc
@@ -107,14 +108,60 @@ def test_stdlib_policies_generate_and_batches_equal_single_runs(
     assert_batch_equals_single_runs(deep_models[version], policy, params, inputs, _single, drops=drops)
 
 
-@pytest.mark.parametrize("policy", ["tome", "visionzip", "divprune", "mustdrop"])
-def test_stages_before_the_llm_fail_at_compile_time(policy: str) -> None:
+@pytest.mark.parametrize("policy", ["tome", "visionzip", "mustdrop", "visiondrop"])
+def test_encoder_stages_fail_at_compile_time(policy: str) -> None:
     model = tiny_qwen2_vl()
     with pytest.raises(PolicyError) as error:
         policyc.compile(model, policy)
     text = str(error.value)
-    assert "stages before the LLM do not run on Qwen2-VL yet" in text and f"{policy}.tokpol:" in text
-    assert "fastv, pyramiddrop" in text
+    assert "encoder stages do not run on Qwen2-VL yet" in text and f"{policy}.tokpol:" in text
+    assert "projector.output stages (e.g. divprune, random_drop)" in text
+
+
+@pytest.mark.parametrize("policy", ["pool", "grid", "mmtok"])
+def test_projector_stages_needing_a_grid_or_the_question_fail_at_compile_time(policy: str) -> None:
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(tiny_qwen2_vl(), policy)
+    assert "qwen2_vl's projector stages do not have yet" in str(error.value) and f"{policy}.tokpol:" in str(error.value)
+
+
+@pytest.mark.parametrize(("version", "seed", "ratio"), [("2", 0, 25), ("2", 1, 50), ("2.5", 2, 25)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_divprune_equals_the_mrope_reference(version: str, seed: int, ratio: int, batch: int) -> None:
+    """DivPrune at projector.output (the tower's merged tokens, each image on its own) against a plain reference:
+    the same kept tokens, the LLM seeing them at their original M-RoPE positions, the same generated tokens."""
+    model = tiny_qwen2_vl(seed=seed, version=version)
+    inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed)
+    expected_tokens, expected_kept = projector_mrope_generate(
+        model, inputs, lambda f: divprune_keep(f[None], int(f.shape[0] * ratio / 100))[0], max_new_tokens=5)
+    policyc.compile(model, "divprune", ratio=f"{ratio}%")
+    tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    image = inputs["input_ids"] == QWEN_IMAGE_ID
+    for row in range(batch):
+        kept = model.policyc.kept_positions[row]
+        assert torch.equal(kept[image[row, kept]], expected_kept[row])
+    assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_divprune_batches_equal_single_runs(version: str) -> None:
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=3)
+    assert_batch_equals_single_runs(tiny_qwen2_vl(version=version), "divprune", {"ratio": "50%"}, inputs, _single,
+                                    drops=True)
+
+
+def test_random_drop_keeps_its_share_of_each_image() -> None:
+    """Random pruning (its random numbers follow the batch, by design: tests/reference/random_drop.py) keeps
+    int(n * ratio) tokens of each image of its own size, in a padded batch."""
+    model = tiny_qwen2_vl()
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=4)
+    policyc.compile(model, "random_drop", ratio="50%")
+    model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    kept_slots = model.policyc.images.kept if model.policyc.images.kept is not None else \
+        model.policyc.runtime.image_slots[0]
+    assert kept_slots.shape == (48,)  # two rows of a 16- and an 8-token image, packed
+    per_image = [int(part.sum()) for part in torch.split(kept_slots, [16, 8, 16, 8])]
+    assert per_image == [8, 4, 8, 4]
 
 
 def test_streamingllm_pos_shift_fails_on_mrope_with_a_substitute() -> None:

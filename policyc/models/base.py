@@ -67,6 +67,7 @@ class ModelAdapter:
     encoder_patches_per_token: int = 1  # encoder patches behind one LLM image token (Qwen2-VL's 2x2 merger: 4)
     # Why stages before the LLM (encoder, projector) cannot bind to this model yet; None: they can.
     pre_llm_unsupported: str | None = None
+    encoder_unsupported: str | None = None  # why encoder stages alone cannot bind yet (projector stages can)
 
     @property
     def num_patches(self) -> int:
@@ -136,7 +137,7 @@ class ModelAdapter:
     def signals(self) -> frozenset[str]:
         """The signal capabilities this model offers; `cls_attention` and `cls_token` only with a CLS token, the
         encoder's only where stages before the LLM can bind."""
-        if self.pre_llm_unsupported is not None:
+        if self.pre_llm_unsupported is not None or self.encoder_unsupported is not None:
             return LLM_SIGNALS
         return ENCODER_SIGNALS | LLM_SIGNALS | (CLS_SIGNALS if self.has_cls else frozenset())
 
@@ -150,9 +151,14 @@ class ModelAdapter:
             raise PolicyError(problems)
 
     def _stage_problem(self, label: str, kind: str, span: Span | None) -> Diagnostic | None:
-        if self.pre_llm_unsupported is None or kind not in ("encoder", "projector"):
+        reason = self.pre_llm_unsupported if kind in ("encoder", "projector") else None
+        if kind == "encoder" and reason is None and self.encoder_unsupported is not None:
+            return Diagnostic(f"{label} is an encoder stage: {self.encoder_unsupported}", span,
+                              "projector.output stages (e.g. divprune, random_drop), LLM stages and decode cache "
+                              "policies run on this model")
+        if reason is None:
             return None
-        return Diagnostic(f"{label} is a{'n' if kind == 'encoder' else ''} {kind} stage: {self.pre_llm_unsupported}",
+        return Diagnostic(f"{label} is a{'n' if kind == 'encoder' else ''} {kind} stage: {reason}",
                           span, "LLM stages (llm.layer[...]) and decode cache policies run on this model, e.g. "
                                 "fastv, pyramiddrop, sparsevlm, h2o, snapkv")
 
@@ -160,7 +166,8 @@ class ModelAdapter:
         what, value, span, reason = requirement.what, requirement.value, requirement.span, requirement.reason
         tower = type(self.vision_tower).__name__
         if what == "cls_token" and not self.has_cls:
-            substitute = "attention(last -> vision) in an LLM stage (FastV's signal)" if self.pre_llm_unsupported \
+            substitute = "attention(last -> vision) in an LLM stage (FastV's signal)" \
+                if self.pre_llm_unsupported or self.encoder_unsupported \
                 else "attention(last -> vision) in the LLM, or attention(all -> vision) or key_norm in the encoder"
             return Diagnostic(f"{reason}, but this model's vision tower ({tower}) has no CLS token", span,
                               f"towers without CLS (SigLIP, Qwen2-VL) need a score that does not read `cls`, e.g. "

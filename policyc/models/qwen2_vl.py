@@ -12,8 +12,10 @@ grid, not after its token count: dropping image tokens leaves no gap to close. `
 `positions cache_length` therefore keep every position, as `positions original` does (the README's model
 matrix says so).
 
-Stages before the LLM are not bound yet: the encoder packs every image of a batch into one sequence
-(`cu_seqlens`, window attention, 2-D rotary per patch) and the merger needs whole 2x2 groups.
+`projector.output` stages run on the tower's merged tokens (its `pooler_output`, every image packed one after
+another: policyc/runtime/vision.py pads them per image for the stages). Encoder stages are not bound yet: the
+encoder packs every image of a batch into one sequence (`cu_seqlens`, window attention, 2-D rotary per patch)
+and the merger needs whole 2x2 groups.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from policyc.models.structure import adapt_error, attention_of, config_int, lang
 
 MODEL_TYPES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
 SAMPLE_GRID = (8, 8)  # patches per side of the calibration image: 16 LLM tokens after the 2x2 merger
-PRE_LLM = ("stages before the LLM do not run on Qwen2-VL yet: its encoder packs the images of a batch into one "
-           "sequence with per-image grids, and its merger needs whole 2x2 patch groups")
+ENCODER = ("encoder stages do not run on Qwen2-VL yet: its encoder packs the images of a batch into one sequence "
+           "with per-image grids (and windows on Qwen2.5-VL), and its merger needs whole 2x2 patch groups")
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,10 +81,10 @@ class QwenVLAdapter(ModelAdapter):
 
 @register_adapter
 class QwenVLFactory(AdapterFactory):
-    """Qwen2-VL and Qwen2.5-VL: LLM stages and decode cache policies."""
+    """Qwen2-VL and Qwen2.5-VL: projector and LLM stages, decode cache policies."""
 
     family = "qwen2_vl"
-    description = "Qwen2-VL and Qwen2.5-VL (LLM and decode stages)"
+    description = "Qwen2-VL and Qwen2.5-VL (projector, LLM and decode stages)"
 
     def matches(self, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPES
@@ -130,7 +132,7 @@ class QwenVLFactory(AdapterFactory):
             rope="mrope",
             vision_token_ids=(image_token_id,) if video_token_id is None else (image_token_id, video_token_id),
             encoder_patches_per_token=merge * merge,
-            pre_llm_unsupported=PRE_LLM,
+            encoder_unsupported=ENCODER,
             temporal_patch_size=config_int(vision_config, "temporal_patch_size") or 2,
             patch_size=config_int(vision_config, "patch_size") or 14,
             merge_size=merge,

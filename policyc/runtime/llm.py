@@ -32,8 +32,8 @@ class ImageSource(Protocol):
     slot (I images in the order LLaVA scatters them, N tokens each), whether it reaches the LLM and
     whether a stage protected it. None when no vision forward ran since the last prefill took them."""
 
-    kept: torch.Tensor | None  # [I, N] bool
-    protected: torch.Tensor | None  # [I, N] bool
+    kept: torch.Tensor | None  # [I, N] bool; [T] over the packed tokens where images have their own sizes
+    protected: torch.Tensor | None  # same shape as kept
 
 
 @dataclass
@@ -92,9 +92,9 @@ class Runtime:
             return hidden
         found, expected = int(state.image.sum()), slots.numel()
         if found != expected:
-            raise PolicyError.at(f"the prompt holds {found} image tokens but the images gave {slots.shape[0]} x "
-                                 f"{slots.shape[1]} = {expected} (one vision forward per prompt is expected)",
-                                 self._first_image_stage_span())
+            shape = " x ".join(map(str, slots.shape))
+            raise PolicyError.at(f"the prompt holds {found} image tokens but the images gave {shape} = {expected} "
+                                 "(one vision forward per prompt is expected)", self._first_image_stage_span())
         keep = ~state.image
         keep[state.image] = slots.flatten().to(keep.device)
         if protected is not None:
@@ -112,7 +112,8 @@ class Runtime:
         state.kept = rows
         if not bool((counts == counts[0]).all()):
             state.dead = ~keep
-        self.base_positions = (state.valid & keep).long().cumsum(1).sub(1).clamp(min=0)
+        if self.plan.adapter.rope == "1d":  # M-RoPE: kept tokens keep their 3-D positions (models/qwen2_vl.py)
+            self.base_positions = (state.valid & keep).long().cumsum(1).sub(1).clamp(min=0)
         self.dropped_before = (state.valid & ~keep).sum(1)
         return torch.gather(hidden, 1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
@@ -244,6 +245,8 @@ class Runtime:
         """
         state = self.state
         assert state is not None  # decoding follows a prefill
+        if self.plan.adapter.rope == "mrope":  # kept tokens keep their 3-D positions, and transformers numbers a
+            return None  # decode token after every prompt token already (M-RoPE: models/qwen2_vl.py)
         kept = self.kept_at_layer.get(index)
         if self.cache_length:
             if self.cache is not None and self.cache.handles(index):

@@ -37,6 +37,8 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
             except PolicyError as error:
                 problems.append(error)
     problems += _cache_length_with(plan)
+    if plan.adapter.patch_grid is None:
+        problems += _without_one_grid(plan)
     if problems:
         raise PolicyError([d for p in problems for d in p.diagnostics])
 
@@ -48,6 +50,28 @@ def _cache_length_with(plan: Plan) -> list[PolicyError]:
         return []
     return [_not_yet(f"cache {st.method} with positions cache_length", st) for s in plan.stages if s.kind == "decode"
             for st in s.statements if isinstance(st, ir.Cache) and st.method not in ("full", "regather")]
+
+
+_NEEDS_GRID = {"grid", "pool", "window", "fuse", "dilate"}  # geometric operators: one patch grid for every image
+_READS_PROMPT = {"cover", "text_relevance"}  # the question before the LLM (LLaVA's prompt stash)
+
+
+def _without_one_grid(plan: Plan) -> list[PolicyError]:
+    """Images of their own sizes (Qwen2-VL) have no patch grid common to every image, and their projector
+    stages run at the tower's output, where the prompt is not stashed: what needs either fails here."""
+    problems = []
+    for stage in plan.stages:
+        if stage.kind != "projector":
+            continue
+        for node in (n for st in stage.statements for n in st.walk()):
+            name = node.selector if isinstance(node, ir.Select) else node.method if isinstance(node, ir.Merge) \
+                else node.fn if isinstance(node, ir.Call) else node.id if isinstance(node, ir.Name) else None
+            if name in _NEEDS_GRID or name in _READS_PROMPT:
+                need = "the image patch grid" if name in _NEEDS_GRID else "the question"
+                problems.append(PolicyError.at(
+                    f"{name} needs {need}, which {plan.adapter.family}'s projector stages do not have yet (each image "
+                    "has its own size)", node.span, "score-based selections run there: top, diverse, stride"))
+    return problems
 
 
 def _not_in_graphs(stage: BoundStage) -> str | None:

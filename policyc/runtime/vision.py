@@ -33,7 +33,7 @@ from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.rows import valid_keys
 from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers, reads_values
-from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows
+from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows, unpack
 
 
 def _name(node: ir.Call | ir.Name) -> str:
@@ -47,7 +47,7 @@ class Space:
     image: torch.Tensor  # [P] bool: patch positions
     patches: torch.Tensor  # [P] long: patch index, -1 for CLS
     cls: torch.Tensor  # [P] bool
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None  # None: images of their own sizes (geometric operators fail at compile time)
 
     def evaluator(self, state: PrefillState, stage: BoundStage, captured: Captured | None, hidden: torch.Tensor,
                   layer: int, run: VisionRun | None = None, layer_count: int = 0,
@@ -237,7 +237,10 @@ class ImageStages:
             self._attention = config._attn_implementation
             config._attn_implementation = register()
             self._handles.append(adapter.vision_tower.register_forward_hook(self._on_tower_output))
-        self._handles.append(adapter.projector.register_forward_hook(self._on_projector_output))
+        if adapter.tokens_per_image is None:  # packed images of their own sizes (Qwen2-VL): at the tower's output
+            self._handles.append(adapter.vision_tower.register_forward_hook(self._on_packed_tower, with_kwargs=True))
+        else:
+            self._handles.append(adapter.projector.register_forward_hook(self._on_projector_output))
         if self._reads_prompt:
             model = adapter.model
             self._handles.append(model.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
@@ -400,12 +403,40 @@ class ImageStages:
             tokens, state = self._slots
             tokens = replace(tokens, hidden=output)
         self._slots = None
+        output, self.kept, self.protected = self._project(tokens, state, projector, output)
+        return output
+
+    def _project(self, tokens: Tokens, state: PrefillState, projector: dict[str, object], output: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the `projector.output` stages on the projected image tokens `output` [I, N, D]: the features with
+        merges folded in, [I, N, D], and which slots reach the LLM and which a stage protected, [I, N] bool."""
         for stage in self.projector_output:
             evaluator = self.slot_space.evaluator(state, stage, None, tokens.hidden, 0, **projector)
             tokens, alive, _, _ = run_statements(stage, evaluator, tokens)
             state.valid = alive & state.valid
         alive_rows = state.valid.gather(1, tokens.origin)
         output, kept = scatter_rows(tokens, alive_rows, output.shape[1], base=output)
-        self.kept = kept
-        self.protected = state.protected & kept
+        return output, kept, state.protected & kept
+
+    def _on_packed_tower(self, module: nn.Module, args: tuple, kwargs: dict[str, object], output: object) -> object:
+        """Dynamic resolution (Qwen2-VL): the tower's `pooler_output` [T, D] packs every image's merged tokens,
+        image by image in raster order, `grid_thw` ([I, 3]) giving each image's patch grid. Images are padded to
+        the widest for the stages, and `kept` / `protected` are flat [T] bool over the packed tokens."""
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        packed = getattr(output, "pooler_output", None)
+        if not isinstance(grid, torch.Tensor) or not isinstance(packed, torch.Tensor):
+            raise PolicyError.at("the vision tower ran without grid_thw or returned no pooler_output", None)
+        sizes = (grid.prod(-1) // self.adapter.encoder_patches_per_token).tolist()
+        if sum(sizes) != packed.shape[0]:
+            raise PolicyError.at(f"the vision tower returned {packed.shape[0]} tokens for grids giving {sum(sizes)}",
+                                 None)
+        padded, valid = unpack(packed, sizes)
+        width = padded.shape[1]
+        positions = torch.arange(width, device=padded.device)
+        space = Space(positions >= 0, positions, positions < 0, None)  # no grid common to every image
+        self.slot_space = space
+        output_padded, kept, protected = self._project(Tokens.start(padded), space.state(len(sizes), valid), {},
+                                                       padded)
+        output.pooler_output = output_padded[valid]  # type: ignore[attr-defined]
+        self.kept, self.protected = kept[valid], protected[valid]
         return output

@@ -133,3 +133,13 @@ def scatter_rows(tokens: Tokens, alive_rows: torch.Tensor, width: int, base: tor
     out = out.scatter(1, slot[:, :, None].expand(-1, -1, channels), tokens.hidden)
     kept = torch.zeros(images, width + 1, dtype=torch.bool, device=slot.device).scatter(1, slot, True)
     return out[:, :width], kept[:, :width]
+
+
+def unpack(packed: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images packed one after another, [sum(sizes), C], as rows of a batch padded with zeros to the widest:
+    ([I, max(sizes), C], [I, max(sizes)] bool: which rows hold a token). `padded[valid]` packs them again."""
+    width = max(sizes, default=0)
+    valid = torch.arange(width, device=packed.device)[None, :] < torch.tensor(sizes, device=packed.device)[:, None]
+    padded = packed.new_zeros(len(sizes), width, packed.shape[-1])
+    padded[valid] = packed
+    return padded, valid
