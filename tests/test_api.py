@@ -76,6 +76,20 @@ def test_compile_again_replaces_the_previous_policy() -> None:
     assert model.policyc.kept_positions.shape[1] == inputs["input_ids"].shape[1] - 8
 
 
+def test_compile_model_twice_without_remove_is_refused() -> None:
+    """The low-level compile_model never stacks two rewrites (generate() wrappers, layer wrappers) silently."""
+    model = tiny_llava_clip()
+    inputs = make_inputs(model)
+    expected = _greedy(model, inputs)
+    first = compile_model(model, "mmtok")  # a projector stage that wraps generate() to read the question
+    with pytest.raises(PolicyError, match="already compiled with a policy"):
+        compile_model(model, "fastv")
+    first.remove()
+    assert torch.equal(_greedy(model, inputs), expected)
+    compile_model(model, "fastv").remove()  # after remove() it compiles again
+    assert torch.equal(_greedy(model, inputs), expected)
+
+
 @pytest.mark.parametrize(("values", "message"), [
     ({"ratio": 0.25}, "holds values like 50%, not 0.25"),
     ({"ratio": True}, "is not a value"),

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from policyc.runtime.graphs import CapturedGraph
 
 Backend = Literal["eager", "inductor", "fx"]
+ACTIVE = "_policyc_active"  # the model's attribute naming the CompiledModel that rewrote it
 BACKENDS: tuple[Backend, ...] = ("eager", "inductor", "fx")
 
 
@@ -132,6 +133,10 @@ class CompiledModel:
 
     def __init__(self, plan: Plan, backend: Backend = "eager") -> None:
         check_supported(plan, backend)
+        if isinstance(plan.adapter.model.__dict__.get(ACTIVE), CompiledModel):
+            raise PolicyError.at("this model is already compiled with a policy: compiling it again would stack two "
+                                 "rewrites", None, "call .remove() on the compiled model first (policyc.compile "
+                                 "does so itself and replaces the previous policy)")
         self.plan = plan
         self.backend = backend
         modes = {st.mode for s in plan.stages for st in s.statements if isinstance(st, ir.Positions)}
@@ -176,6 +181,7 @@ class CompiledModel:
                     adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         self._serialize_generate()
+        self.model.__dict__[ACTIVE] = self
 
     def _serialize_generate(self) -> None:
         """The runtime keeps one request's state (kept rows, positions, cache bookkeeping) from prefill to the
@@ -250,6 +256,8 @@ class CompiledModel:
     def remove(self) -> None:
         """Undo the rewrite: original layers, attention function and hooks."""
         adapter = self.plan.adapter
+        if self.model.__dict__.get(ACTIVE) is self:
+            del self.model.__dict__[ACTIVE]
         if self._unwrap_generate is not None:
             self._unwrap_generate()  # first: it is the outermost generate() wrapper
             self._unwrap_generate = None
