@@ -9,6 +9,7 @@ from importlib.resources import files
 
 import pytest
 import torch
+from generation import assert_rows_equal_single_runs
 from policyc.passes.merge_cluster import Cluster, cluster_count, dpc_knn, recycled_count
 from reference.sparsevlm import dpc_knn as reference_dpc_knn
 from reference.sparsevlm import sparsevlm_generate
@@ -138,3 +139,49 @@ def test_recycling_equals_the_reference(monkeypatch: pytest.MonkeyPatch, seed: i
                                torch.stack([r.tokens for r in expected]), rtol=0, atol=0)
     for step, logits in enumerate(torch.stack([torch.stack(r.logits) for r in expected]).unbind(1)):
         torch.testing.assert_close(result.scores[step], logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_the_standard_library_policy_generates_in_a_padded_batch_as_each_sample_alone(cache: str) -> None:
+    model = tiny_llava_64(seed=6)
+    inputs = make_inputs(model, batch=2, pad_left=3, seed=6, text_after=8)
+    compiled = policyc.compile(model, "sparsevlm", early=40, middle=20, late=8).policyc  # recycle=30%
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    batched = generate(model, inputs, **kwargs)
+    image = inputs["input_ids"] == model.config.image_token_id
+    # 64 -> keep 40, recycle int(0.3 * 24) + 1 = 8 of the dropped into int(8 / 10) + 1 = 1: 41 image tokens;
+    # then 41 -> 20 + 1 (7 recycled) and 21 -> 8 + 1 (4 recycled)
+    for layer, count in [(3, 41), (7, 21)]:
+        rows = compiled.runtime.kept_at_layer[layer]
+        assert torch.gather(image, 1, rows).sum(1).tolist() == [count, count]
+    assert [int(image[b, compiled.kept_positions[b]].sum()) for b in range(2)] == [9, 9]
+    assert_rows_equal_single_runs(lambda i: generate(model, i, **kwargs), inputs, batched, STEPS)
+
+
+def test_recycling_changes_what_the_model_generates_and_recycle_0_percent_turns_it_off() -> None:
+    model = tiny_llava_64(seed=7)
+    inputs = make_inputs(model, batch=1, seed=7, text_after=8)
+    budgets = {"early": 30, "middle": 12, "late": 6}
+    recycled = generate(policyc.compile(model, "sparsevlm", recycle="100%", **budgets), inputs)
+    plain = generate(policyc.compile(model, "sparsevlm", recycle="0%", **budgets), inputs)
+    without = generate(policyc.compile(model, policyc.parse(
+        files("policyc.policies").joinpath("sparsevlm.tokpol").read_text(encoding="utf-8").replace(
+            "    merge cluster(share=recycle, rank=relevance) of dropped by hidden\n", "")), budgets), inputs)
+    assert torch.equal(plain.sequences, without.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.scores, without.scores, strict=True))
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(recycled.scores, plain.scores, strict=True))
+
+
+@pytest.mark.parametrize("by", ["hidden", "keys", "keys(layer=next)"])
+def test_merge_cluster_of_alive_tokens_in_the_llm(by: str) -> None:
+    """Without `share`, every token of SET is clustered: 16 image tokens become 4 (their clusters' means)."""
+    model = tiny_llava_clip(seed=8)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=8)
+    compiled = policyc.compile(model, policyc.parse(f"""policy p {{
+      stage llm.layer[1] {{ merge cluster(clusters=4) of vision by {by}
+                           positions compact }}
+    }}""")).policyc
+    batched = generate(model, inputs)
+    image = inputs["input_ids"] == model.config.image_token_id
+    assert torch.gather(image, 1, compiled.runtime.kept_at_layer[2]).sum(1).tolist() == [4, 4]
+    assert_rows_equal_single_runs(lambda i: generate(model, i), inputs, batched, STEPS)
