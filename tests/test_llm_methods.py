@@ -264,6 +264,10 @@ def test_raters_fail_at_compile_time_under_the_graph_backends() -> None:
     model = tiny_llava_clip(num_llm_layers=16)
     with pytest.raises(PolicyError) as caught:
         policyc.compile(model, "sparsevlm", backend="fx")
+    assert "merges in the LLM are not implemented by the fx backend yet" in str(caught.value)  # its recycling
+    raters_only = "policy p { stage llm.layer[2] { keep top 8 of vision by attention(raters -> vision) } }"
+    with pytest.raises(PolicyError) as caught:
+        policyc.compile(model, policyc.parse(raters_only), backend="fx")
     assert "the token set `raters` is not implemented by the fx backend yet" in str(caught.value)
 
 
