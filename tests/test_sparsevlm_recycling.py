@@ -185,3 +185,20 @@ def test_merge_cluster_of_alive_tokens_in_the_llm(by: str) -> None:
     image = inputs["input_ids"] == model.config.image_token_id
     assert torch.gather(image, 1, compiled.runtime.kept_at_layer[2]).sum(1).tolist() == [4, 4]
     assert_rows_equal_single_runs(lambda i: generate(model, i), inputs, batched, STEPS)
+
+
+def test_recycling_when_the_samples_of_a_batch_drop_different_counts() -> None:
+    """A threshold drops a different number of tokens per sample; each recycles its own dropped tokens into two
+    clusters, and the batch (fillers masked) generates what each sample generates alone."""
+    model = tiny_llava_clip(seed=9)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=9)
+    compiled = policyc.compile(model, policyc.parse("""policy p {
+      stage llm.layer[1] {
+        drop vision where attention(last -> vision) < mean(attention(last -> vision))
+        merge cluster(clusters=2) of dropped by hidden
+        positions cache_length
+      }
+    }""")).policyc
+    batched = generate(model, inputs)
+    assert compiled.runtime.live_at_layer[2] is not None  # the samples kept different counts
+    assert_rows_equal_single_runs(lambda i: generate(model, i), inputs, batched, STEPS)
