@@ -14,6 +14,7 @@ from policyc.passes import (  # noqa: F401  (registration)
     key_norm,
     keys,
     merge_bipartite,
+    merge_cluster,
     merge_fuse,
     merge_nearest,
     merge_pool,

@@ -1,4 +1,4 @@
-"""The base class of merge operators (`bipartite`, `window`, `nearest`, `pool`):
+"""The base class of merge operators (`bipartite`, `window`, `nearest`, `pool`, `fuse`, `cluster`):
 `merge METHOD(options) of SET [into SET] [by FEATURES]` folds tokens into others.
 
 A merge op only decides who folds into whom (a `Folding`); the runtime combines the features, adds up
@@ -41,16 +41,19 @@ class Folding:
 
     into: torch.Tensor  # [B, L'] long
     combine: Combine  # wavg: size-weighted average; mean: plain average; add_mean: target + mean(folded);
-    # weighted_sum: sum of weights * rows over the `fused` rows of a group, the receiver's own included (EViT)
+    # weighted_sum: sum of weights * rows over the `fused` rows of a group, the receiver's own included (EViT);
+    # in the LLM, mean: the plain average of the `fused` rows of a group (SparseVLM's recycling)
     order: torch.Tensor | None = None  # [B, L'] a permutation: the rows' order afterwards (ToMe's)
     weights: torch.Tensor | None = None  # [B, L'] float, for weighted_sum
-    fused: torch.Tensor | None = None  # [B, L'] bool, for weighted_sum: the rows its groups combine
+    fused: torch.Tensor | None = None  # [B, L'] bool, for weighted_sum (and mean in the LLM): the rows groups combine
 
 
 class MergeOp(ABC):
     name: ClassVar[str]  # the catalog name (policyc.catalog.merges)
     options: ClassVar[frozenset[str]] = frozenset()
     by: ClassVar[Literal["feature", "score"]] = "feature"  # what `by` gives: MergeRows.features or .weights
+    # In the LLM: SET may hold tokens the stage already dropped, and each group's receiver comes back (SparseVLM)
+    recycles: ClassVar[bool] = False
 
     @abstractmethod
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:

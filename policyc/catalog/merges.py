@@ -20,11 +20,16 @@ MERGES.add(
          options=(Option("combine", ("enum",), "`add_mean`: target + mean(assigned), as VisionZip's code; "
                          "`mean`: plain average", default="add_mean", choices=("add_mean", "mean")),),
          returns="set", by="feature", into=True, paper="VisionZip arXiv:2412.04467"),
-    Spec("cluster", "merge", "cluster the tokens with DPC-kNN and append one averaged token per cluster "
-         "(SparseVLM recycling)",
-         options=(Option("clusters", ("count", "percent"), "number of clusters", default="10%"),
-                  Option("knn", ("number",), "neighbours for the density estimate", default="5", low=1,
-                         integer=True)),
+    Spec("cluster", "merge", "recycle tokens (typically `dropped`): cluster the best-ranked share with DPC-kNN and "
+         "make each cluster one token, the mean of its members, in its centre's slot (SparseVLM's recycling)",
+         options=(Option("clusters", ("count", "percent"), "clusters: a count, or floor(P% of the clustered) + 1",
+                         default="10%"),
+                  Option("knn", ("number",), "neighbours for the density estimate (default: the cluster count)",
+                         default="clusters", low=1, integer=True),
+                  Option("share", ("percent",), "recycle the floor(share of SET) + 1 ranked highest; 0% none",
+                         default="100%"),
+                  Option("rank", ("score",), "the score ranking SET for `share` (default: position order)",
+                         default="position")),
          returns="set", by="feature", paper="SparseVLM arXiv:2410.04417"),
     Spec("pool", "merge", "average-pool the image patch grid with a k x k window (plain downsampling baseline)",
          options=(Option("size", ("number",), "window side k", default="2", low=2, integer=True),),

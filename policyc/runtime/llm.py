@@ -282,8 +282,11 @@ class Runtime:
 def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvaluator, alive: torch.Tensor,
                     hidden: torch.Tensor, next_layer: Callable[[torch.Tensor], Captured] | None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    start = alive
     for statement in statements:  # `positions` acts in the layer wrappers; support.py rejects the rest
         evaluator.next_layer = None if next_layer is None else (lambda h=hidden: next_layer(h))
+        evaluator.hidden = hidden  # the `hidden` features: the layer's output, merges applied
+        evaluator.state.sets["dropped"] = start & ~alive  # what the stage's earlier statements removed
         if isinstance(statement, ir.Merge):
             alive, hidden = merge_rows(statement, evaluator, alive, hidden)
             continue
@@ -294,21 +297,33 @@ def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvalua
 
 def merge_rows(merge: ir.Merge, evaluator: StageEvaluator, alive: torch.Tensor, hidden: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`merge nearest(combine=add_mean) of SET into TARGETS by FEATURES` in the LLM (VisionDrop, arXiv:2506.22283):
-    each row of SET that is no target folds into a target, which becomes itself plus the mean of the rows folded
-    into it, in `hidden` [B, L', D]; the folded rows are dropped (the tokens alive afterwards, [B, L] bool).
-    A target keeps its own position: the sequence keeps its order."""
+    """A merge in the LLM, on the layer output `hidden` [B, L', D]; returns the tokens alive afterwards ([B, L]
+    bool) and `hidden` with the merged rows. Every group keeps its receiver's row, so the sequence keeps its order.
+    - `merge nearest(combine=add_mean) of SET into TARGETS by FEATURES` (VisionDrop, arXiv:2506.22283): each row
+      of SET that is no target folds into a target, which becomes itself plus the mean of the rows folded in.
+    - `merge cluster(...) of SET by FEATURES` (SparseVLM's recycling, arXiv:2410.04417): SET may hold tokens the
+      stage dropped; each cluster's rows average into its centre's row, which comes back; the others are gone."""
     state = evaluator.state
     op = MERGE_OPS[merge.method]
-    members = evaluator.set(merge.source) & alive
+    members = evaluator.set(merge.source) & (state.valid if op.recycles else alive)
     receivers = (evaluator.set(merge.into) if merge.into is not None else members) & alive
     features = evaluator.features(merge.by) if merge.by is not None else None
     kept = state.kept
     rows = MergeRows((members & ~state.protected).gather(1, kept), receivers.gather(1, kept), features, None)
     folding = op.fold(merge, rows, evaluator)
+    into = folding.into
+    if folding.combine == "mean" and op.recycles and folding.fused is not None:
+        grouped = folding.fused
+        count = torch.zeros(into.shape, dtype=hidden.dtype, device=into.device).scatter_add(
+            1, into, grouped.to(hidden.dtype))
+        total = torch.zeros_like(hidden).scatter_add(1, into[:, :, None].expand_as(hidden),
+                                                     hidden * grouped[:, :, None].to(hidden.dtype))
+        heads = count > 0
+        merged = torch.where(heads[:, :, None], total / count.clamp(min=1)[:, :, None], hidden)
+        gone = torch.zeros_like(alive).scatter(1, kept, grouped & ~heads)
+        return (alive & ~gone) | torch.zeros_like(alive).scatter(1, kept, heads), merged
     if folding.combine != "add_mean":
         raise PolicyError.at(f"merge {merge.method} in the LLM combines with add_mean only so far", merge.span)
-    into = folding.into
     moved = into != torch.arange(into.shape[1], device=into.device)[None]
     count = torch.zeros(into.shape, dtype=hidden.dtype, device=into.device).scatter_add(1, into, moved.to(hidden.dtype))
     wide = into[:, :, None].expand_as(hidden)

@@ -15,8 +15,10 @@ _SELECTORS = {"llm": {"top", "stride"}, "encoder": set(SELECTOR_OPS), "projector
 _RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
 _ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
 _PROJECTOR_ONLY = {"text_relevance"}  # reads the question's words, stashed for projector.output (vision.py)
-_SETS = {"llm": {"cls", "dropped"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
-_LLM_MERGES = {"nearest"}  # policyc/runtime/llm.py `merge_rows`: combine=add_mean (VisionDrop)
+_SETS = {"llm": {"cls"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
+# policyc/runtime/llm.py `merge_rows`: nearest with combine=add_mean by keys (VisionDrop); cluster (SparseVLM)
+_LLM_MERGES = {"nearest": {"combine"}, "cluster": {"clusters", "knn", "share", "rank"}}
+_LLM_ONLY_MERGES = {"cluster"}
 _PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy"}  # vision_evaluate.py
 
 
@@ -96,10 +98,10 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
                           "the schedules geometric, linear, cosine and [lists]) and grid, diverse, cover (before the "
-                          f"LLM), the merges {', '.join(sorted(MERGE_OPS))} (before the LLM; nearest with "
-                          "combine=add_mean by keys also in the LLM), "
-                          f"the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden (keys and "
-                          "keys(layer=next) in the LLM), "
+                          f"LLM), the merges {', '.join(sorted(set(MERGE_OPS) - _LLM_ONLY_MERGES))} (before the LLM; "
+                          "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
+                          f"the LLM), the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden (in "
+                          "the LLM keys and keys(layer=next), and hidden for merge cluster), "
                           "positions original, compact or cache_length (with the caches full and regather), "
                           f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
 
@@ -127,15 +129,25 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
             for option in options:
                 value = stage.values.get(option.value.id, option.value) if isinstance(option.value, ir.Name) \
                     else option.value
-                if not (option.name == "combine" and isinstance(value, ir.Name) and value.id == "add_mean"):
+                if option.name not in _LLM_MERGES[method] or (option.name == "combine" and not (
+                        isinstance(value, ir.Name) and value.id == "add_mean")):
                     raise _not_yet(f"merge {method}({option.name}={_text(value)}) in the LLM", option)
-            if not _keys(by):
-                raise _not_yet(f"merge {method} in the LLM by features other than keys", by or statement)
-            for part in (source, into, by):
+                if option.name == "rank":
+                    _expr(option.value, stage)
+            if method == "cluster" and any(o.name == "share" for o in options) and \
+                    not any(o.name == "rank" for o in options):
+                raise PolicyError.at("merge cluster(share=...) needs rank=SCORE: the score that picks the tokens "
+                                     "it recycles", statement.span, "e.g. rank=attention(raters -> vision)")
+            if not (_keys(by) or (method == "cluster" and isinstance(by, ir.Name) and by.id == "hidden")):
+                what = "keys or hidden" if method == "cluster" else "keys"
+                raise _not_yet(f"merge {method} in the LLM by features other than {what}", by or statement)
+            for part in (source, into):
                 if part is not None:
                     _expr(part, stage)
-        case ir.Merge(method=method) if method not in MERGE_OPS:
-            raise _not_yet(f"merge {method}", statement)
+            if by is not None and _keys(by):
+                _expr(by, stage)
+        case ir.Merge(method=method) if method not in MERGE_OPS or method in _LLM_ONLY_MERGES:
+            raise _not_yet(f"merge {method}{' before the LLM' if method in MERGE_OPS else ''}", statement)
         case ir.Merge(method=method, options=options, source=source, into=into, by=by):
             feature_layer = plan.adapter.feature_encoder_layer
             if kind == "encoder" and stage.layers and all(k > feature_layer for k in stage.layers):
