@@ -1,0 +1,154 @@
+"""Idefics3 and SmolVLM (`Idefics3ForConditionalGeneration`, `SmolVLMForConditionalGeneration`).
+
+Both share one structure: a SigLIP-like tower without CLS (`vision_model`), a connector whose pixel shuffle
+merges `scale_factor` x `scale_factor` patches into one token before an MLP, and a Llama `text_model`.
+
+What differs from LLaVA:
+- the processor splits an image into `rows` x `cols` tiles of the encoder's size plus a global view of the
+  whole image, each an encoder input of its own; `pixel_values` is [B, images, 3, H, W] (rows with fewer tiles
+  are padded with all-zero images, which the model skips) and `pixel_attention_mask` [B, images, H, W] marks
+  the real pixels of each (the global view of a non-square image is padded);
+- in the prompt each tile is `<fake_token_around_image><row_r_col_c>` and its run of `<image>` tokens, each
+  row of tiles ends in a newline, and the global view is `\\n<fake_token_around_image><global-img>`, its
+  `<image>` run and a closing `<fake_token_around_image>`.
+
+The `vision` set holds the `<image>` tokens only: they alone carry visual features (the connector's output is
+scattered onto them); the markers around them are ordinary vocabulary tokens the tokenizer inserts (the model
+config does not even name them), and they tell the LLM where each surviving tile lies, so policies treat them
+as text. An "image" of this adapter (`tokens_per_image`, `patch_grid`, `image_sizes`) is one encoder input,
+a tile or the global view: each has the same patch grid and the same `<image>` run length.
+
+The LLM uses 1-D RoPE positions and a causal mask, as LLaVA's does: every LLM stage and decode cache policy
+binds. Stages before the LLM do not bind yet (tiles and pixel shuffle; see `PRE_LLM`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
+from policyc.models.structure import adapt_error, attention_of, config_int, language_model, layer_list, sub_model
+
+MODEL_TYPES = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}
+SAMPLE_SPLIT = (2, 2)  # tiles (rows, columns) of the calibration image, plus its global view
+PRE_LLM = ("stages before the LLM do not run on Idefics3/SmolVLM yet: each image reaches the encoder as several "
+           "tiles plus a global view, and the connector's pixel shuffle merges groups of patches into one LLM token")
+
+
+def image_prompt(rows: int, cols: int, tokens: int, image: int, fake: int, global_image: int, newline: int,
+                 row_col: list[list[int]]) -> list[int]:
+    """The ids the Idefics3/SmolVLM processor writes for one image: `rows` x `cols` tiles (0 x 0: the image
+    unsplit), each `fake, row_col[r][c]` and `tokens` image ids, a newline after each row of tiles, then the
+    global view `newline, fake, global_image`, its image ids and `fake` (unsplit: without the newline)."""
+    ids: list[int] = []
+    for r in range(rows):
+        for c in range(cols):
+            ids += [fake, row_col[r][c]] + [image] * tokens
+        ids.append(newline)
+    if rows * cols:
+        ids.append(newline)
+    return ids + [fake, global_image] + [image] * tokens + [fake]
+
+
+def tile(image: torch.Tensor, rows: int, cols: int, size: int) -> torch.Tensor:
+    """[rows * cols + 1, 3, size, size]: `image` [3, rows * size, cols * size] cut into tiles, row-major, then
+    the whole image shrunk to `size` x `size` (the global view); 0 x 0: the image alone, [1, 3, size, size]."""
+    if rows * cols == 0:
+        return image[None]
+    tiles = image.unfold(1, size, size).unfold(2, size, size)  # [3, rows, cols, size, size]
+    tiles = tiles.permute(1, 2, 0, 3, 4).reshape(rows * cols, 3, size, size)
+    overview = nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True)
+    return torch.cat([tiles, overview])
+
+
+@dataclass(frozen=True, eq=False)
+class Idefics3Adapter(ModelAdapter):
+    """An Idefics3/SmolVLM adapter: its calibration inputs are tiles, a global view and their pixel mask."""
+
+    image_size: int = 512  # pixels per side of one encoder input (a tile or the global view)
+
+    def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
+        """`text_tokens` text ids around the example image split as the processor splits a large image
+        (`SAMPLE_SPLIT` tiles plus its global view). The model config names only the image id, so ordinary
+        text ids stand in for the tokenizer's markers (`<fake_token_around_image>`, `<row_r_col_c>`,
+        `<global-img>`, newline); they count as text, as the markers do."""
+        rows, cols = SAMPLE_SPLIT
+        assert self.tokens_per_image is not None  # set by the factory
+        ordinary = text_around(self, text_tokens + 3 + rows * cols, [])
+        text, (fake, global_image, newline, *row_col) = ordinary[:text_tokens], ordinary[text_tokens:]
+        grid = [row_col[r * cols:(r + 1) * cols] for r in range(rows)]
+        prompt = image_prompt(rows, cols, self.tokens_per_image, self.image_token_id, fake, global_image, newline,
+                              grid)
+        ids = text[:text_tokens // 2] + prompt + text[text_tokens // 2:]
+        pixels = tile(example_pixels((rows * self.image_size, cols * self.image_size)), rows, cols, self.image_size)
+        device, dtype = placement(self.model)
+        input_ids = torch.tensor([ids], device=device)
+        return {"input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "pixel_values": pixels[None].to(device=device, dtype=dtype),
+                "pixel_attention_mask": torch.ones(1, pixels.shape[0], self.image_size, self.image_size,
+                                                   dtype=torch.bool, device=device)}
+
+
+@register_adapter
+class Idefics3Factory(AdapterFactory):
+    """Idefics3 and SmolVLM: LLM stages and decode cache policies."""
+
+    family = "idefics3"
+    description = "Idefics3 and SmolVLM (LLM and decode stages)"
+
+    def matches(self, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPES
+
+    def build(self, model: nn.Module) -> ModelAdapter:
+        config = model.config
+        vision_config = config.vision_config
+        tower = sub_model(model, vision_config)
+        if tower is None:
+            raise adapt_error(model, self.family, f"no {vision_config.model_type} vision tower found")
+        layers = layer_list(tower, vision_config.num_hidden_layers)
+        if layers is None:
+            raise adapt_error(model, self.family,
+                              f"no single list of {vision_config.num_hidden_layers} encoder layers in the tower")
+        vision_attention = tuple(attention_of(layer) for layer in layers)
+        if any(a is None for a in vision_attention):
+            raise adapt_error(model, self.family, "an encoder layer without a self-attention module")
+        connectors = [m for m in model.modules() if type(m).__name__.endswith("Connector")]
+        if len(connectors) != 1:
+            raise adapt_error(model, self.family, "no single connector (pixel shuffle and projection) found")
+        image_token_id = config_int(config, "image_token_id")
+        if image_token_id is None:
+            raise adapt_error(model, self.family, "the config has no image_token_id")
+        size, patch = config_int(vision_config, "image_size"), config_int(vision_config, "patch_size")
+        scale = config_int(config, "scale_factor") or 2
+        if size is None or patch is None:
+            raise adapt_error(model, self.family, "the vision config has no integer image_size and patch_size")
+        side = size // patch
+        heads = vision_config.num_attention_heads
+        return Idefics3Adapter(
+            family=self.family,
+            model=model,
+            vision_tower=tower,
+            vision_layers=layers,
+            vision_attention=vision_attention,  # type: ignore[arg-type]
+            has_cls=False,
+            feature_layer=len(layers),
+            feature_start=0,
+            keeps_cls_in_features=False,
+            patch_grid=(side, side),
+            projector=connectors[0],
+            vision_num_heads=heads,
+            vision_head_dim=vision_config.hidden_size // heads,
+            image_token_id=image_token_id,
+            tokens_per_image=side * side // (scale * scale),
+            encoder_patches_per_token=scale * scale,
+            pre_llm_unsupported=PRE_LLM,
+            image_size=size,
+            **language_model(model, self.family),
+        )
+
+
+__all__ = ["MODEL_TYPES", "Idefics3Adapter", "Idefics3Factory", "image_prompt", "tile"]
