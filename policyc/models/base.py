@@ -210,8 +210,9 @@ def text_around(adapter: ModelAdapter, count: int, middle: list[int]) -> list[in
     """`count` ordinary text ids (no special or visual id) with `middle` in their middle."""
     config = adapter.model.config
     text_config = getattr(config, "text_config", config)
-    special = {*adapter.visual_ids, getattr(config, "pad_token_id", None), getattr(text_config, "pad_token_id", None)}
-    special |= {v for k, v in vars(config).items() if k.endswith("_token_id") and isinstance(v, int)}
+    special = {*adapter.visual_ids}  # every *_token_id the configs set (read from vars: some are deprecated)
+    special |= {v for c in (config, text_config) for k, v in vars(c).items() if k.endswith("_token_id")
+                and isinstance(v, int)}
     ids = [i for i in range(3, text_config.vocab_size) if i not in special][:count]
     half = len(ids) // 2
     return ids[:half] + middle + ids[half:]
