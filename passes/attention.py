@@ -3,7 +3,8 @@ query set at this layer (FastV arXiv:2403.06764 reads the last row; its paper av
 
 Computed from the post-RoPE queries and keys the recording SDPA function saw: only the query rows
 the policy names are scored, `softmax(q_rows · Kᵀ · scale)` over every key each row can see
-(causal and padding), then reduced over heads and over rows.
+(causal and padding, or the model's own mask where it is not causal: Gemma 3's bidirectional image blocks and
+sliding windows), then reduced over heads and over rows.
 
 In encoder stages `layer=k` reads an earlier encoder layer (at or before the stage's) and `layers=a..b`
 sums the scores of several (VTC-CLS arXiv:2412.05819): each layer's attention is as that layer computed
@@ -91,7 +92,9 @@ class Attention(SignalOp):
         rows = selected_first(is_query)[:, :width]  # query rows first
         real_row = torch.arange(width, device=count.device)[None] < count[:, None]  # [B, Q]
         visible = key_valid[:, None, :] & real_row[:, :, None]
-        if ctx.causal:  # the LLM; the vision encoder attends both ways
+        if recorded.visible is not None:  # the model's own mask (Gemma 3's image blocks and sliding windows)
+            visible = visible & torch.gather(recorded.visible, 1, rows[:, :, None].expand(-1, -1, origin.shape[1]))
+        elif ctx.causal:  # the LLM; the vision encoder attends both ways
             columns = torch.arange(origin.shape[1], device=origin.device)
             visible = visible & (columns[None, None, :] <= rows[:, :, None])
         probabilities = attention_rows(recorded.query, recorded.key, recorded.scaling, rows, visible)

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from policyc.errors import PolicyError
+from policyc.models import gemma3 as _gemma3  # noqa: F401  (registers the gemma3 factory)
 from policyc.models import idefics3 as _idefics3  # noqa: F401  (registers the idefics3 factory)
+from policyc.models import internvl as _internvl  # noqa: F401  (registers the internvl factory)
 from policyc.models import llava as _llava  # noqa: F401  (registers the llava factory)
 from policyc.models import qwen2_vl as _qwen2_vl  # noqa: F401  (registers the qwen2_vl factory)
 from policyc.models.base import (

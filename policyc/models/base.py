@@ -68,6 +68,9 @@ class ModelAdapter:
     # Why stages before the LLM (encoder, projector) cannot bind to this model yet; None: they can.
     pre_llm_unsupported: str | None = None
     encoder_unsupported: str | None = None  # why encoder stages alone cannot bind yet (projector stages can)
+    # The attention type of each decoder layer where they differ (Gemma 3: "sliding_attention", "full_attention"):
+    # each type has its own mask and rotary embedding. (): every layer attends alike (causal, one rotary).
+    layer_types: tuple[str, ...] = ()
 
     @property
     def num_patches(self) -> int:
@@ -78,6 +81,18 @@ class ModelAdapter:
     def vision_tokens(self) -> int:
         """Tokens per image inside the encoder: the patches, plus CLS when the tower has one."""
         return self.num_patches + int(self.has_cls)
+
+    def layer_type(self, index: int) -> str | None:
+        """The attention type of decoder layer `index` (the key of its mask in the decoder's mask mapping), or
+        None where every layer attends alike."""
+        return self.layer_types[index] if self.layer_types else None
+
+    def position_embeddings(self, index: int, hidden: torch.Tensor,
+                            position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary (cos, sin) of decoder layer `index` at `position_ids` [B, n], for `hidden` [B, n, D]."""
+        if self.rotary is None:
+            raise PolicyError.at("renumbering positions needs the LLM's rotary embedding, which was not found", None)
+        return self.rotary(hidden, position_ids=position_ids)
 
     @property
     def visual_ids(self) -> tuple[int, ...]:

@@ -201,7 +201,7 @@ class CacheRuntime:
     def _observer(self, index: int):  # type: ignore[no-untyped-def]
         def observe(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> None:
             if query.shape[2] > 1:
-                self.prefill_scores[index] = self._prefill_scores(index, query, key, scaling)
+                self.prefill_scores[index] = self._prefill_scores(index, query, key, scaling, mask)
                 return
             layer = getattr(self._cache, "layers", [None] * (index + 1))[index]
             if isinstance(layer, SlotLayer) and layer.scores is not None and self.op.scores == "accumulated":
@@ -211,8 +211,10 @@ class CacheRuntime:
                 layer.scores = layer.scores + attention_columns(query, key, scaling, visible)
         return observe
 
-    def _prefill_scores(self, index: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Column sums over every real prompt row (accumulated), or over the last `window` rows (window)."""
+    def _prefill_scores(self, index: int, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Column sums over every real prompt row (accumulated), or over the last `window` rows (window); each row
+        sees the keys the layer's own `mask` [B, 1, L', W] lets it see (None: causal)."""
         state = self.runtime.state
         assert state is not None
         kept = self.runtime.kept_at_layer[index]
@@ -220,8 +222,11 @@ class CacheRuntime:
         length = kept.shape[1]
         first_row = 0 if self.op.scores == "accumulated" else max(0, length - int(self.op.number("window")))
         query_rows = torch.arange(first_row, length, device=kept.device)
-        causal = torch.arange(length, device=kept.device)[None, :] <= query_rows[:, None]  # [q, L']
-        visible = causal[None, None] & rows[:, None, None, :] & rows[:, None, first_row:, None]
+        if mask is not None:  # the layer's own mask (Gemma 3: image blocks both ways, sliding windows)
+            allowed = _visible(mask)[:, :1, first_row:length, :length]
+        else:
+            allowed = (torch.arange(length, device=kept.device)[None, :] <= query_rows[:, None])[None, None]
+        visible = allowed & rows[:, None, None, :] & rows[:, None, first_row:, None]
         return attention_columns(query[:, :, first_row:], key[:, :, :length], scaling, visible)
 
     # ------------------------------------------------------------ decoding

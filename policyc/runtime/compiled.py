@@ -88,11 +88,20 @@ class PolicyLayer(nn.Module):
                 mask = runtime.full_decode_mask(kwargs.get("attention_mask"), is_static(kwargs))  # type: ignore[arg-type]
                 kwargs = {**kwargs, "attention_mask": mask}
             cache = runtime.cache if runtime.cache and runtime.cache.handles(self.index) else None
+            window = runtime.window(self.index)
+            if runtime.plan.adapter.layer_types and (cache is not None or shorter):
+                # transformers sizes one decode mask per layer type by the first cache layer of that type, which may
+                # hold fewer keys (Gemma 3): this layer's mask is rebuilt over every original position
+                mask = runtime.layer_decode_mask(window, kwargs.get("attention_mask"))  # type: ignore[arg-type]
+                kwargs = {**kwargs, "attention_mask": mask}
             if cache is not None:
                 kwargs = cache.decode_mask(self.index, kwargs)
             elif shorter:
                 kwargs = gather_decode(kwargs, kept, state.length, runtime.live_at_layer.get(self.index),  # type: ignore[arg-type]
                                        runtime.steps)
+                if window is not None:  # its sliding cache holds the last `window` keys of its shorter sequence
+                    mask = kwargs["attention_mask"]
+                    kwargs = {**kwargs, "attention_mask": mask[..., -min(mask.shape[-1], window):]}  # type: ignore[index]
             dropped = runtime.decode_shift(self.index)
             if dropped is not None:
                 position_ids = kwargs["position_ids"]
@@ -109,13 +118,16 @@ class PolicyLayer(nn.Module):
     def _renumber(self, hidden: torch.Tensor, kwargs: dict[str, object], positions: torch.Tensor,
                   ) -> dict[str, object]:
         """Rotary embeddings and position ids for renumbered positions (this layer's own, [B, n])."""
-        rotary = self.runtime.plan.adapter.rotary
-        if rotary is None:
-            raise PolicyError.at("renumbering positions needs the LLM's rotary embedding, which was not found", None)
-        return {**kwargs, "position_ids": positions, "position_embeddings": rotary(hidden, position_ids=positions)}
+        embeddings = self.runtime.plan.adapter.position_embeddings(self.index, hidden, positions)
+        return {**kwargs, "position_ids": positions, "position_embeddings": embeddings}
 
     def _apply_stages(self, hidden: torch.Tensor, kwargs: dict[str, object]) -> torch.Tensor:
+        """The stages at this layer; `attention(layer=next)` reads the next layer's rotary embedding (its own
+        where layer types differ, as Gemma 3's local and global layers do)."""
         position_embeddings = kwargs["position_embeddings"]  # type: ignore[assignment]
+        adapter, following = self.runtime.plan.adapter, self.index + 1
+        if following < len(adapter.decoder_layers) and adapter.layer_type(following) != adapter.layer_type(self.index):
+            position_embeddings = adapter.position_embeddings(following, hidden, kwargs["position_ids"])  # type: ignore[arg-type]
         hidden = self.runtime.apply_stages(self.index, self.stages, hidden, self.runtime.captured.get(self.index),
                                            position_embeddings)  # type: ignore[arg-type]
         self.runtime.stages_ran.add(self.index)
@@ -180,6 +192,8 @@ class CompiledModel:
                 if stages:
                     adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+            if adapter.layer_types:  # per-type masks (Gemma 3): the attention signals read them
+                self._handles.append(adapter.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True))
         self._serialize_generate()
         self.model.__dict__[ACTIVE] = self
 
@@ -234,8 +248,15 @@ class CompiledModel:
 
     def _recorder(self, index: int):  # type: ignore[no-untyped-def]
         def record(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-            self.runtime.captured[index] = Captured(query, key, scaling)
+            self.runtime.captured[index] = Captured(query, key, scaling, self.runtime.model_visible(index))
         return record
+
+    def _on_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Decoder pre-hook: keep a prefill's mask per layer type (Gemma 3's mapping of sliding and global masks)."""
+        hidden = kwargs.get("inputs_embeds")
+        masks = kwargs.get("attention_mask")
+        if isinstance(hidden, torch.Tensor) and hidden.shape[1] > 1:
+            self.runtime.layer_masks = dict(masks) if isinstance(masks, dict) else None
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         holder = self._holder
@@ -249,9 +270,34 @@ class CompiledModel:
             raise PolicyError.at("the compiled model needs input_ids (image positions are read from them)", None)
         self.runtime.static = is_static(kwargs)
         if input_ids.shape[1] > 1:  # prefill: a new prompt
+            self._whole_sequence_caches(kwargs)
             self.runtime.start_prefill(input_ids, kwargs.get("attention_mask"))
         else:
             self.runtime.steps += 1
+
+    def _whole_sequence_caches(self, kwargs: dict) -> None:
+        """Sliding-window cache layers (Gemma 3's local layers) keep only the last window of keys, which per-head
+        evictions cannot map back to positions: before a prefill fills the cache, those a cache policy handles
+        become whole-sequence layers (their window then acts through the mask, `Runtime.window_decode_mask`)."""
+        from transformers.cache_utils import DynamicLayer
+
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        layers = getattr(cache, "layers", None)
+        if not layers or not any(getattr(layer, "is_sliding", False) for layer in layers):
+            return
+        span = next((s.span for s in self.plan.stages if s.kind in ("llm", "decode")), None)
+        if self.runtime.static:
+            raise PolicyError.at("a static cache with sliding-window layers is not supported by policyc's runtime",
+                                 span, "drop cache_implementation=\"static\" from generate()",
+                                 ).with_sources(dict(self.plan.checked.sources))
+        handled = self.runtime.cache.layers if self.runtime.cache is not None else []
+        for index in handled:
+            if getattr(layers[index], "is_sliding", False):
+                if layers[index].get_seq_length() > 0:
+                    raise PolicyError.at("a prefill continuing a cache with sliding-window layers is not supported "
+                                         "by policyc's cache policies", span, "start generate() from an empty cache",
+                                         ).with_sources(dict(self.plan.checked.sources))
+                layers[index] = DynamicLayer()
 
     def remove(self) -> None:
         """Undo the rewrite: original layers, attention function and hooks."""

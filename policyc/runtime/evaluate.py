@@ -55,6 +55,9 @@ class Captured:
     query: torch.Tensor  # [B, H, L', d]
     key: torch.Tensor  # [B, Hkv, L', d]
     scaling: float
+    # [B, L', L'] bool: which key row each query row may see, from the model's own mask where it is not plain
+    # causal (Gemma 3: bidirectional image blocks, sliding windows); None: causal over the current rows.
+    visible: torch.Tensor | None = None
 
 
 @dataclass

@@ -63,6 +63,9 @@ class Runtime:
     stages_ran: set[int] = field(default_factory=set)  # decoder layers whose stages ran in this prefill
     # The kept and protected image slots ([I, N] bool each) the last prefill took from the pre-LLM stages.
     image_slots: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    # The prefill's masks per layer type ([B, 1, L, W] each, or None: causal), where the decoder takes a mapping
+    # (Gemma 3: bidirectional image blocks in every layer, sliding windows in some); None: plain causal masks.
+    layer_masks: dict[str, torch.Tensor | None] | None = None
 
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         image = self.plan.adapter.visual_mask(input_ids)
@@ -72,7 +75,7 @@ class Runtime:
         self.captured.clear()
         self.kept_at_layer.clear()
         self.live_at_layer.clear()
-        self.base_positions = self.dropped_before = self.image_slots = None
+        self.base_positions = self.dropped_before = self.image_slots = self.layer_masks = None
         self.steps = -1  # the prefill's own forward is not a decode step
         self.stages_ran.clear()
 
@@ -189,10 +192,29 @@ class Runtime:
         shape = (*normed.shape[:2], -1, adapter.head_dim)
         query = attention.q_proj(normed).view(shape).transpose(1, 2)
         key = attention.k_proj(normed).view(shape).transpose(1, 2)
+        if isinstance(getattr(attention, "q_norm", None), torch.nn.Module):  # Gemma 3, Qwen 3: per-head norms
+            query, key = attention.q_norm(query), attention.k_norm(key)
         cos, sin = position_embeddings
         rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         query, key = rotate(query, key, cos, sin)
-        return Captured(query, key, float(attention.scaling))
+        return Captured(query, key, float(attention.scaling), self.model_visible(index + 1))
+
+    def model_visible(self, index: int) -> torch.Tensor | None:
+        """[B, L', L'] bool: which current row may attend to which, by decoder layer `index`'s own prefill mask
+        (Gemma 3: causal or within one image's block, within the window on sliding layers); None where the layers
+        take a plain causal mask."""
+        state, layer_type = self.state, self.plan.adapter.layer_type(index)
+        if state is None or self.layer_masks is None or layer_type is None:
+            return None
+        mask = self.layer_masks.get(layer_type)
+        if mask is None:  # transformers skipped a purely causal mask
+            return None
+        mask = mask[:, 0, :, : state.length]
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        rows = state.kept
+        allowed = torch.gather(allowed.expand(rows.shape[0], -1, -1), 1,
+                               rows[:, :, None].expand(-1, -1, state.length))
+        return torch.gather(allowed, 2, rows[:, None, :].expand(-1, rows.shape[1], -1))
 
     def full_decode_mask(self, like: torch.Tensor | None, static: bool) -> torch.Tensor | None:
         """The decode step's mask over every original position, [B, 1, 1, W]: the prompt's padding, then
@@ -209,6 +231,31 @@ class Runtime:
         allowed = torch.zeros(state.valid.shape[0], width, dtype=torch.bool, device=state.valid.device)
         allowed[:, : state.length] = state.valid
         allowed[:, state.length : state.length + self.steps + 1] = True
+        allowed = allowed[:, None, None, :]
+        if like is None or like.dtype == torch.bool:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
+            ~allowed.to(like.device), torch.finfo(like.dtype).min)
+
+    def window(self, index: int) -> int | None:
+        """The sliding window of decoder layer `index` where layers differ in their masks (Gemma 3's local
+        layers); None: the layer attends to its whole prefix."""
+        if not self.plan.adapter.layer_types:
+            return None
+        window = getattr(self.plan.adapter.decoder_attention[index], "sliding_window", None)
+        return window if isinstance(window, int) else None
+
+    def layer_decode_mask(self, window: int | None, like: torch.Tensor | None) -> torch.Tensor:
+        """A decode step's mask over every original position, [B, 1, 1, L + t + 1]: the prompt's padding blocked,
+        and with a sliding `window` the keys more than `window - 1` positions back (transformers' `kv > q - window`).
+        Same format as `like` (boolean, or additive floats)."""
+        state = self.state
+        assert state is not None  # decoding follows a prefill
+        width = state.length + self.steps + 1
+        allowed = torch.ones(state.valid.shape[0], width, dtype=torch.bool, device=state.valid.device)
+        allowed[:, : state.length] = state.valid
+        if window is not None:
+            allowed &= torch.arange(width, device=allowed.device) > width - 1 - window
         allowed = allowed[:, None, None, :]
         if like is None or like.dtype == torch.bool:
             return allowed

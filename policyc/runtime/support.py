@@ -29,6 +29,12 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
         problems.append(PolicyError.at(f"the {backend} backend's graph passes rewrite 1-D RoPE decoders so far; "
                                        f"this model ({plan.adapter.family}) uses M-RoPE", span,
                                        "compile with backend='eager' (the reference semantics)"))
+    elif backend != "eager" and plan.adapter.layer_types:
+        span = next((s.span for s in plan.stages if s.kind == "llm"), None)
+        problems.append(PolicyError.at(f"the {backend} backend's graph passes rewrite decoders whose layers share one "
+                                       f"causal mask and rotary embedding; this model ({plan.adapter.family}) has "
+                                       "sliding-window and global layers with masks of their own", span,
+                                       "compile with backend='eager' (the reference semantics)"))
     for stage in plan.stages:
         if backend != "eager" and _not_in_graphs(stage):
             problems.append(PolicyError.at(f"{_not_in_graphs(stage)} not implemented by the {backend} backend yet",
@@ -115,6 +121,12 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
                                  "(StreamingLLM's pos-shift), which is defined for 1-D RoPE; this model's LLM uses "
                                  "M-RoPE (3-D positions)", statement.span,
                                  "heavy_hitter (H2O) or snapkv keep positions and run on M-RoPE models")
+        if isinstance(statement, ir.Cache) and statement.method in CACHE_OPS and plan.adapter.layer_types \
+                and CACHE_OPS[statement.method].relative_positions:
+            raise PolicyError.at(f"cache {statement.method} re-rotates cached keys to their index in the cache "
+                                 "(StreamingLLM's pos-shift), which is not defined for this model's sliding-window "
+                                 "layers: their windows count original positions", statement.span,
+                                 "heavy_hitter (H2O) or snapkv keep positions and run on this model")
         if isinstance(statement, ir.Cache) and (statement.method == "full" or statement.method in CACHE_OPS):
             return
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
