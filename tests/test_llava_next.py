@@ -42,7 +42,8 @@ def test_the_adapter_finds_the_parts(family: str) -> None:
     adapter = adapt(model)
     assert isinstance(adapter, AnyresAdapter) and adapter.family == family
     assert adapter.decoder_layers is model.model.language_model.layers and len(adapter.decoder_layers) == 4
-    assert len(adapter.vision_layers) == 2 and any(m is adapter.vision_layers for m in model.model.vision_tower.modules())
+    assert len(adapter.vision_layers) == 2
+    assert any(m is adapter.vision_layers for m in model.model.vision_tower.modules())
     assert adapter.projector is model.model.multi_modal_projector
     onevision = family == "llava_onevision"
     assert (adapter.rope, adapter.has_cls, adapter.tokens_per_image, adapter.patch_grid) == ("1d", not onevision, None,
@@ -133,7 +134,7 @@ def deep_models() -> dict[str, torch.nn.Module]:
     return {family: tiny_anyres(family, num_llm_layers=32) for family in FAMILIES}
 
 
-POLICIES = [*LLM_POLICIES, ("streamingllm", {"sink": 4, "window": 16}, False)]  # 1-D RoPE: pos-shift applies
+POLICIES = [*LLM_POLICIES, ("streamingllm", {"sinks": 4, "window": 16}, False)]  # 1-D RoPE: pos-shift applies
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -190,3 +191,23 @@ def test_a_saved_directory_compiles_from_the_command_line(family: str, tmp_path)
     assert result.exit_code == 0, result.output
     assert "tokens kept per stage" in result.output and (tmp_path / "out" / "report.json").is_file()
 
+
+
+def test_the_fx_backend_equals_eager_on_one_prompt_and_refuses_mixed_image_sizes() -> None:
+    """The graph backends rewrite 1-D RoPE decoders, so they run LLaVA-NeXT; they need every sample of a batch to
+    keep the same count, which images of different sizes (different image-token counts) do not."""
+    text = "policy f { stage llm.layer[1] { keep top 12 of vision by attention(last -> vision) } }"
+    model = tiny_anyres("llava_next")
+    one = _inputs("llava_next", model, 1)
+    policyc.compile(model, check_source(text)[0])
+    try:
+        expected = model.generate(**one, max_new_tokens=5, do_sample=False)
+    finally:
+        model.policyc.remove()
+    policyc.compile(model, check_source(text)[0], backend="fx")
+    try:
+        assert torch.equal(model.generate(**one, max_new_tokens=5, do_sample=False), expected)
+        with pytest.raises(PolicyError, match="the graph backends need every sample to keep the same count"):
+            model.generate(**_inputs("llava_next", model, 2), max_new_tokens=5, do_sample=False)
+    finally:
+        model.policyc.remove()

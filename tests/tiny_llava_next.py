@@ -81,8 +81,8 @@ def make_anyres_inputs(model: Any, images: Sequence[Sequence[tuple[int, int]]] =
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     pictures = [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in row] for row in images]
-    pixels = dict(image_processor(family)(pictures if family == "llava_onevision" else sum(pictures, []),
-                                          return_tensors="pt"))
+    flat = [picture for row in pictures for picture in row]
+    pixels = dict(image_processor(family)(pictures if family == "llava_onevision" else flat, return_tensors="pt"))
     extra = {"batch_num_images": pixels["batch_num_images"]} if "batch_num_images" in pixels else {}
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=pixels["pixel_values"],
