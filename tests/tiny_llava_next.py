@@ -9,6 +9,7 @@ key/value heads), vocab 128.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,7 +77,8 @@ def make_anyres_inputs(model: Any, images: Sequence[Sequence[tuple[int, int]]] =
     The pixels are random images through the family's image processor (`pixel_values` [images, patches, 3,
     32, 32], `image_sizes`; OneVision also `batch_num_images`); each run is as long as the model's own packed
     features for that image. `videos` (OneVision): per row, the frames of one video placed before its images
-    (`pixel_values_videos` [rows, frames, 3, 32, 32], random)."""
+    (`pixel_values_videos` [rows, frames, 3, 32, 32], random), on as many `<video>` placeholders as
+    `LlavaOnevisionProcessor` gives it (frames x 2x2-pooled grid, plus one newline)."""
     family = model.config.model_type
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -93,8 +95,7 @@ def make_anyres_inputs(model: Any, images: Sequence[Sequence[tuple[int, int]]] =
         if len(videos) != len(images) or len(set(videos)) != 1:
             raise ValueError("one video per row, all with the same number of frames")
         pixels["pixel_values_videos"] = torch.randn(len(videos), videos[0], 3, SIZE, SIZE, generator=generator)
-        with torch.no_grad():
-            video_tokens = model.model.get_video_features(pixels["pixel_values_videos"][:1]).pooler_output.shape[1]
+        video_tokens = videos[0] * math.ceil(SIZE // PATCH / 2) ** 2 + 1  # frames pooled 2x2, one newline
     text_ids = torch.tensor([i for i in range(3, VOCAB) if i not in (IMAGE_ID, VIDEO_ID)])
     rows = []
     for row in images:

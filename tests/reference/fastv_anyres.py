@@ -37,8 +37,12 @@ def anyres_embeddings(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tens
                                                    image_sizes=inputs["image_sizes"], **extra).pooler_output
         visual |= _write(embeds, input_ids == config.image_token_id, torch.cat(list(per_image)))
     if "pixel_values_videos" in inputs:
-        videos = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
-        visual |= _write(embeds, input_ids == config.video_token_id, videos.flatten(0, 1))
+        videos = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output  # [videos, n, D]
+        placeholders = input_ids == config.video_token_id
+        if videos.shape[0] * (videos.shape[1] + 1) == int(placeholders.sum()):  # transformers 5.17 appends each
+            newline = model.model.image_newline.to(videos.dtype)  # video's newline in forward, not here
+            videos = torch.cat([videos, newline.expand(videos.shape[0], 1, -1)], dim=1)
+        visual |= _write(embeds, placeholders, videos.flatten(0, 1))
     return embeds, visual
 
 
