@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from click.testing import CliRunner
 from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_identity_is_bit_exact
+from PIL import Image
 from reference.fastv_anyres import fastv_anyres_generate
 from tiny_llava_next import (
     FAMILIES,
     IMAGE_ID,
     VIDEO_ID,
-    image_processor,
     make_anyres_inputs,
+    next_processor,
     single_row,
     tiny_anyres,
 )
 
 import policyc
+from policyc.cli import main
 from policyc.errors import PolicyError
 from policyc.lang import check_source
 from policyc.models import adapt
@@ -73,20 +76,11 @@ def test_sample_inputs_are_what_the_model_takes(family: str) -> None:
 def test_the_input_builder_places_what_the_llava_next_processor_places() -> None:
     """The placeholder runs of `make_anyres_inputs` (the model's own packed features) are as long as
     `LlavaNextProcessor` expands `<image>` to (its formula), for several sizes; the pixels are its processor's."""
-    import transformers
-
-    from policyc.models.random_tiny import random_tokenizer
-
     model = tiny_anyres("llava_next")
-    processor = transformers.LlavaNextProcessor(image_processor=image_processor("llava_next"),
-                                                tokenizer=random_tokenizer(), patch_size=8,
-                                                vision_feature_select_strategy="default",
-                                                num_additional_image_tokens=1)
+    processor = next_processor()
     image_id = processor.image_token_id
     sizes = [[(40, 24)], [(30, 64)], [(64, 64)], [(17, 90)]]
     ours = make_anyres_inputs(model, sizes)
-    from PIL import Image
-
     pictures = [Image.new("RGB", (w, h)) for row in sizes for h, w in row]
     theirs = processor(text=["<image> what ?"] * len(sizes), images=pictures, return_tensors="pt", padding=True)
     assert torch.equal((ours["input_ids"] == IMAGE_ID).sum(1), (theirs["input_ids"] == image_id).sum(1))
@@ -181,10 +175,6 @@ def test_the_compile_report_measures_anyres(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_saved_directory_compiles_from_the_command_line(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from click.testing import CliRunner
-
-    from policyc.cli import main
-
     tiny_anyres(family).save_pretrained(tmp_path / family)
     result = CliRunner().invoke(main, ["compile", str(tmp_path / family), "fastv", "-o", str(tmp_path / "out"),
                                       "--param", "layer=1"])
@@ -211,3 +201,18 @@ def test_the_fx_backend_equals_eager_on_one_prompt_and_refuses_mixed_image_sizes
             model.generate(**_inputs("llava_next", model, 2), max_new_tokens=5, do_sample=False)
     finally:
         model.policyc.remove()
+
+
+def test_policyc_run_answers_on_a_saved_llava_next_with_its_processor(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`policyc run DIR fastv` on a LLaVA-NeXT directory holding its processor: the example image through anyres,
+    the tokens kept per stage; `--show-tokens` (one fixed patch grid) fails before running, with a hint."""
+    model = tiny_anyres("llava_next", vocab=272, image_id=3)
+    model.save_pretrained(tmp_path / "next")
+    next_processor().save_pretrained(tmp_path / "next")
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "next"), "fastv", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "tokens kept per stage" in result.output and "llm.layer[layer]" in result.output
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "next"), "fastv", "--show-tokens",
+                                       str(tmp_path / "tokens.png")])
+    assert result.exit_code != 0 and "each have their own token layout" in result.output
+    assert not (tmp_path / "tokens.png").exists()

@@ -25,28 +25,31 @@ ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32
 FAMILIES = ("llava_next", "llava_onevision")
 
 
-def _text(family: str, num_layers: int) -> Any:
+def _text(family: str, num_layers: int, vocab: int) -> Any:
     config = transformers.LlamaConfig if family == "llava_next" else transformers.Qwen2Config
     return config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                  num_hidden_layers=num_layers, vocab_size=VOCAB, max_position_embeddings=512,
+                  num_hidden_layers=num_layers, vocab_size=vocab, max_position_embeddings=512,
                   pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
 
 
-def tiny_anyres(family: str = "llava_next", seed: int = 0, num_llm_layers: int = 4) -> Any:
+def tiny_anyres(family: str = "llava_next", seed: int = 0, num_llm_layers: int = 4, *, vocab: int = VOCAB,
+                image_id: int = IMAGE_ID) -> Any:
     """A tiny `LlavaNextForConditionalGeneration` (`family="llava_next"`) or
-    `LlavaOnevisionForConditionalGeneration` (`"llava_onevision"`) with random weights from `seed`."""
+    `LlavaOnevisionForConditionalGeneration` (`"llava_onevision"`) with random weights from `seed` (`vocab` and
+    `image_id` to fit another tokenizer, e.g. `next_processor`'s)."""
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
               "image_size": SIZE, "patch_size": PATCH}
     if family == "llava_next":
         config = transformers.LlavaNextConfig(
             vision_config=transformers.CLIPVisionConfig(**vision, projection_dim=32),
-            text_config=_text(family, num_llm_layers), image_token_id=IMAGE_ID, image_grid_pinpoints=NEXT_PINPOINTS,
-            vision_feature_select_strategy="default", vision_feature_layer=-2, pad_token_id=PAD_ID)
+            text_config=_text(family, num_llm_layers, vocab), image_token_id=image_id,
+            image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_select_strategy="default", vision_feature_layer=-2,
+            pad_token_id=PAD_ID)
         model_class: Any = transformers.LlavaNextForConditionalGeneration
     elif family == "llava_onevision":
         config = transformers.LlavaOnevisionConfig(
-            vision_config=transformers.SiglipVisionConfig(**vision), text_config=_text(family, num_llm_layers),
-            image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, image_grid_pinpoints=ONEVISION_PINPOINTS,
+            vision_config=transformers.SiglipVisionConfig(**vision), text_config=_text(family, num_llm_layers, vocab),
+            image_token_id=image_id, video_token_id=VIDEO_ID, image_grid_pinpoints=ONEVISION_PINPOINTS,
             vision_aspect_ratio="anyres_max_2", vision_feature_select_strategy="full", vision_feature_layer=-1,
             pad_token_id=PAD_ID)
         model_class = transformers.LlavaOnevisionForConditionalGeneration
@@ -66,6 +69,17 @@ def image_processor(family: str) -> Any:
                                                        image_grid_pinpoints=NEXT_PINPOINTS)
     return transformers.LlavaOnevisionImageProcessorPil(size={"height": SIZE, "width": SIZE},
                                                         image_grid_pinpoints=ONEVISION_PINPOINTS)
+
+
+def next_processor() -> Any:
+    """A `LlavaNextProcessor` for the tiny LLaVA-NeXT: its image processor and policyc:random's byte-level tokenizer
+    (vocab 260, `<image>` id 3: build the model with `tiny_anyres(vocab=272, image_id=3)`) and chat template. (No
+    LLaVA-OneVision processor: it needs a video processor, which needs torchvision.)"""
+    from policyc.models.random_tiny import CHAT_TEMPLATE, random_tokenizer
+
+    return transformers.LlavaNextProcessor(image_processor=image_processor("llava_next"), tokenizer=random_tokenizer(),
+                                           patch_size=PATCH, vision_feature_select_strategy="default",
+                                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
 def make_anyres_inputs(model: Any, images: Sequence[Sequence[tuple[int, int]]] = (((40, 24),),),
@@ -129,5 +143,5 @@ def single_row(inputs: dict[str, torch.Tensor], row: int) -> dict[str, torch.Ten
     return alone
 
 
-__all__ = ["FAMILIES", "IMAGE_ID", "PAD_ID", "VIDEO_ID", "image_processor", "make_anyres_inputs", "single_row",
-           "tiny_anyres"]
+__all__ = ["FAMILIES", "IMAGE_ID", "PAD_ID", "VIDEO_ID", "image_processor", "make_anyres_inputs", "next_processor",
+           "single_row", "tiny_anyres"]
