@@ -5,6 +5,8 @@ equal to single runs, and clear errors for what does not bind yet."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -93,6 +95,20 @@ def test_the_input_builder_places_what_the_llava_next_processor_places() -> None
 def test_identity_is_bit_exact_at_every_step(family: str, batch: int) -> None:
     model = tiny_anyres(family)
     assert_identity_is_bit_exact(model, _inputs(family, model, batch))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_reference_keeping_every_visual_token_is_the_model(family: str) -> None:
+    """The reference's prompt (its own anyres embeddings, newline and video features included) and LLM loop, keeping
+    every visual token, generate what the unmodified model generates (EOS off: the reference never stops early)."""
+    model = tiny_anyres(family, seed=5)
+    inputs = _inputs(family, model, 2, seed=5)
+    expected, _ = fastv_anyres_generate(model, inputs, layer=1, keep=1.0, max_new_tokens=5)
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id, config.max_new_tokens, config.do_sample = None, 5, False
+    with torch.no_grad():
+        tokens = model.generate(**inputs, generation_config=config)[:, inputs["input_ids"].shape[1]:]
+    assert torch.equal(tokens, expected)
 
 
 @pytest.mark.parametrize(("family", "seed", "layer", "keep"), [
