@@ -216,7 +216,7 @@ def test_kept_token_pictures_render(tmp_path) -> None:  # type: ignore[no-untype
     adapter = adapt(model)
     inputs = adapter.sample_inputs()
     picture, grid = adapter.first_image(inputs)
-    assert grid == (4, 4) and torch.equal(adapter.patchify(picture), inputs["pixel_values"])
+    assert adapter.draws_tokens and grid == (4, 4) and torch.equal(adapter.patchify(picture), inputs["pixel_values"])
     policyc.compile(model, "fastv", ratio="25%")
     report = measure(model.policyc, inputs, "tiny-qwen2-vl")
     assert len(report.kept[0].kept_patches) == 4 and all(0 <= p < 16 for p in report.kept[0].kept_patches)

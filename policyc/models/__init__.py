@@ -14,6 +14,8 @@ from policyc.models import gemma3 as _gemma3  # noqa: F401  (registers the gemma
 from policyc.models import idefics3 as _idefics3  # noqa: F401  (registers the idefics3 factory)
 from policyc.models import internvl as _internvl  # noqa: F401  (registers the internvl factory)
 from policyc.models import llava as _llava  # noqa: F401  (registers the llava factory)
+from policyc.models import llava_next as _llava_next  # noqa: F401  (registers the llava_next factory)
+from policyc.models import llava_onevision as _llava_onevision  # noqa: F401  (registers llava_onevision)
 from policyc.models import qwen2_vl as _qwen2_vl  # noqa: F401  (registers the qwen2_vl factory)
 from policyc.models.base import (
     AdapterFactory,

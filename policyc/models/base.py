@@ -121,6 +121,11 @@ class ModelAdapter:
             return self.vision_tokens
         return llm_tokens * self.encoder_patches_per_token + int(self.has_cls)
 
+    @property
+    def draws_tokens(self) -> bool:
+        """Whether `first_image` can locate the first image and its token grid (`--show-tokens`)."""
+        return self.patch_grid is not None or type(self).first_image is not ModelAdapter.first_image
+
     def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         """The first image of processed `inputs` as the encoder saw it ([3, H, W], normalized), and the grid
         (rows, columns) its tokens tile, for `--show-tokens` pictures."""

@@ -1,0 +1,148 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`, LLaVA-1.6): LLaVA with "anyres" images.
+
+What differs from LLaVA-1.5:
+- anyres: each image is encoded as a base view at the tower's input size plus crops of the image resized to
+  the grid pinpoint that fits it best (`image_grid_pinpoints`); the crops' features are unpadded back to the
+  image's aspect ratio and every row of them ends with the learned `image_newline` feature. The LLM sees, per
+  image, the base view's features, then the unpadded rows with their newlines: how many follows from the
+  image's size (`image_sizes`), so `tokens_per_image` and `patch_grid` are None.
+- every one of these features (base, crops, newlines) sits on an `<image>` placeholder (one id): the `vision`
+  set holds them all, newline tokens included.
+- the LLM (Llama, Mistral, Vicuna) uses 1-D RoPE and a causal mask, as LLaVA's: LLM stages and decode cache
+  policies run as they do on LLaVA-1.5.
+
+Stages before the LLM are not bound yet (`PRE_LLM`). `build_anyres` is shared with LLaVA-OneVision
+(llava_onevision.py), whose images are built the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
+from policyc.models.structure import adapt_error, attention_of, config_int, language_model, layer_list, sub_model
+
+PRE_LLM = ("stages before the LLM do not run on LLaVA-NeXT yet: it encodes each image as a base view plus "
+           "crops whose features are unpadded to the image's aspect ratio and interleaved with image_newline "
+           "tokens, so encoder patches do not map one to one onto LLM tokens")
+
+
+def _pair(value: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True, eq=False)
+class AnyresAdapter(ModelAdapter):
+    """An adapter for anyres models: its calibration inputs carry the crops and `image_sizes` they need."""
+
+    crop_size: tuple[int, int] = (336, 336)  # the tower's input size (height, width): the base view and each crop
+    sample_resolution: tuple[int, int] = (336, 672)  # the calibration image's size: the first grid pinpoint
+
+    def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
+        """`text_tokens` text ids around the example image at `sample_resolution` (a pinpoint, so no padding):
+        pixel_values [1, 1 + crops, 3, H, W] (the base view, then the crops row by row, as the image processors
+        order them) and `image_sizes`; the placeholder run is as long as the model's own packed features."""
+        device, dtype = placement(self.model)
+        (height, width), (crop_h, crop_w) = self.sample_resolution, self.crop_size
+        image = example_pixels((height, width))
+        crops = image.unfold(1, crop_h, crop_h).unfold(2, crop_w, crop_w)  # [3, rows, cols, crop_h, crop_w]
+        crops = crops.permute(1, 2, 0, 3, 4).reshape(-1, 3, crop_h, crop_w)
+        pixel_values = torch.cat([example_pixels(self.crop_size)[None], crops])[None].to(device=device, dtype=dtype)
+        image_sizes = torch.tensor([[height, width]], device=device)
+        [count] = self.image_token_counts(pixel_values, image_sizes)
+        input_ids = torch.tensor([text_around(self, text_tokens, [self.image_token_id] * count)], device=device)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
+                "image_sizes": image_sizes}
+
+    def image_token_counts(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
+                           **kwargs: Any) -> list[int]:
+        """The LLM tokens of each image ([images, patches, 3, H, W] with `image_sizes` [images, 2]): the lengths of
+        the model's own packed features (base view, unpadded crops, newlines)."""
+        with torch.no_grad():
+            features = self.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, **kwargs)
+        return [len(f) for f in getattr(features, "pooler_output", features)]
+
+
+def _projector(base: nn.Module) -> nn.Module | None:
+    """The multimodal projector: the one child of the model body whose class name says so."""
+    found = [m for m in base.children() if "Projector" in type(m).__name__]
+    return found[0] if len(found) == 1 else None
+
+
+def _feature_layer(layer: int | list[int], count: int) -> int:
+    """The encoder hidden state the projector reads, as an index into the `count + 1` hidden states (the last
+    of several: with stages before the LLM not bound, it only names the features in `describe()`)."""
+    last = layer[-1] if isinstance(layer, list | tuple) else layer
+    return int(last) % (count + 1)
+
+
+def build_anyres(model: nn.Module, family: str, reason: str, video_token_id: int | None = None) -> AnyresAdapter:
+    """The adapter of a LLaVA-NeXT-style model (vision tower, projector, image_newline, LLM) of `family`; stages
+    before the LLM fail with `reason`; `video_token_id` adds video placeholders to the `vision` set."""
+    config = model.config
+    vision_config = config.vision_config
+    tower = sub_model(model, vision_config)
+    if tower is None:
+        raise adapt_error(model, family, f"no {vision_config.model_type} vision tower found")
+    vision_layers = layer_list(tower, vision_config.num_hidden_layers)
+    if vision_layers is None:
+        raise adapt_error(model, family, f"no single list of {vision_config.num_hidden_layers} encoder layers")
+    vision_attention = tuple(attention_of(layer) for layer in vision_layers)
+    if any(a is None for a in vision_attention):
+        raise adapt_error(model, family, "an encoder layer without a self-attention module")
+    base = next((m for m in model.children() if any(c is tower for c in m.children())), model)
+    projector = _projector(base)
+    if projector is None:
+        raise adapt_error(model, family, "no multimodal projector found")
+    image_token_id = config_int(config, "image_token_id", "image_token_index")
+    if image_token_id is None:
+        raise adapt_error(model, family, "the config has no image_token_id")
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if not pinpoints:
+        raise adapt_error(model, family, "the config has no image_grid_pinpoints")
+    has_cls = any(isinstance(getattr(m, "class_embedding", None), torch.Tensor) for m in tower.modules())
+    feature_start = 1 if getattr(config, "vision_feature_select_strategy", "default") == "default" else 0
+    heads = vision_config.num_attention_heads
+    return AnyresAdapter(
+        family=family,
+        model=model,
+        vision_tower=tower,
+        vision_layers=vision_layers,
+        vision_attention=vision_attention,  # type: ignore[arg-type]
+        has_cls=has_cls,
+        feature_layer=_feature_layer(config.vision_feature_layer, len(vision_layers)),
+        feature_start=feature_start,
+        keeps_cls_in_features=has_cls and feature_start == 0,
+        patch_grid=None,
+        projector=projector,
+        vision_num_heads=heads,
+        vision_head_dim=config_int(vision_config, "head_dim") or vision_config.hidden_size // heads,
+        image_token_id=image_token_id,
+        tokens_per_image=None,
+        vision_token_ids=(image_token_id,) if video_token_id is None else (image_token_id, video_token_id),
+        pre_llm_unsupported=reason,
+        crop_size=_pair(vision_config.image_size),
+        sample_resolution=_pair(pinpoints[0]),
+        **language_model(model, family),
+    )
+
+
+@register_adapter
+class LlavaNextFactory(AdapterFactory):
+    """LLaVA-NeXT: LLM stages and decode cache policies."""
+
+    family = "llava_next"
+    description = "LlavaNextForConditionalGeneration (LLM and decode stages)"
+
+    def matches(self, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) == "llava_next"
+
+    def build(self, model: nn.Module) -> ModelAdapter:
+        return build_anyres(model, self.family, PRE_LLM)
+
+
+__all__ = ["PRE_LLM", "AnyresAdapter", "LlavaNextFactory", "build_anyres"]

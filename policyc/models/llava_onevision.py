@@ -1,0 +1,44 @@
+"""LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): LLaVA-NeXT's anyres images on a SigLIP tower and a
+Qwen2 LLM, with several images per prompt and videos.
+
+What differs from LLaVA-NeXT (llava_next.py, whose `build_anyres` this adapter shares):
+- SigLIP: no CLS token (CLS signals fail with a substitute), every patch reaches the projector ("full").
+- anyres_max_N: when an image's unpadded crop features exceed N base views, they are interpolated down
+  before the newline features are added. A prompt with several images (`batch_num_images` > 1) encodes each
+  with its base view only, plus one newline.
+- videos: every frame's features are pooled 2x2 and the video ends with one newline feature, all on
+  `<video>` placeholders (`video_token_id`).
+- the `vision` set holds image and video placeholders: base views, crops, pooled frames and newlines.
+- the LLM (Qwen2) uses 1-D RoPE and a causal mask, as LLaVA's.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from policyc.models.base import AdapterFactory, ModelAdapter, register_adapter
+from policyc.models.llava_next import build_anyres
+from policyc.models.structure import config_int
+
+PRE_LLM = ("stages before the LLM do not run on LLaVA-OneVision yet: it encodes each image as a base view plus "
+           "crops whose features are unpadded, pooled to at most anyres_max_N views and interleaved with "
+           "image_newline tokens, and pools video frames 2x2, so encoder patches do not map one to one onto LLM "
+           "tokens")
+
+
+@register_adapter
+class LlavaOnevisionFactory(AdapterFactory):
+    """LLaVA-OneVision: LLM stages and decode cache policies over images and videos."""
+
+    family = "llava_onevision"
+    description = "LlavaOnevisionForConditionalGeneration (LLM and decode stages)"
+
+    def matches(self, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) == "llava_onevision"
+
+    def build(self, model: nn.Module) -> ModelAdapter:
+        video = config_int(model.config, "video_token_id", "video_token_index")
+        return build_anyres(model, self.family, PRE_LLM, video_token_id=video)
+
+
+__all__ = ["PRE_LLM", "LlavaOnevisionFactory"]
