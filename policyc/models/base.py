@@ -123,13 +123,15 @@ class ModelAdapter:
 
     @property
     def draws_tokens(self) -> bool:
-        """Whether `first_image` can locate the first image and its token grid (`--show-tokens`)."""
-        return self.patch_grid is not None or type(self).first_image is not ModelAdapter.first_image
+        """Whether `first_image` can locate the first image and the grid its LLM tokens tile (`--show-tokens`):
+        one token per patch (LLaVA), or a family that knows its own layout (Qwen2-VL)."""
+        one_per_patch = self.patch_grid is not None and self.encoder_patches_per_token == 1
+        return one_per_patch or type(self).first_image is not ModelAdapter.first_image
 
     def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         """The first image of processed `inputs` as the encoder saw it ([3, H, W], normalized), and the grid
         (rows, columns) its tokens tile, for `--show-tokens` pictures."""
-        if self.patch_grid is None:
+        if self.patch_grid is None or self.encoder_patches_per_token != 1:
             raise NotImplementedError(f"{type(self).__name__} must locate its own first image")
         return inputs["pixel_values"][0], self.patch_grid
 
