@@ -31,7 +31,13 @@ from torch import nn
 
 from policyc.errors import PolicyError
 from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
-from policyc.models.structure import adapt_error, attention_of, config_int, language_model, layer_list, sub_model
+from policyc.models.structure import (
+    adapt_error,
+    config_int,
+    image_token,
+    language_model,
+    vision_encoder,
+)
 
 PRE_LLM = ("stages before the LLM do not run on Gemma 3 yet: its projector average-pools the encoder's patch grid "
            "(several patches per LLM token), which the encoder and projector stages do not model")
@@ -78,15 +84,8 @@ class Gemma3Factory(AdapterFactory):
     def build(self, model: nn.Module) -> ModelAdapter:
         config = model.config
         vision_config, text_config = config.vision_config, config.text_config
-        tower = sub_model(model, vision_config)
-        if tower is None:
-            raise adapt_error(model, self.family, f"no {vision_config.model_type} vision tower found")
-        layers = layer_list(tower, vision_config.num_hidden_layers)
-        if layers is None:
-            raise adapt_error(model, self.family, f"no single list of {vision_config.num_hidden_layers} encoder layers")
-        vision_attention = tuple(attention_of(layer) for layer in layers)
-        if any(a is None for a in vision_attention):
-            raise adapt_error(model, self.family, "an encoder layer without an attention module")
+        encoder = vision_encoder(model, self.family)
+        layers = encoder["vision_layers"]
         projectors = [m for m in model.modules() if type(m).__name__.endswith("MultiModalProjector")]
         if len(projectors) != 1:
             raise adapt_error(model, self.family, "no single multi-modal projector")
@@ -97,25 +96,17 @@ class Gemma3Factory(AdapterFactory):
             raise PolicyError.at("Gemma 3 with attention logit softcapping is not supported: policyc's attention "
                                  "scores would leave the softcap out", None,
                                  "the released Gemma 3 checkpoints set attn_logit_softcapping to null")
-        image_token_id = config_int(config, "image_token_id", "image_token_index")
-        if image_token_id is None:
-            raise adapt_error(model, self.family, "the config has no image_token_id")
+        image_token_id = image_token(model, self.family)
         side = vision_config.image_size // vision_config.patch_size
-        heads = vision_config.num_attention_heads
         return Gemma3Adapter(
             family=self.family,
             model=model,
-            vision_tower=tower,
-            vision_layers=layers,
-            vision_attention=vision_attention,  # type: ignore[arg-type]
             has_cls=False,
             feature_layer=len(layers),
             feature_start=0,
             keeps_cls_in_features=False,
             patch_grid=(side, side),
             projector=projectors[0],
-            vision_num_heads=heads,
-            vision_head_dim=vision_config.hidden_size // heads,
             image_token_id=image_token_id,
             tokens_per_image=config.mm_tokens_per_image,
             encoder_patches_per_token=max(1, side * side // config.mm_tokens_per_image),
@@ -123,6 +114,7 @@ class Gemma3Factory(AdapterFactory):
             layer_types=tuple(text_config.layer_types),
             begin_image_id=config_int(config, "boi_token_id", "boi_token_index"),
             end_image_id=config_int(config, "eoi_token_id", "eoi_token_index"),
+            **encoder,
             **llm,
         )
 

@@ -30,7 +30,13 @@ import torch
 from torch import nn
 
 from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
-from policyc.models.structure import adapt_error, attention_of, config_int, language_model, layer_list, sub_model
+from policyc.models.structure import (
+    adapt_error,
+    config_int,
+    image_token,
+    language_model,
+    vision_encoder,
+)
 
 MODEL_TYPES = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}
 SAMPLE_SPLIT = (2, 2)  # tiles (rows, columns) of the calibration image, plus its global view
@@ -106,47 +112,32 @@ class Idefics3Factory(AdapterFactory):
     def build(self, model: nn.Module) -> ModelAdapter:
         config = model.config
         vision_config = config.vision_config
-        tower = sub_model(model, vision_config)
-        if tower is None:
-            raise adapt_error(model, self.family, f"no {vision_config.model_type} vision tower found")
-        layers = layer_list(tower, vision_config.num_hidden_layers)
-        if layers is None:
-            raise adapt_error(model, self.family,
-                              f"no single list of {vision_config.num_hidden_layers} encoder layers in the tower")
-        vision_attention = tuple(attention_of(layer) for layer in layers)
-        if any(a is None for a in vision_attention):
-            raise adapt_error(model, self.family, "an encoder layer without a self-attention module")
+        encoder = vision_encoder(model, self.family)
+        layers = encoder["vision_layers"]
         connectors = [m for m in model.modules() if type(m).__name__.endswith("Connector")]
         if len(connectors) != 1:
             raise adapt_error(model, self.family, "no single connector (pixel shuffle and projection) found")
-        image_token_id = config_int(config, "image_token_id")
-        if image_token_id is None:
-            raise adapt_error(model, self.family, "the config has no image_token_id")
+        image_token_id = image_token(model, self.family)
         size, patch = config_int(vision_config, "image_size"), config_int(vision_config, "patch_size")
         scale = config_int(config, "scale_factor") or 2
         if size is None or patch is None:
             raise adapt_error(model, self.family, "the vision config has no integer image_size and patch_size")
         side = size // patch
-        heads = vision_config.num_attention_heads
         return Idefics3Adapter(
             family=self.family,
             model=model,
-            vision_tower=tower,
-            vision_layers=layers,
-            vision_attention=vision_attention,  # type: ignore[arg-type]
             has_cls=False,
             feature_layer=len(layers),
             feature_start=0,
             keeps_cls_in_features=False,
             patch_grid=(side, side),
             projector=connectors[0],
-            vision_num_heads=heads,
-            vision_head_dim=vision_config.hidden_size // heads,
             image_token_id=image_token_id,
             tokens_per_image=side * side // (scale * scale),
             encoder_patches_per_token=scale * scale,
             pre_llm_unsupported=PRE_LLM,
             image_size=size,
+            **encoder,
             **language_model(model, self.family),
         )
 

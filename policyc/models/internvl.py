@@ -19,7 +19,12 @@ from __future__ import annotations
 from torch import nn
 
 from policyc.models.base import AdapterFactory, ModelAdapter, register_adapter
-from policyc.models.structure import adapt_error, attention_of, config_int, language_model, layer_list, sub_model
+from policyc.models.structure import (
+    adapt_error,
+    image_token,
+    language_model,
+    vision_encoder,
+)
 
 PRE_LLM = ("stages before the LLM do not run on InternVL yet: its pixel shuffle folds 2x2 patches into one LLM token "
            "and its images are cut into a size-dependent number of tiles")
@@ -42,46 +47,32 @@ class InternVLFactory(AdapterFactory):
     def build(self, model: nn.Module) -> ModelAdapter:
         config = model.config
         vision_config = config.vision_config
-        tower = sub_model(model, vision_config)
-        if tower is None:
-            raise adapt_error(model, self.family, f"no {vision_config.model_type} vision tower found")
-        layers = layer_list(tower, vision_config.num_hidden_layers)
-        if layers is None:
-            raise adapt_error(model, self.family, f"no single list of {vision_config.num_hidden_layers} encoder layers")
-        vision_attention = tuple(attention_of(layer) for layer in layers)
-        if any(a is None for a in vision_attention):
-            raise adapt_error(model, self.family, "an encoder layer without an attention module")
+        encoder = vision_encoder(model, self.family)
+        layers = encoder["vision_layers"]
         projectors = [m for m in model.modules() if type(m).__name__.endswith("MultiModalProjector")]
         if len(projectors) != 1:
             raise adapt_error(model, self.family, "no single multi-modal projector")
-        image_token_id = config_int(config, "image_token_id")
-        if image_token_id is None:
-            raise adapt_error(model, self.family, "the config has no image_token_id")
+        image_token_id = image_token(model, self.family)
         (height, width), (patch_h, patch_w) = _pair(vision_config.image_size), _pair(vision_config.patch_size)
         fold = round(1 / config.downsample_ratio)
         feature_layer = config.vision_feature_layer
         if not isinstance(feature_layer, int):
             raise adapt_error(model, self.family, "several vision feature layers are not supported")
         count = len(layers)
-        heads = vision_config.num_attention_heads
         return ModelAdapter(
             family=self.family,
             model=model,
-            vision_tower=tower,
-            vision_layers=layers,
-            vision_attention=vision_attention,  # type: ignore[arg-type]
             has_cls=True,
             feature_layer=feature_layer % (count + 1),
             feature_start=1 if config.vision_feature_select_strategy == "default" else 0,
             keeps_cls_in_features=config.vision_feature_select_strategy != "default",
             patch_grid=(height // patch_h, width // patch_w),
             projector=projectors[0],
-            vision_num_heads=heads,
-            vision_head_dim=vision_config.hidden_size // heads,
             image_token_id=image_token_id,
             tokens_per_image=config.image_seq_length,
             encoder_patches_per_token=fold * fold,
             pre_llm_unsupported=PRE_LLM,
+            **encoder,
             **language_model(model, self.family),
         )
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from policyc.errors import PolicyError
 from policyc.models.base import AdapterFactory, ModelAdapter, register_adapter
-from policyc.models.structure import adapt_error, attention_of, config_int, language_model, layer_list, sub_model
+from policyc.models.structure import adapt_error, image_token, language_model, vision_encoder
 
 VISION_TOWERS = {"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP"}
 
@@ -56,17 +56,10 @@ class LlavaFactory(AdapterFactory):
         config = model.config
         vision_config = config.vision_config
 
-        tower = sub_model(model, vision_config)
-        if tower is None:
-            raise _fail(model, f"no {vision_config.model_type} vision tower found")
-        vision_layers = layer_list(tower, vision_config.num_hidden_layers)
-        if vision_layers is None:
-            raise _fail(model, f"no single list of {vision_config.num_hidden_layers} encoder layers in the tower")
-        vision_attention = tuple(attention_of(layer) for layer in vision_layers)
+        encoder = vision_encoder(model, self.family)
+        tower, vision_layers = encoder["vision_tower"], encoder["vision_layers"]
 
         llm = language_model(model, self.family)
-        if any(a is None for a in vision_attention):
-            raise _fail(model, "an encoder layer without a self-attention module")
 
         base = next((m for m in model.children() if any(c is tower for c in m.children())), model)
         projector = _projector(base, (tower, llm["decoder"]))
@@ -83,26 +76,18 @@ class LlavaFactory(AdapterFactory):
         grid = _grid(vision_config)
         tokens = grid[0] * grid[1] + int(has_cls) - feature_start
 
-        image_token_id = config_int(config, "image_token_id", "image_token_index")
-        if image_token_id is None:
-            raise _fail(model, "the config has no image_token_id")
-        vision_heads = vision_config.num_attention_heads
         return ModelAdapter(
             family=self.family,
             model=model,
-            vision_tower=tower,
-            vision_layers=vision_layers,
-            vision_attention=vision_attention,  # type: ignore[arg-type]
             has_cls=has_cls,
             feature_layer=feature_layer,
             feature_start=feature_start,
             keeps_cls_in_features=has_cls and feature_start == 0,
             patch_grid=grid,
             projector=projector,
-            vision_num_heads=vision_heads,
-            vision_head_dim=config_int(vision_config, "head_dim") or vision_config.hidden_size // vision_heads,
-            image_token_id=image_token_id,
+            image_token_id=image_token(model, self.family),
             tokens_per_image=tokens,
+            **encoder,
             **llm,
         )
 

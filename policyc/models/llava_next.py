@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
-from policyc.models.structure import adapt_error, attention_of, config_int, language_model, layer_list, sub_model
+from policyc.models.structure import (
+    adapt_error,
+    image_token,
+    language_model,
+    vision_encoder,
+)
 
 PRE_LLM = ("stages before the LLM do not run on LLaVA-NeXT yet: it encodes each image as a base view plus "
            "crops whose features are unpadded to the image's aspect ratio and interleaved with image_newline "
@@ -85,48 +90,34 @@ def build_anyres(model: nn.Module, family: str, reason: str, video_token_id: int
     before the LLM fail with `reason`; `video_token_id` adds video placeholders to the `vision` set."""
     config = model.config
     vision_config = config.vision_config
-    tower = sub_model(model, vision_config)
-    if tower is None:
-        raise adapt_error(model, family, f"no {vision_config.model_type} vision tower found")
-    vision_layers = layer_list(tower, vision_config.num_hidden_layers)
-    if vision_layers is None:
-        raise adapt_error(model, family, f"no single list of {vision_config.num_hidden_layers} encoder layers")
-    vision_attention = tuple(attention_of(layer) for layer in vision_layers)
-    if any(a is None for a in vision_attention):
-        raise adapt_error(model, family, "an encoder layer without a self-attention module")
+    encoder = vision_encoder(model, family)
+    tower, vision_layers = encoder["vision_tower"], encoder["vision_layers"]
     base = next((m for m in model.children() if any(c is tower for c in m.children())), model)
     projector = _projector(base)
     if projector is None:
         raise adapt_error(model, family, "no multimodal projector found")
-    image_token_id = config_int(config, "image_token_id", "image_token_index")
-    if image_token_id is None:
-        raise adapt_error(model, family, "the config has no image_token_id")
+    image_token_id = image_token(model, family)
     pinpoints = getattr(config, "image_grid_pinpoints", None)
     if not pinpoints:
         raise adapt_error(model, family, "the config has no image_grid_pinpoints")
     has_cls = any(isinstance(getattr(m, "class_embedding", None), torch.Tensor) for m in tower.modules())
     feature_start = 1 if getattr(config, "vision_feature_select_strategy", "default") == "default" else 0
-    heads = vision_config.num_attention_heads
     return AnyresAdapter(
         family=family,
         model=model,
-        vision_tower=tower,
-        vision_layers=vision_layers,
-        vision_attention=vision_attention,  # type: ignore[arg-type]
         has_cls=has_cls,
         feature_layer=_feature_layer(config.vision_feature_layer, len(vision_layers)),
         feature_start=feature_start,
         keeps_cls_in_features=has_cls and feature_start == 0,
         patch_grid=None,
         projector=projector,
-        vision_num_heads=heads,
-        vision_head_dim=config_int(vision_config, "head_dim") or vision_config.hidden_size // heads,
         image_token_id=image_token_id,
         tokens_per_image=None,
         vision_token_ids=(image_token_id,) if video_token_id is None else (image_token_id, video_token_id),
         pre_llm_unsupported=reason,
         crop_size=_pair(vision_config.image_size),
         sample_resolution=_pair(pinpoints[0]),
+        **encoder,
         **language_model(model, family),
     )
 

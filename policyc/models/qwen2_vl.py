@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
-from policyc.models.structure import adapt_error, attention_of, config_int, language_model, layer_list, sub_model
+from policyc.models.structure import (
+    adapt_error,
+    config_int,
+    image_token,
+    language_model,
+    vision_encoder,
+)
 
 MODEL_TYPES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
 SAMPLE_GRID = (8, 8)  # patches per side of the calibration image: 16 LLM tokens after the 2x2 merger
@@ -92,41 +98,24 @@ class QwenVLFactory(AdapterFactory):
     def build(self, model: nn.Module) -> ModelAdapter:
         config = model.config
         vision_config = config.vision_config
-        tower = sub_model(model, vision_config)
-        if tower is None:
-            raise adapt_error(model, self.family, f"no {vision_config.model_type} vision tower found")
-        depth = config_int(vision_config, "depth", "num_hidden_layers")
-        blocks = layer_list(tower, depth)
-        if blocks is None:
-            raise adapt_error(model, self.family, f"no single list of {depth} encoder blocks in the tower")
-        vision_attention = tuple(attention_of(block) for block in blocks)
-        if any(a is None for a in vision_attention):
-            raise adapt_error(model, self.family, "an encoder block without an attention module")
+        encoder = vision_encoder(model, self.family)
+        tower = encoder["vision_tower"]
         merger = getattr(tower, "merger", None)
         if not isinstance(merger, nn.Module):
             raise adapt_error(model, self.family, "no patch merger in the vision tower")
         llm = language_model(model, self.family)
-        image_token_id = config_int(config, "image_token_id")
-        if image_token_id is None:
-            raise adapt_error(model, self.family, "the config has no image_token_id")
+        image_token_id = image_token(model, self.family)
         video_token_id = config_int(config, "video_token_id")
         merge = config_int(vision_config, "spatial_merge_size") or 2
-        heads = vision_config.num_heads
-        width = config_int(vision_config, "embed_dim", "hidden_size")
         return QwenVLAdapter(
             family=self.family,
             model=model,
-            vision_tower=tower,
-            vision_layers=blocks,
-            vision_attention=vision_attention,  # type: ignore[arg-type]
             has_cls=False,
-            feature_layer=len(blocks),
+            feature_layer=len(encoder["vision_layers"]),
             feature_start=0,
             keeps_cls_in_features=False,
             patch_grid=None,
             projector=merger,
-            vision_num_heads=heads,
-            vision_head_dim=(width or 0) // heads,
             image_token_id=image_token_id,
             tokens_per_image=None,
             rope="mrope",
@@ -136,6 +125,7 @@ class QwenVLFactory(AdapterFactory):
             temporal_patch_size=config_int(vision_config, "temporal_patch_size") or 2,
             patch_size=config_int(vision_config, "patch_size") or 14,
             merge_size=merge,
+            **encoder,
             **llm,
         )
 

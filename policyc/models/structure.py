@@ -90,4 +90,33 @@ def language_model(model: nn.Module, family: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["adapt_error", "attention_of", "config_int", "language_model", "layer_list", "rotary_of", "sub_model"]
+def vision_encoder(model: nn.Module, family: str) -> dict[str, Any]:
+    """The `ModelAdapter` fields of the vision encoder: the tower built from `model.config.vision_config`, its one
+    list of layers (`depth` or `num_hidden_layers` long), each layer's attention, and the attention shapes."""
+    vision_config = model.config.vision_config
+    tower = sub_model(model, vision_config)
+    if tower is None:
+        raise adapt_error(model, family, f"no {vision_config.model_type} vision tower found")
+    depth = config_int(vision_config, "depth", "num_hidden_layers")
+    layers = layer_list(tower, depth)
+    if layers is None:
+        raise adapt_error(model, family, f"no single list of {depth} encoder layers in the tower")
+    attention = tuple(attention_of(layer) for layer in layers)
+    if any(a is None for a in attention):
+        raise adapt_error(model, family, "an encoder layer without a self-attention module")
+    heads = config_int(vision_config, "num_heads", "num_attention_heads") or 1
+    width = config_int(vision_config, "embed_dim", "hidden_size") or 0  # Qwen2-VL: embed_dim is the encoder's
+    return {"vision_tower": tower, "vision_layers": layers, "vision_attention": attention,
+            "vision_num_heads": heads, "vision_head_dim": config_int(vision_config, "head_dim") or width // heads}
+
+
+def image_token(model: nn.Module, family: str) -> int:
+    """The config's image placeholder id (`image_token_id`, or `image_token_index` on older configs)."""
+    image_token_id = config_int(model.config, "image_token_id", "image_token_index")
+    if image_token_id is None:
+        raise adapt_error(model, family, "the config has no image_token_id")
+    return image_token_id
+
+
+__all__ = ["adapt_error", "attention_of", "config_int", "image_token", "language_model", "layer_list", "rotary_of",
+           "sub_model", "vision_encoder"]
