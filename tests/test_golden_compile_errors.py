@@ -1,6 +1,6 @@
 """Golden tests for compile-time diagnostics: each tests/golden/errors/compile/*.tokpol checks fine
-but cannot be compiled onto its tiny model: Qwen2-VL for `qwen2_vl_*` files, LLaVA with SigLIP for `siglip_*`,
-LLaVA with CLIP otherwise."""
+but cannot be compiled onto its tiny model, named by the file's prefix (`qwen2_vl_`, `gemma3_`, `idefics3_`,
+`llava_next_`, `siglip_` for LLaVA with SigLIP), LLaVA with CLIP otherwise."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 from golden import check_golden
+from tiny_gemma3 import tiny_gemma3
+from tiny_idefics3 import tiny_idefics3
+from tiny_llava_next import tiny_anyres
 from tiny_models import tiny_llava_clip, tiny_llava_siglip, tiny_qwen2_vl
 
 from policyc.errors import PolicyError
@@ -16,7 +19,8 @@ from policyc.runtime import compile_model
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "errors" / "compile"
 INPUTS = sorted(GOLDEN_DIR.glob("*.tokpol"))
-MODELS = {"clip": tiny_llava_clip(), "siglip": tiny_llava_siglip(), "qwen2_vl": tiny_qwen2_vl()}
+MODELS = {"clip": tiny_llava_clip(), "siglip": tiny_llava_siglip(), "qwen2_vl": tiny_qwen2_vl(),
+          "gemma3": tiny_gemma3(), "idefics3": tiny_idefics3(), "llava_next": tiny_anyres("llava_next")}
 
 
 def test_there_are_golden_inputs() -> None:
