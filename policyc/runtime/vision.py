@@ -11,16 +11,12 @@
   so the projector, the `<image>` placeholders, masked_scatter and generate() stay untouched.
 - `ImageStages.kept` / `.protected` ([images, tokens_per_image] bool) tell the LLM side which image slots
   reach the LLM and which a stage protected.
-- Projector stages that read the question (`cover`, `text_relevance`) get it from a forward pre-hook on the
-  top-level model that stashes input_ids and attention_mask for that forward (and a wrapper of its generate(),
-  which runs get_image_features before any forward; LLaVA's get_image_features never sees the prompt);
-  image i (in LLaVA's scatter order: its i-th run of image tokens) reads the text tokens after its run in its
-  own prompt row, up to the row's next image or end, padding left out.
+- Projector stages that read the question (`cover`, `text_relevance`) get it from `PromptStash`
+  (prompt_stash.py): LLaVA's get_image_features never sees the prompt.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -31,7 +27,7 @@ from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
-from policyc.runtime.rows import valid_keys
+from policyc.runtime.prompt_stash import PromptStash
 from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers, reads_values
 from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows, unpack
 
@@ -205,8 +201,7 @@ class ImageStages:
         self._reads_prompt = any((isinstance(node, ir.Select) and node.selector == "cover")
                                  or (isinstance(node, ir.Call | ir.Name) and _name(node) == "text_relevance")
                                  for s in self.projector_output for st in s.statements for node in st.walk())
-        self._prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's input_ids, valid [B, L]
-        self._generate: nn.Module | None = None  # the model whose generate() stashes the prompt
+        self._prompt = PromptStash(adapter) if self._reads_prompt else None  # the question, for cover()
 
     def stages_at(self, point: str, layer: int) -> list[BoundStage]:
         """The stages at an encoder layer. Past the feature layer merges change nothing LLaVA reads: left out."""
@@ -241,23 +236,8 @@ class ImageStages:
             self._handles.append(adapter.vision_tower.register_forward_hook(self._on_packed_tower, with_kwargs=True))
         else:
             self._handles.append(adapter.projector.register_forward_hook(self._on_projector_output))
-        if self._reads_prompt:
-            model = adapter.model
-            self._handles.append(model.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
-            self._handles.append(model.register_forward_hook(self._on_model_output))
-            # generate() (transformers >= 5.x) runs get_image_features before the first forward: stash there too
-            generate = model.generate
-
-            @functools.wraps(generate)
-            def generate_with_prompt(*args: object, **kwargs: object) -> object:
-                self._on_model_input(model, args, kwargs)
-                try:
-                    return generate(*args, **kwargs)
-                finally:
-                    self._prompt = None
-
-            model.generate = generate_with_prompt
-            self._generate = model
+        if self._prompt is not None:
+            self._prompt.install()
 
     def remove(self) -> None:
         adapter = self.adapter
@@ -270,9 +250,8 @@ class ImageStages:
             adapter.vision_tower.config._attn_implementation = self._attention
         for handle in self._handles:
             handle.remove()
-        if self._generate is not None:
-            del self._generate.generate  # the class's generate() again
-            self._generate = None
+        if self._prompt is not None:
+            self._prompt.remove()
         self._wrapped.clear()
         self._handles.clear()
         self._attention = None
@@ -352,50 +331,13 @@ class ImageStages:
         positions = slots.kept
         return Tokens(torch.empty(0), positions, positions, to_slots(tokens.size).clamp(min=1)), slots
 
-    # ---------------------------------------------------------------- the question
-    def _on_model_input(self, module: nn.Module, args: tuple, kwargs: dict[str, object]) -> None:
-        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-        mask = kwargs.get("attention_mask")
-        if isinstance(ids, torch.Tensor):
-            valid = valid_keys(mask, ids.shape[1]) if isinstance(mask, torch.Tensor) else torch.ones_like(ids).bool()
-            self._prompt = (ids, valid)
-        else:
-            self._prompt = None
-
-    def _on_model_output(self, module: nn.Module, args: tuple, output: object) -> None:
-        self._prompt = None  # a later get_image_features() on its own must not read this prompt
-
-    @torch.no_grad()
-    def question_words(self, images: int, tokens: int) -> list[torch.Tensor]:
-        """Per image, the LLM input embeddings of the text tokens after its image run in its prompt row, up to
-        the row's next image or end, padding left out: [m_i, D] each."""
-        if self._prompt is None:
-            raise PolicyError.at("the policy reads the question, but this vision forward came without input_ids",
-                                 None, "call the model or generate() with input_ids (not inputs_embeds, nor "
-                                       "get_image_features alone)")
-        ids, valid = self._prompt
-        image = ids == self.adapter.image_token_id
-        rows, columns = image.nonzero(as_tuple=True)  # row-major: LLaVA's order of image features
-        if rows.numel() != images * tokens:
-            raise PolicyError.at(f"the prompt holds {rows.numel()} image tokens for {images} images of {tokens} "
-                                 "tokens each", None)
-        embed = self.adapter.model.get_input_embeddings()
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        words = []
-        for i in range(images):
-            row, end = int(rows[i * tokens]), int(columns[(i + 1) * tokens - 1])
-            after = positions > end
-            later = torch.where(image[row] & after, positions, ids.shape[1]).amin()
-            words.append(embed(ids[row][after & (positions < later) & valid[row]]))
-        return words
-
     # ---------------------------------------------------------------- the projector
     def _on_projector_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         images = output.shape[0]
         projector: dict[str, object] = {}
         if self._reads_prompt:
             projector = {"encoder_features": args[0],
-                         "question": lambda: self.question_words(images, output.shape[1])}
+                         "question": lambda: self._prompt.question_words(images, output.shape[1])}  # type: ignore[union-attr]
         if self._slots is None:
             state = self.slot_space.state(images)
             tokens = Tokens.start(output)
