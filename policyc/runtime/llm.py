@@ -231,11 +231,7 @@ class Runtime:
         allowed = torch.zeros(state.valid.shape[0], width, dtype=torch.bool, device=state.valid.device)
         allowed[:, : state.length] = state.valid
         allowed[:, state.length : state.length + self.steps + 1] = True
-        allowed = allowed[:, None, None, :]
-        if like is None or like.dtype == torch.bool:
-            return allowed
-        return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
-            ~allowed.to(like.device), torch.finfo(like.dtype).min)
+        return _like(allowed[:, None, None, :], like)
 
     def window(self, index: int) -> int | None:
         """The sliding window of decoder layer `index` where layers differ in their masks (Gemma 3's local
@@ -256,11 +252,7 @@ class Runtime:
         allowed[:, : state.length] = state.valid
         if window is not None:
             allowed &= torch.arange(width, device=allowed.device) > width - 1 - window
-        allowed = allowed[:, None, None, :]
-        if like is None or like.dtype == torch.bool:
-            return allowed
-        return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
-            ~allowed.to(like.device), torch.finfo(like.dtype).min)
+        return _like(allowed[:, None, None, :], like)
 
     def rate_text(self, hidden: torch.Tensor) -> None:
         """SparseVLM's raters (arXiv:2410.04417; algorithms.md §9b), once per prompt from the LLM's input
@@ -324,6 +316,14 @@ class Runtime:
 
     def _first_image_stage_span(self) -> Span | None:
         return next((s.span for s in self.plan.stages if s.kind in ("encoder", "projector")), None)
+
+
+def _like(allowed: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """A boolean mask `allowed` in the format of `like`: boolean, or additive floats (blocked: the dtype's min)."""
+    if like is None or like.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
+        ~allowed.to(like.device), torch.finfo(like.dtype).min)
 
 
 def _run_statements(statements: tuple[ir.Statement, ...], evaluator: StageEvaluator, alive: torch.Tensor,
