@@ -122,6 +122,12 @@ class ModelAdapter:
         return llm_tokens * self.encoder_patches_per_token + int(self.has_cls)
 
     @property
+    def token_grid(self) -> tuple[int, int] | None:
+        """The grid an image's LLM tokens tile, where one grid holds for every image and a token is one encoder
+        patch (LLaVA); None where tokens fold patches (pixel shuffle, pooling, mergers) or images differ."""
+        return self.patch_grid if self.encoder_patches_per_token == 1 else None
+
+    @property
     def draws_tokens(self) -> bool:
         """Whether `first_image` can locate the first image and the grid its LLM tokens tile (`--show-tokens`):
         one token per patch (LLaVA), or a family that knows its own layout (Qwen2-VL)."""

@@ -19,7 +19,8 @@ as text. An "image" of this adapter (`tokens_per_image`, `patch_grid`, `image_si
 a tile or the global view: each has the same patch grid and the same `<image>` run length.
 
 The LLM uses 1-D RoPE positions and a causal mask, as LLaVA's does: every LLM stage and decode cache policy
-binds. Stages before the LLM do not bind yet (tiles and pixel shuffle; see `PRE_LLM`).
+binds. Projector stages run per tile (each tile's tokens on their own); encoder stages do not bind yet (tiles and
+pixel shuffle; see `ENCODER`).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from policyc.models.structure import (
 
 MODEL_TYPES = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}
 SAMPLE_SPLIT = (2, 2)  # tiles (rows, columns) of the calibration image, plus its global view
-PRE_LLM = ("stages before the LLM do not run on Idefics3/SmolVLM yet: each image reaches the encoder as several "
-           "tiles plus a global view, and the connector's pixel shuffle merges groups of patches into one LLM token")
+ENCODER = ("encoder stages do not run on Idefics3/SmolVLM yet: each image reaches the encoder as several tiles plus "
+           "a global view, and the connector's pixel shuffle merges groups of patches into one LLM token")
 
 
 def image_prompt(rows: int, cols: int, tokens: int, image: int, fake: int, global_image: int, newline: int,
@@ -135,7 +136,7 @@ class Idefics3Factory(AdapterFactory):
             image_token_id=image_token_id,
             tokens_per_image=side * side // (scale * scale),
             encoder_patches_per_token=scale * scale,
-            pre_llm_unsupported=PRE_LLM,
+            encoder_unsupported=ENCODER,
             image_size=size,
             **encoder,
             **language_model(model, self.family),

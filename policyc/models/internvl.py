@@ -11,7 +11,7 @@ What differs from LLaVA:
   is proven against the LLaVA reference (tests/reference/fastv.py), which runs unchanged on InternVL.
 
 The `vision` set holds the `<IMG_CONTEXT>` tokens (not `<img>`, `</img>`); an image's tiles count as images of
-`image_seq_length` tokens each. Stages before the LLM are not bound yet (pixel shuffle, tiles).
+`image_seq_length` tokens each. Projector stages run per tile; encoder stages are not bound yet (pixel shuffle, tiles).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from policyc.models.structure import (
     vision_encoder,
 )
 
-PRE_LLM = ("stages before the LLM do not run on InternVL yet: its pixel shuffle folds 2x2 patches into one LLM token "
-           "and its images are cut into a size-dependent number of tiles")
+ENCODER = ("encoder stages do not run on InternVL yet: its pixel shuffle folds 2x2 patches into one LLM token and its "
+           "images are cut into a size-dependent number of tiles")
 
 
 def _pair(value: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
@@ -71,7 +71,7 @@ class InternVLFactory(AdapterFactory):
             image_token_id=image_token_id,
             tokens_per_image=config.image_seq_length,
             encoder_patches_per_token=fold * fold,
-            pre_llm_unsupported=PRE_LLM,
+            encoder_unsupported=ENCODER,
             **encoder,
             **language_model(model, self.family),
         )

@@ -45,7 +45,7 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
             except PolicyError as error:
                 problems.append(error)
     problems += _cache_length_with(plan)
-    if plan.adapter.patch_grid is None:
+    if plan.adapter.token_grid is None:
         problems += _without_one_grid(plan)
     if problems:
         raise PolicyError([d for p in problems for d in p.diagnostics])
@@ -65,8 +65,9 @@ _READS_PROMPT = {"cover", "text_relevance"}  # the question before the LLM (LLaV
 
 
 def _without_one_grid(plan: Plan) -> list[PolicyError]:
-    """Images of their own sizes (Qwen2-VL) have no patch grid common to every image, and their projector
-    stages run at the tower's output, where the prompt is not stashed: what needs either fails here."""
+    """Where LLM tokens fold patches (Qwen2-VL's merger, pixel shuffle) or images differ in size, projector stages
+    have no token grid common to every image, and no question (the stash reads LLaVA's one run per image): what
+    needs either fails here."""
     problems = []
     for stage in plan.stages:
         if stage.kind != "projector":
@@ -77,8 +78,9 @@ def _without_one_grid(plan: Plan) -> list[PolicyError]:
             if name in _NEEDS_GRID or name in _READS_PROMPT:
                 need = "the image patch grid" if name in _NEEDS_GRID else "the question"
                 problems.append(PolicyError.at(
-                    f"{name} needs {need}, which {plan.adapter.family}'s projector stages do not have yet (each image "
-                    "has its own size)", node.span, "score-based selections run there: top, diverse, stride"))
+                    f"{name} needs {need}, which {plan.adapter.family}'s projector stages do not have yet (its tokens "
+                    "fold patches, or each image has its own size)", node.span,
+                    "score-based selections run there: top, diverse, stride"))
     return problems
 
 

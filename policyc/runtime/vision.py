@@ -193,6 +193,9 @@ class ImageStages:
         self.encoder_space = Space(positions >= cls, positions - cls, positions < cls, adapter.patch_grid)
         slots = positions[adapter.feature_start:]
         self.slot_space = Space(slots >= cls, slots - cls, slots < cls, adapter.patch_grid)
+        if adapter.tokens_per_image is not None and adapter.token_grid is None:  # tokens fold patches (tiles)
+            slots = torch.arange(adapter.tokens_per_image, device=device)
+            self.slot_space = Space(slots >= 0, slots, slots < 0, None)
         self._wrapped: list[tuple[int, nn.Module]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attention: str | None = None
