@@ -267,10 +267,11 @@ class AdapterFactory(ABC):
 
     family: ClassVar[str]
     description: ClassVar[str]  # one line for "supported models" hints
+    model_types: ClassVar[frozenset[str]] = frozenset()  # the configs' model_type values this factory adapts
 
-    @abstractmethod
     def matches(self, model: nn.Module) -> bool:
-        """Whether this factory can adapt `model`."""
+        """Whether this factory can adapt `model`: by default, its config's model_type is one of `model_types`."""
+        return getattr(getattr(model, "config", None), "model_type", None) in self.model_types
 
     @abstractmethod
     def build(self, model: nn.Module) -> ModelAdapter:

@@ -77,9 +77,7 @@ class Gemma3Factory(AdapterFactory):
 
     family = "gemma3"
     description = "Gemma 3 (LLM and decode stages)"
-
-    def matches(self, model: nn.Module) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) == "gemma3"
+    model_types = frozenset({"gemma3"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
         config = model.config

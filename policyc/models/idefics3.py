@@ -106,9 +106,7 @@ class Idefics3Factory(AdapterFactory):
 
     family = "idefics3"
     description = "Idefics3 and SmolVLM (LLM and decode stages)"
-
-    def matches(self, model: nn.Module) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPES
+    model_types = frozenset(MODEL_TYPES)
 
     def build(self, model: nn.Module) -> ModelAdapter:
         config = model.config

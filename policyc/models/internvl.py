@@ -40,9 +40,7 @@ class InternVLFactory(AdapterFactory):
 
     family = "internvl"
     description = "InternVL (LLM and decode stages)"
-
-    def matches(self, model: nn.Module) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) == "internvl"
+    model_types = frozenset({"internvl"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
         config = model.config

@@ -128,9 +128,7 @@ class LlavaNextFactory(AdapterFactory):
 
     family = "llava_next"
     description = "LlavaNextForConditionalGeneration (LLM and decode stages)"
-
-    def matches(self, model: nn.Module) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) == "llava_next"
+    model_types = frozenset({"llava_next"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
         return build_anyres(model, self.family, PRE_LLM)

@@ -32,9 +32,7 @@ class LlavaOnevisionFactory(AdapterFactory):
 
     family = "llava_onevision"
     description = "LlavaOnevisionForConditionalGeneration (LLM and decode stages)"
-
-    def matches(self, model: nn.Module) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) == "llava_onevision"
+    model_types = frozenset({"llava_onevision"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
         video = config_int(model.config, "video_token_id", "video_token_index")

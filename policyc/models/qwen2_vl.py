@@ -91,9 +91,7 @@ class QwenVLFactory(AdapterFactory):
 
     family = "qwen2_vl"
     description = "Qwen2-VL and Qwen2.5-VL (projector, LLM and decode stages)"
-
-    def matches(self, model: nn.Module) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPES
+    model_types = frozenset(MODEL_TYPES)
 
     def build(self, model: nn.Module) -> ModelAdapter:
         config = model.config
