@@ -88,7 +88,7 @@ def run_layers(model: LlavaForConditionalGeneration, layers: range, hidden: Tens
 
     Returns the hidden states and the attention probabilities [1, H, n, n] of the last layer run.
     """
-    lm = model.model.language_model
+    lm = model.get_decoder()  # LLaVA's language_model; Idefics3's text_model (fastv_idefics3.py)
     cos_sin = lm.rotary_emb(hidden, position_ids=positions[None])
     mask = _causal_mask(valid, hidden.dtype)
     seen: list[Tensor] = []  # attention probabilities, one per layer run (eager attention returns them)
@@ -105,7 +105,7 @@ def run_layers(model: LlavaForConditionalGeneration, layers: range, hidden: Tens
 def _fastv_row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, image: Tensor, layer: int,
                keep: int | float, max_new_tokens: int, rows: str = "last") -> tuple[Tensor, Tensor]:
     """FastV greedy decoding of one row: embeds [L, D], valid and image [L] booleans."""
-    lm = model.model.language_model
+    lm = model.get_decoder()  # LLaVA's language_model; Idefics3's text_model (fastv_idefics3.py)
     length, device = embeds.shape[0], embeds.device
     if not bool(valid[-1]):
         raise ValueError("only left padding is supported: the last prompt token must not be padding")
@@ -146,7 +146,7 @@ def fastv_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, atte
     of `input_ids` (padding included), ascending.
     """
     ref = eager_copy(model)
-    n_layers = len(ref.model.language_model.layers)
+    n_layers = len(ref.get_decoder().layers)
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} outside 0..{n_layers - 1}")
     embeds, _ = prompt_embeddings(ref, input_ids, pixel_values)
