@@ -9,6 +9,7 @@ and `split(inputs, row)`: that row alone, without its padding, with its own imag
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +62,21 @@ def assert_batch_equals_single_runs(model: torch.nn.Module, policy: str, params:
     return kept
 
 
+def assert_saved_directory_compiles(model: torch.nn.Module, directory: Path) -> None:
+    """`policyc compile DIR fastv -o OUT` on `model` saved to `directory`: exit 0, the compile report printed and
+    written (its calibration inputs are the family's `sample_inputs`)."""
+    from click.testing import CliRunner
+
+    from policyc.cli import main
+
+    model.save_pretrained(directory / "model")
+    out = directory / "out"
+    result = CliRunner().invoke(main, ["compile", str(directory / "model"), "fastv", "-o", str(out),
+                                       "--param", "layer=1"])
+    assert result.exit_code == 0, result.output
+    assert "tokens kept per stage" in result.output and (out / "report.json").is_file()
+
+
 # The LLM-side standard library every family runs, with parameters that act on tiny inputs (16-24 image tokens)
 # and 32-layer LLMs (PyramidDrop's layers 7, 15, 23 exist); True: prefill drops tokens.
 LLM_POLICIES: list[tuple[str, dict[str, Any], bool]] = [
@@ -72,4 +88,5 @@ LLM_POLICIES: list[tuple[str, dict[str, Any], bool]] = [
     ("pyramiddrop_snapkv", {}, True),
 ]
 
-__all__ = ["LLM_POLICIES", "assert_batch_equals_single_runs", "assert_identity_is_bit_exact", "greedy"]
+__all__ = ["LLM_POLICIES", "assert_batch_equals_single_runs", "assert_identity_is_bit_exact",
+           "assert_saved_directory_compiles", "greedy"]

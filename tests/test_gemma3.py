@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_identity_is_bit_exact
+from family_checks import (
+    LLM_POLICIES,
+    assert_batch_equals_single_runs,
+    assert_identity_is_bit_exact,
+    assert_saved_directory_compiles,
+)
 from reference.fastv_gemma3 import fastv_gemma3_generate, gemma3_allowed
 from tiny_gemma3 import GEMMA_IMAGE_ID, IMAGE_TOKENS, WINDOW, make_gemma3_inputs, single_gemma3, tiny_gemma3
 
@@ -194,12 +199,4 @@ def test_the_compile_report_measures_gemma3() -> None:
 
 
 def test_a_saved_gemma3_directory_compiles_from_the_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from click.testing import CliRunner
-
-    from policyc.cli import main
-
-    tiny_gemma3().save_pretrained(tmp_path / "gemma3")
-    result = CliRunner().invoke(main, ["compile", str(tmp_path / "gemma3"), "fastv", "-o", str(tmp_path / "out"),
-                                      "--param", "layer=1"])
-    assert result.exit_code == 0, result.output
-    assert "tokens kept per stage" in result.output and (tmp_path / "out" / "report.json").is_file()
+    assert_saved_directory_compiles(tiny_gemma3(), tmp_path)

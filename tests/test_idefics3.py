@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_identity_is_bit_exact
+from family_checks import (
+    LLM_POLICIES,
+    assert_batch_equals_single_runs,
+    assert_identity_is_bit_exact,
+    assert_saved_directory_compiles,
+)
 from reference.fastv_idefics3 import fastv_idefics3_generate, row_embeddings
 from tiny_idefics3 import IMAGE_ID, TOKENS_PER_TILE, make_idefics3_inputs, single_row, tiny_idefics3
 
@@ -154,13 +159,5 @@ def test_the_compile_report_counts_tiles() -> None:
 
 
 def test_a_saved_directory_compiles_from_the_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from click.testing import CliRunner
-
-    from policyc.cli import main
-
     for smolvlm, name in CLASSES.items():
-        saved, out = tmp_path / name, tmp_path / f"{name}-out"
-        tiny_idefics3(smolvlm=smolvlm).save_pretrained(saved)
-        result = CliRunner().invoke(main, ["compile", str(saved), "fastv", "-o", str(out), "--param", "layer=1"])
-        assert result.exit_code == 0, result.output
-        assert "tokens kept per stage" in result.output and (out / "report.json").is_file()
+        assert_saved_directory_compiles(tiny_idefics3(smolvlm=smolvlm), tmp_path / name)

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_identity_is_bit_exact
+from family_checks import (
+    LLM_POLICIES,
+    assert_batch_equals_single_runs,
+    assert_identity_is_bit_exact,
+    assert_saved_directory_compiles,
+)
 from reference.fastv import fastv_generate
 from tiny_internvl import INTERNVL_IMAGE_ID, TILE_TOKENS, make_internvl_inputs, single_internvl, tiny_internvl
 
@@ -99,12 +104,4 @@ def test_the_compile_report_measures_internvl() -> None:
 
 
 def test_a_saved_internvl_directory_compiles_from_the_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from click.testing import CliRunner
-
-    from policyc.cli import main
-
-    tiny_internvl().save_pretrained(tmp_path / "internvl")
-    result = CliRunner().invoke(main, ["compile", str(tmp_path / "internvl"), "fastv", "-o", str(tmp_path / "out"),
-                                      "--param", "layer=1"])
-    assert result.exit_code == 0, result.output
-    assert "tokens kept per stage" in result.output and (tmp_path / "out" / "report.json").is_file()
+    assert_saved_directory_compiles(tiny_internvl(), tmp_path)

@@ -10,7 +10,12 @@ import copy
 import pytest
 import torch
 from click.testing import CliRunner
-from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_identity_is_bit_exact
+from family_checks import (
+    LLM_POLICIES,
+    assert_batch_equals_single_runs,
+    assert_identity_is_bit_exact,
+    assert_saved_directory_compiles,
+)
 from PIL import Image
 from reference.fastv_anyres import fastv_anyres_generate
 from tiny_llava_next import (
@@ -191,11 +196,7 @@ def test_the_compile_report_measures_anyres(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_saved_directory_compiles_from_the_command_line(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    tiny_anyres(family).save_pretrained(tmp_path / family)
-    result = CliRunner().invoke(main, ["compile", str(tmp_path / family), "fastv", "-o", str(tmp_path / "out"),
-                                      "--param", "layer=1"])
-    assert result.exit_code == 0, result.output
-    assert "tokens kept per stage" in result.output and (tmp_path / "out" / "report.json").is_file()
+    assert_saved_directory_compiles(tiny_anyres(family), tmp_path)
 
 
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_identity_is_bit_exact
+from family_checks import (
+    LLM_POLICIES,
+    assert_batch_equals_single_runs,
+    assert_identity_is_bit_exact,
+    assert_saved_directory_compiles,
+)
 from reference.divprune import divprune_keep
 from reference.fastv_mrope import fastv_mrope_generate, mrope_positions, projector_mrope_generate
 from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, tiny_qwen2_vl
@@ -196,15 +201,7 @@ def test_the_compile_report_measures_qwen(tmp_path) -> None:  # type: ignore[no-
 
 
 def test_a_saved_qwen_directory_compiles_from_the_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from click.testing import CliRunner
-
-    from policyc.cli import main
-
-    tiny_qwen2_vl().save_pretrained(tmp_path / "qwen")
-    result = CliRunner().invoke(main, ["compile", str(tmp_path / "qwen"), "fastv", "-o", str(tmp_path / "out"),
-                                      "--param", "layer=1"])
-    assert result.exit_code == 0, result.output
-    assert "tokens kept per stage" in result.output and (tmp_path / "out" / "report.json").is_file()
+    assert_saved_directory_compiles(tiny_qwen2_vl(), tmp_path)
 
 
 def test_kept_token_pictures_render(tmp_path) -> None:  # type: ignore[no-untyped-def]
