@@ -40,6 +40,15 @@ def _single(inputs: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor
             "image_grid_thw": inputs["image_grid_thw"][row * images:(row + 1) * images]}
 
 
+def _assert_kept_image_tokens(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                              expected: list[torch.Tensor]) -> None:
+    """Each row's image tokens alive after prefill are the reference's, [n] indices into that row."""
+    image = inputs["input_ids"] == QWEN_IMAGE_ID
+    for row, expected_row in enumerate(expected):
+        kept = model.policyc.kept_positions[row]
+        assert torch.equal(kept[image[row, kept]], expected_row)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_the_adapter_finds_the_parts(version: str) -> None:
     model = tiny_qwen2_vl(version=version)
@@ -92,10 +101,7 @@ def test_fastv_equals_the_mrope_reference(version: str, seed: int, layer: int, k
     text = f"policy f {{ stage llm.layer[{layer}] {{ keep top {keep} of vision by attention(last -> vision) }} }}"
     policyc.compile(model, check_source(text)[0])
     tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-    image = inputs["input_ids"] == QWEN_IMAGE_ID
-    for row in range(batch):
-        kept = model.policyc.kept_positions[row]
-        assert torch.equal(kept[image[row, kept]], expected_kept[row])
+    _assert_kept_image_tokens(model, inputs, expected_kept)
     assert torch.equal(tokens, expected_tokens)
 
 
@@ -141,10 +147,7 @@ def test_divprune_equals_the_mrope_reference(version: str, seed: int, ratio: int
         model, inputs, lambda f: divprune_keep(f[None], int(f.shape[0] * ratio / 100))[0], max_new_tokens=5)
     policyc.compile(model, "divprune", ratio=f"{ratio}%")
     tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-    image = inputs["input_ids"] == QWEN_IMAGE_ID
-    for row in range(batch):
-        kept = model.policyc.kept_positions[row]
-        assert torch.equal(kept[image[row, kept]], expected_kept[row])
+    _assert_kept_image_tokens(model, inputs, expected_kept)
     assert torch.equal(tokens, expected_tokens)
 
 
