@@ -348,15 +348,16 @@ class ImageStages:
             tokens, state = self._slots
             tokens = replace(tokens, hidden=output)
         self._slots = None
-        output, self.kept, self.protected = self._project(tokens, state, projector, output)
+        output, self.kept, self.protected = self._project(self.slot_space, tokens, state, projector, output)
         return output
 
-    def _project(self, tokens: Tokens, state: PrefillState, projector: dict[str, object], output: torch.Tensor,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the `projector.output` stages on the projected image tokens `output` [I, N, D]: the features with
-        merges folded in, [I, N, D], and which slots reach the LLM and which a stage protected, [I, N] bool."""
+    def _project(self, space: Space, tokens: Tokens, state: PrefillState, projector: dict[str, object],
+                 output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the `projector.output` stages, in `space`, on the projected image tokens `output` [I, N, D]: the
+        features with merges folded in, [I, N, D], and which slots reach the LLM and which a stage protected,
+        [I, N] bool."""
         for stage in self.projector_output:
-            evaluator = self.slot_space.evaluator(state, stage, None, tokens.hidden, 0, **projector)
+            evaluator = space.evaluator(state, stage, None, tokens.hidden, 0, **projector)
             tokens, alive, _, _ = run_statements(stage, evaluator, tokens)
             state.valid = alive & state.valid
         alive_rows = state.valid.gather(1, tokens.origin)
@@ -379,8 +380,7 @@ class ImageStages:
         width = padded.shape[1]
         positions = torch.arange(width, device=padded.device)
         space = Space(positions >= 0, positions, positions < 0, None)  # no grid common to every image
-        self.slot_space = space
-        output_padded, kept, protected = self._project(Tokens.start(padded), space.state(len(sizes), valid), {},
+        output_padded, kept, protected = self._project(space, Tokens.start(padded), space.state(len(sizes), valid), {},
                                                        padded)
         output.pooler_output = output_padded[valid]  # type: ignore[attr-defined]
         self.kept, self.protected = kept[valid], protected[valid]
