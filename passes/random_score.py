@@ -1,6 +1,8 @@
 """`random(seed=s)`: uniform random scores; ranking by them is random pruning, a strong baseline.
 
-One `torch.Generator` seeded with `seed + layer` draws `rand(B, L)` over the prompt's positions.
+Each sample draws its own numbers from a fresh `torch.Generator` seeded with `seed + layer`: `rand(n)` over its
+n non-padding positions, in order. A sample therefore scores the same wherever it sits in a batch and whatever
+its padding (issue 9: same input, same kept tokens); two samples of the same length draw the same numbers.
 """
 
 from __future__ import annotations
@@ -24,5 +26,9 @@ class RandomScore(SignalOp):
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         seed = self.option(call, "seed", ctx)
         base = int(seed.value) if isinstance(seed, ir.Number) else 0
-        generator = torch.Generator(device="cpu").manual_seed(base + ctx.seed_offset)
-        return torch.rand(ctx.state.image.shape, generator=generator).to(ctx.state.image.device)
+        valid = ctx.state.valid.cpu()
+        scores = torch.zeros(valid.shape)
+        for row, row_valid in enumerate(valid):
+            generator = torch.Generator(device="cpu").manual_seed(base + ctx.seed_offset)
+            scores[row, row_valid] = torch.rand(int(row_valid.sum()), generator=generator)
+        return scores.to(ctx.state.image.device)

@@ -115,13 +115,12 @@ def test_half_drops_change_the_output_for_some_seed() -> None:
 
 
 def test_random_drop_follows_its_random_number_convention() -> None:
-    """One generator seeded with `seed`; one torch.rand(n_image) per image in batch order; top share kept."""
+    """A fresh generator seeded with `seed` per image draws torch.rand(n_image); the top share is kept."""
     model = tiny_llava_clip()
     inputs = make_inputs(model, batch=3, pad_left=[0, 2, 1])
     _, kept = random_drop_generate(model, **inputs, fraction=0.5, seed=7, max_new_tokens=0)
-    generator = torch.Generator().manual_seed(7)
     for b in range(3):
-        draws = torch.rand(16, generator=generator)
+        draws = torch.rand(16, generator=torch.Generator().manual_seed(7))
         expected = torch.sort(image_positions(inputs, b)[torch.topk(draws, 8).indices]).values
         assert torch.equal(kept[b], expected)
         assert torch.all(kept[b][1:] > kept[b][:-1])

@@ -1,9 +1,9 @@
 """Random image-token pruning before the LLM: the baseline every method is compared against.
 
 Exact semantics of this reference:
-- Random numbers: ONE `torch.Generator()` (CPU) per call, seeded with `manual_seed(seed)`. For every image,
-  in batch order (row 0's images left to right, then row 1's, ...), one `torch.rand(n_image, generator=g)`
-  scores that image's n_image tokens (the number of feature tokens the projector gave it).
+- Random numbers: for every image, a fresh `torch.Generator()` (CPU) seeded with `manual_seed(seed)` draws
+  one `torch.rand(n_image, generator=g)` scoring that image's n_image tokens (the number of feature tokens the
+  projector gave it). An image's numbers depend on nothing else in the batch.
 - Keep: the top `int(n_image * fraction)` tokens of each image by that score (truncation), ties to the lower
   index (stable descending sort), returned sorted by position. Text tokens are all kept.
 - The dropped image tokens are removed entirely before the LLM: the LLM sees a shorter prompt whose position
@@ -28,7 +28,6 @@ def random_keep(input_ids: Tensor, image_token_id: int, image_sizes: list[int], 
     """Per row, the kept image-token indices into that row, following the random-number convention above."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction {fraction} outside [0, 1]")
-    generator = torch.Generator().manual_seed(seed)
     sizes = iter(image_sizes)
     kept = []
     for row in input_ids:
@@ -37,7 +36,7 @@ def random_keep(input_ids: Tensor, image_token_id: int, image_sizes: list[int], 
         while start < len(image_idx):
             n_image = next(sizes)
             chunk = image_idx[start:start + n_image]
-            scores = torch.rand(n_image, generator=generator)
+            scores = torch.rand(n_image, generator=torch.Generator().manual_seed(seed))
             parts.append(chunk[top_indices(scores, int(n_image * fraction)).to(chunk.device)])
             start += n_image
         kept.append(torch.cat(parts) if parts else image_idx)

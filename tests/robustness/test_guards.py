@@ -86,3 +86,35 @@ def test_kept_tokens_do_not_depend_on_the_batch_position() -> None:
     finally:
         compiled.remove()
     assert torch.equal(second, first[order])
+
+
+RANDOM_IN_LLM = "policy r {\n  stage llm.layer[1] {\n    keep top 25% of vision by random(seed=4)\n  }\n}\n"
+
+
+def test_random_pruning_keeps_the_same_tokens_whatever_the_batch_position_and_padding() -> None:
+    model = tiny_llava_clip()
+    inputs = make_inputs(model, batch=3, pad_left=[2, 0, 1], seed=6)
+    compiled = compile_model(model, check_source(RANDOM_IN_LLM, "r.tokpol")[0])
+
+    def kept_image_offsets(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+        with torch.no_grad():
+            model(**batch)
+        kept = compiled.runtime.kept_at_layer[2]
+        offsets = []
+        for row, ids in zip(kept, batch["input_ids"], strict=True):
+            image = (ids == model.config.image_token_id).nonzero().flatten()
+            offsets.append([int(p) - int(image[0]) for p in row if int(p) in set(image.tolist())])
+        return offsets
+
+    try:
+        batched = kept_image_offsets(inputs)
+        alone = []
+        for b in range(3):
+            real = inputs["attention_mask"][b].bool()
+            alone += kept_image_offsets({"input_ids": inputs["input_ids"][b, real][None],
+                                         "attention_mask": inputs["attention_mask"][b, real][None],
+                                         "pixel_values": inputs["pixel_values"][b:b + 1]})
+    finally:
+        compiled.remove()
+    image_tokens = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    assert batched == alone and all(len(row) == int(0.25 * image_tokens) for row in batched)
