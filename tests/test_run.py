@@ -73,6 +73,13 @@ def test_run_with_no_arguments_answers_the_example_question() -> None:
     assert "output (2 tokens): 'green'" in out
 
 
+def test_run_with_an_empty_question() -> None:
+    """An empty prompt leaves no text after the image: FastV's last-row signal still ranks, and it generates."""
+    code, out, err = invoke("run", "fastv", "--prompt", "", "--max-new-tokens", "2")
+    assert code == 0, err
+    assert " 72   " in next(x for x in out.splitlines() if "llm.layer[layer]" in x)  # the default 50% of 144
+
+
 def test_run_fastv_on_the_default_model() -> None:
     code, out, err = invoke("run", "fastv", "--param", "ratio=25%")
     assert code == 0, err

@@ -41,10 +41,13 @@ def _llava(vision: Any, seed: int, num_llm_layers: int, strategy: str,
 
 
 def tiny_llava_clip(seed: int = 0, num_vision_layers: int = 3, num_llm_layers: int = 4, *,
-                    strategy: str = "default", feature_layer: int = -2) -> LlavaForConditionalGeneration:
-    """LLaVA with a CLIP tower (hidden 32, 4 heads, 16 patches + CLS); "default" drops CLS: 16 image tokens."""
+                    strategy: str = "default", feature_layer: int = -2,
+                    image_size: int = 32) -> LlavaForConditionalGeneration:
+    """LLaVA with a CLIP tower (hidden 32, 4 heads, 16 patches + CLS); "default" drops CLS: 16 image tokens.
+    `image_size=8` gives one patch: a single image token."""
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                              num_hidden_layers=num_vision_layers, image_size=32, patch_size=8, projection_dim=32)
+                              num_hidden_layers=num_vision_layers, image_size=image_size, patch_size=8,
+                              projection_dim=32)
     return _llava(vision, seed, num_llm_layers, strategy, feature_layer)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import IMAGE_TOKEN_ID, make_inputs, tiny_llava_clip
 
-from policyc.lang import check_source
+from policyc.lang import check_source, check_stdlib
 from policyc.runtime import compile_model
 
 
@@ -127,5 +127,31 @@ def test_images_of_different_sizes_in_one_batch() -> None:
 
     try:
         assert_rows_equal_single_runs(scored, inputs, scored(inputs), 4)
+    finally:
+        compiled.remove()
+
+
+@pytest.fixture(scope="module")
+def one_token_model() -> torch.nn.Module:
+    """A LLaVA whose image is one 8x8 patch: every image is a single image token (24 encoder layers, 32 LLM
+    layers, so every standard-library policy's layers exist)."""
+    return tiny_llava_clip(num_vision_layers=24, num_llm_layers=32, image_size=8)
+
+
+@pytest.mark.parametrize("name", sorted(check_stdlib()))
+def test_every_stdlib_policy_runs_on_a_single_image_token(one_token_model: torch.nn.Module, name: str) -> None:
+    """One image token: share-based budgets truncate to int(share x 1) = 0 kept tokens (as the papers' codes
+    do), count budgets keep it; either way generation runs and every text token reaches the LLM."""
+    model = one_token_model
+    inputs = make_inputs(model, batch=2, pad_left=2)
+    image = inputs["input_ids"] == IMAGE_TOKEN_ID
+    assert image.sum(dim=1).tolist() == [1, 1]
+    compiled = compile_model(model, check_stdlib()[name])
+    try:
+        assert greedy(model, inputs, 3).shape == (2, 3)
+        kept = compiled.kept_positions
+        for row in range(2):
+            assert bool(torch.isin((~image[row]).nonzero().flatten(), kept[row]).all())
+            assert int(image[row, kept[row]].sum()) <= 1
     finally:
         compiled.remove()
