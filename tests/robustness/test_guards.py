@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import make_inputs, tiny_llava_clip
+from tiny_models import make_inputs, make_qwen_inputs, tiny_llava_clip, tiny_qwen2_vl
 
 import policyc.runtime.llm as llm_runtime
 from policyc.lang import check_source
@@ -26,14 +26,16 @@ def compiled_fastv(model: torch.nn.Module):  # type: ignore[no-untyped-def]
     return compile_model(model, check_source(FASTV, "guarded.tokpol")[0])
 
 
-def test_nan_scores_raise_naming_the_layer_and_the_policy_line() -> None:
-    model = tiny_llava_clip()
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_nan_scores_raise_naming_the_layer_and_the_policy_line(family: str) -> None:
+    model = tiny_llava_clip() if family == "llava" else tiny_qwen2_vl()
+    inputs = make_inputs(model) if family == "llava" else make_qwen_inputs()
     with torch.no_grad():
         model.model.language_model.layers[1].self_attn.k_proj.weight.fill_(float("nan"))
     compiled = compiled_fastv(model)
     try:
         with pytest.raises(GuardError) as error:
-            model.generate(**make_inputs(model), max_new_tokens=2, do_sample=False)
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
     finally:
         compiled.remove()
     text = str(error.value)
