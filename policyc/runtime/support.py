@@ -134,8 +134,8 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
             return
         if isinstance(statement, ir.Cache) and statement.method == "mixed_precision":
             raise PolicyError.at("cache mixed_precision (ZipVL v1) is not implemented by policyc's runtime yet: it "
-                                 "needs caches that store the low-precision tokens really quantized (b-bit codes "
-                                 "with per-token scales), which transformers' dynamic cache layers do not hold",
+                                 "needs a cache layer that stores the unimportant tokens as b-bit codes with "
+                                 "per-token scales, so that memory really shrinks, and policyc has none yet",
                                  statement.span, "cache importance(mass=..., every=...) is ZipVL v2: it evicts the "
                                  "tokens outside the mass set instead of quantizing them")
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
