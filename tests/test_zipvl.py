@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from policyc.passes.mass import mass_counts, mass_keep
 from reference.zipvl import Row, mass_count, zipvl_generate
 from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip
 
 from policyc.errors import PolicyError
 from policyc.lang import check_source, ir
-from policyc.passes.mass import mass_counts, mass_keep
 from policyc.runtime import compile_model
 from policyc.runtime.cache import SlotLayer
 
