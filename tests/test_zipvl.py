@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from policyc.passes.mass import mass_counts, mass_keep
+from reference.fastervlm import cls_attention_rows, top_patches
 from reference.zipvl import Row, mass_count, zipvl_generate
 from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip
 
@@ -148,5 +149,38 @@ def test_mass_needs_a_score_it_can_rank() -> None:
     try:
         with pytest.raises(PolicyError, match="non-negative"), torch.no_grad():
             model(**make_inputs(model))
+    finally:
+        compiled.remove()
+
+
+@pytest.mark.parametrize(("seed", "tau"), [(0, 0.5), (1, 0.5), (3, 0.7)])
+def test_mass_before_the_llm_keeps_each_images_own_count(seed: int, tau: float) -> None:
+    """`top mass(tau)` in an encoder stage, by FasterVLM's CLS attention (tests/reference/fastervlm.py) to the
+    fourth power (sharper than the tiny models' near-uniform attention): each image keeps the count the
+    reference mass rule gives its own scores, and here the two images' counts differ."""
+    model = tiny_llava_clip(seed=seed)
+    inputs = make_inputs(model, batch=2, seed=seed)
+    expected, counts = [], []
+    with torch.no_grad():
+        for image in inputs["pixel_values"]:
+            attention = cls_attention_rows(model, image)[1][-1]
+            score = attention * attention * attention * attention
+            counts.append(mass_count(score.tolist(), tau))
+            chosen = top_patches(score, counts[-1])
+            expected.append([i in chosen for i in range(len(score))])
+    assert counts[0] != counts[1]
+    source = f"""policy p {{
+  stage encoder.layer[-2] {{
+    score a = attention(cls -> vision)
+    keep top mass({tau}) of vision by a * a * a * a
+  }}
+}}"""
+    compiled = compile_model(model, check_source(source, "p.tokpol")[0])
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        assert compiled.runtime.image_slots[0].tolist() == expected
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
     finally:
         compiled.remove()

@@ -19,7 +19,8 @@ _SETS = {"llm": {"cls"}, "encoder": {"raters", "dropped"}, "projector": {"raters
 # policyc/runtime/llm.py `merge_rows`: nearest with combine=add_mean by keys (VisionDrop); cluster (SparseVLM)
 _LLM_MERGES = {"nearest": {"combine"}, "cluster": {"clusters", "knn", "share", "rank"}}
 _LLM_ONLY_MERGES = {"cluster"}
-_PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy"}  # vision_evaluate.py
+# vision_evaluate.py; mass: `top` ranks by its score (passes/mass.py)
+_PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy", "mass"}
 
 
 def check_supported(plan: Plan, backend: str = "eager") -> None:
@@ -105,7 +106,7 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
-                          "the schedules geometric, linear, cosine and [lists], and top with mass()) and grid, "
+                          "the schedules geometric, linear, cosine and [lists]; top also with mass()) and grid, "
                           "diverse, cover (before the LLM), the merges "
                           f"{', '.join(sorted(set(MERGE_OPS) - _LLM_ONLY_MERGES))} (before the LLM; "
                           "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
@@ -204,14 +205,14 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                                  "filter drops stopwords and LLaVA's suffix prompts from the question's text, which "
                                  "the runtime does not have", expr.span,
                                  "words=prompt covers the LLM input embeddings of every text token after the image")
+        case ir.Select(selector=selector, amount=ir.Call(fn="mass") as amount) if selector != "top":
+            raise _not_yet(f"mass() with the `{selector}` selector (mass ranks by a score: use top)", amount)
         case ir.Select(amount=ir.Call(fn=fn)) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
             pass
         case ir.Select(amount=ir.ListExpr() | ir.Call() as amount) if kind != "llm":
             raise _not_yet("a schedule amount before the LLM", amount)
         case ir.Select(amount=ir.Call(fn=fn) as amount) if fn not in _SCHEDULES:
             raise _not_yet(f"the amount {fn}()", amount)
-        case ir.Select(selector=selector, amount=ir.Call(fn="mass") as amount) if selector != "top":
-            raise _not_yet(f"mass() with the `{selector}` selector (mass ranks by a score: use top)", amount)
         case ir.Call(fn=fn) if fn in _SCHEDULES:
             return  # an LLM stage's schedule amount (the case above rejects the others)
         case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "projector" and fn in _RECORDED:
