@@ -6,6 +6,7 @@ Shipped as `policyc.passes`. Importing this package registers every operator in 
 from policyc.passes import (  # noqa: F401  (registration)
     attention,
     cache_heavy_hitter,
+    cache_importance,
     cache_regather,
     cache_sink_window,
     cache_snapkv,

@@ -10,6 +10,10 @@ In encoder stages `layer=k` reads an earlier encoder layer (at or before the sta
 sums the scores of several (VTC-CLS arXiv:2412.05819): each layer's attention is as that layer computed
 it, over the rows it ran on, with the query set as it is at the stage. `space=values` scores with the
 layer's attention values instead, softmax(v_q . v_k) unscaled (FlowCut's semantic score, arXiv:2505.19536).
+
+`correct=causal` divides each key's summed attention by the number of query rows that can see it, instead of
+by all the rows (`queries=mean`) or not at all (`queries=sum`): causal attention lets early keys collect mass
+from more rows (ZipVL's normalized attention score, arXiv:2410.08584 Eq. 7; kvpress does the same).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ _HEADS = {"mean": lambda x: x.mean(1), "sum": lambda x: x.sum(1), "max": lambda 
 @register_signal
 class Attention(SignalOp):
     name = "attention"
-    options = frozenset({"heads", "queries", "layer", "layers", "space"})
+    options = frozenset({"heads", "queries", "layer", "layers", "space", "correct"})
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         flow = call.args[0] if call.args else None
@@ -102,12 +106,17 @@ class Attention(SignalOp):
         per_row = _HEADS[heads.id if isinstance(heads, ir.Name) else "mean"](probabilities)  # [B, Q, R]
         queries = self.option(call, "queries", ctx)
         reduce = queries.id if isinstance(queries, ir.Name) else "mean"
+        correct = self.option(call, "correct", ctx)
+        causal = isinstance(correct, ir.Name) and correct.id == "causal"
         padding = ~real_row[:, :, None]  # masked explicitly (not nan-skipping reductions: a model NaN must show)
         if reduce == "max":
             per_key = per_row.masked_fill(padding, float("-inf")).amax(1) if width else per_row.sum(1)
         else:
             per_key = per_row.masked_fill(padding, 0.0).sum(1)
-            if reduce == "mean":
+            if causal:  # ZipVL's normalized score: the mean over the rows that can see each key
+                seen_by = visible.sum(1)  # [B, R]
+                per_key = (per_key / seen_by.clamp(min=1).to(per_key.dtype)).masked_fill(seen_by == 0, 0.0)
+            elif reduce == "mean":
                 per_key = per_key / count.clamp(min=1)[:, None].to(per_key.dtype)
         per_key = per_key.masked_fill((count == 0)[:, None], 0.0)  # no query row (e.g. no text): no attention
         return torch.zeros(ctx.state.image.shape, dtype=per_key.dtype, device=per_key.device).scatter(1, origin,

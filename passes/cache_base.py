@@ -33,6 +33,10 @@ class Slots:
     scores: torch.Tensor | None  # [B, Hkv, n] float: accumulated attention or window votes, per key/value head
     prompt_size: torch.Tensor  # [B] long: real prompt tokens this layer cached in prefill (percent budgets)
     after_prefill: bool  # True for the call right after prefill, False after a decode step
+    generated: int = 0  # generated tokens the sequence holds (the cache's tokens past the prompt, evicted or not)
+    # [B, H, n] float: the newest decode query's attention logits (q . k * scale) per query head over the slots,
+    # -inf where its mask blocks a slot (operators with `scores = "newest"`; None right after prefill)
+    newest: torch.Tensor | None = None
 
     @property
     def candidates(self) -> torch.Tensor:
@@ -44,7 +48,8 @@ class CacheOp(ABC):
     """A decode-time KV-cache policy. Options are literals (parameters resolved, defaults filled)."""
 
     name: ClassVar[str]  # the catalog name (policyc.catalog.caches)
-    scores: ClassVar[Literal["none", "accumulated", "window"]] = "none"  # what `Slots.scores` holds
+    # what `Slots.scores` holds; "newest": none, but `Slots.newest` holds the newest decode query's logits
+    scores: ClassVar[Literal["none", "accumulated", "window", "newest"]] = "none"
     every_step: ClassVar[bool] = False  # also called after each decode step (not only after prefill)
     all_layers: ClassVar[bool] = True  # every decoder layer; False: the layers from the first prefill stage on
     relative_positions: ClassVar[bool] = False  # after an eviction, keys are re-rotated to their cache index

@@ -1,4 +1,5 @@
-"""`top AMOUNT of SET by SCORE`: the highest-scoring tokens; ties go to the earlier position."""
+"""`top AMOUNT of SET by SCORE`: the highest-scoring tokens; ties go to the earlier position. With `mass(tau)`
+as the amount each sample keeps the fewest tokens holding `tau` of the score mass (ZipVL; passes/mass.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from policyc.passes.base import selected_first
+from policyc.passes.mass import mass_counts, mass_tau
 from policyc.passes.selectors import SelectorOp, ranked, register_selector
 
 from policyc.errors import PolicyError
@@ -23,7 +25,11 @@ class Top(SelectorOp):
         if node.by is None:
             raise PolicyError.at("top needs `by SCORE`", node.span)
         score = ctx.score(node.by)
-        counts = ctx.counts(node.amount, candidates.sum(1))
+        tau = mass_tau(node.amount, ctx.literal)
+        if tau is None:
+            counts = ctx.counts(node.amount, candidates.sum(1))
+        else:  # per sample: the fewest candidates holding tau of their score mass
+            counts = mass_counts(score, candidates, tau, node.amount.span)
         order = torch.sort(score.float(), dim=1, descending=True, stable=True).indices  # best first, ties earlier
         order = order.gather(1, selected_first(candidates.gather(1, order)))  # candidates first, still best first
         return ranked(order, counts) & candidates

@@ -35,9 +35,10 @@ CACHES.add(
                   Option("every", ("number",), "decode steps between recompressions", default="100", low=1,
                          integer=True)),
          stages=DECODE, paper="ZipVL arXiv:2410.08584"),
-    Spec("importance", "cache", "evict the tokens outside the set holding `mass` of the attention (ZipVL v2)",
+    Spec("importance", "cache", "every `every` generated tokens, keep of the last `every` cache entries those "
+         "holding `mass` of the newest query's attention over them and evict the rest (ZipVL v2)",
          options=(Option("mass", ("number",), "attention mass kept", default="0.975", low=0, high=1),
-                  Option("every", ("number",), "decode steps between re-evictions", default="100", low=1,
+                  Option("every", ("number",), "generated tokens between recompressions", default="100", low=1,
                          integer=True)),
          stages=DECODE, paper="ZipVL arXiv:2410.08584"),
 )

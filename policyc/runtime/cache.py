@@ -55,6 +55,7 @@ class SlotLayer(DynamicLayer):
         self.prompt_size = torch.zeros(keys.shape[0], dtype=torch.long, device=keys.device)
         self.next_position: torch.Tensor | None = None  # [B] once keys are renumbered (relative positions)
         self.incoming: torch.Tensor | None = None  # [B] rotary position of the token being added
+        self.newest: torch.Tensor | None = None  # [B, H, n] the newest decode query's logits (scores "newest")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +97,7 @@ class SlotLayer(DynamicLayer):
             self.scores = torch.gather(self.scores, -1, order)
         if self.rotary is not None:
             self.rotary = torch.gather(self.rotary, -1, order)
+        self.newest = None  # its columns were the slots before this selection
         self.identity = False
 
 
@@ -123,6 +125,14 @@ def _cache_of(kwargs: dict[str, object]) -> object:
 
 def _visible(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask == 0
+
+
+def newest_logits(query: torch.Tensor, key: torch.Tensor, scaling: float, visible: torch.Tensor) -> torch.Tensor:
+    """A decode query's attention logits per query head: query [B, H, 1, d], key [B, Hkv, n, d] (post-RoPE),
+    visible [B, 1 or H, 1, n] bool -> [B, H, n] float32, -inf where blocked (GQA: query heads share keys)."""
+    keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1).float()
+    logits = (query.float() @ keys.transpose(-1, -2) * scaling)[:, :, 0]
+    return logits.masked_fill(~visible[:, :, 0], float("-inf"))
 
 
 def attention_columns(query: torch.Tensor, key: torch.Tensor, scaling: float, visible: torch.Tensor) -> torch.Tensor:
@@ -201,9 +211,14 @@ class CacheRuntime:
     def _observer(self, index: int):  # type: ignore[no-untyped-def]
         def observe(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> None:
             if query.shape[2] > 1:
-                self.prefill_scores[index] = self._prefill_scores(index, query, key, scaling, mask)
+                if self.op.scores != "newest":
+                    self.prefill_scores[index] = self._prefill_scores(index, query, key, scaling, mask)
                 return
             layer = getattr(self._cache, "layers", [None] * (index + 1))[index]
+            if isinstance(layer, SlotLayer) and self.op.scores == "newest":
+                visible = _visible(mask) if mask is not None else torch.ones_like(
+                    layer.positions[:, :1, None, :], dtype=torch.bool)
+                layer.newest = newest_logits(query, key, scaling, visible[..., : key.shape[2]])
             if isinstance(layer, SlotLayer) and layer.scores is not None and self.op.scores == "accumulated":
                 visible = torch.ones_like(layer.positions[:, :1, None, :], dtype=torch.bool)
                 if mask is not None:
@@ -332,7 +347,7 @@ class CacheRuntime:
 
         real = (positions >= length) | lookup(state.valid)
         return Slots(positions, real, lookup(state.protected), (positions >= length) | lookup(state.alive()),
-                     layer.scores, layer.prompt_size, after_prefill)
+                     layer.scores, layer.prompt_size, after_prefill, layer.seen - length, layer.newest)
 
     def _evict(self, index: int, layer: SlotLayer, after_prefill: bool) -> None:
         slots = self._slots(layer, after_prefill)

@@ -10,7 +10,7 @@ from policyc.lang import ir
 from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
-_SCHEDULES = {"geometric", "linear", "cosine"}  # in LLM stages (and lists [300, 200, 110])
+_SCHEDULES = {"geometric", "linear", "cosine", "mass"}  # in LLM stages (and lists [300, 200, 110]); mass: `top` only
 _SELECTORS = {"llm": {"top", "stride"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 _RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
 _ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
@@ -19,7 +19,8 @@ _SETS = {"llm": {"cls"}, "encoder": {"raters", "dropped"}, "projector": {"raters
 # policyc/runtime/llm.py `merge_rows`: nearest with combine=add_mean by keys (VisionDrop); cluster (SparseVLM)
 _LLM_MERGES = {"nearest": {"combine"}, "cluster": {"clusters", "knn", "share", "rank"}}
 _LLM_ONLY_MERGES = {"cluster"}
-_PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy"}  # vision_evaluate.py
+# vision_evaluate.py; mass: `top` ranks by its score (passes/mass.py)
+_PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy", "mass"}
 
 
 def check_supported(plan: Plan, backend: str = "eager") -> None:
@@ -105,8 +106,9 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
-                          "the schedules geometric, linear, cosine and [lists]) and grid, diverse, cover (before the "
-                          f"LLM), the merges {', '.join(sorted(set(MERGE_OPS) - _LLM_ONLY_MERGES))} (before the LLM; "
+                          "the schedules geometric, linear, cosine and [lists]; top also with mass()) and grid, "
+                          "diverse, cover (before the LLM), the merges "
+                          f"{', '.join(sorted(set(MERGE_OPS) - _LLM_ONLY_MERGES))} (before the LLM; "
                           "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
                           f"the LLM), the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden (in "
                           "the LLM keys and keys(layer=next), and hidden for merge cluster), "
@@ -131,6 +133,12 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
                                  "heavy_hitter (H2O) or snapkv keep positions and run on this model")
         if isinstance(statement, ir.Cache) and (statement.method == "full" or statement.method in CACHE_OPS):
             return
+        if isinstance(statement, ir.Cache) and statement.method == "mixed_precision":
+            raise PolicyError.at("cache mixed_precision (ZipVL v1) is not implemented by policyc's runtime yet: it "
+                                 "needs a cache layer that stores the unimportant tokens as b-bit codes with "
+                                 "per-token scales, so that memory really shrinks, and policyc has none yet",
+                                 statement.span, "cache importance(mass=..., every=...) is ZipVL v2: it evicts the "
+                                 "tokens outside the mass set instead of quantizing them")
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
     match statement:
         case ir.Positions(mode="original" | "compact" | "cache_length"):
@@ -197,6 +205,8 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                                  "filter drops stopwords and LLaVA's suffix prompts from the question's text, which "
                                  "the runtime does not have", expr.span,
                                  "words=prompt covers the LLM input embeddings of every text token after the image")
+        case ir.Select(selector=selector, amount=ir.Call(fn="mass") as amount) if selector != "top":
+            raise _not_yet(f"mass() with the `{selector}` selector (mass ranks by a score: use top)", amount)
         case ir.Select(amount=ir.Call(fn=fn)) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
             pass
         case ir.Select(amount=ir.ListExpr() | ir.Call() as amount) if kind != "llm":
@@ -231,6 +241,8 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                     raise _not_yet(f"{fn} option '{kwarg.name}'", kwarg)
                 if kind == "encoder" and fn == "attention" and kwarg.name in ("layer", "layers", "space"):
                     continue  # checked against the model in policyc/runtime/vision_evaluate.py
+                if kwarg.name == "correct":
+                    _correct(call=expr, kwarg=kwarg, stage=stage)
                 if kwarg.name == "space" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "keys"):
                     raise _not_yet(f"{fn}(space=values) outside encoder stages", kwarg)
                 if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"
@@ -245,6 +257,20 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
     for child in expr.children():
         if not _choice_word(expr, child):  # e.g. space=values is a word, not the `values` features
             _expr(child, stage)  # type: ignore[arg-type]
+
+
+def _correct(call: ir.Call, kwarg: ir.KwArg, stage: BoundStage) -> None:
+    """`attention(correct=causal)` divides by the query rows that see each key: a mean or sum over rows."""
+    value = stage.values.get(kwarg.value.id, kwarg.value) if isinstance(kwarg.value, ir.Name) else kwarg.value
+    word = value.id if isinstance(value, ir.Name) else None
+    if word == "rope":
+        raise _not_yet("attention(correct=rope)", kwarg)
+    queries = next((k.value for k in call.kwargs if k.name == "queries"), None)
+    queries = stage.values.get(queries.id, queries) if isinstance(queries, ir.Name) else queries
+    if word == "causal" and isinstance(queries, ir.Name) and queries.id == "max":
+        raise PolicyError.at("attention(correct=causal) averages each key's attention over the query rows that "
+                             "can see it; it has no meaning with queries=max", kwarg.span,
+                             "drop queries=max (correct=causal replaces the mean or sum over rows)")
 
 
 def _keys(by: ir.Expr | None) -> bool:

@@ -1,0 +1,38 @@
+"""`cache importance(mass, every)`: ZipVL v2's decode-time eviction (He et al., arXiv:2410.08584; algorithms.md
+§12.4 step 7). There is no public code; this is our reading of the paper's description.
+
+The prompt's cache is what prefill left (ZipVL's prefill selection is the policy's `llm.layer[...]` stage).
+Every `every` generated tokens, each layer recompresses the last `every` entries, the generated tokens cached
+since the previous recompression: the newest query (the token that completes the window) scores them by its
+attention softmax(q . K[-every:]ᵀ * scale), the softmax over those entries only, per query head, then the mean
+over all query heads; the entries holding `mass` of that attention stay (at least one; ties to the earlier
+token; passes/mass.py) and the others are evicted. The decision is per token, the same in every key/value head
+(ZipVL's sparsity is token-level). Tokens keep their original positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from policyc.passes.cache_base import CacheOp, Slots, register_cache
+from policyc.passes.mass import mass_keep
+
+
+@register_cache
+class Importance(CacheOp):
+    name = "importance"
+    scores = "newest"
+    every_step = True
+
+    def keep(self, slots: Slots) -> torch.Tensor:
+        every = int(self.number("every"))
+        keep = torch.ones_like(slots.real)
+        if slots.after_prefill or slots.generated == 0 or slots.generated % every:
+            return keep
+        if slots.newest is None:
+            raise self.error("cache importance needs the newest query's attention, which was not observed")
+        newest = int(slots.positions.max())  # the token just cached
+        window = slots.positions[:, 0] > newest - every  # [B, n] the last `every` entries (every head holds them)
+        logits = slots.newest.masked_fill(~window[:, None], float("-inf"))  # [B, H, n]
+        attention = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)  # [B, n]
+        kept = mass_keep(attention, window, self.number("mass"), self.statement.span)
+        return (kept | ~window)[:, None, :].expand_as(keep)
