@@ -131,6 +131,8 @@ class ImageStages:
         self.kept: torch.Tensor | None = None
         self.protected: torch.Tensor | None = None
         self.encoder_rows: torch.Tensor | None = None  # [images, encoder layers]: real rows each layer ran on
+        self.merged_into: torch.Tensor | None = None  # unmerge families: [images, encoder tokens] long, per position
+        # the position whose token holds it after the encoder's merges (itself where it did not merge)
         self.run: VisionRun | None = None
         encoder = [s for s in plan.stages if s.kind == "encoder"]
         self.encoder_output = plan.at("encoder.output")
@@ -288,6 +290,7 @@ class ImageStages:
         if run is None:
             return output
         output["last_hidden_state"] = run.tokens.unmerged(output["last_hidden_state"])  # type: ignore[index]
+        self.merged_into = run.tokens.owner
         skipped = torch.zeros_like(run.state.valid[:, 0], dtype=torch.long)
         self.encoder_rows = torch.stack([run.rows.get(k, skipped) for k in range(len(adapter.vision_layers))], 1)
         self.run = None

@@ -138,20 +138,21 @@ def refuse_unmergeable(plan: Plan) -> None:
     hint = "merge in the encoder (e.g. tome), or drop after the connector: " + (
         "at projector.output (e.g. divprune) or in the LLM (e.g. fastv)" if adapter.projector_unsupported is None
         else "in the LLM (e.g. fastv)")
-    why = (f"{adapter.family}'s connector needs every patch of the encoder's grid, so encoder merges are undone at "
-           "the tower's output (each patch takes its merged token's value) and the encoder saves compute only")
+    why = (f"{adapter.family}'s connector needs every patch of the encoder's grid, so encoder stages may only merge, "
+           "inside encoder layers (merged tokens are unmerged at the tower's output, each patch taking its token's "
+           "value: the encoder saves compute, the LLM sees every token)")
     for stage in plan.stages:
         if stage.kind != "encoder":
             continue
         if stage.point == "encoder.output":
-            problems.append(PolicyError.at(f"{stage.label} is an encoder.output stage: {why}; a stage there would "
-                                           "only select what the connector reads", stage.span, hint))
+            problems.append(PolicyError.at(f"stage {stage.label} would choose what the connector reads, but {why}",
+                                           stage.span, hint))
             continue
         for statement in stage.statements:
             if isinstance(statement, ir.Keep | ir.Drop):
                 verb = "keep" if isinstance(statement, ir.Keep) else "drop"
-                problems.append(PolicyError.at(f"`{verb}` in encoder stage {stage.label} removes tokens the "
-                                               f"connector reads: {why}", statement.span, hint))
+                problems.append(PolicyError.at(f"`{verb}` in encoder stage {stage.label} removes tokens, but {why}",
+                                               statement.span, hint))
     if problems:
         raise PolicyError([d for p in problems for d in p.diagnostics])
 
