@@ -191,7 +191,8 @@ def test_tome_shrinks_the_encoders_flops_not_the_llms() -> None:
     ("visionzip", "has no CLS token"),
     ("policy p { stage encoder.layer[0] { keep top 10 of vision by key_norm } }",
      "removes tokens, but gemma3's connector needs every patch"),
-    ("policy p { stage encoder.output { merge bipartite(r=4) of vision by keys } }", "would choose what the connector reads"),
+    ("policy p { stage encoder.output { merge bipartite(r=4) of vision by keys } }",
+     "would choose what the connector reads"),
 ])
 def test_what_cannot_be_unmerged_fails_at_compile_time(policy: str, reason: str) -> None:
     with pytest.raises(PolicyError) as error:

@@ -189,8 +189,9 @@ class ImageStages:
             for stage in self.plan.at("encoder.layer.attention"):
                 if any(bodies[k] is None for k in stage.layers):
                     raise PolicyError.at(f"{stage.label} splits encoder layers between attention and MLP, but their "
-                                         "parts are not recognised (pre-norm layer_norm1, self_attn, layer_norm2, mlp; "
-                                         "or InternViT's layernorm_before, attention, layernorm_after, mlp)", stage.span)
+                                         "parts are not recognised (pre-norm layer_norm1, self_attn, layer_norm2, "
+                                         "mlp; or InternViT's layernorm_before, attention, layernorm_after, mlp)",
+                                         stage.span)
             for index, inner in enumerate(adapter.vision_layers):
                 adapter.vision_layers[index] = VisionLayer(inner, index, self, bodies[index] or LayerBody())
                 self._wrapped.append((index, inner))
