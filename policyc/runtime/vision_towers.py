@@ -122,12 +122,12 @@ class VisionLayer(nn.Module):
 
 def padding_keys(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """From the mask a tower gives its first layer ([I, 1, P, P]; bool: allowed, float: additive), the positions
-    no query may attend to ([I, P] bool: Idefics3's padded patches), or None when every position is a key."""
+    no query may attend to ([I, P] bool: Idefics3's padded patches); None without a mask. Later layers run on fewer
+    rows than the tower's mask has, so the runtime rebuilds it from these."""
     if mask is None:
         return None
     allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-    padded = ~allowed.any(1)
-    return padded if bool(padded.any()) else None
+    return ~allowed.any(1)
 
 
 def refuse_unmergeable(plan: Plan) -> None:

@@ -140,6 +140,17 @@ def with_tower_output(model: nn.Module, inputs: dict[str, Tensor], last_hidden_s
         handle.remove()
 
 
+def idefics3_encoder_images(inputs: dict[str, Tensor], patch: int) -> tuple[Tensor, Tensor]:
+    """The encoder images Idefics3/SmolVLM encode from processor inputs, in order ([I, 3, H, W]: all-zero padding
+    images left out), and their padded patches ([I, P] bool: no real pixel under the patch)."""
+    pixels, mask = inputs["pixel_values"], inputs["pixel_attention_mask"]
+    pixels, mask = pixels.flatten(0, 1), mask.flatten(0, 1)
+    real = (pixels != 0).flatten(1).any(1)
+    pixels, mask = pixels[real], mask[real]
+    patches = mask.unfold(1, patch, patch).unfold(2, patch, patch).sum((-1, -2)) > 0
+    return pixels, ~patches.flatten(1)
+
+
 def groups_of(owner: Tensor) -> list[list[list[int]]]:
     """Merged groups from [I, T] long (each position -> the position whose token holds it), as `tome_tower` gives
     them."""
@@ -152,4 +163,4 @@ def groups_of(owner: Tensor) -> list[list[list[int]]]:
     return result
 
 
-__all__ = ["groups_of", "tome_tower", "tower", "with_tower_output"]
+__all__ = ["groups_of", "idefics3_encoder_images", "tome_tower", "tower", "with_tower_output"]
