@@ -132,7 +132,9 @@ def padding_keys(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
 
 def refuse_unmergeable(plan: Plan) -> None:
     """On unmerge families, encoder statements whose result has no value at some patch (keep, drop, and stages at
-    `encoder.output`, which select what reaches the connector) fail at their statement."""
+    `encoder.output`, which select what reaches the connector) fail at their statement; so do what would carry
+    across the connector to later stages (protect, and sets or scores a later stage reads), which the connector's
+    folding of patches into tokens gives no meaning yet."""
     adapter = plan.adapter
     problems = []
     hint = "merge in the encoder (e.g. tome), or drop after the connector: " + (
@@ -153,6 +155,22 @@ def refuse_unmergeable(plan: Plan) -> None:
                 verb = "keep" if isinstance(statement, ir.Keep) else "drop"
                 problems.append(PolicyError.at(f"`{verb}` in encoder stage {stage.label} removes tokens, but {why}",
                                                statement.span, hint))
+            if isinstance(statement, ir.Protect):
+                problems.append(PolicyError.at(
+                    f"`protect` in encoder stage {stage.label} would carry across {adapter.family}'s connector, which "
+                    "folds several patches into each LLM token: not defined yet", statement.span,
+                    "protect tokens in the stage that drops them (at projector.output or in the LLM)"))
+    defined = {st.name for s in plan.stages if s.kind == "encoder" for st in s.statements
+               if isinstance(st, ir.Let | ir.ScoreDef)}
+    for stage in plan.stages:
+        if stage.kind == "encoder":
+            continue
+        for node in (n for st in stage.statements for n in st.walk()):
+            if isinstance(node, ir.Name) and node.id in defined:
+                problems.append(PolicyError.at(
+                    f"{node.id} is defined in an encoder stage, whose sets and scores do not cross "
+                    f"{adapter.family}'s connector (it folds several patches into each LLM token)", node.span,
+                    "define it in this stage"))
     if problems:
         raise PolicyError([d for p in problems for d in p.diagnostics])
 
