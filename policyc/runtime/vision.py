@@ -153,9 +153,11 @@ class ImageStages:
         self.recorded.discard(-1)
         self.value_layers = {k for s in encoder for k in s.layers if reads_values(s.statements)}
         device = next(adapter.vision_tower.parameters()).device
-        positions = torch.arange(adapter.vision_tokens, device=device)
         cls = int(adapter.has_cls)
-        self.encoder_space = Space(positions >= cls, positions - cls, positions < cls, adapter.patch_grid)
+        grid = adapter.patch_grid or adapter.encoder_grid  # anyres: every crop has the tower's own grid
+        tokens = torch.arange(grid[0] * grid[1] + cls if grid is not None else cls, device=device)
+        self.encoder_space = Space(tokens >= cls, tokens - cls, tokens < cls, grid)
+        positions = torch.arange(adapter.vision_tokens, device=device)
         slots = positions[adapter.feature_start:]
         self.slot_space = Space(slots >= cls, slots - cls, slots < cls, adapter.patch_grid)
         if adapter.tokens_per_image is not None and adapter.token_grid is None:  # tokens fold patches (tiles)
@@ -203,7 +205,9 @@ class ImageStages:
             on_output = self._on_unmerged_tower_output if self.unmerges else self._on_tower_output
             self._handles.append(adapter.vision_tower.register_forward_hook(on_output))
         if adapter.tokens_per_image is None:  # packed images of their own sizes (Qwen2-VL): at the tower's output
-            self._handles.append(adapter.vision_tower.register_forward_hook(self._on_packed_tower, with_kwargs=True))
+            if not self.unmerges:  # (anyres crops: projector stages fail at compile time)
+                self._handles.append(adapter.vision_tower.register_forward_hook(self._on_packed_tower,
+                                                                                 with_kwargs=True))
         else:
             self._handles.append(adapter.projector.register_forward_hook(self._on_projector_output))
         if self._prompt is not None:
@@ -285,15 +289,22 @@ class ImageStages:
         return output
 
     def _on_unmerged_tower_output(self, module: nn.Module, args: tuple, output: object) -> object:
-        """Unmerge families: every patch position of `last_hidden_state` takes its merged token's row, so the
-        connector reads the full grid (CLS included where the tower has one)."""
+        """Unmerge families: every patch position of `last_hidden_state` (and of the feature layer's hidden state,
+        where the model asked for hidden states) takes its merged token's row, so the connector reads the full grid
+        (CLS included where the tower has one)."""
         run, adapter = self.run, self.adapter
-        if run is None:
+        if run is None or run.features is None:
             return output
         output["last_hidden_state"] = run.tokens.unmerged(output["last_hidden_state"])  # type: ignore[index]
-        self.merged_into = run.tokens.owner
+        if getattr(output, "hidden_states", None) is not None:  # LLaVA-NeXT reads hidden_states[feature_layer]
+            hidden_states = [None] * (len(adapter.vision_layers) + 1)
+            hidden_states[adapter.feature_layer] = run.features.unmerged(run.features.hidden)
+            output["hidden_states"] = tuple(hidden_states)  # type: ignore[index]
+        self.merged_into = run.features.owner
         skipped = torch.zeros_like(run.state.valid[:, 0], dtype=torch.long)
-        self.encoder_rows = torch.stack([run.rows.get(k, skipped) for k in range(len(adapter.vision_layers))], 1)
+        # Anyres towers encode crops, which the compile report's per-image FLOPs cannot place: counted at full size.
+        self.encoder_rows = None if adapter.tokens_per_image is None else \
+            torch.stack([run.rows.get(k, skipped) for k in range(len(adapter.vision_layers))], 1)
         self.run = None
         return output
 

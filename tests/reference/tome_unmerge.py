@@ -11,9 +11,12 @@ Exact semantics, one encoder image (a tile) at a time:
   0, 2, ..., B = 1, 3, ...; only patches merge (not CLS, not padded patches: their scores are -inf);
   r = min(r, mergeable // 2, A tokens with a finite best match). The r A tokens with the highest best score
   (stable) fold into their matches by size-weighted average; the order is unmerged A by index, then B.
-- Unmerge: after the tower's final norm, every original position takes the value of the token that holds it.
-The unmerged output replaces the tower's `last_hidden_state` in one forward of the otherwise unmodified model (a
-forward hook on the tower), so the connector, the placeholders and the LLM run as the model's own.
+- Unmerge: after the tower's final norm, every original position takes the value of the token that holds it
+  (LLaVA-NeXT/OneVision: at the feature layer, hidden_states[k], before any final norm; later layers do not run).
+The unmerged output replaces the tower's `last_hidden_state` (or `hidden_states[k]`) in one forward of the otherwise
+unmodified model (a forward hook on the tower), so the connector, the unpadding and newlines, the placeholders and
+the LLM run as the model's own. CLIP's pre-layernorm runs after the embeddings; CLS tokens (CLIP, InternViT) never
+merge.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 
 def tower(model: nn.Module) -> nn.Module:
     """The vision transformer (Gemma 3, InternVL: `vision_tower`; Idefics3/SmolVLM: `vision_model`)."""
-    outer = getattr(model.model, "vision_tower", None) or model.model.vision_model
+    outer = _outer(model)
     return getattr(outer, "vision_model", outer)
 
 
@@ -84,13 +87,21 @@ def _bipartite(x: Tensor, keys: Tensor, size: Tensor, members: list[list[int]], 
     return new_x, new_size, [members[t] for t in order] + groups, new_mergeable
 
 
+def has_cls(vit: nn.Module) -> bool:
+    """CLIP (`class_embedding`) and InternViT (`cls_token`) prepend a CLS token; SigLIP-like towers do not."""
+    return hasattr(vit.embeddings, "class_embedding") or hasattr(vit.embeddings, "cls_token")
+
+
 @torch.no_grad()
 def tome_tower(model: nn.Module, pixel_values: Tensor, r: int, padded: Tensor | None = None,
-               ) -> tuple[Tensor, list[list[list[int]]]]:
-    """The tower's unmerged `last_hidden_state` [I, T, C] for encoder images `pixel_values` [I, 3, H, W] (with
-    `padded` [I, T] bool: patches the tower masks), and each image's merged groups (lists of original positions)."""
+               feature_layer: int | None = None) -> tuple[Tensor, list[list[list[int]]]]:
+    """For encoder images `pixel_values` [I, 3, H, W] (with `padded` [I, T] bool: patches the tower masks): the
+    tower's unmerged `last_hidden_state` [I, T, C] (after its final norm) or, with `feature_layer` k, its unmerged
+    `hidden_states[k]` (the output of layer k - 1: LLaVA-NeXT's features; later layers do not run), and each
+    image's merged groups (lists of original positions)."""
     vit = tower(model)
     internvit = not hasattr(vit, "post_layernorm")
+    layers = list(_layers(vit)) if feature_layer is None else list(_layers(vit))[:feature_layer]
     outputs, all_groups = [], []
     for index, image in enumerate(pixel_values):
         if padded is not None:  # Idefics3: the patch mask the model derives from pixel_attention_mask
@@ -99,14 +110,16 @@ def tome_tower(model: nn.Module, pixel_values: Tensor, r: int, padded: Tensor | 
         else:
             embedded = vit.embeddings(image[None])
             x = (embedded[0] if isinstance(embedded, tuple) else embedded)[0]
+        if hasattr(vit, "pre_layrnorm"):  # CLIP
+            x = vit.pre_layrnorm(x)
         tokens = x.shape[0]
         pad = padded[index] if padded is not None else torch.zeros(tokens, dtype=torch.bool)
         mergeable = ~pad
-        if internvit:
-            mergeable[0] = False  # InternViT's CLS token
+        if has_cls(vit):
+            mergeable[0] = False
         size = torch.ones(tokens)
         members = [[t] for t in range(tokens)]
-        for layer in _layers(vit):
+        for layer in layers:
             first_norm = layer.layernorm_before if internvit else layer.layer_norm1
             second_norm = layer.layernorm_after if internvit else layer.layer_norm2
             padded_now = torch.tensor([pad[group[0]] for group in members])
@@ -116,7 +129,8 @@ def tome_tower(model: nn.Module, pixel_values: Tensor, r: int, padded: Tensor | 
             x, size, members, mergeable = _bipartite(x, keys, size, members, mergeable, r)
             mlp = layer.mlp(second_norm(x))
             x = x + (layer.lambda_2 * mlp if internvit else mlp)
-        x = vit.layernorm(x) if internvit else vit.post_layernorm(x)
+        if feature_layer is None:
+            x = vit.layernorm(x) if internvit else vit.post_layernorm(x)
         full = torch.empty(tokens, x.shape[-1])
         for row, group in enumerate(members):
             full[group] = x[row]
@@ -125,19 +139,53 @@ def tome_tower(model: nn.Module, pixel_values: Tensor, r: int, padded: Tensor | 
     return torch.stack(outputs), all_groups
 
 
-@torch.no_grad()
-def with_tower_output(model: nn.Module, inputs: dict[str, Tensor], last_hidden_state: Tensor) -> Tensor:
-    """Logits [B, L, V] of one forward of the unmodified model whose tower returns `last_hidden_state`."""
-    def replace(_module: nn.Module, _args: tuple, output: object) -> object:
-        output["last_hidden_state"] = last_hidden_state  # type: ignore[index]
-        return output
+def _outer(model: nn.Module) -> nn.Module:
+    outer = getattr(model.model, "vision_tower", None)
+    return outer if outer is not None else model.model.vision_model
 
-    outer = getattr(model.model, "vision_tower", None) or model.model.vision_model
-    handle = outer.register_forward_hook(replace)
+
+@torch.no_grad()
+def tower_inputs(model: nn.Module, inputs: dict[str, Tensor]) -> list[Tensor]:
+    """The encoder images [I, 3, H, W] the unmodified model hands its tower for `inputs`, one tensor per call of the
+    tower (anyres: base views and crops, as the model selects them; OneVision: then the video frames)."""
+    seen: list[Tensor] = []
+
+    def capture(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(kwargs["pixel_values"] if "pixel_values" in kwargs else args[0])
+
+    handle = _outer(model).register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        return model(**inputs, use_cache=False).logits
+        model(**inputs, use_cache=False)
     finally:
         handle.remove()
+    return seen
+
+
+@torch.no_grad()
+def with_tower_output(model: nn.Module, inputs: dict[str, Tensor], hidden: Tensor | list[Tensor],
+                      feature_layer: int | None = None) -> Tensor:
+    """Logits [B, L, V] of one forward of the unmodified model whose tower returns `hidden` as its
+    `last_hidden_state` (or, with `feature_layer` k, as `hidden_states[k]`); a list: one per call of the tower."""
+    outputs = list(hidden) if isinstance(hidden, list) else [hidden]
+
+    def replace(_module: nn.Module, _args: tuple, output: object) -> object:
+        value = outputs.pop(0)
+        if feature_layer is None:
+            output["last_hidden_state"] = value  # type: ignore[index]
+        else:
+            states = list(output["hidden_states"])  # type: ignore[index]
+            states[feature_layer] = value
+            output["hidden_states"] = tuple(states)  # type: ignore[index]
+        return output
+
+    handle = _outer(model).register_forward_hook(replace)
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        handle.remove()
+    if outputs:
+        raise ValueError(f"the tower ran {len(hidden) - len(outputs)} times, not {len(hidden)}")
+    return logits
 
 
 def idefics3_encoder_images(inputs: dict[str, Tensor], patch: int) -> tuple[Tensor, Tensor]:
@@ -163,4 +211,5 @@ def groups_of(owner: Tensor) -> list[list[list[int]]]:
     return result
 
 
-__all__ = ["groups_of", "idefics3_encoder_images", "tome_tower", "tower", "with_tower_output"]
+__all__ = ["groups_of", "has_cls", "idefics3_encoder_images", "tome_tower", "tower", "tower_inputs",
+           "with_tower_output"]
