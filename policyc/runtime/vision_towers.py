@@ -141,8 +141,8 @@ def refuse_unmergeable(plan: Plan) -> None:
         "at projector.output (e.g. divprune) or in the LLM (e.g. fastv)" if adapter.projector_unsupported is None
         else "in the LLM (e.g. fastv)")
     why = (f"{adapter.family}'s connector needs every patch of the encoder's grid, so encoder stages may only merge, "
-           "inside encoder layers (merged tokens are unmerged at the tower's output, each patch taking its token's "
-           "value: the encoder saves compute, the LLM sees every token)")
+           "inside encoder layers (merged tokens are unmerged where the connector reads the encoder, each patch taking "
+           "its token's value: the encoder saves compute, the LLM sees every token)")
     for stage in plan.stages:
         if stage.kind != "encoder":
             continue
