@@ -1,12 +1,15 @@
 """The eager runtime's stages before the LLM: `encoder.layer[i]`, `encoder.layer[i].attention`,
 `encoder.output` and `projector.output`.
 
-- Encoder layers are wrapped. Each wrapper runs its layer on the rows still alive (real shrinking:
-  later layers see fewer tokens), splits the layer between attention and MLP where a `.attention` stage
-  sits, applies the stages after it, and adds log(token size) to later attention logits after a
-  proportional ToMe merge. Layers past the feature layer run only when a stage needs them.
+- Encoder layers are wrapped (`VisionLayer`, vision_towers.py). Each wrapper runs its layer on the rows still
+  alive (real shrinking: later layers see fewer tokens), splits the layer between attention and MLP where a
+  `.attention` stage sits, applies the stages after it, and adds log(token size) to later attention logits
+  after a proportional ToMe merge. Layers past the feature layer run only when a stage needs them.
+- Families whose connector needs every patch (`ModelAdapter.encoder_unmerges`: pixel shuffle, pooling, anyres
+  unpadding) get the tower's output unmerged instead: every position takes its merged token's row, and
+  encoder statements that would leave a position without a value fail at compile time (vision_towers.py).
 - A token keeps its original encoder position as its identity; a merged token is represented by the
-  earliest original patch of its group. At the feature layer the rows are scattered back to every
+  earliest original patch of its group. On LLaVA, at the feature layer the rows are scattered back to every
   position, each into its representative's slot, and handed to LLaVA as `hidden_states[feature_layer]`,
   so the projector, the `<image>` placeholders, masked_scatter and generate() stay untouched.
 - `ImageStages.kept` / `.protected` ([images, tokens_per_image] bool) tell the LLM side which image slots
