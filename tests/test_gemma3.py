@@ -14,6 +14,7 @@ from family_checks import (
     assert_saved_directory_compiles,
 )
 from reference.fastv_gemma3 import fastv_gemma3_generate, gemma3_allowed
+from reference.tome_unmerge import groups_of, tome_tower, with_tower_output
 from tiny_gemma3 import GEMMA_IMAGE_ID, IMAGE_TOKENS, WINDOW, make_gemma3_inputs, single_gemma3, tiny_gemma3
 
 import policyc
@@ -149,13 +150,56 @@ def test_stdlib_policies_generate_and_batches_equal_single_runs(
     assert_batch_equals_single_runs(deep_model, policy, params, inputs, single_gemma3, drops=drops)
 
 
-@pytest.mark.parametrize("policy", ["tome", "visionzip", "divprune", "mustdrop"])
-def test_stages_before_the_llm_fail_at_compile_time(policy: str) -> None:
+@pytest.mark.parametrize(("r", "batch"), [(4, 1), (8, 2), (20, 2), (40, 1)])
+def test_tome_equals_the_unmerge_reference(r: int, batch: int) -> None:
+    """ToMe in the SigLIP tower (merges between attention and MLP, proportional attention), unmerged at the tower's
+    output: the same merged groups and logits as tests/reference/tome_unmerge.py (r=40 merges everything it can)."""
+    model = tiny_gemma3(seed=r)
+    inputs = make_gemma3_inputs(batch=batch, images=2, pad_left=2, seed=r)
+    hidden, groups = tome_tower(model, inputs["pixel_values"], r)
+    expected = with_tower_output(model, inputs, hidden)
+    policyc.compile(model, "tome", r=r)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+        images = model.policyc.images
+        assert groups_of(images.merged_into) == groups
+        assert images.encoder_rows[:, 0].eq(64).all() and images.encoder_rows[:, 1].lt(64).all()
+    finally:
+        model.policyc.remove()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+def test_tome_generates_and_batches_equal_single_runs(deep_model: torch.nn.Module) -> None:
+    inputs = make_gemma3_inputs(batch=2, images=2, pad_left=2, seed=7)
+    assert_batch_equals_single_runs(deep_model, "tome", {"r": 8}, inputs, single_gemma3)
+
+
+def test_tome_shrinks_the_encoders_flops_not_the_llms() -> None:
+    model = tiny_gemma3()
+    policyc.compile(model, "tome", r=16)
+    try:
+        report = measure(model.policyc, adapt(model).sample_inputs(), "tiny-gemma3")
+    finally:
+        model.policyc.remove()
+    assert report.flops_after.encoder < report.flops_before.encoder
+    assert report.flops_after.llm == report.flops_before.llm and report.image_tokens == IMAGE_TOKENS
+
+
+@pytest.mark.parametrize(("policy", "reason"), [
+    ("divprune", "projector stages do not run on Gemma 3 yet"),
+    ("visionzip", "has no CLS token"),
+    ("policy p { stage encoder.layer[0] { keep top 10 of vision by key_norm } }",
+     "removes tokens, but gemma3's connector needs every patch"),
+    ("policy p { stage encoder.output { merge bipartite(r=4) of vision by keys } }",
+     "would choose what the connector reads"),
+])
+def test_what_cannot_be_unmerged_fails_at_compile_time(policy: str, reason: str) -> None:
     with pytest.raises(PolicyError) as error:
-        policyc.compile(tiny_gemma3(), policy)
-    text = str(error.value)
-    assert "stages before the LLM do not run on Gemma 3 yet" in text and f"{policy}.tokpol:" in text
-    assert "fastv, pyramiddrop" in text
+        policyc.compile(tiny_gemma3(), check_source(policy)[0] if policy.startswith("policy") else policy)
+    assert reason in str(error.value)
+    if "connector" in reason:
+        assert "in the LLM (e.g. fastv)" in str(error.value)
 
 
 def test_streamingllm_pos_shift_fails_with_a_substitute() -> None:
@@ -186,7 +230,7 @@ def test_cls_signals_name_a_substitute() -> None:
     with pytest.raises(PolicyError) as error:
         policyc.compile(tiny_gemma3(), "fastervlm")
     text = str(error.value)
-    assert "is an encoder stage" in text and "has no CLS token" in text
+    assert "has no CLS token" in text
     assert "attention(last -> vision) in an LLM stage" in text
 
 

@@ -1,6 +1,7 @@
 """Idefics3 and SmolVLM: the adapter, the identity policy bit-exact at every generate() step, FastV against an
 independent reference (tests/reference/fastv_idefics3.py), the standard library's LLM and decode policies end to
-end with padded batches equal to single runs, and clear errors for what does not bind yet.
+end with padded batches equal to single runs, ToMe in the encoder against an unmerging reference
+(tests/reference/tome_unmerge.py), and clear errors for what does not bind yet.
 
 The batches mix layouts as the processor gives them: row 0 one image in 2x2 tiles plus its global view (20
 image tokens), row 1 a 1x2-tiled image and an unsplit one (16 image tokens, fewer encoder inputs: its
@@ -17,7 +18,8 @@ from family_checks import (
     assert_saved_directory_compiles,
 )
 from reference.fastv_idefics3 import fastv_idefics3_generate, row_embeddings
-from tiny_idefics3 import IMAGE_ID, TOKENS_PER_TILE, make_idefics3_inputs, single_row, tiny_idefics3
+from reference.tome_unmerge import groups_of, idefics3_encoder_images, tome_tower, with_tower_output
+from tiny_idefics3 import IMAGE_ID, PATCH, TOKENS_PER_TILE, make_idefics3_inputs, single_row, tiny_idefics3
 
 import policyc
 from policyc.errors import PolicyError
@@ -121,13 +123,58 @@ def test_stdlib_policies_generate_and_batches_equal_single_runs(
                                     drops=drops)
 
 
-@pytest.mark.parametrize("policy", ["tome", "visionzip", "mustdrop", "visiondrop"])
-def test_encoder_stages_fail_at_compile_time(policy: str) -> None:
+@pytest.mark.parametrize("smolvlm", [False, True], ids=["idefics3", "smolvlm"])
+@pytest.mark.parametrize(("r", "batch", "layouts"), [(2, 1, LAYOUTS), (4, 2, LAYOUTS), (8, 2, (((0, 0),), ((0, 0),)))])
+def test_tome_equals_the_unmerge_reference(smolvlm: bool, r: int, batch: int, layouts: tuple) -> None:
+    """ToMe per tile (merges between attention and MLP, proportional attention), unmerged at the tower's output: the
+    same merged groups and logits as tests/reference/tome_unmerge.py. The global views of split images have padded
+    patches (never merged, masked as keys). r=8 on unsplit images merges every pair it can; with padding r stays
+    below what the padded views allow (the runtime takes the smallest r over the batch, the reference one image)."""
+    model = tiny_idefics3(seed=r, smolvlm=smolvlm)
+    inputs = make_idefics3_inputs(batch=batch, images=layouts, pad_left=2, seed=r)
+    pixels, padded = idefics3_encoder_images(inputs, PATCH)
+    assert padded.any() == (layouts == LAYOUTS)
+    hidden, groups = tome_tower(model, pixels, r, padded)
+    expected = with_tower_output(model, inputs, hidden)
+    policyc.compile(model, "tome", r=r)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+        images = model.policyc.images
+        assert groups_of(images.merged_into) == groups
+        assert images.encoder_rows.tolist() == [[16, 16 - r]] * pixels.shape[0]
+    finally:
+        model.policyc.remove()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("smolvlm", [False, True], ids=["idefics3", "smolvlm"])
+def test_tome_generates_and_batches_equal_single_runs(deep_models: dict[bool, torch.nn.Module], smolvlm: bool) -> None:
+    assert_batch_equals_single_runs(deep_models[smolvlm], "tome", {"r": 4}, _inputs(2, seed=7), single_row)
+
+
+def test_tome_shrinks_the_encoders_flops_not_the_llms() -> None:
+    model = tiny_idefics3()
+    policyc.compile(model, "tome", r=4)
+    try:
+        report = measure(model.policyc, adapt(model).sample_inputs(), "tiny-idefics3")
+    finally:
+        model.policyc.remove()
+    assert report.flops_after.encoder < report.flops_before.encoder
+    assert report.flops_after.llm == report.flops_before.llm and report.image_tokens == 20
+
+
+@pytest.mark.parametrize(("policy", "reason"), [
+    ("visionzip", "has no CLS token"),
+    ("policy p { stage encoder.layer[1] { drop top 4 of vision by key_norm } }",
+     "removes tokens, but idefics3's connector needs every patch"),
+])
+def test_what_cannot_be_unmerged_fails_at_compile_time(policy: str, reason: str) -> None:
     with pytest.raises(PolicyError) as error:
-        policyc.compile(tiny_idefics3(), policy)
-    text = str(error.value)
-    assert "encoder stages do not run on Idefics3/SmolVLM yet" in text and f"{policy}.tokpol:" in text
-    assert "projector.output stages (e.g. divprune, random_drop)" in text
+        policyc.compile(tiny_idefics3(), check_source(policy)[0] if policy.startswith("policy") else policy)
+    assert reason in str(error.value)
+    if "connector" in reason:
+        assert "at projector.output (e.g. divprune) or in the LLM (e.g. fastv)" in str(error.value)
 
 
 def test_cls_signals_name_a_substitute() -> None:
@@ -135,7 +182,7 @@ def test_cls_signals_name_a_substitute() -> None:
     with pytest.raises(PolicyError) as error:
         policyc.compile(tiny_idefics3(smolvlm=True), "fastervlm")
     text = str(error.value)
-    assert "is an encoder stage" in text and "has no CLS token" in text
+    assert "has no CLS token" in text
     assert "attention(last -> vision) in an LLM stage" in text
 
 

@@ -1,7 +1,8 @@
 """InternVL: the adapter, the identity policy bit-exact at every generate() step, FastV against the plain
 reference (tests/reference/fastv.py: its LLM is causal with 1-D RoPE, as LLaVA's, so the LLaVA reference runs on it
-unchanged), the standard library's LLM and decode policies end to end with padded batches equal to single runs, and
-clear errors for what does not bind yet."""
+unchanged), the standard library's LLM and decode policies end to end with padded batches equal to single runs, ToMe
+in the encoder against an unmerging reference (tests/reference/tome_unmerge.py), and clear errors for what does not
+bind yet."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from family_checks import (
     assert_saved_directory_compiles,
 )
 from reference.fastv import fastv_generate
+from reference.tome_unmerge import groups_of, tome_tower, with_tower_output
 from tiny_internvl import INTERNVL_IMAGE_ID, TILE_TOKENS, make_internvl_inputs, single_internvl, tiny_internvl
 
 import policyc
@@ -86,13 +88,65 @@ def test_stdlib_policies_generate_and_batches_equal_single_runs(
     assert_batch_equals_single_runs(deep_model, policy, params, inputs, single_internvl, drops=drops)
 
 
-@pytest.mark.parametrize("policy", ["tome", "visionzip", "mustdrop", "visiondrop"])
-def test_encoder_stages_fail_at_compile_time(policy: str) -> None:
+@pytest.mark.parametrize(("r", "batch", "qk_norm"), [(4, 1, False), (8, 2, False), (40, 2, False), (8, 2, True)])
+def test_tome_equals_the_unmerge_reference(r: int, batch: int, qk_norm: bool) -> None:
+    """ToMe per tile in InternViT (merges between attention and MLP, proportional attention, layer scales; never the
+    CLS token), unmerged at the tower's output: the same merged groups and logits as
+    tests/reference/tome_unmerge.py. r=40 merges every pair it can; qk_norm: keys normalised before matching."""
+    model = tiny_internvl(seed=r, qk_norm=qk_norm)
+    inputs = make_internvl_inputs(batch=batch, tiles=TILES, pad_left=2, seed=r)
+    hidden, groups = tome_tower(model, inputs["pixel_values"], r)
+    expected = with_tower_output(model, inputs, hidden)
+    policyc.compile(model, "tome", r=r)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+        images = model.policyc.images
+        assert groups_of(images.merged_into) == groups and all(g[0] == [0] for g in groups)  # CLS alone
+        assert images.encoder_rows[:, 0].eq(65).all() and images.encoder_rows[:, 1].eq(65 - min(r, 32)).all()
+    finally:
+        model.policyc.remove()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+def test_tome_generates_and_batches_equal_single_runs(deep_model: torch.nn.Module) -> None:
+    inputs = make_internvl_inputs(batch=2, tiles=TILES, pad_left=2, seed=7)
+    assert_batch_equals_single_runs(deep_model, "tome", {"r": 8}, inputs, single_internvl)
+
+
+def test_tome_shrinks_the_encoders_flops_not_the_llms() -> None:
+    model = tiny_internvl()
+    inputs = adapt(model).sample_inputs()
+    policyc.compile(model, "tome", r=16)
+    try:
+        report = measure(model.policyc, inputs, "tiny-internvl")
+    finally:
+        model.policyc.remove()
+    assert report.flops_after.encoder < report.flops_before.encoder
+    assert report.flops_after.llm == report.flops_before.llm and report.image_tokens == TILE_TOKENS
+
+
+@pytest.mark.parametrize(("policy", "reason", "hint"), [
+    ("visionzip", "removes tokens, but internvl's connector needs every patch", "at projector.output (e.g. divprune)"),
+    ("fastervlm", "removes tokens, but internvl's connector needs every patch", "or in the LLM (e.g. fastv)"),
+    ("visiondrop", "removes tokens, but internvl's connector needs every patch", "or in the LLM (e.g. fastv)"),
+    ("mustdrop", "`protect` in encoder stage encoder.layer[-1] would carry across internvl's connector",
+     "protect tokens in the stage that drops them"),
+])
+def test_encoder_drops_fail_at_compile_time(deep_model: torch.nn.Module, policy: str, reason: str, hint: str) -> None:
+    """What the connector cannot take (drops in the encoder, protection carried across it) fails at its line."""
     with pytest.raises(PolicyError) as error:
-        policyc.compile(tiny_internvl(), policy)
+        policyc.compile(deep_model, policy)
     text = str(error.value)
-    assert "encoder stages do not run on InternVL yet" in text and f"{policy}.tokpol:" in text
-    assert "projector.output stages (e.g. divprune, random_drop)" in text
+    assert reason in text and hint in text and f"{policy}.tokpol:" in text
+
+
+def test_encoder_stages_need_the_last_layers_features() -> None:
+    model = tiny_internvl()
+    model.config.vision_feature_layer = -2
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(model, "tome")
+    assert "vision_feature_layer -1" in str(error.value) and "tome.tokpol:" in str(error.value)
 
 
 def test_the_compile_report_measures_internvl() -> None:

@@ -1,7 +1,8 @@
 """LLaVA-NeXT and LLaVA-OneVision (anyres images; OneVision also several images per prompt and videos): the adapters,
 the identity policy bit-exact at every generate() step, FastV against an independent anyres reference
 (tests/reference/fastv_anyres.py), the standard library's LLM and decode policies end to end with padded batches
-equal to single runs, and clear errors for what does not bind yet."""
+equal to single runs, ToMe in the encoder against an unmerging reference (tests/reference/tome_unmerge.py), and clear
+errors for what does not bind yet."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from family_checks import (
 )
 from PIL import Image
 from reference.fastv_anyres import fastv_anyres_generate
+from reference.tome_unmerge import groups_of, tome_tower, tower_inputs, with_tower_output
 from tiny_llava_next import (
     FAMILIES,
     IMAGE_ID,
@@ -161,22 +163,55 @@ def test_stdlib_policies_generate_and_batches_equal_single_runs(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("policy", ["tome", "visionzip", "divprune", "mustdrop"])
-def test_stages_before_the_llm_fail_at_compile_time(family: str, policy: str) -> None:
+@pytest.mark.parametrize(("r", "batch"), [(2, 1), (4, 2), (8, 2)])
+def test_tome_equals_the_unmerge_reference(family: str, r: int, batch: int) -> None:
+    """ToMe in every encoder input (base views, crops, OneVision's video frames; CLIP's CLS never merges), unmerged
+    at the feature layer (LLaVA-NeXT's hidden_states[-2]: only layer 0 runs; OneVision's last layer), then the
+    model's own unpadding and newlines: the same merged groups (the tower's last call) and logits as
+    tests/reference/tome_unmerge.py. r=8 merges every pair it can."""
+    model = tiny_anyres(family, seed=r)
+    inputs = _inputs(family, model, batch, seed=r)
+    feature_layer = model.config.vision_feature_layer % (model.config.vision_config.num_hidden_layers + 1)
+    calls = [tome_tower(model, pixels, r, feature_layer=feature_layer) for pixels in tower_inputs(model, inputs)]
+    assert len(calls) == (2 if family == "llava_onevision" else 1)  # OneVision: images, then video frames
+    expected = with_tower_output(model, inputs, [hidden for hidden, _ in calls], feature_layer=feature_layer)
+    policyc.compile(model, "tome", r=r)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+        assert groups_of(model.policyc.images.merged_into) == calls[-1][1]
+    finally:
+        model.policyc.remove()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tome_generates_and_batches_equal_single_runs(deep_models: dict[str, torch.nn.Module], family: str) -> None:
+    model = deep_models[family]
+    assert_batch_equals_single_runs(model, "tome", {"r": 4}, _inputs(family, model, 2, seed=7), single_row)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("policy", "reason"), [
+    ("divprune", "projector stages do not run on {name} yet"),
+    ("visionzip", "removes tokens, but {family}'s connector needs every patch"),
+])
+def test_what_cannot_be_unmerged_fails_at_compile_time(family: str, policy: str, reason: str) -> None:
     with pytest.raises(PolicyError) as error:
         policyc.compile(tiny_anyres(family), policy)
     text = str(error.value)
     name = "LLaVA-NeXT" if family == "llava_next" else "LLaVA-OneVision"
-    assert f"stages before the LLM do not run on {name} yet" in text and f"{policy}.tokpol:" in text
-    assert "fastv, pyramiddrop" in text
+    if family == "llava_onevision" and policy == "visionzip":
+        reason = "has no CLS token"  # SigLIP: VisionZip's CLS ranking fails first
+    assert reason.format(name=name, family=family) in text and f"{policy}.tokpol:" in text
 
 
 def test_cls_signals_name_a_substitute_on_onevision() -> None:
-    """SigLIP has no CLS token: FasterVLM's CLS ranking is reported with a substitute, next to its encoder stage."""
+    """SigLIP has no CLS token: FasterVLM's CLS ranking is reported with a substitute."""
     with pytest.raises(PolicyError) as error:
         policyc.compile(tiny_anyres("llava_onevision"), "fastervlm")
     text = str(error.value)
-    assert "is an encoder stage" in text and "has no CLS token" in text
+    assert "has no CLS token" in text
     assert "attention(last -> vision) in an LLM stage" in text
 
 

@@ -68,6 +68,11 @@ class ModelAdapter:
     # Why stages before the LLM (encoder, projector) cannot bind to this model yet; None: they can.
     pre_llm_unsupported: str | None = None
     encoder_unsupported: str | None = None  # why encoder stages alone cannot bind yet (projector stages can)
+    projector_unsupported: str | None = None  # why projector stages alone cannot bind yet (encoder stages can)
+    # The connector needs every patch (pixel shuffle, pooling): encoder merges are undone at the tower's output
+    # (each patch takes its merged token's value; the encoder saves compute only) and encoder drops are refused.
+    encoder_unmerges: bool = False
+    encoder_grid: tuple[int, int] | None = None  # one encoder input's patch grid where `patch_grid` is None (crops)
     # The attention type of each decoder layer where they differ (Gemma 3: "sliding_attention", "full_attention"):
     # each type has its own mask and rotary embedding. (): every layer attends alike (causal, one rotary).
     layer_types: tuple[str, ...] = ()
@@ -184,6 +189,10 @@ class ModelAdapter:
             return Diagnostic(f"{label} is an encoder stage: {self.encoder_unsupported}", span,
                               "projector.output stages (e.g. divprune, random_drop), LLM stages and decode cache "
                               "policies run on this model")
+        if kind == "projector" and reason is None and self.projector_unsupported is not None:
+            return Diagnostic(f"{label} is a projector stage: {self.projector_unsupported}", span,
+                              "encoder merges (e.g. tome), LLM stages and decode cache policies run on this model, "
+                              "e.g. fastv, pyramiddrop, sparsevlm, h2o, snapkv")
         if reason is None:
             return None
         return Diagnostic(f"{label} is a{'n' if kind == 'encoder' else ''} {kind} stage: {reason}",
@@ -195,7 +204,7 @@ class ModelAdapter:
         tower = type(self.vision_tower).__name__
         if what == "cls_token" and not self.has_cls:
             substitute = "attention(last -> vision) in an LLM stage (FastV's signal)" \
-                if self.pre_llm_unsupported or self.encoder_unsupported \
+                if self.pre_llm_unsupported or self.encoder_unsupported or self.encoder_unmerges \
                 else "attention(last -> vision) in the LLM, or attention(all -> vision) or key_norm in the encoder"
             return Diagnostic(f"{reason}, but this model's vision tower ({tower}) has no CLS token", span,
                               f"towers without CLS (SigLIP, Qwen2-VL) need a score that does not read `cls`, e.g. "

@@ -19,7 +19,10 @@ SnapKV's votes) read each layer's own mask. Sliding-window cache layers become w
 prefill (the windows then act through the masks), so dropped rows and per-head evictions map back to positions.
 Renumbered positions use the layer's own rotary embedding.
 
-Stages before the LLM are not bound yet (the projector's pooling maps 4x4 patches onto one LLM token).
+Encoder merges (ToMe) run in the SigLIP tower on the live rows and are undone at its output (each patch takes the
+value of the token it was merged into), so the projector's pooling sees the full grid and the LLM the model's own
+`mm_tokens_per_image` tokens: the encoder saves compute only. Encoder drops and projector stages are not bound (the
+projector's pooling maps 4x4 patches onto one LLM token).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from policyc.models.structure import (
     vision_encoder,
 )
 
-PRE_LLM = ("stages before the LLM do not run on Gemma 3 yet: its projector average-pools the encoder's patch grid "
-           "(several patches per LLM token), which the encoder and projector stages do not model")
+PROJECTOR = ("projector stages do not run on Gemma 3 yet: its projector average-pools the encoder's patch grid "
+             "(several patches per LLM token), which projector stages do not model")
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,10 +76,10 @@ class Gemma3Adapter(ModelAdapter):
 
 @register_adapter
 class Gemma3Factory(AdapterFactory):
-    """Gemma 3 with images: LLM stages and decode cache policies."""
+    """Gemma 3 with images: encoder merges, LLM stages and decode cache policies."""
 
     family = "gemma3"
-    description = "Gemma 3 (LLM and decode stages)"
+    description = "Gemma 3 (encoder merges, LLM and decode stages)"
     model_types = frozenset({"gemma3"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
@@ -108,7 +111,8 @@ class Gemma3Factory(AdapterFactory):
             image_token_id=image_token_id,
             tokens_per_image=config.mm_tokens_per_image,
             encoder_patches_per_token=max(1, side * side // config.mm_tokens_per_image),
-            pre_llm_unsupported=PRE_LLM,
+            projector_unsupported=PROJECTOR,
+            encoder_unmerges=True,
             layer_types=tuple(text_config.layer_types),
             begin_image_id=config_int(config, "boi_token_id", "boi_token_index"),
             end_image_id=config_int(config, "eoi_token_id", "eoi_token_index"),

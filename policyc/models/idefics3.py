@@ -19,8 +19,10 @@ as text. An "image" of this adapter (`tokens_per_image`, `patch_grid`, `image_si
 a tile or the global view: each has the same patch grid and the same `<image>` run length.
 
 The LLM uses 1-D RoPE positions and a causal mask, as LLaVA's does: every LLM stage and decode cache policy
-binds. Projector stages run per tile (each tile's tokens on their own); encoder stages do not bind yet (tiles and
-pixel shuffle; see `ENCODER`).
+binds. Projector stages run per tile (each tile's tokens on their own). Encoder merges (ToMe) run per tile on the
+live rows and are undone at the tower's output (each patch takes its merged token's value), so the pixel shuffle
+sees every patch and the LLM every `<image>` token: the encoder saves compute only. Padded patches (the global view
+of a non-square image, `pixel_attention_mask`) never merge and stay masked as keys. Encoder drops are refused.
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ from policyc.models.structure import (
 
 MODEL_TYPES = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}
 SAMPLE_SPLIT = (2, 2)  # tiles (rows, columns) of the calibration image, plus its global view
-ENCODER = ("encoder stages do not run on Idefics3/SmolVLM yet: each image reaches the encoder as several tiles plus "
-           "a global view, and the connector's pixel shuffle merges groups of patches into one LLM token")
 
 
 def image_prompt(rows: int, cols: int, tokens: int, image: int, fake: int, global_image: int, newline: int,
@@ -102,10 +102,10 @@ class Idefics3Adapter(ModelAdapter):
 
 @register_adapter
 class Idefics3Factory(AdapterFactory):
-    """Idefics3 and SmolVLM: LLM stages and decode cache policies."""
+    """Idefics3 and SmolVLM: encoder merges, projector stages per tile, LLM stages and decode cache policies."""
 
     family = "idefics3"
-    description = "Idefics3 and SmolVLM (LLM and decode stages)"
+    description = "Idefics3 and SmolVLM (encoder merges, per-tile projector, LLM and decode stages)"
     model_types = frozenset(MODEL_TYPES)
 
     def build(self, model: nn.Module) -> ModelAdapter:
@@ -134,7 +134,7 @@ class Idefics3Factory(AdapterFactory):
             image_token_id=image_token_id,
             tokens_per_image=side * side // (scale * scale),
             encoder_patches_per_token=scale * scale,
-            encoder_unsupported=ENCODER,
+            encoder_unmerges=True,
             image_size=size,
             **encoder,
             **language_model(model, self.family),

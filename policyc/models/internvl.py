@@ -11,7 +11,10 @@ What differs from LLaVA:
   is proven against the LLaVA reference (tests/reference/fastv.py), which runs unchanged on InternVL.
 
 The `vision` set holds the `<IMG_CONTEXT>` tokens (not `<img>`, `</img>`); an image's tiles count as images of
-`image_seq_length` tokens each. Projector stages run per tile; encoder stages are not bound yet (pixel shuffle, tiles).
+`image_seq_length` tokens each. Projector stages run per tile. Encoder merges (ToMe) run per tile on the live rows
+(never the CLS token) and are undone at the tower's output (each patch takes its merged token's value), so the pixel
+shuffle sees every patch and the LLM every `<IMG_CONTEXT>` token: the encoder saves compute only. Encoder drops are
+refused; so are encoder stages where the features are not the tower's last layer (`vision_feature_layer` != -1).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from policyc.models.structure import (
     vision_encoder,
 )
 
-ENCODER = ("encoder stages do not run on InternVL yet: its pixel shuffle folds 2x2 patches into one LLM token and its "
-           "images are cut into a size-dependent number of tiles")
+FEATURE_LAYER = ("encoder stages run on InternVL only where the features are the tower's last layer "
+                 "(vision_feature_layer -1): this model reads an earlier layer's hidden states, which encoder merges "
+                 "are not unmerged into")
 
 
 def _pair(value: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
@@ -36,10 +40,11 @@ def _pair(value: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
 
 @register_adapter
 class InternVLFactory(AdapterFactory):
-    """InternVL 2.5 / 3 (transformers' `internvl` format): LLM stages and decode cache policies."""
+    """InternVL 2.5 / 3 (transformers' `internvl` format): encoder merges, projector stages per tile, LLM stages and
+    decode cache policies."""
 
     family = "internvl"
-    description = "InternVL (LLM and decode stages)"
+    description = "InternVL (encoder merges, per-tile projector, LLM and decode stages)"
     model_types = frozenset({"internvl"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
@@ -69,7 +74,8 @@ class InternVLFactory(AdapterFactory):
             image_token_id=image_token_id,
             tokens_per_image=config.image_seq_length,
             encoder_patches_per_token=fold * fold,
-            encoder_unsupported=ENCODER,
+            encoder_unsupported=None if feature_layer % (count + 1) == count else FEATURE_LAYER,
+            encoder_unmerges=True,
             **encoder,
             **language_model(model, self.family),
         )

@@ -11,8 +11,11 @@ What differs from LLaVA-1.5:
 - the LLM (Llama, Mistral, Vicuna) uses 1-D RoPE and a causal mask, as LLaVA's: LLM stages and decode cache
   policies run as they do on LLaVA-1.5.
 
-Stages before the LLM are not bound yet (`PRE_LLM`). `build_anyres` is shared with LLaVA-OneVision
-(llava_onevision.py), whose images are built the same way.
+Encoder merges (ToMe) run per encoder input (the base view and every crop, each on the tower's own patch grid) on the
+live rows and are undone at the feature layer (each patch takes its merged token's value), so unpadding and the
+newlines see every patch and the LLM the model's own token count: the encoder saves compute only. Encoder drops and
+projector stages are not bound (`PROJECTOR`). `build_anyres` is shared with LLaVA-OneVision (llava_onevision.py),
+whose images are built the same way.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from policyc.models.structure import (
     vision_encoder,
 )
 
-PRE_LLM = ("stages before the LLM do not run on LLaVA-NeXT yet: it encodes each image as a base view plus "
-           "crops whose features are unpadded to the image's aspect ratio and interleaved with image_newline "
-           "tokens, so encoder patches do not map one to one onto LLM tokens")
+PROJECTOR = ("projector stages do not run on LLaVA-NeXT yet: it encodes each image as a base view plus crops whose "
+             "features are unpadded to the image's aspect ratio and interleaved with image_newline tokens, so "
+             "projected patches do not map one to one onto LLM tokens")
+FEATURE_LAYERS = ("encoder stages do not run where the features concatenate several encoder layers "
+                  "(vision_feature_layer is a list): merges are unmerged at one feature layer")
 
 
 def _pair(value: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
@@ -86,8 +91,8 @@ def _feature_layer(layer: int | list[int], count: int) -> int:
 
 
 def build_anyres(model: nn.Module, family: str, reason: str, video_token_id: int | None = None) -> AnyresAdapter:
-    """The adapter of a LLaVA-NeXT-style model (vision tower, projector, image_newline, LLM) of `family`; stages
-    before the LLM fail with `reason`; `video_token_id` adds video placeholders to the `vision` set."""
+    """The adapter of a LLaVA-NeXT-style model (vision tower, projector, image_newline, LLM) of `family`; projector
+    stages fail with `reason`; `video_token_id` adds video placeholders to the `vision` set."""
     config = model.config
     vision_config = config.vision_config
     encoder = vision_encoder(model, family)
@@ -100,6 +105,7 @@ def build_anyres(model: nn.Module, family: str, reason: str, video_token_id: int
     pinpoints = getattr(config, "image_grid_pinpoints", None)
     if not pinpoints:
         raise adapt_error(model, family, "the config has no image_grid_pinpoints")
+    crop, patch = _pair(vision_config.image_size), _pair(vision_config.patch_size)
     has_cls = any(isinstance(getattr(m, "class_embedding", None), torch.Tensor) for m in tower.modules())
     feature_start = 1 if getattr(config, "vision_feature_select_strategy", "default") == "default" else 0
     return AnyresAdapter(
@@ -114,8 +120,11 @@ def build_anyres(model: nn.Module, family: str, reason: str, video_token_id: int
         image_token_id=image_token_id,
         tokens_per_image=None,
         vision_token_ids=(image_token_id,) if video_token_id is None else (image_token_id, video_token_id),
-        pre_llm_unsupported=reason,
-        crop_size=_pair(vision_config.image_size),
+        projector_unsupported=reason,
+        encoder_unmerges=True,
+        encoder_unsupported=FEATURE_LAYERS if isinstance(config.vision_feature_layer, list | tuple) else None,
+        encoder_grid=(crop[0] // patch[0], crop[1] // patch[1]),
+        crop_size=crop,
         sample_resolution=_pair(pinpoints[0]),
         **encoder,
         **language_model(model, family),
@@ -124,14 +133,14 @@ def build_anyres(model: nn.Module, family: str, reason: str, video_token_id: int
 
 @register_adapter
 class LlavaNextFactory(AdapterFactory):
-    """LLaVA-NeXT: LLM stages and decode cache policies."""
+    """LLaVA-NeXT: encoder merges, LLM stages and decode cache policies."""
 
     family = "llava_next"
-    description = "LlavaNextForConditionalGeneration (LLM and decode stages)"
+    description = "LlavaNextForConditionalGeneration (encoder merges, LLM and decode stages)"
     model_types = frozenset({"llava_next"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
-        return build_anyres(model, self.family, PRE_LLM)
+        return build_anyres(model, self.family, PROJECTOR)
 
 
-__all__ = ["PRE_LLM", "AnyresAdapter", "LlavaNextFactory", "build_anyres"]
+__all__ = ["FEATURE_LAYERS", "PROJECTOR", "AnyresAdapter", "LlavaNextFactory", "build_anyres"]

@@ -10,6 +10,9 @@ What differs from LLaVA-NeXT (llava_next.py, whose `build_anyres` this adapter s
   `<video>` placeholders (`video_token_id`).
 - the `vision` set holds image and video placeholders: base views, crops, pooled frames and newlines.
 - the LLM (Qwen2) uses 1-D RoPE and a causal mask, as LLaVA's.
+
+Encoder merges run per encoder input (base view, crop, video frame) and are unmerged at the feature layer, as on
+LLaVA-NeXT; projector stages are not bound (`PROJECTOR`).
 """
 
 from __future__ import annotations
@@ -20,23 +23,22 @@ from policyc.models.base import AdapterFactory, ModelAdapter, register_adapter
 from policyc.models.llava_next import build_anyres
 from policyc.models.structure import config_int
 
-PRE_LLM = ("stages before the LLM do not run on LLaVA-OneVision yet: it encodes each image as a base view plus "
-           "crops whose features are unpadded, pooled to at most anyres_max_N views and interleaved with "
-           "image_newline tokens, and pools video frames 2x2, so encoder patches do not map one to one onto LLM "
-           "tokens")
+PROJECTOR = ("projector stages do not run on LLaVA-OneVision yet: it encodes each image as a base view plus crops "
+             "whose features are unpadded, pooled to at most anyres_max_N views and interleaved with image_newline "
+             "tokens, and pools video frames 2x2, so projected patches do not map one to one onto LLM tokens")
 
 
 @register_adapter
 class LlavaOnevisionFactory(AdapterFactory):
-    """LLaVA-OneVision: LLM stages and decode cache policies over images and videos."""
+    """LLaVA-OneVision: encoder merges, LLM stages and decode cache policies over images and videos."""
 
     family = "llava_onevision"
-    description = "LlavaOnevisionForConditionalGeneration (LLM and decode stages)"
+    description = "LlavaOnevisionForConditionalGeneration (encoder merges, LLM and decode stages)"
     model_types = frozenset({"llava_onevision"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
         video = config_int(model.config, "video_token_id", "video_token_index")
-        return build_anyres(model, self.family, PRE_LLM, video_token_id=video)
+        return build_anyres(model, self.family, PROJECTOR, video_token_id=video)
 
 
-__all__ = ["PRE_LLM", "LlavaOnevisionFactory"]
+__all__ = ["PROJECTOR", "LlavaOnevisionFactory"]

@@ -1,12 +1,15 @@
 """The eager runtime's stages before the LLM: `encoder.layer[i]`, `encoder.layer[i].attention`,
 `encoder.output` and `projector.output`.
 
-- Encoder layers are wrapped. Each wrapper runs its layer on the rows still alive (real shrinking:
-  later layers see fewer tokens), splits the layer between attention and MLP where a `.attention` stage
-  sits, applies the stages after it, and adds log(token size) to later attention logits after a
-  proportional ToMe merge. Layers past the feature layer run only when a stage needs them.
+- Encoder layers are wrapped (`VisionLayer`, vision_towers.py). Each wrapper runs its layer on the rows still
+  alive (real shrinking: later layers see fewer tokens), splits the layer between attention and MLP where a
+  `.attention` stage sits, applies the stages after it, and adds log(token size) to later attention logits
+  after a proportional ToMe merge. Layers past the feature layer run only when a stage needs them.
+- Families whose connector needs every patch (`ModelAdapter.encoder_unmerges`: pixel shuffle, pooling, anyres
+  unpadding) get the tower's output unmerged instead: every position takes its merged token's row, and
+  encoder statements that would leave a position without a value fail at compile time (vision_towers.py).
 - A token keeps its original encoder position as its identity; a merged token is represented by the
-  earliest original patch of its group. At the feature layer the rows are scattered back to every
+  earliest original patch of its group. On LLaVA, at the feature layer the rows are scattered back to every
   position, each into its representative's slot, and handed to LLaVA as `hidden_states[feature_layer]`,
   so the projector, the `<image>` placeholders, masked_scatter and generate() stay untouched.
 - `ImageStages.kept` / `.protected` ([images, tokens_per_image] bool) tell the LLM side which image slots
@@ -30,6 +33,7 @@ from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.prompt_stash import PromptStash
 from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers, reads_values
 from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows, unpack
+from policyc.runtime.vision_towers import LayerBody, VisionLayer, layer_body, padding_keys, refuse_unmergeable
 
 
 def _name(node: ir.Call | ir.Name) -> str:
@@ -76,10 +80,15 @@ class VisionRun:
     memory: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # ema() state across a stage's layers
     features: Tokens | None = None  # the rows at the feature layer
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [I] real rows each image ran there
+    padded: torch.Tensor | None = None  # [I, P] bool: positions the tower masks as keys (Idefics3's padded patches)
 
     def attention_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """The encoder's attention mask plus ToMe's log(size) and -inf for padding rows: [I, 1, 1, R]."""
+        """The encoder's attention mask plus ToMe's log(size) and -inf for padding rows: [I, 1, 1, R]. Where the
+        tower masks padded patches, that mask is rebuilt on the current rows (its own has the original width)."""
         key_valid = self.state.valid.gather(1, self.tokens.origin)
+        if self.padded is not None:
+            key_valid = key_valid & ~self.padded.gather(1, self.tokens.origin)
+            mask = None
         if not self.proportional and bool(key_valid.all()):
             return mask
         bias = self.tokens.size.log() if self.proportional else torch.zeros_like(self.tokens.size)
@@ -114,52 +123,6 @@ class VisionRun:
         return recorded.captured, recorded.origin, recorded.key_valid
 
 
-class VisionLayer(nn.Module):
-    """An encoder layer that runs on the rows still alive and applies the stages bound to it."""
-
-    def __init__(self, inner: nn.Module, index: int, owner: ImageStages) -> None:
-        super().__init__()
-        self.inner = inner
-        self.index = index
-        self.owner = owner
-        self.inside = owner.stages_at("encoder.layer.attention", index)
-        self.after = owner.stages_at("encoder.layer", index)
-
-    def __getattr__(self, name: str) -> object:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kwargs: object) -> torch.Tensor:
-        owner = self.owner
-        if self.index == 0:
-            owner.begin(hidden_states)
-        run = owner.run
-        if run is None or self.index > owner.last_layer:
-            return hidden_states
-        mask = run.attention_mask(attention_mask, hidden_states.dtype)
-        run.rows[self.index] = run.state.valid.gather(1, run.tokens.origin).sum(1)  # for the compile report's FLOPs
-        if self.index in owner.value_layers:  # value_norm, attention(space=values): one more v_proj, on these rows
-            attention = self.inner.self_attn
-            values = attention.v_proj(self.inner.layer_norm1(hidden_states))
-            values = values.view(*values.shape[:2], attention.num_heads, -1).transpose(1, 2)
-            run.values[self.index] = (values, run.tokens.origin)
-        if self.inside:
-            inner = self.inner
-            attended, _ = inner.self_attn(hidden_states=inner.layer_norm1(hidden_states), attention_mask=mask, **kwargs)
-            hidden = owner.apply(self.inside, hidden_states + attended, self.index)
-            output = hidden + inner.mlp(inner.layer_norm2(hidden))
-        else:
-            output = self.inner(hidden_states, mask, **kwargs)
-        if self.after:
-            output = owner.apply(self.after, output, self.index)
-        if self.index == owner.adapter.feature_encoder_layer:
-            run.features = replace(run.tokens, hidden=output)
-        return output
-
-
 class ImageStages:
     """The pre-LLM stages of a plan. After each vision forward, `kept` and `protected` ([images,
     tokens_per_image] bool, images in the order LLaVA scatters them) say which image slots reach the LLM
@@ -171,11 +134,16 @@ class ImageStages:
         self.kept: torch.Tensor | None = None
         self.protected: torch.Tensor | None = None
         self.encoder_rows: torch.Tensor | None = None  # [images, encoder layers]: real rows each layer ran on
+        self.merged_into: torch.Tensor | None = None  # unmerge families: [images, encoder tokens] long, per position
+        # the position whose token holds it after the encoder's merges (itself where it did not merge)
         self.run: VisionRun | None = None
         encoder = [s for s in plan.stages if s.kind == "encoder"]
         self.encoder_output = plan.at("encoder.output")
         self.projector_output = plan.at("projector.output")
         self.active = bool(encoder or self.projector_output)
+        self.unmerges = adapter.encoder_unmerges  # the connector reads every patch: merges are undone at the output
+        if self.unmerges:
+            refuse_unmergeable(plan)
         stage_layers = {k for s in encoder for k in s.layers}
         feature_layer = adapter.feature_encoder_layer
         needed = {k for s in encoder for k in s.layers if any(not isinstance(st, ir.Merge) for st in s.statements)}
@@ -188,9 +156,11 @@ class ImageStages:
         self.recorded.discard(-1)
         self.value_layers = {k for s in encoder for k in s.layers if reads_values(s.statements)}
         device = next(adapter.vision_tower.parameters()).device
-        positions = torch.arange(adapter.vision_tokens, device=device)
         cls = int(adapter.has_cls)
-        self.encoder_space = Space(positions >= cls, positions - cls, positions < cls, adapter.patch_grid)
+        grid = adapter.patch_grid or adapter.encoder_grid  # anyres: every crop has the tower's own grid
+        tokens = torch.arange(grid[0] * grid[1] + cls if grid is not None else cls, device=device)
+        self.encoder_space = Space(tokens >= cls, tokens - cls, tokens < cls, grid)
+        positions = torch.arange(adapter.vision_tokens, device=device)
         slots = positions[adapter.feature_start:]
         self.slot_space = Space(slots >= cls, slots - cls, slots < cls, adapter.patch_grid)
         if adapter.tokens_per_image is not None and adapter.token_grid is None:  # tokens fold patches (tiles)
@@ -220,23 +190,27 @@ class ImageStages:
             return
         adapter = self.adapter
         if self._encoder:
+            bodies = [layer_body(layer) for layer in adapter.vision_layers]
             for stage in self.plan.at("encoder.layer.attention"):
-                missing = [n for n in ("layer_norm1", "self_attn", "layer_norm2", "mlp")
-                           if not all(hasattr(adapter.vision_layers[k], n) for k in stage.layers)]
-                if missing:
-                    raise PolicyError.at(f"{stage.label} splits encoder layers between attention and MLP, but "
-                                         f"they have no {', '.join(missing)}", stage.span)
+                if any(bodies[k] is None for k in stage.layers):
+                    raise PolicyError.at(f"{stage.label} splits encoder layers between attention and MLP, but their "
+                                         "parts are not recognised (pre-norm layer_norm1, self_attn, layer_norm2, "
+                                         "mlp; or InternViT's layernorm_before, attention, layernorm_after, mlp)",
+                                         stage.span)
             for index, inner in enumerate(adapter.vision_layers):
-                adapter.vision_layers[index] = VisionLayer(inner, index, self)
+                adapter.vision_layers[index] = VisionLayer(inner, index, self, bodies[index] or LayerBody())
                 self._wrapped.append((index, inner))
             for index in self.recorded:
                 adapter.vision_attention[index]._policyc_recorder = self._recorder(index)
             config = adapter.vision_tower.config
             self._attention = config._attn_implementation
             config._attn_implementation = register()
-            self._handles.append(adapter.vision_tower.register_forward_hook(self._on_tower_output))
+            on_output = self._on_unmerged_tower_output if self.unmerges else self._on_tower_output
+            self._handles.append(adapter.vision_tower.register_forward_hook(on_output))
         if adapter.tokens_per_image is None:  # packed images of their own sizes (Qwen2-VL): at the tower's output
-            self._handles.append(adapter.vision_tower.register_forward_hook(self._on_packed_tower, with_kwargs=True))
+            if not self.unmerges:  # (anyres crops: projector stages fail at compile time)
+                self._handles.append(adapter.vision_tower.register_forward_hook(self._on_packed_tower,
+                                                                                 with_kwargs=True))
         else:
             self._handles.append(adapter.projector.register_forward_hook(self._on_projector_output))
         if self._prompt is not None:
@@ -268,9 +242,12 @@ class ImageStages:
         return record
 
     # ---------------------------------------------------------------- the encoder
-    def begin(self, hidden: torch.Tensor) -> None:
+    def begin(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         tokens = Tokens.start(hidden)
         self.run = VisionRun(tokens, self.encoder_space.state(hidden.shape[0]))
+        if self.unmerges and (padded := padding_keys(mask, hidden.dtype)) is not None:  # never merged, masked as keys
+            self.run.padded = padded
+            self.run.state.image = self.run.state.image & ~padded
         self._slots = None
         if self.adapter.feature_encoder_layer == -1:
             self.run.features = tokens
@@ -311,6 +288,26 @@ class ImageStages:
         self._slots = self._to_slots(features, state, alive_rows)
         skipped = torch.zeros_like(run.state.valid[:, 0], dtype=torch.long)  # layers past the last one a stage needs
         self.encoder_rows = torch.stack([run.rows.get(k, skipped) for k in range(len(adapter.vision_layers))], 1)
+        self.run = None
+        return output
+
+    def _on_unmerged_tower_output(self, module: nn.Module, args: tuple, output: object) -> object:
+        """Unmerge families: every patch position of `last_hidden_state` (and of the feature layer's hidden state,
+        where the model asked for hidden states) takes its merged token's row, so the connector reads the full grid
+        (CLS included where the tower has one)."""
+        run, adapter = self.run, self.adapter
+        if run is None or run.features is None:
+            return output
+        output["last_hidden_state"] = run.tokens.unmerged(output["last_hidden_state"])  # type: ignore[index]
+        if getattr(output, "hidden_states", None) is not None:  # LLaVA-NeXT reads hidden_states[feature_layer]
+            hidden_states = [None] * (len(adapter.vision_layers) + 1)
+            hidden_states[adapter.feature_layer] = run.features.unmerged(run.features.hidden)
+            output["hidden_states"] = tuple(hidden_states)  # type: ignore[index]
+        self.merged_into = run.features.owner
+        skipped = torch.zeros_like(run.state.valid[:, 0], dtype=torch.long)
+        # Anyres towers encode crops, which the compile report's per-image FLOPs cannot place: counted at full size.
+        self.encoder_rows = None if adapter.tokens_per_image is None else \
+            torch.stack([run.rows.get(k, skipped) for k in range(len(adapter.vision_layers))], 1)
         self.run = None
         return output
 

@@ -25,17 +25,27 @@ class Tokens:
     origin: torch.Tensor  # [I, R] long: the token's own position (its identity)
     first: torch.Tensor  # [I, R] long: earliest position folded into the row (its representative)
     size: torch.Tensor  # [I, R] float: original tokens folded into the row
+    owner: torch.Tensor | None = None  # [I, P] long: per ORIGINAL position, the origin of the row holding it
 
     @classmethod
     def start(cls, hidden: torch.Tensor) -> Tokens:
         positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-        return cls(hidden, positions, positions, torch.ones(positions.shape, device=hidden.device))
+        return cls(hidden, positions, positions, torch.ones(positions.shape, device=hidden.device), positions)
 
     def rows(self, index: torch.Tensor) -> Tokens:
         """The rows `index` [I, R'] of each image."""
         wide = index[:, :, None].expand(-1, -1, self.hidden.shape[-1])
         return Tokens(self.hidden.gather(1, wide), self.origin.gather(1, index), self.first.gather(1, index),
-                      self.size.gather(1, index))
+                      self.size.gather(1, index), self.owner)
+
+    def unmerged(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` [I, R, C] over these rows, at every original position: each position takes the row its token
+        was merged into (ToMe for Stable Diffusion's unmerge): [I, P, C]."""
+        if self.owner is None:
+            raise ValueError("these tokens do not track which row holds each position")
+        rows = torch.arange(self.origin.shape[1], device=self.origin.device).expand_as(self.origin)
+        row_of = torch.zeros_like(self.owner).scatter(1, self.origin, rows).gather(1, self.owner)
+        return hidden.gather(1, row_of[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
 
@@ -65,7 +75,11 @@ def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
         merged = hidden + incoming / count.clamp(min=1)[:, :, None].to(hidden.dtype)
     hidden = torch.where(received[:, :, None], merged, hidden)
     first = tokens.first.scatter_reduce(1, into, tokens.first, reduce="amin")
-    return Tokens(hidden, tokens.origin, first, torch.where(received, total, size)), moved
+    owner = tokens.owner
+    if owner is not None:  # positions held by a row that folded now belong to its receiver (one level: receivers stay)
+        receiver = torch.arange(owner.shape[1], device=owner.device).expand_as(owner)
+        owner = receiver.scatter(1, tokens.origin, tokens.origin.gather(1, into)).gather(1, owner)
+    return Tokens(hidden, tokens.origin, first, torch.where(received, total, size), owner), moved
 
 
 def run_statements(stage: BoundStage, evaluator: StageEvaluator, tokens: Tokens,
