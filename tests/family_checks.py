@@ -90,3 +90,32 @@ LLM_POLICIES: list[tuple[str, dict[str, Any], bool]] = [
 
 __all__ = ["LLM_POLICIES", "assert_batch_equals_single_runs", "assert_identity_is_bit_exact",
            "assert_saved_directory_compiles", "greedy"]
+
+
+def tome_forward(model: torch.nn.Module, inputs: Inputs, r: int) -> tuple[torch.Tensor, Any]:
+    """One forward with the standard library's ToMe (`r` merges per encoder layer) compiled: the logits and the
+    runtime's record of the images (`merged_into`, `encoder_rows`); the model is left as it was."""
+    policyc.compile(model, "tome", r=r)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+        return logits, model.policyc.images
+    finally:
+        model.policyc.remove()
+
+
+def assert_tome_shrinks_only_the_encoder(model: torch.nn.Module, r: int, name: str) -> Any:
+    """ToMe's compile report: fewer encoder FLOPs, the same LLM FLOPs (the connector keeps the token layout).
+    Returns the report."""
+    from policyc.models import adapt
+    from policyc.report import measure
+
+    inputs = adapt(model).sample_inputs()  # before compiling: wrapped layers hide some towers' attention
+    policyc.compile(model, "tome", r=r)
+    try:
+        report = measure(model.policyc, inputs, name)
+    finally:
+        model.policyc.remove()
+    assert report.flops_after.encoder < report.flops_before.encoder
+    assert report.flops_after.llm == report.flops_before.llm
+    return report

@@ -16,6 +16,8 @@ from family_checks import (
     assert_batch_equals_single_runs,
     assert_identity_is_bit_exact,
     assert_saved_directory_compiles,
+    assert_tome_shrinks_only_the_encoder,
+    tome_forward,
 )
 from reference.fastv_idefics3 import fastv_idefics3_generate, row_embeddings
 from reference.tome_unmerge import groups_of, idefics3_encoder_images, tome_tower, with_tower_output
@@ -136,15 +138,9 @@ def test_tome_equals_the_unmerge_reference(smolvlm: bool, r: int, batch: int, la
     assert padded.any() == (layouts == LAYOUTS)
     hidden, groups = tome_tower(model, pixels, r, padded)
     expected = with_tower_output(model, inputs, hidden)
-    policyc.compile(model, "tome", r=r)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs, use_cache=False).logits
-        images = model.policyc.images
-        assert groups_of(images.merged_into) == groups
-        assert images.encoder_rows.tolist() == [[16, 16 - r]] * pixels.shape[0]
-    finally:
-        model.policyc.remove()
+    logits, images = tome_forward(model, inputs, r)
+    assert groups_of(images.merged_into) == groups
+    assert images.encoder_rows.tolist() == [[16, 16 - r]] * pixels.shape[0]
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
@@ -155,13 +151,8 @@ def test_tome_generates_and_batches_equal_single_runs(deep_models: dict[bool, to
 
 def test_tome_shrinks_the_encoders_flops_not_the_llms() -> None:
     model = tiny_idefics3()
-    policyc.compile(model, "tome", r=4)
-    try:
-        report = measure(model.policyc, adapt(model).sample_inputs(), "tiny-idefics3")
-    finally:
-        model.policyc.remove()
-    assert report.flops_after.encoder < report.flops_before.encoder
-    assert report.flops_after.llm == report.flops_before.llm and report.image_tokens == 20
+    report = assert_tome_shrinks_only_the_encoder(model, 4, "tiny-idefics3")
+    assert report.image_tokens == 20
 
 
 @pytest.mark.parametrize(("policy", "reason"), [

@@ -13,6 +13,8 @@ from family_checks import (
     assert_batch_equals_single_runs,
     assert_identity_is_bit_exact,
     assert_saved_directory_compiles,
+    assert_tome_shrinks_only_the_encoder,
+    tome_forward,
 )
 from reference.fastv import fastv_generate
 from reference.tome_unmerge import groups_of, tome_tower, with_tower_output
@@ -97,15 +99,9 @@ def test_tome_equals_the_unmerge_reference(r: int, batch: int, qk_norm: bool) ->
     inputs = make_internvl_inputs(batch=batch, tiles=TILES, pad_left=2, seed=r)
     hidden, groups = tome_tower(model, inputs["pixel_values"], r)
     expected = with_tower_output(model, inputs, hidden)
-    policyc.compile(model, "tome", r=r)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs, use_cache=False).logits
-        images = model.policyc.images
-        assert groups_of(images.merged_into) == groups and all(g[0] == [0] for g in groups)  # CLS alone
-        assert images.encoder_rows[:, 0].eq(65).all() and images.encoder_rows[:, 1].eq(65 - min(r, 32)).all()
-    finally:
-        model.policyc.remove()
+    logits, images = tome_forward(model, inputs, r)
+    assert groups_of(images.merged_into) == groups and all(g[0] == [0] for g in groups)  # CLS alone
+    assert images.encoder_rows[:, 0].eq(65).all() and images.encoder_rows[:, 1].eq(65 - min(r, 32)).all()
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
@@ -116,14 +112,8 @@ def test_tome_generates_and_batches_equal_single_runs(deep_model: torch.nn.Modul
 
 def test_tome_shrinks_the_encoders_flops_not_the_llms() -> None:
     model = tiny_internvl()
-    inputs = adapt(model).sample_inputs()
-    policyc.compile(model, "tome", r=16)
-    try:
-        report = measure(model.policyc, inputs, "tiny-internvl")
-    finally:
-        model.policyc.remove()
-    assert report.flops_after.encoder < report.flops_before.encoder
-    assert report.flops_after.llm == report.flops_before.llm and report.image_tokens == TILE_TOKENS
+    report = assert_tome_shrinks_only_the_encoder(model, 16, "tiny-internvl")
+    assert report.image_tokens == TILE_TOKENS
 
 
 @pytest.mark.parametrize(("policy", "reason", "hint"), [

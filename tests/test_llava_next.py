@@ -16,6 +16,7 @@ from family_checks import (
     assert_batch_equals_single_runs,
     assert_identity_is_bit_exact,
     assert_saved_directory_compiles,
+    tome_forward,
 )
 from PIL import Image
 from reference.fastv_anyres import fastv_anyres_generate
@@ -175,13 +176,8 @@ def test_tome_equals_the_unmerge_reference(family: str, r: int, batch: int) -> N
     calls = [tome_tower(model, pixels, r, feature_layer=feature_layer) for pixels in tower_inputs(model, inputs)]
     assert len(calls) == (2 if family == "llava_onevision" else 1)  # OneVision: images, then video frames
     expected = with_tower_output(model, inputs, [hidden for hidden, _ in calls], feature_layer=feature_layer)
-    policyc.compile(model, "tome", r=r)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs, use_cache=False).logits
-        assert groups_of(model.policyc.images.merged_into) == calls[-1][1]
-    finally:
-        model.policyc.remove()
+    logits, images = tome_forward(model, inputs, r)
+    assert groups_of(images.merged_into) == calls[-1][1]
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
