@@ -140,7 +140,11 @@ def dynamo_recompiles() -> int:
 def measure(row: Row, model: Any, inputs: dict[str, torch.Tensor], settings: Settings, *,
             prefill_only: bool = False) -> Row:
     """Fill `row` with `model`'s prefill latency and TTFT, and (unless `prefill_only`) its decode rate and the
-    bytes of the KV cache a generate() of `gen_len` tokens leaves."""
+    bytes of the KV cache a generate() of `gen_len` tokens leaves.
+
+    Decode tokens/s is batch x (gen_len - 1) over the time from the first token's logits to the last's inside
+    one generate() (stamped by a logits processor, CUDA synchronized), median over the timed runs: the
+    difference t(gen_len) - t(1) of two separate medians, with its prefill noise, cannot go negative this way."""
     device = inputs["input_ids"].device
     batch = inputs["input_ids"].shape[0]
     before = dynamo_recompiles()
@@ -148,16 +152,39 @@ def measure(row: Row, model: Any, inputs: dict[str, torch.Tensor], settings: Set
                                                      settings.repeats)
     row.ttft_s, _, _ = timed(lambda: generate(model, inputs, 1), device, settings.warmup, settings.repeats)
     if not prefill_only and settings.gen_len > 1:
-        total, row.peak_generate_bytes, _ = timed(lambda: generate(model, inputs, settings.gen_len), device,
-                                                  settings.warmup, settings.repeats)
-        row.decode_tokens_per_s = batch * (settings.gen_len - 1) / (total - row.ttft_s) if total > row.ttft_s else None
+        from transformers import LogitsProcessorList
+
+        spans: list[float] = []
+
+        def decode() -> None:
+            stamps = DecodeClock(device)
+            generate(model, inputs, settings.gen_len, logits_processor=LogitsProcessorList([stamps]))
+            spans.append(stamps.times[-1] - stamps.times[0])
+
+        _, row.peak_generate_bytes, _ = timed(decode, device, settings.warmup, settings.repeats)
+        span = statistics.median(spans[settings.warmup:])
+        row.decode_tokens_per_s = batch * (settings.gen_len - 1) / span if span > 0 else None
     if settings.backend != "eager":
         row.recompiles = dynamo_recompiles() - before
     if not prefill_only:
         with torch.no_grad():
             output = generate(model, inputs, max(settings.gen_len, 1), return_dict_in_generate=True)
-        row.kv_bytes = kv_bytes(output.past_key_values)
+        cache = output.get("cache")  # transformers >= 5.2x; `past_key_values` before
+        row.kv_bytes = kv_bytes(cache if cache is not None else output.past_key_values)
     return row
+
+
+class DecodeClock:
+    """A logits processor that stamps the time each step's logits arrive (after a CUDA synchronize)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def _slice_rows(value: Any, length: int, count: int) -> Any:
