@@ -56,8 +56,10 @@ def load_bench_model(model: str | None, shapes: str | None, settings: Settings) 
 
 def bench_command(model: str | None, policy: str, *, settings: Settings, shapes: str | None = None,
                   assignments: dict[str, ir.Expr] | None = None, json_path: Path | None = None,
-                  no_reference: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Measure the four rows, print the table, write `json_path`; returns what the JSON holds."""
+                  no_reference: bool = False, console: Console | None = None,
+                  preloaded: tuple[Any, str] | None = None) -> dict[str, Any]:
+    """Measure the four rows, print the table, write `json_path`; returns what the JSON holds. `preloaded` is a
+    model already built (and its name), e.g. one --shapes model shared by a benchmark matrix."""
     from policyc.bench_reference import REFERENCES, eager_once, run_reference, unavailable
     from policyc.models import adapt
     from policyc.report import report_from_last_prefill
@@ -70,7 +72,7 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
         raise PolicyError.at(f"{policy} holds {len(found)} policies", None,
                              f"name one: {policy}:{found[0].program.policy.name}")
     checked = found[0]
-    loaded, model_name = load_bench_model(model, shapes, settings)
+    loaded, model_name = preloaded or load_bench_model(model, shapes, settings)
     adapter = adapt(loaded)
     from policyc.bench import synthetic_inputs
 
