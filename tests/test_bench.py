@@ -131,3 +131,21 @@ def test_qwen_shape_on_the_meta_device() -> None:
     adapter = adapt(model)
     assert (len(adapter.decoder_layers), adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (28, 28, 4, 128)
     assert len(adapter.vision_layers) == 32 and adapter.rope == "mrope"
+
+
+def test_speed_script_smoke_run(tmp_path: Path) -> None:
+    """benchmarks/speed.py --tiny on one configuration: a RESULTS.md titled as a CPU smoke run, and the plot."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed", path)
+    assert spec is not None and spec.loader is not None
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    speed.main(["--tiny", "--out", str(tmp_path), "--policies", "fastv", "--budgets", "64", "--backends", "eager",
+                "--no-long-context", "--no-reference"])
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert results.startswith("# CPU smoke run of the tiny random model (not the GPU result)")
+    row = next(line for line in results.splitlines() if line.startswith("| fastv | 64 |"))
+    assert "| 7.0 |" in row  # FastV's 64-of-576 setting keeps 7 of the tiny model's 64 image tokens
+    assert (tmp_path / "speed.png").stat().st_size > 0 and len(list((tmp_path / "runs").glob("*.json"))) == 1
