@@ -53,7 +53,7 @@ class Row:
     image_tokens: float | None = None  # mean over the batch, at the last LLM layer
     tokens_per_layer: list[int] = field(default_factory=list)  # rows each LLM layer processed in prefill
     flops_share: float | None = None  # analytic prefill FLOPs over the unmodified model's
-    recompiles: int | None = None  # torch._dynamo recompilations during the timed runs (inductor)
+    recompiles: int | None = None  # graphs torch._dynamo compiled during the timed runs (inductor; after warmup)
     speedup: dict[str, float] = field(default_factory=dict)  # e.g. prefill_vs_unmodified
 
     def to_json(self) -> dict[str, Any]:
@@ -131,10 +131,11 @@ def kv_bytes(cache: Any) -> int:
 
 
 def dynamo_recompiles() -> int:
-    """torch._dynamo's count of recompilations so far (frames compiled again after a guard failed)."""
+    """Graphs torch._dynamo compiled so far (`counters["stats"]["unique_graphs"]`): counted over the timed runs,
+    after the warmup compiled each shape once, every new graph is a recompilation (a guard failed)."""
     from torch._dynamo.utils import counters
 
-    return int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def measure(row: Row, model: Any, inputs: dict[str, torch.Tensor], settings: Settings, *,

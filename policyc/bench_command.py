@@ -81,6 +81,7 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     device = inputs["input_ids"].device
 
     unmodified = measure(Row("unmodified", "the model as loaded (eager modules, SDPA)"), loaded, inputs, settings)
+    unmodified.recompiles = None  # never compiled
     unmodified.image_tokens = float(adapter.visual_mask(inputs["input_ids"]).sum(1).float().mean())
     unmodified.tokens_per_layer = [length] * len(adapter.decoder_layers)
     unmodified.flops_share = 1.0
@@ -200,7 +201,7 @@ def render(result: dict[str, Any], rows: list[Row], console: Console) -> None:
     for row in rows:
         console.print(f"[dim]{row.name}: {escape(row.note)}[/dim]")
         if row.recompiles is not None:
-            console.print(f"[dim]{row.name}: {row.recompiles} torch._dynamo recompilation(s) during the timed runs"
+            console.print(f"[dim]{row.name}: {row.recompiles} graph(s) torch._dynamo compiled during the timed runs"
                           "[/dim]")
     console.print("[dim]img tok: image tokens at the last LLM layer (batch mean). FLOPs: analytic prefill FLOPs share; "
                   "time: prefill time share (both over the unmodified model's). speedup: t_unmodified / t_row "
