@@ -91,13 +91,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(call: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> tuple[float, int | None, Any]:
+def timed(call: Callable[[], Any], device: torch.device, warmup: int, repeats: int,
+          ) -> tuple[float, int | None, Any, int]:
     """Median seconds of `repeats` calls after `warmup` untimed ones, the peak CUDA memory over the timed calls
-    (None off CUDA), and the last call's result."""
+    (None off CUDA), the last call's result, and the graphs torch._dynamo compiled during the timed calls."""
     with torch.no_grad():
         for _ in range(warmup):
             call()
-        times, peak, result = [], None, None
+        times, peak, result, graphs = [], None, None, dynamo_graphs()
         for _ in range(repeats):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -108,7 +109,7 @@ def timed(call: Callable[[], Any], device: torch.device, warmup: int, repeats: i
             times.append(time.perf_counter() - start)
             if device.type == "cuda":
                 peak = max(peak or 0, torch.cuda.max_memory_allocated(device))
-    return statistics.median(times), peak, result
+    return statistics.median(times), peak, result, dynamo_graphs() - graphs
 
 
 def generate(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int, **extra: Any) -> Any:
@@ -130,7 +131,7 @@ def kv_bytes(cache: Any) -> int:
                if isinstance(t := getattr(layer, name, None), torch.Tensor))
 
 
-def dynamo_recompiles() -> int:
+def dynamo_graphs() -> int:
     """Graphs torch._dynamo compiled so far (`counters["stats"]["unique_graphs"]`): counted over the timed runs,
     after the warmup compiled each shape once, every new graph is a recompilation (a guard failed)."""
     from torch._dynamo.utils import counters
@@ -148,10 +149,10 @@ def measure(row: Row, model: Any, inputs: dict[str, torch.Tensor], settings: Set
     difference t(gen_len) - t(1) of two separate medians, with its prefill noise, cannot go negative this way."""
     device = inputs["input_ids"].device
     batch = inputs["input_ids"].shape[0]
-    before = dynamo_recompiles()
-    row.prefill_s, row.peak_prefill_bytes, _ = timed(lambda: prefill(model, inputs), device, settings.warmup,
-                                                     settings.repeats)
-    row.ttft_s, _, _ = timed(lambda: generate(model, inputs, 1), device, settings.warmup, settings.repeats)
+    row.prefill_s, row.peak_prefill_bytes, _, graphs = timed(lambda: prefill(model, inputs), device, settings.warmup,
+                                                             settings.repeats)
+    row.ttft_s, _, _, more = timed(lambda: generate(model, inputs, 1), device, settings.warmup, settings.repeats)
+    graphs += more
     if not prefill_only and settings.gen_len > 1:
         from transformers import LogitsProcessorList
 
@@ -162,11 +163,12 @@ def measure(row: Row, model: Any, inputs: dict[str, torch.Tensor], settings: Set
             generate(model, inputs, settings.gen_len, logits_processor=LogitsProcessorList([stamps]))
             spans.append(stamps.times[-1] - stamps.times[0])
 
-        _, row.peak_generate_bytes, _ = timed(decode, device, settings.warmup, settings.repeats)
+        _, row.peak_generate_bytes, _, more = timed(decode, device, settings.warmup, settings.repeats)
+        graphs += more
         span = statistics.median(spans[settings.warmup:])
         row.decode_tokens_per_s = batch * (settings.gen_len - 1) / span if span > 0 else None
     if settings.backend != "eager":
-        row.recompiles = dynamo_recompiles() - before
+        row.recompiles = graphs
     if not prefill_only:
         with torch.no_grad():
             output = generate(model, inputs, max(settings.gen_len, 1), return_dict_in_generate=True)
@@ -236,15 +238,16 @@ def ideal_counts(layers: nn.ModuleList, counts: list[int]) -> Iterator[list[int]
 
 @contextmanager
 def compiled_decoder(adapter: ModelAdapter, backend: str) -> Iterator[None]:
-    """The LLM decoder's forward through torch.compile (inductor, dynamic shapes) for the unmodified model's
-    rows under `--backend inductor`, as policyc's inductor backend compiles it; nothing under eager."""
+    """The LLM decoder's forward through torch.compile (dynamic shapes) for the ideal row, as policyc's graph
+    backends compile it: inductor under `inductor`, dynamo's eager backend under `fx` (graphs, no codegen)."""
     if backend == "eager":
         yield
         return
     from policyc.runtime.patching import replace_attribute
 
     decoder = adapter.decoder
-    undo = replace_attribute(decoder, "forward", torch.compile(decoder.forward, dynamic=True, backend=backend))
+    compiler = "inductor" if backend == "inductor" else "eager"
+    undo = replace_attribute(decoder, "forward", torch.compile(decoder.forward, dynamic=True, backend=compiler))
     try:
         yield
     finally:

@@ -118,7 +118,7 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     else:
         reference.note = f"{REFERENCES[name][1]}; no KV cache: prefill/TTFT only (generate to the first token)"
         with eager_once(loaded):
-            reference.ttft_s, reference.peak_prefill_bytes, kept = timed(
+            reference.ttft_s, reference.peak_prefill_bytes, kept, _ = timed(
                 lambda: run_reference(name, loaded, inputs, compiled), device, settings.warmup, settings.repeats)
         reference.image_tokens = kept
     rows = [unmodified, ideal, policy_row, reference]
