@@ -65,17 +65,19 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def synthetic_inputs(adapter: ModelAdapter, settings: Settings) -> dict[str, torch.Tensor]:
-    """`batch` identical prompts of `prompt_len` text tokens around `images` images' tokens (adjacent), and
+    """`batch` identical prompts of `prompt_len` text tokens (ordinary ids, repeated where the vocabulary is small)
+    around `images` images' tokens (adjacent, in the middle), and
     random pixel values [batch * images, 3, H, W] at the encoder's size. LLaVA-style models only."""
     if adapter.family != "llava" or adapter.tokens_per_image is None:
         raise PolicyError.at(f"policyc bench does not support the {adapter.family} family yet: it builds "
                              "LLaVA-style inputs (a fixed number of tokens per image)", None,
                              "bench a LLaVA model (e.g. `default`, `random` or --shapes llava-1.5-7b)")
-    image_tokens = adapter.tokens_per_image * settings.images
-    row = text_around(adapter, settings.prompt_len, [adapter.image_token_id] * image_tokens)
-    if len(row) - image_tokens < settings.prompt_len:
-        raise PolicyError.at(f"--prompt-len {settings.prompt_len} is more text tokens than this model's vocabulary "
-                             "offers as distinct ordinary ids", None, "use a shorter --prompt-len")
+    ordinary = text_around(adapter, settings.prompt_len, [])  # distinct ordinary ids, as many as there are
+    if not ordinary:
+        raise PolicyError.at("this model's vocabulary has no ordinary text ids to build a prompt from", None)
+    text = [ordinary[k % len(ordinary)] for k in range(settings.prompt_len)]  # small vocabularies repeat ids
+    half = len(text) // 2
+    row = text[:half] + [adapter.image_token_id] * adapter.tokens_per_image * settings.images + text[half:]
     size = adapter.model.config.vision_config.image_size
     height, width = (size, size) if isinstance(size, int) else size
     device, dtype = placement(adapter.model)
