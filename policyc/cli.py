@@ -354,6 +354,41 @@ def search(first: str, second: str | None, trials: int, output: Path, storage: s
         sys.exit(EXIT_POLICY_ERROR)
 
 
+@main.command()
+@click.argument("first", metavar="[MODEL] POLICY")
+@click.argument("second", required=False, metavar="")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=64, show_default=True, help="Text tokens per prompt.")
+@click.option("--gen-len", type=click.IntRange(min=1), default=32, show_default=True, help="New tokens for decode.")
+@click.option("--backend", type=click.Choice(["eager", "inductor"]), default="eager", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--shapes", help="Build this full-size architecture with random weights instead of loading MODEL "
+                               "(llava-1.5-7b, qwen2.5-vl-7b).")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs (median).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure here.")
+@click.option("--no-reference", is_flag=True, help="Skip the plain reference implementation's row.")
+@_PARAM
+def bench(first: str, second: str | None, batch: int, images: int, prompt_len: int, gen_len: int, backend: str,
+          dtype: str, device: str, shapes: str | None, warmup: int, repeats: int, json_path: Path | None,
+          no_reference: bool, params: tuple[str, ...]) -> None:
+    """Time POLICY against the unmodified model, the ideal (the unmodified layers fed the policy's token counts)
+    and the plain reference implementation: prefill, time to first token, decode tokens/s, memory, KV cache."""
+    from policyc.bench import Settings
+    from policyc.bench_command import bench_command
+
+    model, policy = (None, first) if second is None else (first, second)
+    settings = Settings(batch, images, prompt_len, gen_len, backend, dtype, device, warmup, repeats)
+    try:
+        bench_command(model, policy, settings=settings, shapes=shapes, assignments=_assignments(params),
+                      json_path=json_path, no_reference=no_reference)
+    except PolicyError as error:
+        _fail(error)
+        sys.exit(EXIT_POLICY_ERROR)
+
+
 @main.command(name="list")
 @click.argument("kind", required=False,
                 type=click.Choice(["policies", "hooks", "statements", "sets", "signals", "functions", "schedules",

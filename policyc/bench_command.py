@@ -1,0 +1,212 @@
+"""`policyc bench [MODEL] POLICY`: prefill latency, time to first token, decode tokens/s, peak memory and KV cache
+size of four rows on the same synthetic inputs, printed as a table and written as JSON.
+
+- unmodified: the model as loaded (eager modules, SDPA).
+- ideal: the unmodified model's decoder layers fed exactly the token counts the policy leaves at each LLM layer
+  (measured from the policy's prefill), by views of the first rows and no scoring or selection work; on the
+  policy's backend (torch.compile'd under --backend inductor). Prefill and TTFT only.
+- policy: POLICY compiled onto the model by policyc on --backend.
+- reference: the plain reference implementation from tests/reference (source checkouts only), prefill/TTFT only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from policyc.bench import (
+    Row,
+    Settings,
+    compiled_decoder,
+    ideal_counts,
+    image_tokens_at_last_layer,
+    measure,
+    policy_counts,
+    timed,
+    torch_dtype,
+)
+from policyc.errors import PolicyError
+from policyc.lang import ir
+
+
+def load_bench_model(model: str | None, shapes: str | None, settings: Settings) -> tuple[Any, str]:
+    """The model to measure and how the JSON names it: a MODEL reference, or a --shapes architecture."""
+    from policyc.models.bundled import DEFAULT_NAME, load_reference_model, reference_name
+
+    dtype = torch_dtype(settings.dtype)
+    if shapes is not None:
+        if model is not None:
+            raise PolicyError.at(f"--shapes {shapes} builds its own model: MODEL ('{model}') cannot be given too",
+                                 None, f"policyc bench --shapes {shapes} POLICY")
+        from policyc.models.shapes import build_shape
+
+        return build_shape(shapes, settings.device, dtype), f"shapes:{shapes} (random weights)"
+    reference = DEFAULT_NAME if model is None else reference_name(model)
+    loaded = load_reference_model(reference, settings.device)
+    return loaded.to(dtype=dtype).eval(), reference
+
+
+def bench_command(model: str | None, policy: str, *, settings: Settings, shapes: str | None = None,
+                  assignments: dict[str, ir.Expr] | None = None, json_path: Path | None = None,
+                  no_reference: bool = False, console: Console | None = None,
+                  preloaded: tuple[Any, str] | None = None) -> dict[str, Any]:
+    """Measure the four rows, print the table, write `json_path`; returns what the JSON holds. `preloaded` is a
+    model already built (and its name), e.g. one --shapes model shared by a benchmark matrix."""
+    from policyc.bench_reference import REFERENCES, eager_once, run_reference, unavailable
+    from policyc.models import adapt
+    from policyc.report import report_from_last_prefill
+    from policyc.runtime import compile_model
+    from policyc.show import find_policies
+
+    console = console or Console()
+    found = find_policies(policy)
+    if len(found) != 1:
+        raise PolicyError.at(f"{policy} holds {len(found)} policies", None,
+                             f"name one: {policy}:{found[0].program.policy.name}")
+    checked = found[0]
+    loaded, model_name = preloaded or load_bench_model(model, shapes, settings)
+    adapter = adapt(loaded)
+    from policyc.bench import synthetic_inputs
+
+    inputs = synthetic_inputs(adapter, settings)
+    length = inputs["input_ids"].shape[1]
+    device = inputs["input_ids"].device
+
+    unmodified = measure(Row("unmodified", "the model as loaded (eager modules, SDPA)"), loaded, inputs, settings)
+    unmodified.recompiles = None  # never compiled
+    unmodified.image_tokens = float(adapter.visual_mask(inputs["input_ids"]).sum(1).float().mean())
+    unmodified.tokens_per_layer = [length] * len(adapter.decoder_layers)
+    unmodified.flops_share = 1.0
+
+    compiled = compile_model(loaded, checked, assignments or {}, settings.backend)  # type: ignore[arg-type]
+    try:
+        row = Row("policy", f"{compiled.plan.name} compiled by policyc ({settings.backend})")
+        measure(row, compiled.model, inputs, settings)
+        with torch.no_grad():  # the counts of one prefill, as the timed runs left them
+            compiled.model(**inputs, use_cache=False, logits_to_keep=1)
+        row.tokens_per_layer = policy_counts(compiled, length)
+        row.image_tokens = image_tokens_at_last_layer(compiled, inputs["input_ids"])
+        report = report_from_last_prefill(compiled, inputs["input_ids"], model_name)
+        row.flops_share = report.flops_after.total / report.flops_before.total
+        policy_row = row
+    finally:
+        compiled.remove()
+
+    ideal = Row("ideal", f"the unmodified layers fed the policy's token counts, no scoring ({settings.backend}); "
+                         "prefill and TTFT only")
+    with compiled_decoder(adapter, settings.backend), ideal_counts(adapter.decoder_layers,
+                                                                   policy_row.tokens_per_layer) as seen:
+        measure(ideal, loaded, inputs, settings, prefill_only=True)
+        with torch.no_grad():
+            loaded(**inputs, use_cache=False, logits_to_keep=1)
+        ideal.tokens_per_layer = list(seen)
+    ideal.image_tokens, ideal.flops_share = policy_row.image_tokens, policy_row.flops_share
+
+    name = compiled.plan.checked.program.policy.name
+    reference = Row("reference")
+    why = unavailable(name, no_reference)
+    if why is not None:
+        reference.note = f"not run: {why}"
+    else:
+        reference.note = f"{REFERENCES[name][1]}; no KV cache: prefill/TTFT only (generate to the first token)"
+        with eager_once(loaded):
+            reference.ttft_s, reference.peak_prefill_bytes, kept, _ = timed(
+                lambda: run_reference(name, loaded, inputs, compiled), device, settings.warmup, settings.repeats)
+        reference.image_tokens = kept
+    rows = [unmodified, ideal, policy_row, reference]
+    _speedups(rows)
+    result = {"machine": machine(), "device": device_name(device), "versions": versions(),
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "model": model_name, "policy": name, "settings": vars(settings) | {"shapes": shapes},
+              "rows": [r.to_json() for r in rows]}
+    render(result, rows, console)
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+    return result
+
+
+def _speedups(rows: list[Row]) -> None:
+    """t_unmodified / t_row for prefill and TTFT; for the policy also t_ideal / t_policy and t_reference / t_policy."""
+    unmodified, ideal, policy, reference = rows
+    for row in rows[1:]:
+        for figure in ("prefill_s", "ttft_s"):
+            base, mine = getattr(unmodified, figure), getattr(row, figure)
+            if base and mine:
+                row.speedup[f"{figure[:-2]}_vs_unmodified"] = base / mine
+    for figure in ("prefill_s", "ttft_s"):
+        if getattr(ideal, figure) and getattr(policy, figure):
+            policy.speedup[f"{figure[:-2]}_ideal_over_policy"] = getattr(ideal, figure) / getattr(policy, figure)
+    if reference.ttft_s and policy.ttft_s:
+        policy.speedup["ttft_reference_over_policy"] = reference.ttft_s / policy.ttft_s
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {"node": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "policyc")}
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _mib(count: int | None, device: str) -> str:
+    if count is None:
+        return "n/a" if not device.startswith("cuda") else "-"
+    return f"{count / 2**20:.1f}"
+
+
+def render(result: dict[str, Any], rows: list[Row], console: Console) -> None:
+    settings = result["settings"]
+    title = (f"policyc bench: {escape(result['policy'])} on {escape(result['model'])}, {result['device']}, batch "
+             f"{settings['batch']}, {settings['images']} image(s), {settings['prompt_len']} text tokens, "
+             f"{settings['dtype']}, {settings['backend']}, median of {settings['repeats']}")
+    table = Table("row", "prefill ms", "TTFT ms", "decode tok/s", "peak MiB", "KV MiB", "img tok", "FLOPs", "time",
+                  "speedup", "ideal/pol", title=title, title_justify="left")
+    base = rows[0].prefill_s
+    for row in rows:
+        rate = "-" if row.decode_tokens_per_s is None else f"{row.decode_tokens_per_s:.1f}"
+        share = f"{row.prefill_s / base:.2f}" if row.prefill_s and base else "-"
+        speed = row.speedup.get("prefill_vs_unmodified", row.speedup.get("ttft_vs_unmodified"))
+        ratio = row.speedup.get("prefill_ideal_over_policy")
+        table.add_row(row.name, _ms(row.prefill_s), _ms(row.ttft_s), rate,
+                      _mib(row.peak_prefill_bytes, settings["device"]),
+                      "-" if row.kv_bytes is None else f"{row.kv_bytes / 2**20:.2f}",
+                      "-" if row.image_tokens is None else f"{row.image_tokens:.1f}",
+                      "-" if row.flops_share is None else f"{row.flops_share:.2f}", share,
+                      "-" if speed is None else f"{speed:.2f}x", "-" if ratio is None else f"{ratio:.2f}")
+    console.print(table)
+    for row in rows:
+        console.print(f"[dim]{row.name}: {escape(row.note)}[/dim]")
+        if row.recompiles is not None:
+            console.print(f"[dim]{row.name}: {row.recompiles} graph(s) torch._dynamo compiled during the timed runs"
+                          "[/dim]")
+    console.print("[dim]img tok: image tokens at the last LLM layer (batch mean). FLOPs: analytic prefill FLOPs share; "
+                  "time: prefill time share (both over the unmodified model's). speedup: t_unmodified / t_row "
+                  "(prefill; TTFT for the reference). ideal/pol: t_ideal / t_policy (prefill). peak: CUDA memory "
+                  "during prefill (n/a off CUDA)[/dim]")
+
+
+__all__ = ["bench_command", "load_bench_model", "render"]

@@ -1,0 +1,151 @@
+"""`policyc bench` on CPU with the random tiny model and tiny settings: the four rows and their figures, the
+ideal row's token counts, KV cache bytes of cache policies, clear errors, and the --shapes architectures on the
+meta device. No timing assertion: only that times were measured (positive), never how they compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import tiny_qwen2_vl
+
+from policyc.bench import Settings, synthetic_inputs
+from policyc.cli import main
+from policyc.errors import PolicyError
+from policyc.models import adapt
+from policyc.models.random_tiny import random_config
+from policyc.models.shapes import build_shape
+
+TINY = ("--batch", "2", "--gen-len", "3", "--repeats", "1", "--warmup", "0", "--prompt-len", "8",
+        "--dtype", "float32")
+IDENTITY = """policy identity {
+  description "Keeps every token"
+
+  stage decode {
+    cache full
+  }
+}
+"""
+
+
+def bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """Run `policyc bench random ARGS` with the tiny settings; the JSON it wrote, by row name."""
+    path = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "random", *args, *TINY, "--json", str(path)])
+    assert result.exit_code == 0, result.stderr + result.stdout
+    written = json.loads(path.read_text())
+    return {**written, "rows": {row["name"]: row for row in written["rows"]}}
+
+
+def kv_bytes_in_full(batch: int, length: int) -> int:
+    """A full float32 cache of the random model after `length` positions: keys and values of every layer."""
+    text = random_config().text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * batch * text.num_key_value_heads * length * head_dim * 4
+
+
+@pytest.fixture(scope="module")
+def fastv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return bench(tmp_path_factory.mktemp("fastv"), "fastv")
+
+
+def test_fastv_has_four_rows_with_times(fastv: dict[str, Any]) -> None:
+    rows = fastv["rows"]
+    assert list(rows) == ["unmodified", "ideal", "policy", "reference"]
+    for name in ("unmodified", "ideal", "policy"):
+        assert rows[name]["prefill_s"] > 0 and rows[name]["ttft_s"] > 0
+    assert rows["unmodified"]["decode_tokens_per_s"] > 0 and rows["policy"]["decode_tokens_per_s"] > 0
+    assert rows["ideal"]["decode_tokens_per_s"] is None and rows["ideal"]["kv_bytes"] is None  # prefill/TTFT only
+    assert rows["reference"]["ttft_s"] > 0 and rows["reference"]["prefill_s"] is None
+    assert all(rows[name]["peak_prefill_bytes"] is None for name in rows)  # CPU: no peak memory figure
+    assert set(fastv["versions"]) == {"torch", "transformers", "policyc"} and fastv["device"].startswith("cpu")
+    assert fastv["machine"]["node"] and fastv["date"] and fastv["settings"]["batch"] == 2
+
+
+def test_ideal_layers_see_the_policys_counts(fastv: dict[str, Any]) -> None:
+    rows = fastv["rows"]
+    length = 8 + 64  # text tokens + the image's tokens
+    kept = 8 + 32  # FastV keeps 50% of the 64 image tokens after layer 1; layers 0 and 1 see everything
+    assert rows["policy"]["tokens_per_layer"] == [length, length] + [kept] * 30
+    assert rows["ideal"]["tokens_per_layer"] == rows["policy"]["tokens_per_layer"]
+    assert rows["unmodified"]["tokens_per_layer"] == [length] * 32
+    assert rows["policy"]["image_tokens"] == 32 and rows["reference"]["image_tokens"] == 32
+    assert rows["unmodified"]["image_tokens"] == 64
+    assert 0 < rows["policy"]["flops_share"] < 1 and rows["ideal"]["flops_share"] == rows["policy"]["flops_share"]
+
+
+def test_kv_bytes_of_fastv_are_measured_from_the_cache(fastv: dict[str, Any]) -> None:
+    rows, new = fastv["rows"], 3 - 1  # the cache holds every position but the last generated token's
+    assert rows["unmodified"]["kv_bytes"] == kv_bytes_in_full(2, 72 + new)
+    per_layer = kv_bytes_in_full(2, 1) // 32  # one position of one layer
+    assert rows["policy"]["kv_bytes"] == per_layer * (2 * (72 + new) + 30 * (40 + new))
+
+
+def test_eviction_policy_shrinks_the_cache_and_identity_does_not(tmp_path: Path) -> None:
+    h2o = bench(tmp_path, "h2o", "--no-reference")["rows"]
+    assert h2o["policy"]["kv_bytes"] < h2o["unmodified"]["kv_bytes"]
+    assert h2o["reference"]["ttft_s"] is None and "--no-reference" in h2o["reference"]["note"]
+    policy = tmp_path / "identity.tokpol"
+    policy.write_text(IDENTITY)
+    identity = bench(tmp_path, str(policy))["rows"]
+    assert identity["policy"]["kv_bytes"] == identity["unmodified"]["kv_bytes"] > 0
+    assert identity["ideal"]["tokens_per_layer"] == identity["unmodified"]["tokens_per_layer"]
+    assert "no reference implementation of 'identity'" in identity["reference"]["note"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--shapes", "llava-1.5-7"), "did you mean 'llava-1.5-7b'?"),
+    (("random", "fastv", "--shapes", "llava-1.5-7b"), "MODEL ('random') cannot be given too"),
+    (("random", "fastvv"), "fastv"),
+])
+def test_errors_are_policy_errors(args: tuple[str, ...], message: str) -> None:
+    argv = ["bench", *args] if args[0] == "random" else ["bench", "fastv", *args]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
+
+
+def test_other_families_fail_clearly() -> None:
+    with pytest.raises(PolicyError, match="does not support the qwen2_vl family yet"):
+        synthetic_inputs(adapt(tiny_qwen2_vl()), Settings(batch=1))
+
+
+def test_llava_shape_on_the_meta_device() -> None:
+    model = build_shape("llava-1.5-7b", "meta", torch.bfloat16)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert abs(sum(p.numel() for p in model.parameters()) - 7.06e9) < 0.01e9
+    adapter = adapt(model)
+    assert adapter.tokens_per_image == 576 and adapter.patch_grid == (24, 24) and adapter.has_cls
+    assert (len(adapter.vision_layers), adapter.vision_num_heads, adapter.vision_head_dim) == (24, 16, 64)
+    assert adapter.feature_layer == 23 and adapter.feature_start == 1  # layer -2, strategy "default"
+    assert (len(adapter.decoder_layers), adapter.num_heads, adapter.hidden_size) == (32, 32, 4096)
+    assert model.config.text_config.vocab_size == 32064 and model.config.text_config.intermediate_size == 11008
+
+
+def test_qwen_shape_on_the_meta_device() -> None:
+    model = build_shape("qwen2.5-vl-7b", "meta", torch.bfloat16)
+    assert abs(sum(p.numel() for p in model.parameters()) - 8.29e9) < 0.01e9  # the released model's count
+    adapter = adapt(model)
+    assert (len(adapter.decoder_layers), adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (28, 28, 4, 128)
+    assert len(adapter.vision_layers) == 32 and adapter.rope == "mrope"
+
+
+def test_speed_script_smoke_run(tmp_path: Path) -> None:
+    """benchmarks/speed.py --tiny on one configuration: a RESULTS.md titled as a CPU smoke run, and the plot."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed", path)
+    assert spec is not None and spec.loader is not None
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    speed.main(["--tiny", "--out", str(tmp_path), "--policies", "fastv", "--budgets", "64", "--backends", "eager",
+                "--no-long-context", "--no-reference"])
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert results.startswith("# CPU smoke run of the tiny random model (not the GPU result)")
+    row = next(line for line in results.splitlines() if line.startswith("| fastv | 64 |"))
+    assert "| 7.0 |" in row  # FastV's 64-of-576 setting keeps 7 of the tiny model's 64 image tokens
+    assert (tmp_path / "speed.png").stat().st_size > 0 and len(list((tmp_path / "runs").glob("*.json"))) == 1
