@@ -46,8 +46,12 @@ def load_bench_model(model: str | None, shapes: str | None, settings: Settings) 
         if model is not None:
             raise PolicyError.at(f"--shapes {shapes} builds its own model: MODEL ('{model}') cannot be given too",
                                  None, f"policyc bench --shapes {shapes} POLICY")
-        from policyc.models.shapes import build_shape
+        from policyc.models.shapes import build_shape, shape_config
 
+        if shape_config(shapes).model_type != "llava":  # refused before building billions of random weights
+            raise PolicyError.at(f"policyc bench does not support --shapes {shapes} yet: it builds LLaVA-style "
+                                 "inputs (a fixed number of tokens per image)", None,
+                                 "bench --shapes llava-1.5-7b; the config itself builds with policyc.models.shapes")
         return build_shape(shapes, settings.device, dtype), f"shapes:{shapes} (random weights)"
     reference = DEFAULT_NAME if model is None else reference_name(model)
     loaded = load_reference_model(reference, settings.device)

@@ -101,6 +101,7 @@ def test_eviction_policy_shrinks_the_cache_and_identity_does_not(tmp_path: Path)
     (("--shapes", "llava-1.5-7"), "did you mean 'llava-1.5-7b'?"),
     (("random", "fastv", "--shapes", "llava-1.5-7b"), "MODEL ('random') cannot be given too"),
     (("random", "fastvv"), "fastv"),
+    (("--shapes", "qwen2.5-vl-7b"), "does not support --shapes qwen2.5-vl-7b yet"),
 ])
 def test_errors_are_policy_errors(args: tuple[str, ...], message: str) -> None:
     argv = ["bench", *args] if args[0] == "random" else ["bench", "fastv", *args]
