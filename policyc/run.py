@@ -214,4 +214,4 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
         picture, grid = session.compiled.plan.adapter.first_image(inputs)
         draw_kept_tokens(show_tokens, image_for_display(session.processor, picture[None]), grid, report.kept,
                          f"policy {report.policy}")
-        console.print(f"wrote {show_tokens}")
+        console.print(f"wrote {show_tokens}", soft_wrap=True)  # a path stays on one line, whatever its length
