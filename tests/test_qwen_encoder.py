@@ -49,6 +49,29 @@ def test_tome_equals_the_reference(version: str, seed: int, r: int, batch: int) 
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("after", [False, True])
+def test_a_video_and_an_image_in_the_tower_equal_the_reference(version: str, after: bool) -> None:
+    """The tower alone on a 2-frame video (each frame its own attention span and merge sets) and an image, merging
+    between attention and MLP (`encoder.layer[*].attention`) or after the block (`encoder.layer[*]`)."""
+    model = tiny_qwen2_vl(version=version, seed=4)
+    grid = torch.tensor([[2, 6, 4], [1, 4, 10]])  # Qwen2.5-VL: edge windows of 8 patches next to full ones of 16
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(4))
+    pooler, groups, rows = tome_qwen_tower(model, pixels, grid, 3, after=after)
+    point = "encoder.layer[*]" if after else "encoder.layer[*].attention"
+    text = f"policy p {{ stage {point} {{ merge bipartite(r=3, proportional=true) of vision by keys }} }}"
+    policyc.compile(model, check_source(text)[0])
+    try:
+        with torch.no_grad():
+            output = model.model.visual(pixels, grid_thw=grid)
+        images = model.policyc.images
+        assert groups_by_image(images.merged_into, grid) == groups and images.encoder_rows.tolist() == rows
+        torch.testing.assert_close(output.pooler_output, pooler, rtol=0, atol=1e-5)
+        assert output.last_hidden_state.shape[0] == pixels.shape[0]  # unmerged: every patch
+    finally:
+        model.policyc.remove()
+
+
 def test_merges_stay_inside_windows() -> None:
     """Qwen2.5-VL's window blocks attend within windows of 4x4 patches here: no merged group leaves its window."""
     model = tiny_qwen2_vl(version="2.5")

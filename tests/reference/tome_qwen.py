@@ -86,11 +86,11 @@ def _attend(block: nn.Module, x: Tensor, size: Tensor, rows: Tensor, cols: Tenso
 
 
 @torch.no_grad()
-def tome_qwen_tower(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r: int,
+def tome_qwen_tower(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r: int, after: bool = False,
                     ) -> tuple[Tensor, list[list[list[int]]], list[list[int]]]:
-    """ToMe with `r` merges per set in every block (between attention and MLP), unmerged before the merger: the
-    tower's `pooler_output` [T, D], each image's merged groups (sorted lists of pixel_values rows, over its frames),
-    and each image's rows per block."""
+    """ToMe with `r` merges per set in every block (between attention and MLP; with `after`, after the MLP, on the
+    keys of the block's attention), unmerged before the merger: the tower's `pooler_output` [T, D], each image's
+    merged groups (sorted lists of pixel_values rows, over its frames), and each image's rows per block."""
     vit = model.model.visual
     config = vit.config
     merge = config.spatial_merge_size
@@ -118,13 +118,15 @@ def tome_qwen_tower(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r:
                 spans = [list(range(x.shape[0]))] if full else set_spans
                 rows_per_block[index] += x.shape[0]
                 x, keys = _attend(block, x, size, own[:, 0], own[:, 1], spans, theta)
+                if after:
+                    x = x + block.mlp(block.norm2(x))
                 new_sets = []
                 for span in set_spans:
                     index_t = torch.tensor(span)
                     sx, ssize, smembers, _ = _bipartite(x[index_t], keys[index_t].transpose(0, 1), size[index_t],
                                                         [members[i] for i in span],
                                                         torch.ones(len(span), dtype=torch.bool), r)
-                    new_sets.append((sx + block.mlp(block.norm2(sx)), ssize, smembers))
+                    new_sets.append((sx if after else sx + block.mlp(block.norm2(sx)), ssize, smembers))
                 sets = new_sets
             for sx, _, smembers in sets:
                 for row, group in enumerate(smembers):
