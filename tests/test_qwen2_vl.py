@@ -1,6 +1,7 @@
 """Qwen2-VL and Qwen2.5-VL: the adapter, the identity policy bit-exact at every generate() step, FastV against an
 independent M-RoPE reference (tests/reference/fastv_mrope.py), the standard library's LLM and decode policies
-end to end with padded batches equal to single runs, and clear errors for what does not bind yet."""
+end to end with padded batches equal to single runs, and clear errors for what does not bind yet. ToMe in the
+encoder: tests/test_qwen_encoder.py."""
 
 from __future__ import annotations
 
@@ -119,16 +120,6 @@ def test_stdlib_policies_generate_and_batches_equal_single_runs(
     assert_batch_equals_single_runs(deep_models[version], policy, params, inputs, _single, drops=drops)
 
 
-@pytest.mark.parametrize("policy", ["tome", "visionzip", "mustdrop", "visiondrop"])
-def test_encoder_stages_fail_at_compile_time(policy: str) -> None:
-    model = tiny_qwen2_vl()
-    with pytest.raises(PolicyError) as error:
-        policyc.compile(model, policy)
-    text = str(error.value)
-    assert "encoder stages do not run on Qwen2-VL yet" in text and f"{policy}.tokpol:" in text
-    assert "projector.output stages (e.g. divprune, random_drop)" in text
-
-
 @pytest.mark.parametrize("policy", ["pool", "grid", "mmtok"])
 def test_projector_stages_needing_a_grid_or_the_question_fail_at_compile_time(policy: str) -> None:
     with pytest.raises(PolicyError) as error:
@@ -186,12 +177,12 @@ def test_the_graph_backends_refuse_mrope(backend: str) -> None:
 
 
 def test_cls_signals_name_a_substitute() -> None:
-    """FasterVLM ranks patches by the CLS token's attention: both problems are reported, with a substitute."""
+    """FasterVLM ranks patches by the CLS token's attention, which Qwen's tower does not have: a substitute is named.
+    (Encoder stages themselves: tests/test_qwen_encoder.py.)"""
     with pytest.raises(PolicyError) as error:
         policyc.compile(tiny_qwen2_vl(), "fastervlm")
     text = str(error.value)
-    assert "is an encoder stage" in text and "has no CLS token" in text
-    assert "attention(last -> vision) in an LLM stage" in text
+    assert "has no CLS token" in text and "attention(last -> vision) in an LLM stage" in text
 
 
 def test_the_compile_report_measures_qwen(tmp_path) -> None:  # type: ignore[no-untyped-def]

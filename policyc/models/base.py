@@ -72,6 +72,7 @@ class ModelAdapter:
     # The connector needs every patch (pixel shuffle, pooling): encoder merges are undone at the tower's output
     # (each patch takes its merged token's value; the encoder saves compute only) and encoder drops are refused.
     encoder_unmerges: bool = False
+    encoder_packed: bool = False  # the tower packs every image into one sequence (Qwen2-VL): runtime/qwen_tower.py
     encoder_grid: tuple[int, int] | None = None  # one encoder input's patch grid where `patch_grid` is None (crops)
     # The attention type of each decoder layer where they differ (Gemma 3: "sliding_attention", "full_attention"):
     # each type has its own mask and rotary embedding. (): every layer attends alike (causal, one rotary).

@@ -13,9 +13,10 @@ grid, not after its token count: dropping image tokens leaves no gap to close. `
 matrix says so).
 
 `projector.output` stages run on the tower's merged tokens (its `pooler_output`, every image packed one after
-another: policyc/runtime/vision.py pads them per image for the stages). Encoder stages are not bound yet: the
-encoder packs every image of a batch into one sequence (`cu_seqlens`, window attention, 2-D rotary per patch)
-and the merger needs whole 2x2 groups.
+another: policyc/runtime/vision.py pads them per image for the stages). Encoder stages merge (ToMe) inside the
+packed encoder, per frame (Qwen2-VL) or per window (Qwen2.5-VL), and are unmerged before the 2x2 merger
+(policyc/runtime/qwen_tower.py); encoder drops fail at compile time, as on the other families whose connector needs
+every patch.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ from policyc.models.structure import (
 
 MODEL_TYPES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
 SAMPLE_GRID = (8, 8)  # patches per side of the calibration image: 16 LLM tokens after the 2x2 merger
-ENCODER = ("encoder stages do not run on Qwen2-VL yet: its encoder packs the images of a batch into one sequence "
-           "with per-image grids (and windows on Qwen2.5-VL), and its merger needs whole 2x2 patch groups")
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,10 +86,10 @@ class QwenVLAdapter(ModelAdapter):
 
 @register_adapter
 class QwenVLFactory(AdapterFactory):
-    """Qwen2-VL and Qwen2.5-VL: projector and LLM stages, decode cache policies."""
+    """Qwen2-VL and Qwen2.5-VL: encoder merges, projector and LLM stages, decode cache policies."""
 
     family = "qwen2_vl"
-    description = "Qwen2-VL and Qwen2.5-VL (projector, LLM and decode stages)"
+    description = "Qwen2-VL and Qwen2.5-VL (encoder merges, projector, LLM and decode stages)"
     model_types = frozenset(MODEL_TYPES)
 
     def build(self, model: nn.Module) -> ModelAdapter:
@@ -119,7 +118,8 @@ class QwenVLFactory(AdapterFactory):
             rope="mrope",
             vision_token_ids=(image_token_id,) if video_token_id is None else (image_token_id, video_token_id),
             encoder_patches_per_token=merge * merge,
-            encoder_unsupported=ENCODER,
+            encoder_unmerges=True,
+            encoder_packed=True,
             temporal_patch_size=config_int(vision_config, "temporal_patch_size") or 2,
             patch_size=config_int(vision_config, "patch_size") or 14,
             merge_size=merge,

@@ -31,6 +31,7 @@ from policyc.lang import ir
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.prompt_stash import PromptStash
+from policyc.runtime.qwen_tower import PackedEncoder
 from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers, reads_values
 from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows, unpack
 from policyc.runtime.vision_towers import LayerBody, VisionLayer, layer_body, padding_keys, refuse_unmergeable
@@ -135,7 +136,8 @@ class ImageStages:
         self.protected: torch.Tensor | None = None
         self.encoder_rows: torch.Tensor | None = None  # [images, encoder layers]: real rows each layer ran on
         self.merged_into: torch.Tensor | None = None  # unmerge families: [images, encoder tokens] long, per position
-        # the position whose token holds it after the encoder's merges (itself where it did not merge)
+        # the position whose token holds it after the encoder's merges (itself where it did not merge); Qwen2-VL:
+        # [patches] over the rows of pixel_values (qwen_tower.py)
         self.run: VisionRun | None = None
         encoder = [s for s in plan.stages if s.kind == "encoder"]
         self.encoder_output = plan.at("encoder.output")
@@ -144,6 +146,8 @@ class ImageStages:
         self.unmerges = adapter.encoder_unmerges  # the connector reads every patch: merges are undone at the output
         if self.unmerges:
             refuse_unmergeable(plan)
+        # Qwen2-VL's packed tower (every image in one sequence): its own block wrappers (qwen_tower.py)
+        self._packed = PackedEncoder(self) if encoder and adapter.encoder_packed else None
         stage_layers = {k for s in encoder for k in s.layers}
         feature_layer = adapter.feature_encoder_layer
         needed = {k for s in encoder for k in s.layers if any(not isinstance(st, ir.Merge) for st in s.statements)}
@@ -189,7 +193,9 @@ class ImageStages:
         if not self.active:
             return
         adapter = self.adapter
-        if self._encoder:
+        if self._packed is not None:
+            self._packed.install()
+        elif self._encoder:
             bodies = [layer_body(layer) for layer in adapter.vision_layers]
             for stage in self.plan.at("encoder.layer.attention"):
                 if any(bodies[k] is None for k in stage.layers):
@@ -208,7 +214,7 @@ class ImageStages:
             on_output = self._on_unmerged_tower_output if self.unmerges else self._on_tower_output
             self._handles.append(adapter.vision_tower.register_forward_hook(on_output))
         if adapter.tokens_per_image is None:  # packed images of their own sizes (Qwen2-VL): at the tower's output
-            if not self.unmerges:  # (anyres crops: projector stages fail at compile time)
+            if not self.unmerges or adapter.encoder_packed:  # (anyres crops: projector stages fail at compile time)
                 self._handles.append(adapter.vision_tower.register_forward_hook(self._on_packed_tower,
                                                                                  with_kwargs=True))
         else:
@@ -218,6 +224,8 @@ class ImageStages:
 
     def remove(self) -> None:
         adapter = self.adapter
+        if self._packed is not None:
+            self._packed.remove()
         for index, inner in self._wrapped:
             adapter.vision_layers[index] = inner
         for index in self.recorded:
