@@ -19,6 +19,7 @@ from policyc.passes import (  # noqa: F401  (registration)
     merge_fuse,
     merge_nearest,
     merge_pool,
+    merge_temporal,
     merge_window,
     random_score,
     select_cover,
