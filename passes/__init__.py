@@ -10,6 +10,7 @@ from policyc.passes import (  # noqa: F401  (registration)
     cache_regather,
     cache_sink_window,
     cache_snapkv,
+    diversity,
     graph_stage_drop,
     hidden,
     key_norm,

@@ -6,7 +6,8 @@ read from the model's `grid_thw`, never guessed). For frame f >= 1 and spatial i
 run of the token (f-1, s) when both are in SET, (f, s) is not protected, and the cosine similarity of their
 features (as they were before this merge) exceeds `threshold` (strictly). A run of similar tokens (f0, s), ...,
 (f1, s) becomes one token, the size-weighted average of its members (the plain average right after the projector),
-in the slot and at the positions of its first frame's token. Images are one frame: nothing merges.
+in the slot and at the positions of its first frame's token. Images are one frame: nothing merges (on image-only
+families too; families with videos whose frames policyc does not read yet fail at compile time: runtime/support.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.merges import Folding, MergeOp, MergeRows, register_merge, staying
 
-from policyc.errors import PolicyError
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -29,8 +29,8 @@ class Temporal(MergeOp):
     options = frozenset({"threshold"})
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
-        if rows.frames is None or rows.spots is None:
-            raise PolicyError.at("merge temporal needs the video's frames, which this stage does not have", merge.span)
+        if rows.frames is None or rows.spots is None:  # image-only families: every image is one frame
+            return Folding(staying(rows.sources), "wavg")
         threshold = self.number(merge, "threshold", 0.9, ctx)
         unit = self.features(merge, rows)  # [B, L', C], unit length
         batch, width = rows.sources.shape
