@@ -17,6 +17,7 @@ from policyc.passes.allocate import allocate
 from reference.multi_image import allocate_choice, generate, split_budget, temporal_choice
 from tiny_idefics3 import make_idefics3_inputs, single_row, tiny_idefics3
 from tiny_internvl import make_internvl_inputs, single_internvl, tiny_internvl
+from tiny_llava_next import tiny_anyres
 from tiny_models import (
     PAD_ID,
     QWEN_END_ID,
@@ -284,3 +285,9 @@ def test_temporal_merging_leaves_images_alone(family: str) -> None:
     model.policyc.remove()
     del model.policyc
     assert torch.equal(tokens, model.generate(**inputs, max_new_tokens=3, do_sample=False))
+
+
+def test_temporal_merging_fails_at_compile_time_on_videos_it_cannot_read() -> None:
+    """LLaVA-OneVision has videos whose frames projector stages do not read yet: a compile error, never a no-op."""
+    with pytest.raises(PolicyError):
+        policyc.compile(tiny_anyres("llava_onevision"), "holitom_temporal")
