@@ -14,6 +14,7 @@ import pytest
 import torch
 from family_checks import assert_batch_equals_single_runs
 from policyc.passes.allocate import allocate
+from reference.divprune import divprune_keep
 from reference.multi_image import allocate_choice, generate, split_budget, temporal_choice
 from tiny_idefics3 import make_idefics3_inputs, single_row, tiny_idefics3
 from tiny_internvl import make_internvl_inputs, single_internvl, tiny_internvl
@@ -85,11 +86,13 @@ def _llava_single(inputs: Inputs, row: int) -> Inputs:
             "pixel_values": inputs["pixel_values"][row * images:(row + 1) * images]}
 
 
-def _qwen(batch: int, seed: int) -> tuple[torch.nn.Module, Inputs, list[int], list[int]]:
-    model = tiny_qwen2_vl(seed=seed)
-    inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed)
-    sizes = [int(t * h * w) // QWEN_MERGE**2 for t, h, w in inputs["image_grid_thw"]]
-    return model, inputs, [QWEN_IMAGE_ID], sizes
+def _qwen(version: str) -> Callable[[int, int], Any]:
+    def family(batch: int, seed: int) -> tuple[torch.nn.Module, Inputs, list[int], list[int]]:
+        model = tiny_qwen2_vl(seed=seed, version=version)
+        inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed)
+        sizes = [int(t * h * w) // QWEN_MERGE**2 for t, h, w in inputs["image_grid_thw"]]
+        return model, inputs, [QWEN_IMAGE_ID], sizes
+    return family
 
 
 def _tiled(build: Callable[..., Any], make: Callable[..., Inputs]) -> Callable[[int, int], Any]:
@@ -111,7 +114,8 @@ def _llava(batch: int, seed: int) -> tuple[torch.nn.Module, Inputs, list[int], l
 
 
 FAMILIES = {
-    "qwen2_vl": _qwen,
+    "qwen2_vl": _qwen("2"),
+    "qwen2_5_vl": _qwen("2.5"),
     "idefics3": _tiled(tiny_idefics3, lambda batch, seed: make_idefics3_inputs(
         batch=batch, images=(((2, 2),), ((1, 2), (0, 0)))[:batch], pad_left=2 if batch > 1 else 0, seed=seed)),
     "internvl": _tiled(tiny_internvl, lambda batch, seed: make_internvl_inputs(
@@ -184,6 +188,28 @@ policy equal_split {
     kept = _assert_equals_reference(model, inputs, vision_ids, sizes, lambda row: allocate_choice(11, "equal"),
                                     policy, {})
     assert [k.numel() for k in kept] == [11, 11]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_diverse_with_an_equal_split_equals_divprune_per_image(family: str) -> None:
+    """`diverse(allocate=equal) 40%`: each row's budget split equally across its images (largest remainder, capped),
+    each image's share picked by DivPrune's greedy max-min (tests/reference/divprune.py)."""
+    model, inputs, vision_ids, sizes = FAMILIES[family](2, 7)
+    policy = check_source("""
+policy split_divprune {
+  stage projector.output {
+    keep diverse(allocate=equal) 40% of vision by hidden
+  }
+}""")[0]
+
+    def choose(row: int) -> Callable[[list[torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+        def pick(images: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            lengths = [f.shape[0] for f in images]
+            counts = split_budget(int(sum(lengths) * 40 / 100), [1.0] * len(images), lengths)
+            return [(divprune_keep(f[None], c)[0], f) for f, c in zip(images, counts, strict=True)]
+        return pick
+
+    _assert_equals_reference(model, inputs, vision_ids, sizes, choose, policy, {})
 
 
 @pytest.mark.parametrize(("family", "single"), [("qwen2_vl", _qwen_single), ("internvl", single_internvl),
