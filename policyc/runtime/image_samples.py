@@ -1,7 +1,8 @@
-"""Which prompt row (sample) each image of a vision forward belongs to, for budgets split across a sample's images
-(`top(allocate=...)`, passes/allocate.py). A vision forward encodes the images of a batch in prompt order, row
-after row (LLaVA's masked_scatter order, Qwen2-VL's packing, Idefics3's and InternVL's tiles), so image i belongs
-to the row whose placeholder tokens hold its tokens."""
+"""The structure of a vision forward's images that stages before the LLM read: which prompt row (sample) each image
+belongs to, for budgets split across a sample's images (`top(allocate=...)`, passes/allocate.py), and the frames
+of videos (`merge temporal`, passes/merge_temporal.py). A vision forward encodes the images of a batch in prompt
+order, row after row (LLaVA's masked_scatter order, Qwen2-VL's packing, Idefics3's and InternVL's tiles), so image
+i belongs to the row whose placeholder tokens hold its tokens."""
 
 from __future__ import annotations
 
@@ -38,3 +39,14 @@ def image_samples(prompt: tuple[torch.Tensor, torch.Tensor] | None, token_ids: t
     if bool((last > ends[rows.clamp(max=len(ends) - 1)]).any()):
         raise PolicyError.at("allocate= found an image whose tokens span two prompts", None)
     return rows
+
+
+def video_frames(grid_thw: torch.Tensor, patches_per_token: int, valid: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL's packed images and videos, padded per image to `valid` [I, N]: each token's frame (group of
+    temporal_patch_size frames) and spatial index within it, [I, N] long each, -1 on padding. A video of grid
+    (t, h, w) holds t frames of h*w/patches_per_token merged tokens, frame after frame in raster order; an image
+    is one frame (t = 1)."""
+    positions = torch.arange(valid.shape[1], device=valid.device)[None]
+    per_frame = (grid_thw[:, 1:].prod(-1) // patches_per_token).to(valid.device)[:, None]
+    return torch.where(valid, positions // per_frame, -1), torch.where(valid, positions % per_frame, -1)

@@ -30,7 +30,7 @@ from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
-from policyc.runtime.image_samples import image_samples
+from policyc.runtime.image_samples import image_samples, video_frames
 from policyc.runtime.prompt_stash import PromptStash
 from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers, reads_values
 from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows, unpack
@@ -389,10 +389,7 @@ class ImageStages:
         width = padded.shape[1]
         positions = torch.arange(width, device=padded.device)
         space = Space(positions >= 0, positions, positions < 0, None)  # no grid common to every image
-        # videos: frame groups of h*w/merge tokens each, in raster order (an image is one frame)
-        per_frame = (grid[:, 1:].prod(-1) // self.adapter.encoder_patches_per_token).to(padded.device)[:, None]
-        frames = torch.where(valid, positions // per_frame, -1)
-        spots = torch.where(valid, positions % per_frame, -1)
+        frames, spots = video_frames(grid, self.adapter.encoder_patches_per_token, valid)  # for merge temporal
         projector = {"frames": frames, "spots": spots, **self._samples(sizes)}
         output_padded, kept, protected = self._project(space, Tokens.start(padded), space.state(len(sizes), valid),
                                                        projector, padded)
