@@ -68,7 +68,9 @@ def _multi_image(plan: Plan) -> list[PolicyError]:
     its packed tower hands the merged tokens to projector.output (runtime/vision.py); on image-only families every
     image is one frame (a no-op), and families with videos whose frames are not read yet fail here."""
     problems = []
-    packed = plan.adapter.tokens_per_image is None and not plan.adapter.encoder_unmerges
+    adapter = plan.adapter  # the packed tower hook (Qwen2-VL) is where frames are read: runtime/vision.py
+    packed = adapter.tokens_per_image is None and (not adapter.encoder_unmerges or getattr(adapter, "encoder_packed",
+                                                                                           False))
     for stage in plan.stages:
         for statement in stage.statements:
             for node in statement.walk():
