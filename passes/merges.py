@@ -33,6 +33,8 @@ class MergeRows:
     features: torch.Tensor | None  # [B, L', C] the `by` features, when given
     patches: torch.Tensor | None  # long: each row's patch index on the image grid, -1 for non-patches (CLS)
     weights: torch.Tensor | None = None  # [B, L'] float: the `by` score, for merges that weigh by a score (fuse)
+    frames: torch.Tensor | None = None  # [B, L'] long: each row's frame (group) in its video, -1 for none (temporal)
+    spots: torch.Tensor | None = None  # [B, L'] long: each row's spatial index within its frame, -1 for none
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def greedy(dist: torch.Tensor, count: int, objective: str) -> list[int]:
 @register_selector
 class Diverse(SelectorOp):
     name = "diverse"
-    options = frozenset({"metric", "objective"})
+    options = frozenset({"metric", "objective", "allocate"})
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         if node.by is None:

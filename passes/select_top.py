@@ -1,11 +1,13 @@
 """`top AMOUNT of SET by SCORE`: the highest-scoring tokens; ties go to the earlier position. With `mass(tau)`
-as the amount each sample keeps the fewest tokens holding `tau` of the score mass (ZipVL; passes/mass.py)."""
+as the amount each sample keeps the fewest tokens holding `tau` of the score mass (ZipVL; passes/mass.py). With
+`top(allocate=S)` one budget per sample is split across its images (passes/allocate.py)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+from policyc.passes.allocate import selection_counts
 from policyc.passes.base import selected_first
 from policyc.passes.mass import mass_counts, mass_tau
 from policyc.passes.selectors import SelectorOp, ranked, register_selector
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 @register_selector
 class Top(SelectorOp):
     name = "top"
+    options = frozenset({"allocate"})
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         if node.by is None:
@@ -27,7 +30,7 @@ class Top(SelectorOp):
         score = ctx.score(node.by)
         tau = mass_tau(node.amount, ctx.literal)
         if tau is None:
-            counts = ctx.counts(node.amount, candidates.sum(1))
+            counts = selection_counts(node, candidates, ctx)  # per image with allocate= (passes/allocate.py)
         else:  # per sample: the fewest candidates holding tau of their score mass
             counts = mass_counts(score, candidates, tau, node.amount.span)
         order = torch.sort(score.float(), dim=1, descending=True, stable=True).indices  # best first, ties earlier

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from policyc.passes.allocate import selection_counts
 from policyc.passes.base import number_value, option_value, registrar, selected_first
 
 from policyc.lang import ir
@@ -39,7 +40,7 @@ class SelectorOp(ABC):
         """Greedy selectors, one sample at a time: `pick(b, positions, count)` returns indices into the
         sample's candidate `positions` (ascending original positions); the chosen set, [B, L] bool."""
         sizes = candidates.sum(1)
-        counts = ctx.counts(node.amount, sizes)
+        counts = selection_counts(node, candidates, ctx)
         order = selected_first(candidates)
         chosen = torch.zeros_like(candidates)
         for b in range(candidates.shape[0]):

@@ -36,4 +36,10 @@ MERGES.add(
          returns="set", stages=frozenset({"encoder", "projector"})),
     Spec("fuse", "merge", "fuse the tokens into one token, weighted by a score (EViT's inattentive-token fusion)",
          returns="set", by="score", paper="EViT arXiv:2202.07800"),
+    Spec("temporal", "merge", "merge each video token into the token at its spatial position in the previous frame "
+         "(group) when their cosine similarity exceeds `threshold`, averaging each run of similar tokens into its "
+         "first frame's slot (HoliTom's and DyCoke's temporal merging); images (one frame) are left alone",
+         options=(Option("threshold", ("number",), "cosine similarity a token must exceed", default="0.9", low=-1,
+                         high=1),),
+         returns="set", by="feature", stages=frozenset({"projector"}), paper="HoliTom arXiv:2505.21334"),
 )

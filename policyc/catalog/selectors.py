@@ -2,13 +2,21 @@
 
 from policyc.catalog.base import Option, Registry, Spec
 
+# `top(allocate=S) 64 of vision by S`: one budget per sample, split across its images (passes/allocate.py).
+ALLOCATE = Option("allocate", ("score", "enum"), "`none`: the amount holds for each image on its own; a score or "
+                  "`equal`: the amount is one budget for each sample's images, split across them in proportion to "
+                  "the sum of the score over each image's candidates (GlobalCom2, HiRED), or equally",
+                  default="none", choices=("none", "equal"))
+
 SELECTORS = Registry("selector", "selector")
 SELECTORS.add(
-    Spec("top", "selector", "the tokens with the highest score", returns="set", by="score"),
+    Spec("top", "selector", "the tokens with the highest score; with `allocate` one budget per sample is split "
+         "across its images (GlobalCom2, HiRED)", options=(ALLOCATE,), returns="set", by="score"),
     Spec("diverse", "selector", "greedy max-min diversity over features, seeded with the most isolated token "
          "(DivPrune; ToDRE's k-center); objective=sum gives greedy max-sum",
          options=(Option("metric", ("enum",), "distance", default="cosine", choices=("cosine", "l2")),
-                  Option("objective", ("enum",), "max-min or max-sum", default="min", choices=("min", "sum"))),
+                  Option("objective", ("enum",), "max-min or max-sum", default="min", choices=("min", "sum")),
+                  ALLOCATE),
          returns="set", by="feature", paper="DivPrune arXiv:2503.02175"),
     Spec("cover", "selector", "greedy maximum coverage of the question's words (by the `by` features) and of the "
          "image tokens (by the encoder features the projector reads) (MMTok)",

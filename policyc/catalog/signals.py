@@ -38,7 +38,8 @@ SIGNALS.add(
              Option("features", ("feature",), "features compared", default="hidden"),
              Option("reduce", ("enum",), "reduce over the set", default="mean", choices=("mean", "max")),
          )),
-    Spec("diversity", "signal", "cosine distance of each token to its nearest neighbour in the stage's tokens",
+    Spec("diversity", "signal", "cosine distance of each token to its nearest neighbour among the image tokens "
+         "alive at the stage (one image before the LLM)",
          options=(Option("features", ("feature",), "features compared", default="hidden"),),
          paper="DivPrune arXiv:2503.02175"),
     Spec("random", "signal", "uniform random score: ranking by it is random pruning (a strong baseline)",

@@ -244,8 +244,11 @@ def _check_option(spec: Spec, option: Option, value: ir.Expr, ctx: Context) -> V
             if param is not None and param_type(param) == "enum":
                 _check_enum_param(param, option, label)
                 return "enum"
-            if param is None and value.id not in ctx.visible:
-                raise PolicyError.at(f"{label} must be one of {words}", value.span,
+            known = value.id in ctx.visible or value.id in SIGNALS or value.id in SETS
+            if param is None and not known:
+                what = f"one of {words}" if option.accepts == ("enum",) else \
+                    f"{_describe(tuple(a for a in option.accepts if a != 'enum'))} or one of {words}"
+                raise PolicyError.at(f"{label} must be {what}", value.span,
                                      suggestion(value.id, option.choices, "choices"))
         elif option.accepts == ("enum",):
             raise PolicyError.at(f"{label} must be one of {words}", value.span)
@@ -331,8 +334,35 @@ def _select(select: ir.Select, ctx: Context) -> ValueType:
     spec = SELECTORS.get(select.selector, select.span)
     _check_stage(spec, select.span, ctx)
     check_arguments(spec, (), select.options, select.span, ctx)
-    expect(select.amount, AMOUNT, ctx, f"the amount of `{select.selector}`")
+    amount = expect(select.amount, AMOUNT, ctx, f"the amount of `{select.selector}`")
     expect(select.source, ("set",), ctx, f"what `{select.selector}` selects from")
+    _check_allocation(select, amount, ctx)
     if spec.by is not None and select.by is not None:
         expect(select.by, (spec.by,), ctx, f"what `{select.selector}` ranks by")
     return "set"
+
+
+def _check_allocation(select: ir.Select, amount: ValueType, ctx: Context) -> None:
+    """`allocate=` splits one budget across a sample's images: it needs a count or a percentage (the budget) and a
+    set that can hold several images (not one image, `vision[i]`)."""
+    allocate = next((k for k in select.options if k.name == "allocate"), None)
+    if allocate is None:
+        return
+    value = allocate.value
+    if isinstance(value, ir.Name) and value.id in ctx.params and param_type(ctx.params[value.id]) == "enum":
+        words = {w.id for w in param_words(ctx.params[value.id]) if isinstance(w, ir.Name)}
+        if words == {"none"}:
+            return
+    elif isinstance(value, ir.Name) and value.id == "none":
+        return
+    if amount not in ("count", "percent"):
+        raise PolicyError.at(f"`{select.selector}(allocate=...)` splits one budget across a sample's images; "
+                             f"this amount is {_describe((amount,))}", select.amount.span,
+                             "give the budget as a count (64) or a percentage of the sample's image tokens (25%)")
+    source = select.source
+    while isinstance(source, ir.Where):
+        source = source.source
+    if isinstance(source, ir.Index):
+        raise PolicyError.at(f"`{select.selector}(allocate=...)` splits a budget across images, but it selects from "
+                             "one image's tokens", source.span,
+                             "select from every image (`vision`), or leave out allocate= for one image")

@@ -46,6 +46,7 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
             except PolicyError as error:
                 problems.append(error)
     problems += _cache_length_with(plan)
+    problems += _multi_image(plan)
     if plan.adapter.token_grid is None:
         problems += _without_one_grid(plan)
     if problems:
@@ -59,6 +60,33 @@ def _cache_length_with(plan: Plan) -> list[PolicyError]:
         return []
     return [_not_yet(f"cache {st.method} with positions cache_length", st) for s in plan.stages if s.kind == "decode"
             for st in s.statements if isinstance(st, ir.Cache) and st.method not in ("full", "regather")]
+
+
+def _multi_image(plan: Plan) -> list[PolicyError]:
+    """`top(allocate=...)` splits a budget across the images of a sample where a stage holds them apart: at
+    projector.output so far. `merge temporal` reads video frames from the model: Qwen2-VL's grid_thw, read where
+    its packed tower hands the merged tokens to projector.output (runtime/vision.py); on image-only families every
+    image is one frame (a no-op), and families with videos whose frames are not read yet fail here."""
+    problems = []
+    adapter = plan.adapter  # the packed tower hook (Qwen2-VL) is where frames are read: runtime/vision.py
+    packed = adapter.tokens_per_image is None and (not adapter.encoder_unmerges or getattr(adapter, "encoder_packed",
+                                                                                           False))
+    for stage in plan.stages:
+        for statement in stage.statements:
+            for node in statement.walk():
+                if isinstance(node, ir.Select) and stage.kind != "projector" and any(
+                        k.name == "allocate" and stage.values.get(getattr(k.value, "id", ""), k.value)
+                        != ir.Name(id="none") for k in node.options):
+                    problems.append(PolicyError.at(
+                        f"{node.selector}(allocate=...) in {stage.kind} stages is not implemented by policyc's "
+                        "runtime yet", node.span, "allocate budgets across a sample's images at projector.output"))
+            if isinstance(statement, ir.Merge) and statement.method == "temporal" and not packed and \
+                    len(plan.adapter.visual_ids) > 1:  # image-only families: every image is one frame, a no-op
+                problems.append(PolicyError.at(
+                    f"merge temporal needs the video frames of the model, which {plan.adapter.family}'s projector "
+                    "stages do not read yet", statement.span,
+                    "Qwen2-VL and Qwen2.5-VL give them (grid_thw); on images it changes nothing"))
+    return problems
 
 
 _NEEDS_GRID = {"grid", "pool", "window", "fuse", "dilate"}  # geometric operators: one patch grid for every image

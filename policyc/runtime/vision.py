@@ -30,6 +30,7 @@ from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.runtime.attention import register
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
+from policyc.runtime.image_samples import image_samples, video_frames
 from policyc.runtime.prompt_stash import PromptStash
 from policyc.runtime.qwen_tower import PackedEncoder
 from policyc.runtime.vision_evaluate import LayerAttention, VisionEvaluator, read_layers, reads_values
@@ -178,7 +179,10 @@ class ImageStages:
         self._reads_prompt = any((isinstance(node, ir.Select) and node.selector == "cover")
                                  or (isinstance(node, ir.Call | ir.Name) and _name(node) == "text_relevance")
                                  for s in self.projector_output for st in s.statements for node in st.walk())
-        self._prompt = PromptStash(adapter) if self._reads_prompt else None  # the question, for cover()
+        self._allocates = any(isinstance(node, ir.Select) and any(k.name == "allocate" for k in node.options)
+                              for s in self.projector_output for st in s.statements for node in st.walk())
+        # the question, for cover(); the rows images belong to, for top(allocate=...)
+        self._prompt = PromptStash(adapter) if self._reads_prompt or self._allocates else None
 
     def stages_at(self, point: str, layer: int) -> list[BoundStage]:
         """The stages at an encoder layer. Past the feature layer merges change nothing LLaVA reads: left out."""
@@ -346,6 +350,7 @@ class ImageStages:
         if self._reads_prompt:
             projector = {"encoder_features": args[0],
                          "question": lambda: self._prompt.question_words(images, output.shape[1])}  # type: ignore[union-attr]
+        projector.update(self._samples([output.shape[1]] * images))
         if self._slots is None:
             state = self.slot_space.state(images)
             tokens = Tokens.start(output)
@@ -355,6 +360,13 @@ class ImageStages:
         self._slots = None
         output, self.kept, self.protected = self._project(self.slot_space, tokens, state, projector, output)
         return output
+
+    def _samples(self, sizes: list[int]) -> dict[str, object]:
+        """The prompt row of each image, for `top(allocate=...)`: read from the stashed prompt when asked."""
+        if not self._allocates:
+            return {}
+        ids = self.adapter.visual_ids
+        return {"samples": lambda: image_samples(self._prompt.prompt, ids, sizes)}  # type: ignore[union-attr]
 
     def _project(self, space: Space, tokens: Tokens, state: PrefillState, projector: dict[str, object],
                  output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -385,8 +397,10 @@ class ImageStages:
         width = padded.shape[1]
         positions = torch.arange(width, device=padded.device)
         space = Space(positions >= 0, positions, positions < 0, None)  # no grid common to every image
-        output_padded, kept, protected = self._project(space, Tokens.start(padded), space.state(len(sizes), valid), {},
-                                                       padded)
+        frames, spots = video_frames(grid, self.adapter.encoder_patches_per_token, valid)  # for merge temporal
+        projector = {"frames": frames, "spots": spots, **self._samples(sizes)}
+        output_padded, kept, protected = self._project(space, Tokens.start(padded), space.state(len(sizes), valid),
+                                                       projector, padded)
         output.pooler_output = output_padded[valid]  # type: ignore[attr-defined]
         self.kept, self.protected = kept[valid], protected[valid]
         return output

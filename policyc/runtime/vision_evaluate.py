@@ -103,6 +103,9 @@ class VisionEvaluator(StageEvaluator):
     label: str = ""  # the stage, for ema()'s memory
     encoder_features: torch.Tensor | None = None  # [B, L, E] what the projector read (projector.output only)
     question: Callable[[], list[torch.Tensor]] | None = None  # per image: its prompt words' embeddings [m, D]
+    samples: Callable[[], torch.Tensor] | None = None  # [B] long: the prompt row of each image (allocate=)
+    frames: torch.Tensor | None = None  # [B, L] long: each position's frame (group) in its video, -1 for none
+    spots: torch.Tensor | None = None  # [B, L] long: each position's spatial index within its frame, -1 for none
     # An entropy() amount needs the selection's candidates and score, which `counts` is not given: `set` counts
     # it when it meets the selection and hands the counts to the selector's `counts` call for that amount.
     _scheduled: tuple[ir.Expr, torch.Tensor] | None = None
@@ -119,6 +122,13 @@ class VisionEvaluator(StageEvaluator):
             raise PolicyError.at("this reads the question, which only projector.output stages have before the LLM",
                                  node.span)
         return self.question()
+
+    def image_samples(self, node: ir.Node) -> torch.Tensor:
+        """Which sample (prompt row) each image of the stage belongs to: [B] long (`top(allocate=...)`)."""
+        if self.samples is None:
+            raise PolicyError.at("allocate= splits a budget across each sample's images, which only "
+                                 "projector.output stages know so far", node.span)
+        return self.samples()
 
     def recorded_values(self, what: str) -> torch.Tensor:
         if self.attention_values is None:

@@ -116,8 +116,10 @@ def _merge(merge: ir.Merge, evaluator: StageEvaluator, tokens: Tokens, alive: to
     weights = evaluator.score(merge.by).gather(1, tokens.origin) if merge.by is not None and op.by == "score" \
         else None
     patches = evaluator.patches.gather(1, tokens.origin) if evaluator.patches is not None else None
+    frames, spots = (getattr(evaluator, name, None) for name in ("frames", "spots"))  # videos (Qwen2-VL)
     rows = MergeRows((members & ~state.protected).gather(1, tokens.origin), receivers.gather(1, tokens.origin),
-                     features, patches, weights)
+                     features, patches, weights, frames=frames.gather(1, tokens.origin) if frames is not None else None,
+                     spots=spots.gather(1, tokens.origin) if spots is not None else None)
     folding = op.fold(merge, rows, evaluator)
     folded, moved = fold(tokens, folding)
     return folded, moved, folding.order, op.proportional(merge, evaluator)

@@ -1,0 +1,319 @@
+"""Several images and videos per prompt, before the LLM: one budget per prompt split across its images and tiles
+(`top(allocate=...)`, policies/globalcom2_style.tokpol) and temporal merging across video frames (`merge temporal`,
+policies/holitom_temporal.tokpol), against the plain reference tests/reference/multi_image.py: the same split, the
+same kept (and merged) tokens, the same generated tokens, first-step logits within 1e-5; padded batches equal their
+rows run alone."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from family_checks import assert_batch_equals_single_runs
+from policyc.passes.allocate import allocate
+from reference.divprune import divprune_keep
+from reference.multi_image import allocate_choice, generate, split_budget, temporal_choice
+from tiny_idefics3 import make_idefics3_inputs, single_row, tiny_idefics3
+from tiny_internvl import make_internvl_inputs, single_internvl, tiny_internvl
+from tiny_llava_next import tiny_anyres
+from tiny_models import (
+    PAD_ID,
+    QWEN_END_ID,
+    QWEN_IMAGE_ID,
+    QWEN_MERGE,
+    QWEN_PATCH,
+    QWEN_START_ID,
+    QWEN_VIDEO_ID,
+    make_inputs,
+    make_qwen_inputs,
+    tiny_llava_clip,
+    tiny_qwen2_vl,
+)
+
+import policyc
+from policyc.errors import PolicyError
+from policyc.lang import check_source
+from policyc.models import adapt
+
+Inputs = dict[str, torch.Tensor]
+GRIDS = ((8, 8), (4, 8), (4, 4))  # three Qwen images per row: 16, 8 and 4 tokens
+
+
+# ---------------------------------------------------------------- the split itself
+
+def test_the_split_sums_to_the_budget_caps_each_image_and_equals_the_reference() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        images = rng.randint(1, 6)
+        sizes = [rng.choice([0, 1, 3, 16, 64]) for _ in range(images)]
+        weights = [rng.choice([0.0, -1.0, rng.random(), 10 * rng.random()]) for _ in range(images)]
+        budget = rng.randint(0, sum(sizes) + 5)
+        counts = allocate(budget, weights, sizes)
+        assert sum(counts) == min(budget, sum(sizes))
+        assert all(0 <= c <= n for c, n in zip(counts, sizes, strict=True))
+        assert counts == split_budget(budget, list(weights), sizes)
+
+
+def test_the_split_follows_the_weights() -> None:
+    assert allocate(10, [3.0, 1.0, 1.0], [100, 100, 100]) == [6, 2, 2]
+    assert allocate(10, [8.0, 1.0, 1.0], [3, 100, 100]) == [3, 4, 3]  # capped at 3; the rest split 1:1, tie earlier
+    assert allocate(7, [0.0, 0.0], [5, 5]) == [4, 3]  # no weight: equal shares
+    assert allocate(50, [1.0, 1.0], [5, 5]) == [5, 5]
+
+
+# ---------------------------------------------------------------- allocation on each family
+
+def _qwen_single(inputs: Inputs, row: int) -> Inputs:
+    valid = inputs["attention_mask"][row].bool()
+    rows = inputs["input_ids"].shape[0]
+    patches = inputs["pixel_values"].shape[0] // rows
+    images = inputs["image_grid_thw"].shape[0] // rows
+    return {"input_ids": inputs["input_ids"][row:row + 1, valid],
+            "attention_mask": inputs["attention_mask"][row:row + 1, valid],
+            "mm_token_type_ids": inputs["mm_token_type_ids"][row:row + 1, valid],
+            "pixel_values": inputs["pixel_values"][row * patches:(row + 1) * patches],
+            "image_grid_thw": inputs["image_grid_thw"][row * images:(row + 1) * images]}
+
+
+def _llava_single(inputs: Inputs, row: int) -> Inputs:
+    valid = inputs["attention_mask"][row].bool()
+    images = inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0]
+    return {"input_ids": inputs["input_ids"][row:row + 1, valid],
+            "attention_mask": inputs["attention_mask"][row:row + 1, valid],
+            "pixel_values": inputs["pixel_values"][row * images:(row + 1) * images]}
+
+
+def _qwen(version: str) -> Callable[[int, int], Any]:
+    def family(batch: int, seed: int) -> tuple[torch.nn.Module, Inputs, list[int], list[int]]:
+        model = tiny_qwen2_vl(seed=seed, version=version)
+        inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed)
+        sizes = [int(t * h * w) // QWEN_MERGE**2 for t, h, w in inputs["image_grid_thw"]]
+        return model, inputs, [QWEN_IMAGE_ID], sizes
+    return family
+
+
+def _tiled(build: Callable[..., Any], make: Callable[..., Inputs]) -> Callable[[int, int], Any]:
+    def family(batch: int, seed: int) -> tuple[torch.nn.Module, Inputs, list[int], list[int]]:
+        model = build(seed)
+        inputs = make(batch, seed)
+        adapter = adapt(model)
+        tiles = int((inputs["input_ids"] == adapter.image_token_id).sum()) // adapter.tokens_per_image
+        return model, inputs, [adapter.image_token_id], [adapter.tokens_per_image] * tiles
+    return family
+
+
+def _llava(batch: int, seed: int) -> tuple[torch.nn.Module, Inputs, list[int], list[int]]:
+    model = tiny_llava_clip(seed=seed)
+    inputs = make_inputs(model, batch=batch, pad_left=2, seed=seed, images=3)
+    adapter = adapt(model)
+    images = inputs["pixel_values"].shape[0]
+    return model, inputs, [adapter.image_token_id], [adapter.tokens_per_image] * images
+
+
+FAMILIES = {
+    "qwen2_vl": _qwen("2"),
+    "qwen2_5_vl": _qwen("2.5"),
+    "idefics3": _tiled(tiny_idefics3, lambda batch, seed: make_idefics3_inputs(
+        batch=batch, images=(((2, 2),), ((1, 2), (0, 0)))[:batch], pad_left=2 if batch > 1 else 0, seed=seed)),
+    "internvl": _tiled(tiny_internvl, lambda batch, seed: make_internvl_inputs(
+        batch=batch, tiles=(3, 1), pad_left=2, seed=seed)),
+    "llava": _llava,
+}
+
+
+def _kept_vision(model: torch.nn.Module, inputs: Inputs, vision_ids: list[int]) -> list[torch.Tensor]:
+    """Per row, the vision-token positions alive after prefill."""
+    vision = torch.isin(inputs["input_ids"], torch.tensor(vision_ids))
+    live = model.policyc.runtime.state.live()
+    rows = []
+    for row in range(inputs["input_ids"].shape[0]):
+        kept = model.policyc.kept_positions[row]
+        kept = kept if live is None else kept[live[row]]
+        rows.append(kept[vision[row, kept]])
+    return rows
+
+
+def _assert_equals_reference(model: torch.nn.Module, inputs: Inputs, vision_ids: list[int], sizes: list[int],
+                             choose: Callable[[int], Any], policy: Any, params: dict[str, Any]) -> list[torch.Tensor]:
+    expected_tokens, expected_kept, expected_logits = generate(model, inputs, vision_ids, sizes, choose,
+                                                               max_new_tokens=4)
+    policyc.compile(model, policy, **params)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kept = _kept_vision(model, inputs, vision_ids)
+    for row, expected in enumerate(expected_kept):
+        assert torch.equal(kept[row], expected)
+    assert torch.equal(out.sequences[:, inputs["input_ids"].shape[1]:], expected_tokens)
+    torch.testing.assert_close(out.logits[0], expected_logits, rtol=0, atol=1e-5)
+    return kept
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(("seed", "ratio", "batch"), [(0, 25, 1), (1, 40, 2)])
+def test_globalcom2_style_equals_the_reference(family: str, seed: int, ratio: int, batch: int) -> None:
+    """Each row keeps int(ratio * its image tokens) in all, split across its images by their summed isolation."""
+    model, inputs, vision_ids, sizes = FAMILIES[family](batch, seed)
+    kept = _assert_equals_reference(model, inputs, vision_ids, sizes, lambda row: allocate_choice(float(ratio)),
+                                    "globalcom2_style", {"ratio": f"{ratio}%"})
+    vision = torch.isin(inputs["input_ids"], torch.tensor(vision_ids)) & inputs["attention_mask"].bool()
+    for row in range(batch):
+        assert kept[row].numel() == int(int(vision[row].sum()) * ratio / 100)
+
+
+def test_a_flat_image_gives_its_budget_to_the_others() -> None:
+    """A uniform image (its tokens alike: isolation near 0) keeps fewer tokens than its size's share; a small image
+    full of distinct tokens is capped at its size; the rest goes to the third image (the reference's split)."""
+    model, inputs, vision_ids, sizes = FAMILIES["qwen2_vl"](1, 1)
+    inputs["pixel_values"][: 8 * 8] = 0.3  # the first image (8 x 8 patches) is flat
+    kept = _assert_equals_reference(model, inputs, vision_ids, sizes, lambda row: allocate_choice(40.0),
+                                    "globalcom2_style", {"ratio": "40%"})[0]
+    image = (inputs["input_ids"][0] == QWEN_IMAGE_ID).nonzero().flatten()
+    per_image = [int(torch.isin(part, kept).sum()) for part in torch.split(image, sizes)]
+    budget = int(sum(sizes) * 40 / 100)
+    assert sum(per_image) == budget
+    assert per_image[0] < budget * sizes[0] / sum(sizes) and per_image[2] == sizes[2]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "internvl"])
+def test_an_equal_split_of_a_count_equals_the_reference(family: str) -> None:
+    model, inputs, vision_ids, sizes = FAMILIES[family](2, 3)
+    policy = check_source("""
+policy equal_split {
+  stage projector.output {
+    keep top(allocate=equal) 11 of vision by diversity(features=hidden)
+  }
+}""")[0]
+    kept = _assert_equals_reference(model, inputs, vision_ids, sizes, lambda row: allocate_choice(11, "equal"),
+                                    policy, {})
+    assert [k.numel() for k in kept] == [11, 11]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_diverse_with_an_equal_split_equals_divprune_per_image(family: str) -> None:
+    """`diverse(allocate=equal) 40%`: each row's budget split equally across its images (largest remainder, capped),
+    each image's share picked by DivPrune's greedy max-min (tests/reference/divprune.py)."""
+    model, inputs, vision_ids, sizes = FAMILIES[family](2, 7)
+    policy = check_source("""
+policy split_divprune {
+  stage projector.output {
+    keep diverse(allocate=equal) 40% of vision by hidden
+  }
+}""")[0]
+
+    def choose(row: int) -> Callable[[list[torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+        def pick(images: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            lengths = [f.shape[0] for f in images]
+            counts = split_budget(int(sum(lengths) * 40 / 100), [1.0] * len(images), lengths)
+            return [(divprune_keep(f[None], c)[0], f) for f, c in zip(images, counts, strict=True)]
+        return pick
+
+    _assert_equals_reference(model, inputs, vision_ids, sizes, choose, policy, {})
+
+
+@pytest.mark.parametrize(("family", "single"), [("qwen2_vl", _qwen_single), ("internvl", single_internvl),
+                                                ("idefics3", single_row), ("llava", _llava_single)])
+def test_allocation_batches_equal_single_runs(family: str, single: Callable[[Inputs, int], Inputs]) -> None:
+    model, inputs, _, _ = FAMILIES[family](2, 5)
+    assert_batch_equals_single_runs(model, "globalcom2_style", {"ratio": "30%"}, inputs, single, drops=True)
+
+
+def test_allocation_outside_projector_stages_fails_at_compile_time() -> None:
+    policy = check_source("""
+policy early {
+  stage llm.layer[1] {
+    keep top(allocate=equal) 50% of vision by attention(last -> vision)
+  }
+}""", "early.tokpol")[0]
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(tiny_llava_clip(), policy)
+    assert "top(allocate=...) in llm stages is not implemented" in str(error.value)
+
+
+# ---------------------------------------------------------------- temporal merging on Qwen2-VL videos
+
+def make_video_inputs(batch: int = 1, videos: tuple[tuple[int, int, int], ...] = ((3, 8, 8),), pad_left: int = 0,
+                      seed: int = 0) -> Inputs:
+    """Qwen2-VL video inputs as its processor gives them: per row, left padding, three text tokens, then per video
+    of (t, h, w) (t frame groups of temporal_patch_size frames, h x w patches) `<vision_start>`, t*h*w/4 video tokens,
+    `<vision_end>`, then four text tokens; `mm_token_type_ids` marks video tokens with 2. Each frame group is the
+    previous one plus noise, small (0.05) on half of the 2x2 merge blocks and large (1.5) on the others, so that some
+    tokens repeat across frames and others do not."""
+    generator = torch.Generator().manual_seed(seed)
+    pads = [pad_left if b > 0 else 0 for b in range(batch)]
+    specials = {QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_START_ID, QWEN_END_ID, PAD_ID}
+    text = torch.tensor([i for i in range(3, QWEN_START_ID) if i not in specials])
+    rows, masks, pixels = [], [], []
+    for pad in pads:
+        before = 3 + min(pads) - pad
+        picks = text[torch.randint(len(text), (before + 4,), generator=generator)].tolist()
+        row = [PAD_ID] * pad + picks[:before]
+        for t, h, w in videos:
+            row += [QWEN_START_ID] + [QWEN_VIDEO_ID] * (t * h * w // QWEN_MERGE**2) + [QWEN_END_ID]
+            frame = torch.randn(h * w, 3 * 2 * QWEN_PATCH * QWEN_PATCH, generator=generator)
+            for _ in range(t):
+                pixels.append(frame)
+                blocks = torch.rand(h * w // QWEN_MERGE**2, generator=generator) < 0.5
+                scale = torch.where(blocks, 0.05, 1.5).repeat_interleave(QWEN_MERGE**2)
+                frame = frame + scale[:, None] * torch.randn(frame.shape, generator=generator)
+        row += picks[before:]
+        rows.append(row)
+        masks.append([0] * pad + [1] * (len(row) - pad))
+    ids = torch.tensor(rows)
+    return {"input_ids": ids, "attention_mask": torch.tensor(masks),
+            "mm_token_type_ids": (ids == QWEN_VIDEO_ID).long() * 2, "pixel_values_videos": torch.cat(pixels),
+            "video_grid_thw": torch.tensor([[t, h, w] for _ in pads for t, h, w in videos])}
+
+
+def _video_single(inputs: Inputs, row: int) -> Inputs:
+    valid = inputs["attention_mask"][row].bool()
+    rows = inputs["input_ids"].shape[0]
+    patches = inputs["pixel_values_videos"].shape[0] // rows
+    videos = inputs["video_grid_thw"].shape[0] // rows
+    return {"input_ids": inputs["input_ids"][row:row + 1, valid],
+            "attention_mask": inputs["attention_mask"][row:row + 1, valid],
+            "mm_token_type_ids": inputs["mm_token_type_ids"][row:row + 1, valid],
+            "pixel_values_videos": inputs["pixel_values_videos"][row * patches:(row + 1) * patches],
+            "video_grid_thw": inputs["video_grid_thw"][row * videos:(row + 1) * videos]}
+
+
+VIDEOS = ((3, 8, 8), (2, 4, 8))  # two videos per row: 3 frame groups of 16 tokens, 2 of 8
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize(("seed", "threshold", "batch"), [(0, 0.9, 1), (1, 0.95, 2), (2, 0.8, 2)])
+def test_holitom_temporal_equals_the_reference(version: str, seed: int, threshold: float, batch: int) -> None:
+    model = tiny_qwen2_vl(seed=seed, version=version)
+    inputs = make_video_inputs(batch=batch, videos=VIDEOS, pad_left=2, seed=seed)
+    grids = inputs["video_grid_thw"]
+    sizes = [int(t * h * w) // QWEN_MERGE**2 for t, h, w in grids]
+    frames = [int(t) for t, _, _ in grids]
+    kept = _assert_equals_reference(model, inputs, [QWEN_VIDEO_ID], sizes,
+                                    lambda row: temporal_choice(frames[row * 2:row * 2 + 2], threshold),
+                                    "holitom_temporal", {"threshold": threshold})
+    merged = sum(sizes) // batch
+    assert all(0 < k.numel() < merged for k in kept)  # some tokens merged, not all
+
+
+def test_holitom_temporal_batches_equal_single_runs() -> None:
+    inputs = make_video_inputs(batch=2, videos=VIDEOS, pad_left=2, seed=4)
+    assert_batch_equals_single_runs(tiny_qwen2_vl(), "holitom_temporal", {"threshold": 0.9}, inputs, _video_single,
+                                    drops=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_temporal_merging_leaves_images_alone(family: str) -> None:
+    """An image is one frame: nothing merges (Qwen2-VL images; LLaVA has no videos)."""
+    model, inputs, _, _ = FAMILIES[family](2, 6)
+    policyc.compile(model, "holitom_temporal", threshold=0.0)
+    tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    model.policyc.remove()
+    del model.policyc
+    assert torch.equal(tokens, model.generate(**inputs, max_new_tokens=3, do_sample=False))
+
+
+def test_temporal_merging_fails_at_compile_time_on_videos_it_cannot_read() -> None:
+    """LLaVA-OneVision has videos whose frames projector stages do not read yet: a compile error, never a no-op."""
+    with pytest.raises(PolicyError):
+        policyc.compile(tiny_anyres("llava_onevision"), "holitom_temporal")
