@@ -34,6 +34,7 @@ the kept rows and columns of its own mask; sliding windows count ORIGINAL positi
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,13 @@ class Gemma3Adapter(ModelAdapter):
         side = math.isqrt(patches)
         grid = features.transpose(1, 2).reshape(images, channels, side, side)
         return self.projector.avg_pool(grid).flatten(2).transpose(1, 2)
+
+    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The first image ([3, H, W], as the encoder saw it) and the grid its pooled tokens tile, row-major."""
+        grid = self.token_grid
+        if grid is None:
+            raise NotImplementedError("mm_tokens_per_image is not a square: the pooled tokens tile no grid")
+        return inputs["pixel_values"][0], grid
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
         """`text_tokens` text ids around `<start_of_image>`, one image's tokens and `<end_of_image>`, with

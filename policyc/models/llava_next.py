@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,16 @@ class AnyresAdapter(ModelAdapter):
         input_ids = torch.tensor([text_around(self, text_tokens, [self.image_token_id] * count)], device=device)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
                 "image_sizes": image_sizes}
+
+    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The first image's base view ([3, H, W], as the encoder saw it) and its patch grid: the first tokens of the
+        first image's run, one per patch, row-major (`--show-tokens` draws them; the crops' tokens are not drawn)."""
+        grid = self.encoder_grid
+        visual = inputs["input_ids"][self.visual_mask(inputs["input_ids"])]
+        if grid is None or not visual.numel() or int(visual[0]) != self.image_token_id:
+            raise PolicyError.at("--show-tokens draws the base view of the prompt's first image, but its first "
+                                 "visual tokens are not an image's (a video comes first)", None)
+        return inputs["pixel_values"][0, 0], grid
 
     def image_token_counts(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
                            **kwargs: Any) -> list[int]:
