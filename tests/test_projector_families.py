@@ -16,6 +16,7 @@ from family_checks import assert_batch_equals_single_runs
 from reference.before_llm import before_llm_generate, before_llm_run
 from reference.before_llm_gemma3 import before_llm_gemma3_run
 from reference.divprune import divprune_keep
+from reference.pool import pool_features
 from tiny_gemma3 import GEMMA_IMAGE_ID, WINDOW, make_gemma3_inputs, single_gemma3, tiny_gemma3
 from tiny_idefics3 import make_idefics3_inputs, tiny_idefics3
 from tiny_internvl import make_internvl_inputs, tiny_internvl
@@ -23,6 +24,7 @@ from tiny_llava_next import IMAGE_ID, make_anyres_inputs, single_row, tiny_anyre
 
 import policyc
 from policyc.errors import PolicyError
+from policyc.lang import check_source
 from policyc.models import adapt
 
 TILINGS = (((2, 2),), ((1, 2), (0, 0)))  # row 0: one image in 2x2 tiles + global view; row 1: 1x2 tiles, unsplit
@@ -104,6 +106,24 @@ def test_divprune_on_gemma3_equals_the_reference(seed: int, ratio: int, batch: i
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("seed", "size", "window"), [(0, 2, WINDOW), (1, 3, 24)])
+def test_pool_on_gemma3s_token_grid_equals_the_reference(seed: int, size: int, window: int) -> None:
+    """`merge pool` reads Gemma 3's pooled 4x4 token grid: each k x k window's mean in its top-left slot."""
+    model = tiny_gemma3(seed=seed, window=window)
+    inputs = make_gemma3_inputs(batch=2, images=2, pad_left=2, seed=seed)
+
+    def pool(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, filled = pool_features(features[None], (4, 4), size)
+        return filled[0], torch.where(filled[0][:, None], pooled[0], features)
+
+    expected_tokens, expected_kept, expected_logits = before_llm_gemma3_run(model, inputs, pool, max_new_tokens=5)
+    policyc.compile(model, "pool", size=size)
+    tokens, logits = _generate(model, inputs, 5)
+    _assert_kept(model, inputs["input_ids"] == GEMMA_IMAGE_ID, expected_kept)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
+
+
 ANYRES_IMAGES = {"llava_next": [[(40, 24)], [(30, 64)]], "llava_onevision": [[(64, 64)], [(30, 64), (20, 20)]]}
 
 
@@ -145,6 +165,22 @@ def test_gemma3_projector_policies_generate_and_batches_equal_single_runs(policy
     inputs = make_gemma3_inputs(batch=2, images=2, pad_left=2, seed=5)
     kept = assert_batch_equals_single_runs(model, policy, params, inputs, single_gemma3, drops=True)
     assert kept is not None
+
+
+def test_gemma3_images_keeping_different_counts_equal_single_runs() -> None:
+    """A mass budget over MMTok's text relevance (the question read before the LLM) keeps a different count per
+    row here: the row keeping fewer carries fillers, masked in every layer type's mask (bidirectional image blocks,
+    sliding windows)."""
+    source = "policy p { stage projector.output { keep top mass(0.7) of vision by text_relevance(tau=0.4) } }"
+    model = tiny_gemma3(seed=6)
+    inputs = make_gemma3_inputs(batch=2, images=2, pad_left=2, seed=6)
+    policyc.compile(model, check_source(source)[0])
+    try:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        assert model.policyc.runtime.state.dead is not None  # the rows kept different counts: fillers
+    finally:
+        model.policyc.remove()
+    assert_batch_equals_single_runs(model, check_source(source)[0], {}, inputs, single_gemma3, drops=True)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])

@@ -9,7 +9,8 @@ columns of every layer's mask over the ORIGINAL prompt (the kept tokens of an im
 the window counts original positions, as after an LLM-stage drop), so generated token t sits at original index
 L + t for its masks and at L' + t for its rotary embedding.
 
-`choose(features [n, D]) -> [n] bool` picks the kept tokens of each image (one run of `<image_soft_token>`).
+`choose(features [n, D]) -> [n] bool` picks the kept tokens of each image (one run of `<image_soft_token>`); a merge
+returns ([n] bool, the image's features [n, D] with the merged ones in the kept slots).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _layers(model: nn.Module, hidden: Tensor, positions: Tensor, allowed: dict[s
 
 
 @torch.no_grad()
-def before_llm_gemma3_run(model: nn.Module, inputs: dict[str, Tensor], choose: Callable[[Tensor], Tensor], *,
+def before_llm_gemma3_run(model: nn.Module, inputs: dict[str, Tensor],
+                          choose: Callable[[Tensor], Tensor | tuple[Tensor, Tensor]], *,
                           max_new_tokens: int) -> tuple[Tensor, list[Tensor], Tensor]:
     """Greedy tokens [B, max_new_tokens], per row the kept image-token indices into that row of `input_ids`
     (padding included, ascending), and the logits of every step [B, max_new_tokens, V] (Gemma 3's final softcap
@@ -63,7 +65,10 @@ def before_llm_gemma3_run(model: nn.Module, inputs: dict[str, Tensor], choose: C
         cursor += count
         keep = ~image
         for run in image.nonzero().flatten().split(tokens_per_image):
-            keep[run[choose(embeds[run])]] = True
+            chosen = choose(embeds[run])
+            if isinstance(chosen, tuple):  # a merge: the kept slots and the image's new features
+                chosen, embeds[run] = chosen[0], chosen[1].to(embeds.dtype)
+            keep[run[chosen]] = True
         kept = keep.nonzero().flatten()
         generated: list[int] = []
         step_logits = []
