@@ -7,6 +7,7 @@ question on anyres images, and OneVision videos, fail clearly."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -259,3 +260,22 @@ def test_onevision_pictures_refuse_a_prompt_whose_first_visual_tokens_are_a_vide
     model = tiny_anyres("llava_onevision")
     with pytest.raises(PolicyError, match="a video comes first"):
         adapt(model).first_image(make_anyres_inputs(model, [[(64, 64)]], (3,)))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llava_next"])
+def test_a_saved_directory_compiles_divprune_from_the_command_line(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`policyc compile DIR divprune`: the compile report's calibration inputs run the projector stage (LLaVA-NeXT:
+    the base view and crops of the sample image, its 4 newlines kept)."""
+    from click.testing import CliRunner
+
+    from policyc.cli import main
+
+    model = tiny_gemma3() if family == "gemma3" else tiny_anyres(family)
+    model.save_pretrained(tmp_path / "model")
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "model"), "divprune", "-o", str(tmp_path / "out"),
+                                       "--param", "ratio=50%"])
+    assert result.exit_code == 0, result.output
+    [stage] = json.loads((tmp_path / "out" / "report.json").read_text())["kept"]
+    assert (stage["point"], stage["before"], stage["after"]) == \
+        ("projector.output", *{"gemma3": (16, 8), "llava_next": (52, 28)}[family])
+    assert "tokens kept per stage" in result.output

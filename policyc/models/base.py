@@ -138,7 +138,8 @@ class ModelAdapter:
     @property
     def draws_tokens(self) -> bool:
         """Whether `first_image` can locate the first image and the grid its LLM tokens tile (`--show-tokens`):
-        one token per patch (LLaVA), or a family that knows its own layout (Qwen2-VL)."""
+        one token per patch (LLaVA), or a family that knows its own layout (Qwen2-VL's merged raster, Gemma 3's
+        pooled grid, LLaVA-NeXT's base view, the first tile of Idefics3 and InternVL)."""
         one_per_patch = self.patch_grid is not None and self.encoder_patches_per_token == 1
         return one_per_patch or type(self).first_image is not ModelAdapter.first_image
 
