@@ -185,7 +185,7 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
     session = open_session(resolve_target(model, policy), assignments, device, backend)
     if show_tokens is not None and session.compiled is not None and not session.compiled.plan.adapter.draws_tokens:
         raise PolicyError.at(f"--show-tokens cannot place this model's image tokens on its images yet "
-                             f"({session.compiled.plan.adapter.family}: tiles, crops or pooled patches)", None,
+                             f"({session.compiled.plan.adapter.family}: its adapter knows no grid for them)", None,
                              "run without --show-tokens: the table of tokens kept per stage still prints")
     if session.artifact is not None and (changes := session.artifact.version_changes()):
         console.print(f"[dim]note: the artifact was written with other library versions ({', '.join(changes)})[/dim]")

@@ -13,10 +13,19 @@ DROPPED = (0.0, 0.0, 0.0, 0.72)  # RGBA over a dropped patch
 MERGED = (0.15, 0.35, 0.95, 0.55)  # RGBA over a patch merged into another
 
 
+def cell_shades(cells: int, stage: StageTokens) -> list[tuple[float, float, float, float] | None]:
+    """The shade over each of the first `cells` patches (row-major) of a panel: DROPPED where its token did not
+    survive `stage`, MERGED where it was merged into another, None where it was kept. Tokens past `cells` (a
+    later image, crops or tiles the panel does not show) are not drawn."""
+    kept = set(stage.kept_patches)
+    return [MERGED if patch in stage.merged else None if patch in kept else DROPPED for patch in range(cells)]
+
+
 def draw_kept_tokens(path: str | Path, picture: Any, grid: tuple[int, int], stages: Sequence[StageTokens],
                      title: str = "") -> Path:
     """Write a PNG: the image (`picture`, [H, W, 3] in [0, 1]) once as given, then once per entry of
-    `stages` with dropped patches darkened and merged ones tinted. `grid` is (rows, columns) of patches."""
+    `stages` with dropped patches darkened and merged ones tinted. `grid` is (rows, columns) of patches: the first
+    rows x columns image tokens of the prompt, row-major (the adapter's `first_image` says which picture they tile)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -40,9 +49,7 @@ def draw_kept_tokens(path: str | Path, picture: Any, grid: tuple[int, int], stag
             axis.axhline(r * cell_h - 0.5, color="white", linewidth=0.3, alpha=0.5)
         for c in range(1, cols):
             axis.axvline(c * cell_w - 0.5, color="white", linewidth=0.3, alpha=0.5)
-        kept = set(stage.kept_patches)
-        for patch in range(rows * cols):
-            color = MERGED if patch in stage.merged else None if patch in kept else DROPPED
+        for patch, color in enumerate(cell_shades(rows * cols, stage)):
             if color is not None:
                 r, c = divmod(patch, cols)
                 axis.add_patch(Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, color=color,
@@ -58,4 +65,4 @@ def draw_kept_tokens(path: str | Path, picture: Any, grid: tuple[int, int], stag
     return path
 
 
-__all__ = ["draw_kept_tokens"]
+__all__ = ["DROPPED", "MERGED", "cell_shades", "draw_kept_tokens"]

@@ -178,7 +178,6 @@ def test_tome_shrinks_the_encoders_flops_not_the_llms() -> None:
 
 
 @pytest.mark.parametrize(("policy", "reason"), [
-    ("divprune", "projector stages do not run on Gemma 3 yet"),
     ("visionzip", "has no CLS token"),
     ("policy p { stage encoder.layer[0] { keep top 10 of vision by key_norm } }",
      "removes tokens, but gemma3's connector needs every patch"),

@@ -252,15 +252,16 @@ def test_tiny_models_generate_with_left_padding(name: str) -> None:
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
-def test_only_adapters_that_know_their_token_layout_draw_kept_tokens() -> None:
-    """--show-tokens needs an image's LLM tokens on a grid over it: LLaVA (one token per patch) and Qwen2-VL (its
-    merged raster) know it; tiles, crops and pooled patches (Idefics3, Gemma 3, InternVL, LLaVA-NeXT) do not yet."""
+def test_every_family_knows_a_layout_to_draw_kept_tokens_on() -> None:
+    """--show-tokens needs an image's LLM tokens on a grid over a picture: LLaVA (one token per patch), Qwen2-VL
+    (its merged raster), Gemma 3 (its pooled grid), LLaVA-NeXT (the base view), Idefics3 and InternVL (the first
+    tile) each know one (tests/test_projector_families.py draws them)."""
     from tiny_gemma3 import tiny_gemma3
     from tiny_idefics3 import tiny_idefics3
     from tiny_internvl import tiny_internvl
     from tiny_llava_next import tiny_anyres
     from tiny_models import tiny_qwen2_vl
 
-    assert adapt(tiny_llava_clip()).draws_tokens and adapt(tiny_qwen2_vl()).draws_tokens
-    for model in (tiny_gemma3(), tiny_idefics3(), tiny_internvl(), tiny_anyres("llava_next")):
-        assert not adapt(model).draws_tokens
+    for model in (tiny_llava_clip(), tiny_qwen2_vl(), tiny_gemma3(), tiny_idefics3(), tiny_internvl(),
+                  tiny_anyres("llava_next")):
+        assert adapt(model).draws_tokens

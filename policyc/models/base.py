@@ -7,7 +7,7 @@ transformers version's attribute paths, so the same code runs on transformers 5.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, TypeVar
 
@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from policyc.errors import Diagnostic, PolicyError, Span
+
+# Per image: its LLM tokens [n_i, D] and which are image features [n_i] bool -> the tokens the LLM receives.
+ImageTokensHook = Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
 
 # Signal capabilities a model may offer (see `ModelAdapter.signals`).
 ENCODER_SIGNALS = frozenset({"encoder_attention", "encoder_keys", "encoder_values", "encoder_hidden"})
@@ -136,7 +139,8 @@ class ModelAdapter:
     @property
     def draws_tokens(self) -> bool:
         """Whether `first_image` can locate the first image and the grid its LLM tokens tile (`--show-tokens`):
-        one token per patch (LLaVA), or a family that knows its own layout (Qwen2-VL)."""
+        one token per patch (LLaVA), or a family that knows its own layout (Qwen2-VL's merged raster, Gemma 3's
+        pooled grid, LLaVA-NeXT's base view, the first tile of Idefics3 and InternVL)."""
         one_per_patch = self.patch_grid is not None and self.encoder_patches_per_token == 1
         return one_per_patch or type(self).first_image is not ModelAdapter.first_image
 
@@ -146,6 +150,18 @@ class ModelAdapter:
         if self.patch_grid is None or self.encoder_patches_per_token != 1:
             raise NotImplementedError(f"{type(self).__name__} must locate its own first image")
         return inputs["pixel_values"][0], self.patch_grid
+
+    def projector_input_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """The encoder features behind each LLM token of an image, from the projector's input [I, P, E]: [I, N, E]
+        (MMTok's image coverage). One patch per token here; families whose projector pools patches override it."""
+        return features
+
+    def hook_image_tokens(self, on_tokens: ImageTokensHook) -> Callable[[], None] | None:
+        """Families whose LLM tokens of an image are assembled after the projector (anyres unpadding, newlines)
+        call `on_tokens` with each image's tokens as the LLM receives them and which of them are image features
+        (not separators), and hand the LLM what it returns; the result undoes the hook. None: projector stages run
+        on the projector's output."""
+        return None
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
         """A model-agnostic calibration prompt: `text_tokens` text ids around one image's tokens, and the

@@ -21,12 +21,20 @@ Renumbered positions use the layer's own rotary embedding.
 
 Encoder merges (ToMe) run in the SigLIP tower on the live rows and are undone at its output (each patch takes the
 value of the token it was merged into), so the projector's pooling sees the full grid and the LLM the model's own
-`mm_tokens_per_image` tokens: the encoder saves compute only. Encoder drops and projector stages are not bound (the
-projector's pooling maps 4x4 patches onto one LLM token).
+`mm_tokens_per_image` tokens: the encoder saves compute only. Encoder drops are not bound (the projector's pooling
+needs every patch).
+
+Projector stages run on the projector's output, per image: its `mm_tokens_per_image` tokens tile one square grid
+(`token_grid`, 16x16 in the released models), so `grid`, `pool` and the other geometric operators read that grid,
+and MMTok's image coverage reads the pooled patches behind each token (`projector_input_tokens`). The LLM drops the
+tokens not kept at its input; the kept tokens of an image still see each other both ways (each decoder layer gets
+the kept rows and columns of its own mask; sliding windows count ORIGINAL positions, as after LLM-stage drops).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +50,6 @@ from policyc.models.structure import (
     vision_encoder,
 )
 
-PROJECTOR = ("projector stages do not run on Gemma 3 yet: its projector average-pools the encoder's patch grid "
-             "(several patches per LLM token), which projector stages do not model")
-
 
 @dataclass(frozen=True, eq=False)
 class Gemma3Adapter(ModelAdapter):
@@ -58,6 +63,28 @@ class Gemma3Adapter(ModelAdapter):
         """(cos, sin) of decoder layer `index`'s rotary embedding (local or global) at `position_ids` [B, n]."""
         assert self.rotary is not None  # build() requires it
         return self.rotary(hidden, position_ids, self.layer_types[index])
+
+    @property
+    def token_grid(self) -> tuple[int, int] | None:
+        """The square grid the `mm_tokens_per_image` tokens of an image tile (the pooled patch grid)."""
+        assert self.tokens_per_image is not None  # fixed by mm_tokens_per_image
+        side = math.isqrt(self.tokens_per_image)
+        return (side, side) if side * side == self.tokens_per_image else None
+
+    def projector_input_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """The encoder patches behind each LLM token: the projector's input [I, P, E] average-pooled as the projector
+        pools it, [I, N, E] (before its norm and projection)."""
+        images, patches, channels = features.shape
+        side = math.isqrt(patches)
+        grid = features.transpose(1, 2).reshape(images, channels, side, side)
+        return self.projector.avg_pool(grid).flatten(2).transpose(1, 2)
+
+    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The first image ([3, H, W], as the encoder saw it) and the grid its pooled tokens tile, row-major."""
+        grid = self.token_grid
+        if grid is None:
+            raise NotImplementedError("mm_tokens_per_image is not a square: the pooled tokens tile no grid")
+        return inputs["pixel_values"][0], grid
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
         """`text_tokens` text ids around `<start_of_image>`, one image's tokens and `<end_of_image>`, with
@@ -76,10 +103,10 @@ class Gemma3Adapter(ModelAdapter):
 
 @register_adapter
 class Gemma3Factory(AdapterFactory):
-    """Gemma 3 with images: encoder merges, LLM stages and decode cache policies."""
+    """Gemma 3 with images: encoder merges, projector stages per image, LLM stages and decode cache policies."""
 
     family = "gemma3"
-    description = "Gemma 3 (encoder merges, LLM and decode stages)"
+    description = "Gemma 3 (encoder merges, projector, LLM and decode stages)"
     model_types = frozenset({"gemma3"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
@@ -111,7 +138,6 @@ class Gemma3Factory(AdapterFactory):
             image_token_id=image_token_id,
             tokens_per_image=config.mm_tokens_per_image,
             encoder_patches_per_token=max(1, side * side // config.mm_tokens_per_image),
-            projector_unsupported=PROJECTOR,
             encoder_unmerges=True,
             layer_types=tuple(text_config.layer_types),
             begin_image_id=config_int(config, "boi_token_id", "boi_token_index"),

@@ -27,6 +27,8 @@ of a non-square image, `pixel_attention_mask`) never merge and stay masked as ke
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -71,11 +73,24 @@ def tile(image: torch.Tensor, rows: int, cols: int, size: int) -> torch.Tensor:
     return torch.cat([tiles, overview])
 
 
+def shuffled_grid(adapter: ModelAdapter) -> tuple[int, int]:
+    """The grid one tile's tokens tile after a pixel shuffle of `encoder_patches_per_token` patches, row-major (the
+    shuffle folds each s x s block of the tile's patch grid into one token and keeps the blocks in raster order)."""
+    assert adapter.patch_grid is not None  # every tile has the tower's own grid
+    side = math.isqrt(adapter.encoder_patches_per_token)
+    return adapter.patch_grid[0] // side, adapter.patch_grid[1] // side
+
+
 @dataclass(frozen=True, eq=False)
 class Idefics3Adapter(ModelAdapter):
     """An Idefics3/SmolVLM adapter: its calibration inputs are tiles, a global view and their pixel mask."""
 
     image_size: int = 512  # pixels per side of one encoder input (a tile or the global view)
+
+    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The prompt's first encoder input ([3, H, W]: the first tile, or the image itself where it was not split)
+        and the grid its pixel-shuffled tokens tile, row-major (`--show-tokens` draws that tile)."""
+        return inputs["pixel_values"][0, 0], shuffled_grid(self)
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
         """`text_tokens` text ids around the example image split as the processor splits a large image
@@ -141,4 +156,4 @@ class Idefics3Factory(AdapterFactory):
         )
 
 
-__all__ = ["MODEL_TYPES", "Idefics3Adapter", "Idefics3Factory", "image_prompt", "tile"]
+__all__ = ["MODEL_TYPES", "Idefics3Adapter", "Idefics3Factory", "image_prompt", "shuffled_grid", "tile"]

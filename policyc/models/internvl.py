@@ -19,9 +19,14 @@ refused; so are encoder stages where the features are not the tower's last layer
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
 from policyc.models.base import AdapterFactory, ModelAdapter, register_adapter
+from policyc.models.idefics3 import shuffled_grid
 from policyc.models.structure import (
     adapt_error,
     image_token,
@@ -36,6 +41,16 @@ FEATURE_LAYER = ("encoder stages run on InternVL only where the features are the
 
 def _pair(value: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True, eq=False)
+class InternVLAdapter(ModelAdapter):
+    """An InternVL adapter: `--show-tokens` draws the prompt's first tile."""
+
+    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The prompt's first tile ([3, H, W]; the image itself where it is one tile) and the grid its
+        pixel-shuffled tokens tile, row-major."""
+        return inputs["pixel_values"][0], shuffled_grid(self)
 
 
 @register_adapter
@@ -62,7 +77,7 @@ class InternVLFactory(AdapterFactory):
         if not isinstance(feature_layer, int):
             raise adapt_error(model, self.family, "several vision feature layers are not supported")
         count = len(layers)
-        return ModelAdapter(
+        return InternVLAdapter(
             family=self.family,
             model=model,
             has_cls=True,
@@ -81,4 +96,4 @@ class InternVLFactory(AdapterFactory):
         )
 
 
-__all__ = ["InternVLFactory"]
+__all__ = ["InternVLAdapter", "InternVLFactory"]

@@ -13,20 +13,40 @@ What differs from LLaVA-1.5:
 
 Encoder merges (ToMe) run per encoder input (the base view and every crop, each on the tower's own patch grid) on the
 live rows and are undone at the feature layer (each patch takes its merged token's value), so unpadding and the
-newlines see every patch and the LLM the model's own token count: the encoder saves compute only. Encoder drops and
-projector stages are not bound (`PROJECTOR`). `build_anyres` is shared with LLaVA-OneVision (llava_onevision.py),
-whose images are built the same way.
+newlines see every patch and the LLM the model's own token count: the encoder saves compute only. Encoder drops are
+not bound.
+
+Projector stages (`projector.output`) run on each image's tokens as the LLM receives them: the model's own
+`pack_image_features` output (base view, unpadded crops, newlines), one image at a time. The `vision` set of such a
+stage holds the image features only: the `image_newline` tokens are not candidates and always reach the LLM (they
+tell it where a row of crop features ends). The LLM drops the features not kept at its input. Which packed token is
+a newline is found by packing marker features through the model's own `pack_image_features` (ones for features,
+zero for the newline), so unpadding and OneVision's anyres_max interpolation need no copy here. Images have their
+own sizes, so operators that need one token grid (`grid`, `pool`, ...) and the question (MMTok) fail at compile
+time. `build_anyres` is shared with LLaVA-OneVision (llava_onevision.py), whose images are built the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
+from policyc.errors import PolicyError
+from policyc.models.base import (
+    AdapterFactory,
+    ImageTokensHook,
+    ModelAdapter,
+    example_pixels,
+    placement,
+    register_adapter,
+    text_around,
+)
 from policyc.models.structure import (
     adapt_error,
     image_token,
@@ -34,9 +54,6 @@ from policyc.models.structure import (
     vision_encoder,
 )
 
-PROJECTOR = ("projector stages do not run on LLaVA-NeXT yet: it encodes each image as a base view plus crops whose "
-             "features are unpadded to the image's aspect ratio and interleaved with image_newline tokens, so "
-             "projected patches do not map one to one onto LLM tokens")
 FEATURE_LAYERS = ("encoder stages do not run where the features concatenate several encoder layers "
                   "(vision_feature_layer is a list): merges are unmerged at one feature layer")
 
@@ -51,6 +68,46 @@ class AnyresAdapter(ModelAdapter):
 
     crop_size: tuple[int, int] = (336, 336)  # the tower's input size (height, width): the base view and each crop
     sample_resolution: tuple[int, int] = (336, 672)  # the calibration image's size: the first grid pinpoint
+    body: nn.Module | None = field(default=None, repr=False)  # the model body: pack_image_features, image_newline
+    video_unsupported: str | None = None  # why projector stages refuse a forward with videos (OneVision)
+
+    def hook_image_tokens(self, on_tokens: ImageTokensHook) -> Callable[[], None] | None:
+        """Wrap the body's `pack_image_features`: each image's packed tokens [n_i, D] go through `on_tokens` with
+        their image-feature mask (False on the newline tokens), found by packing ones for the features and a zero
+        newline through the same function. Video features (OneVision) refuse to run while the hook is in place."""
+        from policyc.runtime.patching import replace_attribute  # (the runtime package imports the adapters)
+
+        body = self.body
+        if body is None:
+            raise PolicyError.at(f"{type(self.model).__name__}'s pack_image_features was not found", None)
+        pack = body.pack_image_features
+        signature = inspect.signature(pack)
+
+        @functools.wraps(pack)
+        def pack_with_stages(*args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+            features, lengths = pack(*args, **kwargs)
+            marked = signature.bind(*args, **kwargs)
+            crops = marked.arguments["image_features"]
+            marked.arguments["image_features"] = [torch.ones(*f.shape[:-1], 1, device=f.device) for f in crops]
+            if marked.arguments.get("image_newline") is not None:
+                marked.arguments["image_newline"] = torch.zeros(1, device=crops[0].device)
+            marks, _ = pack(*marked.args, **marked.kwargs)
+            return on_tokens(list(features), [m[:, 0] > 0.5 for m in marks]), lengths
+
+        undo = [replace_attribute(body, "pack_image_features", pack_with_stages)]
+        if self.video_unsupported is not None and hasattr(body, "get_video_features"):
+            reason = self.video_unsupported
+
+            @functools.wraps(body.get_video_features)  # its signature: generate() reads which inputs it takes
+            def refuse_videos(*args: Any, **kwargs: Any) -> Any:
+                raise PolicyError.at(reason, None, "run the policy on images, or use an LLM stage (e.g. fastv) "
+                                                   "for videos")
+            undo.append(replace_attribute(body, "get_video_features", refuse_videos))
+
+        def remove() -> None:
+            for step in reversed(undo):
+                step()
+        return remove
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
         """`text_tokens` text ids around the example image at `sample_resolution` (a pinpoint, so no padding):
@@ -67,6 +124,16 @@ class AnyresAdapter(ModelAdapter):
         input_ids = torch.tensor([text_around(self, text_tokens, [self.image_token_id] * count)], device=device)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
                 "image_sizes": image_sizes}
+
+    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The first image's base view ([3, H, W], as the encoder saw it) and its patch grid: the first tokens of the
+        first image's run, one per patch, row-major (`--show-tokens` draws them; the crops' tokens are not drawn)."""
+        grid = self.encoder_grid
+        visual = inputs["input_ids"][self.visual_mask(inputs["input_ids"])]
+        if grid is None or not visual.numel() or int(visual[0]) != self.image_token_id:
+            raise PolicyError.at("--show-tokens draws the base view of the prompt's first image, but its first "
+                                 "visual tokens are not an image's (a video comes first)", None)
+        return inputs["pixel_values"][0, 0], grid
 
     def image_token_counts(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
                            **kwargs: Any) -> list[int]:
@@ -90,9 +157,11 @@ def _feature_layer(layer: int | list[int], count: int) -> int:
     return int(last) % (count + 1)
 
 
-def build_anyres(model: nn.Module, family: str, reason: str, video_token_id: int | None = None) -> AnyresAdapter:
-    """The adapter of a LLaVA-NeXT-style model (vision tower, projector, image_newline, LLM) of `family`; projector
-    stages fail with `reason`; `video_token_id` adds video placeholders to the `vision` set."""
+def build_anyres(model: nn.Module, family: str, video_token_id: int | None = None,
+                 video_unsupported: str | None = None) -> AnyresAdapter:
+    """The adapter of a LLaVA-NeXT-style model (vision tower, projector, image_newline, LLM) of `family`;
+    `video_token_id` adds video placeholders to the `vision` set, and projector stages refuse videos with
+    `video_unsupported`."""
     config = model.config
     vision_config = config.vision_config
     encoder = vision_encoder(model, family)
@@ -101,6 +170,8 @@ def build_anyres(model: nn.Module, family: str, reason: str, video_token_id: int
     projector = _projector(base)
     if projector is None:
         raise adapt_error(model, family, "no multimodal projector found")
+    if not callable(getattr(base, "pack_image_features", None)):
+        raise adapt_error(model, family, "no pack_image_features on the model body")
     image_token_id = image_token(model, family)
     pinpoints = getattr(config, "image_grid_pinpoints", None)
     if not pinpoints:
@@ -120,12 +191,13 @@ def build_anyres(model: nn.Module, family: str, reason: str, video_token_id: int
         image_token_id=image_token_id,
         tokens_per_image=None,
         vision_token_ids=(image_token_id,) if video_token_id is None else (image_token_id, video_token_id),
-        projector_unsupported=reason,
         encoder_unmerges=True,
         encoder_unsupported=FEATURE_LAYERS if isinstance(config.vision_feature_layer, list | tuple) else None,
         encoder_grid=(crop[0] // patch[0], crop[1] // patch[1]),
         crop_size=crop,
         sample_resolution=_pair(pinpoints[0]),
+        body=base,
+        video_unsupported=video_unsupported,
         **encoder,
         **language_model(model, family),
     )
@@ -133,14 +205,14 @@ def build_anyres(model: nn.Module, family: str, reason: str, video_token_id: int
 
 @register_adapter
 class LlavaNextFactory(AdapterFactory):
-    """LLaVA-NeXT: encoder merges, LLM stages and decode cache policies."""
+    """LLaVA-NeXT: encoder merges, projector stages per image (newlines kept), LLM stages and decode cache policies."""
 
     family = "llava_next"
-    description = "LlavaNextForConditionalGeneration (encoder merges, LLM and decode stages)"
+    description = "LlavaNextForConditionalGeneration (encoder merges, projector, LLM and decode stages)"
     model_types = frozenset({"llava_next"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
-        return build_anyres(model, self.family, PROJECTOR)
+        return build_anyres(model, self.family)
 
 
-__all__ = ["FEATURE_LAYERS", "PROJECTOR", "AnyresAdapter", "LlavaNextFactory", "build_anyres"]
+__all__ = ["FEATURE_LAYERS", "AnyresAdapter", "LlavaNextFactory", "build_anyres"]

@@ -12,7 +12,8 @@ What differs from LLaVA-NeXT (llava_next.py, whose `build_anyres` this adapter s
 - the LLM (Qwen2) uses 1-D RoPE and a causal mask, as LLaVA's.
 
 Encoder merges run per encoder input (base view, crop, video frame) and are unmerged at the feature layer, as on
-LLaVA-NeXT; projector stages are not bound (`PROJECTOR`).
+LLaVA-NeXT. Projector stages run per image on its packed tokens, newlines kept, as on LLaVA-NeXT (the anyres_max
+interpolation included); a forward with videos fails while they are bound (`VIDEO`).
 """
 
 from __future__ import annotations
@@ -23,22 +24,21 @@ from policyc.models.base import AdapterFactory, ModelAdapter, register_adapter
 from policyc.models.llava_next import build_anyres
 from policyc.models.structure import config_int
 
-PROJECTOR = ("projector stages do not run on LLaVA-OneVision yet: it encodes each image as a base view plus crops "
-             "whose features are unpadded, pooled to at most anyres_max_N views and interleaved with image_newline "
-             "tokens, and pools video frames 2x2, so projected patches do not map one to one onto LLM tokens")
+VIDEO = ("projector stages do not run on LLaVA-OneVision videos yet: a video's frames are pooled 2x2 and scattered "
+         "onto video placeholders after the images, which the stages' per-image tokens do not cover")
 
 
 @register_adapter
 class LlavaOnevisionFactory(AdapterFactory):
-    """LLaVA-OneVision: encoder merges, LLM stages and decode cache policies over images and videos."""
+    """LLaVA-OneVision: encoder merges, projector stages per image, LLM stages and decode cache policies."""
 
     family = "llava_onevision"
-    description = "LlavaOnevisionForConditionalGeneration (encoder merges, LLM and decode stages)"
+    description = "LlavaOnevisionForConditionalGeneration (encoder merges, projector, LLM and decode stages)"
     model_types = frozenset({"llava_onevision"})
 
     def build(self, model: nn.Module) -> ModelAdapter:
         video = config_int(model.config, "video_token_id", "video_token_index")
-        return build_anyres(model, self.family, PROJECTOR, video_token_id=video)
+        return build_anyres(model, self.family, video_token_id=video, video_unsupported=VIDEO)
 
 
-__all__ = ["PROJECTOR", "LlavaOnevisionFactory"]
+__all__ = ["VIDEO", "LlavaOnevisionFactory"]

@@ -14,12 +14,15 @@
   so the projector, the `<image>` placeholders, masked_scatter and generate() stay untouched.
 - `ImageStages.kept` / `.protected` ([images, tokens_per_image] bool) tell the LLM side which image slots
   reach the LLM and which a stage protected.
+- Families that assemble an image's LLM tokens after the projector (LLaVA-NeXT/OneVision: unpadded crops, newlines)
+  hand them to `projector.output` stages through `ModelAdapter.hook_image_tokens`: separators are no candidates.
 - Projector stages that read the question (`cover`, `text_relevance`) get it from `PromptStash`
   (prompt_stash.py): LLaVA's get_image_features never sees the prompt.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -168,11 +171,12 @@ class ImageStages:
         positions = torch.arange(adapter.vision_tokens, device=device)
         slots = positions[adapter.feature_start:]
         self.slot_space = Space(slots >= cls, slots - cls, slots < cls, adapter.patch_grid)
-        if adapter.tokens_per_image is not None and adapter.token_grid is None:  # tokens fold patches (tiles)
-            slots = torch.arange(adapter.tokens_per_image, device=device)
-            self.slot_space = Space(slots >= 0, slots, slots < 0, None)
+        if adapter.tokens_per_image is not None and adapter.token_grid != adapter.patch_grid:  # tokens fold patches
+            slots = torch.arange(adapter.tokens_per_image, device=device)  # (tiles; Gemma 3's pooled grid)
+            self.slot_space = Space(slots >= 0, slots, slots < 0, adapter.token_grid)
         self._wrapped: list[tuple[int, nn.Module]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._undo: list[Callable[[], None]] = []
         self._attention: str | None = None
         self._slots: tuple[Tokens, PrefillState] | None = None
         self._encoder = bool(encoder)
@@ -217,8 +221,11 @@ class ImageStages:
             config._attn_implementation = register()
             on_output = self._on_unmerged_tower_output if self.unmerges else self._on_tower_output
             self._handles.append(adapter.vision_tower.register_forward_hook(on_output))
-        if adapter.tokens_per_image is None:  # packed images of their own sizes (Qwen2-VL): at the tower's output
-            if not self.unmerges or adapter.encoder_packed:  # (anyres crops: projector stages fail at compile time)
+        undo = adapter.hook_image_tokens(self._on_image_tokens) if self.projector_output else None
+        if undo is not None:  # the LLM's tokens of an image are assembled after the projector (anyres, newlines)
+            self._undo.append(undo)
+        elif adapter.tokens_per_image is None:  # packed images of their own sizes (Qwen2-VL): the tower's output
+            if not self.unmerges or adapter.encoder_packed:
                 self._handles.append(adapter.vision_tower.register_forward_hook(self._on_packed_tower,
                                                                                  with_kwargs=True))
         else:
@@ -239,6 +246,9 @@ class ImageStages:
             adapter.vision_tower.config._attn_implementation = self._attention
         for handle in self._handles:
             handle.remove()
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
         if self._prompt is not None:
             self._prompt.remove()
         self._wrapped.clear()
@@ -348,7 +358,7 @@ class ImageStages:
         images = output.shape[0]
         projector: dict[str, object] = {}
         if self._reads_prompt:
-            projector = {"encoder_features": args[0],
+            projector = {"encoder_features": self.adapter.projector_input_tokens(args[0]),
                          "question": lambda: self._prompt.question_words(images, output.shape[1])}  # type: ignore[union-attr]
         projector.update(self._samples([output.shape[1]] * images))
         if self._slots is None:
@@ -380,6 +390,23 @@ class ImageStages:
         alive_rows = state.valid.gather(1, tokens.origin)
         output, kept = scatter_rows(tokens, alive_rows, output.shape[1], base=output)
         return output, kept, state.protected & kept
+
+    def _on_image_tokens(self, tokens: list[torch.Tensor], image: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each image's tokens as the LLM receives them ([n_i, D]; `image` [n_i] bool: image features, the rest
+        separators such as LLaVA-NeXT's newlines) through the `projector.output` stages, one image per row padded
+        to the widest. Only image features are `vision` (candidates); separators always reach the LLM. `kept` /
+        `protected` are flat over every image's tokens, in order."""
+        sizes = [len(t) for t in tokens]
+        padded, valid = unpack(torch.cat(tokens), sizes)
+        marks, _ = unpack(torch.cat(image)[:, None].float(), sizes)
+        width = padded.shape[1]
+        positions = torch.arange(width, device=padded.device)
+        space = Space(positions >= 0, positions, positions < 0, None)  # no grid common to every image
+        state = PrefillState(marks[..., 0].bool() & valid, valid, positions.expand(len(sizes), -1),
+                             torch.zeros_like(valid))
+        output, kept, protected = self._project(space, Tokens.start(padded), state, {}, padded)
+        self.kept, self.protected = kept[valid], protected[valid]
+        return list(output[valid].split(sizes))
 
     def _on_packed_tower(self, module: nn.Module, args: tuple, kwargs: dict[str, object], output: object) -> object:
         """Dynamic resolution (Qwen2-VL): the tower's `pooler_output` [T, D] packs every image's merged tokens,
