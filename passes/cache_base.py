@@ -109,8 +109,8 @@ class QuantizingCacheOp(CacheOp):
         value = int(self.number(name))
         if value not in self.widths_supported:
             closest = min(self.widths_supported, key=lambda b: (abs(b - value), b))
-            raise self.error(f"cache {self.name} stores {name}={value} bits, which policyc cannot pack; it "
-                             f"packs {', '.join(map(str, self.widths_supported))}-bit codes",
+            widths = ", ".join(f"{b}-" for b in self.widths_supported[:-1]) + f" or {self.widths_supported[-1]}-bit"
+            raise self.error(f"cache {self.name} cannot store {name}={value}: policyc packs {widths} codes",
                              f"did you mean {name}={closest}?")
         return value
 

@@ -74,20 +74,20 @@ def group_width(head_dim: int) -> int:
 
 
 def quantize_vector(x: Tensor, bits: int) -> Codes:
-    """x [d] in the cache's dtype -> its codes (module docstring)."""
+    """x [d] in the cache's dtype -> its codes (module docstring), one group of channels at a time."""
     width = group_width(x.shape[0])
     top = 2 ** bits - 1
     codes: list[int] = []
     scales, offsets = [], []
     for start in range(0, x.shape[0], width):
-        group = [x[i].float() for i in range(start, start + width)]
-        low, high = min(group), max(group)
-        scale, offset = ((high - low) / top).to(x.dtype), low.to(x.dtype)
+        group = x[start:start + width].float()
+        scale, offset = ((group.max() - group.min()) / top).to(x.dtype), group.min().to(x.dtype)
         scales.append(scale)
         offsets.append(offset)
-        for value in group:
-            code = 0 if float(scale) == 0 else int(torch.round((value - offset.float()) / scale.float()))
-            codes.append(min(max(code, 0), top))
+        if float(scale) == 0:
+            codes += [0] * width
+        else:
+            codes += [min(max(int(c), 0), top) for c in torch.round((group - offset.float()) / scale.float())]
     per = 8 // bits
     packed = []
     for start in range(0, len(codes), per):
@@ -106,8 +106,11 @@ def dequantize_vector(codes: Codes, dtype: torch.dtype) -> Tensor:
         for i in range(per):
             values.append((byte >> (codes.bits * i)) % (2 ** codes.bits))
     width = len(values) // codes.scale.shape[0]
-    out = [values[i] * codes.scale[i // width].float() + codes.offset[i // width].float() for i in range(len(values))]
-    return torch.stack(out).to(dtype)
+    out = []
+    for k in range(codes.scale.shape[0]):
+        group = torch.tensor(values[k * width:(k + 1) * width], dtype=torch.float32)
+        out.append(group * codes.scale[k].float() + codes.offset[k].float())
+    return torch.cat(out).to(dtype)
 
 
 def quantize_entry(entry: Entry, bits: int) -> None:
