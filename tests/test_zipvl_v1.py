@@ -191,7 +191,7 @@ def test_mass_one_stores_every_token_in_high_bits_and_equal_widths_ignore_mass()
 def test_eight_bits_keeps_the_unmodified_models_greedy_tokens() -> None:
     """A uniform 8-bit cache is within half a step (range / 510) of the full one: on the tiny models, greedy
     decoding picks the same tokens and the logits move by less than 1e-2."""
-    for seed in (0, 1, 2):
+    for seed in (0, 1):
         model = tiny_llava_siglip(seed=seed)
         inputs = make_inputs(model, batch=2, pad_left=2, seed=seed)
         full = generate(model, inputs)

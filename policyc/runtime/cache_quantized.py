@@ -149,9 +149,8 @@ class MixedPrecisionLayer(SlotLayer):
         """Quantize residual slots: widths, real [B, Hkv, n] over every slot (only the residual's are read); a
         residual slot of width b > 0 moves to the b-bit store, one of width 0 stays, one not real is dropped
         (padding and empty slots are never attended)."""
-        residual = self.keys.shape[2]
-        widths, real = widths[..., -residual:], real[..., -residual:]
-        positions = self.positions[..., -residual:]
+        start = self.positions.shape[-1] - self.keys.shape[2]  # the residual's first slot
+        widths, real, positions = widths[..., start:], real[..., start:], self.positions[..., start:]
         for bits in sorted({int(b) for b in widths[real].unique().tolist()} - {0}):
             chosen = (widths == bits) & real
             new = QuantizedStore(quantize(self.keys, bits), quantize(self.values, bits),
