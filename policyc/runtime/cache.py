@@ -1,15 +1,18 @@
 """Decode-time cache policies (`stage decode { cache METHOD(...) }`) on transformers' cache classes.
 
-- After prefill, each layer's `DynamicLayer` becomes a `SlotLayer`: the same keys and values plus a
-  slot map, [B, Hkv, n], the token each slot holds (its index in the full sequence; -1: empty). It
-  generalises `Runtime.kept_at_layer` to per-head, evolving caches. It reports the full sequence
-  length, so `generate()` keeps building full-length masks and positions.
+- After prefill, each layer's `DynamicLayer` becomes a `SlotLayer` (policyc/runtime/cache_slots.py): the
+  same keys and values plus a slot map, [B, Hkv, n], the token each slot holds (its index in the full
+  sequence; -1: empty). It generalises `Runtime.kept_at_layer` to per-head, evolving caches. It reports
+  the full sequence length, so `generate()` keeps building full-length masks and positions.
 - Before a layer runs a decode step, its mask is the full mask's columns gathered through the slot
   map, per head ([B, H, 1, n]: SDPA takes per-head masks). A layer whose slots are still the whole
   sequence in order is left untouched (bit-exact with the unmodified model).
 - The operator (passes/cache_*.py) decides which slots stay, after prefill and, for `every_step`
   operators, after each decode step. Attention scores come from a registered attention function
   that hands post-RoPE queries and keys to an observer (never eager attention or output_attentions).
+- A quantizing operator (`QuantizingCacheOp`: `mixed_precision`) keeps every slot and names, after prefill
+  and each decode step, the full-precision slots to store in b bits; its layers are `MixedPrecisionLayer`s
+  (policyc/runtime/cache_quantized.py), whose slot map lists the b-bit stores, then the full-precision ones.
 - Static caches are refused with a clear error (their slots cannot shrink per head).
 """
 
