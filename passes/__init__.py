@@ -7,6 +7,7 @@ from policyc.passes import (  # noqa: F401  (registration)
     attention,
     cache_heavy_hitter,
     cache_importance,
+    cache_mixed_precision,
     cache_regather,
     cache_sink_window,
     cache_snapkv,

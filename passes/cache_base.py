@@ -48,8 +48,10 @@ class CacheOp(ABC):
     """A decode-time KV-cache policy. Options are literals (parameters resolved, defaults filled)."""
 
     name: ClassVar[str]  # the catalog name (policyc.catalog.caches)
-    # what `Slots.scores` holds; "newest": none, but `Slots.newest` holds the newest decode query's logits
-    scores: ClassVar[Literal["none", "accumulated", "window", "newest"]] = "none"
+    # what `Slots.scores` holds; "newest": none, but `Slots.newest` holds the newest decode query's logits;
+    # "normalized": right after prefill, ZipVL's normalized score (the prompt's column sums divided by the real
+    # prompt rows that see each key), then `Slots.newest` as "newest"
+    scores: ClassVar[Literal["none", "accumulated", "window", "newest", "normalized"]] = "none"
     every_step: ClassVar[bool] = False  # also called after each decode step (not only after prefill)
     all_layers: ClassVar[bool] = True  # every decoder layer; False: the layers from the first prefill stage on
     relative_positions: ClassVar[bool] = False  # after an eviction, keys are re-rotated to their cache index
@@ -91,6 +93,31 @@ class CacheOp(ABC):
     @abstractmethod
     def keep(self, slots: Slots) -> torch.Tensor:
         """[B, Hkv, n] bool: which slots stay (protected slots stay whatever this says)."""
+
+
+class QuantizingCacheOp(CacheOp):
+    """A cache policy that keeps every token and stores some in fewer bits (policyc/runtime/cache_quantized.py).
+    A subclass writes one method, `widths`; the machinery quantizes the full-precision slots it names."""
+
+    widths_supported: ClassVar[tuple[int, ...]] = (2, 4, 8)  # what the packer stores (8 / b codes per byte)
+
+    def keep(self, slots: Slots) -> torch.Tensor:
+        return torch.ones_like(slots.real)
+
+    def bits(self, name: str) -> int:
+        """A bit-width option, refused unless the packer supports it (the closest supported width as hint)."""
+        value = int(self.number(name))
+        if value not in self.widths_supported:
+            closest = min(self.widths_supported, key=lambda b: (abs(b - value), b))
+            widths = ", ".join(f"{b}-" for b in self.widths_supported[:-1]) + f" or {self.widths_supported[-1]}-bit"
+            raise self.error(f"cache {self.name} cannot store {name}={value}: policyc packs {widths} codes",
+                             f"did you mean {name}={closest}?")
+        return value
+
+    @abstractmethod
+    def widths(self, slots: Slots) -> torch.Tensor:
+        """[B, Hkv, n] long: the bit width each full-precision slot is quantized to now (0: it stays in full
+        precision; slots already quantized are left as they are whatever this says)."""
 
 
 CACHE_OPS: dict[str, type[CacheOp]] = {}  # classes: the cache runtime makes one per compiled model

@@ -125,12 +125,15 @@ def prefill(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
 
 
 def kv_bytes(cache: Any) -> int:
-    """Bytes of the key and value tensors a generate() left in its cache (every layer)."""
+    """Bytes of the key and value tensors a generate() left in its cache (every layer); a layer with `kv_tensors()`
+    (a quantized cache: codes, scales, offsets and its full-precision residual) counts those."""
     layers = getattr(cache, "layers", None)
     if layers is None:  # legacy tuples of (key, value) per layer
         return sum(t.numel() * t.element_size() for pair in cache for t in pair if isinstance(t, torch.Tensor))
-    return sum(t.numel() * t.element_size() for layer in layers for name in ("keys", "values")
-               if isinstance(t := getattr(layer, name, None), torch.Tensor))
+    return sum(t.numel() * t.element_size() for layer in layers
+               for t in (layer.kv_tensors() if hasattr(layer, "kv_tensors") else
+                         (getattr(layer, "keys", None), getattr(layer, "values", None)))
+               if isinstance(t, torch.Tensor))
 
 
 def dynamo_graphs() -> int:

@@ -1,15 +1,18 @@
 """Decode-time cache policies (`stage decode { cache METHOD(...) }`) on transformers' cache classes.
 
-- After prefill, each layer's `DynamicLayer` becomes a `SlotLayer`: the same keys and values plus a
-  slot map, [B, Hkv, n], the token each slot holds (its index in the full sequence; -1: empty). It
-  generalises `Runtime.kept_at_layer` to per-head, evolving caches. It reports the full sequence
-  length, so `generate()` keeps building full-length masks and positions.
+- After prefill, each layer's `DynamicLayer` becomes a `SlotLayer` (policyc/runtime/cache_slots.py): the
+  same keys and values plus a slot map, [B, Hkv, n], the token each slot holds (its index in the full
+  sequence; -1: empty). It generalises `Runtime.kept_at_layer` to per-head, evolving caches. It reports
+  the full sequence length, so `generate()` keeps building full-length masks and positions.
 - Before a layer runs a decode step, its mask is the full mask's columns gathered through the slot
   map, per head ([B, H, 1, n]: SDPA takes per-head masks). A layer whose slots are still the whole
   sequence in order is left untouched (bit-exact with the unmodified model).
 - The operator (passes/cache_*.py) decides which slots stay, after prefill and, for `every_step`
   operators, after each decode step. Attention scores come from a registered attention function
   that hands post-RoPE queries and keys to an observer (never eager attention or output_attentions).
+- A quantizing operator (`QuantizingCacheOp`: `mixed_precision`) keeps every slot and names, after prefill
+  and each decode step, the full-precision slots to store in b bits; its layers are `MixedPrecisionLayer`s
+  (policyc/runtime/cache_quantized.py), whose slot map lists the b-bit stores, then the full-precision ones.
 - Static caches are refused with a clear error (their slots cannot shrink per head).
 """
 
@@ -27,78 +30,16 @@ from transformers.masking_utils import sdpa_mask
 from policyc.compiler.plan import Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.passes.cache_base import CACHE_OPS, CacheOp, Slots
+from policyc.passes.cache_base import CACHE_OPS, CacheOp, QuantizingCacheOp, Slots
 from policyc.runtime import attention
+from policyc.runtime.cache_quantized import MixedPrecisionLayer
+from policyc.runtime.cache_slots import SlotLayer
 
 if TYPE_CHECKING:
     from policyc.runtime.llm import Runtime
 
 OBSERVING_NAME = "policyc_sdpa_cache"
 _CHUNK = 256  # query rows per block when summing prefill attention columns
-
-
-class SlotLayer(DynamicLayer):
-    """A `DynamicLayer` whose n slots per key/value head may hold any tokens of the sequence.
-
-    keys, values: [B, Hkv, n, d]; positions: [B, Hkv, n] each slot's token (-1: empty); scores:
-    [B, Hkv, n] what the operator ranks by (or None); rotary: [B, Hkv, n] the rotary position each key
-    was rotated at (only for operators with relative positions). `seen` counts the sequence's tokens.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, seen: int,
-                 scores: torch.Tensor | None, rotary: torch.Tensor | None) -> None:
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
-        self.positions, self.seen, self.scores, self.rotary = positions, seen, scores, rotary
-        self.identity = positions.shape[-1] == seen and bool((positions >= 0).all())  # the whole sequence, in order
-        self.prompt_size = torch.zeros(keys.shape[0], dtype=torch.long, device=keys.device)
-        self.next_position: torch.Tensor | None = None  # [B] once keys are renumbered (relative positions)
-        self.incoming: torch.Tensor | None = None  # [B] rotary position of the token being added
-        self.newest: torch.Tensor | None = None  # [B, H, n] the newest decode query's logits (scores "newest")
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, heads, count = key_states.shape[:3]
-        new = torch.arange(self.seen, self.seen + count, device=self.positions.device).expand(batch, heads, count)
-        self.positions = torch.cat([self.positions, new], dim=-1)
-        if self.scores is not None:
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, count)], dim=-1)
-        if self.rotary is not None and self.incoming is not None:
-            self.rotary = torch.cat([self.rotary, self.incoming[:, None, None].expand(batch, heads, count)], dim=-1)
-        if self.next_position is not None:
-            self.next_position = self.next_position + count
-        self.seen += count
-        return super().update(key_states, value_states)
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def _unsupported(self, *args: object, **kwargs: object) -> None:
-        raise NotImplementedError("policyc's decode cache policies support greedy search and sampling; beam search, "
-                                  "assisted decoding and cache cropping would desynchronise the slot map")
-
-    reorder_cache = batch_repeat_interleave = batch_select_indices = crop = _unsupported
-
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep the `keep` slots ([B, Hkv, n] bool) of each head, in order; rows keeping fewer are padded
-        with empty slots."""
-        count = keep.sum(-1)
-        width = int(count.max())
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-        empty = torch.arange(width, device=keep.device) >= count[..., None]
-        rows = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys, self.values = torch.gather(self.keys, 2, rows), torch.gather(self.values, 2, rows)
-        self.positions = torch.gather(self.positions, -1, order).masked_fill(empty, -1)
-        if self.scores is not None:
-            self.scores = torch.gather(self.scores, -1, order)
-        if self.rotary is not None:
-            self.rotary = torch.gather(self.rotary, -1, order)
-        self.newest = None  # its columns were the slots before this selection
-        self.identity = False
 
 
 def _observing_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -215,7 +156,7 @@ class CacheRuntime:
                     self.prefill_scores[index] = self._prefill_scores(index, query, key, scaling, mask)
                 return
             layer = getattr(self._cache, "layers", [None] * (index + 1))[index]
-            if isinstance(layer, SlotLayer) and self.op.scores == "newest":
+            if isinstance(layer, SlotLayer) and self.op.scores in ("newest", "normalized"):
                 visible = _visible(mask) if mask is not None else torch.ones_like(
                     layer.positions[:, :1, None, :], dtype=torch.bool)
                 layer.newest = newest_logits(query, key, scaling, visible[..., : key.shape[2]])
@@ -228,21 +169,25 @@ class CacheRuntime:
 
     def _prefill_scores(self, index: int, query: torch.Tensor, key: torch.Tensor, scaling: float,
                         mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Column sums over every real prompt row (accumulated), or over the last `window` rows (window); each row
-        sees the keys the layer's own `mask` [B, 1, L', W] lets it see (None: causal)."""
+        """Column sums over every real prompt row (accumulated), the same divided by the number of real rows that
+        see each key (normalized: ZipVL's Eq. 7), or over the last `window` rows (window); each row sees the keys the
+        layer's own `mask` [B, 1, L', W] lets it see (None: causal)."""
         state = self.runtime.state
         assert state is not None
         kept = self.runtime.kept_at_layer[index]
         rows = self.runtime.real_rows(index)  # [B, L'] real rows
         length = kept.shape[1]
-        first_row = 0 if self.op.scores == "accumulated" else max(0, length - int(self.op.number("window")))
+        first_row = max(0, length - int(self.op.number("window"))) if self.op.scores == "window" else 0
         query_rows = torch.arange(first_row, length, device=kept.device)
         if mask is not None:  # the layer's own mask (Gemma 3: image blocks both ways, sliding windows)
             allowed = _visible(mask)[:, :1, first_row:length, :length]
         else:
             allowed = (torch.arange(length, device=kept.device)[None, :] <= query_rows[:, None])[None, None]
         visible = allowed & rows[:, None, None, :] & rows[:, None, first_row:, None]
-        return attention_columns(query[:, :, first_row:], key[:, :, :length], scaling, visible)
+        columns = attention_columns(query[:, :, first_row:], key[:, :, :length], scaling, visible)
+        if self.op.scores == "normalized":
+            columns = columns / visible[:, :1].sum(2).clamp(min=1)  # [B, 1, L']: the rows that see each key
+        return columns
 
     # ------------------------------------------------------------ decoding
     def handles(self, index: int) -> bool:
@@ -328,7 +273,8 @@ class CacheRuntime:
             else:
                 rotary = torch.gather(state.valid.long().cumsum(1) - 1, 1, kept)
             rotary = rotary.clamp(min=0)[:, None, :].expand(batch, heads, -1).contiguous()
-        slot = SlotLayer(layer.keys, layer.values, positions, state.length, self.prefill_scores.pop(index, None),
+        kind = MixedPrecisionLayer if isinstance(self.op, QuantizingCacheOp) else SlotLayer
+        slot = kind(layer.keys, layer.values, positions, state.length, self.prefill_scores.pop(index, None),
                          rotary)
         slot.prompt_size = real.sum(1)
         cache.layers[index] = slot  # type: ignore[attr-defined]
@@ -351,6 +297,11 @@ class CacheRuntime:
 
     def _evict(self, index: int, layer: SlotLayer, after_prefill: bool) -> None:
         slots = self._slots(layer, after_prefill)
+        if isinstance(self.op, QuantizingCacheOp) and isinstance(layer, MixedPrecisionLayer):
+            widths = self.op.widths(slots)
+            if after_prefill or bool((widths > 0).any()):
+                layer.quantize(widths, slots.real)
+            return
         keep = self.op.keep(slots) | slots.protected
         if bool(keep.all()):
             return

@@ -161,12 +161,6 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
                                  "heavy_hitter (H2O) or snapkv keep positions and run on this model")
         if isinstance(statement, ir.Cache) and (statement.method == "full" or statement.method in CACHE_OPS):
             return
-        if isinstance(statement, ir.Cache) and statement.method == "mixed_precision":
-            raise PolicyError.at("cache mixed_precision (ZipVL v1) is not implemented by policyc's runtime yet: it "
-                                 "needs a cache layer that stores the unimportant tokens as b-bit codes with "
-                                 "per-token scales, so that memory really shrinks, and policyc has none yet",
-                                 statement.span, "cache importance(mass=..., every=...) is ZipVL v2: it evicts the "
-                                 "tokens outside the mass set instead of quantizing them")
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
     match statement:
         case ir.Positions(mode="original" | "compact" | "cache_length"):
