@@ -120,7 +120,7 @@ class VisionLayer(nn.Module):
         return output
 
 
-def padding_keys(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def padding_keys(mask: torch.Tensor | None) -> torch.Tensor | None:
     """From the mask a tower gives its first layer ([I, 1, P, P]; bool: allowed, float: additive), the positions
     no query may attend to ([I, P] bool: Idefics3's padded patches); None without a mask. Later layers run on fewer
     rows than the tower's mask has, so the runtime rebuilds it from these."""
