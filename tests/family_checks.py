@@ -86,6 +86,7 @@ LLM_POLICIES: list[tuple[str, dict[str, Any], bool]] = [
     ("h2o", {}, False),
     ("snapkv", {"window": 4, "capacity": 24}, False),
     ("pyramiddrop_snapkv", {}, True),
+    ("visiondrop_llm", {"early": 12, "middle": 8, "late": 4}, True),  # VisionZip-style without a CLS token
 ]
 
 __all__ = ["LLM_POLICIES", "assert_batch_equals_single_runs", "assert_identity_is_bit_exact",

@@ -220,7 +220,8 @@ class ModelAdapter:
         what, value, span, reason = requirement.what, requirement.value, requirement.span, requirement.reason
         tower = type(self.vision_tower).__name__
         if what == "cls_token" and not self.has_cls:
-            substitute = "attention(last -> vision) in an LLM stage (FastV's signal)" \
+            substitute = ("attention(last -> vision) in an LLM stage (FastV's signal), or visiondrop_llm "
+                          "(VisionZip-style)") \
                 if self.pre_llm_unsupported or self.encoder_unsupported or self.encoder_unmerges \
                 else "attention(last -> vision) in the LLM, or attention(all -> vision) or key_norm in the encoder"
             return Diagnostic(f"{reason}, but this model's vision tower ({tower}) has no CLS token", span,
