@@ -1,7 +1,7 @@
-"""`top(allocate=S) K of vision by ...` (also `diverse`): one budget per sample, split across the sample's images
-(or tiles) in proportion to a per-image weight, as GlobalCom2 (arXiv:2501.05179) gives each crop its own retention
-ratio from a global budget and HiRED (arXiv:2408.10945) splits a token budget across image partitions by their
-share of the CLS attention.
+"""`top(allocate=S) K of vision by ...` (also `diverse` before the LLM): one budget per sample, split across the
+sample's images (or tiles) in proportion to a per-image weight, as GlobalCom2 (arXiv:2501.05179) gives each crop
+its own retention ratio from a global budget and HiRED (arXiv:2408.10945) splits a token budget across image
+partitions by their share of the CLS attention.
 
 The rule (`allocate`): a sample's images have sizes n_i (their candidate tokens) and weights w_i >= 0 (the sum of
 S over each image's candidates; `equal`: 1 each; weights below zero count as zero; all zero: equal). The budget
@@ -90,11 +90,31 @@ def allocated_counts(node: ir.Select, candidates: torch.Tensor, ctx: StageEvalua
     return counts
 
 
+def image_shares(node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> list[tuple[torch.Tensor,
+                                                                                               torch.Tensor]]:
+    """In the LLM, where a row is a prompt: per image i of the prompts, its candidates ([B, L] bool) and how many
+    of them each prompt keeps ([B] long), the prompt's budget split across its images by the rule above."""
+    order, _ = ctx.image_order(node)
+    by = allocating(node, ctx)
+    score = None if isinstance(by, ir.Name) and by.id == "equal" else ctx.score(by).double()  # type: ignore[arg-type]
+    images = int(order.amax()) + 1
+    parts = [candidates & (order == i) for i in range(images)]
+    sizes = torch.stack([part.sum(1) for part in parts], 1).cpu()  # [B, I]
+    weights = sizes.new_ones(sizes.shape, dtype=torch.float64) if score is None else torch.stack(
+        [torch.where(part, score, torch.zeros_like(score)).sum(1) for part in parts], 1).cpu()
+    counts = torch.zeros_like(sizes)
+    for row in range(sizes.shape[0]):
+        budget = ctx.count(node.amount, int(sizes[row].sum()), row)
+        counts[row] = torch.tensor(allocate(budget, weights[row].tolist(), sizes[row].tolist()))
+    return [(part, counts[:, i].to(part.device)) for i, part in enumerate(parts)]
+
+
 def selection_counts(node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
     """How many candidates each row keeps: the amount per row, or per image by allocation. [B] long."""
     if allocating(node, ctx) is None:
         return ctx.counts(node.amount, candidates.sum(1))
     if not hasattr(ctx, "image_samples"):
-        raise PolicyError.at("allocate= splits a budget across images, which only stages before the LLM hold apart",
-                             node.span)
+        raise PolicyError.at(f"{node.selector}(allocate=...) in the LLM is not implemented: there `top` splits a "
+                             "prompt's budget across its images", node.span,
+                             "use top(allocate=...) in the LLM, or this selector at projector.output")
     return allocated_counts(node, candidates, ctx)

@@ -1,13 +1,14 @@
 """`top AMOUNT of SET by SCORE`: the highest-scoring tokens; ties go to the earlier position. With `mass(tau)`
 as the amount each sample keeps the fewest tokens holding `tau` of the score mass (ZipVL; passes/mass.py). With
-`top(allocate=S)` one budget per sample is split across its images (passes/allocate.py)."""
+`top(allocate=S)` one budget per sample is split across its images (passes/allocate.py), before the LLM and in
+it."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
-from policyc.passes.allocate import selection_counts
+from policyc.passes.allocate import allocating, image_shares, selection_counts
 from policyc.passes.base import selected_first
 from policyc.passes.mass import mass_counts, mass_tau
 from policyc.passes.selectors import SelectorOp, ranked, register_selector
@@ -28,11 +29,18 @@ class Top(SelectorOp):
         if node.by is None:
             raise PolicyError.at("top needs `by SCORE`", node.span)
         score = ctx.score(node.by)
+        best = torch.sort(score.float(), dim=1, descending=True, stable=True).indices  # best first, ties earlier
+
+        def top(among: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+            order = best.gather(1, selected_first(among.gather(1, best)))  # candidates first, still best first
+            return ranked(order, counts) & among
+
         tau = mass_tau(node.amount, ctx.literal)
-        if tau is None:
-            counts = selection_counts(node, candidates, ctx)  # per image with allocate= (passes/allocate.py)
-        else:  # per sample: the fewest candidates holding tau of their score mass
-            counts = mass_counts(score, candidates, tau, node.amount.span)
-        order = torch.sort(score.float(), dim=1, descending=True, stable=True).indices  # best first, ties earlier
-        order = order.gather(1, selected_first(candidates.gather(1, order)))  # candidates first, still best first
-        return ranked(order, counts) & candidates
+        if tau is not None:  # per sample: the fewest candidates holding tau of their score mass
+            return top(candidates, mass_counts(score, candidates, tau, node.amount.span))
+        if allocating(node, ctx) is not None and ctx.causal:  # the LLM: a prompt's budget split across its images
+            chosen = torch.zeros_like(candidates)
+            for among, counts in image_shares(node, candidates, ctx):
+                chosen |= top(among, counts)
+            return chosen
+        return top(candidates, selection_counts(node, candidates, ctx))  # per image with allocate= before the LLM

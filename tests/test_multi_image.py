@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
 from family_checks import assert_batch_equals_single_runs
+from multi_image_cases import FAMILIES, Inputs, assert_equals_reference, llava_single_row
 from policyc.passes.allocate import allocate
 from reference.divprune import divprune_keep
-from reference.multi_image import allocate_choice, generate, split_budget, temporal_choice
-from tiny_idefics3 import make_idefics3_inputs, single_row, tiny_idefics3
-from tiny_internvl import make_internvl_inputs, single_internvl, tiny_internvl
+from reference.multi_image import allocate_choice, split_budget, temporal_choice
+from tiny_idefics3 import single_row
+from tiny_internvl import single_internvl
 from tiny_llava_next import tiny_anyres
 from tiny_models import (
     PAD_ID,
@@ -27,8 +27,7 @@ from tiny_models import (
     QWEN_PATCH,
     QWEN_START_ID,
     QWEN_VIDEO_ID,
-    make_inputs,
-    make_qwen_inputs,
+    qwen_single_row,
     tiny_llava_clip,
     tiny_qwen2_vl,
 )
@@ -36,11 +35,6 @@ from tiny_models import (
 import policyc
 from policyc.errors import PolicyError
 from policyc.lang import check_source
-from policyc.models import adapt
-
-Inputs = dict[str, torch.Tensor]
-GRIDS = ((8, 8), (4, 8), (4, 4))  # three Qwen images per row: 16, 8 and 4 tokens
-
 
 # ---------------------------------------------------------------- the split itself
 
@@ -66,96 +60,12 @@ def test_the_split_follows_the_weights() -> None:
 
 # ---------------------------------------------------------------- allocation on each family
 
-def _qwen_single(inputs: Inputs, row: int) -> Inputs:
-    valid = inputs["attention_mask"][row].bool()
-    rows = inputs["input_ids"].shape[0]
-    patches = inputs["pixel_values"].shape[0] // rows
-    images = inputs["image_grid_thw"].shape[0] // rows
-    return {"input_ids": inputs["input_ids"][row:row + 1, valid],
-            "attention_mask": inputs["attention_mask"][row:row + 1, valid],
-            "mm_token_type_ids": inputs["mm_token_type_ids"][row:row + 1, valid],
-            "pixel_values": inputs["pixel_values"][row * patches:(row + 1) * patches],
-            "image_grid_thw": inputs["image_grid_thw"][row * images:(row + 1) * images]}
-
-
-def _llava_single(inputs: Inputs, row: int) -> Inputs:
-    valid = inputs["attention_mask"][row].bool()
-    images = inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0]
-    return {"input_ids": inputs["input_ids"][row:row + 1, valid],
-            "attention_mask": inputs["attention_mask"][row:row + 1, valid],
-            "pixel_values": inputs["pixel_values"][row * images:(row + 1) * images]}
-
-
-def _qwen(version: str) -> Callable[[int, int], Any]:
-    def family(batch: int, seed: int) -> tuple[torch.nn.Module, Inputs, list[int], list[int]]:
-        model = tiny_qwen2_vl(seed=seed, version=version)
-        inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed)
-        sizes = [int(t * h * w) // QWEN_MERGE**2 for t, h, w in inputs["image_grid_thw"]]
-        return model, inputs, [QWEN_IMAGE_ID], sizes
-    return family
-
-
-def _tiled(build: Callable[..., Any], make: Callable[..., Inputs]) -> Callable[[int, int], Any]:
-    def family(batch: int, seed: int) -> tuple[torch.nn.Module, Inputs, list[int], list[int]]:
-        model = build(seed)
-        inputs = make(batch, seed)
-        adapter = adapt(model)
-        tiles = int((inputs["input_ids"] == adapter.image_token_id).sum()) // adapter.tokens_per_image
-        return model, inputs, [adapter.image_token_id], [adapter.tokens_per_image] * tiles
-    return family
-
-
-def _llava(batch: int, seed: int) -> tuple[torch.nn.Module, Inputs, list[int], list[int]]:
-    model = tiny_llava_clip(seed=seed)
-    inputs = make_inputs(model, batch=batch, pad_left=2, seed=seed, images=3)
-    adapter = adapt(model)
-    images = inputs["pixel_values"].shape[0]
-    return model, inputs, [adapter.image_token_id], [adapter.tokens_per_image] * images
-
-
-FAMILIES = {
-    "qwen2_vl": _qwen("2"),
-    "qwen2_5_vl": _qwen("2.5"),
-    "idefics3": _tiled(tiny_idefics3, lambda batch, seed: make_idefics3_inputs(
-        batch=batch, images=(((2, 2),), ((1, 2), (0, 0)))[:batch], pad_left=2 if batch > 1 else 0, seed=seed)),
-    "internvl": _tiled(tiny_internvl, lambda batch, seed: make_internvl_inputs(
-        batch=batch, tiles=(3, 1), pad_left=2, seed=seed)),
-    "llava": _llava,
-}
-
-
-def _kept_vision(model: torch.nn.Module, inputs: Inputs, vision_ids: list[int]) -> list[torch.Tensor]:
-    """Per row, the vision-token positions alive after prefill."""
-    vision = torch.isin(inputs["input_ids"], torch.tensor(vision_ids))
-    live = model.policyc.runtime.state.live()
-    rows = []
-    for row in range(inputs["input_ids"].shape[0]):
-        kept = model.policyc.kept_positions[row]
-        kept = kept if live is None else kept[live[row]]
-        rows.append(kept[vision[row, kept]])
-    return rows
-
-
-def _assert_equals_reference(model: torch.nn.Module, inputs: Inputs, vision_ids: list[int], sizes: list[int],
-                             choose: Callable[[int], Any], policy: Any, params: dict[str, Any]) -> list[torch.Tensor]:
-    expected_tokens, expected_kept, expected_logits = generate(model, inputs, vision_ids, sizes, choose,
-                                                               max_new_tokens=4)
-    policyc.compile(model, policy, **params)
-    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    kept = _kept_vision(model, inputs, vision_ids)
-    for row, expected in enumerate(expected_kept):
-        assert torch.equal(kept[row], expected)
-    assert torch.equal(out.sequences[:, inputs["input_ids"].shape[1]:], expected_tokens)
-    torch.testing.assert_close(out.logits[0], expected_logits, rtol=0, atol=1e-5)
-    return kept
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize(("seed", "ratio", "batch"), [(0, 25, 1), (1, 40, 2)])
 def test_globalcom2_style_equals_the_reference(family: str, seed: int, ratio: int, batch: int) -> None:
     """Each row keeps int(ratio * its image tokens) in all, split across its images by their summed isolation."""
     model, inputs, vision_ids, sizes = FAMILIES[family](batch, seed)
-    kept = _assert_equals_reference(model, inputs, vision_ids, sizes, lambda row: allocate_choice(float(ratio)),
+    kept = assert_equals_reference(model, inputs, vision_ids, sizes, lambda row: allocate_choice(float(ratio)),
                                     "globalcom2_style", {"ratio": f"{ratio}%"})
     vision = torch.isin(inputs["input_ids"], torch.tensor(vision_ids)) & inputs["attention_mask"].bool()
     for row in range(batch):
@@ -167,7 +77,7 @@ def test_a_flat_image_gives_its_budget_to_the_others() -> None:
     full of distinct tokens is capped at its size; the rest goes to the third image (the reference's split)."""
     model, inputs, vision_ids, sizes = FAMILIES["qwen2_vl"](1, 1)
     inputs["pixel_values"][: 8 * 8] = 0.3  # the first image (8 x 8 patches) is flat
-    kept = _assert_equals_reference(model, inputs, vision_ids, sizes, lambda row: allocate_choice(40.0),
+    kept = assert_equals_reference(model, inputs, vision_ids, sizes, lambda row: allocate_choice(40.0),
                                     "globalcom2_style", {"ratio": "40%"})[0]
     image = (inputs["input_ids"][0] == QWEN_IMAGE_ID).nonzero().flatten()
     per_image = [int(torch.isin(part, kept).sum()) for part in torch.split(image, sizes)]
@@ -185,7 +95,7 @@ policy equal_split {
     keep top(allocate=equal) 11 of vision by diversity(features=hidden)
   }
 }""")[0]
-    kept = _assert_equals_reference(model, inputs, vision_ids, sizes, lambda row: allocate_choice(11, "equal"),
+    kept = assert_equals_reference(model, inputs, vision_ids, sizes, lambda row: allocate_choice(11, "equal"),
                                     policy, {})
     assert [k.numel() for k in kept] == [11, 11]
 
@@ -209,26 +119,28 @@ policy split_divprune {
             return [(divprune_keep(f[None], c)[0], f) for f, c in zip(images, counts, strict=True)]
         return pick
 
-    _assert_equals_reference(model, inputs, vision_ids, sizes, choose, policy, {})
+    assert_equals_reference(model, inputs, vision_ids, sizes, choose, policy, {})
 
 
-@pytest.mark.parametrize(("family", "single"), [("qwen2_vl", _qwen_single), ("internvl", single_internvl),
-                                                ("idefics3", single_row), ("llava", _llava_single)])
+@pytest.mark.parametrize(("family", "single"), [("qwen2_vl", qwen_single_row), ("internvl", single_internvl),
+                                                ("idefics3", single_row), ("llava", llava_single_row)])
 def test_allocation_batches_equal_single_runs(family: str, single: Callable[[Inputs, int], Inputs]) -> None:
     model, inputs, _, _ = FAMILIES[family](2, 5)
     assert_batch_equals_single_runs(model, "globalcom2_style", {"ratio": "30%"}, inputs, single, drops=True)
 
 
-def test_allocation_outside_projector_stages_fails_at_compile_time() -> None:
+def test_allocation_in_encoder_stages_fails_at_compile_time() -> None:
+    """The encoder sees each image on its own: a prompt's budget is split at projector.output or in the LLM
+    (tests/test_image_sets.py)."""
     policy = check_source("""
 policy early {
-  stage llm.layer[1] {
-    keep top(allocate=equal) 50% of vision by attention(last -> vision)
+  stage encoder.layer[1] {
+    keep top(allocate=equal) 50% of vision by key_norm
   }
 }""", "early.tokpol")[0]
     with pytest.raises(PolicyError) as error:
         policyc.compile(tiny_llava_clip(), policy)
-    assert "top(allocate=...) in llm stages is not implemented" in str(error.value)
+    assert "an encoder stage sees each image on its own: top(allocate=...)" in str(error.value)
 
 
 # ---------------------------------------------------------------- temporal merging on Qwen2-VL videos
@@ -266,18 +178,6 @@ def make_video_inputs(batch: int = 1, videos: tuple[tuple[int, int, int], ...] =
             "video_grid_thw": torch.tensor([[t, h, w] for _ in pads for t, h, w in videos])}
 
 
-def _video_single(inputs: Inputs, row: int) -> Inputs:
-    valid = inputs["attention_mask"][row].bool()
-    rows = inputs["input_ids"].shape[0]
-    patches = inputs["pixel_values_videos"].shape[0] // rows
-    videos = inputs["video_grid_thw"].shape[0] // rows
-    return {"input_ids": inputs["input_ids"][row:row + 1, valid],
-            "attention_mask": inputs["attention_mask"][row:row + 1, valid],
-            "mm_token_type_ids": inputs["mm_token_type_ids"][row:row + 1, valid],
-            "pixel_values_videos": inputs["pixel_values_videos"][row * patches:(row + 1) * patches],
-            "video_grid_thw": inputs["video_grid_thw"][row * videos:(row + 1) * videos]}
-
-
 VIDEOS = ((3, 8, 8), (2, 4, 8))  # two videos per row: 3 frame groups of 16 tokens, 2 of 8
 
 
@@ -289,7 +189,7 @@ def test_holitom_temporal_equals_the_reference(version: str, seed: int, threshol
     grids = inputs["video_grid_thw"]
     sizes = [int(t * h * w) // QWEN_MERGE**2 for t, h, w in grids]
     frames = [int(t) for t, _, _ in grids]
-    kept = _assert_equals_reference(model, inputs, [QWEN_VIDEO_ID], sizes,
+    kept = assert_equals_reference(model, inputs, [QWEN_VIDEO_ID], sizes,
                                     lambda row: temporal_choice(frames[row * 2:row * 2 + 2], threshold),
                                     "holitom_temporal", {"threshold": threshold})
     merged = sum(sizes) // batch
@@ -298,7 +198,7 @@ def test_holitom_temporal_equals_the_reference(version: str, seed: int, threshol
 
 def test_holitom_temporal_batches_equal_single_runs() -> None:
     inputs = make_video_inputs(batch=2, videos=VIDEOS, pad_left=2, seed=4)
-    assert_batch_equals_single_runs(tiny_qwen2_vl(), "holitom_temporal", {"threshold": 0.9}, inputs, _video_single,
+    assert_batch_equals_single_runs(tiny_qwen2_vl(), "holitom_temporal", {"threshold": 0.9}, inputs, qwen_single_row,
                                     drops=True)
 
 

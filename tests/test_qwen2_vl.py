@@ -15,7 +15,7 @@ from family_checks import (
 )
 from reference.divprune import divprune_keep
 from reference.fastv_mrope import fastv_mrope_generate, mrope_positions, projector_mrope_generate
-from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, tiny_qwen2_vl
+from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, qwen_single_row, tiny_qwen2_vl
 
 import policyc
 from policyc.errors import PolicyError
@@ -26,19 +26,6 @@ from policyc.report import measure
 
 VERSIONS = ("2", "2.5")
 GRIDS = ((8, 8), (4, 8))  # two images per row: 16 and 8 LLM tokens
-
-
-def _single(inputs: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
-    """Row `row` of a batch from `make_qwen_inputs`, without its padding, with its own images."""
-    valid = inputs["attention_mask"][row].bool()
-    rows = inputs["input_ids"].shape[0]
-    patches = inputs["pixel_values"].shape[0] // rows
-    images = inputs["image_grid_thw"].shape[0] // rows
-    return {"input_ids": inputs["input_ids"][row:row + 1, valid],
-            "attention_mask": inputs["attention_mask"][row:row + 1, valid],
-            "mm_token_type_ids": inputs["mm_token_type_ids"][row:row + 1, valid],
-            "pixel_values": inputs["pixel_values"][row * patches:(row + 1) * patches],
-            "image_grid_thw": inputs["image_grid_thw"][row * images:(row + 1) * images]}
 
 
 def _assert_kept_image_tokens(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
@@ -117,7 +104,7 @@ def deep_models() -> dict[str, torch.nn.Module]:
 def test_stdlib_policies_generate_and_batches_equal_single_runs(
         deep_models: dict[str, torch.nn.Module], version: str, policy: str, params: dict, drops: bool) -> None:
     inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=7)
-    assert_batch_equals_single_runs(deep_models[version], policy, params, inputs, _single, drops=drops)
+    assert_batch_equals_single_runs(deep_models[version], policy, params, inputs, qwen_single_row, drops=drops)
 
 
 @pytest.mark.parametrize("policy", ["pool", "grid", "mmtok"])
@@ -145,8 +132,8 @@ def test_divprune_equals_the_mrope_reference(version: str, seed: int, ratio: int
 @pytest.mark.parametrize("version", VERSIONS)
 def test_divprune_batches_equal_single_runs(version: str) -> None:
     inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=3)
-    assert_batch_equals_single_runs(tiny_qwen2_vl(version=version), "divprune", {"ratio": "50%"}, inputs, _single,
-                                    drops=True)
+    assert_batch_equals_single_runs(tiny_qwen2_vl(version=version), "divprune", {"ratio": "50%"}, inputs,
+                                    qwen_single_row, drops=True)
 
 
 def test_random_drop_keeps_its_share_of_each_image() -> None:

@@ -179,5 +179,19 @@ def make_qwen_inputs(batch: int = 1, grids: Sequence[tuple[int, int]] = ((8, 8),
     }
 
 
+def qwen_single_row(inputs: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
+    """Row `row` of a Qwen2-VL batch (`make_qwen_inputs`, or videos), without its padding, with its own images and
+    videos (every row holds as many, of the same grids)."""
+    valid = inputs["attention_mask"][row].bool()
+    rows = inputs["input_ids"].shape[0]
+    single = {key: inputs[key][row:row + 1, valid] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for pixels, grids in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if pixels in inputs:
+            patches, count = inputs[pixels].shape[0] // rows, inputs[grids].shape[0] // rows
+            single[pixels] = inputs[pixels][row * patches:(row + 1) * patches]
+            single[grids] = inputs[grids][row * count:(row + 1) * count]
+    return single
+
+
 __all__ = ["IMAGE_TOKEN_ID", "PAD_ID", "QWEN_IMAGE_ID", "image_tokens", "make_inputs", "make_qwen_inputs",
-           "tiny_llava_clip", "tiny_llava_siglip", "tiny_qwen2_vl"]
+           "qwen_single_row", "tiny_llava_clip", "tiny_llava_siglip", "tiny_qwen2_vl"]

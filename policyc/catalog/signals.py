@@ -44,6 +44,12 @@ SIGNALS.add(
          paper="DivPrune arXiv:2503.02175"),
     Spec("random", "signal", "uniform random score: ranking by it is random pruning (a strong baseline)",
          options=(Option("seed", ("number",), "random seed", default="0", integer=True, low=0),)),
+    Spec("image", "signal", "each token's image in its prompt, 0 for the first (an image, a video, or a tile of "
+         "Idefics3 and InternVL): `vision where image > 0`; `vision[i]` is image i",
+         stages=frozenset({"projector", "llm"})),
+    Spec("frame", "signal", "each token's frame in its video, 0 for the first (Qwen2-VL: a group of "
+         "temporal_patch_size frames); an image is frame 0: `vision where frame < 4`",
+         stages=frozenset({"projector"})),
     Spec("text_relevance", "signal", "softmax over vision of the similarity of question-word embeddings "
          "to each token, summed over words (MMTok, SparseVLM raters)",
          options=(Option("tau", ("number",), "softmax temperature", default="0.02", low=0),),

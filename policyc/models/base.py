@@ -114,15 +114,24 @@ class ModelAdapter:
         return torch.isin(input_ids, ids)
 
     def image_sizes(self, input_ids: torch.Tensor) -> list[int]:
-        """The LLM tokens of each image in one prompt row `input_ids` [L], in order: its runs of image
-        tokens, each split into images of `tokens_per_image` where that is fixed (adjacent images)."""
-        image = (input_ids == self.image_token_id).long().cpu()
-        edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.long), image, torch.zeros(1, dtype=torch.long)]))
-        runs = (torch.nonzero(edges == -1).flatten() - torch.nonzero(edges == 1).flatten()).tolist()
-        if self.tokens_per_image is None:
-            return runs
-        size = self.tokens_per_image
-        return [min(size, run - start) for run in runs for start in range(0, run, size)]
+        """The LLM tokens of each image (not video) in one prompt row `input_ids` [L], in order (`image_index`)."""
+        index = self.image_index(input_ids[None])[0]
+        return torch.unique_consecutive(index[input_ids == self.image_token_id], return_counts=True)[1].tolist()
+
+    def image_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] long: which image of its prompt (0, 1, ... in order) each visual token of `input_ids` [B, L]
+        belongs to, -1 for other tokens (`vision[i]`, the `image` signal). An image is a run of one placeholder
+        id (Qwen2-VL: an image or a video), split into images of `tokens_per_image` where that is fixed (adjacent
+        images; Idefics3's and InternVL's tiles are images of their own, as before the LLM)."""
+        visual = self.visual_mask(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        before = torch.nn.functional.pad(input_ids, (1, 0), value=-1)[:, :-1]
+        before_visual = torch.nn.functional.pad(visual, (1, 0), value=False)[:, :-1]
+        starts = visual & (~before_visual | (before != input_ids))
+        if self.tokens_per_image is not None:
+            run_start = torch.where(starts, positions, 0).cummax(1).values
+            starts = starts | (visual & ((positions - run_start) % self.tokens_per_image == 0))
+        return torch.where(visual, starts.long().cumsum(1) - 1, -1)
 
     def encoder_tokens(self, llm_tokens: int) -> int:
         """Encoder tokens behind an image the LLM sees as `llm_tokens` tokens."""

@@ -14,6 +14,7 @@ import torch
 
 from policyc.errors import PolicyError
 from policyc.lang import ir
+from policyc.lang.printer import print_expr
 from policyc.passes import FEATURE_OPS, SELECTOR_OPS, SIGNAL_OPS
 from policyc.runtime.guards import check_scores
 
@@ -32,6 +33,7 @@ class PrefillState:
     # [B, L] bool: dropped tokens. Set once samples of a batch keep different counts: a sample keeping fewer rows
     # carries some of its dropped tokens on as fillers (masked everywhere), so the batch stays rectangular.
     dead: torch.Tensor | None = None
+    images: torch.Tensor | None = None  # [B, L] long: each position's image in its prompt (0, 1, ...), -1 elsewhere
 
     @property
     def length(self) -> int:
@@ -136,7 +138,36 @@ class StageEvaluator:
                 return self.set(source) & self.condition(condition)
             case ir.Select(selector=selector, source=source) if selector in SELECTOR_OPS:
                 return SELECTOR_OPS[selector].select(expr, self.set(source), self)
+            case ir.Index(base=base, index=index):
+                return self.set(base) & self.one_image(index, expr)
         raise PolicyError.at("this set expression is not supported by the runtime yet", expr.span)
+
+    def image_order(self, node: ir.Node) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each position's image in its prompt, [B, L] long (-1 for other tokens), and each row's prompt's image
+        count, [B] long. In the LLM a row is a prompt: its images are its runs of placeholders
+        (`ModelAdapter.image_index`)."""
+        if self.state.images is None:
+            raise PolicyError.at("this reads which image each token belongs to, which this prefill did not record "
+                                 "(it came without input_ids)", node.span,
+                                 "call the model or generate() with input_ids, not inputs_embeds")
+        return self.state.images, self.state.images.amax(1) + 1
+
+    def one_image(self, index: ir.Expr, node: ir.Index) -> torch.Tensor:
+        """`vision[i]`: the tokens of image i of each prompt (negative i counts from the last), [B, L] bool.
+        A prompt with images but no image i fails: `keep top k of vision[i]` would otherwise drop its others."""
+        value = self.literal(index)
+        if not (isinstance(value, ir.Number) and isinstance(value.value, int)):
+            raise PolicyError.at("an image index is a whole number: vision[0] is each prompt's first image, "
+                                 "vision[-1] its last", index.span)
+        order, counts = self.image_order(node)
+        wanted = torch.full_like(counts, value.value) + (counts if value.value < 0 else 0)
+        missing = (counts > 0) & ((wanted < 0) | (wanted >= counts))
+        if bool(missing.any()):
+            row = int(missing.nonzero()[0])
+            raise PolicyError.at(f"{print_expr(node)} is image {value.value} of each prompt, but prompt {row} of this "
+                                 f"batch holds {int(counts[row])} image(s)", node.span,
+                                 "index images that every prompt has (vision[-1] is each prompt's last)")
+        return order == wanted[:, None]
 
     def counts(self, amount: ir.Expr, sizes: torch.Tensor) -> torch.Tensor:
         """How many tokens `amount` selects from sets of `sizes` tokens: [B] long."""

@@ -71,7 +71,8 @@ class Runtime:
         image = self.plan.adapter.visual_mask(input_ids)
         valid = valid_keys(attention_mask, image.shape[1]) if attention_mask is not None else torch.ones_like(image)
         kept = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
-        self.state = PrefillState(image, valid, kept, torch.zeros_like(image))
+        self.state = PrefillState(image, valid, kept, torch.zeros_like(image),
+                                  images=self.plan.adapter.image_index(input_ids))
         self.captured.clear()
         self.kept_at_layer.clear()
         self.live_at_layer.clear()

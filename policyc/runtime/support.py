@@ -63,10 +63,11 @@ def _cache_length_with(plan: Plan) -> list[PolicyError]:
 
 
 def _multi_image(plan: Plan) -> list[PolicyError]:
-    """`top(allocate=...)` splits a budget across the images of a sample where a stage holds them apart: at
-    projector.output so far. `merge temporal` reads video frames from the model: Qwen2-VL's grid_thw, read where
-    its packed tower hands the merged tokens to projector.output (runtime/vision.py); on image-only families every
-    image is one frame (a no-op), and families with videos whose frames are not read yet fail here."""
+    """`top(allocate=...)` splits a budget across the images of a sample: at projector.output and in the LLM, not in
+    the encoder, which sees each image on its own. `merge temporal` reads video frames from the model: Qwen2-VL's
+    grid_thw, read where its packed tower hands the merged tokens to projector.output (runtime/vision.py); on
+    image-only families every image is one frame (a no-op), and families with videos whose frames are not read yet
+    fail here."""
     problems = []
     adapter = plan.adapter  # the packed tower hook (Qwen2-VL) is where frames are read: runtime/vision.py
     packed = adapter.tokens_per_image is None and (not adapter.encoder_unmerges or getattr(adapter, "encoder_packed",
@@ -74,12 +75,13 @@ def _multi_image(plan: Plan) -> list[PolicyError]:
     for stage in plan.stages:
         for statement in stage.statements:
             for node in statement.walk():
-                if isinstance(node, ir.Select) and stage.kind != "projector" and any(
+                if isinstance(node, ir.Select) and stage.kind == "encoder" and any(
                         k.name == "allocate" and stage.values.get(getattr(k.value, "id", ""), k.value)
                         != ir.Name(id="none") for k in node.options):
                     problems.append(PolicyError.at(
-                        f"{node.selector}(allocate=...) in {stage.kind} stages is not implemented by policyc's "
-                        "runtime yet", node.span, "allocate budgets across a sample's images at projector.output"))
+                        f"an encoder stage sees each image on its own: {node.selector}(allocate=...) splits a "
+                        "prompt's budget across its images at projector.output or in the LLM", node.span,
+                        "move this stage to projector.output, or allocate in an LLM stage"))
             if isinstance(statement, ir.Merge) and statement.method == "temporal" and not packed and \
                     len(plan.adapter.visual_ids) > 1:  # image-only families: every image is one frame, a no-op
                 problems.append(PolicyError.at(
@@ -274,8 +276,10 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
             raise _not_yet(f"the signal '{name}'", expr)
         case ir.Name(id=name) if name in _SETS[kind]:
             raise _not_yet(f"the token set '{name}'{' in the LLM' if name == 'cls' else ''}", expr)
-        case ir.Index():
-            raise _not_yet("per-image sets", expr)
+        case ir.Index() if kind == "encoder":
+            raise PolicyError.at("an encoder stage sees each image (or tile, or frame) on its own: one image of a "
+                                 "prompt is picked at projector.output or in the LLM", expr.span,
+                                 "move this stage to projector.output, or use vision[i] in an LLM stage")
     for child in expr.children():
         if not _choice_word(expr, child):  # e.g. space=values is a word, not the `values` features
             _expr(child, stage)  # type: ignore[arg-type]

@@ -46,6 +46,12 @@ def _name(node: ir.Call | ir.Name) -> str:
     return node.fn if isinstance(node, ir.Call) else node.id
 
 
+def _reads_samples(node: ir.Node) -> bool:
+    """Whether `node` needs the prompt each image belongs to: `top(allocate=...)`, `vision[i]`, `image`."""
+    return (isinstance(node, ir.Select) and any(k.name == "allocate" for k in node.options)) \
+        or isinstance(node, ir.Index) or (isinstance(node, ir.Call | ir.Name) and _name(node) == "image")
+
+
 class ImageStages:
     """The pre-LLM stages of a plan. After each vision forward, `kept` and `protected` ([images,
     tokens_per_image] bool, images in the order LLaVA scatters them) say which image slots reach the LLM
@@ -101,10 +107,10 @@ class ImageStages:
         self._reads_prompt = any((isinstance(node, ir.Select) and node.selector == "cover")
                                  or (isinstance(node, ir.Call | ir.Name) and _name(node) == "text_relevance")
                                  for s in self.projector_output for st in s.statements for node in st.walk())
-        self._allocates = any(isinstance(node, ir.Select) and any(k.name == "allocate" for k in node.options)
-                              for s in self.projector_output for st in s.statements for node in st.walk())
-        # the question, for cover(); the rows images belong to, for top(allocate=...)
-        self._prompt = PromptStash(adapter) if self._reads_prompt or self._allocates else None
+        self._reads_samples = any(_reads_samples(node) for s in self.projector_output for st in s.statements
+                                  for node in st.walk())
+        # the question, for cover(); the prompt each image belongs to, for top(allocate=...) and vision[i]
+        self._prompt = PromptStash(adapter) if self._reads_prompt or self._reads_samples else None
 
     def stages_at(self, point: str, layer: int) -> list[BoundStage]:
         """The stages at an encoder layer. Past the feature layer merges change nothing LLaVA reads: left out."""
@@ -290,8 +296,9 @@ class ImageStages:
         return output
 
     def _samples(self, sizes: list[int]) -> dict[str, object]:
-        """The prompt row of each image, for `top(allocate=...)`: read from the stashed prompt when asked."""
-        if not self._allocates:
+        """The prompt row of each image, for `top(allocate=...)` and `vision[i]`: read from the stashed prompt when
+        asked."""
+        if not self._reads_samples:
             return {}
         ids = self.adapter.visual_ids
         return {"samples": lambda: image_samples(self._prompt.prompt, ids, sizes)}  # type: ignore[union-attr]
@@ -322,7 +329,7 @@ class ImageStages:
         space = Space(positions >= 0, positions, positions < 0, None)  # no grid common to every image
         state = PrefillState(marks[..., 0].bool() & valid, valid, positions.expand(len(sizes), -1),
                              torch.zeros_like(valid))
-        output, kept, protected = self._project(space, Tokens.start(padded), state, {}, padded)
+        output, kept, protected = self._project(space, Tokens.start(padded), state, self._samples(sizes), padded)
         self.kept, self.protected = kept[valid], protected[valid]
         return list(output[valid].split(sizes))
 

@@ -126,9 +126,19 @@ class VisionEvaluator(StageEvaluator):
     def image_samples(self, node: ir.Node) -> torch.Tensor:
         """Which sample (prompt row) each image of the stage belongs to: [B] long (`top(allocate=...)`)."""
         if self.samples is None:
-            raise PolicyError.at("allocate= splits a budget across each sample's images, which only "
-                                 "projector.output stages know so far", node.span)
+            raise PolicyError.at("this reads which prompt each image belongs to, which only projector.output stages "
+                                 "know before the LLM", node.span, "select from one image at projector.output or "
+                                 "in the LLM")
         return self.samples()
+
+    def image_order(self, node: ir.Node) -> tuple[torch.Tensor, torch.Tensor]:
+        """Before the LLM a row is one image: its place among its prompt's images at every image token ([B, L]
+        long, -1 elsewhere) and its prompt's image count ([B] long)."""
+        samples = self.image_samples(node).to(self.state.image.device)
+        rows = torch.arange(len(samples), device=samples.device)
+        first = torch.full_like(samples, len(samples)).scatter_reduce(0, samples, rows, "amin")
+        counts = torch.zeros_like(samples).scatter_add(0, samples, torch.ones_like(samples))
+        return torch.where(self.state.image, (rows - first[samples])[:, None], -1), counts[samples]
 
     def recorded_values(self, what: str) -> torch.Tensor:
         if self.attention_values is None:

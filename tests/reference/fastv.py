@@ -26,6 +26,7 @@ Exact semantics of this reference:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -103,8 +104,10 @@ def run_layers(model: LlavaForConditionalGeneration, layers: range, hidden: Tens
 
 
 def _fastv_row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tensor, image: Tensor, layer: int,
-               keep: int | float, max_new_tokens: int, rows: str = "last") -> tuple[Tensor, Tensor]:
-    """FastV greedy decoding of one row: embeds [L, D], valid and image [L] booleans."""
+               keep: int | float, max_new_tokens: int, rows: str = "last",
+               pick: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """FastV greedy decoding of one row: embeds [L, D], valid and image [L] booleans. `pick(scores)` ([L] scores
+    -> kept image positions) replaces FastV's top `keep` of the image tokens."""
     lm = model.get_decoder()  # LLaVA's language_model; Idefics3's text_model (fastv_idefics3.py)
     length, device = embeds.shape[0], embeds.device
     if not bool(valid[-1]):
@@ -119,7 +122,7 @@ def _fastv_row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tens
     _, probs = run_layers(model, range(layer + 1), embeds[None], prompt_positions, valid)
     heads_mean = probs[0].mean(dim=0)  # [L, L]
     scores = heads_mean[length - 1] if rows == "last" else heads_mean[valid].mean(dim=0)
-    kept = image_idx[top_indices(scores[image_idx], count)]
+    kept = image_idx[top_indices(scores[image_idx], count)] if pick is None else pick(scores)
     prompt_rows = torch.sort(torch.cat([text_idx, kept])).values
     generated: list[int] = []
     for t in range(max_new_tokens):  # the kept set stays the prefill's
@@ -138,9 +141,12 @@ def _fastv_row(model: LlavaForConditionalGeneration, embeds: Tensor, valid: Tens
 @torch.no_grad()
 def fastv_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor,
                    pixel_values: Tensor, *, layer: int, keep: int | float,
-                   max_new_tokens: int, rows: str = "last") -> tuple[Tensor, list[Tensor]]:
+                   max_new_tokens: int, rows: str = "last", candidates: Tensor | None = None,
+                   pick: Callable[[int, Tensor], Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
     """Greedy FastV generation (arXiv:2403.06764, released-code variant; rows="all": the paper's); see the
-    module docstring.
+    module docstring. `candidates` ([B, L] bool): the image tokens FastV ranks and drops, the others kept like
+    text (default: every image token). `pick(row, scores)`: the row's kept image positions from its scores [L]
+    (default: the top `keep`).
 
     Returns the new tokens [B, max_new_tokens] and, per row, the kept image-token indices into that row
     of `input_ids` (padding included), ascending.
@@ -150,11 +156,12 @@ def fastv_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, atte
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} outside 0..{n_layers - 1}")
     embeds, _ = prompt_embeddings(ref, input_ids, pixel_values)
-    image = input_ids == ref.config.image_token_id
+    image = input_ids == ref.config.image_token_id if candidates is None else candidates
     tokens, kept = [], []
     for b in range(input_ids.shape[0]):
+        row_pick = None if pick is None else (lambda scores, b=b: pick(b, scores))
         row_tokens, row_kept = _fastv_row(ref, embeds[b], attention_mask[b].bool(), image[b], layer, keep,
-                                          max_new_tokens, rows)
+                                          max_new_tokens, rows, row_pick)
         tokens.append(row_tokens)
         kept.append(row_kept)
     return torch.stack(tokens), kept
