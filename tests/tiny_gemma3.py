@@ -16,20 +16,22 @@ GEMMA_IMAGE_ID, GEMMA_BEGIN_ID, GEMMA_END_ID = 100, 101, 102  # <image_soft_toke
 GEMMA_PAD_ID, VOCAB, IMAGE_TOKENS, WINDOW = 0, 128, 16, 8
 
 
-def tiny_gemma3(seed: int = 0, num_llm_layers: int = 6, *, window: int = WINDOW) -> Any:
+def tiny_gemma3(seed: int = 0, num_llm_layers: int = 6, *, window: int = WINDOW, vocab: int = VOCAB,
+                ids: tuple[int, int, int] = (GEMMA_IMAGE_ID, GEMMA_BEGIN_ID, GEMMA_END_ID)) -> Any:
     """Gemma3ForConditionalGeneration (sdpa attention, float32, eval mode) with `num_llm_layers` decoder layers,
-    layer types sliding, sliding, global, ... (pattern 3)."""
+    layer types sliding, sliding, global, ... (pattern 3); `vocab` and `ids` (`<image_soft_token>`,
+    `<start_of_image>`, `<end_of_image>`) to fit another tokenizer, e.g. `gemma3_processor`'s."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     text = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 16, "num_hidden_layers": num_llm_layers, "vocab_size": VOCAB, "max_position_embeddings": 512,
+            "head_dim": 16, "num_hidden_layers": num_llm_layers, "vocab_size": vocab, "max_position_embeddings": 512,
             "sliding_window": window, "sliding_window_pattern": 3, "query_pre_attn_scalar": 16,
             "pad_token_id": GEMMA_PAD_ID, "bos_token_id": 2, "eos_token_id": 1}
     vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
               "num_attention_heads": 4, "num_hidden_layers": 2, "image_size": 32, "patch_size": 4}
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=IMAGE_TOKENS,
-                          image_token_index=GEMMA_IMAGE_ID, boi_token_index=GEMMA_BEGIN_ID,
-                          eoi_token_index=GEMMA_END_ID, pad_token_id=GEMMA_PAD_ID)
+                          image_token_index=ids[0], boi_token_index=ids[1], eoi_token_index=ids[2],
+                          pad_token_id=GEMMA_PAD_ID)
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     with torch.no_grad():  # _init_weights zeroes the projection and the (1 + weight) norms: give them weights
@@ -39,6 +41,27 @@ def tiny_gemma3(seed: int = 0, num_llm_layers: int = 6, *, window: int = WINDOW)
     model.generation_config.pad_token_id = GEMMA_PAD_ID
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens (random weights do emit EOS)
     return model.eval()
+
+
+PROCESSOR_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
+                    "eoi_token": "<end_of_image>"}  # ids 260, 261, 262 in gemma3_processor's tokenizer
+PROCESSOR_VOCAB, PROCESSOR_IDS = 272, (261, 260, 262)  # tiny_gemma3's ids: image, begin, end
+
+
+def gemma3_processor() -> Any:
+    """A `Gemma3Processor` for `tiny_gemma3(vocab=PROCESSOR_VOCAB, ids=PROCESSOR_IDS)`: the PIL image processor
+    (32x32) and policyc:random's byte-level tokenizer with `<start_of_image>`, `<image_soft_token>` and
+    `<end_of_image>` added as the tokenizer's `boi_token`, `image_token` and `eoi_token`; 16 image tokens, and a
+    chat template that writes `<start_of_image>` for an image, as Gemma 3's does."""
+    import transformers
+
+    from policyc.models.random_tiny import chat_template, random_tokenizer
+
+    template = chat_template(PROCESSOR_TOKENS["boi_token"])
+    tokenizer = random_tokenizer(list(PROCESSOR_TOKENS.values()), PROCESSOR_TOKENS, template)
+    images = transformers.Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    return transformers.Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=IMAGE_TOKENS,
+                                        chat_template=template)
 
 
 def make_gemma3_inputs(batch: int = 1, images: int = 1, text_before: int = 3, text_after: int = 4,
@@ -81,4 +104,5 @@ def single_gemma3(inputs: dict[str, torch.Tensor], row: int) -> dict[str, torch.
             "pixel_values": inputs["pixel_values"][row * images:(row + 1) * images]}
 
 
-__all__ = ["GEMMA_IMAGE_ID", "IMAGE_TOKENS", "WINDOW", "make_gemma3_inputs", "single_gemma3", "tiny_gemma3"]
+__all__ = ["GEMMA_IMAGE_ID", "IMAGE_TOKENS", "PROCESSOR_IDS", "PROCESSOR_VOCAB", "WINDOW", "gemma3_processor",
+           "make_gemma3_inputs", "single_gemma3", "tiny_gemma3"]

@@ -20,13 +20,15 @@ SPECIAL = {PAD_ID, 1, 2, IMAGE_ID, FAKE_ID, GLOBAL_ID, NEWLINE_ID, *[i for row i
 Split = tuple[int, int]  # tiles (rows, columns) of one image; (0, 0): the image unsplit
 
 
-def tiny_idefics3(seed: int = 0, num_llm_layers: int = 4, *, smolvlm: bool = False) -> Any:
+def tiny_idefics3(seed: int = 0, num_llm_layers: int = 4, *, smolvlm: bool = False, vocab: int = VOCAB,
+                  image_id: int = IMAGE_ID) -> Any:
     """`Idefics3ForConditionalGeneration` (or, with `smolvlm`, `SmolVLMForConditionalGeneration`): 2 encoder
-    layers of width 32 with 4 heads, scale factor 2, a `num_llm_layers`-layer Llama of width 64."""
+    layers of width 32 with 4 heads, scale factor 2, a `num_llm_layers`-layer Llama of width 64 (`vocab` and
+    `image_id` to fit another tokenizer, e.g. `idefics3_processor`'s)."""
     import transformers
 
     text = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "num_hidden_layers": num_llm_layers, "vocab_size": VOCAB,
+            "num_key_value_heads": 2, "num_hidden_layers": num_llm_layers, "vocab_size": vocab,
             "max_position_embeddings": 512, "pad_token_id": PAD_ID, "bos_token_id": 1, "eos_token_id": 2}
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
               "image_size": SIZE, "patch_size": PATCH}
@@ -34,12 +36,33 @@ def tiny_idefics3(seed: int = 0, num_llm_layers: int = 4, *, smolvlm: bool = Fal
         config_class, model_class = transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration
     else:
         config_class, model_class = transformers.Idefics3Config, transformers.Idefics3ForConditionalGeneration
-    config = config_class(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, scale_factor=SCALE,
+    config = config_class(text_config=text, vision_config=vision, image_token_id=image_id, scale_factor=SCALE,
                           pad_token_id=PAD_ID)
     torch.manual_seed(seed)
     model = model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.generation_config.pad_token_id = PAD_ID
     return model.eval()
+
+
+ROW_COL_TOKENS = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]  # all the processor names
+PROCESSOR_TOKENS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *ROW_COL_TOKENS]
+PROCESSOR_VOCAB, PROCESSOR_IMAGE_ID = 304, 3  # random_tokenizer(PROCESSOR_TOKENS): ids 0..298, `<image>` 3
+
+
+def idefics3_processor() -> Any:
+    """An `Idefics3Processor` for `tiny_idefics3(vocab=PROCESSOR_VOCAB, image_id=PROCESSOR_IMAGE_ID)`: the PIL image
+    processor (an image's longest side resized to 64 pixels and split into 32x32 tiles, plus its 32x32 global view)
+    and policyc:random's byte-level tokenizer with the Idefics3 markers added, 4 `<image>` tokens per tile."""
+    import transformers
+
+    # from its module: transformers 5.17's import table marks the top-level name as needing torchvision
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from policyc.models.random_tiny import chat_template, random_tokenizer
+
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * SIZE}, max_image_size={"longest_edge": SIZE})
+    return transformers.Idefics3Processor(image_processor=images, tokenizer=random_tokenizer(PROCESSOR_TOKENS),
+                                          image_seq_len=TOKENS_PER_TILE, chat_template=chat_template())
 
 
 def image_ids(split: Split) -> list[int]:
@@ -109,5 +132,5 @@ def single_row(inputs: dict[str, torch.Tensor], row: int) -> dict[str, torch.Ten
             "pixel_attention_mask": inputs["pixel_attention_mask"][row:row + 1, :images]}
 
 
-__all__ = ["FAKE_ID", "GLOBAL_ID", "IMAGE_ID", "TOKENS_PER_TILE", "image_ids", "make_idefics3_inputs",
-           "single_row", "tiny_idefics3"]
+__all__ = ["FAKE_ID", "GLOBAL_ID", "IMAGE_ID", "PROCESSOR_IMAGE_ID", "PROCESSOR_VOCAB", "TOKENS_PER_TILE",
+           "idefics3_processor", "image_ids", "make_idefics3_inputs", "single_row", "tiny_idefics3"]

@@ -15,17 +15,19 @@ INTERNVL_IMAGE_ID, INTERNVL_START_ID, INTERNVL_END_ID = 100, 101, 102  # <IMG_CO
 PAD_ID, VOCAB, TILE_TOKENS = 0, 128, 16
 
 
-def tiny_internvl(seed: int = 0, num_llm_layers: int = 4, *, qk_norm: bool = False) -> Any:
+def tiny_internvl(seed: int = 0, num_llm_layers: int = 4, *, qk_norm: bool = False, vocab: int = VOCAB,
+                  image_id: int = INTERNVL_IMAGE_ID) -> Any:
     """InternVLForConditionalGeneration (sdpa, float32, eval mode, no EOS stop) with a Qwen2 LLM; with `qk_norm`,
-    InternViT normalises its attention queries and keys (`use_qk_norm`, as InternViT-6B does)."""
+    InternViT normalises its attention queries and keys (`use_qk_norm`, as InternViT-6B does); `vocab` and
+    `image_id` (`<IMG_CONTEXT>`) to fit another tokenizer."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     text = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "num_hidden_layers": num_llm_layers, "vocab_size": VOCAB,
+            "num_key_value_heads": 2, "num_hidden_layers": num_llm_layers, "vocab_size": vocab,
             "max_position_embeddings": 512, "pad_token_id": PAD_ID, "bos_token_id": 1, "eos_token_id": 2}
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
               "image_size": [32, 32], "patch_size": [4, 4], "use_qk_norm": qk_norm}
-    config = InternVLConfig(text_config=text, vision_config=vision, image_token_id=INTERNVL_IMAGE_ID,
+    config = InternVLConfig(text_config=text, vision_config=vision, image_token_id=image_id,
                             image_seq_length=TILE_TOKENS, downsample_ratio=0.5)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)

@@ -72,11 +72,16 @@ def load_reference_processor(reference: str) -> Any:
     local = Path(path).exists()
     try:
         return AutoProcessor.from_pretrained(path if local else reference, local_files_only=local)
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, ImportError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "torchvision" in str(error).lower():  # video processors (InternVL, Qwen2-VL, ...) and some image ones
+            hint = f"its processor needs torchvision, which is not installed: pip install torchvision ({first})"
+        elif isinstance(error, ImportError):
+            hint = f"its processor needs a package that is not installed ({first})"
+        else:
+            hint = f"the model directory needs the files processor.save_pretrained() writes ({first})"
         raise PolicyError.at(f"cannot load a processor (image processor and tokenizer) for '{reference}'", None,
-                             "the model directory needs the files processor.save_pretrained() writes "
-                             f"({first})") from None
+                             hint) from None
 
 
 __all__ = ["DEFAULT_NAME", "EXAMPLE_QUESTION", "RANDOM_NAME", "bundled_model_dir", "example_image_path",

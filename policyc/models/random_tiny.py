@@ -18,6 +18,7 @@ the trained `policyc:default`. Shapes:
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,10 +30,17 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")  # ids 0..3; bytes follow f
 VOCAB_SIZE = 272  # 4 special tokens + 256 bytes, rounded up to a multiple of 16
 BANNER = ("policyc:random has RANDOM weights (seed 0): its text is noise. "
           "It shows what a policy keeps and what it costs, not what a trained model answers.")
-CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] | upper }}: "
-                 "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
-                 "{% else %}{{ item['text'] }}{% endif %}{% endfor %} {% endfor %}"
-                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def chat_template(image_token: str = "<image>") -> str:
+    """A chat template writing `USER: {image_token}\\n{prompt} ASSISTANT:` (one image item, then the text)."""
+    return ("{% for message in messages %}{{ message['role'] | upper }}: "
+            "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image_token + "\n"
+            "{% else %}{{ item['text'] }}{% endif %}{% endfor %} {% endfor %}"
+            "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+CHAT_TEMPLATE = chat_template()
 
 
 def random_config() -> Any:
@@ -66,22 +74,29 @@ def random_model(device: str | torch.device = "cpu", *, banner: bool = True) -> 
     return model.to(device).eval()
 
 
-def random_tokenizer() -> Any:
-    """A byte-level tokenizer: every UTF-8 byte is one token; `<image>` and the others are special."""
+def random_tokenizer(extra_tokens: Sequence[str] = (), named_tokens: Mapping[str, str] | None = None,
+                     template: str = CHAT_TEMPLATE) -> Any:
+    """A byte-level tokenizer: every UTF-8 byte is one token; `<image>` and the others are special.
+
+    `extra_tokens` (a family's markers, e.g. `<start_of_image>`) are special tokens too, with ids from 260 on in
+    order; `named_tokens` names some of them as the family's processor reads them (`{"image_token": ...}` gives
+    `tokenizer.image_token` and `tokenizer.image_token_id`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({char: len(SPECIAL_TOKENS) + index for index, char in enumerate(sorted(alphabet))})
+    vocab.update({token: len(vocab) + index for index, token in enumerate(extra_tokens)})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.add_special_tokens([*SPECIAL_TOKENS, *extra_tokens])
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                              special_tokens=[("<s>", 1)])
+    named = {"extra_special_tokens": dict(named_tokens)} if named_tokens else {}
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", padding_side="left", chat_template=CHAT_TEMPLATE)
+                                   pad_token="<pad>", padding_side="left", chat_template=template, **named)
 
 
 def random_processor(image_size: int = IMAGE_SIZE) -> Any:
@@ -97,4 +112,5 @@ def random_processor(image_size: int = IMAGE_SIZE) -> Any:
                           chat_template=CHAT_TEMPLATE)
 
 
-__all__ = ["BANNER", "random_config", "random_model", "random_processor", "random_tokenizer"]
+__all__ = ["BANNER", "CHAT_TEMPLATE", "chat_template", "random_config", "random_model", "random_processor",
+           "random_tokenizer"]
