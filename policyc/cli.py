@@ -249,7 +249,8 @@ def _emit_fx(model: object, checked: object, assignments: dict) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @_PARAM
 @click.option("--show-tokens", type=click.Path(dir_okay=False, path_type=Path),
-              help="Draw the image with the tokens each stage kept and dropped into this PNG.")
+              help="Draw the prompt's images (every tile, global or base view and crop) with the tokens each stage "
+                   "kept and dropped into this PNG.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
 @_BACKEND
 def run(model: str | None, policy: str | None, image: Path | None, prompt: str | None, max_new_tokens: int,

@@ -38,8 +38,11 @@ class StageTokens:
     """Image tokens around one stage at one layer (sample 0 of the batch).
 
     `kept_patches` are patch indices (row-major over the encoder's patch grid) whose tokens are still
-    alive after the stage; `merged` maps a merged-away patch to the patch it went into (empty until
-    the runtime merges). `cls_kept` says whether a CLS token (strategy "full") survives.
+    alive after the stage; `kept_tokens` are the indices, among the row's visual tokens in prompt order
+    (every image, tile, crop, newline and CLS token), of those alive after it (`--show-tokens` draws
+    them through `ModelAdapter.image_layouts`); `merged` maps a merged-away visual token to the token it
+    went into, indexed as `kept_tokens` (empty until the runtime merges). `cls_kept` says whether a CLS
+    token (strategy "full") survives.
     """
 
     label: str
@@ -50,6 +53,7 @@ class StageTokens:
     kept_patches: tuple[int, ...]
     merged: Mapping[int, int] = field(default_factory=dict)
     cls_kept: bool = False
+    kept_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class Report:
             "policy": self.policy, "model": self.model, "calibration": self.calibration,
             "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens, "batch": self.batch,
             "stages": self.stages, "hook_points": self.hook_points,
-            "kept": [{**asdict(k), "kept_patches": list(k.kept_patches),
+            "kept": [{**asdict(k), "kept_patches": list(k.kept_patches), "kept_tokens": list(k.kept_tokens),
                       "merged": {str(a): b for a, b in k.merged.items()}} for k in self.kept],
             "llm_tokens_per_layer": self.llm_tokens_per_layer,
             "flops": {"before": flops(self.flops_before), "after": flops(self.flops_after)},
@@ -161,15 +165,17 @@ class Report:
         console.print(f"expected prefill speedup: [bold]{self.speedup:.2f}x[/bold] [dim]({NOTE})[/dim]")
 
 
-def _patches(adapter: ModelAdapter, image_slots: torch.Tensor, alive: torch.Tensor) -> tuple[tuple[int, ...], bool]:
-    """Patch indices (and whether CLS) of the image tokens at `image_slots` that are `alive`.
+def _stage_tokens(label: str, point: str, layer: int | None, before: int, adapter: ModelAdapter,
+                  image_slots: torch.Tensor, alive: torch.Tensor) -> StageTokens:
+    """The `StageTokens` of the image tokens at `image_slots` that are `alive` after a stage.
 
-    The LLM's image tokens are the encoder tokens from `feature_start` on, in order: CLS first when
-    the features keep it, then the patches row-major.
+    Patches: the LLM's image tokens are the encoder tokens from `feature_start` on, in order: CLS first
+    when the features keep it, then the patches row-major (one image's grid).
     """
-    encoder_index = torch.nonzero(alive[image_slots]).flatten() + adapter.feature_start
-    patch = encoder_index - int(adapter.has_cls)
-    return tuple(int(p) for p in patch if p >= 0), bool((patch < 0).any())
+    kept = torch.nonzero(alive[image_slots]).flatten()
+    patch = kept + adapter.feature_start - int(adapter.has_cls)
+    return StageTokens(label, point, layer, before, len(kept), tuple(int(p) for p in patch if p >= 0), {},
+                       bool((patch < 0).any()), tuple(int(t) for t in kept))
 
 
 def measure(compiled: Any, inputs: Mapping[str, torch.Tensor], model_name: str,
@@ -207,18 +213,14 @@ def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name:
     kept: list[StageTokens] = []
     before_llm = [s for s in plan.stages if s.kind in ("encoder", "projector")]
     if before_llm:  # together, as the LLM receives them: what the stages before it left of sample 0's images
-        entering = alive_at(0)
-        patches, cls = _patches(adapter, image_slots, entering)
-        kept.append(StageTokens(" + ".join(s.label for s in before_llm), before_llm[-1].point, None,
-                                int(image.sum()), int((entering & image).sum()), patches, {}, cls))
+        kept.append(_stage_tokens(" + ".join(s.label for s in before_llm), before_llm[-1].point, None,
+                                  int(image.sum()), adapter, image_slots, alive_at(0)))
     for stage in plan.stages:
         if stage.kind != "llm":
             continue
         for k in stage.layers:
-            before, after = alive_at(k), alive_at(k + 1)
-            patches, cls = _patches(adapter, image_slots, after)
-            kept.append(StageTokens(stage.label, stage.point, k, int((before & image).sum()),
-                                    int((after & image).sum()), patches, {}, cls))
+            kept.append(_stage_tokens(stage.label, stage.point, k, int((alive_at(k) & image).sum()), adapter,
+                                      image_slots, alive_at(k + 1)))
     per_layer = [int((alive_at(k) & real).sum()) for k in range(layers)]
     sizes = adapter.image_sizes(input_ids[row])
     first = sum(len(adapter.image_sizes(earlier)) for earlier in input_ids[:row])

@@ -211,7 +211,7 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
             raise PolicyError.at("--show-tokens needs a POLICY: without one every token is kept", None)
         from policyc.show_tokens import draw_kept_tokens
 
-        picture, grid = session.compiled.plan.adapter.first_image(inputs)
-        draw_kept_tokens(show_tokens, image_for_display(session.processor, picture[None]), grid, report.kept,
-                         f"policy {report.policy}")
+        images = session.compiled.plan.adapter.image_layouts(inputs)
+        draw_kept_tokens(show_tokens, images, report.kept, f"policy {report.policy}",
+                         lambda pixels: image_for_display(session.processor, pixels[None]))
         console.print(f"wrote {show_tokens}", soft_wrap=True)  # a path stays on one line, whatever its length

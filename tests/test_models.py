@@ -253,9 +253,9 @@ def test_tiny_models_generate_with_left_padding(name: str) -> None:
 
 
 def test_every_family_knows_a_layout_to_draw_kept_tokens_on() -> None:
-    """--show-tokens needs an image's LLM tokens on a grid over a picture: LLaVA (one token per patch), Qwen2-VL
-    (its merged raster), Gemma 3 (its pooled grid), LLaVA-NeXT (the base view), Idefics3 and InternVL (the first
-    tile) each know one (tests/test_projector_families.py draws them)."""
+    """--show-tokens needs every image's LLM tokens on grids over pictures: LLaVA (one token per patch), Qwen2-VL
+    (its merged rasters), Gemma 3 (its pooled grids), LLaVA-NeXT (base views and unpadded crops), Idefics3 and
+    InternVL (tiles and global views) each know them (tests/test_show_tokens.py draws them)."""
     from tiny_gemma3 import tiny_gemma3
     from tiny_idefics3 import tiny_idefics3
     from tiny_internvl import tiny_internvl

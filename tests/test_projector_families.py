@@ -215,53 +215,6 @@ def test_onevision_videos_refuse_projector_stages() -> None:
     assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
 
 
-PICTURES: dict[str, tuple[Callable[[], Any], Callable[[torch.nn.Module], dict[str, torch.Tensor]], tuple[int, int]]] = {
-    "gemma3": (tiny_gemma3, lambda _m: make_gemma3_inputs(images=2), (4, 4)),  # the pooled grid of the first image
-    "llava_next": (lambda: tiny_anyres("llava_next"), lambda m: make_anyres_inputs(m, [[(40, 24)]]), (4, 4)),
-    "llava_onevision": (lambda: tiny_anyres("llava_onevision"),
-                        lambda m: make_anyres_inputs(m, [[(30, 64), (20, 20)]]), (4, 4)),  # base views
-    "idefics3": (tiny_idefics3, lambda _m: make_idefics3_inputs(), (2, 2)),  # the first of 2x2 tiles
-    "internvl": (tiny_internvl, lambda _m: make_internvl_inputs(), (4, 4)),  # the first of two tiles
-}
-
-
-@pytest.mark.parametrize("family", sorted(PICTURES))
-def test_kept_token_pictures_render_with_the_dropped_tokens_darkened(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """`--show-tokens` on tile and crop families: the first image (Gemma 3), its base view (LLaVA-NeXT/OneVision)
-    or its first tile (Idefics3, InternVL) on the grid its first tokens tile; the darkened cells are exactly the
-    tokens among those that did not reach the LLM; a PNG renders."""
-    from policyc.report import report_from_last_prefill
-    from policyc.show_tokens import DROPPED, cell_shades, draw_kept_tokens
-
-    build, make, grid = PICTURES[family]
-    model = build()
-    inputs = make(model)
-    adapter = adapt(model)
-    picture, drawn = adapter.first_image(inputs)
-    assert drawn == grid and picture.dim() == 3 and picture.shape[0] == 3
-    policyc.compile(model, "divprune", ratio="50%")
-    try:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        report = report_from_last_prefill(model.policyc, inputs["input_ids"], "tiny")
-        kept = set(model.policyc.kept_positions[0].tolist())
-    finally:
-        model.policyc.remove()
-    first = adapter.visual_mask(inputs["input_ids"][0]).nonzero().flatten()[: grid[0] * grid[1]].tolist()
-    dropped = [cell for cell, position in enumerate(first) if position not in kept]
-    shades = cell_shades(grid[0] * grid[1], report.kept[0])
-    assert [cell for cell, shade in enumerate(shades) if shade == DROPPED] == dropped
-    assert 0 < len(dropped) < len(first)
-    path = draw_kept_tokens(tmp_path / "kept.png", ((picture - picture.min()) / (picture.max() - picture.min()))
-                            .permute(1, 2, 0).numpy(), drawn, report.kept)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_onevision_pictures_refuse_a_prompt_whose_first_visual_tokens_are_a_video() -> None:
-    model = tiny_anyres("llava_onevision")
-    with pytest.raises(PolicyError, match="a video comes first"):
-        adapt(model).first_image(make_anyres_inputs(model, [[(64, 64)]], (3,)))
-
-
 @pytest.mark.parametrize("family", ["gemma3", "llava_next"])
 def test_a_saved_directory_compiles_divprune_from_the_command_line(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`policyc compile DIR divprune`: the compile report's calibration inputs run the projector stage (LLaVA-NeXT:

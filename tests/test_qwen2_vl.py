@@ -186,17 +186,21 @@ def test_a_saved_qwen_directory_compiles_from_the_command_line(tmp_path) -> None
 
 
 def test_kept_token_pictures_render(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The first image comes back from its flattened patches exactly, and a picture of the kept tokens renders
-    on its grid of merged tokens (what `policyc run --show-tokens` draws)."""
+    """The image comes back from its flattened patches exactly, and a picture of the kept tokens renders on its grid
+    of merged tokens (what `policyc run --show-tokens` draws; tests/test_show_tokens.py checks the cells)."""
     from policyc.show_tokens import draw_kept_tokens
 
     model = tiny_qwen2_vl()
     adapter = adapt(model)
     inputs = adapter.sample_inputs()
-    picture, grid = adapter.first_image(inputs)
-    assert adapter.draws_tokens and grid == (4, 4) and torch.equal(adapter.patchify(picture), inputs["pixel_values"])
+    [image] = adapter.image_layouts(inputs)
+    [view] = image.views
+    assert adapter.draws_tokens and view.grid == (4, 4) and view.tokens == tuple(range(16))
+    assert torch.equal(adapter.patchify(view.pixels), inputs["pixel_values"])
     policyc.compile(model, "fastv", ratio="25%")
     report = measure(model.policyc, inputs, "tiny-qwen2-vl")
     assert len(report.kept[0].kept_patches) == 4 and all(0 <= p < 16 for p in report.kept[0].kept_patches)
-    path = draw_kept_tokens(tmp_path / "kept.png", ((picture + 1) / 2).permute(1, 2, 0).numpy(), grid, report.kept)
+    assert report.kept[0].kept_tokens == report.kept[0].kept_patches  # one image, no CLS: token j is cell j
+    path = draw_kept_tokens(tmp_path / "kept.png", [image], report.kept)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2

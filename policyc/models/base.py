@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from policyc.errors import Diagnostic, PolicyError, Span
+from policyc.models.layout import ImageLayout, fixed_size_layouts
 
 # Per image: its LLM tokens [n_i, D] and which are image features [n_i] bool -> the tokens the LLM receives.
 ImageTokensHook = Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
@@ -147,18 +148,20 @@ class ModelAdapter:
 
     @property
     def draws_tokens(self) -> bool:
-        """Whether `first_image` can locate the first image and the grid its LLM tokens tile (`--show-tokens`):
-        one token per patch (LLaVA), or a family that knows its own layout (Qwen2-VL's merged raster, Gemma 3's
-        pooled grid, LLaVA-NeXT's base view, the first tile of Idefics3 and InternVL)."""
-        one_per_patch = self.patch_grid is not None and self.encoder_patches_per_token == 1
-        return one_per_patch or type(self).first_image is not ModelAdapter.first_image
+        """Whether `image_layouts` can place every image's LLM tokens on the pictures the encoder saw
+        (`--show-tokens`): one token per patch (LLaVA), or a family that knows its own layout (Qwen2-VL's merged
+        rasters, Gemma 3's pooled grids, LLaVA-NeXT's base views and crops, the tiles of Idefics3 and InternVL)."""
+        one_per_patch = self.patch_grid is not None and self.encoder_patches_per_token == 1 and \
+            int(self.has_cls) >= self.feature_start  # (without CLS, "default" drops the first patch)
+        return one_per_patch or type(self).image_layouts is not ModelAdapter.image_layouts
 
-    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The first image of processed `inputs` as the encoder saw it ([3, H, W], normalized), and the grid
-        (rows, columns) its tokens tile, for `--show-tokens` pictures."""
+    def image_layouts(self, inputs: Mapping[str, torch.Tensor], row: int = 0) -> list[ImageLayout]:
+        """Every image of prompt row `row` of processed `inputs`, as the pictures the encoder saw with the grid of
+        LLM tokens over each (`policyc.models.layout`), for `--show-tokens` pictures. Here: one token per patch,
+        each image's tokens past a CLS token the features keep."""
         if self.patch_grid is None or self.encoder_patches_per_token != 1:
-            raise NotImplementedError(f"{type(self).__name__} must locate its own first image")
-        return inputs["pixel_values"][0], self.patch_grid
+            raise NotImplementedError(f"{type(self).__name__} must lay out its own images")
+        return fixed_size_layouts(self, inputs, row, self.patch_grid, int(self.has_cls) - self.feature_start)
 
     def projector_input_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """The encoder features behind each LLM token of an image, from the projector's input [I, P, E]: [I, N, E]

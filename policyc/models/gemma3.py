@@ -42,6 +42,7 @@ from torch import nn
 
 from policyc.errors import PolicyError
 from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
+from policyc.models.layout import ImageLayout, fixed_size_layouts
 from policyc.models.structure import (
     adapt_error,
     config_int,
@@ -79,12 +80,13 @@ class Gemma3Adapter(ModelAdapter):
         grid = features.transpose(1, 2).reshape(images, channels, side, side)
         return self.projector.avg_pool(grid).flatten(2).transpose(1, 2)
 
-    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The first image ([3, H, W], as the encoder saw it) and the grid its pooled tokens tile, row-major."""
+    def image_layouts(self, inputs: Mapping[str, torch.Tensor], row: int = 0) -> list[ImageLayout]:
+        """Every image of row `row` ([3, H, W] each, as the encoder saw it) and the grid its pooled tokens tile,
+        row-major."""
         grid = self.token_grid
         if grid is None:
             raise NotImplementedError("mm_tokens_per_image is not a square: the pooled tokens tile no grid")
-        return inputs["pixel_values"][0], grid
+        return fixed_size_layouts(self, inputs, row, grid)
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
         """`text_tokens` text ids around `<start_of_image>`, one image's tokens and `<end_of_image>`, with

@@ -30,11 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import nn
 
 from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
+from policyc.models.layout import Block, ImageLayout, image_runs, layout_error, numbered, view_of
 from policyc.models.structure import (
     adapt_error,
     config_int,
@@ -81,16 +83,69 @@ def shuffled_grid(adapter: ModelAdapter) -> tuple[int, int]:
     return adapter.patch_grid[0] // side, adapter.patch_grid[1] // side
 
 
+def tile_images(adapter: ModelAdapter, input_ids: torch.Tensor) -> list[tuple[list[int], tuple[int, int]]]:
+    """Per image of one prompt row `input_ids` [L]: the visual-token index of each encoder input's run of `<image>`
+    tokens (its tiles row-major, its global view last) and its tiles' (rows, columns) grid ((0, 0): unsplit).
+
+    The processor's layout (`image_prompt`) tells them apart with ids the config does not name: the token before a
+    run is `<global-img>` for a global view (the prompt's last run is one) and `<row_r_col_c>` for a tile; a tile
+    ends its row of tiles where the next run starts more than 2 tokens later (`\\n` before the next row's
+    `<fake_token_around_image><row_r_col_c>`)."""
+    tokens = adapter.tokens_per_image
+    assert tokens is not None  # set by the factory
+    runs = [(position + offset, index + offset) for position, index, length in image_runs(adapter, input_ids)
+            for offset in range(0, length, tokens)]
+    if not runs or runs[0][0] == 0:
+        raise layout_error("no run of <image> tokens with a marker before it")
+    global_id = int(input_ids[runs[-1][0] - 1])
+    images: list[tuple[list[int], tuple[int, int]]] = []
+    tiles: list[tuple[int, int]] = []
+    for position, index in runs:
+        tiles.append((position, index))
+        if int(input_ids[position - 1]) != global_id:
+            continue
+        gaps = [after[0] - before[0] - tokens for before, after in pairwise(tiles[:-1])]
+        count = len(tiles) - 1
+        columns = next((i + 1 for i, gap in enumerate(gaps) if gap != 2), count)
+        ends = [i for i, gap in enumerate(gaps) if gap != 2]
+        if count and (count % columns or ends != list(range(columns - 1, count - 1, columns))):
+            raise layout_error(f"the {count} tiles of image {len(images) + 1} form no rows x columns grid in the "
+                               "prompt (Idefics3's <row_r_col_c> markers, a newline after each row)")
+        images.append(([i for _, i in tiles], (count // columns, columns) if count else (0, 0)))
+        tiles = []
+    return images
+
+
 @dataclass(frozen=True, eq=False)
 class Idefics3Adapter(ModelAdapter):
     """An Idefics3/SmolVLM adapter: its calibration inputs are tiles, a global view and their pixel mask."""
 
     image_size: int = 512  # pixels per side of one encoder input (a tile or the global view)
 
-    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The prompt's first encoder input ([3, H, W]: the first tile, or the image itself where it was not split)
-        and the grid its pixel-shuffled tokens tile, row-major (`--show-tokens` draws that tile)."""
-        return inputs["pixel_values"][0, 0], shuffled_grid(self)
+    def image_layouts(self, inputs: Mapping[str, torch.Tensor], row: int = 0) -> list[ImageLayout]:
+        """Every image of row `row`: its tiles in their rows x columns grid, then its global view (an unsplit image:
+        the global view alone), each encoder input ([3, H, W], `pixel_values[row, i]` for the prompt's i-th run of
+        `<image>` tokens) on the grid its pixel-shuffled tokens tile, row-major. `tile_images` finds the images
+        and their grids in the prompt."""
+        grid = shuffled_grid(self)
+        pixels = inputs["pixel_values"][row]
+        images = tile_images(self, inputs["input_ids"][row])
+        if sum(len(tiles) for tiles, _ in images) > pixels.shape[0]:
+            raise layout_error(f"row {row} has more tiles and global views than its {pixels.shape[0]} pixel_values")
+        layouts, encoder_input = [], 0
+        for k, (tiles, split) in enumerate(images):
+            views = [view_of(f"tile {t // split[1] + 1},{t % split[1] + 1}", pixels[encoder_input + t], grid, start)
+                     for t, start in enumerate(tiles[:-1])]
+            encoder_input += len(views)
+            overview = view_of("global view" if views else "", pixels[encoder_input], grid, tiles[-1])
+            encoder_input += 1
+            if not views:
+                layouts.append(ImageLayout(numbered(k, len(images)), (Block((overview,)),)))
+                continue
+            detail = f"{split[0]}x{split[1]} tiles + global view"
+            layouts.append(ImageLayout(numbered(k, len(images), detail), (Block(tuple(views), split),
+                                                                           Block((overview,)))))
+        return layouts
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
         """`text_tokens` text ids around the example image split as the processor splits a large image
@@ -156,4 +211,4 @@ class Idefics3Factory(AdapterFactory):
         )
 
 
-__all__ = ["MODEL_TYPES", "Idefics3Adapter", "Idefics3Factory", "image_prompt", "shuffled_grid", "tile"]
+__all__ = ["MODEL_TYPES", "Idefics3Adapter", "Idefics3Factory", "image_prompt", "shuffled_grid", "tile", "tile_images"]

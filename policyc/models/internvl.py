@@ -27,6 +27,16 @@ from torch import nn
 
 from policyc.models.base import AdapterFactory, ModelAdapter, register_adapter
 from policyc.models.idefics3 import shuffled_grid
+from policyc.models.layout import (
+    Block,
+    ImageLayout,
+    image_runs,
+    images_before,
+    layout_error,
+    numbered,
+    one_view,
+    view_of,
+)
 from policyc.models.structure import (
     adapt_error,
     image_token,
@@ -43,14 +53,60 @@ def _pair(value: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def tile_grid(tiles: torch.Tensor, thumbnail: torch.Tensor) -> tuple[int, int]:
+    """The (rows, columns) grid `tiles` [n, 3, S, S] (row-major) cut from the image: the processor resizes the image
+    to the grid and cuts it, and adds the whole image resized to S x S (`thumbnail` [3, S, S]) but does not say
+    which grid it chose; of the grids of n tiles, the one whose tiles, put together and shrunk to S x S, come
+    closest to the thumbnail (mean squared difference; the fewest rows among equals)."""
+    count, channels, height, width = tiles.shape
+    best: tuple[float, tuple[int, int]] | None = None
+    for rows in range(1, count + 1):
+        if count % rows:
+            continue
+        cols = count // rows
+        mosaic = tiles.float().reshape(rows, cols, channels, height, width).permute(2, 0, 3, 1, 4)
+        shrunk = nn.functional.interpolate(mosaic.reshape(1, channels, rows * height, cols * width),
+                                           size=(height, width), mode="area")[0]
+        error = float((shrunk - thumbnail.float()).square().mean())
+        if best is None or error < best[0]:
+            best = (error, (rows, cols))
+    assert best is not None  # rows = 1 always divides
+    return best[1]
+
+
 @dataclass(frozen=True, eq=False)
 class InternVLAdapter(ModelAdapter):
-    """An InternVL adapter: `--show-tokens` draws the prompt's first tile."""
+    """An InternVL adapter: `--show-tokens` draws every image's tiles in their grid, and its thumbnail."""
 
-    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The prompt's first tile ([3, H, W]; the image itself where it is one tile) and the grid its
-        pixel-shuffled tokens tile, row-major."""
-        return inputs["pixel_values"][0], shuffled_grid(self)
+    def image_layouts(self, inputs: Mapping[str, torch.Tensor], row: int = 0) -> list[ImageLayout]:
+        """Every image of row `row`: an image of n > 1 tiles is n - 1 tiles in their grid (`tile_grid`) plus the
+        thumbnail (the processor's `use_thumbnail`), one tile is the image itself; each tile ([3, H, W],
+        `pixel_values` holds every row's tiles in order) on the grid its pixel-shuffled tokens tile, row-major."""
+        grid, tokens = shuffled_grid(self), self.tokens_per_image
+        assert tokens is not None  # image_seq_length
+        input_ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+        offset = images_before(self, input_ids, row)  # tiles of the earlier rows
+        runs = image_runs(self, input_ids[row])
+        if any(length % tokens for *_, length in runs):
+            raise layout_error(f"a run of image tokens is no multiple of image_seq_length ({tokens})")
+        if offset + sum(length for *_, length in runs) // tokens > pixels.shape[0]:
+            raise layout_error(f"row {row} has more tiles than pixel_values holds ({pixels.shape[0]})")
+        layouts = []
+        for k, (_, index, length) in enumerate(runs):
+            count = length // tokens
+            tiles = pixels[offset:offset + count]
+            offset += count
+            if count == 1:
+                layouts.append(one_view(numbered(k, len(runs)), tiles[0], grid, index))
+                continue
+            rows, cols = tile_grid(tiles[:-1], tiles[-1])
+            views = [view_of(f"tile {t // cols + 1},{t % cols + 1}", tiles[t], grid, index + t * tokens)
+                     for t in range(count - 1)]
+            thumbnail = view_of("thumbnail", tiles[-1], grid, index + (count - 1) * tokens)
+            detail = f"{rows}x{cols} tiles + thumbnail"
+            layouts.append(ImageLayout(numbered(k, len(runs), detail), (Block(tuple(views), (rows, cols)),
+                                                                         Block((thumbnail,)))))
+        return layouts
 
 
 @register_adapter
@@ -96,4 +152,4 @@ class InternVLFactory(AdapterFactory):
         )
 
 
-__all__ = ["InternVLAdapter", "InternVLFactory"]
+__all__ = ["InternVLAdapter", "InternVLFactory", "tile_grid"]

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from policyc.errors import PolicyError
+from policyc.models.anyres_layout import anyres_layouts
 from policyc.models.base import (
     AdapterFactory,
     ImageTokensHook,
@@ -47,6 +48,7 @@ from policyc.models.base import (
     register_adapter,
     text_around,
 )
+from policyc.models.layout import ImageLayout
 from policyc.models.structure import (
     adapt_error,
     image_token,
@@ -125,15 +127,10 @@ class AnyresAdapter(ModelAdapter):
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
                 "image_sizes": image_sizes}
 
-    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The first image's base view ([3, H, W], as the encoder saw it) and its patch grid: the first tokens of the
-        first image's run, one per patch, row-major (`--show-tokens` draws them; the crops' tokens are not drawn)."""
-        grid = self.encoder_grid
-        visual = inputs["input_ids"][self.visual_mask(inputs["input_ids"])]
-        if grid is None or not visual.numel() or int(visual[0]) != self.image_token_id:
-            raise PolicyError.at("--show-tokens draws the base view of the prompt's first image, but its first "
-                                 "visual tokens are not an image's (a video comes first)", None)
-        return inputs["pixel_values"][0, 0], grid
+    def image_layouts(self, inputs: Mapping[str, torch.Tensor], row: int = 0) -> list[ImageLayout]:
+        """Every image of row `row`: its base view, then its crops in their grid cut to the unpadded region, each on
+        the grid of its tokens (policyc/models/anyres_layout.py); a video's tokens are not drawn."""
+        return anyres_layouts(self, inputs, row)
 
     def image_token_counts(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
                            **kwargs: Any) -> list[int]:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from policyc.models.base import AdapterFactory, ModelAdapter, example_pixels, placement, register_adapter, text_around
+from policyc.models.layout import ImageLayout, image_runs, images_before, layout_error, numbered, one_view
 from policyc.models.structure import (
     adapt_error,
     config_int,
@@ -63,14 +64,33 @@ class QwenVLAdapter(ModelAdapter):
                 .to(device=device, dtype=dtype),
                 "image_grid_thw": torch.tensor([[1, rows, cols]], device=device)}
 
-    def first_image(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The first image rebuilt from its flattened patches ([3, H, W]) and its grid of LLM tokens (merged)."""
-        _, rows, cols = (int(v) for v in inputs["image_grid_thw"][0])
-        patches = inputs["pixel_values"][: rows * cols]
+    def image_layouts(self, inputs: Mapping[str, torch.Tensor], row: int = 0) -> list[ImageLayout]:
+        """Every image of row `row`, rebuilt from its flattened patches ([3, H, W]), on its grid of LLM tokens
+        (merged); `image_grid_thw` and `pixel_values` hold every row's images in order (videos apart)."""
+        input_ids, grids = inputs["input_ids"], inputs["image_grid_thw"].cpu()
+        first = images_before(self, input_ids, row)
+        runs = image_runs(self, input_ids[row])
+        if grids.shape[0] < first + len(runs):
+            raise layout_error(f"the prompt has {first + len(runs)} images up to row {row} but image_grid_thw only "
+                               f"{grids.shape[0]}")
+        offset = int(grids[:first].prod(1).sum())
+        layouts = []
+        for k, (_, index, length) in enumerate(runs):
+            frames, rows, cols = (int(v) for v in grids[first + k])
+            m = self.merge_size
+            if frames != 1 or rows * cols != length * m * m:
+                raise layout_error(f"image {k + 1}'s {length} tokens do not tile its grid {frames}x{rows}x{cols}")
+            picture = self.unpatchify(inputs["pixel_values"][offset:offset + rows * cols], rows, cols)
+            offset += rows * cols
+            layouts.append(one_view(numbered(k, len(runs)), picture, (rows // m, cols // m), index))
+        return layouts
+
+    def unpatchify(self, patches: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """[3, rows * p, cols * p]: one image from its flattened patches [rows * cols, 3 * t * p * p] (`patchify`'s
+        order, its first frame)."""
         p, m = self.patch_size, self.merge_size
         grouped = patches.reshape(rows // m, cols // m, m, m, -1, self.temporal_patch_size, p, p)[:, :, :, :, :, 0]
-        image = grouped.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, rows * p, cols * p)
-        return image, (rows // m, cols // m)
+        return grouped.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, rows * p, cols * p)
 
     def patchify(self, image: torch.Tensor) -> torch.Tensor:
         """One image [3, H, W] (H, W multiples of patch x merge size) as the encoder's flattened patches,
