@@ -1,6 +1,7 @@
 """The structure of a vision forward's images that stages before the LLM read: which prompt row (sample) each image
-belongs to, for budgets split across a sample's images (`top(allocate=...)`, passes/allocate.py), and the frames
-of videos (`merge temporal`, passes/merge_temporal.py). A vision forward encodes the images of a batch in prompt
+belongs to, for budgets split across a sample's images (`top(allocate=...)`, passes/allocate.py), the frames
+of videos (`merge temporal`, passes/merge_temporal.py), and where each forward's kept flags go in the prompt when
+images and videos are encoded apart (LLaVA-OneVision). A vision forward encodes the images of a batch in prompt
 order, row after row (LLaVA's masked_scatter order, Qwen2-VL's packing, Idefics3's and InternVL's tiles), so image
 i belongs to the row whose placeholder tokens hold its tokens."""
 
@@ -50,3 +51,26 @@ def video_frames(grid_thw: torch.Tensor, patches_per_token: int, valid: torch.Te
     positions = torch.arange(valid.shape[1], device=valid.device)[None]
     per_frame = (grid_thw[:, 1:].prod(-1) // patches_per_token).to(valid.device)[:, None]
     return torch.where(valid, positions // per_frame, -1), torch.where(valid, positions % per_frame, -1)
+
+
+def placeholder_flags(visual_ids: torch.Tensor, kept: torch.Tensor, protected: torch.Tensor | None,
+                      by_placeholder: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kept and protected flags of a prompt's visual tokens, flat in prompt order (`visual_ids` [n]: the
+    placeholder id of each). A prompt holding placeholders of several ids, each encoded in its own forward
+    (LLaVA-OneVision's images and videos: `by_placeholder` maps an id to its forward's flags over its tokens in
+    order), gets each id's flags at its own positions. Otherwise, or where a forward's count does not match its
+    placeholders, the last forward's `kept` and `protected` (the LLM then checks their count)."""
+    present = visual_ids.unique().tolist()
+    if len(present) < 2 or not set(present) <= by_placeholder.keys():
+        return kept, protected
+    combined_kept = torch.zeros(visual_ids.shape, dtype=torch.bool, device=visual_ids.device)
+    combined_protected = torch.zeros_like(combined_kept)
+    for token_id in present:
+        where = visual_ids == token_id
+        part_kept, part_protected = by_placeholder[token_id]
+        if int(where.sum()) != part_kept.numel():
+            return kept, protected
+        combined_kept[where] = part_kept.flatten().to(visual_ids.device)
+        combined_protected[where] = part_protected.flatten().to(visual_ids.device)
+    return combined_kept, combined_protected
