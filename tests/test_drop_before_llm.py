@@ -8,7 +8,7 @@ are handed to the runtime the way the pre-LLM stages hand theirs: `runtime.image
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -34,7 +34,6 @@ class KeptSlots:
 
     kept: torch.Tensor | None = None
     protected: torch.Tensor | None = None
-    by_placeholder: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def slots_from_rows(input_ids: torch.Tensor, kept_rows: list[torch.Tensor], per_image: int) -> torch.Tensor:

@@ -35,8 +35,8 @@ class ImageSource(Protocol):
 
     kept: torch.Tensor | None  # [I, N] bool; [T] over the packed tokens where images have their own sizes
     protected: torch.Tensor | None  # same shape as kept
-    # Per placeholder id, the flags of the forward that encoded those placeholders (images and videos apart)
-    by_placeholder: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    # Optionally `by_placeholder`: per placeholder id, the flags of the forward that encoded those placeholders,
+    # where images and videos are encoded apart (ImageStages, vision.py; image_samples.placeholder_flags).
 
 
 @dataclass
@@ -94,10 +94,11 @@ class Runtime:
         if images is None or state is None or images.kept is None:
             return hidden
         slots, protected = images.kept, images.protected
-        if images.by_placeholder and self.prompt_ids is not None:  # images and videos from their own forwards
-            slots, protected = placeholder_flags(self.prompt_ids[state.image], slots, protected, images.by_placeholder)
+        parts = getattr(images, "by_placeholder", None)
+        if parts and self.prompt_ids is not None:  # images and videos from their own forwards
+            slots, protected = placeholder_flags(self.prompt_ids[state.image], slots, protected, parts)
+            parts.clear()
         images.kept = images.protected = None  # taken: a later prompt needs a fresh vision forward
-        images.by_placeholder = {}
         self.image_slots = (slots, protected)
         if not bool(state.image.any()):
             return hidden
