@@ -163,7 +163,8 @@ def test_holitom_temporal_on_videos_equals_the_reference(seed: int, threshold: f
     torch.testing.assert_close(out.logits[0], expected_logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("policy", "params"), [("divprune", {"ratio": "30%"}), ("random_drop", {"ratio": "40%"}),
+@pytest.mark.parametrize(("policy", "params"), [("divprune", {"ratio": "30%"}), ("todre", {"ratio": "30%"}),
+                                                ("random_drop", {"ratio": "40%"}),
                                                 ("holitom_temporal", {"threshold": 0.85})])
 def test_padded_batches_with_videos_equal_single_runs(policy: str, params: dict) -> None:
     model = tiny_anyres("llava_onevision", seed=5)
