@@ -2,12 +2,14 @@
 (arXiv:2505.21334) and DyCoke's (arXiv:2411.15024, TTM) merge tokens that repeat from one frame to the next.
 
 A video's tokens sit on frames (Qwen2-VL: groups of `temporal_patch_size` frames, h/2 x w/2 merged tokens each,
-read from the model's `grid_thw`, never guessed). For frame f >= 1 and spatial index s, the token (f, s) joins the
+read from the model's `grid_thw`; LLaVA-OneVision: each input frame, its ceil(h/2) x ceil(w/2) pooled tokens,
+read from the video's pixel_values; never guessed). For frame f >= 1 and spatial index s, the token (f, s) joins the
 run of the token (f-1, s) when both are in SET, (f, s) is not protected, and the cosine similarity of their
 features (as they were before this merge) exceeds `threshold` (strictly). A run of similar tokens (f0, s), ...,
 (f1, s) becomes one token, the size-weighted average of its members (the plain average right after the projector),
-in the slot and at the positions of its first frame's token. Images are one frame: nothing merges (on image-only
-families too; families with videos whose frames policyc does not read yet fail at compile time: runtime/support.py).
+in the slot and at the positions of its first frame's token. Separators (OneVision's newline) are on no frame
+and never merge. Images are one frame: nothing merges (on image-only families too; families with videos whose
+frames policyc does not read fail at compile time: runtime/support.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Several images and videos per prompt, before the LLM: one budget per prompt split across its images and tiles
 (`top(allocate=...)`, policies/globalcom2_style.tokpol) and temporal merging across video frames (`merge temporal`,
-policies/holitom_temporal.tokpol), against the plain reference tests/reference/multi_image.py: the same split, the
-same kept (and merged) tokens, the same generated tokens, first-step logits within 1e-5; padded batches equal their
-rows run alone."""
+policies/holitom_temporal.tokpol) on Qwen2-VL videos, against the plain reference tests/reference/multi_image.py:
+the same split, the same kept (and merged) tokens, the same generated tokens, first-step logits within 1e-5; padded
+batches equal their rows run alone. LLaVA-OneVision's videos: tests/test_onevision_video.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from reference.divprune import divprune_keep
 from reference.multi_image import allocate_choice, split_budget, temporal_choice
 from tiny_idefics3 import single_row
 from tiny_internvl import single_internvl
-from tiny_llava_next import tiny_anyres
 from tiny_models import (
     PAD_ID,
     QWEN_END_ID,
@@ -211,9 +210,3 @@ def test_temporal_merging_leaves_images_alone(family: str) -> None:
     model.policyc.remove()
     del model.policyc
     assert torch.equal(tokens, model.generate(**inputs, max_new_tokens=3, do_sample=False))
-
-
-def test_temporal_merging_fails_at_compile_time_on_videos_it_cannot_read() -> None:
-    """LLaVA-OneVision has videos whose frames projector stages do not read yet: a compile error, never a no-op."""
-    with pytest.raises(PolicyError):
-        policyc.compile(tiny_anyres("llava_onevision"), "holitom_temporal")

@@ -3,7 +3,7 @@ shuffle per tile, Gemma 3's 4x4 pooling) or are assembled after the projector (L
 unpadded crops, newlines): the stage runs on each image's (tile's) LLM tokens, the LLM then sees the shorter prompt.
 Against plain references (tests/reference/before_llm.py, before_llm_gemma3.py): the same kept tokens, the same
 generated tokens, logits within 1e-5; padded batches equal their rows alone; what needs one token grid or the
-question on anyres images, and OneVision videos, fail clearly."""
+question on anyres images fails clearly. OneVision's videos: tests/test_onevision_video.py."""
 
 from __future__ import annotations
 
@@ -203,16 +203,6 @@ def test_anyres_operators_needing_one_token_grid_or_the_question_fail_at_compile
     assert f"{family}'s projector stages do not have yet" in text and f"{policy}.tokpol:" in text
 
 
-def test_onevision_videos_refuse_projector_stages() -> None:
-    model = tiny_anyres("llava_onevision")
-    inputs = make_anyres_inputs(model, [[(64, 64)]], (3,))
-    policyc.compile(model, "divprune")
-    try:
-        with pytest.raises(PolicyError, match="projector stages do not run on LLaVA-OneVision videos yet"):
-            model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    finally:
-        model.policyc.remove()
-    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llava_next"])

@@ -17,8 +17,16 @@ from torch import nn
 from policyc.errors import Diagnostic, PolicyError, Span
 from policyc.models.layout import ImageLayout, fixed_size_layouts
 
-# Per image: its LLM tokens [n_i, D] and which are image features [n_i] bool -> the tokens the LLM receives.
-ImageTokensHook = Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
+
+class ImageTokensHook(Protocol):
+    """Per image (or video): its LLM tokens [n_i, D] and which are image features [n_i] bool -> the tokens the LLM
+    receives. `token_id`: the placeholder id they sit on. Videos also give `frames` and `spots`: each token's frame
+    and spatial index within it, [n_i] long each, -1 on separators (`merge temporal`)."""
+
+    def __call__(self, tokens: list[torch.Tensor], image: list[torch.Tensor], token_id: int,
+                 frames: list[torch.Tensor] | None = None,
+                 spots: list[torch.Tensor] | None = None) -> list[torch.Tensor]: ...
+
 
 # Signal capabilities a model may offer (see `ModelAdapter.signals`).
 ENCODER_SIGNALS = frozenset({"encoder_attention", "encoder_keys", "encoder_values", "encoder_hidden"})
@@ -78,6 +86,7 @@ class ModelAdapter:
     encoder_unmerges: bool = False
     encoder_packed: bool = False  # the tower packs every image into one sequence (Qwen2-VL): runtime/qwen_tower.py
     encoder_grid: tuple[int, int] | None = None  # one encoder input's patch grid where `patch_grid` is None (crops)
+    reads_video_frames: bool = False  # projector stages know each video token's frame (`merge temporal`)
     # The attention type of each decoder layer where they differ (Gemma 3: "sliding_attention", "full_attention"):
     # each type has its own mask and rotary embedding. (): every layer attends alike (causal, one rotary).
     layer_types: tuple[str, ...] = ()
@@ -171,8 +180,8 @@ class ModelAdapter:
     def hook_image_tokens(self, on_tokens: ImageTokensHook) -> Callable[[], None] | None:
         """Families whose LLM tokens of an image are assembled after the projector (anyres unpadding, newlines)
         call `on_tokens` with each image's tokens as the LLM receives them and which of them are image features
-        (not separators), and hand the LLM what it returns; the result undoes the hook. None: projector stages run
-        on the projector's output."""
+        (not separators), and hand the LLM what it returns; a family with videos does the same per video (with its
+        tokens' frames). The result undoes the hook. None: projector stages run on the projector's output."""
         return None
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:

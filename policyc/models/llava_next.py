@@ -71,12 +71,11 @@ class AnyresAdapter(ModelAdapter):
     crop_size: tuple[int, int] = (336, 336)  # the tower's input size (height, width): the base view and each crop
     sample_resolution: tuple[int, int] = (336, 672)  # the calibration image's size: the first grid pinpoint
     body: nn.Module | None = field(default=None, repr=False)  # the model body: pack_image_features, image_newline
-    video_unsupported: str | None = None  # why projector stages refuse a forward with videos (OneVision)
 
     def hook_image_tokens(self, on_tokens: ImageTokensHook) -> Callable[[], None] | None:
         """Wrap the body's `pack_image_features`: each image's packed tokens [n_i, D] go through `on_tokens` with
         their image-feature mask (False on the newline tokens), found by packing ones for the features and a zero
-        newline through the same function. Video features (OneVision) refuse to run while the hook is in place."""
+        newline through the same function."""
         from policyc.runtime.patching import replace_attribute  # (the runtime package imports the adapters)
 
         body = self.body
@@ -94,22 +93,9 @@ class AnyresAdapter(ModelAdapter):
             if marked.arguments.get("image_newline") is not None:
                 marked.arguments["image_newline"] = torch.zeros(1, device=crops[0].device)
             marks, _ = pack(*marked.args, **marked.kwargs)
-            return on_tokens(list(features), [m[:, 0] > 0.5 for m in marks]), lengths
+            return on_tokens(list(features), [m[:, 0] > 0.5 for m in marks], self.image_token_id), lengths
 
-        undo = [replace_attribute(body, "pack_image_features", pack_with_stages)]
-        if self.video_unsupported is not None and hasattr(body, "get_video_features"):
-            reason = self.video_unsupported
-
-            @functools.wraps(body.get_video_features)  # its signature: generate() reads which inputs it takes
-            def refuse_videos(*args: Any, **kwargs: Any) -> Any:
-                raise PolicyError.at(reason, None, "run the policy on images, or use an LLM stage (e.g. fastv) "
-                                                   "for videos")
-            undo.append(replace_attribute(body, "get_video_features", refuse_videos))
-
-        def remove() -> None:
-            for step in reversed(undo):
-                step()
-        return remove
+        return replace_attribute(body, "pack_image_features", pack_with_stages)
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
         """`text_tokens` text ids around the example image at `sample_resolution` (a pinpoint, so no padding):
@@ -155,10 +141,9 @@ def _feature_layer(layer: int | list[int], count: int) -> int:
 
 
 def build_anyres(model: nn.Module, family: str, video_token_id: int | None = None,
-                 video_unsupported: str | None = None) -> AnyresAdapter:
-    """The adapter of a LLaVA-NeXT-style model (vision tower, projector, image_newline, LLM) of `family`;
-    `video_token_id` adds video placeholders to the `vision` set, and projector stages refuse videos with
-    `video_unsupported`."""
+                 adapter: type[AnyresAdapter] = AnyresAdapter, **extra: Any) -> AnyresAdapter:
+    """The `adapter` of a LLaVA-NeXT-style model (vision tower, projector, image_newline, LLM) of `family`;
+    `video_token_id` adds video placeholders to the `vision` set; `extra` fields go to `adapter`."""
     config = model.config
     vision_config = config.vision_config
     encoder = vision_encoder(model, family)
@@ -176,7 +161,7 @@ def build_anyres(model: nn.Module, family: str, video_token_id: int | None = Non
     crop, patch = _pair(vision_config.image_size), _pair(vision_config.patch_size)
     has_cls = any(isinstance(getattr(m, "class_embedding", None), torch.Tensor) for m in tower.modules())
     feature_start = 1 if getattr(config, "vision_feature_select_strategy", "default") == "default" else 0
-    return AnyresAdapter(
+    return adapter(
         family=family,
         model=model,
         has_cls=has_cls,
@@ -194,7 +179,7 @@ def build_anyres(model: nn.Module, family: str, video_token_id: int | None = Non
         crop_size=crop,
         sample_resolution=_pair(pinpoints[0]),
         body=base,
-        video_unsupported=video_unsupported,
+        **extra,
         **encoder,
         **language_model(model, family),
     )

@@ -140,6 +140,7 @@ class QwenVLFactory(AdapterFactory):
             encoder_patches_per_token=merge * merge,
             encoder_unmerges=True,
             encoder_packed=True,
+            reads_video_frames=True,  # grid_thw, read where the packed tower's output reaches projector.output
             temporal_patch_size=config_int(vision_config, "temporal_patch_size") or 2,
             patch_size=config_int(vision_config, "patch_size") or 14,
             merge_size=merge,

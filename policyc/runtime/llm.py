@@ -21,6 +21,7 @@ from policyc.passes.base import selected_first
 from policyc.passes.merges import MergeRows
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.guards import check_kept, check_protected
+from policyc.runtime.image_samples import placeholder_flags
 from policyc.runtime.rows import valid_keys
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ class ImageSource(Protocol):
 
     kept: torch.Tensor | None  # [I, N] bool; [T] over the packed tokens where images have their own sizes
     protected: torch.Tensor | None  # same shape as kept
+    # Optionally `by_placeholder`: per placeholder id, the flags of the forward that encoded those placeholders,
+    # where images and videos are encoded apart (ImageStages, vision.py; image_samples.placeholder_flags).
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Runtime:
     # The prefill's masks per layer type ([B, 1, L, W] each, or None: causal), where the decoder takes a mapping
     # (Gemma 3: bidirectional image blocks in every layer, sliding windows in some); None: plain causal masks.
     layer_masks: dict[str, torch.Tensor | None] | None = None
+    prompt_ids: torch.Tensor | None = None  # the prefill's input_ids [B, L]: which placeholder each visual token is
 
     def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         image = self.plan.adapter.visual_mask(input_ids)
@@ -78,6 +82,7 @@ class Runtime:
         self.live_at_layer.clear()
         self.base_positions = self.dropped_before = self.image_slots = self.layer_masks = None
         self.steps = -1  # the prefill's own forward is not a decode step
+        self.prompt_ids = input_ids
         self.stages_ran.clear()
 
     def drop_before_llm(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -90,6 +95,10 @@ class Runtime:
         if images is None or state is None or images.kept is None:
             return hidden
         slots, protected = images.kept, images.protected
+        parts = getattr(images, "by_placeholder", None)
+        if parts and self.prompt_ids is not None:  # images and videos from their own forwards
+            slots, protected = placeholder_flags(self.prompt_ids[state.image], slots, protected, parts)
+            parts.clear()
         images.kept = images.protected = None  # taken: a later prompt needs a fresh vision forward
         self.image_slots = (slots, protected)
         if not bool(state.image.any()):

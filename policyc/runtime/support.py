@@ -64,14 +64,12 @@ def _cache_length_with(plan: Plan) -> list[PolicyError]:
 
 def _multi_image(plan: Plan) -> list[PolicyError]:
     """`top(allocate=...)` splits a budget across the images of a sample: at projector.output and in the LLM, not in
-    the encoder, which sees each image on its own. `merge temporal` reads video frames from the model: Qwen2-VL's
-    grid_thw, read where its packed tower hands the merged tokens to projector.output (runtime/vision.py); on
-    image-only families every image is one frame (a no-op), and families with videos whose frames are not read yet
-    fail here."""
+    the encoder, which sees each image on its own. `merge temporal` reads video frames from the model
+    (`reads_video_frames`: Qwen2-VL's grid_thw where its packed tower hands the merged tokens to projector.output,
+    LLaVA-OneVision's frames of pooled tokens; runtime/vision.py); on image-only families every image is one frame
+    (a no-op), and families with videos whose frames are not read fail here."""
     problems = []
-    adapter = plan.adapter  # the packed tower hook (Qwen2-VL) is where frames are read: runtime/vision.py
-    packed = adapter.tokens_per_image is None and (not adapter.encoder_unmerges or getattr(adapter, "encoder_packed",
-                                                                                           False))
+    adapter = plan.adapter
     for stage in plan.stages:
         for statement in stage.statements:
             for node in statement.walk():
@@ -82,12 +80,12 @@ def _multi_image(plan: Plan) -> list[PolicyError]:
                         f"an encoder stage sees each image on its own: {node.selector}(allocate=...) splits a "
                         "prompt's budget across its images at projector.output or in the LLM", node.span,
                         "move this stage to projector.output, or allocate in an LLM stage"))
-            if isinstance(statement, ir.Merge) and statement.method == "temporal" and not packed and \
-                    len(plan.adapter.visual_ids) > 1:  # image-only families: every image is one frame, a no-op
+            if isinstance(statement, ir.Merge) and statement.method == "temporal" and \
+                    not adapter.reads_video_frames and len(adapter.visual_ids) > 1:  # image-only: a no-op
                 problems.append(PolicyError.at(
-                    f"merge temporal needs the video frames of the model, which {plan.adapter.family}'s projector "
+                    f"merge temporal needs the video frames of the model, which {adapter.family}'s projector "
                     "stages do not read yet", statement.span,
-                    "Qwen2-VL and Qwen2.5-VL give them (grid_thw); on images it changes nothing"))
+                    "Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision give them; on images it changes nothing"))
     return problems
 
 

@@ -16,6 +16,7 @@
   reach the LLM and which a stage protected.
 - Families that assemble an image's LLM tokens after the projector (LLaVA-NeXT/OneVision: unpadded crops, newlines)
   hand them to `projector.output` stages through `ModelAdapter.hook_image_tokens`: separators are no candidates.
+  OneVision hands each video the same way, one row per video, with each token's frame and spatial index.
 - Projector stages that read the question (`cover`, `text_relevance`) get it from `PromptStash`
   (prompt_stash.py): LLaVA's get_image_features never sees the prompt.
 """
@@ -62,6 +63,9 @@ class ImageStages:
         self.adapter = adapter = plan.adapter
         self.kept: torch.Tensor | None = None
         self.protected: torch.Tensor | None = None
+        # Per placeholder id, its last forward's kept and protected flags, where images and videos are encoded in
+        # separate forwards (LLaVA-OneVision): a prompt holding both gets each at its own placeholders.
+        self.by_placeholder: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.encoder_rows: torch.Tensor | None = None  # [images, encoder layers]: real rows each layer ran on
         self.merged_into: torch.Tensor | None = None  # unmerge families: [images, encoder tokens] long, per position
         # the position whose token holds it after the encoder's merges (itself where it did not merge); Qwen2-VL:
@@ -295,13 +299,14 @@ class ImageStages:
         output, self.kept, self.protected = self._project(self.slot_space, tokens, state, projector, output)
         return output
 
-    def _samples(self, sizes: list[int]) -> dict[str, object]:
+    def _samples(self, sizes: list[int], token_id: int | None = None) -> dict[str, object]:
         """The prompt row of each image, for `top(allocate=...)` and `vision[i]`: read from the stashed prompt when
-        asked."""
+        asked. `token_id`: the placeholder of a forward that encodes one kind (OneVision's images or videos)."""
         if not self._reads_samples:
             return {}
-        ids = self.adapter.visual_ids
-        return {"samples": lambda: image_samples(self._prompt.prompt, ids, sizes)}  # type: ignore[union-attr]
+        ids = self.adapter.visual_ids if token_id is None else (token_id,)
+        apart = tuple(i for i in self.adapter.visual_ids if i not in ids)
+        return {"samples": lambda: image_samples(self._prompt.prompt, ids, sizes, apart)}  # type: ignore[union-attr]
 
     def _project(self, space: Space, tokens: Tokens, state: PrefillState, projector: dict[str, object],
                  output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -316,11 +321,15 @@ class ImageStages:
         output, kept = scatter_rows(tokens, alive_rows, output.shape[1], base=output)
         return output, kept, state.protected & kept
 
-    def _on_image_tokens(self, tokens: list[torch.Tensor], image: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each image's tokens as the LLM receives them ([n_i, D]; `image` [n_i] bool: image features, the rest
-        separators such as LLaVA-NeXT's newlines) through the `projector.output` stages, one image per row padded
-        to the widest. Only image features are `vision` (candidates); separators always reach the LLM. `kept` /
-        `protected` are flat over every image's tokens, in order."""
+    def _on_image_tokens(self, tokens: list[torch.Tensor], image: list[torch.Tensor], token_id: int,
+                         frames: list[torch.Tensor] | None = None,
+                         spots: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Each image's (or video's) tokens as the LLM receives them ([n_i, D]; `image` [n_i] bool: image features,
+        the rest separators such as LLaVA-NeXT's newlines) through the `projector.output` stages, one image per row
+        padded to the widest. Only image features are `vision` (candidates); separators always reach the LLM.
+        Videos give each token's frame and spatial index ([n_i] long, -1 on separators: `merge temporal`).
+        `kept` / `protected` are flat over every image's tokens, in order, and kept per placeholder `token_id`
+        (images and videos come in separate forwards)."""
         sizes = [len(t) for t in tokens]
         padded, valid = unpack(torch.cat(tokens), sizes)
         marks, _ = unpack(torch.cat(image)[:, None].float(), sizes)
@@ -329,8 +338,13 @@ class ImageStages:
         space = Space(positions >= 0, positions, positions < 0, None)  # no grid common to every image
         state = PrefillState(marks[..., 0].bool() & valid, valid, positions.expand(len(sizes), -1),
                              torch.zeros_like(valid))
-        output, kept, protected = self._project(space, Tokens.start(padded), state, self._samples(sizes), padded)
+        projector: dict[str, object] = self._samples(sizes, token_id)
+        if frames is not None and spots is not None:  # for merge temporal; -1 on padding
+            projector.update({name: torch.where(valid, unpack(torch.cat(values)[:, None], sizes)[0][..., 0], -1)
+                              for name, values in (("frames", frames), ("spots", spots))})
+        output, kept, protected = self._project(space, Tokens.start(padded), state, projector, padded)
         self.kept, self.protected = kept[valid], protected[valid]
+        self.by_placeholder[token_id] = (self.kept, self.protected)
         return list(output[valid].split(sizes))
 
     def _on_packed_tower(self, module: nn.Module, args: tuple, kwargs: dict[str, object], output: object) -> object:
