@@ -17,6 +17,7 @@ from tiny_gemma3 import GEMMA_IMAGE_ID, IMAGE_TOKENS, make_gemma3_inputs, single
 from tiny_idefics3 import single_row
 from tiny_internvl import single_internvl
 from tiny_llava_next import IMAGE_ID as ANYRES_IMAGE_ID
+from tiny_llava_next import VIDEO_ID as ANYRES_VIDEO_ID
 from tiny_llava_next import make_anyres_inputs, tiny_anyres
 from tiny_llava_next import single_row as single_anyres
 from tiny_models import IMAGE_TOKEN_ID, QWEN_MERGE, QWEN_VIDEO_ID, qwen_single_row, tiny_qwen2_vl
@@ -268,3 +269,41 @@ def test_the_graph_backend_equals_eager_on_one_image(body: str) -> None:
         model.policyc.remove()
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert runs[0][1].shape[1] < inputs["input_ids"].shape[1]
+
+
+def test_onevision_numbers_a_video_and_its_images_in_prompt_order_in_the_llm_and_refuses_before_it() -> None:
+    """A OneVision prompt with a video (placed before its images) and two images: in the LLM they are images 0, 1
+    and 2 in prompt order, and `vision[0]` thins the video alone; before the LLM images and videos are encoded in
+    two forwards that cannot number them together, so a projector stage asking fails loudly."""
+    model = tiny_anyres("llava_onevision", seed=3)
+    inputs = make_anyres_inputs(model, [[(30, 64), (20, 20)]], (3,), seed=3)
+    order = adapt(model).image_index(inputs["input_ids"])[0]
+    video = (inputs["input_ids"][0] == ANYRES_VIDEO_ID).nonzero().flatten()
+    assert set(order[video].tolist()) == {0} and order.amax() == 2
+    policyc.compile(model, _policy("llm.layer[1]", "    drop vision[0] - (top 50% of vision[0] by attention(last -> "
+                                                   "vision))"))
+    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    kept = model.policyc.kept_positions[0]
+    model.policyc.remove()
+    assert int(torch.isin(video, kept).sum()) == len(video) // 2
+    assert bool(torch.isin((order > 0).nonzero().flatten(), kept).all())
+    policyc.compile(model, _policy("projector.output", "    drop vision where image == 1"))
+    with pytest.raises(PolicyError, match="a prompt holds images and videos, which this model encodes in two"):
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    model.policyc.remove()
+
+
+def test_dropping_later_frames_of_a_onevision_video() -> None:
+    """`drop vision where frame >= 2` on OneVision videos of 3 frames: each keeps its first two frames' pooled tokens
+    and its newline; a padded batch equals single runs."""
+    model = tiny_anyres("llava_onevision", seed=5)
+    inputs = make_anyres_inputs(model, [[(30, 64)], [(20, 20)]], (3, 3), pad_left=2, seed=5)
+    policy = _policy("projector.output", "    drop vision where frame >= 2")
+    policyc.compile(model, policy)
+    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    kept = kept_vision(model, inputs, [ANYRES_VIDEO_ID])
+    model.policyc.remove()
+    for row in range(2):
+        video = int((inputs["input_ids"][row] == ANYRES_VIDEO_ID).sum())
+        assert kept[row].numel() == 2 * (video - 1) // 3 + 1
+    assert_batch_equals_single_runs(model, policy, {}, inputs, single_anyres, drops=True)
