@@ -9,8 +9,8 @@ import pytest
 import torch
 from family_checks import assert_batch_equals_single_runs, assert_tome_shrinks_only_the_encoder, tome_forward
 from reference.tome_qwen import groups_by_image, tome_qwen_tower, with_pooler_output
-from test_qwen2_vl import GRIDS, _single
-from tiny_models import make_qwen_inputs, tiny_qwen2_vl
+from test_qwen2_vl import GRIDS
+from tiny_models import make_qwen_inputs, qwen_single_row, tiny_qwen2_vl
 
 import policyc
 from policyc.errors import PolicyError
@@ -87,7 +87,7 @@ def test_tome_generates_and_batches_equal_single_runs(version: str) -> None:
     """The standard library's tome.tokpol generates, and a left-padded batch of images of different sizes equals each
     row alone (each frame or window merges on its own)."""
     inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=7)
-    assert_batch_equals_single_runs(tiny_qwen2_vl(version=version), "tome", {"r": 4}, inputs, _single)
+    assert_batch_equals_single_runs(tiny_qwen2_vl(version=version), "tome", {"r": 4}, inputs, qwen_single_row)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

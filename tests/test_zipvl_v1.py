@@ -13,9 +13,15 @@ import torch
 from click.testing import CliRunner
 from generation import assert_rows_equal_single_runs
 from reference.zipvl_v1 import Row, dequantize_vector, kv_bytes, mixed_precision_generate, quantize_vector
-from test_qwen2_vl import _single as qwen_single
 from tiny_gemma3 import make_gemma3_inputs, single_gemma3, tiny_gemma3
-from tiny_models import make_inputs, make_qwen_inputs, tiny_llava_clip, tiny_llava_siglip, tiny_qwen2_vl
+from tiny_models import (
+    make_inputs,
+    make_qwen_inputs,
+    qwen_single_row,
+    tiny_llava_clip,
+    tiny_llava_siglip,
+    tiny_qwen2_vl,
+)
 
 from policyc import bench
 from policyc.cli import main
@@ -280,7 +286,7 @@ def test_sampling_is_seeded() -> None:
 def test_other_families_quantize_and_batch_equals_single_runs(family: str) -> None:
     """M-RoPE positions (Qwen2-VL) and sliding-window layers with bidirectional image attention (Gemma 3)."""
     if family == "qwen2_vl":
-        model, inputs, split = tiny_qwen2_vl(seed=1), make_qwen_inputs(batch=2, pad_left=2), qwen_single
+        model, inputs, split = tiny_qwen2_vl(seed=1), make_qwen_inputs(batch=2, pad_left=2), qwen_single_row
     else:
         model, inputs, split = tiny_gemma3(seed=1), make_gemma3_inputs(batch=2, pad_left=2), single_gemma3
     compile_model(model, policy(0.6, 4, 2, 2))
