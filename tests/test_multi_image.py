@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from family_checks import assert_batch_equals_single_runs
-from multi_image_cases import FAMILIES, Inputs, assert_equals_reference, llava_single_row
+from multi_image_cases import FAMILIES, Inputs, assert_equals_reference, kept_vision, llava_single_row
 from policyc.passes.allocate import allocate
 from reference.divprune import divprune_keep
 from reference.multi_image import allocate_choice, split_budget, temporal_choice
@@ -145,21 +145,25 @@ policy early {
 # ---------------------------------------------------------------- temporal merging on Qwen2-VL videos
 
 def make_video_inputs(batch: int = 1, videos: tuple[tuple[int, int, int], ...] = ((3, 8, 8),), pad_left: int = 0,
-                      seed: int = 0) -> Inputs:
-    """Qwen2-VL video inputs as its processor gives them: per row, left padding, three text tokens, then per video
-    of (t, h, w) (t frame groups of temporal_patch_size frames, h x w patches) `<vision_start>`, t*h*w/4 video tokens,
-    `<vision_end>`, then four text tokens; `mm_token_type_ids` marks video tokens with 2. Each frame group is the
+                      seed: int = 0, images: tuple[tuple[int, int], ...] = ()) -> Inputs:
+    """Qwen2-VL video inputs as its processor gives them: per row, left padding, three text tokens, then per image of
+    `images` (h x w patches) `<vision_start>`, h*w/4 image tokens, `<vision_end>`, then per video of (t, h, w) (t frame
+    groups of temporal_patch_size frames, h x w patches) `<vision_start>`, t*h*w/4 video tokens, `<vision_end>`, then
+    four text tokens; `mm_token_type_ids` marks image tokens with 1 and video tokens with 2. Each frame group is the
     previous one plus noise, small (0.05) on half of the 2x2 merge blocks and large (1.5) on the others, so that some
     tokens repeat across frames and others do not."""
     generator = torch.Generator().manual_seed(seed)
     pads = [pad_left if b > 0 else 0 for b in range(batch)]
     specials = {QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_START_ID, QWEN_END_ID, PAD_ID}
     text = torch.tensor([i for i in range(3, QWEN_START_ID) if i not in specials])
-    rows, masks, pixels = [], [], []
+    rows, masks, pixels, image_pixels = [], [], [], []
     for pad in pads:
         before = 3 + min(pads) - pad
         picks = text[torch.randint(len(text), (before + 4,), generator=generator)].tolist()
         row = [PAD_ID] * pad + picks[:before]
+        for h, w in images:
+            row += [QWEN_START_ID] + [QWEN_IMAGE_ID] * (h * w // QWEN_MERGE**2) + [QWEN_END_ID]
+            image_pixels.append(torch.randn(h * w, 3 * 2 * QWEN_PATCH * QWEN_PATCH, generator=generator))
         for t, h, w in videos:
             row += [QWEN_START_ID] + [QWEN_VIDEO_ID] * (t * h * w // QWEN_MERGE**2) + [QWEN_END_ID]
             frame = torch.randn(h * w, 3 * 2 * QWEN_PATCH * QWEN_PATCH, generator=generator)
@@ -172,9 +176,14 @@ def make_video_inputs(batch: int = 1, videos: tuple[tuple[int, int, int], ...] =
         rows.append(row)
         masks.append([0] * pad + [1] * (len(row) - pad))
     ids = torch.tensor(rows)
-    return {"input_ids": ids, "attention_mask": torch.tensor(masks),
-            "mm_token_type_ids": (ids == QWEN_VIDEO_ID).long() * 2, "pixel_values_videos": torch.cat(pixels),
-            "video_grid_thw": torch.tensor([[t, h, w] for _ in pads for t, h, w in videos])}
+    inputs = {"input_ids": ids, "attention_mask": torch.tensor(masks),
+              "mm_token_type_ids": (ids == QWEN_IMAGE_ID).long() + (ids == QWEN_VIDEO_ID).long() * 2,
+              "pixel_values_videos": torch.cat(pixels),
+              "video_grid_thw": torch.tensor([[t, h, w] for _ in pads for t, h, w in videos])}
+    if images:
+        inputs.update({"pixel_values": torch.cat(image_pixels),
+                       "image_grid_thw": torch.tensor([[1, h, w] for _ in pads for h, w in images])})
+    return inputs
 
 
 VIDEOS = ((3, 8, 8), (2, 4, 8))  # two videos per row: 3 frame groups of 16 tokens, 2 of 8
@@ -199,6 +208,53 @@ def test_holitom_temporal_batches_equal_single_runs() -> None:
     inputs = make_video_inputs(batch=2, videos=VIDEOS, pad_left=2, seed=4)
     assert_batch_equals_single_runs(tiny_qwen2_vl(), "holitom_temporal", {"threshold": 0.9}, inputs, qwen_single_row,
                                     drops=True)
+
+
+def image_then_videos(frames: list[int], threshold: float) -> Callable[[list[torch.Tensor]], list]:
+    """A row's parts in prompt order (its image, then its videos): the image left alone, each video merged across
+    its frames by the reference."""
+    def choose(parts: list[torch.Tensor]) -> list:
+        image, *videos = parts
+        return [(torch.ones(len(image), dtype=torch.bool), image), *temporal_choice(frames, threshold)(videos)]
+    return choose
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize(("seed", "threshold", "batch"), [(0, 0.9, 1), (1, 0.85, 2)])
+def test_holitom_temporal_on_a_prompt_with_an_image_and_videos_equals_the_reference(
+        version: str, seed: int, threshold: float, batch: int) -> None:
+    """Qwen2-VL encodes a prompt's images and videos in two tower forwards: each hands the LLM its own
+    placeholders' kept flags, so videos merge across frames and the image beside them stays whole."""
+    model = tiny_qwen2_vl(seed=seed, version=version)
+    inputs = make_video_inputs(batch=batch, videos=VIDEOS, pad_left=2, seed=seed, images=((4, 8),))
+    frames = [int(t) for t, _, _ in VIDEOS]
+    sizes = [n for _ in range(batch) for n in (8, *(t * h * w // QWEN_MERGE**2 for t, h, w in VIDEOS))]
+    kept = assert_equals_reference(model, inputs, [QWEN_IMAGE_ID, QWEN_VIDEO_ID], sizes,
+                                   lambda row: image_then_videos(frames, threshold), "holitom_temporal",
+                                   {"threshold": threshold})
+    image, video = inputs["input_ids"] == QWEN_IMAGE_ID, inputs["input_ids"] == QWEN_VIDEO_ID
+    for row, k in enumerate(kept):
+        assert int(image[row, k].sum()) == 8  # the image: nothing merges
+        assert 0 < int(video[row, k].sum()) < int(video[row].sum())  # some video tokens merged, not all
+
+
+@pytest.mark.parametrize(("policy", "params"), [("divprune", {"ratio": "30%"}), ("random_drop", {"ratio": "40%"}),
+                                                ("holitom_temporal", {"threshold": 0.9})])
+def test_padded_batches_with_an_image_and_videos_equal_single_runs(policy: str, params: dict) -> None:
+    inputs = make_video_inputs(batch=2, videos=VIDEOS, pad_left=2, seed=6, images=((4, 8),))
+    assert_batch_equals_single_runs(tiny_qwen2_vl(seed=6), policy, params, inputs, qwen_single_row, drops=True)
+
+
+def test_divprune_thins_the_image_and_each_video_of_a_prompt() -> None:
+    """DivPrune at projector.output keeps its share of every image and video of a prompt holding both."""
+    model = tiny_qwen2_vl(seed=3)
+    inputs = make_video_inputs(batch=1, videos=VIDEOS, pad_left=0, seed=3, images=((4, 8),))
+    policyc.compile(model, "divprune", ratio="50%")
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    kept = kept_vision(model, inputs, [QWEN_IMAGE_ID, QWEN_VIDEO_ID])[0]
+    ids = inputs["input_ids"][0, kept]
+    assert int((ids == QWEN_IMAGE_ID).sum()) == 4
+    assert int((ids == QWEN_VIDEO_ID).sum()) == sum(t * h * w // QWEN_MERGE**2 // 2 for t, h, w in VIDEOS)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])

@@ -114,6 +114,11 @@ class ModelAdapter:
         return self.rotary(hidden, position_ids=position_ids)
 
     @property
+    def video_token_id(self) -> int | None:
+        """The video placeholder id, where the family has videos (after the image id in `vision_token_ids`)."""
+        return self.vision_token_ids[1] if len(self.vision_token_ids) > 1 else None
+
+    @property
     def visual_ids(self) -> tuple[int, ...]:
         """The input_ids that mark visual tokens (what the `vision` set holds in the LLM)."""
         return self.vision_token_ids or (self.image_token_id,)
@@ -182,6 +187,12 @@ class ModelAdapter:
         call `on_tokens` with each image's tokens as the LLM receives them and which of them are image features
         (not separators), and hand the LLM what it returns; a family with videos does the same per video (with its
         tokens' frames). The result undoes the hook. None: projector stages run on the projector's output."""
+        return None
+
+    def track_video_forwards(self, on_video: Callable[[bool], None]) -> Callable[[], None] | None:
+        """Families that encode a prompt's images and videos in two forwards of one packed tower (Qwen2-VL) call
+        `on_video(True)` before each video forward and `on_video(False)` after it, so that the tower's hook knows
+        which placeholders its tokens fill. The result undoes the hook. None: the family has no such forwards."""
         return None
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:

@@ -43,11 +43,6 @@ class OnevisionAdapter(AnyresAdapter):
     """LLaVA-NeXT's anyres images, plus videos whose tokens projector stages read frame by frame."""
 
     @property
-    def video_token_id(self) -> int | None:
-        """The `<video>` placeholder id (after the image id in `vision_token_ids`)."""
-        return self.vision_token_ids[1] if len(self.vision_token_ids) > 1 else None
-
-    @property
     def pooled_grid(self) -> tuple[int, int]:
         """A video frame's tokens after `apply_pooling`'s 2x2 bilinear pooling of the tower's patch grid (rows,
         columns): ceil(h/2) x ceil(w/2), row-major."""

@@ -21,8 +21,10 @@ every patch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +65,27 @@ class QwenVLAdapter(ModelAdapter):
                 "pixel_values": self.patchify(example_pixels((rows * self.patch_size, cols * self.patch_size)))
                 .to(device=device, dtype=dtype),
                 "image_grid_thw": torch.tensor([[1, rows, cols]], device=device)}
+
+    def track_video_forwards(self, on_video: Callable[[bool], None]) -> Callable[[], None] | None:
+        """Wraps the body's `get_video_features` (the module whose `visual` is the tower; its forward encodes images
+        and videos in two calls of the tower): `on_video(True)` before, `on_video(False)` after."""
+        from policyc.runtime.patching import replace_attribute  # (the runtime package imports the adapters)
+
+        body = next((m for m in self.model.modules() if m is not self.model and getattr(m, "visual", None)
+                     is self.vision_tower and hasattr(m, "get_video_features")), None)
+        if body is None or self.video_token_id is None:
+            return None
+        video = body.get_video_features
+
+        @functools.wraps(video)  # its signature: generate() reads which inputs it takes
+        def video_marked(*args: Any, **kwargs: Any) -> Any:
+            on_video(True)
+            try:
+                return video(*args, **kwargs)
+            finally:
+                on_video(False)
+
+        return replace_attribute(body, "get_video_features", video_marked)
 
     def image_layouts(self, inputs: Mapping[str, torch.Tensor], row: int = 0) -> list[ImageLayout]:
         """Every image of row `row`, rebuilt from its flattened patches ([3, H, W]), on its grid of LLM tokens

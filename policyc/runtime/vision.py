@@ -71,6 +71,7 @@ class ImageStages:
         # the position whose token holds it after the encoder's merges (itself where it did not merge); Qwen2-VL:
         # [patches] over the rows of pixel_values (qwen_tower.py)
         self.run: VisionRun | None = None
+        self._video_forward = False  # a packed tower's forward encodes videos (Qwen2-VL's get_video_features)
         encoder = [s for s in plan.stages if s.kind == "encoder"]
         self.encoder_output = plan.at("encoder.output")
         self.projector_output = plan.at("projector.output")
@@ -156,6 +157,9 @@ class ImageStages:
             if not self.unmerges or adapter.encoder_packed:
                 self._handles.append(adapter.vision_tower.register_forward_hook(self._on_packed_tower,
                                                                                  with_kwargs=True))
+                undo_videos = adapter.track_video_forwards(self._mark_video_forward)
+                if undo_videos is not None:  # images and videos in two tower forwards: each fills its placeholders
+                    self._undo.append(undo_videos)
         else:
             self._handles.append(adapter.projector.register_forward_hook(self._on_projector_output))
         if self._prompt is not None:
@@ -364,9 +368,15 @@ class ImageStages:
         positions = torch.arange(width, device=padded.device)
         space = Space(positions >= 0, positions, positions < 0, None)  # no grid common to every image
         frames, spots = video_frames(grid, self.adapter.encoder_patches_per_token, valid)  # for merge temporal
-        projector = {"frames": frames, "spots": spots, **self._samples(sizes)}
+        token_id = self.adapter.video_token_id if self._video_forward else self.adapter.image_token_id
+        projector = {"frames": frames, "spots": spots, **self._samples(sizes, token_id)}
         output_padded, kept, protected = self._project(space, Tokens.start(padded), space.state(len(sizes), valid),
                                                        projector, padded)
         output.pooler_output = output_padded[valid]  # type: ignore[attr-defined]
         self.kept, self.protected = kept[valid], protected[valid]
+        if token_id is not None:
+            self.by_placeholder[token_id] = (self.kept, self.protected)
         return output
+
+    def _mark_video_forward(self, video: bool) -> None:
+        self._video_forward = video
