@@ -257,6 +257,17 @@ def test_divprune_thins_the_image_and_each_video_of_a_prompt() -> None:
     assert int((ids == QWEN_VIDEO_ID).sum()) == sum(t * h * w // QWEN_MERGE**2 // 2 for t, h, w in VIDEOS)
 
 
+def test_allocation_before_the_llm_refuses_a_prompt_holding_images_and_videos() -> None:
+    """The image forward cannot number its images among the videos of the same prompt: a loud error, not a split
+    over the images alone."""
+    model = tiny_qwen2_vl(seed=2)
+    inputs = make_video_inputs(batch=1, videos=VIDEOS, seed=2, images=((4, 8),))
+    policyc.compile(model, "globalcom2_style")
+    with pytest.raises(PolicyError, match="a prompt holds images and videos, which this model encodes in two"):
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    model.policyc.remove()
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 def test_temporal_merging_leaves_images_alone(family: str) -> None:
     """An image is one frame: nothing merges (Qwen2-VL images; LLaVA has no videos)."""
