@@ -24,29 +24,11 @@ import torch
 from policyc.passes.base import SignalOp, register_signal, selected_first
 
 from policyc.errors import PolicyError
+from policyc.kernels import KERNELS
 from policyc.lang import ir
 
 if TYPE_CHECKING:
     from policyc.runtime.evaluate import Captured, StageEvaluator
-
-def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: torch.Tensor,
-                   visible: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities of selected query rows over all keys, per head.
-
-    query: [B, H, L, d] and key: [B, Hkv, L, d] (post-RoPE); rows: [B, R] row indices;
-    visible: [B, R, L] bool, which keys each row may see (causal and padding).
-    Returns [B, H, R, L] in float32; rows that see no key are all zero.
-    """
-    batch, heads, _, dim = query.shape
-    groups = heads // key.shape[1]
-    keys = key.repeat_interleave(groups, dim=1).float()  # [B, H, L, d], GQA groups share keys
-    picked = torch.gather(query.float(), 2, rows[:, None, :, None].expand(batch, heads, rows.shape[1], dim))
-    logits = picked @ keys.transpose(-1, -2) * scaling  # [B, H, R, L]
-    logits = logits.masked_fill(~visible[:, None], float("-inf"))
-    probabilities = torch.softmax(logits, dim=-1)
-    # rows that see no key are 0/0 = NaN: zero them; a NaN from the model itself stays (the guards catch it)
-    return probabilities.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
-
 
 _HEADS = {"mean": lambda x: x.mean(1), "sum": lambda x: x.sum(1), "max": lambda x: x.amax(1)}
 
@@ -101,7 +83,7 @@ class Attention(SignalOp):
         elif ctx.causal:  # the LLM; the vision encoder attends both ways
             columns = torch.arange(origin.shape[1], device=origin.device)
             visible = visible & (columns[None, None, :] <= rows[:, :, None])
-        probabilities = attention_rows(recorded.query, recorded.key, recorded.scaling, rows, visible)
+        probabilities = KERNELS["attention_rows"](recorded.query, recorded.key, recorded.scaling, rows, visible)
         heads = self.option(call, "heads", ctx)
         per_row = _HEADS[heads.id if isinstance(heads, ir.Name) else "mean"](probabilities)  # [B, Q, R]
         queries = self.option(call, "queries", ctx)

@@ -29,6 +29,7 @@ from transformers.masking_utils import sdpa_mask
 
 from policyc.compiler.plan import Plan
 from policyc.errors import PolicyError
+from policyc.kernels import column_sums
 from policyc.lang import ir
 from policyc.passes.cache_base import CACHE_OPS, CacheOp, QuantizingCacheOp, Slots
 from policyc.runtime import attention
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from policyc.runtime.llm import Runtime
 
 OBSERVING_NAME = "policyc_sdpa_cache"
-_CHUNK = 256  # query rows per block when summing prefill attention columns
 
 
 def _observing_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -74,23 +74,6 @@ def newest_logits(query: torch.Tensor, key: torch.Tensor, scaling: float, visibl
     keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1).float()
     logits = (query.float() @ keys.transpose(-1, -2) * scaling)[:, :, 0]
     return logits.masked_fill(~visible[:, :, 0], float("-inf"))
-
-
-def attention_columns(query: torch.Tensor, key: torch.Tensor, scaling: float, visible: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities summed over query rows, per key/value head: [B, Hkv, n] float32.
-
-    query [B, H, q, d], key [B, Hkv, n, d] (post-RoPE); visible [B, 1 or H, q, n] bool. Rows that see
-    no key add nothing. Query heads of one key/value head are summed (GQA).
-    """
-    batch, heads, rows, _ = query.shape
-    groups = heads // key.shape[1]
-    keys = key.repeat_interleave(groups, dim=1).float()
-    total = torch.zeros(batch, heads, key.shape[2], device=query.device)
-    for start in range(0, rows, _CHUNK):
-        logits = query[:, :, start:start + _CHUNK].float() @ keys.transpose(-1, -2) * scaling
-        logits = logits.masked_fill(~visible[:, :, start:start + _CHUNK], float("-inf"))
-        total += torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(2)
-    return total.view(batch, key.shape[1], groups, -1).sum(2)
 
 
 class CacheRuntime:
@@ -164,7 +147,7 @@ class CacheRuntime:
                 visible = torch.ones_like(layer.positions[:, :1, None, :], dtype=torch.bool)
                 if mask is not None:
                     visible = _visible(mask)
-                layer.scores = layer.scores + attention_columns(query, key, scaling, visible)
+                layer.scores = layer.scores + column_sums(query, key, scaling, visible)
         return observe
 
     def _prefill_scores(self, index: int, query: torch.Tensor, key: torch.Tensor, scaling: float,
@@ -184,7 +167,7 @@ class CacheRuntime:
         else:
             allowed = (torch.arange(length, device=kept.device)[None, :] <= query_rows[:, None])[None, None]
         visible = allowed & rows[:, None, None, :] & rows[:, None, first_row:, None]
-        columns = attention_columns(query[:, :, first_row:], key[:, :, :length], scaling, visible)
+        columns = column_sums(query[:, :, first_row:], key[:, :, :length], scaling, visible)
         if self.op.scores == "normalized":
             columns = columns / visible[:, :1].sum(2).clamp(min=1)  # [B, 1, L']: the rows that see each key
         return columns
