@@ -5,6 +5,7 @@ SnapKV decoding at long context (8 images, a 1024-token cache). Writes benchmark
     python benchmarks/speed.py --device cuda                        # everything (GPU)
     python benchmarks/speed.py --device cuda --policies fastv --backends eager   # a part; results accumulate
     python benchmarks/speed.py --tiny --out /tmp/speed               # CPU smoke run of the tiny random model
+    python benchmarks/speed.py --device cuda --minutes 6             # what fits a short lease, 64 tokens first
 
 Each configuration's `policyc bench` JSON is kept in OUT/runs/ (re-running a configuration replaces it), and
 OUT/RESULTS.md and OUT/speed.png are rebuilt from every JSON there, so a matrix too long for one session can be
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,7 @@ def params(policy: str, budget: int, image_tokens: int) -> dict[str, str]:
 def configurations(args: argparse.Namespace, image_tokens: int) -> list[dict[str, Any]]:
     """Every (policy, budget, backend) of the matrix the options select, then the long-context decode run."""
     runs = [{"policy": p, "budget": b, "backend": backend, "params": params(p, b, image_tokens), "images": 1}
-            for backend in args.backends for p in args.policies for b in args.budgets]
+            for backend in args.backends for b in args.budgets for p in args.policies]
     if args.long_context:
         capacity = 128 if args.tiny else 1024
         runs += [{"policy": "snapkv", "budget": capacity, "backend": "eager", "images": 8,
@@ -63,12 +65,18 @@ def run_matrix(args: argparse.Namespace) -> None:
     runs_dir = args.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     base = Settings(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
-                    device=args.device, warmup=args.warmup, repeats=args.repeats)
+                    device=args.device, warmup=args.warmup, repeats=args.repeats, kernels=args.kernels)
     preloaded = load_bench_model("random", None, base) if args.tiny else load_bench_model(None, "llava-1.5-7b", base)
     from policyc.models import adapt
 
     image_tokens = adapt(preloaded[0]).tokens_per_image or FULL
-    for config in configurations(args, image_tokens):
+    started = time.monotonic()
+    todo = configurations(args, image_tokens)
+    for done, config in enumerate(todo):
+        if done and args.minutes is not None and time.monotonic() - started > args.minutes * 60:
+            print(f"--minutes {args.minutes} passed: {len(todo) - done} configuration(s) not run: "
+                  + ", ".join(f"{c['policy']}-{c['budget']}-{c['backend']}" for c in todo[done:]))
+            break
         settings = Settings(**{**vars(base), "backend": config["backend"], "images": config["images"]})
         name = f"{config['policy']}-{config['budget']}-{config['backend']}-{config['images']}img"
         assignments = {k: parse_value(v, k) for k, v in config["params"].items()}
@@ -202,6 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "on", "off"],
+                        help="policyc's scoring kernels fused by torch.compile (auto: on CUDA only).")
+    parser.add_argument("--minutes", type=float, help="Start no configuration after this many minutes (a lease's "
+                        "time; the first always runs): the report holds those that finished; run the rest later, "
+                        "they accumulate.")
     parser.add_argument("--long-context", action=argparse.BooleanOptionalAction, default=True,
                         help="Also run SnapKV decoding at 8 images with a 1024-token cache.")
     parser.add_argument("--report-only", action="store_true", help="Rebuild RESULTS.md and the plot from OUT/runs.")

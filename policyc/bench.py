@@ -36,6 +36,7 @@ class Settings:
     warmup: int = 2
     repeats: int = 5
     seed: int = 0
+    kernels: str = "auto"  # policyc's kernels: fused by torch.compile (on), eager (off), fused on CUDA only (auto)
 
 
 @dataclass

@@ -65,12 +65,14 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     """Measure the four rows, print the table, write `json_path`; returns what the JSON holds. `preloaded` is a
     model already built (and its name), e.g. one --shapes model shared by a benchmark matrix."""
     from policyc.bench_reference import REFERENCES, eager_once, run_reference, unavailable
+    from policyc.kernels import fused_on, set_fusion
     from policyc.models import adapt
     from policyc.report import report_from_last_prefill
     from policyc.runtime import compile_model
     from policyc.show import find_policies
 
     console = console or Console()
+    set_fusion(settings.kernels)  # type: ignore[arg-type]
     found = find_policies(policy)
     if len(found) != 1:
         raise PolicyError.at(f"{policy} holds {len(found)} policies", None,
@@ -130,6 +132,7 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     result = {"machine": machine(), "device": device_name(device), "versions": versions(),
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "model": model_name, "policy": name, "settings": vars(settings) | {"shapes": shapes},
+              "kernels": "fused" if fused_on(device) else "eager",
               "rows": [r.to_json() for r in rows]}
     render(result, rows, console)
     if json_path is not None:
@@ -186,7 +189,8 @@ def render(result: dict[str, Any], rows: list[Row], console: Console) -> None:
     settings = result["settings"]
     title = (f"policyc bench: {escape(result['policy'])} on {escape(result['model'])}, {result['device']}, batch "
              f"{settings['batch']}, {settings['images']} image(s), {settings['prompt_len']} text tokens, "
-             f"{settings['dtype']}, {settings['backend']}, median of {settings['repeats']}")
+             f"{settings['dtype']}, {settings['backend']}, {result['kernels']} kernels, median of "
+             f"{settings['repeats']}")
     table = Table("row", "prefill ms", "TTFT ms", "decode tok/s", "peak MiB", "KV MiB", "img tok", "FLOPs", "time",
                   "speedup", "ideal/pol", title=title, title_justify="left")
     base = rows[0].prefill_s

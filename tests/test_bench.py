@@ -134,8 +134,7 @@ def test_qwen_shape_on_the_meta_device() -> None:
     assert len(adapter.vision_layers) == 32 and adapter.rope == "mrope"
 
 
-def test_speed_script_smoke_run(tmp_path: Path) -> None:
-    """benchmarks/speed.py --tiny on one configuration: a RESULTS.md titled as a CPU smoke run, and the plot."""
+def _speed_script() -> Any:
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
@@ -143,10 +142,28 @@ def test_speed_script_smoke_run(tmp_path: Path) -> None:
     assert spec is not None and spec.loader is not None
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
-    speed.main(["--tiny", "--out", str(tmp_path), "--policies", "fastv", "--budgets", "64", "--backends", "eager",
-                "--no-long-context", "--no-reference"])
+    return speed
+
+
+def test_speed_script_smoke_run(tmp_path: Path) -> None:
+    """benchmarks/speed.py --tiny on one configuration: a RESULTS.md titled as a CPU smoke run, and the plot."""
+    _speed_script().main(["--tiny", "--out", str(tmp_path), "--policies", "fastv", "--budgets", "64", "--backends",
+                          "eager", "--no-long-context", "--no-reference"])
     results = (tmp_path / "RESULTS.md").read_text()
     assert results.startswith("# CPU smoke run of the tiny random model (not the GPU result)")
     row = next(line for line in results.splitlines() if line.startswith("| fastv | 64 |"))
     assert "| 7.0 |" in row  # FastV's 64-of-576 setting keeps 7 of the tiny model's 64 image tokens
     assert (tmp_path / "speed.png").stat().st_size > 0 and len(list((tmp_path / "runs").glob("*.json"))) == 1
+
+
+def test_speed_script_starts_nothing_past_its_minutes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--minutes 0: the first configuration runs (64 tokens first), the others are named as not run, and the report
+    holds the one that finished; the JSON says which kernels ran."""
+    _speed_script().main(["--tiny", "--out", str(tmp_path), "--policies", "fastv", "visionzip", "--budgets", "64",
+                          "128", "--backends", "eager", "--no-long-context", "--no-reference", "--minutes", "0",
+                          "--kernels", "off"])
+    assert "3 configuration(s) not run: visionzip-64-eager, fastv-128-eager, visionzip-128-eager" in \
+        capsys.readouterr().out
+    runs = list((tmp_path / "runs").glob("*.json"))
+    assert [p.name for p in runs] == ["fastv-64-eager-1img.json"]
+    assert json.loads(runs[0].read_text())["kernels"] == "eager"
