@@ -95,3 +95,34 @@ def test_stages_the_graphs_cannot_run_yet_fail_at_compile_time() -> None:
 def test_unknown_backend_is_a_clear_error() -> None:
     with pytest.raises(PolicyError, match="unknown backend 'tvm'"):
         compile_model(tiny_llava_clip(), policy(FASTV), backend="tvm")  # type: ignore[arg-type]
+
+
+
+def test_inductor_compiles_nothing_new_for_prompts_keeping_other_counts() -> None:
+    """Prompts of 1, 2 and 3 images keep 8, 16 and 24 image tokens: the prompt length and the kept length are
+    dynamic sizes in the compiled prefill and decode graphs, so after the first prompt (its prefill graph, its first
+    decode step's graph and the later steps' graph: the cache's layout changes after one step) no prompt compiles
+    anything; the kept tokens are those the eager backend keeps."""
+    from torch._dynamo.utils import counters
+
+    def decode_four(inputs: dict) -> None:  # every prompt decodes 4 steps
+        with torch.no_grad():
+            model.generate(**inputs, min_new_tokens=4, max_new_tokens=4, do_sample=False)
+
+    model = tiny_llava_clip(seed=5)
+    prompts = [make_inputs(model, seed=seed, images=images) for seed, images in ((0, 1), (1, 2), (2, 3), (3, 2))]
+    eager = compile_model(model, policy(FASTV))
+    expected = []
+    for inputs in prompts:
+        decode_four(inputs)
+        expected.append(eager.kept_positions.clone())
+    eager.remove()
+    compiled = compile_model(model, policy(FASTV), backend="inductor")
+    graphs = []
+    for inputs, kept in zip(prompts, expected, strict=True):
+        decode_four(inputs)
+        assert torch.equal(compiled.kept_positions, kept)
+        graphs.append(counters["stats"]["unique_graphs"])
+    compiled.remove()
+    assert len({k.shape[1] for k in expected}) == 3  # three kept lengths
+    assert graphs[1:] == [graphs[0]] * 3, f"graphs compiled after each prompt: {graphs}"

@@ -15,13 +15,12 @@ returns ([n] bool, the image's features [n, D] with the merged ones in the kept 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from reference.fastv_gemma3 import gemma3_allowed
+from reference.fastv_gemma3 import eager_copy, gemma3_allowed, unpadded_rows
 
 
 def _layers(model: nn.Module, hidden: Tensor, positions: Tensor, allowed: dict[str, Tensor]) -> Tensor:
@@ -44,25 +43,14 @@ def before_llm_gemma3_run(model: nn.Module, inputs: dict[str, Tensor],
     """Greedy tokens [B, max_new_tokens], per row the kept image-token indices into that row of `input_ids`
     (padding included, ascending), and the logits of every step [B, max_new_tokens, V] (Gemma 3's final softcap
     applied, as its lm head output is)."""
-    ref = copy.deepcopy(model)
-    ref.set_attn_implementation("eager")
-    ref.eval()
-    config, text_config = ref.config, ref.config.text_config
+    ref = eager_copy(model)
+    text_config = ref.config.text_config
     window = text_config.sliding_window
-    features = ref.model.get_image_features(inputs["pixel_values"]).pooler_output.flatten(0, 1)
     lm = ref.model.language_model
-    tokens_per_image = config.mm_tokens_per_image
+    tokens_per_image = ref.config.mm_tokens_per_image
     generated_rows, kept_rows, logits_rows = [], [], []
-    cursor = 0
-    for ids, valid in zip(inputs["input_ids"], inputs["attention_mask"].bool(), strict=True):
-        pad = int((~valid).sum())
-        row = ids[valid]
-        length = row.shape[0]
-        image = row == config.image_token_id
-        embeds = ref.get_input_embeddings()(row).clone()
-        count = int(image.sum())
-        embeds[image] = features[cursor:cursor + count].to(embeds.dtype)
-        cursor += count
+    for pad, image, embeds in unpadded_rows(ref, inputs):
+        length = embeds.shape[0]
         keep = ~image
         for run in image.nonzero().flatten().split(tokens_per_image):
             chosen = choose(embeds[run])

@@ -22,9 +22,32 @@ Exactly max_new_tokens tokens per row.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+
+
+def eager_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` with eager attention, in eval mode (the references run its layers one by one)."""
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    return ref.eval()
+
+
+def unpadded_rows(ref: nn.Module, inputs: dict[str, Tensor]) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Per row of `inputs`: its left padding, which of its unpadded tokens are image tokens ([L] bool) and its
+    embeddings with the image features written in ([L, D]), images taken in order across the batch."""
+    features = ref.model.get_image_features(inputs["pixel_values"]).pooler_output.flatten(0, 1)
+    cursor = 0
+    for ids, valid in zip(inputs["input_ids"], inputs["attention_mask"].bool(), strict=True):
+        row = ids[valid]
+        image = row == ref.config.image_token_id
+        embeds = ref.get_input_embeddings()(row).clone()
+        count = int(image.sum())
+        embeds[image] = features[cursor:cursor + count].to(embeds.dtype)
+        cursor += count
+        yield int((~valid).sum()), image, embeds
 
 
 def gemma3_allowed(image: Tensor, length: int, window: int | None) -> Tensor:
@@ -73,25 +96,12 @@ def fastv_gemma3_generate(model: nn.Module, inputs: dict[str, Tensor], *, layer:
     """Greedy FastV generation on a Gemma 3 model for a (left-padded) batch of `inputs` as its processor gives
     them. Returns the new tokens [B, max_new_tokens] and, per row, the kept image-token indices into that row of
     `input_ids` (padding included), ascending."""
-    ref = copy.deepcopy(model)
-    ref.set_attn_implementation("eager")
-    ref.eval()
-    config = ref.config
-    text_config = config.text_config
-    window = text_config.sliding_window
-    features = ref.model.get_image_features(inputs["pixel_values"]).pooler_output.flatten(0, 1)
+    ref = eager_copy(model)
+    window = ref.config.text_config.sliding_window
     lm = ref.model.language_model
     tokens, kept_rows = [], []
-    image_cursor = 0
-    for ids, valid in zip(inputs["input_ids"], inputs["attention_mask"].bool(), strict=True):
-        pad = int((~valid).sum())
-        row = ids[valid]
-        length = row.shape[0]
-        image = row == config.image_token_id
-        embeds = ref.get_input_embeddings()(row).clone()
-        count = int(image.sum())
-        embeds[image] = features[image_cursor:image_cursor + count].to(embeds.dtype)
-        image_cursor += count
+    for pad, image, embeds in unpadded_rows(ref, inputs):
+        length = embeds.shape[0]
         everything = torch.arange(length)
         masks = {"full_attention": gemma3_allowed(image, length, None),
                  "sliding_attention": gemma3_allowed(image, length, window)}
@@ -117,4 +127,4 @@ def fastv_gemma3_generate(model: nn.Module, inputs: dict[str, Tensor], *, layer:
     return torch.tensor(tokens, dtype=torch.long), kept_rows
 
 
-__all__ = ["fastv_gemma3_generate", "gemma3_allowed"]
+__all__ = ["eager_copy", "fastv_gemma3_generate", "gemma3_allowed", "unpadded_rows"]

@@ -20,6 +20,7 @@ of that (the same rule as above) and deletes the others from its cache.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -141,28 +142,41 @@ def zipvl_row(model: LlavaForConditionalGeneration, embeds: Tensor, image: Tenso
             kept_per_stage.append([rows[i] for i in keep if image[rows[i]]])
             x, rows = x[keep], [rows[i] for i in keep]
     result = Row([], [], kept_per_stage, caches)
+
+    def decode_layer(index: int, x: Tensor, position: int, step: int) -> Tensor:
+        cache = caches[index]
+        q, k, v = _project(model, index, x, [position])
+        cache.keys, cache.values = torch.cat([cache.keys, k], 1), torch.cat([cache.values, v], 1)
+        cache.tokens.append(position)
+        groups = q.shape[0] // k.shape[0]
+        keys = cache.keys.repeat_interleave(groups, 0)
+        probs = torch.softmax(q @ keys.transpose(1, 2) * lm.layers[index].self_attn.scaling, dim=-1)
+        x = _finish(model, index, x, probs, cache.values)
+        if (step + 1) % every == 0:
+            _recompress(cache, q, keys, lm.layers[index].self_attn.scaling, every, mass)
+        return x
+
+    decode_greedily(model, x, length, max_new_tokens, result.tokens, result.logits, decode_layer)
+    return result
+
+
+def decode_greedily(model: LlavaForConditionalGeneration, x: Tensor, length: int, max_new_tokens: int,
+                    tokens: list[int], logits_out: list[Tensor],
+                    decode_layer: Callable[[int, Tensor, int, int], Tensor]) -> None:
+    """Greedy decoding from the prompt's last hidden state x[-1] ([L', D]): each step appends its logits and token,
+    embeds the token and runs every layer as `decode_layer(index, x, position, step)` (position: length + step)."""
+    lm = model.model.language_model
     logits = model.lm_head(lm.norm(x[-1]))
     for step in range(max_new_tokens):
-        result.logits.append(logits)
+        logits_out.append(logits)
         token = int(logits.argmax())
-        result.tokens.append(token)
+        tokens.append(token)
         if step == max_new_tokens - 1:
             break
-        x = model.get_input_embeddings()(torch.tensor([token])).to(embeds.dtype)
-        position = length + step
+        x = model.get_input_embeddings()(torch.tensor([token])).to(x.dtype)
         for index in range(len(lm.layers)):
-            cache = caches[index]
-            q, k, v = _project(model, index, x, [position])
-            cache.keys, cache.values = torch.cat([cache.keys, k], 1), torch.cat([cache.values, v], 1)
-            cache.tokens.append(position)
-            groups = q.shape[0] // k.shape[0]
-            keys = cache.keys.repeat_interleave(groups, 0)
-            probs = torch.softmax(q @ keys.transpose(1, 2) * lm.layers[index].self_attn.scaling, dim=-1)
-            x = _finish(model, index, x, probs, cache.values)
-            if (step + 1) % every == 0:
-                _recompress(cache, q, keys, lm.layers[index].self_attn.scaling, every, mass)
+            x = decode_layer(index, x, length + step, step)
         logits = model.lm_head(lm.norm(x[-1]))
-    return result
 
 
 def _recompress(cache: Layer, query: Tensor, keys: Tensor, scaling: float, every: int, mass: float) -> None:

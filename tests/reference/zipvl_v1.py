@@ -32,7 +32,7 @@ from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
 from reference.fastv import prompt_embeddings
-from reference.zipvl import _finish, _project, best_first, mass_count
+from reference.zipvl import _finish, _project, best_first, decode_greedily, mass_count
 
 
 @dataclass
@@ -177,25 +177,19 @@ def mixed_precision_row(model: LlavaForConditionalGeneration, embeds: Tensor, *,
             quantize_entry(entry, high if entry.token in chosen else low)
         caches.append(entries)
     result = Row([], [], caches, important)
-    logits = model.lm_head(lm.norm(x[-1]))
-    for step in range(max_new_tokens):
-        result.logits.append(logits)
-        token = int(logits.argmax())
-        result.tokens.append(token)
-        if step == max_new_tokens - 1:
-            break
-        x = model.get_input_embeddings()(torch.tensor([token])).to(embeds.dtype)
-        position = length + step
-        for index in range(len(lm.layers)):
-            entries = caches[index]
-            scaling = lm.layers[index].self_attn.scaling
-            q, k, v = _project(model, index, x, [position])
-            entries.append(Entry(position, k[:, 0], v[:, 0]))
-            probs = _attention(q, entries, scaling)
-            x = _finish(model, index, x, probs, torch.stack([e.values for e in entries], dim=1))
-            if (step + 1) % every == 0:
-                _recompress(entries, q, scaling, every, mass, high, low)
-        logits = model.lm_head(lm.norm(x[-1]))
+
+    def decode_layer(index: int, x: Tensor, position: int, step: int) -> Tensor:
+        entries = caches[index]
+        scaling = lm.layers[index].self_attn.scaling
+        q, k, v = _project(model, index, x, [position])
+        entries.append(Entry(position, k[:, 0], v[:, 0]))
+        probs = _attention(q, entries, scaling)
+        x = _finish(model, index, x, probs, torch.stack([e.values for e in entries], dim=1))
+        if (step + 1) % every == 0:
+            _recompress(entries, q, scaling, every, mass, high, low)
+        return x
+
+    decode_greedily(model, x, length, max_new_tokens, result.tokens, result.logits, decode_layer)
     return result
 
 
