@@ -64,7 +64,9 @@ class Kernel(ABC):
             self._compiled = torch.compile(self.compute, dynamic=True, fullgraph=True)
         try:
             return self._compiled(*args)
-        except Exception as error:  # any compiler failure: fall back to the same function, eager
+        except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as error:
+            # the compiler failed (an op it cannot trace, no Triton): the same function, eager; errors of the
+            # computation itself are no compiler failures and propagate
             self._broken = True
             warnings.warn(f"policyc kernel {self.name!r} could not be compiled ({type(error).__name__}: "
                           f"{str(error).splitlines()[0] if str(error) else ''}); it runs eagerly", stacklevel=2)
