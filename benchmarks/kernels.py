@@ -6,14 +6,14 @@ and checks that every version gives the same numbers. Prints a table; --json wri
     python benchmarks/kernels.py --device cuda --kv-heads 4 --length 4096     # a GQA model at long context
     python benchmarks/kernels.py --tiny                       # CPU smoke run (small shapes, one repeat)
 
-Medians of --repeats runs after --warmup, CUDA-synchronized; the first fused call's compile time is reported apart.
+Medians of --repeats runs after --warmup, CUDA-synchronized (policyc.bench.timed); the first fused call's compile time
+and the graphs compiled during the timed fused runs are reported apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from policyc.bench import synchronize, timed
 from policyc.kernels import KERNELS, column_sums, set_fusion
 
 
@@ -44,29 +45,6 @@ def plain_columns(query: torch.Tensor, key: torch.Tensor, scaling: float, visibl
     return summed.view(query.shape[0], kv_heads, heads // kv_heads, -1).sum(2)
 
 
-DEVICE: list[torch.device] = [torch.device("cpu")]
-
-
-def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, Any]:
-    """Median seconds of `repeats` calls after `warmup`, and the last result."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
-def sync() -> None:
-    if DEVICE[0].type == "cuda":
-        torch.cuda.synchronize(DEVICE[0])
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -85,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.tiny:
         args.device, args.batch, args.heads, args.kv_heads, args.length, args.head_dim = "cpu", 2, 4, 2, 48, 16
         args.text_rows, args.dtype, args.warmup, args.repeats = 8, "float32", 0, 1
-    DEVICE[0] = device = torch.device(args.device)
+    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator(device=device).manual_seed(0)
     shape = (args.batch, args.heads, args.length, args.head_dim)
@@ -100,57 +78,50 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         list(range(args.length - args.text_rows, args.length)))):
         index = torch.tensor(rows, device=device)[None].expand(args.batch, -1)
         visible = causal[index[0]][None].expand(args.batch, -1, -1)
-        results.append(compare(name, args, lambda i=index: plain_rows(query, key, scaling, i),
+        results.append(compare(name, args, device, lambda i=index: plain_rows(query, key, scaling, i),
                                lambda i=index, v=visible: KERNELS["attention_rows"](query, key, scaling, i, v)))
     all_visible = causal[None, None].expand(args.batch, 1, -1, -1)
-    results.append(compare("column sums, every row (H2O)", args,
+    results.append(compare("column sums, every row (H2O)", args, device,
                            lambda: plain_columns(query, key, scaling, all_visible),
                            lambda: column_sums(query, key, scaling, all_visible)))
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch "
           f"{torch.__version__}, {args.dtype}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, length "
           f"{args.length}, head dim {args.head_dim}; medians of {args.repeats}")
-    print(f"| op | plain ms | eager ms | fused ms | fused compile s | plain/fused | max abs diff | plain peak MiB | "
-          f"fused peak MiB |\n|{'---|' * 9}")
+    print(f"| op | plain ms | eager ms | fused ms | fused compile s | fused recompiles | plain/fused | max abs diff | "
+          f"plain peak MiB | fused peak MiB |\n|{'---|' * 10}")
     for r in results:
         print(f"| {r['op']} | {r['plain_ms']:.3f} | {r['eager_ms']:.3f} | {r['fused_ms']:.3f} | "
-              f"{r['compile_s']:.1f} | {r['plain_ms'] / r['fused_ms']:.2f}x | {r['max_abs_diff']:.2e} | "
-              f"{r['plain_peak_mib']} | {r['fused_peak_mib']} |")
+              f"{r['compile_s']:.1f} | {r['fused_recompiles']} | {r['plain_ms'] / r['fused_ms']:.2f}x | "
+              f"{r['max_abs_diff']:.2e} | {_mib(r['plain_peak_bytes'])} | {_mib(r['fused_peak_bytes'])} |")
     if args.json:
         args.json.write_text(json.dumps({"device": str(device), "settings": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=2) + "\n")
     return results
 
 
-def compare(name: str, args: argparse.Namespace, plain: Callable[[], torch.Tensor],
+def compare(name: str, args: argparse.Namespace, device: torch.device, plain: Callable[[], torch.Tensor],
             kernel: Callable[[], torch.Tensor]) -> dict[str, Any]:
-    """Time the plain computation, the kernel eager and the kernel fused; the largest difference between them."""
+    """Time the plain computation, the kernel eager and the kernel fused (policyc.bench.timed: medians, peak CUDA
+    memory over the timed calls, graphs compiled during them); the largest difference between them."""
     set_fusion("off")
-    plain_s, expected = timed(plain, args.warmup, args.repeats)
-    plain_peak = peak(plain)
-    eager_s, eager = timed(kernel, args.warmup, args.repeats)
+    plain_s, plain_peak, expected, _ = timed(plain, device, args.warmup, args.repeats)
+    eager_s, _, eager, _ = timed(kernel, device, args.warmup, args.repeats)
     set_fusion("on")
     start = time.perf_counter()
-    kernel()  # compiles
-    sync()
+    with torch.no_grad():  # as timed() calls it: grad mode is part of what the compiled code guards on
+        kernel()  # compiles
+    synchronize(device)
     compile_s = time.perf_counter() - start
-    fused_s, fused = timed(kernel, args.warmup, args.repeats)
-    fused_peak = peak(kernel)
+    fused_s, fused_peak, fused, recompiles = timed(kernel, device, args.warmup, args.repeats)
     set_fusion("auto")
     diff = max(float((eager - expected).abs().max()), float((fused - expected).abs().max()))
     return {"op": name, "plain_ms": plain_s * 1e3, "eager_ms": eager_s * 1e3, "fused_ms": fused_s * 1e3,
-            "compile_s": compile_s, "max_abs_diff": diff, "plain_peak_mib": plain_peak, "fused_peak_mib": fused_peak}
+            "compile_s": compile_s, "fused_recompiles": recompiles, "max_abs_diff": diff,
+            "plain_peak_bytes": plain_peak, "fused_peak_bytes": fused_peak}
 
 
-def peak(fn: Callable[[], Any]) -> str:
-    """Peak CUDA memory of one call beyond what was allocated before it, MiB ("-" off CUDA)."""
-    if DEVICE[0].type != "cuda":
-        return "-"
-    torch.cuda.synchronize(DEVICE[0])
-    before = torch.cuda.memory_allocated(DEVICE[0])
-    torch.cuda.reset_peak_memory_stats(DEVICE[0])
-    fn()
-    torch.cuda.synchronize(DEVICE[0])
-    return f"{(torch.cuda.max_memory_allocated(DEVICE[0]) - before) / 2**20:.0f}"
+def _mib(count: int | None) -> str:
+    return "-" if count is None else f"{count / 2**20:.0f}"
 
 
 if __name__ == "__main__":
