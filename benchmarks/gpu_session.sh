@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_session.sh run [MINUTES]   # there, with .whl carried: install, check, time, write $OUT
 #
 # `run` installs the carried wheels into /tmp/site and policyc itself editable (never over the image's torch),
-# checks the fused kernels against eager on the GPU and times them (benchmarks/kernels.py), then runs the speed matrix
+# checks the fused kernels against eager on the GPU and times them (benchmarks/kernel_timings.py), checks the analytic
+# FLOPs against the decoder's time at each kept count (benchmarks/flops_scaling.py), then runs the speed matrix
 # (benchmarks/speed.py) for at most MINUTES minutes (default 6), 64 tokens of every policy first, and leaves
 # gpu_results.tgz (every table, JSON and the plot), kernels.md and RESULTS.md in $OUT (or benchmarks/ without it).
 # Unpack the archive into benchmarks/ here: `tar xzf gpu_results.tgz -C benchmarks`.
@@ -37,9 +38,10 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-    python3 benchmarks/kernels.py --device cuda --json "$out/kernels.json" | tee "$out/kernels.md"
-    python3 benchmarks/kernels.py --device cuda --kv-heads 4 --length 4096 --batch 2 \
+    python3 benchmarks/kernel_timings.py --device cuda --json "$out/kernels.json" | tee "$out/kernels.md"
+    python3 benchmarks/kernel_timings.py --device cuda --kv-heads 4 --length 4096 --batch 2 \
       --json "$out/kernels_gqa_long.json" | tee "$out/kernels_gqa_long.md"
+    python3 benchmarks/flops_scaling.py --device cuda --json "$out/flops_scaling.json" | tee "$out/flops_scaling.md"
     python3 benchmarks/speed.py --device cuda --minutes "$minutes" --out "$out/speed" || echo "speed.py failed: $?"
     # the device tool returns at most 8 files: everything in one archive, plus the two tables to read at once
     dest="${OUT:-benchmarks}"

@@ -19,6 +19,7 @@ from policyc.passes.base import registrar
 
 from policyc.catalog.caches import CACHES
 from policyc.errors import PolicyError
+from policyc.kernels import KERNELS
 from policyc.lang import ir
 
 
@@ -137,8 +138,4 @@ def first(candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 def top(candidates: torch.Tensor, scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, n] bool: the `count[b]` highest-scoring candidates of each row; ties go to the earlier slot."""
-    ranked = scores.float().masked_fill(~candidates, float("-inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
-                                            .expand_as(order).contiguous())
-    return candidates & (rank < count[:, None, None])
+    return KERNELS["top_ranked"](scores, candidates, count[:, None].expand(candidates.shape[:2]))

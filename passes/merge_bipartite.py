@@ -18,6 +18,7 @@ import torch
 from policyc.passes.merges import Folding, MergeOp, MergeRows, register_merge, staying
 
 from policyc.errors import PolicyError
+from policyc.kernels import KERNELS
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -39,15 +40,10 @@ class Bipartite(MergeOp):
             raise PolicyError.at("bipartite(r=...) takes a whole number in the runtime so far", merge.span)
         metric = self.features(merge, rows)  # [B, L', C] unit vectors
         width = metric.shape[1]
-        a, b = metric[:, ::2], metric[:, 1::2]
-        scores = a @ b.transpose(1, 2)  # [B, |A|, |B|]
-        allowed = rows.sources[:, ::2, None] & rows.targets[:, None, 1::2]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        best, match = scores.max(-1)  # [B, |A|]
+        best, match, order = KERNELS["bipartite_match"](metric, rows.sources, rows.targets)  # [B, |A|] each
         members = (rows.sources | rows.targets).sum(1)
         matchable = torch.isfinite(best).sum(1)
         r = min(r_value.value, int(torch.minimum(members // 2, matchable).min()) if width else 0)
-        order = torch.sort(best, dim=1, descending=True, stable=True).indices  # A rows, best match first
         src = order[:, :r]  # A indices that fold
         into = staying(rows.sources)
         into.scatter_(1, 2 * src, 2 * match.gather(1, src) + 1)

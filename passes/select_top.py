@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from policyc.passes.allocate import allocating, image_shares, selection_counts
-from policyc.passes.base import selected_first
 from policyc.passes.mass import mass_counts, mass_tau
-from policyc.passes.selectors import SelectorOp, ranked, register_selector
+from policyc.passes.selectors import SelectorOp, register_selector
 
 from policyc.errors import PolicyError
+from policyc.kernels import KERNELS
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -29,11 +29,9 @@ class Top(SelectorOp):
         if node.by is None:
             raise PolicyError.at("top needs `by SCORE`", node.span)
         score = ctx.score(node.by)
-        best = torch.sort(score.float(), dim=1, descending=True, stable=True).indices  # best first, ties earlier
 
         def top(among: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-            order = best.gather(1, selected_first(among.gather(1, best)))  # candidates first, still best first
-            return ranked(order, counts) & among
+            return KERNELS["top_ranked"](score, among, counts)  # ties go to the earlier position
 
         tau = mass_tau(node.amount, ctx.literal)
         if tau is not None:  # per sample: the fewest candidates holding tau of their score mass

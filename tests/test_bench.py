@@ -134,15 +134,20 @@ def test_qwen_shape_on_the_meta_device() -> None:
     assert len(adapter.vision_layers) == 32 and adapter.rope == "mrope"
 
 
-def _speed_script() -> Any:
+def _benchmark_script(name: str) -> Any:
+    """benchmarks/NAME.py as a module (the folder is no package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
-    return speed
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _speed_script() -> Any:
+    return _benchmark_script("speed")
 
 
 def test_speed_script_smoke_run(tmp_path: Path) -> None:
@@ -167,3 +172,33 @@ def test_speed_script_starts_nothing_past_its_minutes(tmp_path: Path, capsys: py
     runs = list((tmp_path / "runs").glob("*.json"))
     assert [p.name for p in runs] == ["fastv-64-eager-1img.json"]
     assert json.loads(runs[0].read_text())["kernels"] == "eager"
+
+
+def test_flops_scaling_fits_a_line_through_exact_points() -> None:
+    fit = _benchmark_script("flops_scaling").fit
+    intercept, throughput, r2 = fit([1e9, 2e9, 4e9], [0.003, 0.005, 0.009])  # 1 ms + FLOPs / 0.5 TFLOP/s
+    assert intercept == pytest.approx(0.001) and throughput == pytest.approx(5e11) and r2 == pytest.approx(1.0)
+
+
+def test_flops_scaling_smoke_run_times_each_count_with_its_report_flops(tmp_path: Path) -> None:
+    """--tiny: the tiny model's 64 image tokens scaled as LLaVA's 576, 64 text tokens; FLOPs from the compile
+    report's formula for the decoder's layers."""
+    from policyc.models.random_tiny import random_model
+    from policyc.report import prefill_flops
+
+    result = _benchmark_script("flops_scaling").main(["--tiny", "--json", str(tmp_path / "flops.json")])
+    points = result["points"]
+    assert [p["image_tokens"] for p in points] == [64, 36, 21, 14, 7, 0]
+    adapter = adapt(random_model(banner=False))
+    for p in points:
+        assert p["rows"] == 64 + p["image_tokens"] and p["seconds"] > 0
+        assert p["flops"] == prefill_flops(adapter, [p["rows"]] * 32, 2).llm
+    assert points[0]["flops_share"] == 1.0 and json.loads((tmp_path / "flops.json").read_text())["points"] == points
+
+
+def test_kernel_timings_smoke_run_agrees_with_the_plain_computations() -> None:
+    """benchmarks/kernel_timings.py --tiny: every kernel, eager and fused, gives the plain computation's numbers."""
+    results = _benchmark_script("kernel_timings").main(["--tiny"])
+    assert [r["op"].split(",")[0] for r in results] == ["attention_rows", "attention_rows", "column sums",
+                                                         "top_ranked", "kept_rows", "bipartite_match"]
+    assert all(r["max_abs_diff"] < 1e-5 and r["fused_recompiles"] == 0 for r in results)

@@ -15,9 +15,9 @@ import torch
 
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError, Span
+from policyc.kernels import KERNELS
 from policyc.lang import ir
 from policyc.passes import MERGE_OPS
-from policyc.passes.base import selected_first
 from policyc.passes.merges import MergeRows
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.guards import check_kept, check_protected
@@ -117,7 +117,7 @@ class Runtime:
             return hidden
         counts = keep.sum(1)
         # A sample keeping fewer tokens than the widest one carries its earliest dropped rows on as fillers.
-        rows = selected_first(keep)[:, : int(counts.max())].sort(1).values
+        rows = KERNELS["kept_rows"](keep, int(counts.max()))
         check_kept(rows, state.length, "the stages before the LLM", self._first_image_stage_span())
         if protected is not None:
             check_protected(state.protected & state.valid, keep, "the stages before the LLM",
@@ -168,7 +168,7 @@ class Runtime:
                                  "compile with backend='eager', or use a fixed amount (top N or N%)",
                                  ).with_sources(dict(self.plan.checked.sources))
         # A sample keeping fewer rows than the widest one carries its earliest dropped rows on as fillers.
-        rows = selected_first(keep_rows)[:, : int(counts.max())].sort(1).values
+        rows = KERNELS["kept_rows"](keep_rows, int(counts.max()))
         state.kept = torch.gather(state.kept, 1, rows)
         if ragged or state.dead is not None:
             state.dead = ~alive

@@ -2,9 +2,9 @@
 next to the plain computation reference implementations use (the whole L x L softmax, GQA keys copied per head),
 and checks that every version gives the same numbers. Prints a table; --json writes every figure.
 
-    python benchmarks/kernels.py --device cuda                # LLaVA-1.5-7B shapes: batch 8, 32 heads, 640 tokens
-    python benchmarks/kernels.py --device cuda --kv-heads 4 --length 4096     # a GQA model at long context
-    python benchmarks/kernels.py --tiny                       # CPU smoke run (small shapes, one repeat)
+    python benchmarks/kernel_timings.py --device cuda                # LLaVA-1.5-7B shapes: batch 8, 32 heads, 640 tokens
+    python benchmarks/kernel_timings.py --device cuda --kv-heads 4 --length 4096     # a GQA model at long context
+    python benchmarks/kernel_timings.py --tiny                       # CPU smoke run (small shapes, one repeat)
 
 Medians of --repeats runs after --warmup, CUDA-synchronized (policyc.bench.timed); the first fused call's compile time
 and the graphs compiled during the timed fused runs are reported apart.
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results.append(compare("column sums, every row (H2O)", args, device,
                            lambda: plain_columns(query, key, scaling, all_visible),
                            lambda: column_sums(query, key, scaling, all_visible)))
+    results += selection_rows(args, device, dtype, generator)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch "
           f"{torch.__version__}, {args.dtype}, batch {args.batch}, heads {args.heads}/{args.kv_heads}, length "
           f"{args.length}, head dim {args.head_dim}; medians of {args.repeats}")
@@ -97,6 +98,51 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.json.write_text(json.dumps({"device": str(device), "settings": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=2) + "\n")
     return results
+
+
+def selection_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                   generator: torch.Generator) -> list[dict[str, Any]]:
+    """The selection kernels at LLaVA-1.5's shapes (576 image tokens of a 640-token prompt, ToMe on CLIP ViT-L/14's
+    577 rows with 64-wide head-mean keys; 32 image tokens with --tiny) next to what reference codes do."""
+    images, keep_count = (576, 64) if not args.tiny else (32, 8)
+    score = torch.randn(args.batch, images, generator=generator, device=device, dtype=dtype)
+    among = torch.ones_like(score, dtype=torch.bool)
+    counts = torch.full((args.batch,), keep_count, device=device)
+    keep = torch.ones(args.batch, args.length, dtype=torch.bool, device=device)
+    keep[:, args.length - images - 8: args.length - 8] = KERNELS["top_ranked"](score, among, counts)
+    metric = torch.nn.functional.normalize(torch.randn(args.batch, images + 1, args.head_dim // 2,
+                                                       generator=generator, device=device, dtype=dtype), dim=-1)
+    everyone = torch.ones(metric.shape[:2], dtype=torch.bool, device=device)
+    width = int(keep.sum(1).max())
+    return [
+        compare(f"top_ranked, {keep_count} of {images} (FastV)", args, device,
+                lambda: plain_top(score, keep_count),
+                lambda: KERNELS["top_ranked"](score, among, counts).float()),
+        compare(f"kept_rows, {width} of {args.length}", args, device,
+                lambda: plain_kept_rows(keep, width),
+                lambda: KERNELS["kept_rows"](keep, width).float()),
+        compare(f"bipartite_match, {images + 1} rows (ToMe)", args, device,
+                lambda: plain_match(metric),
+                lambda: torch.cat(KERNELS["bipartite_match"](metric, everyone, everyone)[:2], dim=1).float()),
+    ]
+
+
+def plain_top(score: torch.Tensor, count: int) -> torch.Tensor:
+    """FastV's reference: topk, then a mask of the chosen tokens."""
+    chosen = score.topk(count, dim=1).indices.sort(1).values
+    return torch.zeros_like(score, dtype=torch.float32).scatter(1, chosen, 1.0)
+
+
+def plain_kept_rows(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """Sorting the kept rows first, then sorting the first `width` back into order."""
+    first = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    return first.sort(1).values.float()
+
+
+def plain_match(metric: torch.Tensor) -> torch.Tensor:
+    """ToMe's bipartite soft matching: the A x B similarity, each A row's best B row (no mask: every row may merge)."""
+    best, match = (metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)).max(-1)
+    return torch.cat([best.float(), match.float()], dim=1)
 
 
 def compare(name: str, args: argparse.Namespace, device: torch.device, plain: Callable[[], torch.Tensor],
