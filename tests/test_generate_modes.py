@@ -1,14 +1,17 @@
-"""generate() modes on compiled tiny LLaVA models: sampling, and several images in one prompt, each
-checked against the unmodified model or a plain reference."""
+"""generate() modes on compiled tiny LLaVA models: sampling, several images in one prompt and the compiled decode step
+of static caches, each checked against the unmodified model, a plain reference or the uncompiled run."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from reference.fastv import fastv_generate
 from reference.random_drop import random_drop_generate
 from test_drop_before_llm import PASS_THROUGH, KeptSlots, greedy, slots_from_rows
 from test_runtime import IDENTITY, TWO_STAGES, policy
 from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
 
 from policyc.runtime import compile_model
 
@@ -85,3 +88,26 @@ def test_image_text_to_text_pipeline_runs_the_compiled_model() -> None:
     assert answer["content"] == processor.decode(direct[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert kept_by_pipeline.shape[1] == inputs["input_ids"].shape[1] - image_tokens + image_tokens // 4
+
+
+@pytest.mark.parametrize("text", [FASTV, TWO_STAGES, IDENTITY])
+def test_a_static_cache_decodes_in_one_compiled_graph(text: str) -> None:
+    """On CUDA, generate() with a static cache compiles its decode step (transformers' auto-compile, mode
+    reduce-overhead: CUDA graphs); `_compile_all_devices` makes it do so on CPU, here with dynamo's eager backend
+    (the graphs inductor would compile, without code generation). A compiled policy's decode step is one graph, no
+    break (policyc's per-call bookkeeping runs outside it), compiled for the first request and reused by the next of
+    the same shape, and it decodes what the uncompiled static cache decodes."""
+    model = tiny_llava_clip(seed=3)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=3)
+    compile_model(model, policy(text))
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    config = CompileConfig(backend="eager", mode=None, dynamic=False)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # no step and no second request compiles again
+        for _ in range(2):
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                                 compile_config=config)
+            assert torch.equal(out, expected)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

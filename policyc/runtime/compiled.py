@@ -258,6 +258,7 @@ class CompiledModel:
         if isinstance(hidden, torch.Tensor) and hidden.shape[1] > 1:
             self.runtime.layer_masks = dict(masks) if isinstance(masks, dict) else None
 
+    @torch.compiler.disable  # per-call bookkeeping (a step counter, a thread check) stays out of compiled decode steps
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         holder = self._holder
         if holder is not None and holder != threading.get_ident():
