@@ -2,9 +2,9 @@
 next to the plain computation reference implementations use (the whole L x L softmax, GQA keys copied per head),
 and checks that every version gives the same numbers. Prints a table; --json writes every figure.
 
-    python benchmarks/kernel_timings.py --device cuda                # LLaVA-1.5-7B shapes: batch 8, 32 heads, 640 tokens
+    python benchmarks/kernel_timings.py --device cuda          # LLaVA-1.5-7B shapes: batch 8, 32 heads, 640 tokens
     python benchmarks/kernel_timings.py --device cuda --kv-heads 4 --length 4096     # a GQA model at long context
-    python benchmarks/kernel_timings.py --tiny                       # CPU smoke run (small shapes, one repeat)
+    python benchmarks/kernel_timings.py --tiny                 # CPU smoke run (small shapes, one repeat)
 
 Medians of --repeats runs after --warmup, CUDA-synchronized (policyc.bench.timed); the first fused call's compile time
 and the graphs compiled during the timed fused runs are reported apart.

@@ -54,6 +54,12 @@ def configurations(args: argparse.Namespace, image_tokens: int) -> list[dict[str
     """Every (policy, budget, backend) of the matrix the options select, then the long-context decode run."""
     runs = [{"policy": p, "budget": b, "backend": backend, "params": params(p, b, image_tokens), "images": 1}
             for backend in args.backends for b in args.budgets for p in args.policies]
+    if args.batch1:  # launch-bound batch 1, dynamic then static cache (CUDA graphs), after the first 64-token runs
+        first = next((c for c in runs if c["policy"] == args.policies[0]), None)
+        if first is not None:
+            pairs = [{**first, "batch": 1, "cache": cache} for cache in ("dynamic", "static")]
+            at = sum(1 for c in runs if c["budget"] == first["budget"] and c["backend"] == first["backend"])
+            runs[at:at] = pairs
     if args.long_context:
         capacity = 128 if args.tiny else 1024
         runs += [{"policy": "snapkv", "budget": capacity, "backend": "eager", "images": 8,
@@ -72,16 +78,21 @@ def run_matrix(args: argparse.Namespace) -> None:
     image_tokens = adapt(preloaded[0]).tokens_per_image or FULL
     started = time.monotonic()
     todo = configurations(args, image_tokens)
+    unmodified_rows: dict[Settings, Any] = {}  # measured once per setting, shared by the policies and backends
     for done, config in enumerate(todo):
         if done and args.minutes is not None and time.monotonic() - started > args.minutes * 60:
             print(f"--minutes {args.minutes} passed: {len(todo) - done} configuration(s) not run: "
                   + ", ".join(f"{c['policy']}-{c['budget']}-{c['backend']}" for c in todo[done:]))
             break
-        settings = Settings(**{**vars(base), "backend": config["backend"], "images": config["images"]})
+        settings = Settings(**{**vars(base), "backend": config["backend"], "images": config["images"],
+                               "batch": config.get("batch", base.batch), "cache": config.get("cache", "dynamic")})
         name = f"{config['policy']}-{config['budget']}-{config['backend']}-{config['images']}img"
+        if "batch" in config:
+            name += f"-batch{config['batch']}-{config['cache']}"
         assignments = {k: parse_value(v, k) for k, v in config["params"].items()}
         result = bench_command(None, config["policy"], settings=settings, assignments=assignments,
-                               no_reference=config["images"] > 1 or args.no_reference, preloaded=preloaded)
+                               no_reference=config["images"] > 1 or args.no_reference, preloaded=preloaded,
+                               unmodified_rows=unmodified_rows)
         (runs_dir / f"{name}.json").write_text(json.dumps({**result, "config": config}, indent=2) + "\n")
 
 
@@ -89,7 +100,8 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
     """Every run in OUT/runs, ordered by image count, backend, policy and budget."""
     runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
     order = {p: k for k, p in enumerate(POLICIES)}
-    return sorted(runs, key=lambda r: (r["config"]["images"], r["config"]["backend"],
+    return sorted(runs, key=lambda r: (r["config"]["images"], r["config"]["backend"], -r["settings"]["batch"],
+                                       r["settings"].get("cache", "dynamic"),
                                        order.get(r["config"]["policy"], len(order)), r["config"]["budget"]))
 
 
@@ -125,6 +137,8 @@ def write_results(out: Path, tiny: bool) -> Path:
         setting = " ".join(f"{k}={v}" for k, v in run["config"]["params"].items())
         if run["config"]["images"] > 1:
             setting += f", {run['config']['images']} images"
+        if run["settings"].get("cache") == "static":
+            setting += ", static cache"
         share = p["prefill_s"] / u["prefill_s"] if p["prefill_s"] and u["prefill_s"] else None
         lines.append("| " + " | ".join([
             run["policy"], str(run["config"]["budget"]), setting, run["settings"]["backend"],
@@ -171,7 +185,11 @@ def plot(out: Path) -> Path:
 
     runs = [r for r in load_runs(out) if r["config"]["images"] == 1]
     figure, (bars, scatter) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
-    labels = [f"{r['policy']} {r['config']['budget']} {r['settings']['backend']}" for r in runs]
+    def label(r: dict[str, Any]) -> str:
+        extra = f" b{r['settings']['batch']} {r['settings']['cache']}" if "batch" in r["config"] else ""
+        return f"{r['policy']} {r['config']['budget']} {r['settings']['backend']}{extra}"
+
+    labels = [label(r) for r in runs]
     for offset, name, key in ((-0.25, "ideal", "prefill_vs_unmodified"), (0.0, "policy", "prefill_vs_unmodified"),
                               (0.25, "reference", "ttft_vs_unmodified")):
         values = [{x["name"]: x for x in r["rows"]}[name]["speedup"].get(key, 0.0) for r in runs]
@@ -217,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
                         "they accumulate.")
     parser.add_argument("--long-context", action=argparse.BooleanOptionalAction, default=True,
                         help="Also run SnapKV decoding at 8 images with a 1024-token cache.")
+    parser.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also run the first policy's 64-token setting at batch 1, with a dynamic and a static "
+                        "cache (on CUDA transformers compiles static-cache decode steps: CUDA graphs).")
     parser.add_argument("--report-only", action="store_true", help="Rebuild RESULTS.md and the plot from OUT/runs.")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke run: policyc:random, float32, batch 2, 8 text tokens, 3 new tokens, 1 run.")

@@ -37,6 +37,12 @@ class Settings:
     repeats: int = 5
     seed: int = 0
     kernels: str = "auto"  # policyc's kernels: fused by torch.compile (on), eager (off), fused on CUDA only (auto)
+    cache: str = "dynamic"  # generate()'s KV cache; "static": on CUDA, transformers compiles decode steps (CUDA graphs)
+
+    @property
+    def generate_options(self) -> dict[str, Any]:
+        """generate() keyword arguments these settings add (the cache implementation)."""
+        return {"cache_implementation": "static"} if self.cache == "static" else {}
 
 
 @dataclass
@@ -157,7 +163,9 @@ def measure(row: Row, model: Any, inputs: dict[str, torch.Tensor], settings: Set
     batch = inputs["input_ids"].shape[0]
     row.prefill_s, row.peak_prefill_bytes, _, graphs = timed(lambda: prefill(model, inputs), device, settings.warmup,
                                                              settings.repeats)
-    row.ttft_s, _, _, more = timed(lambda: generate(model, inputs, 1), device, settings.warmup, settings.repeats)
+    options = settings.generate_options
+    row.ttft_s, _, _, more = timed(lambda: generate(model, inputs, 1, **options), device, settings.warmup,
+                                   settings.repeats)
     graphs += more
     if not prefill_only and settings.gen_len > 1:
         from transformers import LogitsProcessorList
@@ -166,18 +174,18 @@ def measure(row: Row, model: Any, inputs: dict[str, torch.Tensor], settings: Set
 
         def decode() -> None:
             stamps = DecodeClock(device)
-            generate(model, inputs, settings.gen_len, logits_processor=LogitsProcessorList([stamps]))
+            generate(model, inputs, settings.gen_len, logits_processor=LogitsProcessorList([stamps]), **options)
             spans.append(stamps.times[-1] - stamps.times[0])
 
         _, row.peak_generate_bytes, _, more = timed(decode, device, settings.warmup, settings.repeats)
         graphs += more
         span = statistics.median(spans[settings.warmup:])
         row.decode_tokens_per_s = batch * (settings.gen_len - 1) / span if span > 0 else None
-    if settings.backend != "eager":
-        row.recompiles = graphs
+    if settings.backend != "eager" or (settings.cache == "static" and device.type == "cuda"):
+        row.recompiles = graphs  # torch.compile ran: policyc's graph backends, or transformers' compiled decode
     if not prefill_only:
         with torch.no_grad():
-            output = generate(model, inputs, max(settings.gen_len, 1), return_dict_in_generate=True)
+            output = generate(model, inputs, max(settings.gen_len, 1), return_dict_in_generate=True, **options)
         cache = output.get("cache")  # transformers >= 5.2x; `past_key_values` before
         row.kv_bytes = kv_bytes(cache if cache is not None else output.past_key_values)
     return row

@@ -11,6 +11,7 @@ size of four rows on the same synthetic inputs, printed as a table and written a
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
@@ -61,9 +62,12 @@ def load_bench_model(model: str | None, shapes: str | None, settings: Settings) 
 def bench_command(model: str | None, policy: str, *, settings: Settings, shapes: str | None = None,
                   assignments: dict[str, ir.Expr] | None = None, json_path: Path | None = None,
                   no_reference: bool = False, console: Console | None = None,
-                  preloaded: tuple[Any, str] | None = None) -> dict[str, Any]:
+                  preloaded: tuple[Any, str] | None = None,
+                  unmodified_rows: dict[Settings, Row] | None = None) -> dict[str, Any]:
     """Measure the four rows, print the table, write `json_path`; returns what the JSON holds. `preloaded` is a
-    model already built (and its name), e.g. one --shapes model shared by a benchmark matrix."""
+    model already built (and its name), e.g. one --shapes model shared by a benchmark matrix, and
+    `unmodified_rows` the unmodified rows it measured so far: the row does not depend on the policy, the backend or
+    the kernels, so one is measured per other setting and reused."""
     from policyc.bench_reference import REFERENCES, eager_once, run_reference, unavailable
     from policyc.kernels import fused_on, set_fusion
     from policyc.models import adapt
@@ -86,11 +90,20 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     length = inputs["input_ids"].shape[1]
     device = inputs["input_ids"].device
 
-    unmodified = measure(Row("unmodified", "the model as loaded (eager modules, SDPA)"), loaded, inputs, settings)
-    unmodified.recompiles = None  # never compiled
-    unmodified.image_tokens = float(adapter.visual_mask(inputs["input_ids"]).sum(1).float().mean())
-    unmodified.tokens_per_layer = [length] * len(adapter.decoder_layers)
-    unmodified.flops_share = 1.0
+    if settings.cache == "static":  # refused by cache policies: before measuring anything
+        probe = compile_model(loaded, checked, assignments or {}, settings.backend)  # type: ignore[arg-type]
+        probe.remove()
+        if probe.runtime.cache is not None:
+            raise probe.runtime.cache.static_cache_error()
+    unmodified_rows = {} if unmodified_rows is None else unmodified_rows
+    key = dataclasses.replace(settings, backend="eager", kernels="auto")
+    if key not in unmodified_rows:
+        unmodified_rows[key] = measure(Row("unmodified", "the model as loaded (eager modules, SDPA)"), loaded, inputs,
+                                       key)
+        unmodified_rows[key].image_tokens = float(adapter.visual_mask(inputs["input_ids"]).sum(1).float().mean())
+        unmodified_rows[key].tokens_per_layer = [length] * len(adapter.decoder_layers)
+        unmodified_rows[key].flops_share = 1.0
+    unmodified = dataclasses.replace(unmodified_rows[key], speedup={})
 
     compiled = compile_model(loaded, checked, assignments or {}, settings.backend)  # type: ignore[arg-type]
     try:
@@ -189,8 +202,8 @@ def render(result: dict[str, Any], rows: list[Row], console: Console) -> None:
     settings = result["settings"]
     title = (f"policyc bench: {escape(result['policy'])} on {escape(result['model'])}, {result['device']}, batch "
              f"{settings['batch']}, {settings['images']} image(s), {settings['prompt_len']} text tokens, "
-             f"{settings['dtype']}, {settings['backend']}, {result['kernels']} kernels, median of "
-             f"{settings['repeats']}")
+             f"{settings['dtype']}, {settings['backend']}, {result['kernels']} kernels, {settings['cache']} cache, "
+             f"median of {settings['repeats']}")
     table = Table("row", "prefill ms", "TTFT ms", "decode tok/s", "peak MiB", "KV MiB", "img tok", "FLOPs", "time",
                   "speedup", "ideal/pol", title=title, title_justify="left")
     base = rows[0].prefill_s

@@ -97,7 +97,20 @@ def test_eviction_policy_shrinks_the_cache_and_identity_does_not(tmp_path: Path)
     assert "no reference implementation of 'identity'" in identity["reference"]["note"]
 
 
+def test_a_static_cache_is_timed_and_counted_whole(tmp_path: Path) -> None:
+    """--cache static: every row's generate() uses a static cache (on CUDA transformers compiles its decode steps),
+    whose slots the KV figure counts: the prompt and every new token but the last (generate() sizes it so), in every
+    layer, whatever the policy keeps."""
+    result = bench(tmp_path, "fastv", "--cache", "static", "--no-reference")
+    rows = result["rows"]
+    assert result["settings"]["cache"] == "static"
+    assert rows["unmodified"]["kv_bytes"] == rows["policy"]["kv_bytes"] == kv_bytes_in_full(2, 72 + 3 - 1)
+    assert rows["policy"]["decode_tokens_per_s"] > 0 and rows["unmodified"]["decode_tokens_per_s"] > 0
+    assert rows["policy"]["image_tokens"] == 32 and rows["unmodified"]["recompiles"] is None  # nothing compiled on CPU
+
+
 @pytest.mark.parametrize(("args", "message"), [
+    (("random", "h2o", "--cache", "static"), "static caches are not supported"),
     (("--shapes", "llava-1.5-7"), "did you mean 'llava-1.5-7b'?"),
     (("random", "fastv", "--shapes", "llava-1.5-7b"), "MODEL ('random') cannot be given too"),
     (("random", "fastvv"), "fastv"),
@@ -151,14 +164,23 @@ def _speed_script() -> Any:
 
 
 def test_speed_script_smoke_run(tmp_path: Path) -> None:
-    """benchmarks/speed.py --tiny on one configuration: a RESULTS.md titled as a CPU smoke run, and the plot."""
+    """benchmarks/speed.py --tiny on one configuration and its batch-1 pair (dynamic and static cache): a RESULTS.md
+    titled as a CPU smoke run, and the plot; the unmodified row is measured once per batch and cache."""
     _speed_script().main(["--tiny", "--out", str(tmp_path), "--policies", "fastv", "--budgets", "64", "--backends",
                           "eager", "--no-long-context", "--no-reference"])
     results = (tmp_path / "RESULTS.md").read_text()
     assert results.startswith("# CPU smoke run of the tiny random model (not the GPU result)")
-    row = next(line for line in results.splitlines() if line.startswith("| fastv | 64 |"))
-    assert "| 7.0 |" in row  # FastV's 64-of-576 setting keeps 7 of the tiny model's 64 image tokens
-    assert (tmp_path / "speed.png").stat().st_size > 0 and len(list((tmp_path / "runs").glob("*.json"))) == 1
+    rows = [line for line in results.splitlines() if line.startswith("| fastv | 64 |")]
+    assert [row.split(" | ")[2:5] for row in rows] == [["ratio=11.1545%", "eager", "2"],
+                                                        ["ratio=11.1545%", "eager", "1"],
+                                                        ["ratio=11.1545%, static cache", "eager", "1"]]
+    assert all("| 7.0 |" in row for row in rows)  # FastV's 64-of-576 setting keeps 7 of the tiny model's 64 tokens
+    runs = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert runs == ["fastv-64-eager-1img-batch1-dynamic.json", "fastv-64-eager-1img-batch1-static.json",
+                    "fastv-64-eager-1img.json"]
+    static = json.loads((tmp_path / "runs" / runs[1]).read_text())
+    assert static["settings"]["cache"] == "static" and static["settings"]["batch"] == 1
+    assert (tmp_path / "speed.png").stat().st_size > 0
 
 
 def test_speed_script_starts_nothing_past_its_minutes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -166,7 +188,7 @@ def test_speed_script_starts_nothing_past_its_minutes(tmp_path: Path, capsys: py
     holds the one that finished; the JSON says which kernels ran."""
     _speed_script().main(["--tiny", "--out", str(tmp_path), "--policies", "fastv", "visionzip", "--budgets", "64",
                           "128", "--backends", "eager", "--no-long-context", "--no-reference", "--minutes", "0",
-                          "--kernels", "off"])
+                          "--kernels", "off", "--no-batch1"])
     assert "3 configuration(s) not run: visionzip-64-eager, fastv-128-eager, visionzip-128-eager" in \
         capsys.readouterr().out
     runs = list((tmp_path / "runs").glob("*.json"))

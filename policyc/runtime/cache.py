@@ -125,8 +125,11 @@ class CacheRuntime:
         if isinstance(input_ids, torch.Tensor) and input_ids.shape[1] > 1:
             self.prefill_scores.clear()
             if isinstance(_cache_of(kwargs), StaticCache):
-                raise self.error(f"cache {self.op.name} needs a dynamic KV cache; static caches are not supported",
-                                 "drop cache_implementation=\"static\" from generate()")
+                raise self.static_cache_error()
+
+    def static_cache_error(self) -> PolicyError:
+        return self.error(f"cache {self.op.name} needs a dynamic KV cache; static caches are not supported",
+                          "drop cache_implementation=\"static\" from generate()")
 
     def error(self, message: str, hint: str | None = None) -> PolicyError:
         return PolicyError.at(message, self.op.statement.span, hint).with_sources(self.sources)
