@@ -90,7 +90,10 @@ def test_image_text_to_text_pipeline_runs_the_compiled_model() -> None:
     assert kept_by_pipeline.shape[1] == inputs["input_ids"].shape[1] - image_tokens + image_tokens // 4
 
 
-@pytest.mark.parametrize("text", [FASTV, TWO_STAGES, IDENTITY])
+DROP_BEFORE_LLM = "policy r { stage projector.output { keep top 50% of vision by random(seed=1) } }"
+
+
+@pytest.mark.parametrize("text", [FASTV, TWO_STAGES, IDENTITY, DROP_BEFORE_LLM])
 def test_a_static_cache_decodes_in_one_compiled_graph(text: str) -> None:
     """On CUDA, generate() with a static cache compiles its decode step (transformers' auto-compile, mode
     reduce-overhead: CUDA graphs); `_compile_all_devices` makes it do so on CPU, here with dynamo's eager backend

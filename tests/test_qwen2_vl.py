@@ -204,3 +204,29 @@ def test_kept_token_pictures_render(tmp_path) -> None:  # type: ignore[no-untype
     path = draw_kept_tokens(tmp_path / "kept.png", [image], report.kept)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("policy", ["fastv", "random_drop"])
+def test_a_static_cache_equals_the_dynamic_one_and_decodes_in_one_compiled_graph(version: str, policy: str) -> None:
+    """generate() hands Qwen's forward a mask per layer type with a static cache (the padding is read from the
+    full-attention one). A padded batch decodes as with a dynamic cache; and transformers' compiled decode step
+    (its CUDA path, turned on for CPU with dynamo's eager backend) is one graph that no step or request recompiles."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = tiny_qwen2_vl(seed=1, version=version)
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2)
+    policyc.compile(model, policy)
+    dynamic = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static"),
+                       dynamic)
+    config = CompileConfig(backend="eager", mode=None, dynamic=False)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False,
+                                              cache_implementation="static", compile_config=config), dynamic)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

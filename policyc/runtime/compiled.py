@@ -98,7 +98,7 @@ class PolicyLayer(nn.Module):
                 kwargs = cache.decode_mask(self.index, kwargs)
             elif shorter:
                 kwargs = gather_decode(kwargs, kept, state.length, runtime.live_at_layer.get(self.index),  # type: ignore[arg-type]
-                                       runtime.steps)
+                                       runtime.step if runtime.static else runtime.steps)  # type: ignore[arg-type]
                 if window is not None:  # its sliding cache holds the last `window` keys of its shorter sequence
                     mask = kwargs["attention_mask"]
                     kwargs = {**kwargs, "attention_mask": mask[..., -min(mask.shape[-1], window):]}  # type: ignore[index]
@@ -274,7 +274,7 @@ class CompiledModel:
             self._whole_sequence_caches(kwargs)
             self.runtime.start_prefill(input_ids, kwargs.get("attention_mask"))
         else:
-            self.runtime.steps += 1
+            self.runtime.advance()
 
     def _whole_sequence_caches(self, kwargs: dict) -> None:
         """Sliding-window cache layers (Gemma 3's local layers) keep only the last window of keys, which per-head

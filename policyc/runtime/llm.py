@@ -7,7 +7,7 @@ operators (ops.py) call into it.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -60,6 +60,9 @@ class Runtime:
     base_positions: torch.Tensor | None = None
     dropped_before: torch.Tensor | None = None
     steps: int = 0  # decode steps since the prefill
+    # `steps` as a tensor on the model's device ([] long): what decode code reads under a static cache, so that
+    # transformers' compiled decode step sees a changing value, not a constant to recompile for
+    step: torch.Tensor | None = None
     static: bool = False  # the current generate() uses a static cache
     graphs: bool = False  # the graph backends: prefill stages run as graph passes, not in the layer wrappers
     cache: CacheRuntime | None = None  # the decode stage's cache policy (None: `cache full`)
@@ -71,9 +74,10 @@ class Runtime:
     layer_masks: dict[str, torch.Tensor | None] | None = None
     prompt_ids: torch.Tensor | None = None  # the prefill's input_ids [B, L]: which placeholder each visual token is
 
-    def start_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def start_prefill(self, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | Mapping[str, torch.Tensor | None] | None) -> None:
         image = self.plan.adapter.visual_mask(input_ids)
-        valid = valid_keys(attention_mask, image.shape[1]) if attention_mask is not None else torch.ones_like(image)
+        valid = valid_keys(attention_mask, input_ids) if attention_mask is not None else torch.ones_like(image)
         kept = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
         self.state = PrefillState(image, valid, kept, torch.zeros_like(image),
                                   images=self.plan.adapter.image_index(input_ids))
@@ -82,6 +86,9 @@ class Runtime:
         self.live_at_layer.clear()
         self.base_positions = self.dropped_before = self.image_slots = self.layer_masks = None
         self.steps = -1  # the prefill's own forward is not a decode step
+        if self.step is None or self.step.device != input_ids.device:
+            self.step = torch.full((), -1, dtype=torch.long, device=input_ids.device)
+        self.step.fill_(-1)
         self.prompt_ids = input_ids
         self.stages_ran.clear()
 
@@ -235,13 +242,23 @@ class Runtime:
         padding. Same format as `like`: boolean, or additive floats."""
         state = self.state
         assert state is not None  # decoding follows a prefill
+        if static and like is not None:  # the width is fixed; the step is a tensor (no recompile per step)
+            columns = torch.arange(like.shape[-1], device=state.valid.device)
+            generated = (columns >= state.length) & (columns <= state.length + self.step)
+            prompt = torch.nn.functional.pad(state.valid, (0, like.shape[-1] - state.length))
+            return _like((prompt | generated)[:, None, None, :], like)
         if not static and bool(state.valid.all()):
             return None  # no padding: a one-token query may see every cached key
-        width = like.shape[-1] if static and like is not None else state.length + self.steps + 1
-        allowed = torch.zeros(state.valid.shape[0], width, dtype=torch.bool, device=state.valid.device)
+        width = state.length + self.steps + 1
+        allowed = torch.ones(state.valid.shape[0], width, dtype=torch.bool, device=state.valid.device)
         allowed[:, : state.length] = state.valid
-        allowed[:, state.length : state.length + self.steps + 1] = True
         return _like(allowed[:, None, None, :], like)
+
+    def advance(self) -> None:
+        """One more decode step (called outside compiled code)."""
+        self.steps += 1
+        if self.step is not None:
+            self.step.fill_(self.steps)
 
     def window(self, index: int) -> int | None:
         """The sliding window of decoder layer `index` where layers differ in their masks (Gemma 3's local

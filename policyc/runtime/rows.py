@@ -6,17 +6,31 @@ Shared by the eager layer wrappers (compiled.py) and the graph backends' operato
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+
+from policyc.errors import PolicyError
 
 if TYPE_CHECKING:
     from policyc.runtime.evaluate import PrefillState
 
 
-def valid_keys(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
-    """[B, L] bool: which prompt positions are real tokens. Accepts the 2D padding mask, or the 4D
-    mask generate() builds for static caches (bool, or additive with 0 where attending)."""
+def valid_keys(attention_mask: torch.Tensor | Mapping[str, torch.Tensor | None], input_ids: torch.Tensor,
+               ) -> torch.Tensor:
+    """[B, L] bool: which prompt positions (of input_ids [B, L]) are real tokens. Accepts the 2D padding mask, or
+    the 4D mask generate() builds for static caches (bool, or additive with 0 where attending), or its mapping per
+    layer type (Qwen2-VL's: the full-attention one is read; None there means no padding)."""
+    length = input_ids.shape[1]
+    if isinstance(attention_mask, Mapping):
+        if "full_attention" not in attention_mask:
+            raise PolicyError.at(f"policyc cannot read padding from masks of layer types {sorted(attention_mask)} "
+                                 "only (no full_attention mask)", None, "pass a 2D attention_mask to the model")
+        full = attention_mask["full_attention"]
+        if full is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = full
     if attention_mask.dim() == 2:
         return attention_mask[:, :length].bool()
     last_row = attention_mask[:, 0, -1, :length]  # the last prompt row sees every real key
@@ -118,9 +132,9 @@ def _static_slots(kwargs: dict[str, object]) -> int | None:
 
 
 def gather_decode(kwargs: dict[str, object], kept: torch.Tensor, length: int, live: torch.Tensor | None = None,
-                  steps: int = 0) -> dict[str, object]:
+                  steps: int | torch.Tensor = 0) -> dict[str, object]:
     """A decode step's mask for a layer that cached the prefill rows `kept` [B, L'] (`live`: which were no
-    fillers) and `steps` generated tokens since."""
+    fillers) and `steps` generated tokens since (a [] tensor under a static cache: compiled decode steps read it)."""
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor):
         mask = remap_columns(mask, kept, length, is_static(kwargs))
@@ -128,7 +142,7 @@ def gather_decode(kwargs: dict[str, object], kept: torch.Tensor, length: int, li
         return kwargs
     else:  # no mask: every cached key and the new token (a static cache's unfilled tail masked)
         filled = kept.shape[1] + steps + 1
-        slots = torch.arange(_static_slots(kwargs) or filled, device=kept.device)
+        slots = torch.arange(_static_slots(kwargs) or int(filled), device=kept.device)
         mask = (slots < filled).expand(kept.shape[0], 1, 1, -1)
     if live is not None:
         mask = block_fillers(mask, live, False)
