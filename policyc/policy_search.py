@@ -252,15 +252,20 @@ def _finished(study: Any) -> list[Any]:
 def _measured(study: Any, key: str, number: int, poll: float = 0.5) -> Any:
     """A finished trial that measured the policy `key`, or None. While an earlier-numbered trial of another
     worker is measuring the same policy, wait for it (so concurrent workers never measure one policy twice);
-    if it fails, None (this trial measures)."""
+    if it fails, None (this trial measures). An earlier running trial that has not named its policy yet may be
+    about to name this one: wait until it has."""
     import optuna
 
+    running = optuna.trial.TrialState.RUNNING
     while True:
-        same = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("key") == key and t.number != number]
+        trials = study.get_trials(deepcopy=False)
+        same = [t for t in trials if t.user_attrs.get("key") == key and t.number != number]
         done = [t for t in same if t.state == optuna.trial.TrialState.COMPLETE]
         if done:
             return min(done, key=lambda t: t.number)
-        if not any(t.state == optuna.trial.TrialState.RUNNING and t.number < number for t in same):
+        earlier = [t for t in trials if t.state == running and t.number < number
+                   and t.user_attrs.get("key", key) == key]  # measuring this policy, or not keyed yet
+        if not earlier:
             return None
         time.sleep(poll)
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial stops blocking after its grace period

@@ -9,6 +9,7 @@ import torch
 from tiny_models import make_inputs, make_qwen_inputs, tiny_llava_clip, tiny_qwen2_vl
 
 import policyc.runtime.llm as llm_runtime
+from policyc.kernels import KERNELS
 from policyc.lang import check_source
 from policyc.runtime import compile_model
 from policyc.runtime.guards import GuardError
@@ -46,7 +47,11 @@ def test_nan_scores_raise_naming_the_layer_and_the_policy_line(family: str) -> N
 def test_repeated_kept_indices_raise(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_llava_clip()
     compiled = compiled_fastv(model)
-    monkeypatch.setattr(llm_runtime, "selected_first", lambda keep: torch.zeros_like(keep, dtype=torch.long))
+
+    def repeating(keep: torch.Tensor, width: int) -> torch.Tensor:  # row 0, `width` times
+        return torch.zeros(keep.shape[0], width, dtype=torch.long)
+
+    monkeypatch.setattr(KERNELS["kept_rows"], "compute", repeating)
     try:
         with pytest.raises(GuardError, match=r"stage 'llm\.layer\[1\]' at LLM layer 1 kept token indices not sorted or "
                                              r"repeated \(sample 0"):
