@@ -203,7 +203,9 @@ def compile(model: str, policy: str, emit: str | None, backend: str, output: Pat
 
             click.echo(lower(checked, adapt(loaded), assignments).describe(), nl=False)  # type: ignore[arg-type]
         if emit == "fx":
-            _emit_fx(loaded, checked, assignments)
+            from policyc.show import fx_graphs_text
+
+            click.echo(fx_graphs_text(loaded, checked, assignments), nl=False)
         if output is not None:
             from policyc.artifact import write_artifact
             from policyc.report import calibration_inputs, measure
@@ -218,25 +220,6 @@ def compile(model: str, policy: str, emit: str | None, backend: str, output: Pat
     except PolicyError as error:
         _fail(error.with_sources(loader.sources))
         sys.exit(EXIT_POLICY_ERROR)
-
-
-def _emit_fx(model: object, checked: object, assignments: dict) -> None:
-    """Compile with the fx backend (the graph passes, without inductor), run a two-token generate() on
-    the calibration prompt, and print each captured LLM graph as the graph passes left it."""
-    import torch
-
-    from policyc.report import calibration_inputs
-    from policyc.runtime import compile_model
-
-    compiled = compile_model(model, checked, assignments, "fx")  # type: ignore[arg-type]
-    inputs = calibration_inputs(compiled.plan.adapter)
-    with torch.no_grad():
-        compiled.model.generate(**inputs, max_new_tokens=2, do_sample=False)  # type: ignore[operator]
-    for number, graph in enumerate(compiled.graphs):
-        passes = ", ".join(graph.passes) or "none"
-        click.echo(f"# graph {number}: {graph.phase or 'no decoder layer'} (passes applied: {passes})")
-        click.echo(graph.module.code.strip() + "\n")
-    compiled.remove()
 
 
 @main.command()

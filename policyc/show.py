@@ -1,4 +1,5 @@
-"""Human-readable views of policies and of the catalog, for `policyc show` and `policyc list`."""
+"""Human-readable views of policies, of the catalog and of the graph backends' rewritten graphs, for `policyc show`,
+`policyc list` and `policyc compile --emit fx`."""
 
 from __future__ import annotations
 
@@ -126,3 +127,23 @@ def _registry_table(name: str, registry: Registry) -> Table:
         paper = f" [dim]({escape(spec.paper)})[/dim]" if spec.paper else ""
         table.add_row(escape(spec.signature()), where, escape(spec.summary) + paper)
     return table
+
+
+def fx_graphs_text(model: object, checked: object, assignments: dict) -> str:
+    """Compile with the fx backend (the graph passes, without inductor), run a two-token generate() on the
+    calibration prompt, and return each captured LLM graph's code as the graph passes left it."""
+    import torch
+
+    from policyc.report import calibration_inputs
+    from policyc.runtime import compile_model
+
+    compiled = compile_model(model, checked, assignments, "fx")  # type: ignore[arg-type]
+    try:
+        inputs = calibration_inputs(compiled.plan.adapter)
+        with torch.no_grad():
+            compiled.model.generate(**inputs, max_new_tokens=2, do_sample=False)  # type: ignore[operator]
+        return "".join(f"# graph {number}: {graph.phase or 'no decoder layer'} (passes applied: "
+                       f"{', '.join(graph.passes) or 'none'})\n{graph.module.code.strip()}\n\n"
+                       for number, graph in enumerate(compiled.graphs))
+    finally:
+        compiled.remove()
