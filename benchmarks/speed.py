@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from policyc.bench import Settings
+from policyc.bench import Row, Settings
 from policyc.bench_command import bench_command, load_bench_model
 from policyc.lang.build import parse_value
 
@@ -78,7 +78,7 @@ def run_matrix(args: argparse.Namespace) -> None:
     image_tokens = adapt(preloaded[0]).tokens_per_image or FULL
     started = time.monotonic()
     todo = configurations(args, image_tokens)
-    unmodified_rows: dict[Settings, Any] = {}  # measured once per setting, shared by the policies and backends
+    unmodified_rows: dict[Settings, Row] = {}  # measured once per setting, shared by the policies and backends
     for done, config in enumerate(todo):
         if done and args.minutes is not None and time.monotonic() - started > args.minutes * 60:
             print(f"--minutes {args.minutes} passed: {len(todo) - done} configuration(s) not run: "

@@ -150,3 +150,21 @@ def test_identity_policy_is_bit_exact_with_eager_attention(text: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(result.scores, reference.scores, strict=True))
     compiled.remove()
     assert model.config.text_config._attn_implementation == "eager"
+
+
+def test_padding_is_read_from_every_mask_form_generate_hands_the_model() -> None:
+    """The 2D padding mask, a static cache's 4D mask (bool or additive), and its mapping per layer type (Qwen2-VL
+    with a static cache): the full-attention entry, None there meaning no padding; without one, a clear error."""
+    from policyc.runtime.rows import valid_keys
+
+    input_ids = torch.zeros(2, 4, dtype=torch.long)
+    padding = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    four_d = (causal[None] & padding.bool()[:, None, :])[:, None]  # [2, 1, 4, 4]
+    additive = torch.zeros(four_d.shape).masked_fill(~four_d, torch.finfo(torch.float32).min)
+    for mask in (padding, four_d, additive, {"full_attention": four_d, "sliding_attention": None}):
+        assert torch.equal(valid_keys(mask, input_ids), padding.bool())
+    assert bool(valid_keys({"full_attention": None}, input_ids).all())
+    with pytest.raises(PolicyError, match=r"masks of layer types \['sliding_attention'\] only") as error:
+        valid_keys({"sliding_attention": four_d}, input_ids)
+    assert "pass a 2D attention_mask" in str(error.value)
