@@ -54,7 +54,7 @@ class PromptStash:
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         mask = kwargs.get("attention_mask")
         if isinstance(ids, torch.Tensor):
-            valid = valid_keys(mask, ids) if isinstance(mask, torch.Tensor) else torch.ones_like(ids).bool()
+            valid = valid_keys(mask, ids) if mask is not None else torch.ones_like(ids).bool()  # type: ignore[arg-type]
             self.prompt = (ids, valid)
         else:
             self.prompt = None
