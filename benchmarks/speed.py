@@ -1,6 +1,7 @@
 """The speed matrix of issue 6: `policyc bench` on LLaVA-1.5-7B shapes (random bf16 weights), batch 8, FastV,
 PyramidDrop, VisionZip and MustDrop at the settings for 64/128/192 of 576 image tokens, eager and inductor; and
-SnapKV decoding at long context (8 images, a 1024-token cache). Writes benchmarks/RESULTS.md and a plot.
+SnapKV decoding at long context (8 images, a 1024-token cache), with a dynamic and a static cache (on CUDA the static
+one decodes through transformers' compiled CUDA-graph step). Writes benchmarks/RESULTS.md and a plot.
 
     python benchmarks/speed.py --device cuda                        # everything (GPU)
     python benchmarks/speed.py --device cuda --policies fastv --backends eager   # a part; results accumulate
@@ -51,7 +52,7 @@ def params(policy: str, budget: int, image_tokens: int) -> dict[str, str]:
 
 
 def configurations(args: argparse.Namespace, image_tokens: int) -> list[dict[str, Any]]:
-    """Every (policy, budget, backend) of the matrix the options select, then the long-context decode run."""
+    """Every (policy, budget, backend) of the matrix the options select, then the long-context decode pair."""
     runs = [{"policy": p, "budget": b, "backend": backend, "params": params(p, b, image_tokens), "images": 1}
             for backend in args.backends for b in args.budgets for p in args.policies]
     if args.batch1:  # launch-bound batch 1, dynamic then static cache (CUDA graphs), after the first 64-token runs
@@ -60,10 +61,11 @@ def configurations(args: argparse.Namespace, image_tokens: int) -> list[dict[str
             pairs = [{**first, "batch": 1, "cache": cache} for cache in ("dynamic", "static")]
             at = sum(1 for c in runs if c["budget"] == first["budget"] and c["backend"] == first["backend"])
             runs[at:at] = pairs
-    if args.long_context:
+    if args.long_context:  # a growing cache, then transformers' compiled static-cache decode (CUDA graphs)
         capacity = 128 if args.tiny else 1024
-        runs += [{"policy": "snapkv", "budget": capacity, "backend": "eager", "images": 8,
-                  "params": {"capacity": str(capacity), "window": "32" if not args.tiny else "16"}}]
+        runs += [{"policy": "snapkv", "budget": capacity, "backend": "eager", "images": 8, "cache": cache,
+                  "params": {"capacity": str(capacity), "window": "32" if not args.tiny else "16"}}
+                 for cache in ("dynamic", "static")]
     return runs
 
 
@@ -89,6 +91,8 @@ def run_matrix(args: argparse.Namespace) -> None:
         name = f"{config['policy']}-{config['budget']}-{config['backend']}-{config['images']}img"
         if "batch" in config:
             name += f"-batch{config['batch']}-{config['cache']}"
+        elif config.get("cache") == "static":
+            name += "-static"
         assignments = {k: parse_value(v, k) for k, v in config["params"].items()}
         result = bench_command(None, config["policy"], settings=settings, assignments=assignments,
                                no_reference=config["images"] > 1 or args.no_reference, preloaded=preloaded,
@@ -170,9 +174,11 @@ def long_context_lines(runs: list[dict[str, Any]]) -> list[str]:
         saved = 1 - p["kv_bytes"] / u["kv_bytes"] if u["kv_bytes"] and p["kv_bytes"] is not None else None
         gain = p["decode_tokens_per_s"] / u["decode_tokens_per_s"] \
             if p["decode_tokens_per_s"] and u["decode_tokens_per_s"] else None
+        cache = run["settings"].get("cache", "dynamic")
         lines.append(f"Long context ({run['policy']}, {run['config']['images']} images, {length} prompt tokens, cache "
-                     f"budget {capacity}): KV memory saved {_f(saved, 100)}% against {_f(evicted, 100)}% of positions "
-                     f"evicted (capacity + generated tokens kept); decode tokens/s x{_f(gain, digits=2)}.")
+                     f"budget {capacity}, {cache} cache): KV memory saved {_f(saved, 100)}% against "
+                     f"{_f(evicted, 100)}% of positions evicted (capacity + generated tokens kept); decode tokens/s "
+                     f"x{_f(gain, digits=2)}.")
     return lines
 
 

@@ -34,7 +34,9 @@ class Slots:
     scores: torch.Tensor | None  # [B, Hkv, n] float: accumulated attention or window votes, per key/value head
     prompt_size: torch.Tensor  # [B] long: real prompt tokens this layer cached in prefill (percent budgets)
     after_prefill: bool  # True for the call right after prefill, False after a decode step
-    generated: int = 0  # generated tokens the sequence holds (the cache's tokens past the prompt, evicted or not)
+    # generated tokens the sequence holds (the cache's tokens past the prompt, evicted or not); a 0-dim long tensor
+    # under static caches, where a Python count would recompile every compiled decode step
+    generated: int | torch.Tensor = 0
     # [B, H, n] float: the newest decode query's attention logits (q . k * scale) per query head over the slots,
     # -inf where its mask blocks a slot (operators with `scores = "newest"`; None right after prefill)
     newest: torch.Tensor | None = None

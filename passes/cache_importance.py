@@ -24,15 +24,18 @@ class Importance(CacheOp):
     every_step = True
 
     def keep(self, slots: Slots) -> torch.Tensor:
+        """Branch-free over decode steps (no host sync: static caches decode in one compiled graph): the window is
+        scored at every step, and kept whole except at the steps that complete one."""
         every = int(self.number("every"))
         keep = torch.ones_like(slots.real)
-        if slots.after_prefill or slots.generated == 0 or slots.generated % every:
+        if slots.after_prefill:
             return keep
         if slots.newest is None:
             raise self.error("cache importance needs the newest query's attention, which was not observed")
-        newest = int(slots.positions.max())  # the token just cached
+        newest = slots.positions.amax()  # the token just cached
         window = slots.positions[:, 0] > newest - every  # [B, n] the last `every` entries (every head holds them)
         logits = slots.newest.masked_fill(~window[:, None], float("-inf"))  # [B, H, n]
         attention = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)  # [B, n]
-        kept = mass_keep(attention, window, self.number("mass"), self.statement.span)
-        return (kept | ~window)[:, None, :].expand_as(keep)
+        kept = mass_keep(attention, window, self.number("mass"), self.statement.span, validate=False)
+        due = (torch.as_tensor(slots.generated) > 0) & (torch.as_tensor(slots.generated) % every == 0)
+        return (kept | ~window | ~due)[:, None, :].expand_as(keep)

@@ -32,11 +32,13 @@ def mass_tau(amount: ir.Expr, literal: Callable[[ir.Expr], ir.Expr]) -> float | 
     return float(value.value)
 
 
-def mass_counts(scores: torch.Tensor, candidates: torch.Tensor, tau: float, span: Span | None = None) -> torch.Tensor:
-    """How many candidates hold `tau` of the mass, per row: scores and candidates [..., n] -> [...] long."""
+def mass_counts(scores: torch.Tensor, candidates: torch.Tensor, tau: float, span: Span | None = None,
+                validate: bool = True) -> torch.Tensor:
+    """How many candidates hold `tau` of the mass, per row: scores and candidates [..., n] -> [...] long.
+    `validate=False` skips the check for negative scores (a host sync) where scores are probabilities."""
     values = scores.double().masked_fill(~candidates, 0.0)
     sizes = candidates.sum(-1)
-    if bool((values < 0).any()):
+    if validate and bool((values < 0).any()):
         raise PolicyError.at("mass() needs non-negative scores: a negative score holds no attention mass", span,
                              "rank by attention (probabilities) or another non-negative score")
     if tau >= 1:
@@ -50,9 +52,10 @@ def mass_counts(scores: torch.Tensor, candidates: torch.Tensor, tau: float, span
     return torch.minimum(counts, sizes)
 
 
-def mass_keep(scores: torch.Tensor, candidates: torch.Tensor, tau: float, span: Span | None = None) -> torch.Tensor:
+def mass_keep(scores: torch.Tensor, candidates: torch.Tensor, tau: float, span: Span | None = None,
+              validate: bool = True) -> torch.Tensor:
     """[..., n] bool: the candidates holding `tau` of the mass, best first, ties to the earlier position."""
-    counts = mass_counts(scores, candidates, tau, span)
+    counts = mass_counts(scores, candidates, tau, span, validate)
     ranked = scores.double().masked_fill(~candidates, float("-inf"))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)

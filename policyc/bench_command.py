@@ -90,11 +90,12 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     length = inputs["input_ids"].shape[1]
     device = inputs["input_ids"].device
 
-    if settings.cache == "static":  # refused by cache policies: before measuring anything
+    if settings.cache == "static":  # refused by cache policies that need a growing cache: before measuring anything
         probe = compile_model(loaded, checked, assignments or {}, settings.backend)  # type: ignore[arg-type]
         probe.remove()
-        if probe.runtime.cache is not None:
-            raise probe.runtime.cache.static_cache_error()
+        error = probe.runtime.cache.static_cache_error() if probe.runtime.cache is not None else None
+        if error is not None:
+            raise error
     unmodified_rows = {} if unmodified_rows is None else unmodified_rows
     key = dataclasses.replace(settings, backend="eager", kernels="auto")
     if key not in unmodified_rows:

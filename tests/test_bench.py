@@ -109,8 +109,19 @@ def test_a_static_cache_is_timed_and_counted_whole(tmp_path: Path) -> None:
     assert rows["policy"]["image_tokens"] == 32 and rows["unmodified"]["recompiles"] is None  # nothing compiled on CPU
 
 
+def test_a_cache_policy_on_a_static_cache_holds_its_slots_only(tmp_path: Path) -> None:
+    """H2O under --cache static decodes from fixed-capacity slot layers and transformers' full static layers release
+    their storage after prefill: 64 slots (H2O's budget after prefill plus the 3 new tokens, rounded up to a bucket)
+    instead of 74 positions."""
+    result = bench(tmp_path, "h2o", "--cache", "static", "--no-reference")
+    rows = result["rows"]
+    assert rows["unmodified"]["kv_bytes"] == kv_bytes_in_full(2, 72 + 3 - 1)
+    assert rows["policy"]["kv_bytes"] == kv_bytes_in_full(2, 64)
+    assert rows["policy"]["decode_tokens_per_s"] > 0
+
+
 @pytest.mark.parametrize(("args", "message"), [
-    (("random", "h2o", "--cache", "static"), "static caches are not supported"),
+    (("random", "streamingllm", "--cache", "static"), "static caches are not supported"),
     (("--shapes", "llava-1.5-7"), "did you mean 'llava-1.5-7b'?"),
     (("random", "fastv", "--shapes", "llava-1.5-7b"), "MODEL ('random') cannot be given too"),
     (("random", "fastvv"), "fastv"),
@@ -181,6 +192,20 @@ def test_speed_script_smoke_run(tmp_path: Path) -> None:
     static = json.loads((tmp_path / "runs" / runs[1]).read_text())
     assert static["settings"]["cache"] == "static" and static["settings"]["batch"] == 1
     assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+def test_speed_script_long_context_pair_saves_the_evicted_share(tmp_path: Path) -> None:
+    """The long-context pair (SnapKV, 8 images, tiny capacity 128, dynamic then static cache): each reports the KV
+    memory saved next to the share of positions evicted. The dynamic cache saves exactly that share; the static one
+    holds the capacity and the new tokens rounded up to a 64-slot bucket (128 + 2 -> 192 slots of 520 + 2)."""
+    _speed_script().main(["--tiny", "--out", str(tmp_path), "--policies", "fastv", "--budgets", "64", "--backends",
+                          "eager", "--no-batch1", "--no-reference", "--repeats", "1", "--warmup", "0"])
+    lines = [line for line in (tmp_path / "RESULTS.md").read_text().splitlines() if line.startswith("Long context")]
+    assert [line.split("cache budget 128, ")[1].split(")")[0] for line in lines] == ["dynamic cache", "static cache"]
+    assert all("(snapkv, 8 images, 520 prompt tokens," in line for line in lines)
+    evicted = f"{(1 - (128 + 2) / (520 + 2)) * 100:.1f}% of positions evicted"
+    assert f"KV memory saved {evicted.split('%')[0]}% against {evicted}" in lines[0]
+    assert f"KV memory saved {(1 - 192 / (520 + 2)) * 100:.1f}% against {evicted}" in lines[1]
 
 
 def test_speed_script_starts_nothing_past_its_minutes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

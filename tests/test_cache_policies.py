@@ -15,7 +15,6 @@ from reference.snapkv import SnapKV, snapkv_generate
 from reference.streamingllm import streaming_generate
 from tiny_models import make_inputs, tiny_llava_clip
 
-from policyc.errors import PolicyError
 from policyc.lang import check_source
 from policyc.lang.build import parse_value
 from policyc.runtime import compile_model
@@ -186,15 +185,6 @@ def test_pyramiddrop_with_an_evicting_snapkv_equals_the_composed_reference(seed:
     result = generate(model, inputs)
     assert max(cache_lengths(result)) < inputs["input_ids"].shape[1]  # every layer evicted
     assert_matches(result, expected, inputs)
-
-
-def test_static_caches_fail_loudly_at_the_cache_statement() -> None:
-    model = tiny_llava_clip()
-    inputs = make_inputs(model)
-    compiled(model, "stage decode {\n cache heavy_hitter(heavy=4, recent=3)\n}")
-    with pytest.raises(PolicyError) as caught:
-        generate(model, inputs, cache_implementation="static")
-    assert str(caught.value).startswith("p.tokpol:3:2: error: cache heavy_hitter needs a dynamic KV cache")
 
 
 @pytest.mark.parametrize("cache", ["snapkv(window=2, capacity=8, kernel=3)", "heavy_hitter(heavy=3, recent=2)",

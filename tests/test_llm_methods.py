@@ -189,13 +189,16 @@ def test_cache_length_without_regather_numbers_as_compact(cache: str) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_cache_length_with_regather_refuses_static_caches_at_the_cache_line() -> None:
+def test_cache_length_with_regather_on_a_static_cache_equals_the_dynamic_cache() -> None:
+    """MustDrop (positions cache_length, then `cache regather`) decodes from static slot layers as from a growing
+    cache, on a left-padded batch."""
     model = tiny_llava_clip(seed=0, num_llm_layers=16)
-    inputs = make_inputs(model)
+    inputs = make_inputs(model, batch=2, pad_left=2)
     policyc.compile(model, "mustdrop")
-    with pytest.raises(PolicyError) as caught:
-        generate(model, inputs, cache_implementation="static")
-    assert "cache regather needs a dynamic KV cache" in str(caught.value)
+    dynamic, static = generate(model, inputs), generate(model, inputs, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_cache_length_under_the_fx_graph_backend_equals_eager() -> None:

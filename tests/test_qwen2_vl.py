@@ -207,11 +207,12 @@ def test_kept_token_pictures_render(tmp_path) -> None:  # type: ignore[no-untype
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("policy", ["fastv", "random_drop"])
+@pytest.mark.parametrize("policy", ["fastv", "random_drop", "h2o"])
 def test_a_static_cache_equals_the_dynamic_one_and_decodes_in_one_compiled_graph(version: str, policy: str) -> None:
     """generate() hands Qwen's forward a mask per layer type with a static cache (the padding is read from the
-    full-attention one). A padded batch decodes as with a dynamic cache; and transformers' compiled decode step
-    (its CUDA path, turned on for CPU with dynamo's eager backend) is one graph that no step or request recompiles."""
+    full-attention one). A padded batch decodes as with a dynamic cache (H2O from static slot layers); and
+    transformers' compiled decode step (its CUDA path, turned on for CPU with dynamo's eager backend) is one graph
+    that no step or request recompiles."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 

@@ -13,7 +13,10 @@
 - A quantizing operator (`QuantizingCacheOp`: `mixed_precision`) keeps every slot and names, after prefill
   and each decode step, the full-precision slots to store in b bits; its layers are `MixedPrecisionLayer`s
   (policyc/runtime/cache_quantized.py), whose slot map lists the b-bit stores, then the full-precision ones.
-- Static caches are refused with a clear error (their slots cannot shrink per head).
+- Static caches (`cache_implementation="static"`, transformers' compiled CUDA-graph decode): right after prefill,
+  each layer's evicted prompt moves into a fixed-capacity `StaticSlotLayer` (policyc/runtime/cache_static.py), where
+  decode steps write in place and evictions empty slots; no decode step waits on the device for them. Operators
+  that re-rotate keys (relative positions) or quantize them are refused there with a clear error.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.masking_utils import sdpa_mask
 
 from policyc.compiler.plan import Plan
@@ -35,6 +38,7 @@ from policyc.passes.cache_base import CACHE_OPS, CacheOp, QuantizingCacheOp, Slo
 from policyc.runtime import attention
 from policyc.runtime.cache_quantized import MixedPrecisionLayer
 from policyc.runtime.cache_slots import SlotLayer
+from policyc.runtime.cache_static import StaticSlotLayer, static_capacity
 
 if TYPE_CHECKING:
     from policyc.runtime.llm import Runtime
@@ -86,6 +90,7 @@ class CacheRuntime:
         self.layers = list(range(count)) if op.all_layers else list(range(stage_layers[0], count))
         self.prefill_scores: dict[int, torch.Tensor] = {}
         self._cache: object = None
+        self._static_layers: dict[int, StaticSlotLayer] = {}  # reused by the next request: fixed CUDA-graph addresses
 
     @classmethod
     def build(cls, plan: Plan, runtime: Runtime) -> CacheRuntime | None:
@@ -120,16 +125,53 @@ class CacheRuntime:
                 del attention_module._policyc_cache_observer
 
     def on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Model pre-hook: a prefill starts afresh; static caches are refused before any work."""
+        """Model pre-hook: a prefill starts afresh (a static cache gets its full-size layers back, for the prefill to
+        fill); static caches an operator cannot run on are refused before any work."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(input_ids, torch.Tensor) and input_ids.shape[1] > 1:
             self.prefill_scores.clear()
-            if isinstance(_cache_of(kwargs), StaticCache):
-                raise self.static_cache_error()
+            cache = _cache_of(kwargs)
+            if isinstance(cache, StaticCache):
+                error = self.static_cache_error()
+                if error is not None:
+                    raise error
+                for index, layer in enumerate(cache.layers):  # a cache reused after reset(): full-size layers again
+                    if isinstance(layer, StaticSlotLayer):
+                        cache.layers[index] = layer.original
+                        layer.original.reset()
 
-    def static_cache_error(self) -> PolicyError:
-        return self.error(f"cache {self.op.name} needs a dynamic KV cache; static caches are not supported",
-                          "drop cache_implementation=\"static\" from generate()")
+    def after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        """Model hook: after a prefill into a static cache, every handled layer evicts and moves into its
+        fixed-capacity `StaticSlotLayer` (eagerly, before any compiled decode step)."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = _cache_of(kwargs)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.shape[1] <= 1 or not isinstance(cache, StaticCache):
+            return
+        state = self.runtime.state
+        assert state is not None
+        self._cache = cache
+        for index in self.layers:
+            original = cache.layers[index]
+            compact = self._slot_layer(index)
+            capacity = static_capacity(compact.keys.shape[2], original.get_max_length() - state.length,
+                                       original.get_max_length())
+            static = self._static_layers.get(index)
+            if static is not None and static.fits(compact, capacity):
+                static.load(original, compact)
+            else:
+                static = self._static_layers[index] = StaticSlotLayer(original, compact, capacity)
+            cache.layers[index] = static
+
+    def static_cache_error(self) -> PolicyError | None:
+        """Why this operator cannot run on a static cache (None: it can)."""
+        if isinstance(self.op, QuantizingCacheOp):
+            reason = "stores older keys and values in fewer bits, in storage that grows"
+        elif self.op.relative_positions:
+            reason = "re-rotates the kept keys to their cache index after each eviction"
+        else:
+            return None
+        return self.error(f"cache {self.op.name} needs a dynamic KV cache: it {reason}; static caches are not "
+                          "supported", "drop cache_implementation=\"static\" from generate()")
 
     def error(self, message: str, hint: str | None = None) -> PolicyError:
         return PolicyError.at(message, self.op.statement.span, hint).with_sources(self.sources)
@@ -142,15 +184,17 @@ class CacheRuntime:
                     self.prefill_scores[index] = self._prefill_scores(index, query, key, scaling, mask)
                 return
             layer = getattr(self._cache, "layers", [None] * (index + 1))[index]
-            if isinstance(layer, SlotLayer) and self.op.scores in ("newest", "normalized"):
-                visible = _visible(mask) if mask is not None else torch.ones_like(
-                    layer.positions[:, :1, None, :], dtype=torch.bool)
+            if not isinstance(layer, (SlotLayer, StaticSlotLayer)):
+                return
+            visible = _visible(mask) if mask is not None else torch.ones_like(
+                layer.positions[:, :1, None, :], dtype=torch.bool)
+            if self.op.scores in ("newest", "normalized"):
                 layer.newest = newest_logits(query, key, scaling, visible[..., : key.shape[2]])
-            if isinstance(layer, SlotLayer) and layer.scores is not None and self.op.scores == "accumulated":
-                visible = torch.ones_like(layer.positions[:, :1, None, :], dtype=torch.bool)
-                if mask is not None:
-                    visible = _visible(mask)
-                layer.scores = layer.scores + column_sums(query, key, scaling, visible)
+            if layer.scores is not None and self.op.scores == "accumulated":
+                if isinstance(layer, StaticSlotLayer):  # in place: a fixed address under CUDA graphs
+                    layer.scores.add_(column_sums(query, key, scaling, visible))
+                else:
+                    layer.scores = layer.scores + column_sums(query, key, scaling, visible)
         return observe
 
     def _prefill_scores(self, index: int, query: torch.Tensor, key: torch.Tensor, scaling: float,
@@ -184,15 +228,18 @@ class CacheRuntime:
         mask the full mask's columns gathered through the slot map, per head."""
         self._cache = _cache_of(kwargs)
         layer = self._slot_layer(index)
-        if layer.identity:
-            return kwargs
         batch, heads = layer.positions.shape[:2]
-        current = torch.full((batch, heads, 1), layer.seen, device=layer.positions.device)
-        columns = torch.cat([layer.positions, current], dim=-1)  # [B, Hkv, n + 1]
+        if isinstance(layer, StaticSlotLayer):
+            columns = layer.columns()  # [B, Hkv, C]: the incoming token is written into slot `cursor`
+        elif layer.identity:
+            return kwargs
+        else:
+            current = torch.full((batch, heads, 1), layer.seen, device=layer.positions.device)
+            columns = torch.cat([layer.positions, current], dim=-1)  # [B, Hkv, n + 1]
         exists = columns >= 0
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, torch.Tensor):
-            if bool(exists.all()):
+            if not isinstance(layer, StaticSlotLayer) and bool(exists.all()):
                 return kwargs
             remapped = exists[:, :, None, :]
         else:
@@ -231,22 +278,32 @@ class CacheRuntime:
         return (torch.gather(state.valid, 1, positions.clamp(0, state.length - 1)) & in_prompt).sum(1)
 
     def after_decode(self, index: int) -> None:
-        if self.op.every_step:
-            self._evict(index, self._slot_layer(index), after_prefill=False)
+        if not self.op.every_step:
+            return
+        layer = self._slot_layer(index)
+        if isinstance(layer, StaticSlotLayer):  # no gather, no host sync: evicted slots are emptied in place
+            slots = self._slots(layer, after_prefill=False)
+            layer.evict(self.op.keep(slots) | slots.protected)
+        else:
+            self._evict(index, layer, after_prefill=False)
 
-    def _slot_layer(self, index: int) -> SlotLayer:
+    def _slot_layer(self, index: int) -> SlotLayer | StaticSlotLayer:
+        """Layer `index`'s slot layer; the first time (after prefill), its cache evicted into a `SlotLayer`."""
         cache = self._cache
         layer = cache.layers[index]  # type: ignore[attr-defined]
-        if isinstance(layer, SlotLayer):
+        if isinstance(layer, (SlotLayer, StaticSlotLayer)):
             return layer
-        if type(layer) is not DynamicLayer:
-            raise self.error(f"cache {self.op.name} needs a dynamic KV cache, not {type(layer).__name__}")
+        if type(layer) not in (DynamicLayer, StaticLayer):
+            raise self.error(f"cache {self.op.name} needs a dynamic or static KV cache, not {type(layer).__name__}")
         state = self.runtime.state
         assert state is not None
         kept = self.runtime.kept_at_layer.get(index)
         if kept is None:
             kept = torch.arange(state.length, device=layer.keys.device).expand(layer.keys.shape[0], -1)
-        batch, heads = layer.keys.shape[:2]
+        keys, values = layer.keys, layer.values
+        if isinstance(layer, StaticLayer):  # the prefill filled its first slots (after_forward moves them on)
+            keys, values = keys[:, :, :kept.shape[1]], values[:, :, :kept.shape[1]]
+        batch, heads = keys.shape[:2]
         live = self.runtime.live_at_layer.get(index)
         real = torch.gather(state.valid, 1, kept) if live is None else self.runtime.real_rows(index)
         slots = kept if live is None else kept.masked_fill(~live, -1)  # fillers are empty slots
@@ -260,14 +317,13 @@ class CacheRuntime:
                 rotary = torch.gather(state.valid.long().cumsum(1) - 1, 1, kept)
             rotary = rotary.clamp(min=0)[:, None, :].expand(batch, heads, -1).contiguous()
         kind = MixedPrecisionLayer if isinstance(self.op, QuantizingCacheOp) else SlotLayer
-        slot = kind(layer.keys, layer.values, positions, state.length, self.prefill_scores.pop(index, None),
-                         rotary)
+        slot = kind(keys, values, positions, state.length, self.prefill_scores.pop(index, None), rotary)
         slot.prompt_size = real.sum(1)
         cache.layers[index] = slot  # type: ignore[attr-defined]
         self._evict(index, slot, after_prefill=True)
         return slot
 
-    def _slots(self, layer: SlotLayer, after_prefill: bool) -> Slots:
+    def _slots(self, layer: SlotLayer | StaticSlotLayer, after_prefill: bool) -> Slots:
         state = self.runtime.state
         assert state is not None
         positions, length = layer.positions, state.length

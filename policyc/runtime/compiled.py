@@ -184,6 +184,8 @@ class CompiledModel:
                     adapter.decoder.config._attn_implementation = self.runtime.cache.install() or name
                     self._handles.append(self.model.register_forward_pre_hook(self.runtime.cache.on_forward,
                                                                               with_kwargs=True))
+                    self._handles.append(self.model.register_forward_hook(self.runtime.cache.after_forward,
+                                                                          with_kwargs=True))
             for k in range(wrapped_layers[0], len(adapter.decoder_layers)):
                 stages = [s for s in plan.stages if s.kind == "llm" and k in s.layers]
                 inner = adapter.decoder_layers[k]
