@@ -8,7 +8,8 @@
 # `run` installs the carried wheels into /tmp/site and policyc itself editable (never over the image's torch),
 # checks the fused kernels against eager on the GPU and times them (benchmarks/kernel_timings.py), checks the analytic
 # FLOPs against the decoder's time at each kept count (benchmarks/flops_scaling.py), then runs the speed matrix
-# (benchmarks/speed.py) for at most MINUTES minutes (default 6), 64 tokens of every policy first, and leaves
+# (benchmarks/speed.py) for at most MINUTES minutes (default 6), 64 tokens of every policy first, benches FastV on
+# Qwen2.5-VL-7B shapes, and leaves
 # gpu_results.tgz (every table, JSON and the plot), kernels.md and RESULTS.md in $OUT (or benchmarks/ without it).
 # Unpack the archive into benchmarks/ here: `tar xzf gpu_results.tgz -C benchmarks`.
 set -euo pipefail
@@ -43,6 +44,9 @@ case "${1:-}" in
       --json "$out/kernels_gqa_long.json" | tee "$out/kernels_gqa_long.md"
     python3 benchmarks/flops_scaling.py --device cuda --json "$out/flops_scaling.json" | tee "$out/flops_scaling.md"
     python3 benchmarks/speed.py --device cuda --minutes "$minutes" --out "$out/speed" || echo "speed.py failed: $?"
+    # Qwen2.5-VL-7B shapes: FastV at 64 of 576 image tokens per image (its M-RoPE reference in the last row)
+    python3 -c 'from policyc.cli import main; main()' bench --shapes qwen2.5-vl-7b fastv --param ratio=11.1545% \
+      --device cuda --json "$out/qwen_fastv.json" | tee "$out/qwen_fastv.md" || echo "qwen bench failed: $?"
     # the device tool returns at most 8 files: everything in one archive, plus the two tables to read at once
     dest="${OUT:-benchmarks}"
     tar czf "$dest/gpu_results.tgz" -C "$out" .

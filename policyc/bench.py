@@ -71,24 +71,44 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+QWEN_IMAGE_TOKENS = 576  # per synthetic Qwen-VL image: 48 x 48 patches merged 2 x 2 (672 px at 14 px), LLaVA-1.5's
+
+
 def synthetic_inputs(adapter: ModelAdapter, settings: Settings) -> dict[str, torch.Tensor]:
     """`batch` identical prompts of `prompt_len` text tokens (ordinary ids, repeated where the vocabulary is small)
-    around `images` images' tokens (adjacent, in the middle), and
-    random pixel values [batch * images, 3, H, W] at the encoder's size. LLaVA-style models only."""
-    if adapter.family != "llava" or adapter.tokens_per_image is None:
+    around `images` images' tokens (adjacent, in the middle), and random pixel values: [batch * images, 3, H, W] at
+    the encoder's size for LLaVA-style models; Qwen2-VL / Qwen2.5-VL as their processor gives them, each image
+    `<vision_start>`, `QWEN_IMAGE_TOKENS` image tokens and `<vision_end>`, its flattened patches in `pixel_values`,
+    its grid in `image_grid_thw` and `mm_token_type_ids` marking image tokens."""
+    if adapter.family not in ("llava", "qwen2_vl") or (adapter.family == "llava" and adapter.tokens_per_image is None):
         raise PolicyError.at(f"policyc bench does not support the {adapter.family} family yet: it builds "
-                             "LLaVA-style inputs (a fixed number of tokens per image)", None,
-                             "bench a LLaVA model (e.g. `default`, `random` or --shapes llava-1.5-7b)")
+                             "LLaVA-style inputs (a fixed number of tokens per image) and Qwen-VL ones", None,
+                             "bench a LLaVA or Qwen-VL model (e.g. `default`, `random`, --shapes llava-1.5-7b or "
+                             "--shapes qwen2.5-vl-7b)")
     ordinary = text_around(adapter, settings.prompt_len, [])  # distinct ordinary ids, as many as there are
     if not ordinary:
         raise PolicyError.at("this model's vocabulary has no ordinary text ids to build a prompt from", None)
     text = [ordinary[k % len(ordinary)] for k in range(settings.prompt_len)]  # small vocabularies repeat ids
     half = len(text) // 2
-    row = text[:half] + [adapter.image_token_id] * adapter.tokens_per_image * settings.images + text[half:]
-    size = adapter.model.config.vision_config.image_size
-    height, width = (size, size) if isinstance(size, int) else size
     device, dtype = placement(adapter.model)
     generator = torch.Generator().manual_seed(settings.seed)
+    config = adapter.model.config
+    if adapter.family == "qwen2_vl":
+        vision = config.vision_config
+        side = vision.spatial_merge_size * round(QWEN_IMAGE_TOKENS ** 0.5)  # patches per side
+        image = [config.vision_start_token_id, *[adapter.image_token_id] * QWEN_IMAGE_TOKENS,
+                 config.vision_end_token_id]
+        input_ids = torch.tensor([text[:half] + image * settings.images + text[half:]] * settings.batch, device=device)
+        images = settings.batch * settings.images
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        pixels = torch.randn(images * side * side, patch, generator=generator)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "mm_token_type_ids": (input_ids == adapter.image_token_id).long(),
+                "pixel_values": pixels.to(device=device, dtype=dtype),
+                "image_grid_thw": torch.tensor([[1, side, side]] * images, device=device)}
+    row = text[:half] + [adapter.image_token_id] * adapter.tokens_per_image * settings.images + text[half:]
+    size = config.vision_config.image_size
+    height, width = (size, size) if isinstance(size, int) else size
     pixels = torch.randn(settings.batch * settings.images, 3, height, width, generator=generator)
     input_ids = torch.tensor([row] * settings.batch, device=device)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
@@ -226,14 +246,17 @@ def ideal_counts(layers: nn.ModuleList, counts: list[int]) -> Iterator[list[int]
     rotary tables, position ids, mask): the unmodified layers at the policy's token counts, with no scoring or
     selection. Yields the rows each layer actually received in the last prefill."""
     seen = [0] * len(layers)
+    prompt = [0]  # the prompt's full length, as layer 0 receives it (later layers may get cut hidden states)
 
     def hook(index: int) -> Callable[..., tuple[tuple, dict]]:
         def cut(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.shape[1] == 1:  # decoding: unchanged
                 return args, kwargs
-            positions = kwargs.get("position_ids")  # the prompt's full length (earlier layers may have cut hidden)
-            length = positions.shape[-1] if isinstance(positions, torch.Tensor) else hidden.shape[1]
+            if index == 0:
+                prompt[0] = hidden.shape[1]
+            positions = kwargs.get("position_ids")  # None in Qwen-VL's layers: their rotary tables carry positions
+            length = positions.shape[-1] if isinstance(positions, torch.Tensor) else prompt[0]
             count = seen[index] = min(counts[index], hidden.shape[1])
             args = tuple(_slice_rows(a, a.shape[1], count) if a is hidden else _slice_rows(a, length, count)
                          for a in args)

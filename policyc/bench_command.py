@@ -47,12 +47,8 @@ def load_bench_model(model: str | None, shapes: str | None, settings: Settings) 
         if model is not None:
             raise PolicyError.at(f"--shapes {shapes} builds its own model: MODEL ('{model}') cannot be given too",
                                  None, f"policyc bench --shapes {shapes} POLICY")
-        from policyc.models.shapes import build_shape, shape_config
+        from policyc.models.shapes import build_shape
 
-        if shape_config(shapes).model_type != "llava":  # refused before building billions of random weights
-            raise PolicyError.at(f"policyc bench does not support --shapes {shapes} yet: it builds LLaVA-style "
-                                 "inputs (a fixed number of tokens per image)", None,
-                                 "bench --shapes llava-1.5-7b; the config itself builds with policyc.models.shapes")
         return build_shape(shapes, settings.device, dtype), f"shapes:{shapes} (random weights)"
     reference = DEFAULT_NAME if model is None else reference_name(model)
     loaded = load_reference_model(reference, settings.device)
@@ -68,7 +64,7 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     model already built (and its name), e.g. one --shapes model shared by a benchmark matrix, and
     `unmodified_rows` the unmodified rows it measured so far: the row does not depend on the policy, the backend or
     the kernels, so one is measured per other setting and reused."""
-    from policyc.bench_reference import REFERENCES, eager_once, run_reference, unavailable
+    from policyc.bench_reference import eager_once, references, run_reference, unavailable
     from policyc.kernels import fused_on, set_fusion
     from policyc.models import adapt
     from policyc.report import report_from_last_prefill
@@ -132,11 +128,12 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
 
     name = compiled.plan.checked.program.policy.name
     reference = Row("reference")
-    why = unavailable(name, no_reference)
+    why = unavailable(name, no_reference, adapter.family)
     if why is not None:
         reference.note = f"not run: {why}"
     else:
-        reference.note = f"{REFERENCES[name][1]}; no KV cache: prefill/TTFT only (generate to the first token)"
+        reference.note = (f"{references(adapter.family)[name][1]}; no KV cache: prefill/TTFT only (generate to the "
+                          "first token)")
         with eager_once(loaded):
             reference.ttft_s, reference.peak_prefill_bytes, kept, _ = timed(
                 lambda: run_reference(name, loaded, inputs, compiled), device, settings.warmup, settings.repeats)

@@ -94,6 +94,15 @@ def _visionzip(model: Any, inputs: dict[str, torch.Tensor], value: Callable[[str
     return float(filled.sum()) / input_ids.shape[0]
 
 
+def _fastv_mrope(model: Any, inputs: dict[str, torch.Tensor], value: Callable[[str], Any]) -> float:
+    """FastV on Qwen2-VL / Qwen2.5-VL (M-RoPE positions): the last prompt token's attention, as its code does."""
+    n_image = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    _, kept = load("fastv_mrope").fastv_mrope_generate(model, inputs, layer=value("layer"),
+                                                       keep=math.floor(n_image * float(value("ratio"))),
+                                                       max_new_tokens=1)
+    return sum(len(k) for k in kept) / len(kept)
+
+
 REFERENCES: dict[str, tuple[Call, str]] = {
     "fastv": (_fastv, "reference/fastv.py fastv_generate"),
     "pyramiddrop": (_pyramiddrop, "reference/pyramiddrop.py pyramiddrop_generate"),
@@ -101,6 +110,14 @@ REFERENCES: dict[str, tuple[Call, str]] = {
     "random_drop": (_random_drop, "reference/random_drop.py random_drop_generate"),
     "visionzip": (_visionzip, "reference/visionzip.py features + the LLM without a cache"),
 }
+QWEN_REFERENCES: dict[str, tuple[Call, str]] = {  # Qwen2-VL / Qwen2.5-VL: M-RoPE positions
+    "fastv": (_fastv_mrope, "reference/fastv_mrope.py fastv_mrope_generate"),
+}
+
+
+def references(family: str) -> dict[str, tuple[Call, str]]:
+    """The bench's reference implementations for a model family (LLaVA's for every LLaVA-style one)."""
+    return QWEN_REFERENCES if family == "qwen2_vl" else REFERENCES
 
 
 def parameter(compiled: Any, name: str) -> Any:
@@ -116,12 +133,14 @@ def parameter(compiled: Any, name: str) -> Any:
     raise KeyError(name)
 
 
-def unavailable(policy: str, no_reference: bool) -> str | None:
+def unavailable(policy: str, no_reference: bool, family: str = "llava") -> str | None:
     """Why the reference row has no figures, or None when it can run."""
     if no_reference:
         return "--no-reference"
-    if policy not in REFERENCES:
-        return f"no reference implementation of '{policy}' in the bench's table ({', '.join(sorted(REFERENCES))})"
+    table = references(family)
+    if policy not in table:
+        return (f"no reference implementation of '{policy}' for {family} models in the bench's table "
+                f"({', '.join(sorted(table))})")
     if not (reference_dir() / "__init__.py").is_file():
         return f"tests/reference is not next to the package ({reference_dir()}): an installed wheel, not a checkout"
     return None
@@ -132,21 +151,23 @@ def eager_once(model: Any) -> Iterator[Any]:
     """One eager-attention copy of `model`, handed to the references in place of the copy they make per call."""
     fastv = load("fastv")
     copy = fastv.eager_copy(model)
-    modules = [load(name) for name in ("fastv", "staged_drop", "mustdrop")]
-    saved = [m.eager_copy for m in modules]
-    for module in modules:
-        module.eager_copy = lambda _model: copy
+    modules = [(load(name), "eager_copy") for name in ("fastv", "staged_drop", "mustdrop")]
+    modules.append((load("fastv_mrope"), "_eager"))
+    saved = [getattr(m, attribute) for m, attribute in modules]
+    for module, attribute in modules:
+        setattr(module, attribute, lambda _model: copy)
     try:
         yield copy
     finally:
-        for module, original in zip(modules, saved, strict=True):
-            module.eager_copy = original
+        for (module, attribute), original in zip(modules, saved, strict=True):
+            setattr(module, attribute, original)
 
 
 def run_reference(policy: str, model: Any, inputs: dict[str, torch.Tensor], compiled: Any) -> float:
     """One call of `policy`'s reference on `inputs` (to the first token); the image tokens it kept per row."""
-    call, _ = REFERENCES[policy]
+    call, _ = references(compiled.plan.adapter.family)[policy]
     return call(model, inputs, lambda name: parameter(compiled, name))
 
 
-__all__ = ["REFERENCES", "eager_once", "parameter", "reference_dir", "run_reference", "unavailable"]
+__all__ = ["QWEN_REFERENCES", "REFERENCES", "eager_once", "parameter", "reference_dir", "references",
+           "run_reference", "unavailable"]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_idefics3 import tiny_idefics3
 from tiny_models import tiny_qwen2_vl
 
 from policyc.bench import Settings, synthetic_inputs
@@ -125,7 +126,6 @@ def test_a_cache_policy_on_a_static_cache_holds_its_slots_only(tmp_path: Path) -
     (("--shapes", "llava-1.5-7"), "did you mean 'llava-1.5-7b'?"),
     (("random", "fastv", "--shapes", "llava-1.5-7b"), "MODEL ('random') cannot be given too"),
     (("random", "fastvv"), "fastv"),
-    (("--shapes", "qwen2.5-vl-7b"), "does not support --shapes qwen2.5-vl-7b yet"),
 ])
 def test_errors_are_policy_errors(args: tuple[str, ...], message: str) -> None:
     argv = ["bench", *args] if args[0] == "random" else ["bench", "fastv", *args]
@@ -134,8 +134,50 @@ def test_errors_are_policy_errors(args: tuple[str, ...], message: str) -> None:
 
 
 def test_other_families_fail_clearly() -> None:
-    with pytest.raises(PolicyError, match="does not support the qwen2_vl family yet"):
-        synthetic_inputs(adapt(tiny_qwen2_vl()), Settings(batch=1))
+    with pytest.raises(PolicyError, match="does not support the idefics3 family yet"):
+        synthetic_inputs(adapt(tiny_idefics3()), Settings(batch=1))
+
+
+def test_qwen_inputs_are_what_its_processor_gives() -> None:
+    """Per image <vision_start>, 576 image tokens (48 x 48 patches merged 2 x 2) and <vision_end>; the flattened
+    patches, grids and token types Qwen-VL's forward reads."""
+    model = tiny_qwen2_vl(seed=1)
+    config = model.config
+    inputs = synthetic_inputs(adapt(model), Settings(batch=2, images=2, prompt_len=10))
+    ids = inputs["input_ids"]
+    assert ids.shape == (2, 10 + 2 * (576 + 2)) and torch.equal(ids[0], ids[1])
+    assert int((ids[0] == config.vision_start_token_id).sum()) == int((ids[0] == config.vision_end_token_id).sum()) == 2
+    assert torch.equal(inputs["mm_token_type_ids"], (ids == config.image_token_id).long())
+    assert int(inputs["mm_token_type_ids"][0].sum()) == 2 * 576
+    assert inputs["image_grid_thw"].tolist() == [[1, 48, 48]] * 4
+    vision = config.vision_config
+    assert inputs["pixel_values"].shape == (4 * 48 * 48, 3 * vision.temporal_patch_size * vision.patch_size ** 2)
+
+
+def test_bench_of_a_saved_qwen_directory_has_every_row(tmp_path: Path) -> None:
+    """`policyc bench DIR fastv` on a saved tiny Qwen2.5-VL: the ideal row is fed the policy's counts (Qwen's
+    layers take positions in their rotary tables, which the ideal's hooks cut too) and the reference row runs
+    FastV's M-RoPE reference, keeping as many image tokens as the policy."""
+    model = tiny_qwen2_vl(seed=2, version="2.5")
+    model.save_pretrained(tmp_path / "qwen")
+    path = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / "qwen"), "fastv", "--param", "ratio=25%", *TINY,
+                                       "--json", str(path)])
+    assert result.exit_code == 0, result.stderr + result.stdout
+    rows = {row["name"]: row for row in json.loads(path.read_text())["rows"]}
+    length = 8 + 576 + 2
+    assert rows["unmodified"]["image_tokens"] == 576 and rows["unmodified"]["tokens_per_layer"] == [length] * 4
+    assert rows["policy"]["image_tokens"] == rows["ideal"]["image_tokens"] == rows["reference"]["image_tokens"] == 144
+    assert rows["ideal"]["tokens_per_layer"] == rows["policy"]["tokens_per_layer"] == [length] * 2 + [length - 432] * 2
+    assert rows["reference"]["note"].startswith("reference/fastv_mrope.py") and rows["reference"]["ttft_s"] > 0
+    assert rows["policy"]["decode_tokens_per_s"] > 0 and rows["policy"]["kv_bytes"] > 0
+
+
+def test_qwen_shape_inputs_on_the_meta_device() -> None:
+    model = build_shape("qwen2.5-vl-7b", "meta", torch.bfloat16)
+    inputs = synthetic_inputs(adapt(model), Settings(batch=8, images=1))
+    assert inputs["input_ids"].shape == (8, 64 + 578) and inputs["pixel_values"].shape == (8 * 2304, 3 * 2 * 14 * 14)
+    assert inputs["pixel_values"].device.type == "meta"
 
 
 def test_llava_shape_on_the_meta_device() -> None:
