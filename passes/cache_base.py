@@ -9,6 +9,7 @@ slots never take a slot a real token needs.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +46,19 @@ class Slots:
     def candidates(self) -> torch.Tensor:
         """[B, Hkv, n] bool: real, unprotected slots: the ones a budget is spent on."""
         return self.real & ~self.protected
+
+    def reordered(self, order: torch.Tensor) -> Slots:
+        """These slots permuted by `order` ([B, Hkv, n] long, slot indices) in every per-slot field; `newest` (per
+        query head) follows its key/value head's order."""
+        def take(field: torch.Tensor | None) -> torch.Tensor | None:
+            if field is None:
+                return None
+            index = order.repeat_interleave(field.shape[1] // order.shape[1], dim=1)
+            return torch.gather(field, -1, index)
+
+        return dataclasses.replace(self, positions=take(self.positions), real=take(self.real),
+                                   protected=take(self.protected), survives=take(self.survives),
+                                   scores=take(self.scores), newest=take(self.newest))
 
 
 class CacheOp(ABC):
@@ -96,6 +110,12 @@ class CacheOp(ABC):
     @abstractmethod
     def keep(self, slots: Slots) -> torch.Tensor:
         """[B, Hkv, n] bool: which slots stay (protected slots stay whatever this says)."""
+
+    def most_held(self, slots: Slots) -> torch.Tensor | None:
+        """Given a layer's slots right after prefill (evicted), [B, Hkv] the most tokens it can hold after any later
+        decode step's eviction; None (the default): no bound, the cache may grow by a token per step. Static caches
+        size their slot layers by it (one more slot, for the incoming token)."""
+        return None
 
 
 class QuantizingCacheOp(CacheOp):

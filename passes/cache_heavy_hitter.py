@@ -33,3 +33,9 @@ class HeavyHitter(CacheOp):
             slots.scores)
         kept = newest | top(candidates & ~newest, scores, heavy)
         return torch.where(over, kept, torch.ones_like(kept))
+
+    def most_held(self, slots: Slots) -> torch.Tensor:
+        """Candidates never outnumber `heavy + recent` after an eviction, and other slots (protected, padding) never
+        grow: the held non-candidates plus the budget."""
+        others = ((slots.positions >= 0) & ~slots.candidates).sum(-1)
+        return others + (self.budget("heavy", slots) + self.budget("recent", slots))[:, None]

@@ -112,8 +112,8 @@ def test_a_static_cache_is_timed_and_counted_whole(tmp_path: Path) -> None:
 
 def test_a_cache_policy_on_a_static_cache_holds_its_slots_only(tmp_path: Path) -> None:
     """H2O under --cache static decodes from fixed-capacity slot layers and transformers' full static layers release
-    their storage after prefill: 64 slots (H2O's budget after prefill plus the 3 new tokens, rounded up to a bucket)
-    instead of 74 positions."""
+    their storage after prefill: 64 slots (H2O's budget plus the incoming token, rounded up to a bucket) instead of
+    74 positions."""
     result = bench(tmp_path, "h2o", "--cache", "static", "--no-reference")
     rows = result["rows"]
     assert rows["unmodified"]["kv_bytes"] == kv_bytes_in_full(2, 72 + 3 - 1)

@@ -86,23 +86,56 @@ def test_static_equals_dynamic_after_prefill_stages(body: str) -> None:
         assert torch.equal(held(kept), (slots.positions >= 0).sum(-1))  # the same tokens evicted
 
 
-def test_capacity_holds_the_kept_prompt_and_every_token_still_to_generate(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert static_capacity(7, 8, 4096) == 64 and static_capacity(64, 0, 4096) == 64
-    assert static_capacity(1000, 88, 4096) == 1088 and static_capacity(50, 20, 66) == 70  # bucket capped: exact
+def test_capacity_rounds_up_to_a_bucket_within_the_static_length() -> None:
+    assert static_capacity(15, 4096) == 64 and static_capacity(64, 4096) == 64 and static_capacity(1088, 4096) == 1088
+    assert static_capacity(70, 66) == 70 and static_capacity(50, 60) == 60  # never fewer than needed
+
+
+def test_snapkv_holds_its_capacity_and_every_token_still_to_generate(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cache_static, "CAPACITY_BUCKET", 4)
-    model = tiny_llava_clip(seed=1)
-    inputs = make_inputs(model, batch=2, pad_left=2, seed=1)
-    expected = h2o_generate(model, **inputs, heavy=4, recent=3, per_head=True, max_new_tokens=STEPS)
-    compiled(model, "stage decode { cache snapkv(window=2, capacity=6, kernel=3) }")
-    snapkv_result = static(model, inputs)
-    # capacity 6 + max_new_tokens 8, rounded up
-    assert [layer.keys.shape[2] for layer in snapkv_result.past_key_values.layers] == [16] * 4
-    model = tiny_llava_clip(seed=1)
-    compiled(model, H2O)
+    model = tiny_llava_clip(seed=2)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=2)
+    expected = snapkv_generate(model, **inputs, window=3, capacity=10, kernel=3, pool="max", max_new_tokens=STEPS)
+    compiled(model, SNAPKV)
     result = static(model, inputs)
     assert_matches(result, expected, inputs)
-    capacity = -(-(4 + 3 + STEPS) // 4) * 4  # heavy + recent after prefill, then max_new_tokens slots -> 16
-    assert [layer.keys.shape[2] for layer in result.past_key_values.layers] == [capacity] * 4
+    assert [layer.keys.shape[2] for layer in result.past_key_values.layers] == [20] * 4  # 10 + 8, rounded up
+
+
+def test_heavy_hitter_reuses_evicted_slots_for_as_many_tokens_as_generate_makes(monkeypatch: pytest.MonkeyPatch,
+                                                                              ) -> None:
+    """H2O holds at most heavy + recent candidates after each step (`most_held`): its slot layers have that many
+    slots and one for the incoming token, however long generation runs; new tokens go into evicted slots, so slots
+    are out of token order, and H2O still sees them in token order (`recent`, ties). Equal to the plain H2O."""
+    monkeypatch.setattr(cache_static, "CAPACITY_BUCKET", 1)
+    model = tiny_llava_clip(seed=1)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=1)
+    steps = 3 * STEPS
+    expected = h2o_generate(model, **inputs, heavy=4, recent=3, per_head=True, max_new_tokens=steps)
+    compiled(model, H2O)
+    result = model.generate(**inputs, max_new_tokens=steps, do_sample=False, cache_implementation="static",
+                            return_dict_in_generate=True)
+    tokens = result.sequences[:, inputs["input_ids"].shape[1]:]
+    assert torch.equal(tokens, torch.stack([row.tokens for row in expected]))
+    for layer in result.past_key_values.layers:
+        assert layer.keys.shape[2] == 4 + 3 + 1 and bool((held(layer) == 7).all())
+        assert not bool((layer.positions[..., 1:] > layer.positions[..., :-1]).all())  # reused out of order
+
+
+def test_a_layer_out_of_empty_slots_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator holding more than it declared would overwrite a slot: eagerly that is an error. (Here H2O stops
+    evicting after prefill but still declares its bound.)"""
+    from policyc.passes.cache_heavy_hitter import HeavyHitter
+
+    monkeypatch.setattr(cache_static, "CAPACITY_BUCKET", 1)
+    evict = HeavyHitter.keep
+    monkeypatch.setattr(HeavyHitter, "keep", lambda self, slots: evict(self, slots) if slots.after_prefill
+                        else torch.ones_like(slots.real))
+    model = tiny_llava_clip(seed=1)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=1)
+    compiled(model, H2O)
+    with pytest.raises(RuntimeError, match="ran out of empty slots"):
+        static(model, inputs)
 
 
 def test_a_second_request_reuses_the_slot_buffers_in_place() -> None:
@@ -136,7 +169,7 @@ def test_decoding_holds_only_the_slots_and_a_reset_cache_prefills_again() -> Non
         assert all(layer.original.keys is None and not layer.original.is_initialized for layer in layers)
         assert kv_bytes(result.past_key_values) == sum(
             t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
-        assert [layer.keys.shape[2] for layer in layers] == [64] * 4  # 7 kept + the rest of max_cache_len, rounded
+        assert [layer.keys.shape[2] for layer in layers] == [64] * 4  # H2O: 7 held + 1 incoming, rounded up
         cache.reset()
 
 

@@ -153,8 +153,11 @@ class CacheRuntime:
         for index in self.layers:
             original = cache.layers[index]
             compact = self._slot_layer(index)
-            capacity = static_capacity(compact.keys.shape[2], original.get_max_length() - state.length,
-                                       original.get_max_length())
+            needed = compact.keys.shape[2] + original.get_max_length() - state.length  # every token still to come
+            bound = self.op.most_held(self._slots(compact, after_prefill=False)) if self.op.every_step else None
+            if bound is not None:  # and never fewer than the prompt held plus the first new token
+                needed = max(min(needed, int(bound.max()) + 1), compact.keys.shape[2] + 1)
+            capacity = static_capacity(needed, original.get_max_length())
             static = self._static_layers.get(index)
             if static is not None and static.fits(compact, capacity):
                 static.load(original, compact)
@@ -281,9 +284,13 @@ class CacheRuntime:
         if not self.op.every_step:
             return
         layer = self._slot_layer(index)
-        if isinstance(layer, StaticSlotLayer):  # no gather, no host sync: evicted slots are emptied in place
+        if isinstance(layer, StaticSlotLayer):  # no gather of keys, no host sync: evicted slots are emptied in place
             slots = self._slots(layer, after_prefill=False)
-            layer.evict(self.op.keep(slots) | slots.protected)
+            order = torch.where(layer.positions < 0, layer.positions.new_tensor(torch.iinfo(torch.long).max),
+                                layer.positions).argsort(-1)  # token order, empty slots last (as in a SlotLayer)
+            ordered = slots.reordered(order)
+            keep = self.op.keep(ordered) | ordered.protected
+            layer.evict(torch.zeros_like(keep).scatter(-1, order, keep))
         else:
             self._evict(index, layer, after_prefill=False)
 

@@ -2,12 +2,13 @@
 
 With `generate(cache_implementation="static")` on CUDA, transformers compiles each decode step (CUDA graphs), so
 shapes must stay fixed and no step may wait on the device. After prefill (eager, policyc/runtime/cache.py), a layer's
-evicted prompt is copied into a `StaticSlotLayer` of `capacity` slots, enough for the kept prompt plus every token
-generate() may still add, rounded up to a multiple of `CAPACITY_BUCKET` (so nearby prompts share one compiled
-graph). Each decode step writes its token into the next free slot (`cursor`); evictions during decoding empty
-slots (slot map -1) instead of moving keys. transformers' own full-size `StaticLayer` (`original`) then releases
-its keys and values (a prefill that reuses the cache allocates them again): decoding holds and reads `capacity` slots
-per layer instead of `max_cache_len`.
+evicted prompt is copied into a `StaticSlotLayer` of `capacity` slots: enough for every token it can hold at once
+(the kept prompt plus every token generate() may still add, or the operator's bound, `CacheOp.most_held`, plus the
+incoming token), rounded up to a multiple of `CAPACITY_BUCKET` (so nearby prompts share one compiled graph). Each
+decode step writes its token into the first empty slot; evictions during decoding empty slots (slot map -1) instead
+of moving keys, so slots are in no particular order (the operators see them in token order, cache.py). transformers'
+own full-size `StaticLayer` (`original`) releases its keys and values once the prompt is copied (a prefill that
+reuses the cache allocates them again): decoding holds and reads `capacity` slots per layer, not `max_cache_len`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from policyc.runtime.cache_slots import SlotLayer
 CAPACITY_BUCKET = 64
 
 
-def static_capacity(held: int, remaining: int, max_cache_len: int) -> int:
-    """Slots for `held` kept prompt tokens plus `remaining` tokens to generate, rounded up to a bucket (at most
-    `max_cache_len`, which transformers sized for the whole sequence)."""
-    needed = held + remaining
+def static_capacity(needed: int, max_cache_len: int) -> int:
+    """`needed` slots rounded up to a bucket, at most `max_cache_len` (transformers sized it for the whole sequence)
+    unless more are needed."""
     return max(needed, min(-(-needed // CAPACITY_BUCKET) * CAPACITY_BUCKET, max_cache_len))
 
 
@@ -31,7 +31,7 @@ class StaticSlotLayer(CacheLayerMixin):
     """`capacity` slots per key/value head, allocated once and updated in place (static addresses for CUDA graphs).
 
     keys, values: [B, Hkv, C, d]; positions: [B, Hkv, C] long, the token each slot holds (-1: empty); scores:
-    [B, Hkv, C] float or None; seen: 0-dim long, the sequence's tokens; cursor: 0-dim long, the next slot to write.
+    [B, Hkv, C] float or None; seen: 0-dim long, the sequence's tokens. A decode step writes into `free()`.
     """
 
     is_compileable = True
@@ -46,10 +46,9 @@ class StaticSlotLayer(CacheLayerMixin):
         self.scores = None if compact.scores is None else torch.zeros((batch, heads, capacity), device=device,
                                                                           dtype=compact.scores.dtype)
         self.seen = torch.zeros((), dtype=torch.long, device=device)
-        self.cursor = torch.zeros((), dtype=torch.long, device=device)
         self.prompt_size = torch.zeros(batch, dtype=torch.long, device=device)
         self.newest: torch.Tensor | None = None  # [B, H, C] the newest decode query's logits (scores "newest")
-        for tensor in (self.keys, self.values, self.positions, self.seen, self.cursor, self.prompt_size,
+        for tensor in (self.keys, self.values, self.positions, self.seen, self.prompt_size,
                        *(() if self.scores is None else (self.scores,))):
             torch._dynamo.mark_static_address(tensor)
         self.is_initialized = True
@@ -74,7 +73,6 @@ class StaticSlotLayer(CacheLayerMixin):
             self.scores.zero_()
             self.scores[:, :, :count].copy_(compact.scores)
         self.seen.fill_(compact.seen)
-        self.cursor.fill_(count)
         self.prompt_size.copy_(compact.prompt_size)
         self.max_cache_len = int(original.get_max_length())
         original.keys = original.values = None  # the next prefill into this cache allocates them again (lazily)
@@ -83,21 +81,29 @@ class StaticSlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Never called: the buffers are allocated in `__init__`."""
 
+    def free(self) -> torch.Tensor:
+        """[B, Hkv, 1] long: the first empty slot of each key/value head, where the incoming token goes. The capacity
+        leaves one for every step (eagerly, running out is an error; compiled, the check is skipped)."""
+        empty = self.positions < 0
+        if not torch.compiler.is_compiling():
+            torch._assert_async(empty.any(-1).all(), "policyc: a static cache slot layer ran out of empty slots")
+        return empty.to(torch.int8).argmax(-1, keepdim=True)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one decode step's keys and values [B, Hkv, 1, d] into slot `cursor`; returns every slot."""
-        at = self.cursor.view(1)
-        self.keys.index_copy_(2, at, key_states)
-        self.values.index_copy_(2, at, value_states)
-        self.positions.index_copy_(2, at, self.seen.expand(*self.positions.shape[:2], 1))
+        """Write one decode step's keys and values [B, Hkv, 1, d] into each head's first empty slot; returns every
+        slot."""
+        at = self.free()
+        self.keys.scatter_(2, at[..., None].expand_as(key_states), key_states)
+        self.values.scatter_(2, at[..., None].expand_as(value_states), value_states)
+        self.positions.scatter_(2, at, self.seen.expand_as(at))
         self.seen.add_(1)
-        self.cursor.add_(1)
         return self.keys, self.values
 
     def columns(self) -> torch.Tensor:
-        """[B, Hkv, C] the tokens a decode step's query sees: the slot map with the incoming token at `cursor`."""
+        """[B, Hkv, C] the tokens a decode step's query sees: the slot map with the incoming token in `free()`."""
         slot = torch.arange(self.positions.shape[-1], device=self.positions.device)
-        return torch.where(slot == self.cursor, self.seen, self.positions)
+        return torch.where(slot == self.free(), self.seen, self.positions)
 
     def evict(self, keep: torch.Tensor) -> None:
         """Empty the slots `keep` ([B, Hkv, C] bool) leaves out, in place (their keys stay, masked)."""
@@ -108,7 +114,6 @@ class StaticSlotLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.positions.fill_(-1)
         self.seen.zero_()
-        self.cursor.zero_()
 
     def get_seq_length(self) -> torch.Tensor:  # type: ignore[override]
         return self.seen
