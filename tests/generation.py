@@ -18,3 +18,24 @@ def assert_rows_equal_single_runs(generate: Callable[[dict], object], inputs: di
         assert torch.equal(batched.sequences[row, -steps:], alone.sequences[0, -steps:])  # type: ignore[attr-defined]
         for a, b in zip(batched.scores, alone.scores, strict=True):  # type: ignore[attr-defined]
             torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-5)
+
+
+def assert_one_compiled_decode_graph(model: torch.nn.Module, inputs: dict, expected: torch.Tensor,
+                                     **options: object) -> None:
+    """transformers' auto-compile of static-cache decode steps (on CUDA: mode reduce-overhead, CUDA graphs), turned
+    on for CPU with dynamo's eager backend (the graphs inductor would compile, without code generation): two
+    requests generate `expected` (token ids), in one graph with no break, and no step or second request compiles
+    again. `options`: generate()'s (max_new_tokens, ...), static cache and greedy decoding added here."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="eager", mode=None, dynamic=False)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            out = model.generate(**inputs, **options, do_sample=False, cache_implementation="static",
+                                 compile_config=config)
+            assert torch.equal(getattr(out, "sequences", out), expected)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

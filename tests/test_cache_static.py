@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generation import assert_one_compiled_decode_graph
 from reference.cache_loop import Stage
 from reference.h2o import h2o_generate
 from reference.regather import regather_generate
 from reference.snapkv import snapkv_generate
 from test_cache_policies import STEPS, assert_matches, compiled, generate
 from tiny_models import make_inputs, tiny_llava_clip
-from torch._dynamo.utils import counters
-from transformers import CompileConfig, StaticCache
+from transformers import StaticCache
 
 from policyc.bench import kv_bytes
 from policyc.errors import PolicyError
@@ -54,17 +54,6 @@ def test_heavy_hitter_on_a_static_cache_equals_h2o(per_head: bool) -> None:
     assert all(bool((held(layer) == 7).all()) for layer in layers)  # heavy + recent after every step
 
 
-def test_snapkv_on_a_static_cache_equals_the_reference() -> None:
-    model = tiny_llava_clip(seed=2)
-    inputs = make_inputs(model, batch=2, pad_left=2, seed=2)
-    expected = snapkv_generate(model, **inputs, window=3, capacity=10, kernel=3, pool="max", max_new_tokens=STEPS)
-    compiled(model, SNAPKV)
-    result = static(model, inputs)
-    assert_matches(result, expected, inputs)
-    for layer in result.past_key_values.layers:  # the capacity, then every generated token but the last
-        assert bool((held(layer) == 10 + STEPS - 1).all())
-
-
 def test_regather_after_prefill_stages_on_a_static_cache_equals_mustdrop() -> None:
     model = tiny_llava_clip(seed=3)
     inputs = make_inputs(model, batch=2, pad_left=2, seed=3)
@@ -91,7 +80,8 @@ def test_capacity_rounds_up_to_a_bucket_within_the_static_length() -> None:
     assert static_capacity(70, 66) == 70 and static_capacity(50, 60) == 60  # never fewer than needed
 
 
-def test_snapkv_holds_its_capacity_and_every_token_still_to_generate(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_snapkv_on_a_static_cache_equals_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SnapKV evicts once: its slot layers hold its capacity and every token still to generate."""
     monkeypatch.setattr(cache_static, "CAPACITY_BUCKET", 4)
     model = tiny_llava_clip(seed=2)
     inputs = make_inputs(model, batch=2, pad_left=2, seed=2)
@@ -99,7 +89,8 @@ def test_snapkv_holds_its_capacity_and_every_token_still_to_generate(monkeypatch
     compiled(model, SNAPKV)
     result = static(model, inputs)
     assert_matches(result, expected, inputs)
-    assert [layer.keys.shape[2] for layer in result.past_key_values.layers] == [20] * 4  # 10 + 8, rounded up
+    for layer in result.past_key_values.layers:  # the capacity, then every generated token but the last
+        assert layer.keys.shape[2] == 20 and bool((held(layer) == 10 + STEPS - 1).all())  # 10 + 8, rounded up
 
 
 def test_heavy_hitter_reuses_evicted_slots_for_as_many_tokens_as_generate_makes(monkeypatch: pytest.MonkeyPatch,
@@ -175,20 +166,12 @@ def test_decoding_holds_only_the_slots_and_a_reset_cache_prefills_again() -> Non
 
 @pytest.mark.parametrize("body", [H2O, SNAPKV, IMPORTANCE, FASTV_H2O])
 def test_a_static_cache_policy_decodes_in_one_compiled_graph(body: str) -> None:
-    """transformers' auto-compile of static-cache decode steps (on CUDA: mode reduce-overhead, CUDA graphs), made
-    to run on CPU: one graph, no break and no recompilation over steps and requests, the uncompiled tokens."""
+    """transformers' compiled decode step (its CUDA-graph path, run on CPU): one graph, no break and no
+    recompilation over steps and requests, the uncompiled tokens."""
     model = tiny_llava_clip(seed=6)
     inputs = make_inputs(model, batch=2, pad_left=2, seed=6)
     compiled(model, body)
-    expected = static(model, inputs).sequences
-    config = CompileConfig(backend="eager", mode=None, dynamic=False)
-    config._compile_all_devices = True
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(2):
-            assert torch.equal(static(model, inputs, compile_config=config).sequences, expected)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert_one_compiled_decode_graph(model, inputs, static(model, inputs).sequences, max_new_tokens=STEPS)
 
 
 @pytest.mark.parametrize(("statement", "reason"), [

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generation import assert_one_compiled_decode_graph
 from reference.fastv import fastv_generate
 from reference.random_drop import random_drop_generate
 from test_drop_before_llm import PASS_THROUGH, KeptSlots, greedy, slots_from_rows
 from test_runtime import IDENTITY, TWO_STAGES, policy
 from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip
-from torch._dynamo.utils import counters
-from transformers import CompileConfig
 
 from policyc.runtime import compile_model
 
@@ -104,13 +103,4 @@ def test_a_static_cache_decodes_in_one_compiled_graph(text: str) -> None:
     inputs = make_inputs(model, batch=2, pad_left=2, seed=3)
     compile_model(model, policy(text))
     expected = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")
-    config = CompileConfig(backend="eager", mode=None, dynamic=False)
-    config._compile_all_devices = True
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):  # no step and no second request compiles again
-        for _ in range(2):
-            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static",
-                                 compile_config=config)
-            assert torch.equal(out, expected)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert_one_compiled_decode_graph(model, inputs, expected, max_new_tokens=6)

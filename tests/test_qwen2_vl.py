@@ -13,6 +13,7 @@ from family_checks import (
     assert_identity_is_bit_exact,
     assert_saved_directory_compiles,
 )
+from generation import assert_one_compiled_decode_graph
 from reference.divprune import divprune_keep
 from reference.fastv_mrope import fastv_mrope_generate, mrope_positions, projector_mrope_generate
 from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, qwen_single_row, tiny_qwen2_vl
@@ -213,21 +214,10 @@ def test_a_static_cache_equals_the_dynamic_one_and_decodes_in_one_compiled_graph
     full-attention one). A padded batch decodes as with a dynamic cache (H2O from static slot layers); and
     transformers' compiled decode step (its CUDA path, turned on for CPU with dynamo's eager backend) is one graph
     that no step or request recompiles."""
-    from torch._dynamo.utils import counters
-    from transformers import CompileConfig
-
     model = tiny_qwen2_vl(seed=1, version=version)
     inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2)
     policyc.compile(model, policy)
     dynamic = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static"),
                        dynamic)
-    config = CompileConfig(backend="eager", mode=None, dynamic=False)
-    config._compile_all_devices = True
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(2):
-            assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False,
-                                              cache_implementation="static", compile_config=config), dynamic)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert_one_compiled_decode_graph(model, inputs, dynamic, max_new_tokens=5)
