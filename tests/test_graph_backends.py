@@ -98,11 +98,22 @@ def test_unknown_backend_is_a_clear_error() -> None:
 
 
 
+def test_every_decode_step_runs_one_decode_graph() -> None:
+    """The first decode step is captured with the generated-token count as a dynamic size, not specialized to 1
+    (which compiled a second decode graph at the second step: a padded batch remaps its mask columns)."""
+    model = tiny_llava_clip(seed=5)
+    compiled = compile_model(model, policy(FASTV), backend="fx")
+    for seed, images in ((0, 1), (1, 2)):
+        with torch.no_grad():
+            model.generate(**make_inputs(model, batch=2, pad_left=2, seed=seed, images=images), min_new_tokens=5,
+                           max_new_tokens=5, do_sample=False)
+    assert [graph.phase for graph in compiled.graphs] == ["prefill", "decode"]
+
+
 def test_inductor_compiles_nothing_new_for_prompts_keeping_other_counts() -> None:
     """Prompts of 1, 2 and 3 images keep 8, 16 and 24 image tokens: the prompt length and the kept length are
-    dynamic sizes in the compiled prefill and decode graphs, so after the first prompt (its prefill graph, its first
-    decode step's graph and the later steps' graph: the cache's layout changes after one step) no prompt compiles
-    anything; the kept tokens are those the eager backend keeps."""
+    dynamic sizes in the compiled prefill and decode graphs, so after the first prompt (its prefill graph and its
+    decode graph) no prompt compiles anything; the kept tokens are those the eager backend keeps."""
     from torch._dynamo.utils import counters
 
     def decode_four(inputs: dict) -> None:  # every prompt decodes 4 steps

@@ -82,8 +82,11 @@ def key_columns(kept: torch.Tensor, length: int, width: int, static: bool) -> tu
     """
     dropped = length - kept.shape[1]
     slots = width if static else width - dropped
-    generated = torch.arange(length, length + slots - kept.shape[1], device=kept.device)
-    columns = torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1)
+    # slot j >= K (the kept count) holds generated token j - K, at column length + j - K; built without expanding
+    # the generated tokens' arange, which would specialize a compiled decode step to its first token (a size-1 dim)
+    slot = torch.arange(slots, device=kept.device)[None, :]
+    padded = torch.nn.functional.pad(kept, (0, slots - kept.shape[1]))
+    columns = torch.where(slot < kept.shape[1], padded, slot - kept.shape[1] + length)
     return columns.clamp(max=width - 1), columns < width
 
 
