@@ -52,21 +52,29 @@ def params(policy: str, budget: int, image_tokens: int) -> dict[str, str]:
 
 
 def configurations(args: argparse.Namespace, image_tokens: int) -> list[dict[str, Any]]:
-    """Every (policy, budget, backend) of the matrix the options select, then the long-context decode pair."""
+    """Every (policy, budget, backend) of the matrix the options select. After the first block (every policy at
+    the first budget and backend) come the batch-1 pair and the long-context decode pair: each is a target of its
+    own, so a short lease (`--minutes`) reaches them before the other budgets and backends."""
     runs = [{"policy": p, "budget": b, "backend": backend, "params": params(p, b, image_tokens), "images": 1}
             for backend in args.backends for b in args.budgets for p in args.policies]
-    if args.batch1:  # launch-bound batch 1, dynamic then static cache (CUDA graphs), after the first 64-token runs
-        first = next((c for c in runs if c["policy"] == args.policies[0]), None)
-        if first is not None:
-            pairs = [{**first, "batch": 1, "cache": cache} for cache in ("dynamic", "static")]
-            at = sum(1 for c in runs if c["budget"] == first["budget"] and c["backend"] == first["backend"])
-            runs[at:at] = pairs
+    extra: list[dict[str, Any]] = []
+    if args.batch1 and runs:  # launch-bound batch 1, dynamic then static cache (CUDA graphs)
+        extra += [{**runs[0], "batch": 1, "cache": cache} for cache in ("dynamic", "static")]
     if args.long_context:  # a growing cache, then transformers' compiled static-cache decode (CUDA graphs)
         capacity = 128 if args.tiny else 1024
-        runs += [{"policy": "snapkv", "budget": capacity, "backend": "eager", "images": 8, "cache": cache,
-                  "params": {"capacity": str(capacity), "window": "32" if not args.tiny else "16"}}
-                 for cache in ("dynamic", "static")]
-    return runs
+        extra += [{"policy": "snapkv", "budget": capacity, "backend": "eager", "images": 8, "cache": cache,
+                   "params": {"capacity": str(capacity), "window": "32" if not args.tiny else "16"}}
+                  for cache in ("dynamic", "static")]
+    at = len(args.policies) if runs else 0
+    return runs[:at] + extra + runs[at:]
+
+
+def run_name(config: dict[str, Any]) -> str:
+    """A configuration's name, that of its JSON in OUT/runs: policy-budget-backend-Nimg[-batchB-cache|-static]."""
+    name = f"{config['policy']}-{config['budget']}-{config['backend']}-{config['images']}img"
+    if "batch" in config:
+        return f"{name}-batch{config['batch']}-{config['cache']}"
+    return f"{name}-static" if config.get("cache") == "static" else name
 
 
 def run_matrix(args: argparse.Namespace) -> None:
@@ -84,15 +92,11 @@ def run_matrix(args: argparse.Namespace) -> None:
     for done, config in enumerate(todo):
         if done and args.minutes is not None and time.monotonic() - started > args.minutes * 60:
             print(f"--minutes {args.minutes} passed: {len(todo) - done} configuration(s) not run: "
-                  + ", ".join(f"{c['policy']}-{c['budget']}-{c['backend']}" for c in todo[done:]))
+                  + ", ".join(run_name(c) for c in todo[done:]))
             break
         settings = Settings(**{**vars(base), "backend": config["backend"], "images": config["images"],
                                "batch": config.get("batch", base.batch), "cache": config.get("cache", "dynamic")})
-        name = f"{config['policy']}-{config['budget']}-{config['backend']}-{config['images']}img"
-        if "batch" in config:
-            name += f"-batch{config['batch']}-{config['cache']}"
-        elif config.get("cache") == "static":
-            name += "-static"
+        name = run_name(config)
         assignments = {k: parse_value(v, k) for k, v in config["params"].items()}
         result = bench_command(None, config["policy"], settings=settings, assignments=assignments,
                                no_reference=config["images"] > 1 or args.no_reference, preloaded=preloaded,

@@ -251,13 +251,13 @@ def test_speed_script_long_context_pair_saves_the_evicted_share(tmp_path: Path) 
 
 
 def test_speed_script_starts_nothing_past_its_minutes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--minutes 0: the first configuration runs (64 tokens first), the others are named as not run, and the report
-    holds the one that finished; the JSON says which kernels ran."""
+    """--minutes 0: the first configuration runs (64 tokens first, then the batch-1 and long-context pairs), the
+    others are named as not run, and the report holds the one that finished; the JSON says which kernels ran."""
     _speed_script().main(["--tiny", "--out", str(tmp_path), "--policies", "fastv", "visionzip", "--budgets", "64",
-                          "128", "--backends", "eager", "--no-long-context", "--no-reference", "--minutes", "0",
-                          "--kernels", "off", "--no-batch1"])
-    assert "3 configuration(s) not run: visionzip-64-eager, fastv-128-eager, visionzip-128-eager" in \
-        capsys.readouterr().out
+                          "128", "--backends", "eager", "--no-reference", "--minutes", "0", "--kernels", "off"])
+    assert ("7 configuration(s) not run: visionzip-64-eager-1img, fastv-64-eager-1img-batch1-dynamic, "
+            "fastv-64-eager-1img-batch1-static, snapkv-128-eager-8img, snapkv-128-eager-8img-static, "
+            "fastv-128-eager-1img, visionzip-128-eager-1img") in capsys.readouterr().out
     runs = list((tmp_path / "runs").glob("*.json"))
     assert [p.name for p in runs] == ["fastv-64-eager-1img.json"]
     assert json.loads(runs[0].read_text())["kernels"] == "eager"
