@@ -46,7 +46,7 @@ case "${1:-}" in
     python3 benchmarks/speed.py --device cuda --minutes "$minutes" --out "$out/speed" || echo "speed.py failed: $?"
     # Qwen2.5-VL-7B shapes: FastV at 64 of 576 image tokens per image (its M-RoPE reference in the last row)
     python3 -c 'from policyc.cli import main; main()' bench --shapes qwen2.5-vl-7b fastv --param ratio=11.1545% \
-      --device cuda --json "$out/qwen_fastv.json" | tee "$out/qwen_fastv.md" || echo "qwen bench failed: $?"
+      --device cuda --warmup 1 --repeats 3 --json "$out/qwen_fastv.json" | tee "$out/qwen_fastv.md" || echo "qwen bench failed: $?"
     # the device tool returns at most 8 files: everything in one archive, plus the two tables to read at once
     dest="${OUT:-benchmarks}"
     tar czf "$dest/gpu_results.tgz" -C "$out" .
