@@ -58,8 +58,10 @@ def configurations(args: argparse.Namespace, image_tokens: int) -> list[dict[str
     runs = [{"policy": p, "budget": b, "backend": backend, "params": params(p, b, image_tokens), "images": 1}
             for backend in args.backends for b in args.budgets for p in args.policies]
     extra: list[dict[str, Any]] = []
-    if args.batch1 and runs:  # launch-bound batch 1, dynamic then static cache (CUDA graphs)
-        extra += [{**runs[0], "batch": 1, "cache": cache} for cache in ("dynamic", "static")]
+    if args.batch1 and runs:  # launch-bound batch 1: dynamic then static cache (CUDA-graph decode), then with
+        extra += [{**runs[0], "batch": 1, "cache": cache} for cache in ("dynamic", "static")]  # a compiled prefill
+        if "inductor" in args.backends:
+            extra += [{**runs[0], "backend": "inductor", "batch": 1, "cache": "static"}]
     if args.long_context:  # a growing cache, then transformers' compiled static-cache decode (CUDA graphs)
         capacity = 128 if args.tiny else 1024
         extra += [{"policy": "snapkv", "budget": capacity, "backend": "eager", "images": 8, "cache": cache,
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Also run SnapKV decoding at 8 images with a 1024-token cache.")
     parser.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=True,
                         help="Also run the first policy's 64-token setting at batch 1, with a dynamic and a static "
-                        "cache (on CUDA transformers compiles static-cache decode steps: CUDA graphs).")
+                        "cache (on CUDA transformers compiles static-cache decode steps: CUDA graphs), and with "
+                        "inductor's prefill and a static cache where inductor is among the backends.")
     parser.add_argument("--report-only", action="store_true", help="Rebuild RESULTS.md and the plot from OUT/runs.")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke run: policyc:random, float32, batch 2, 8 text tokens, 3 new tokens, 1 run.")

@@ -20,12 +20,13 @@ def assert_rows_equal_single_runs(generate: Callable[[dict], object], inputs: di
             torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-5)
 
 
-def assert_one_compiled_decode_graph(model: torch.nn.Module, inputs: dict, expected: torch.Tensor,
+def assert_one_compiled_decode_graph(model: torch.nn.Module, inputs: dict, expected: torch.Tensor, graphs: int = 1,
                                      **options: object) -> None:
     """transformers' auto-compile of static-cache decode steps (on CUDA: mode reduce-overhead, CUDA graphs), turned
     on for CPU with dynamo's eager backend (the graphs inductor would compile, without code generation): two
     requests generate `expected` (token ids), in one graph with no break, and no step or second request compiles
-    again. `options`: generate()'s (max_new_tokens, ...), static cache and greedy decoding added here."""
+    again. `graphs`: every graph compiled (a graph backend adds its prefill graph). `options`: generate()'s
+    (max_new_tokens, ...); static cache and greedy decoding are added here."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
@@ -38,4 +39,4 @@ def assert_one_compiled_decode_graph(model: torch.nn.Module, inputs: dict, expec
             out = model.generate(**inputs, **options, do_sample=False, cache_implementation="static",
                                  compile_config=config)
             assert torch.equal(getattr(out, "sequences", out), expected)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]

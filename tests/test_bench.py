@@ -4,6 +4,7 @@ meta device. No timing assertion: only that times were measured (positive), neve
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,20 @@ def test_speed_script_long_context_pair_saves_the_evicted_share(tmp_path: Path) 
     evicted = f"{(1 - (128 + 2) / (520 + 2)) * 100:.1f}% of positions evicted"
     assert f"KV memory saved {evicted.split('%')[0]}% against {evicted}" in lines[0]
     assert f"KV memory saved {(1 - 192 / (520 + 2)) * 100:.1f}% against {evicted}" in lines[1]
+
+
+def test_speed_matrix_order_puts_the_targets_of_their_own_after_the_first_budget() -> None:
+    """Every policy at the first budget and backend; the batch-1 runs (eager with a dynamic and a static cache, then
+    inductor's compiled prefill with a static cache); the long-context pair; then the rest of the matrix."""
+    speed = _speed_script()
+    args = argparse.Namespace(policies=["fastv", "visionzip"], budgets=[64, 128], backends=["eager", "inductor"],
+                              batch1=True, long_context=True, tiny=False)
+    names = [speed.run_name(config) for config in speed.configurations(args, 576)]
+    assert names[:7] == ["fastv-64-eager-1img", "visionzip-64-eager-1img", "fastv-64-eager-1img-batch1-dynamic",
+                         "fastv-64-eager-1img-batch1-static", "fastv-64-inductor-1img-batch1-static",
+                         "snapkv-1024-eager-8img", "snapkv-1024-eager-8img-static"]
+    assert names[7:] == [f"{p}-{b}-{backend}-1img" for backend in ("eager", "inductor") for b in (64, 128)
+                         for p in ("fastv", "visionzip")][2:]
 
 
 def test_speed_script_starts_nothing_past_its_minutes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generation import assert_one_compiled_decode_graph
 from test_runtime import FASTV, TWO_STAGES, policy
 from tiny_models import make_inputs, tiny_llava_clip
 
@@ -96,6 +97,19 @@ def test_unknown_backend_is_a_clear_error() -> None:
     with pytest.raises(PolicyError, match="unknown backend 'tvm'"):
         compile_model(tiny_llava_clip(), policy(FASTV), backend="tvm")  # type: ignore[arg-type]
 
+
+
+def test_transformers_compiled_static_cache_decode_traces_through_the_graph_backend() -> None:
+    """With a static cache, transformers compiles the decode step itself (CUDA graphs on a GPU): the graph backend's
+    compiled decoder is traced there as plain code (no break at its config patch), so decoding is one graph next to
+    the backend's prefill graph, and generates what the eager backend does."""
+    model = tiny_llava_clip(seed=4)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=4)
+    eager = compile_model(model, policy(FASTV))
+    expected = model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    eager.remove()
+    compile_model(model, policy(FASTV), backend="fx")
+    assert_one_compiled_decode_graph(model, inputs, expected, graphs=2, max_new_tokens=5)
 
 
 def test_every_decode_step_runs_one_decode_graph() -> None:

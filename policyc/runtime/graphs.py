@@ -76,9 +76,12 @@ def _phase(graph: fx.Graph, ctx: GraphContext) -> Phase | None:
 
 def compile_decoder(decoder: torch.nn.Module, backend: GraphBackend) -> Callable[[], None]:
     """Route `decoder`'s forward through torch.compile with `backend`; returns the undo."""
-    compiled = torch.compile(decoder.forward, backend=backend, dynamic=True)
+    inner = decoder.forward
+    compiled = torch.compile(inner, backend=backend, dynamic=True)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # inside another compiled region (transformers' compiled static-cache
+            return inner(*args, **kwargs)  # decode step): traced there, without a graph break at the patch below
         # policyc::llm_stage returns as many rows as the stages keep: a data-dependent size.
         with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
             return compiled(*args, **kwargs)
