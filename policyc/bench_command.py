@@ -128,7 +128,7 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
 
     name = compiled.plan.checked.program.policy.name
     reference = Row("reference")
-    why = unavailable(name, no_reference, adapter.family)
+    why = unavailable(name, no_reference, adapter.family, compiled)
     if why is not None:
         reference.note = f"not run: {why}"
     else:

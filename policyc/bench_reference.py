@@ -133,14 +133,16 @@ def parameter(compiled: Any, name: str) -> Any:
     raise KeyError(name)
 
 
-def unavailable(policy: str, no_reference: bool, family: str = "llava") -> str | None:
-    """Why the reference row has no figures, or None when it can run."""
+def unavailable(policy: str, no_reference: bool, family: str = "llava", compiled: Any = None) -> str | None:
+    """Why the reference row has no figures, or None when it can run (`compiled`: the policy, for its values)."""
     if no_reference:
         return "--no-reference"
     table = references(family)
     if policy not in table:
         return (f"no reference implementation of '{policy}' for {family} models in the bench's table "
                 f"({', '.join(sorted(table))})")
+    if table is QWEN_REFERENCES and compiled is not None and parameter(compiled, "rows") != "last":
+        return "the M-RoPE FastV reference scores by the last prompt token only (rows=last)"
     if not (reference_dir() / "__init__.py").is_file():
         return f"tests/reference is not next to the package ({reference_dir()}): an installed wheel, not a checkout"
     return None

@@ -174,6 +174,21 @@ def test_bench_of_a_saved_qwen_directory_has_every_row(tmp_path: Path) -> None:
     assert rows["policy"]["decode_tokens_per_s"] > 0 and rows["policy"]["kv_bytes"] > 0
 
 
+def test_the_qwen_fastv_reference_runs_only_what_it_implements() -> None:
+    """FastV's M-RoPE reference scores by the last prompt token: `rows=all` leaves the reference row out, saying
+    why, rather than timing a different method."""
+    import policyc
+    from policyc.bench_reference import unavailable
+
+    model = tiny_qwen2_vl(seed=1)
+    policyc.compile(model, "fastv", rows="all")
+    assert unavailable("fastv", False, "qwen2_vl", model.policyc) == \
+        "the M-RoPE FastV reference scores by the last prompt token only (rows=last)"
+    policyc.compile(model, "fastv")
+    assert unavailable("fastv", False, "qwen2_vl", model.policyc) is None
+    assert unavailable("pyramiddrop", False, "qwen2_vl").startswith("no reference implementation of 'pyramiddrop'")
+
+
 def test_qwen_shape_inputs_on_the_meta_device() -> None:
     model = build_shape("qwen2.5-vl-7b", "meta", torch.bfloat16)
     inputs = synthetic_inputs(adapt(model), Settings(batch=8, images=1))
