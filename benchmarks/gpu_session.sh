@@ -32,7 +32,15 @@ case "${1:-}" in
   run)
     minutes="${2:-6}"
     out=/tmp/policyc-gpu
+    dest="${OUT:-benchmarks}"
     mkdir -p "$out"
+    # the device tool returns at most 8 files: everything in one archive, refreshed after each step (a command
+    # stopped at its time limit still returns what it had), plus the two tables to read at once
+    snapshot() {
+      tar czf "$dest/gpu_results.tgz" -C "$out" .
+      cp "$out/kernels.md" "$dest/" 2>/dev/null || true
+      cp "$out/speed/RESULTS.md" "$dest/" 2>/dev/null || true
+    }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     # editable: bench's reference row imports tests/reference from the checkout policyc runs from
@@ -43,14 +51,14 @@ case "${1:-}" in
     python3 benchmarks/kernel_timings.py --device cuda --kv-heads 4 --length 4096 --batch 2 \
       --json "$out/kernels_gqa_long.json" | tee "$out/kernels_gqa_long.md"
     python3 benchmarks/flops_scaling.py --device cuda --json "$out/flops_scaling.json" | tee "$out/flops_scaling.md"
+    snapshot
     python3 benchmarks/speed.py --device cuda --minutes "$minutes" --out "$out/speed" || echo "speed.py failed: $?"
+    snapshot
     # Qwen2.5-VL-7B shapes: FastV at 64 of 576 image tokens per image (its M-RoPE reference in the last row)
-    python3 -c 'from policyc.cli import main; main()' bench --shapes qwen2.5-vl-7b fastv --param ratio=11.1545% \
-      --device cuda --warmup 1 --repeats 3 --json "$out/qwen_fastv.json" | tee "$out/qwen_fastv.md" || echo "qwen bench failed: $?"
-    # the device tool returns at most 8 files: everything in one archive, plus the two tables to read at once
-    dest="${OUT:-benchmarks}"
-    tar czf "$dest/gpu_results.tgz" -C "$out" .
-    cp "$out/kernels.md" "$dest/" && cp "$out/speed/RESULTS.md" "$dest/" 2>/dev/null || true
+    timeout 150 python3 -c 'from policyc.cli import main; main()' bench --shapes qwen2.5-vl-7b fastv \
+      --param ratio=11.1545% --device cuda --warmup 1 --repeats 3 --json "$out/qwen_fastv.json" \
+      | tee "$out/qwen_fastv.md" || echo "qwen bench failed or timed out: $?"
+    snapshot
     ;;
   *)
     echo "usage: bash benchmarks/gpu_session.sh wheels | run [MINUTES]" >&2
