@@ -8,10 +8,12 @@
 # `run` installs the carried wheels into /tmp/site and policyc itself editable (never over the image's torch),
 # checks the fused kernels against eager on the GPU and times them (benchmarks/kernel_timings.py), checks the analytic
 # FLOPs against the decoder's time at each kept count (benchmarks/flops_scaling.py), then runs the speed matrix
-# (benchmarks/speed.py) for at most MINUTES minutes (default 6), 64 tokens of every policy first, benches FastV on
-# Qwen2.5-VL-7B shapes, and leaves
-# gpu_results.tgz (every table, JSON and the plot), kernels.md and RESULTS.md in $OUT (or benchmarks/ without it).
-# Unpack the archive into benchmarks/ here: `tar xzf gpu_results.tgz -C benchmarks`.
+# (benchmarks/speed.py) starting configurations for MINUTES minutes (default 6), 64 tokens of every policy first,
+# benches FastV on Qwen2.5-VL-7B shapes, and leaves gpu_results.tgz (every table, JSON and the plot), kernels.md and
+# RESULTS.md in $OUT (or benchmarks/ without it), refreshed after each step. Estimated (no GPU run yet): about
+# MINUTES + 6 minutes at most (install, kernels and FLOPs 1-2, the last speed configuration up to 2, Qwen up to
+# 2.5), so under a 10-minute command limit pass 3 or 4. Unpack the archive here: `tar xzf gpu_results.tgz -C
+# benchmarks`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -52,7 +54,9 @@ case "${1:-}" in
       --json "$out/kernels_gqa_long.json" | tee "$out/kernels_gqa_long.md"
     python3 benchmarks/flops_scaling.py --device cuda --json "$out/flops_scaling.json" | tee "$out/flops_scaling.md"
     snapshot
-    python3 benchmarks/speed.py --device cuda --minutes "$minutes" --out "$out/speed" || echo "speed.py failed: $?"
+    # --minutes stops starting configurations; the timeout stops the last one (its JSON is then missing)
+    timeout $((minutes * 60 + 120)) python3 benchmarks/speed.py --device cuda --minutes "$minutes" --out "$out/speed" \
+      || { echo "speed.py failed or timed out: $?"; python3 benchmarks/speed.py --report-only --out "$out/speed"; }
     snapshot
     # Qwen2.5-VL-7B shapes: FastV at 64 of 576 image tokens per image (its M-RoPE reference in the last row)
     timeout 150 python3 -c 'from policyc.cli import main; main()' bench --shapes qwen2.5-vl-7b fastv \
