@@ -38,6 +38,8 @@ class Settings:
     seed: int = 0
     kernels: str = "auto"  # policyc's kernels: fused by torch.compile (on), eager (off), fused on CUDA only (auto)
     cache: str = "dynamic"  # generate()'s KV cache; "static": on CUDA, transformers compiles decode steps (CUDA graphs)
+    # torch.compile mode of every row's whole forward ("none": not compiled; "reduce-overhead": CUDA graphs on CUDA)
+    compile: str = "none"
 
     @property
     def generate_options(self) -> dict[str, Any]:
@@ -61,6 +63,8 @@ class Row:
     tokens_per_layer: list[int] = field(default_factory=list)  # rows each LLM layer processed in prefill
     flops_share: float | None = None  # analytic prefill FLOPs over the unmodified model's
     recompiles: int | None = None  # graphs torch._dynamo compiled during the timed runs (inductor; after warmup)
+    # --compile reduce-overhead: compiled graphs inductor left without CUDA graphs (its cudagraph_skips counter)
+    cudagraph_skips: int | None = None
     speedup: dict[str, float] = field(default_factory=dict)  # e.g. prefill_vs_unmodified
 
     def to_json(self) -> dict[str, Any]:
@@ -201,8 +205,9 @@ def measure(row: Row, model: Any, inputs: dict[str, torch.Tensor], settings: Set
         graphs += more
         span = statistics.median(spans[settings.warmup:])
         row.decode_tokens_per_s = batch * (settings.gen_len - 1) / span if span > 0 else None
-    if settings.backend != "eager" or (settings.cache == "static" and device.type == "cuda"):
-        row.recompiles = graphs  # torch.compile ran: policyc's graph backends, or transformers' compiled decode
+    if settings.backend != "eager" or settings.compile != "none" or (settings.cache == "static"
+                                                                    and device.type == "cuda"):
+        row.recompiles = graphs  # torch.compile ran: policyc's graph backends, --compile, transformers' compiled decode
     if not prefill_only:
         with torch.no_grad():
             output = generate(model, inputs, max(settings.gen_len, 1), return_dict_in_generate=True, **options)
@@ -291,6 +296,36 @@ def compiled_decoder(adapter: ModelAdapter, backend: str) -> Iterator[None]:
         undo()
 
 
+COMPILER = "inductor"  # the torch.compile backend of --compile (its modes are inductor's)
+
+
+@contextmanager
+def compiled_forward(model: nn.Module, mode: str, row: Row | None = None) -> Iterator[None]:
+    """`model`'s whole forward (vision tower, projector, LLM) through torch.compile in `mode` ("none": as it is),
+    as a user would wrap a model: under "reduce-overhead" inductor records CUDA graphs of the pieces between graph
+    breaks (a policy's host-side counts break the graph). On leaving, dynamo's caches are reset (the next row's model
+    is traced afresh, never over the recompile limit) and `row.cudagraph_skips` gets the compiled graphs inductor
+    ran without CUDA graphs (their reasons are in its log)."""
+    if mode == "none":
+        yield
+        return
+    from torch._dynamo.utils import counters
+
+    from policyc.runtime.patching import replace_attribute
+
+    compiled = torch.compile(model.forward, mode=mode) if COMPILER == "inductor" else \
+        torch.compile(model.forward, backend=COMPILER)
+    skips = counters["inductor"]["cudagraph_skips"]
+    undo = replace_attribute(model, "forward", compiled)
+    try:
+        yield
+    finally:
+        undo()
+        torch._dynamo.reset()
+        if row is not None and mode == "reduce-overhead":
+            row.cudagraph_skips = counters["inductor"]["cudagraph_skips"] - skips
+
+
 def image_tokens_at_last_layer(compiled: Any, input_ids: torch.Tensor) -> float:
     """Mean over the batch of the image tokens the policy's last LLM layer processed in the last prefill
     (filler rows of samples that kept fewer excluded)."""
@@ -313,5 +348,5 @@ def policy_counts(compiled: Any, length: int) -> list[int]:
     return [int(kept[k].shape[1]) if k in kept else length for k in range(len(compiled.plan.adapter.decoder_layers))]
 
 
-__all__ = ["Row", "Settings", "compiled_decoder", "generate", "ideal_counts", "image_tokens_at_last_layer",
-           "kv_bytes", "measure", "policy_counts", "prefill", "synthetic_inputs", "timed", "torch_dtype"]
+__all__ = ["Row", "Settings", "compiled_decoder", "compiled_forward", "generate", "ideal_counts",
+           "image_tokens_at_last_layer", "kv_bytes", "measure", "policy_counts", "prefill", "synthetic_inputs", "timed", "torch_dtype"]

@@ -27,6 +27,7 @@ from policyc.bench import (
     Row,
     Settings,
     compiled_decoder,
+    compiled_forward,
     ideal_counts,
     image_tokens_at_last_layer,
     measure,
@@ -85,7 +86,16 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     inputs = synthetic_inputs(adapter, settings)
     length = inputs["input_ids"].shape[1]
     device = inputs["input_ids"].device
+    # Under --compile: prefill and TTFT only (a growing cache would recompile every decode step; decode figures
+    # come from --cache static, transformers' own compiled decode).
+    prefill_only = settings.compile != "none"
+    compiled_note = f", whole forward torch.compile'd (mode {settings.compile})" if prefill_only else ""
+    only = "; prefill and TTFT only" if prefill_only else ""
 
+    if settings.compile != "none" and settings.backend != "eager":
+        raise PolicyError.at(f"--compile {settings.compile} wraps each row's whole model in torch.compile; the "
+                             f"{settings.backend} backend compiles the LLM itself", None,
+                             f"--backend eager --compile {settings.compile} (torch.compile traces the policy's code)")
     if settings.cache == "static":  # refused by cache policies that need a growing cache: before measuring anything
         probe = compile_model(loaded, checked, assignments or {}, settings.backend)  # type: ignore[arg-type]
         probe.remove()
@@ -95,8 +105,9 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     unmodified_rows = {} if unmodified_rows is None else unmodified_rows
     key = dataclasses.replace(settings, backend="eager", kernels="auto")
     if key not in unmodified_rows:
-        unmodified_rows[key] = measure(Row("unmodified", "the model as loaded (eager modules, SDPA)"), loaded, inputs,
-                                       key)
+        unmodified_rows[key] = Row("unmodified", "the model as loaded (eager modules, SDPA)" + compiled_note + only)
+        with compiled_forward(loaded, settings.compile, unmodified_rows[key]):
+            measure(unmodified_rows[key], loaded, inputs, key, prefill_only=prefill_only)
         unmodified_rows[key].image_tokens = float(adapter.visual_mask(inputs["input_ids"]).sum(1).float().mean())
         unmodified_rows[key].tokens_per_layer = [length] * len(adapter.decoder_layers)
         unmodified_rows[key].flops_share = 1.0
@@ -104,8 +115,9 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
 
     compiled = compile_model(loaded, checked, assignments or {}, settings.backend)  # type: ignore[arg-type]
     try:
-        row = Row("policy", f"{compiled.plan.name} compiled by policyc ({settings.backend})")
-        measure(row, compiled.model, inputs, settings)
+        row = Row("policy", f"{compiled.plan.name} compiled by policyc ({settings.backend}){compiled_note}{only}")
+        with compiled_forward(compiled.model, settings.compile, row):
+            measure(row, compiled.model, inputs, settings, prefill_only=prefill_only)
         with torch.no_grad():  # the counts of one prefill, as the timed runs left them
             compiled.model(**inputs, use_cache=False, logits_to_keep=1)
         row.tokens_per_layer = policy_counts(compiled, length)
@@ -116,11 +128,12 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     finally:
         compiled.remove()
 
-    ideal = Row("ideal", f"the unmodified layers fed the policy's token counts, no scoring ({settings.backend}); "
-                         "prefill and TTFT only")
+    ideal = Row("ideal", f"the unmodified layers fed the policy's token counts, no scoring ({settings.backend})"
+                         f"{compiled_note}; prefill and TTFT only")
     with compiled_decoder(adapter, settings.backend), ideal_counts(adapter.decoder_layers,
                                                                    policy_row.tokens_per_layer) as seen:
-        measure(ideal, loaded, inputs, settings, prefill_only=True)
+        with compiled_forward(loaded, settings.compile, ideal):
+            measure(ideal, loaded, inputs, settings, prefill_only=True)
         with torch.no_grad():
             loaded(**inputs, use_cache=False, logits_to_keep=1)
         ideal.tokens_per_layer = list(seen)
@@ -129,6 +142,8 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     name = compiled.plan.checked.program.policy.name
     reference = Row("reference")
     why = unavailable(name, no_reference, adapter.family, compiled)
+    if why is None and settings.compile != "none":
+        why = "--compile measures the unmodified, ideal and policy rows (the reference runs its eager attention)"
     if why is not None:
         reference.note = f"not run: {why}"
     else:
@@ -201,6 +216,7 @@ def render(result: dict[str, Any], rows: list[Row], console: Console) -> None:
     title = (f"policyc bench: {escape(result['policy'])} on {escape(result['model'])}, {result['device']}, batch "
              f"{settings['batch']}, {settings['images']} image(s), {settings['prompt_len']} text tokens, "
              f"{settings['dtype']}, {settings['backend']}, {result['kernels']} kernels, {settings['cache']} cache, "
+             f"{'' if settings.get('compile', 'none') == 'none' else 'torch.compile ' + settings['compile'] + ', '}"
              f"median of {settings['repeats']}")
     table = Table("row", "prefill ms", "TTFT ms", "decode tok/s", "peak MiB", "KV MiB", "img tok", "FLOPs", "time",
                   "speedup", "ideal/pol", title=title, title_justify="left")
@@ -222,6 +238,9 @@ def render(result: dict[str, Any], rows: list[Row], console: Console) -> None:
         if row.recompiles is not None:
             console.print(f"[dim]{row.name}: {row.recompiles} graph(s) torch._dynamo compiled during the timed runs"
                           "[/dim]")
+        if row.cudagraph_skips is not None:
+            console.print(f"[dim]{row.name}: {row.cudagraph_skips} compiled graph(s) ran without CUDA graphs "
+                          "(inductor's cudagraph_skips)[/dim]")
     console.print("[dim]img tok: image tokens at the last LLM layer (batch mean). FLOPs: analytic prefill FLOPs share; "
                   "time: prefill time share (both over the unmodified model's). speedup: t_unmodified / t_row "
                   "(prefill; TTFT for the reference). ideal/pol: t_ideal / t_policy (prefill). peak: CUDA memory "

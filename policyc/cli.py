@@ -358,10 +358,13 @@ def search(first: str, second: str | None, trials: int, output: Path, storage: s
               help="policyc's scoring kernels fused by torch.compile (auto: on CUDA only).")
 @click.option("--cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
               help="generate()'s KV cache (static: on CUDA transformers compiles the decode step, CUDA graphs).")
+@click.option("--compile", "compile_mode", type=click.Choice(["none", "default", "reduce-overhead"]), default="none",
+              show_default=True, help="torch.compile each row's whole forward in this mode (reduce-overhead: CUDA "
+              "graphs on CUDA); prefill and TTFT only; with --backend eager.")
 @_PARAM
 def bench(first: str, second: str | None, batch: int, images: int, prompt_len: int, gen_len: int, backend: str,
           dtype: str, device: str, shapes: str | None, warmup: int, repeats: int, json_path: Path | None,
-          no_reference: bool, kernels: str, cache: str, params: tuple[str, ...]) -> None:
+          no_reference: bool, kernels: str, cache: str, compile_mode: str, params: tuple[str, ...]) -> None:
     """Time POLICY against the unmodified model, the ideal (the unmodified layers fed the policy's token counts)
     and the plain reference implementation: prefill, time to first token, decode tokens/s, memory, KV cache."""
     from policyc.bench import Settings
@@ -369,7 +372,7 @@ def bench(first: str, second: str | None, batch: int, images: int, prompt_len: i
 
     model, policy = (None, first) if second is None else (first, second)
     settings = Settings(batch, images, prompt_len, gen_len, backend, dtype, device, warmup, repeats, kernels=kernels,
-                        cache=cache)
+                        cache=cache, compile=compile_mode)
     try:
         bench_command(model, policy, settings=settings, shapes=shapes, assignments=_assignments(params),
                       json_path=json_path, no_reference=no_reference)

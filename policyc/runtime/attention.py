@@ -30,7 +30,7 @@ def _recording_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 
 def _record(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]) -> None:
     recorder: Recorder | None = getattr(module, "_policyc_recorder", None)
-    if recorder is not None and query.shape[2] > 1 and not torch.compiler.is_compiling():  # graphs read q/k
+    if recorder is not None and query.shape[2] > 1:
         scaling = kwargs.get("scaling")
         # A static cache returns all its slots; in prefill only the first query-length ones are filled.
         keys = key[:, :, : query.shape[2]]

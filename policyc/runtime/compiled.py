@@ -250,6 +250,8 @@ class CompiledModel:
 
     def _recorder(self, index: int):  # type: ignore[no-untyped-def]
         def record(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+            if self.runtime.graphs and torch.compiler.is_compiling():  # the graph passes read q/k in the graph
+                return
             self.runtime.captured[index] = Captured(query, key, scaling, self.runtime.model_visible(index))
         return record
 

@@ -79,11 +79,22 @@ def compile_decoder(decoder: torch.nn.Module, backend: GraphBackend) -> Callable
     inner = decoder.forward
     compiled = torch.compile(inner, backend=backend, dynamic=True)
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # inside another compiled region (transformers' compiled static-cache
-            return inner(*args, **kwargs)  # decode step): traced there, without a graph break at the patch below
+    @torch.compiler.disable  # inside another compiled region: a graph break there, and this backend's own graphs
+    def run_compiled(*args: Any, **kwargs: Any) -> Any:
         # policyc::llm_stage returns as many rows as the stages keep: a data-dependent size.
         with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
             return compiled(*args, **kwargs)
 
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() and not _prefill(args, kwargs):  # a decode step inside another compiled
+            return inner(*args, **kwargs)  # region (transformers' compiled static-cache decode): traced there
+        return run_compiled(*args, **kwargs)  # a prefill, even under a user's torch.compile of the whole model
+
     return replace_attribute(decoder, "forward", forward)
+
+
+def _prefill(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a decoder call holds a prompt (more than one row per sample) rather than one decode token."""
+    rows = next((v for v in (kwargs.get("inputs_embeds"), kwargs.get("input_ids"), *args[:1])
+                 if isinstance(v, torch.Tensor)), None)
+    return rows is not None and rows.shape[1] > 1
