@@ -349,4 +349,5 @@ def policy_counts(compiled: Any, length: int) -> list[int]:
 
 
 __all__ = ["Row", "Settings", "compiled_decoder", "compiled_forward", "generate", "ideal_counts",
-           "image_tokens_at_last_layer", "kv_bytes", "measure", "policy_counts", "prefill", "synthetic_inputs", "timed", "torch_dtype"]
+           "image_tokens_at_last_layer", "kv_bytes", "measure", "policy_counts", "prefill", "synthetic_inputs",
+           "timed", "torch_dtype"]
