@@ -1,7 +1,9 @@
 """The speed matrix of issue 6: `policyc bench` on LLaVA-1.5-7B shapes (random bf16 weights), batch 8, FastV,
 PyramidDrop, VisionZip and MustDrop at the settings for 64/128/192 of 576 image tokens, eager and inductor; and
 SnapKV decoding at long context (8 images, a 1024-token cache), with a dynamic and a static cache (on CUDA the static
-one decodes through transformers' compiled CUDA-graph step). Writes benchmarks/RESULTS.md and a plot.
+one decodes through transformers' compiled CUDA-graph step); and the first policy at batch 1, eager, under a
+whole-model torch.compile reduce-overhead (CUDA graphs) and with a static cache. Writes benchmarks/RESULTS.md and a
+plot.
 
     python benchmarks/speed.py --device cuda                        # everything (GPU)
     python benchmarks/speed.py --device cuda --policies fastv --backends eager   # a part; results accumulate
@@ -58,8 +60,13 @@ def configurations(args: argparse.Namespace, image_tokens: int) -> list[dict[str
     runs = [{"policy": p, "budget": b, "backend": backend, "params": params(p, b, image_tokens), "images": 1}
             for backend in args.backends for b in args.budgets for p in args.policies]
     extra: list[dict[str, Any]] = []
-    if args.batch1 and runs:  # launch-bound batch 1: dynamic then static cache (CUDA-graph decode), then with
-        extra += [{**runs[0], "batch": 1, "cache": cache} for cache in ("dynamic", "static")]  # a compiled prefill
+    if args.batch1 and runs:  # launch-bound batch 1: a dynamic cache; every row's whole forward under torch.compile
+        # reduce-overhead (CUDA graphs; inductor on CPU takes minutes, so not in --tiny); a static cache (CUDA-graph
+        # decode); inductor's compiled prefill with a static cache
+        extra += [{**runs[0], "batch": 1, "cache": "dynamic"}]
+        if not args.tiny:
+            extra += [{**runs[0], "backend": "eager", "batch": 1, "cache": "dynamic", "compile": "reduce-overhead"}]
+        extra += [{**runs[0], "batch": 1, "cache": "static"}]
         if "inductor" in args.backends:
             extra += [{**runs[0], "backend": "inductor", "batch": 1, "cache": "static"}]
     if args.long_context:  # a growing cache, then transformers' compiled static-cache decode (CUDA graphs)
@@ -72,8 +79,11 @@ def configurations(args: argparse.Namespace, image_tokens: int) -> list[dict[str
 
 
 def run_name(config: dict[str, Any]) -> str:
-    """A configuration's name, that of its JSON in OUT/runs: policy-budget-backend-Nimg[-batchB-cache|-static]."""
+    """A configuration's name, that of its JSON in OUT/runs: policy-budget-backend-Nimg[-batchB-cache[-compile-MODE]
+    |-static]."""
     name = f"{config['policy']}-{config['budget']}-{config['backend']}-{config['images']}img"
+    if "compile" in config:
+        return f"{name}-batch{config['batch']}-{config['cache']}-compile-{config['compile']}"
     if "batch" in config:
         return f"{name}-batch{config['batch']}-{config['cache']}"
     return f"{name}-static" if config.get("cache") == "static" else name
@@ -97,7 +107,8 @@ def run_matrix(args: argparse.Namespace) -> None:
                   + ", ".join(run_name(c) for c in todo[done:]))
             break
         settings = Settings(**{**vars(base), "backend": config["backend"], "images": config["images"],
-                               "batch": config.get("batch", base.batch), "cache": config.get("cache", "dynamic")})
+                               "batch": config.get("batch", base.batch), "cache": config.get("cache", "dynamic"),
+                               "compile": config.get("compile", "none")})
         name = run_name(config)
         assignments = {k: parse_value(v, k) for k, v in config["params"].items()}
         result = bench_command(None, config["policy"], settings=settings, assignments=assignments,
@@ -149,6 +160,10 @@ def write_results(out: Path, tiny: bool) -> Path:
             setting += f", {run['config']['images']} images"
         if run["settings"].get("cache") == "static":
             setting += ", static cache"
+        if run["settings"].get("compile", "none") != "none":
+            skips = p.get("cudagraph_skips")
+            setting += f", whole forward torch.compile {run['settings']['compile']}" + (
+                "" if skips is None else f" ({skips} graph(s) without CUDA graphs)")
         share = p["prefill_s"] / u["prefill_s"] if p["prefill_s"] and u["prefill_s"] else None
         lines.append("| " + " | ".join([
             run["policy"], str(run["config"]["budget"]), setting, run["settings"]["backend"],
@@ -199,6 +214,7 @@ def plot(out: Path) -> Path:
     figure, (bars, scatter) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
     def label(r: dict[str, Any]) -> str:
         extra = f" b{r['settings']['batch']} {r['settings']['cache']}" if "batch" in r["config"] else ""
+        extra += " compiled" if r["settings"].get("compile", "none") != "none" else ""
         return f"{r['policy']} {r['config']['budget']} {r['settings']['backend']}{extra}"
 
     labels = [label(r) for r in runs]
@@ -248,9 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-context", action=argparse.BooleanOptionalAction, default=True,
                         help="Also run SnapKV decoding at 8 images with a 1024-token cache.")
     parser.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=True,
-                        help="Also run the first policy's 64-token setting at batch 1, with a dynamic and a static "
-                        "cache (on CUDA transformers compiles static-cache decode steps: CUDA graphs), and with "
-                        "inductor's prefill and a static cache where inductor is among the backends.")
+                        help="Also run the first policy's 64-token setting at batch 1: with a dynamic cache, with "
+                        "every row's whole forward under torch.compile reduce-overhead (CUDA graphs; not with "
+                        "--tiny), with a static cache (on CUDA transformers compiles static-cache decode steps: CUDA "
+                        "graphs), and with inductor's prefill and a static cache where inductor is a backend.")
     parser.add_argument("--report-only", action="store_true", help="Rebuild RESULTS.md and the plot from OUT/runs.")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke run: policyc:random, float32, batch 2, 8 text tokens, 3 new tokens, 1 run.")

@@ -267,16 +267,18 @@ def test_speed_script_long_context_pair_saves_the_evicted_share(tmp_path: Path) 
 
 
 def test_speed_matrix_order_puts_the_targets_of_their_own_after_the_first_budget() -> None:
-    """Every policy at the first budget and backend; the batch-1 runs (eager with a dynamic and a static cache, then
-    inductor's compiled prefill with a static cache); the long-context pair; then the rest of the matrix."""
+    """Every policy at the first budget and backend; the batch-1 runs (eager with a dynamic cache, its whole forward
+    under torch.compile reduce-overhead, a static cache, then inductor's compiled prefill with a static cache); the
+    long-context pair; then the rest of the matrix."""
     speed = _speed_script()
     args = argparse.Namespace(policies=["fastv", "visionzip"], budgets=[64, 128], backends=["eager", "inductor"],
                               batch1=True, long_context=True, tiny=False)
     names = [speed.run_name(config) for config in speed.configurations(args, 576)]
-    assert names[:7] == ["fastv-64-eager-1img", "visionzip-64-eager-1img", "fastv-64-eager-1img-batch1-dynamic",
+    assert names[:8] == ["fastv-64-eager-1img", "visionzip-64-eager-1img", "fastv-64-eager-1img-batch1-dynamic",
+                         "fastv-64-eager-1img-batch1-dynamic-compile-reduce-overhead",
                          "fastv-64-eager-1img-batch1-static", "fastv-64-inductor-1img-batch1-static",
                          "snapkv-1024-eager-8img", "snapkv-1024-eager-8img-static"]
-    assert names[7:] == [f"{p}-{b}-{backend}-1img" for backend in ("eager", "inductor") for b in (64, 128)
+    assert names[8:] == [f"{p}-{b}-{backend}-1img" for backend in ("eager", "inductor") for b in (64, 128)
                          for p in ("fastv", "visionzip")][2:]
 
 
