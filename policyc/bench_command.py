@@ -89,13 +89,13 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     # Under --compile: prefill and TTFT only (a growing cache would recompile every decode step; decode figures
     # come from --cache static, transformers' own compiled decode).
     prefill_only = settings.compile != "none"
-    compiled_note = f", whole forward torch.compile'd (mode {settings.compile})" if prefill_only else ""
-    only = "; prefill and TTFT only" if prefill_only else ""
-
-    if settings.compile != "none" and settings.backend != "eager":
+    if prefill_only and settings.backend != "eager":
         raise PolicyError.at(f"--compile {settings.compile} wraps each row's whole model in torch.compile; the "
                              f"{settings.backend} backend compiles the LLM itself", None,
                              f"--backend eager --compile {settings.compile} (torch.compile traces the policy's code)")
+    compiled_note = f", whole forward torch.compile'd (mode {settings.compile})" if prefill_only else ""
+    only = "; prefill and TTFT only" if prefill_only else ""
+
     if settings.cache == "static":  # refused by cache policies that need a growing cache: before measuring anything
         probe = compile_model(loaded, checked, assignments or {}, settings.backend)  # type: ignore[arg-type]
         probe.remove()
