@@ -6,6 +6,8 @@ backend's prefill still runs its own rewritten graph inside; and `policyc bench 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -38,11 +40,17 @@ def generate(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
 
 
-def wrapped_in_compile(model: torch.nn.Module, **options: Any) -> Any:
-    """`model.forward` through torch.compile (fresh dynamo caches); returns the undo."""
+@contextmanager
+def wrapped_in_compile(model: torch.nn.Module, **options: Any) -> Iterator[None]:
+    """`model.forward` through torch.compile, with fresh dynamo caches and counters; taken off again on leaving."""
     torch._dynamo.reset()
     counters.clear()
-    return replace_attribute(model, "forward", torch.compile(model.forward, **options))
+    undo = replace_attribute(model, "forward", torch.compile(model.forward, **options))
+    try:
+        yield
+    finally:
+        undo()
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize(("policy", "params", "layers"), POLICIES, ids=[p[0] for p in POLICIES])
@@ -53,14 +61,10 @@ def test_policy_under_a_whole_model_compile_generates_the_same_tokens(policy: st
     compiled = policyc.compile(model, policy, **params).policyc
     expected = generate(model, inputs)
     kept = {k: v.clone() for k, v in compiled.runtime.kept_at_layer.items()}
-    undo = wrapped_in_compile(model, backend="eager")
-    try:
+    with wrapped_in_compile(model, backend="eager"):
         for _ in range(2):  # the second request runs the graphs the first compiled
             assert torch.equal(generate(model, inputs), expected)
         assert counters["stats"]["unique_graphs"] > 0  # dynamo traced it (not skipped as a whole)
-    finally:
-        undo()
-        torch._dynamo.reset()
     assert compiled.runtime.kept_at_layer.keys() == kept.keys()
     for layer, rows in kept.items():
         assert torch.equal(compiled.runtime.kept_at_layer[layer], rows)
@@ -72,12 +76,8 @@ def test_graph_backend_prefill_runs_its_own_graph_under_a_whole_model_compile() 
     inputs = make_inputs(model, batch=2, pad_left=2, seed=2)
     compiled = policyc.compile(model, "fastv", backend="fx").policyc
     expected = generate(model, inputs)
-    undo = wrapped_in_compile(model, backend="eager")
-    try:
+    with wrapped_in_compile(model, backend="eager"):
         assert torch.equal(generate(model, inputs), expected)
-    finally:
-        undo()
-        torch._dynamo.reset()
     prefill = [g for g in compiled.graphs if g.phase == "prefill"]
     assert prefill and all(g.passes for g in prefill)
 
@@ -88,13 +88,9 @@ def test_inductor_reduce_overhead_of_the_whole_model_generates_the_same_tokens()
     inputs = make_inputs(model, batch=1, seed=3)
     policyc.compile(model, "fastv")
     expected = generate(model, inputs)
-    undo = wrapped_in_compile(model, mode="reduce-overhead")
-    try:
+    with wrapped_in_compile(model, mode="reduce-overhead"):
         assert torch.equal(generate(model, inputs), expected)
         assert counters["inductor"]["cudagraph_skips"] > 0  # CPU graphs: inductor says it skipped CUDA graphs
-    finally:
-        undo()
-        torch._dynamo.reset()
 
 
 def test_bench_compile_times_every_row_under_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
