@@ -25,6 +25,7 @@ from typing import Any
 from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.lang.check import CheckedPolicy
+from policyc.lang.search_counts import cap_counts
 from policyc.lang.search_space import CheckedSearch, SearchDimension
 
 DIRECTIONS = {"accuracy": "maximize", "vqa_score": "maximize", "flops": "minimize", "kv": "minimize",
@@ -69,6 +70,7 @@ class SearchResult:
     constraints: dict[str, float]
     trials: list[TrialResult]  # finished trials, in order
     baseline: dict[str, float] = field(default_factory=dict)  # the unmodified model's figures, when measured
+    notes: list[str] = field(default_factory=list)  # how the space was fitted to the model (search_counts.py)
 
     def feasible(self, trial: TrialResult) -> bool:
         return all(_satisfies(trial.metrics[name], bound, direction_of(name, self.objectives))
@@ -124,7 +126,8 @@ def directions(objectives: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
 
 def suggest_value(trial: Any, dimension: SearchDimension) -> ir.Expr:
     """A value for one dimension from its domain (Optuna parameter `CANDIDATE.PARAM`), as the IR literal a
-    policy would hold: a choice's printed text, a whole number for counts, a rounded float otherwise."""
+    policy would hold: a choice's printed text, a whole number for counts, otherwise a float rounded to the
+    domain's precision (`SearchDimension.literal`): the value the trial compiles is the value it prints and writes."""
     from policyc.lang.printer import print_expr
 
     name, domain = f"{dimension.policy}.{dimension.param}", dimension.domain
@@ -135,7 +138,7 @@ def suggest_value(trial: Any, dimension: SearchDimension) -> ir.Expr:
              and all(float(v).is_integer() for v in (low, high, step or 1)))
     if whole:
         return dimension.literal(trial.suggest_int(name, int(low), int(high), step=int(step or 1), log=domain.log))
-    return dimension.literal(round(trial.suggest_float(name, low, high, step=step, log=domain.log), 6))
+    return dimension.literal(trial.suggest_float(name, low, high, step=step, log=domain.log))
 
 
 def suggest(trial: Any, space: CheckedSearch) -> Candidate:
@@ -177,9 +180,12 @@ def harness(model: Any, processor: Any, items: Sequence[Any], batch_size: int = 
         result = evaluate(model, processor, items, compiled, candidate.name if candidate else "unmodified",
                           batch_size)
         elapsed = time.perf_counter() - start
-        return {"accuracy": result.accuracy, "vqa_score": result.vqa_score, "flops": result.flops_share,
-                "kv": result.kv_share, "image_tokens": result.image_tokens,
-                "latency_ms": 1e3 * elapsed / max(1, len(items))}
+        figures = {"accuracy": result.accuracy, "vqa_score": result.vqa_score, "flops": result.flops_share,
+                   "kv": result.kv_share, "image_tokens": result.image_tokens,
+                   "latency_ms": 1e3 * elapsed / max(1, len(items))}
+        if candidate is None:  # the most image tokens a prompt holds bounds count parameters (search_counts.py)
+            figures["image_tokens_max"] = max((p.image_tokens for p in result.predictions), default=0)
+        return figures
 
     return run
 
@@ -285,7 +291,8 @@ def search(model: Any, space: CheckedSearch, evaluate: Evaluate, *, model_ref: s
            heartbeat: int = 10, baseline: bool = True,
            on_trial: Callable[[TrialResult], None] | None = None) -> SearchResult:
     """Run trials until the study holds `n_trials` finished ones (other workers' count too), then return
-    every finished trial and the Pareto front.
+    every finished trial and the Pareto front. Count parameters are searched up to the most image tokens a prompt
+    of the baseline held, where the harness reports it (`image_tokens_max`; `SearchResult.notes` say so).
 
     `evaluate(compiled, candidate)` measures one compiled policy (see `harness`); its figures must include
     every objective and constraint. `model_ref` and `data_key` name the model and the data in result keys.
@@ -308,6 +315,8 @@ def search(model: Any, space: CheckedSearch, evaluate: Evaluate, *, model_ref: s
     study.set_metric_names(list(chosen))
     if baseline and "baseline" not in study.user_attrs:
         study.set_user_attr("baseline", {k: float(v) for k, v in evaluate(None, None).items()})
+    most = study.user_attrs.get("baseline", {}).get("image_tokens_max")
+    space, notes = cap_counts(space, int(most)) if most else (space, [])
     if start_at_defaults and not study.trials:
         for values in default_values(space):
             study.enqueue_trial(values, skip_if_exists=True)
@@ -350,7 +359,7 @@ def search(model: Any, space: CheckedSearch, evaluate: Evaluate, *, model_ref: s
                        catch=())
     trials = sorted((_result(t) for t in _finished(study)), key=lambda t: t.number)
     return SearchResult(name, _redact(storage or DEFAULT_STORAGE), chosen, bounds, trials,
-                        dict(study.user_attrs.get("baseline", {})))
+                        dict(study.user_attrs.get("baseline", {})), notes)
 
 
 def _violation(value: float, bound: float, direction: str) -> float:

@@ -65,6 +65,8 @@ def _params(result: TrialResult) -> str:
 
 
 def render(result: SearchResult, console: Console) -> None:
+    for note in result.notes:  # count parameters capped at the model's image tokens
+        console.print(escape(note))
     names = list(result.objectives)
     table = Table("trial", "policy", "parameters", *names, title=f"Pareto front of {escape(result.study_name)} "
                   f"({len(result.trials)} trials)", title_justify="left")
@@ -89,7 +91,7 @@ def write_results(result: SearchResult, directory: Path) -> None:
                              t.number in front, "" if t.cached_from is None else t.cached_from, t.key])
     (directory / "trials.json").write_text(json.dumps({
         "study": result.study_name, "storage": result.storage, "objectives": result.objectives,
-        "constraints": result.constraints, "baseline": result.baseline,
+        "constraints": result.constraints, "baseline": result.baseline, "notes": result.notes,
         "trials": [t.to_json() for t in result.trials],
         "pareto": [t.number for t in result.front]}, indent=2) + "\n")
     pareto = directory / "pareto"

@@ -109,6 +109,52 @@ def test_a_policy_measured_once_is_reused_not_measured_again(model_and_processor
     assert [t.to_json() for t in again.trials] == [t.to_json() for t in result.trials]  # finished: nothing run
 
 
+BOUNDED = """
+policy bounded {
+  param share = 50% in [10%, 90%]
+  param count = 2000 in [1, 5000]
+  stage llm.layer[1] {
+    keep top share of vision by attention(last -> vision)
+    keep top count of vision by attention(last -> vision)
+  }
+}
+"""
+
+
+def test_values_are_written_as_used_and_counts_stop_at_the_image_tokens(model_and_processor, tmp_path: Path) -> None:
+    model, processor = model_and_processor
+    (tmp_path / "bounded.tokpol").write_text(BOUNDED)
+    measure = harness(model, processor, synthetic_items("validation", 2), batch_size=2)
+    used: list[tuple[dict, str]] = []
+
+    def recording(compiled, candidate):  # type: ignore[no-untyped-def]
+        if candidate is not None:
+            used.append((candidate.assignments, candidate.text))
+        return measure(compiled, candidate)
+
+    result = search(model, load_space(str(tmp_path / "bounded.tokpol")), recording, model_ref="m", n_trials=5,
+                    storage=sqlite(tmp_path / "b.db"))
+    most = int(result.baseline["image_tokens_max"])
+    assert most == model.config.image_seq_length  # one image per prompt
+    assert result.notes == [f"bounded.count searched in [1, {most}], not [1, 5000]: a prompt holds at most {most} "
+                            "image tokens, and a larger count keeps them all"]
+    assert result.trials[0].params == {"share": "50%", "count": str(most)}  # the default, capped
+    for trial in result.trials:
+        assert 1 <= int(trial.params["count"]) <= most
+        share = trial.params["share"].removesuffix("%")
+        assert len(share.partition(".")[2]) <= 2  # [10%, 90%]: hundredths of a percent at most
+        assert f"param share = {trial.params['share']} in [10%, 90%]" in trial.text
+    for assignments, text in used:  # the values compiled are the values written
+        (written,) = check_source(text)
+        defaults = {p.name: p.default for p in written.program.policy.params}
+        assert defaults == assignments
+    write_results(result, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "trials.json").read_text())["notes"] == result.notes
+    rows = list(csv.DictReader((tmp_path / "out" / "trials.csv").open()))
+    assert [r["params"] for r in rows] == [f"share={t.params['share']} count={t.params['count']}"
+                                           for t in result.trials]
+
+
 def test_python_api_with_a_model_reference(tmp_path: Path) -> None:
     result = policyc.search("default", "fastv", limit=2, batch_size=2, n_trials=3,
                             storage=sqlite(tmp_path / "api.db"), objectives={"accuracy": "maximize", "kv": "minimize"})

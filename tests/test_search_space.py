@@ -24,7 +24,9 @@ from policyc.lang import (
     space_from_policies,
 )
 from policyc.lang.build import parse
-from policyc.lang.printer import print_file
+from policyc.lang.printer import domain_text, print_expr, print_file
+from policyc.lang.search_counts import cap_counts, count_params
+from policyc.lang.search_space import SearchDimension
 from policyc.models import adapt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,3 +209,52 @@ def test_concrete_policy_text_rejects_values_a_policy_file_cannot_hold() -> None
         concrete_policy_text(fastv, {"ratoi": pct(25)})
     with pytest.raises(PolicyError, match=r"no searchable parameter 'snapkv\.capacity'"):  # set by the `use`
         concrete_policy_text(STDLIB["pyramiddrop_snapkv"], {"snapkv.capacity": num(256)})
+
+
+def test_sampled_numbers_are_rounded_to_their_domain_and_written_as_used() -> None:
+    def dimension(domain: str, default: str = "50%", amount: str = "v") -> SearchDimension:
+        (checked,) = check_source(f"policy p {{ param v = {default} {domain}\n stage llm.layer[2] {{ "
+                                  f"keep top {amount} of vision by attention(last -> vision) }} }}")
+        return space_from_policies([checked]).dimensions[0]
+
+    linear = dimension("in [5%, 50%]")  # 1/1000 of the width is 0.045: hundredths
+    assert linear.literal(49.956068) == pct(49.96) and print_expr(linear.literal(49.956068)) == "49.96%"
+    assert print_expr(dimension("in [0%, 100%]").literal(33.3333333)) == "33.3%"
+    assert print_expr(dimension("in [1%, 90%] log").literal(1.23456789)) == "1.23%"  # 3 significant digits
+    stepped = dimension("in [10%, 90%] step 10%")
+    assert print_expr(stepped.literal(30.000000000000004)) == "30%" and print_expr(stepped.literal(88.0)) == "90%"
+    fraction = dimension("in [0.05, 1.0] step 0.05", "0.5", "ceil(size(vision) * v)")
+    assert print_expr(fraction.literal(0.15000000000000002)) == "0.15"
+    assert print_expr(linear.literal(50)) == "50%"  # a whole number sampled (a default) stays as written
+    assert linear.literal(50.0049) == pct(50) and linear.literal(4.999) == pct(5)  # within the bounds
+    (policy,) = check_source("policy p { param v = 50% in [5%, 50%]\n"
+                             "stage llm.layer[2] { keep top v of vision by attention(last -> vision) } }")
+    for sampled in (49.956068, 5.0000001, 27.123456):  # the written policy holds the value used
+        value = linear.literal(sampled)
+        (concrete,) = check_source(concrete_policy_text(policy, {"v": value}))
+        assert concrete.program.policy.params[0].default == value
+
+
+def test_count_parameters_are_capped_at_the_image_tokens_a_prompt_holds() -> None:
+    assert count_params(STDLIB["visionzip"]) == {"dominant", "contextual"}
+    assert {"early", "middle", "late"} <= count_params(STDLIB["sparsevlm"])
+    assert "visiondrop_llm.early" in count_params(STDLIB["visiondrop"])  # a used policy's, qualified
+    assert count_params(STDLIB["hiprune"]) == set()  # `top round(T * alpha / 5)`: not a bare amount
+    (mixed,) = check_source("policy m { param k = 16 in [1, 512]\n"
+                            "stage llm.layer[k] { keep top k of vision by attention(last -> vision) } }")
+    assert count_params(mixed) == set()  # also a layer: a larger value still changes the policy
+    space = space_from_policies([STDLIB["fastv"], STDLIB["visionzip"], STDLIB["sparsevlm"]])
+    capped, notes = cap_counts(space, 144)
+    domains = {(d.policy, d.param): d for d in capped.dimensions}
+    assert domain_text(domains["visionzip", "dominant"].domain) == "in [8, 144]"
+    assert domain_text(domains["visionzip", "contextual"].domain) == "in [1, 64]"  # within already
+    assert domain_text(domains["fastv", "ratio"].domain) == domain_text(  # percentages are no counts
+        next(d for d in space.dimensions if d.param == "ratio").domain)
+    assert domains["sparsevlm", "early"].default == num(144)  # 300, nearest within the cap
+    assert len(notes) == 4 and notes[0] == ("visionzip.dominant searched in [8, 144], not [8, 512]: a prompt holds "
+                                            "at most 144 image tokens, and a larger count keeps them all")
+    (stepped,) = check_source("policy s { param k = 64 in [8, 256] step 8 param far = 300 in [200, 400]\n"
+                              "stage llm.layer[2] { keep top k of vision by attention(last -> vision)\n"
+                              "drop top far of vision by attention(last -> vision) } }")
+    capped, _ = cap_counts(space_from_policies([stepped]), 100)
+    assert [domain_text(d.domain) for d in capped.dimensions] == ["in [8, 96] step 8", "in [200, 200]"]

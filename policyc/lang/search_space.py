@@ -14,6 +14,7 @@ with a domain (the search's narrowed one, else the one its policy declares), and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -39,7 +40,8 @@ class SearchDimension:
 
     def literal(self, sampled: int | float | str) -> Literal:
         """The IR value of what a sampler proposes: a number for a range (the number of a percentage: 25 for
-        25%), or a choice's printed text (`print_expr(option)`: `last`, `16`, `"text"`)."""
+        25%) at the range's precision (`at_precision`), or a choice's printed text (`print_expr(option)`:
+        `last`, `16`, `"text"`)."""
         name = f"{self.policy}.{self.param}"
         if isinstance(self.domain, ir.ChoiceDomain):
             texts = [print_expr(option) for option in self.domain.options]
@@ -51,7 +53,9 @@ class SearchDimension:
             raise PolicyError.at(f"'{name}' takes a number from its range {_bounds(self.domain)}, not {sampled!r}",
                                  None)
         whole = isinstance(self.default, ir.Number) and isinstance(self.default.value, int)
-        return type(self.domain.low)(value=int(sampled) if whole and float(sampled).is_integer() else sampled)
+        if isinstance(sampled, int) or (whole and sampled.is_integer()):
+            return type(self.domain.low)(value=int(sampled))
+        return type(self.domain.low)(value=at_precision(sampled, self.domain))
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,19 @@ def in_domain(value: ir.Expr, domain: Domain | None) -> bool:
     if isinstance(domain, ir.ChoiceDomain):
         return any(type(option) is type(value) and option == value for option in domain.options)
     return type(value) is type(domain.low) and domain.low.value <= value.value <= domain.high.value  # type: ignore
+
+
+def at_precision(value: float, domain: ir.RangeDomain) -> int | float:
+    """A sampled number at its range's precision, within the bounds: on the step grid of a stepped range (whole
+    numbers where the grid's are), to 3 significant digits on a log range, else to the power of ten at or below
+    1/1000 of the range's width ([5%, 50%]: 0.01, so 49.956068 becomes 49.96). Rounding happens when a value is
+    sampled, so the value a trial compiles is the value it prints and writes."""
+    low, high = domain.low.value, domain.high.value
+    if domain.step is not None:
+        return nearest(type(domain.low)(value=value), domain).value  # type: ignore[arg-type,return-value]
+    digits = -math.floor(math.log10((high - low) / 1000))
+    number = float(f"{value:.3g}") if domain.log else round(value, digits)
+    return float(min(max(number, low), high))
 
 
 def nearest(value: Literal, domain: Domain) -> Literal:
