@@ -1,21 +1,25 @@
-"""`merge bipartite(r=R, proportional=true) of SET by FEATURES`: ToMe's bipartite soft matching
+"""`merge bipartite(r=R, proportional=true, order=spatial) of SET by FEATURES`: ToMe's bipartite soft matching
 (arXiv:2210.09461; facebookresearch/ToMe `bipartite_soft_matching`).
 
 The current rows are split alternately into A (rows 0, 2, ...) and B (rows 1, 3, ...). Each A row of the
 set is matched to its most similar B row of the set (cosine of the features, ToMe: head-mean keys); the
 r best-matched A rows fold into their matches by size-weighted average. r = min(r, |set| // 2), and the
 smallest such r over the batch so every image keeps as many rows. Afterwards the rows are ordered as ToMe's
-code orders them with a class token: the unmerged A rows in their order, then the B rows. (Without a class
-token ToMe's code leaves the unmerged A rows in similarity order; here they always keep their order.)
-With proportional=true later encoder layers add log(size) to their attention logits.
+code orders them with a class token: the unmerged A rows in their order, then the B rows (so later layers
+split the same A and B as ToMe). (Without a class token ToMe's code leaves the unmerged A rows in similarity
+order; here they always keep their order.) With proportional=true later encoder layers add log(size) to
+their attention logits. `order` says how the tokens reach the LLM: `spatial`, each at its earliest patch
+(the runtime's representative slot), or `code`, in the row order the encoder's merges left (ToMe's code).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from policyc.passes.merges import Folding, MergeOp, MergeRows, register_merge, staying
+from policyc.passes.base import option_value
+from policyc.passes.merges import Folding, LlmOrder, MergeOp, MergeRows, register_merge, staying
 
 from policyc.errors import PolicyError
 from policyc.kernels import KERNELS
@@ -28,11 +32,15 @@ if TYPE_CHECKING:
 @register_merge
 class Bipartite(MergeOp):
     name = "bipartite"
-    options = frozenset({"r", "proportional"})
+    options = frozenset({"r", "proportional", "order"})
 
     def proportional(self, merge: ir.Merge, ctx: StageEvaluator) -> bool:
         value = self.option(merge, "proportional", ctx)
         return not (isinstance(value, ir.Name) and value.id == "false")
+
+    def llm_order(self, merge: ir.Merge, literal: Callable[[ir.Expr], ir.Expr]) -> LlmOrder:
+        value = option_value(merge.options, "order", literal)
+        return "code" if isinstance(value, ir.Name) and value.id == "code" else "spatial"
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         r_value = self.option(merge, "r", ctx)

@@ -9,6 +9,7 @@ Subclasses write one method, `fold`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from policyc.runtime.evaluate import StageEvaluator
 
 Combine = Literal["wavg", "mean", "add_mean", "weighted_sum"]
+LlmOrder = Literal["spatial", "code"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,12 @@ class MergeOp(ABC):
     def proportional(self, merge: ir.Merge, ctx: StageEvaluator) -> bool:
         """Whether later encoder layers add log(token size) to their attention logits (ToMe)."""
         return False
+
+    def llm_order(self, merge: ir.Merge, literal: Callable[[ir.Expr], ir.Expr]) -> LlmOrder | None:
+        """The order a merge with an `order` option asks the tokens to reach the LLM in: `spatial` (each at its
+        earliest patch) or `code` (the order the encoder's merges leave the rows in); None for merges without
+        one (their tokens reach the LLM at their earliest patch). `literal` resolves parameters."""
+        return None
 
     def option(self, merge: ir.Merge, name: str, ctx: StageEvaluator) -> ir.Expr | None:
         return option_value(merge.options, name, ctx.literal)

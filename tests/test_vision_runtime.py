@@ -9,7 +9,7 @@ import torch
 from reference.fastv import prompt_embeddings
 from reference.pool import pool_features
 from reference.random_drop import random_keep
-from reference.tome import tome_image_features
+from reference.tome import tome_image_features, tome_last_logits, tome_llm_tokens
 from reference.visionzip import visionzip_image_features
 from tiny_models import IMAGE_TOKEN_ID, make_inputs, tiny_llava_clip, tiny_llava_siglip
 
@@ -73,6 +73,59 @@ def test_tome_equals_the_plain_reference(build, r: int) -> None:  # type: ignore
         assert_matches(image_features(model, pixel_values), compiled.images.kept, expected, filled)
     finally:
         compiled.remove()
+
+
+def tome_order(order: str, r: int = 3) -> str:
+    return (f"policy t {{ stage encoder.layer[*].attention {{ merge bipartite(r={r}, order={order}) of vision by keys "
+            "} }")
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("order", ["spatial", "code"])
+def test_tome_tokens_reach_the_llm_in_the_order_asked(build, order: str) -> None:  # type: ignore[no-untyped-def]
+    """Both orders against the plain reference: the tokens the LLM receives, in order, and its logits; the two
+    orders give different logits, so the comparison tells them apart."""
+    model = build()
+    inputs = make_inputs(model, batch=2, seed=1)
+    expected = tome_llm_tokens(model, inputs["pixel_values"], 3, order)
+    logits = tome_last_logits(model, inputs, 3, order)
+    other = tome_last_logits(model, inputs, 3, "code" if order == "spatial" else "spatial")
+    assert (logits - other).abs().max() > 1e-3
+    compiled = compile_model(model, policy(tome_order(order)))
+    try:
+        features = image_features(model, inputs["pixel_values"])
+        for row, tokens in enumerate(expected):
+            torch.testing.assert_close(features[row][compiled.images.kept[row]], tokens, atol=2e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits[:, -1], logits, atol=2e-5, rtol=1e-5)
+    finally:
+        compiled.remove()
+    spatial = logits if order == "spatial" else other
+    for values, expected_logits in (({}, spatial), ({"order": ir.Name(id=order)}, logits)):  # tome.tokpol
+        stdlib = compile_model(model, "tome", {"r": ir.Number(value=3), **values})  # its default: spatial
+        try:
+            with torch.no_grad():
+                torch.testing.assert_close(model(**inputs).logits[:, -1], expected_logits, atol=2e-5, rtol=1e-5)
+        finally:
+            stdlib.remove()
+
+
+def test_tome_code_order_is_refused_where_it_cannot_hold() -> None:
+    from tiny_internvl import tiny_internvl
+
+    model = tiny_llava_clip()
+    problems = {
+        "tokens of a projector.output stage keep their slots' order.*\\^":
+            "policy t { stage projector.output { merge bipartite(r=2, order=code) of vision by hidden } }",
+        "two orders of the LLM's tokens: code first, spatial here.*\\n.*order=spatial":
+            "policy t { stage encoder.layer[0].attention { merge bipartite(r=2, order=code) of vision by keys } "
+            "stage encoder.layer[1].attention { merge bipartite(r=2, order=spatial) of vision by keys } }",
+    }
+    for message, text in problems.items():
+        with pytest.raises(PolicyError, match=f"(?s){message}"):
+            compile_model(model, policy(text))
+    with pytest.raises(PolicyError, match="internvl's connector reads every patch"):
+        compile_model(tiny_internvl(), policy(tome_order("code", 2)))
 
 
 def test_visionzip_equals_the_plain_reference() -> None:

@@ -39,7 +39,15 @@ from policyc.runtime.prompt_stash import PromptStash
 from policyc.runtime.qwen_tower import PackedEncoder
 from policyc.runtime.vision_evaluate import LayerAttention, read_layers, reads_values
 from policyc.runtime.vision_run import Space, VisionRun
-from policyc.runtime.vision_tokens import Tokens, compact, run_statements, scatter_rows, unpack
+from policyc.runtime.vision_tokens import (
+    Tokens,
+    code_order,
+    compact,
+    in_rank_order,
+    run_statements,
+    scatter_rows,
+    unpack,
+)
 from policyc.runtime.vision_towers import LayerBody, VisionLayer, layer_body, padding_keys, refuse_unmergeable
 
 
@@ -79,6 +87,8 @@ class ImageStages:
         self.unmerges = adapter.encoder_unmerges  # the connector reads every patch: merges are undone at the output
         if self.unmerges:
             refuse_unmergeable(plan)
+        self.code_order = code_order(plan)  # the LLM gets the encoder's rows in their order (ToMe's code order)
+        self._ranks: torch.Tensor | None = None  # then: [I, slots] each slot's row in that order
         # Qwen2-VL's packed tower (every image in one sequence): its own block wrappers (qwen_tower.py)
         self._packed = PackedEncoder(self) if encoder and adapter.encoder_packed else None
         stage_layers = {k for s in encoder for k in s.layers}
@@ -282,6 +292,8 @@ class ImageStages:
         slots.protected = mask_to_slots(state.protected)
         slots.sets.update({name: mask_to_slots(mask) for name, mask in state.sets.items()})
         slots.scores.update({name: to_slots(score.gather(1, tokens.origin)) for name, score in state.scores.items()})
+        if self.code_order:
+            self._ranks = to_slots(torch.arange(slot.shape[1], device=slot.device).expand_as(slot))
         positions = slots.kept
         return Tokens(torch.empty(0), positions, positions, to_slots(tokens.size).clamp(min=1)), slots
 
@@ -301,6 +313,9 @@ class ImageStages:
             tokens = replace(tokens, hidden=output)
         self._slots = None
         output, self.kept, self.protected = self._project(self.slot_space, tokens, state, projector, output)
+        if self._ranks is not None:  # ToMe's code order: the kept tokens by their encoder row
+            output, self.protected = in_rank_order(output, self.kept, self.protected, self._ranks)
+            self._ranks = None
         return output
 
     def _samples(self, sizes: list[int], token_id: int | None = None) -> dict[str, object]:

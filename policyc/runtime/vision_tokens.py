@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policyc.compiler.plan import BoundStage
+from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.passes import MERGE_OPS
@@ -149,6 +149,54 @@ def scatter_rows(tokens: Tokens, alive_rows: torch.Tensor, width: int, base: tor
     out = out.scatter(1, slot[:, :, None].expand(-1, -1, channels), tokens.hidden)
     kept = torch.zeros(images, width + 1, dtype=torch.bool, device=slot.device).scatter(1, slot, True)
     return out[:, :width], kept[:, :width]
+
+
+def code_order(plan: Plan) -> bool:
+    """Whether the encoder's merges hand the LLM their tokens in the order they leave the rows (`bipartite(...,
+    order=code)`: ToMe's code order) rather than each at its earliest patch (`spatial`, the default). Fails at
+    the merge where that cannot hold: `bipartite` merges that choose differently, `order=code` outside encoder
+    layers (the rows of `encoder.output` and `projector.output` stages keep their slots' order), or on a tower
+    whose rows do not reach the LLM as they are (connectors that read every patch, Qwen2-VL's packed tower)."""
+    chosen: list[tuple[str, ir.Merge]] = []
+    for stage in plan.stages:
+        def literal(expr: ir.Expr, stage: BoundStage = stage) -> ir.Expr:
+            return stage.values.get(expr.id, expr) if isinstance(expr, ir.Name) else expr
+
+        for merge in (st for st in stage.statements if isinstance(st, ir.Merge)):
+            order = MERGE_OPS[merge.method].llm_order(merge, literal)
+            in_layers = stage.kind == "encoder" and stage.point != "encoder.output"
+            if order == "code" and not in_layers:
+                raise PolicyError.at(f"order=code is the order merges inside encoder layers leave the rows in; the "
+                                     f"tokens of a {stage.point} stage keep their slots' order", merge.span,
+                                     "merge in encoder.layer[...] stages, or leave `order` out (spatial)")
+            if order is not None and in_layers:
+                chosen.append((order, merge))
+    orders = {order for order, _ in chosen}
+    if len(orders) > 1:
+        merge = next(m for order, m in chosen if order != chosen[0][0])
+        raise PolicyError.at(f"the encoder's merges ask for two orders of the LLM's tokens: {chosen[0][0]} first, "
+                             f"{'code' if chosen[0][0] == 'spatial' else 'spatial'} here", merge.span,
+                             "give every `bipartite` merge the same `order` (spatial when left out)")
+    adapter = plan.adapter
+    if orders == {"code"} and (adapter.encoder_unmerges or adapter.encoder_packed):
+        why = "packs images and gives the LLM M-RoPE positions per patch" if adapter.encoder_packed else \
+            "reads every patch (merged tokens are unmerged for it)"
+        raise PolicyError.at(f"order=code needs the encoder's rows to reach the LLM as they are, but "
+                             f"{adapter.family}'s connector {why}: the LLM sees the model's own order",
+                             chosen[0][1].span, "leave `order` out (spatial)")
+    return orders == {"code"}
+
+
+def in_rank_order(features: torch.Tensor, kept: torch.Tensor, protected: torch.Tensor, rank: torch.Tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept slots' features [I, N, D] and protected flags [I, N] moved among the kept slots ([I, N] bool) so
+    that, read in slot order (the order the LLM receives them), they come by ascending `rank` [I, N] (each
+    slot's row in the encoder's row order: ToMe's code order). Other slots stay."""
+    slots = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
+    by_slot = selected_first(kept)  # the kept slots, ascending, then the others
+    by_rank = torch.sort(torch.where(kept, rank, rank.max() + 1 + slots), dim=1, stable=True).indices
+    source = torch.empty_like(by_slot).scatter_(1, by_slot, by_rank)  # slot s takes the row of slot source[s]
+    return features.gather(1, source[:, :, None].expand_as(features)), protected.gather(1, source)
 
 
 def unpack(packed: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

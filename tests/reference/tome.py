@@ -15,6 +15,11 @@ Exact semantics of this reference, one image at a time:
   then all of B.
 - Each token remembers its original members; LLaVA's image feature of a token sits in the slot of its
   earliest original patch. Returns the projected features [N, D] per slot and the slots filled.
+- The order the LLM receives the tokens in (`tome_llm_tokens`, `tome_last_logits`): "spatial", by earliest
+  original patch; "code", the rows as the last merge at LLaVA's feature layer emitted them (ToMe's code
+  order). Either way the tokens holding an encoder position LLaVA does not project (CLS: it never merges and
+  stays the first row) are left out. The LLM then runs on the prompt with the image's placeholders replaced
+  by those tokens, positions 0..L'-1.
 """
 
 from __future__ import annotations
@@ -54,22 +59,62 @@ def bipartite(x: Tensor, keys: Tensor, size: Tensor, members: list[list[int]], r
     return new_x, new_size, [members[a[i]] for i in unmerged] + groups
 
 
+def encode(model: LlavaForConditionalGeneration, image: Tensor, r: int) -> tuple[Tensor, list[list[int]]]:
+    """ToMe through LLaVA's feature layer for one image [3, H, W]: the rows [T', C] in ToMe's code order and
+    each row's original encoder positions."""
+    cls, last = has_cls(model), feature_layer(model)
+    x = embed(model, image)
+    size = torch.ones(x.shape[0])
+    members = [[i] for i in range(x.shape[0])]
+    for layer in list(layers(model))[: last + 1]:
+        out, keys, _ = attention(layer.self_attn, layer.layer_norm1(x), size.log())
+        x = x + out
+        x, size, members = bipartite(x, keys, size, members, r, cls)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return x, members
+
+
+@torch.no_grad()
+def tome_llm_tokens(model: LlavaForConditionalGeneration, pixel_values: Tensor, r: int, order: str,
+                    ) -> list[Tensor]:
+    """Per image, its projected tokens [n, D] in the order the LLM receives them ("spatial" or "code")."""
+    start = strategy_start(model)
+    tokens = []
+    for image in pixel_values:
+        x, members = encode(model, image, r)
+        rows = [row for row, group in enumerate(members) if min(group) >= start]
+        if order == "spatial":
+            rows.sort(key=lambda row: min(members[row]))
+        tokens.append(project(model, x[rows]))
+    return tokens
+
+
+@torch.no_grad()
+def tome_last_logits(model: LlavaForConditionalGeneration, inputs: dict[str, Tensor], r: int, order: str,
+                     ) -> Tensor:
+    """The LLM's logits at each row's last position [B, V], each row's image placeholders replaced by that
+    image's tokens in `order` (one image per row, no padding)."""
+    images = tome_llm_tokens(model, inputs["pixel_values"], r, order)
+    decoder, head, table = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
+    logits = []
+    for ids, tokens in zip(inputs["input_ids"], images, strict=True):
+        image = (ids == model.config.image_token_id).nonzero().flatten()
+        first, end = int(image[0]), int(image[-1]) + 1
+        sequence = torch.cat([table(ids[:first]), tokens.to(table.weight.dtype), table(ids[end:])])
+        out = decoder(inputs_embeds=sequence[None], position_ids=torch.arange(len(sequence))[None], use_cache=False)
+        logits.append(head(out.last_hidden_state[0, -1]))
+    return torch.stack(logits)
+
+
 @torch.no_grad()
 def tome_image_features(model: LlavaForConditionalGeneration, pixel_values: Tensor, r: int,
                         ) -> tuple[Tensor, Tensor]:
     """Projected image features [I, N, D] (zeros in empty slots) and the filled slots [I, N] bool."""
-    cls, start, last = has_cls(model), strategy_start(model), feature_layer(model)
+    start = strategy_start(model)
     features, filled = [], []
     for image in pixel_values:
-        x = embed(model, image)
-        tokens = x.shape[0]
-        size = torch.ones(tokens)
-        members = [[i] for i in range(tokens)]
-        for layer in list(layers(model))[: last + 1]:
-            out, keys, _ = attention(layer.self_attn, layer.layer_norm1(x), size.log())
-            x = x + out
-            x, size, members = bipartite(x, keys, size, members, r, cls)
-            x = x + layer.mlp(layer.layer_norm2(x))
+        x, members = encode(model, image, r)
+        tokens = sum(len(group) for group in members)
         slots = torch.zeros(tokens - start, x.shape[-1])
         kept = torch.zeros(tokens - start, dtype=torch.bool)
         for row, group in enumerate(members):
@@ -82,4 +127,4 @@ def tome_image_features(model: LlavaForConditionalGeneration, pixel_values: Tens
     return torch.stack(features), torch.stack(filled)
 
 
-__all__ = ["tome_image_features"]
+__all__ = ["tome_image_features", "tome_last_logits", "tome_llm_tokens"]
