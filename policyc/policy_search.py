@@ -26,6 +26,7 @@ from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.lang.check import CheckedPolicy
 from policyc.lang.search_counts import cap_counts
+from policyc.lang.search_layers import cap_layers
 from policyc.lang.search_space import CheckedSearch, SearchDimension
 
 DIRECTIONS = {"accuracy": "maximize", "vqa_score": "maximize", "flops": "minimize", "kv": "minimize",
@@ -292,7 +293,8 @@ def search(model: Any, space: CheckedSearch, evaluate: Evaluate, *, model_ref: s
            on_trial: Callable[[TrialResult], None] | None = None) -> SearchResult:
     """Run trials until the study holds `n_trials` finished ones (other workers' count too), then return
     every finished trial and the Pareto front. Count parameters are searched up to the most image tokens a prompt
-    of the baseline held, where the harness reports it (`image_tokens_max`; `SearchResult.notes` say so).
+    of the baseline held, where the harness reports it (`image_tokens_max`), and layer parameters within the
+    model's layers (`SearchResult.notes` say so).
 
     `evaluate(compiled, candidate)` measures one compiled policy (see `harness`); its figures must include
     every objective and constraint. `model_ref` and `data_key` name the model and the data in result keys.
@@ -301,6 +303,7 @@ def search(model: Any, space: CheckedSearch, evaluate: Evaluate, *, model_ref: s
     import optuna
 
     from policyc.lang.printer import print_expr
+    from policyc.models import adapt
     from policyc.runtime import compile_model
 
     chosen = directions(objectives)
@@ -317,6 +320,9 @@ def search(model: Any, space: CheckedSearch, evaluate: Evaluate, *, model_ref: s
         study.set_user_attr("baseline", {k: float(v) for k, v in evaluate(None, None).items()})
     most = study.user_attrs.get("baseline", {}).get("image_tokens_max")
     space, notes = cap_counts(space, int(most)) if most else (space, [])
+    adapter = adapt(model)
+    space, layer_notes = cap_layers(space, {"llm": len(adapter.decoder_layers), "encoder": len(adapter.vision_layers)})
+    notes += layer_notes
     if start_at_defaults and not study.trials:
         for values in default_values(space):
             study.enqueue_trial(values, skip_if_exists=True)

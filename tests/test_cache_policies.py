@@ -178,7 +178,7 @@ def test_pyramiddrop_with_an_evicting_snapkv_equals_the_composed_reference(seed:
     SnapKV's cache, in the reference decoder with per-head caches."""
     model = tiny_llava_clip(seed=seed, num_llm_layers=25)
     inputs = make_inputs(model, batch=batch, pad_left=2, seed=seed)
-    stages = [Stage(7, 9), Stage(15, 5), Stage(23, 3)]  # int(16 * 0.6 ** (i + 1))
+    stages = [Stage(5, 9), Stage(11, 5), Stage(17, 3)]  # int(16 * 0.6 ** (i + 1)) after depth / 4 - 1, ... of 25
     expected = cache_generate(eager_copy(model), **inputs, policy_for_row=lambda: SnapKV(3, 8, 7, "max"),
                               max_new_tokens=STEPS, stages=stages, compact=True, next_layer=True)
     compiled(model, "use pyramiddrop(lam=0.6)\nuse snapkv(window=3, capacity=8)")

@@ -29,17 +29,21 @@ def assert_same_steps(result, tokens: torch.Tensor, logits: torch.Tensor, prompt
         torch.testing.assert_close(result.scores[step], expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("seed", "lam", "batch"), [(0, 0.5, 1), (1, 0.6, 2), (2, 0.4, 2), (3, 0.7, 1)])
-def test_pyramiddrop_equals_the_reference(seed: int, lam: float, batch: int) -> None:
-    model = tiny_llava_clip(seed=seed, num_llm_layers=25)  # the standard library's layers 7, 15, 23 (+ next)
+@pytest.mark.parametrize(("seed", "lam", "batch", "depth"), [(0, 0.5, 1, 24), (1, 0.6, 2, 28), (2, 0.4, 2, 32),
+                                                             (3, 0.7, 1, 40), (4, 0.5, 2, 30)])
+def test_pyramiddrop_equals_the_reference(seed: int, lam: float, batch: int, depth: int) -> None:
+    """The standard library's quarter boundaries (`depth / 4 - 1`, ...) on each depth, rounded down on 30."""
+    model = tiny_llava_clip(seed=seed, num_llm_layers=depth)
+    layers = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1]
     inputs = make_inputs(model, batch=batch, pad_left=2, seed=seed, text_after=5)
-    tokens, kept, logits = pyramiddrop_generate(model, **inputs, layers=[7, 15, 23], lam=lam, max_new_tokens=STEPS)
+    tokens, kept, logits = pyramiddrop_generate(model, **inputs, layers=layers, lam=lam, max_new_tokens=STEPS)
     compiled = policyc.compile(model, "pyramiddrop", {"lam": lam}).policyc
+    assert compiled.plan.stages[0].layers == tuple(layers)
     result = generate(model, inputs)
     image = inputs["input_ids"] == model.config.image_token_id
     for row in range(batch):
-        for stage, layer in enumerate([8, 16, 24]):  # the rows each layer after a stage processed
-            rows = compiled.runtime.kept_at_layer[layer][row]
+        for stage, layer in enumerate(layers):  # the rows each layer after a stage processed
+            rows = compiled.runtime.kept_at_layer[layer + 1][row]
             assert torch.equal(rows, kept[row][stage])
             assert int(image[row, rows].sum()) == pyramiddrop_counts(16, lam, 3)[stage]
     assert_same_steps(result, tokens, logits, inputs["input_ids"].shape[1])

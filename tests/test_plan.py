@@ -80,8 +80,8 @@ def test_cls_on_siglip_fails_at_the_policy_line() -> None:
 
 
 def test_layers_past_the_model_and_colliding_layers_are_errors() -> None:
-    with pytest.raises(PolicyError, match="LLM layer 7 does not exist"):
-        lower(STDLIB["pyramiddrop"], CLIP)
+    with pytest.raises(PolicyError, match="LLM layer 6 does not exist"):
+        lower(STDLIB["sparsevlm"], CLIP)
     checked = one("""policy p {
       stage encoder.layer[2] { keep top 50% of vision by key_norm }
       stage encoder.layer[-1] { keep top 50% of vision by key_norm }

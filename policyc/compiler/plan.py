@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from policyc.catalog.base import StageKind
 from policyc.errors import PolicyError, Span, suggestion
 from policyc.lang import ir
-from policyc.lang.check import CheckedPolicy, StagePlan, static_layers
+from policyc.lang.check import CheckedPolicy, StagePlan, layer_requirements
+from policyc.lang.layers import bound_layers, uses_names
 from policyc.lang.printer import print_expr, print_statement
 from policyc.lang.resolve import Scope
 from policyc.models.base import ModelAdapter
@@ -77,6 +78,7 @@ def lower(checked: CheckedPolicy, adapter: ModelAdapter, assignments: Mapping[st
                                          for p in checked.stages])
     bound = [(plan, _bind(plan, adapter, assignments)) for plan in checked.stages]
     bound.sort(key=lambda pair: (pair[0].hook.order, pair[1].layers[:1], pair[0].order[-1]))
+    _check_order(checked, [plan for plan, _ in bound])
     seen: dict[tuple[str, int], str] = {}
     for plan, stage in bound:
         for layer in stage.layers:
@@ -87,6 +89,17 @@ def lower(checked: CheckedPolicy, adapter: ModelAdapter, assignments: Mapping[st
                                      "negative indices count from the end; pick distinct layers")
             seen[key] = stage.label
     return Plan(checked, adapter, tuple(stage for _, stage in bound))
+
+
+def _check_order(checked: CheckedPolicy, bound: list[StagePlan]) -> None:
+    """The stages run in the order the checker saw them in (which layers written with `depth` or parameters
+    could change on some models): sets and budgets were checked in that order."""
+    for plan, expected in zip(bound, checked.stages, strict=True):
+        if plan is not expected:
+            raise PolicyError.at(f"on this model {plan.label} runs before {expected.label}, the other way round "
+                                 f"from the order the policy was checked in", plan.placed.stage.hook.span,
+                                 "write their layers so they keep one order on every model, e.g. both relative "
+                                 "to depth")
 
 
 def _check_assignments(checked: CheckedPolicy, assignments: Mapping[str, ir.Expr]) -> None:
@@ -110,14 +123,25 @@ def _bind(plan: StagePlan, adapter: ModelAdapter, assignments: Mapping[str, ir.E
     count = len(adapter.vision_layers) if kind == "encoder" else len(adapter.decoder_layers)
     layers: tuple[int, ...] = ()
     if plan.hook.layered:
-        written = static_layers(stage.hook, scope, assignments)
-        for k in written or ():
-            if not -count <= k < count:  # reachable when a search assigns a layer parameter
-                raise PolicyError.at(f"layer {k} does not exist: the model has {count} layers", stage.hook.span)
+        written = bound_layers(stage.hook, scope, assignments, count, plan.label)
+        # layers written with names, and the next layers a stage reads, are only known now
+        named = uses_names(stage.hook)
+        adapter.check(layer_requirements(plan, (written or ()) if named else ()))
         indices = list(range(count)) if written is None else [k % count for k in written]
         if len(set(indices)) != len(indices):
             raise PolicyError.at(f"{plan.label} lists a layer twice on this {count}-layer model", stage.hook.span,
                                  "negative indices count from the end")
         layers = tuple(sorted(indices))
+        unchecked = [k % count for k in written or () if named or k < 0] if written is not None else indices
+        adapter.check(layer_requirements(plan, (), tuple(unchecked)))
+        _check_schedules(plan, len(layers), count)
     values = {p.name: v for p in scope.policy.params if (v := scope.value(p.name, assignments)) is not None}
     return BoundStage(plan.label, stage.hook.point, kind, layers, stage.body, values, scope, stage.hook.span)
+
+
+def _check_schedules(plan: StagePlan, layers: int, depth: int) -> None:
+    """One budget per layer (`[300, 200, 110]`), counted on the model (`[*]`, `depth`, searched parameters)."""
+    for node in (n for statement in plan.placed.stage.body for n in statement.walk()):
+        if isinstance(node, ir.ListExpr) and len(node.items) != layers:
+            raise PolicyError.at(f"{len(node.items)} budgets for {plan.label}, which runs at {layers} layers on "
+                                 f"this {depth}-layer model", node.span, "give one budget per layer of the stage")

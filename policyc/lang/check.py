@@ -13,6 +13,7 @@ from typing import cast
 from policyc.catalog import CACHES, HOOKS, MERGES, POSITIONS, SETS, SIGNALS, HookSpec
 from policyc.errors import Diagnostic, PolicyError, Span, suggestion
 from policyc.lang import ir
+from policyc.lang.layers import DEPTH, layer_count, order_key, static_layers, uses_names
 from policyc.lang.parser import keywords
 from policyc.lang.printer import hook_text, print_expr
 from policyc.lang.resolve import PlacedStage, Program, Scope
@@ -117,6 +118,9 @@ def _check_name(name: str, span: Span | None, what: str) -> None:
     (`keep top ...` is a selection). Policy and stage names never appear in expressions."""
     if name in keywords():
         raise PolicyError.at(f"{what} name '{name}' is a keyword", span, "choose another name")
+    if name == DEPTH:
+        raise PolicyError.at(f"{what} name '{name}' is the model's layer count in layer selections", span,
+                             "choose another name")
 
 
 def _check_param(param: ir.Param) -> None:
@@ -211,46 +215,8 @@ def _plan(placed: PlacedStage) -> StagePlan:
     label = hook_text(hook)
     if placed.scope.parent is not None:
         label = f"{placed.scope.label}: {label}"
-    first = layers[0] if layers else 0
-    order = (spec.order, first < 0, first, 0 if point.endswith(".attention") else 1)
+    order = (spec.order, order_key(hook, placed.scope), 0 if point.endswith(".attention") else 1)
     return StagePlan(placed, label, spec, layers, order)
-
-
-def static_layers(hook: ir.Hook, scope: Scope, assignments: Mapping[str, ir.Expr] | None = None,
-                  ) -> tuple[int, ...] | None:
-    """The layer indices a hook lists, as written (negative ones count from the end); None for `[*]`
-    or no selection. Parameters resolve through `scope` (and search `assignments`)."""
-    if not isinstance(hook.layers, ir.LayerList):
-        return None
-    layers: list[int] = []
-    for item in hook.layers.items:
-        start = _static_int(item.start, scope, "a layer index", assignments)
-        if item.stop is None:
-            layers.append(start)
-            continue
-        stop = _static_int(item.stop, scope, "a layer index", assignments)
-        step = _static_int(item.step, scope, "a layer step", assignments) if item.step is not None else 1
-        if step <= 0:
-            raise PolicyError.at("a layer step must be positive", item.step.span if item.step else item.span)
-        if (start < 0) != (stop < 0) or stop < start:
-            raise PolicyError.at(f"layer range {start}..{stop} is empty or mixes indices from both ends", item.span,
-                                 "write start..stop with start <= stop, both counted from the same end")
-        layers.extend(range(start, stop + 1, step))
-    _unique([(str(k), hook.span) for k in layers], "layer")
-    return tuple(layers)
-
-
-def _static_int(expr: ir.Expr, scope: Scope, what: str, assignments: Mapping[str, ir.Expr] | None) -> int:
-    if isinstance(expr, ir.Name):
-        value = scope.value(expr.id, assignments)
-        if value is None:
-            names = [p.name for p in scope.policy.params]
-            raise PolicyError.at(f"unknown parameter '{expr.id}' in a layer selection", expr.span,
-                                 suggestion(expr.id, names, "parameters"))
-        expr = value
-    if isinstance(expr, ir.Number) and isinstance(expr.value, int):
-        return expr.value
-    raise PolicyError.at(f"{what} must be a whole number or an integer parameter", expr.span)
 
 
 def _check_layout(plans: list[StagePlan]) -> None:
@@ -295,13 +261,12 @@ def _check_stage(plan: StagePlan, visible: dict[str, Definition], later: dict[st
     collect = _Collector()
     drops_before = False
     seen_modes: list[ir.Statement] = []
-    # layers written with parameters are checked when the policy is bound, with the values it runs with
-    for point_layer in () if _layers_from_params(stage.hook) else plan.layers or ():
-        what = "encoder_layer" if kind == "encoder" else "llm_layer"
-        requirements.append(Requirement(what, point_layer, stage.hook.span, f"{plan.label} runs there"))
+    # layers written with parameters or depth are checked when the policy is bound, with the values it runs with
+    fixed = () if uses_names(stage.hook) else plan.layers or ()
+    requirements.extend(layer_requirements(plan, fixed, tuple(k for k in fixed if k >= 0)))
+    count = layer_count(stage.hook, scope)
     for statement in stage.body:
-        ctx = Context(kind, plan.label, plan.order, params, visible, later,
-                      len(plan.layers) if plan.layers is not None else None, drops_before)
+        ctx = Context(kind, plan.label, plan.order, params, visible, later, count, drops_before)
         collect.run(_check_statement, statement, ctx, seen_modes)
         if isinstance(statement, ir.Let | ir.ScoreDef) and statement.name not in visible:
             visible[statement.name] = Definition(statement.name, "set" if isinstance(statement, ir.Let) else "score",
@@ -309,12 +274,6 @@ def _check_stage(plan: StagePlan, visible: dict[str, Definition], later: dict[st
         drops_before = drops_before or isinstance(statement, ir.Keep | ir.Drop | ir.Merge)
         requirements.extend(_requirements(statement, plan))
     collect.raise_if_any()
-
-
-def _layers_from_params(hook: ir.Hook) -> bool:
-    if not isinstance(hook.layers, ir.LayerList):
-        return False
-    return any(isinstance(part, ir.Name) for item in hook.layers.items for part in (item.start, item.stop, item.step))
 
 
 def _check_statement(statement: ir.Statement, ctx: Context, seen_modes: list[ir.Statement]) -> None:
@@ -406,6 +365,20 @@ def _check_budgets(plans: list[StagePlan]) -> None:
             previous = (last, plan.label)
 
 
+def layer_requirements(plan: StagePlan, layers: tuple[int, ...], next_layers: tuple[int, ...] = ()
+                       ) -> Iterator[Requirement]:
+    """The layers a stage runs at (`layers`, as written) and those its `layer=next` signals read (the next of
+    each of `next_layers`, which are counted from the start)."""
+    what = "encoder_layer" if plan.hook.stage_kind == "encoder" else "llm_layer"
+    yield from (Requirement(what, k, plan.placed.stage.hook.span, f"{plan.label} runs there") for k in layers)
+    for node in (n for statement in plan.placed.stage.body for n in statement.walk()):
+        if plan.hook.stage_kind == "llm" and isinstance(node, ir.Call) and node.fn in SIGNALS:
+            layer = next((k.value for k in node.kwargs if k.name == "layer"), None)
+            if isinstance(layer, ir.Name) and layer.id == "next":
+                yield from (Requirement("llm_layer", k + 1, layer.span, f"{node.fn}(layer=next) recomputes it")
+                            for k in next_layers)
+
+
 def _requirements(statement: ir.Statement, plan: StagePlan) -> Iterator[Requirement]:
     for node in statement.walk():
         if isinstance(node, ir.Name) and node.id == "cls":
@@ -415,9 +388,7 @@ def _requirements(statement: ir.Statement, plan: StagePlan) -> Iterator[Requirem
             target = "encoder_layer" if plan.hook.stage_kind in ("encoder", "projector") else "llm_layer"
             if isinstance(layer, ir.Number) and isinstance(layer.value, int):
                 yield Requirement(target, layer.value, layer.span, f"{node.fn}() reads that layer")
-            elif isinstance(layer, ir.Name) and layer.id == "next":
-                for k in plan.layers or ():
-                    yield Requirement("llm_layer", k + 1, layer.span, f"{node.fn}(layer=next) recomputes it")
 
 
-__all__ = ["AMOUNT", "CheckedPolicy", "Requirement", "StagePlan", "check_program", "static_layers"]
+__all__ = ["AMOUNT", "CheckedPolicy", "Requirement", "StagePlan", "check_program", "layer_requirements",
+           "static_layers"]

@@ -11,6 +11,7 @@ from policyc.catalog import FUNCTIONS, SCHEDULES, SELECTORS, SETS, SIGNALS, Opti
 from policyc.catalog.base import StageKind, ValueType
 from policyc.errors import PolicyError, Span, closest, suggestion
 from policyc.lang import ir
+from policyc.lang.layers import DEPTH
 
 _STAGE_WORDS = {"encoder": "an encoder stage", "projector": "a projector stage", "llm": "an LLM stage",
                 "decode": "the decode stage"}
@@ -160,6 +161,9 @@ def _name(name: str, span: Span | None, ctx: Context) -> ValueType:
         raise PolicyError.at(
             f"cycle: '{name}' is used at {ctx.stage}, which runs before {later.stage} computes it", span,
             f"define '{name}' in a stage that runs before {ctx.stage}")
+    if name == DEPTH:
+        raise PolicyError.at("`depth` is the model's layer count and only goes in a stage's layer selection", span,
+                             "write e.g. stage llm.layer[depth / 2 - 1]")
     candidates = [*ctx.visible, *ctx.params, *(s.name for s in SETS if ctx.kind in s.stages),
                   *(s.name for s in SIGNALS if not any(o.required for o in s.options))]
     best = closest(name, candidates)
