@@ -166,7 +166,7 @@ def code_order(plan: Plan) -> bool:
             order = MERGE_OPS[merge.method].llm_order(merge, literal)
             in_layers = stage.kind == "encoder" and stage.point != "encoder.output"
             if order == "code" and not in_layers:
-                raise PolicyError.at(f"order=code is the order merges inside encoder layers leave the rows in; the "
+                raise PolicyError.at(f"order=code (ToMe's code order) is for merges inside encoder layers: the "
                                      f"tokens of a {stage.point} stage keep their slots' order", merge.span,
                                      "merge in encoder.layer[...] stages, or leave `order` out (spatial)")
             if order is not None and in_layers:
@@ -179,10 +179,10 @@ def code_order(plan: Plan) -> bool:
                              "give every `bipartite` merge the same `order` (spatial when left out)")
     adapter = plan.adapter
     if orders == {"code"} and (adapter.encoder_unmerges or adapter.encoder_packed):
-        why = "packs images and gives the LLM M-RoPE positions per patch" if adapter.encoder_packed else \
-            "reads every patch (merged tokens are unmerged for it)"
+        why = "tower packs the images and its LLM places each token by its patch (M-RoPE)" if adapter.encoder_packed \
+            else "connector reads every patch (merged tokens are unmerged for it)"
         raise PolicyError.at(f"order=code needs the encoder's rows to reach the LLM as they are, but "
-                             f"{adapter.family}'s connector {why}: the LLM sees the model's own order",
+                             f"{adapter.family}'s {why}: the LLM sees the model's own order",
                              chosen[0][1].span, "leave `order` out (spatial)")
     return orders == {"code"}
 
