@@ -1,4 +1,5 @@
-"""Sanity tests of the plain references in tests/reference (FastV, arXiv:2403.06764; random drop)."""
+"""Sanity tests of the plain references in tests/reference (FastV, arXiv:2403.06764; random drop; ToMe's LLM
+prompt)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from reference.fastv import fastv_generate
 from reference.random_drop import random_drop_generate
+from reference.tome import tome_last_logits
 from tiny_models import IMAGE_TOKEN_ID, image_tokens, make_inputs, tiny_llava_clip, tiny_llava_siglip
 from transformers import LlavaForConditionalGeneration
 
@@ -150,3 +152,14 @@ def test_random_drop_batch_with_left_padding_is_per_sample(arch: str) -> None:
     assert pads == 3
     assert torch.equal(tokens[0], alone_tokens[0])
     assert torch.equal(kept[0], alone_kept[0] + pads)
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+@pytest.mark.parametrize("order", ["spatial", "code"])
+def test_tome_merging_nothing_is_the_unmodified_model(arch: str, order: str) -> None:
+    """With r=0 the ToMe reference's prompt (its tokens in either order) gives the unmodified model's logits."""
+    model = BUILDERS[arch]()
+    inputs = make_inputs(model, batch=2, seed=3)
+    with torch.no_grad():
+        expected = model(**inputs).logits[:, -1]
+    torch.testing.assert_close(tome_last_logits(model, inputs, 0, order), expected, atol=2e-5, rtol=1e-5)
