@@ -318,8 +318,7 @@ def search(model: Any, space: CheckedSearch, evaluate: Evaluate, *, model_ref: s
     study.set_metric_names(list(chosen))
     if baseline and "baseline" not in study.user_attrs:
         study.set_user_attr("baseline", {k: float(v) for k, v in evaluate(None, None).items()})
-    most = study.user_attrs.get("baseline", {}).get("image_tokens_max")
-    space, notes = cap_counts(space, int(most)) if most else (space, [])
+    space, notes = cap_counts(space, study.user_attrs.get("baseline", {}).get("image_tokens_max"))
     adapter = adapt(model)
     space, layer_notes = cap_layers(space, {"llm": len(adapter.decoder_layers), "encoder": len(adapter.vision_layers)})
     notes += layer_notes

@@ -36,9 +36,12 @@ def count_params(checked: CheckedPolicy) -> set[str]:
     return {name for name, count in amounts.items() if count == uses[name]}
 
 
-def cap_counts(space: CheckedSearch, most: int) -> tuple[CheckedSearch, list[str]]:
+def cap_counts(space: CheckedSearch, most: float | None) -> tuple[CheckedSearch, list[str]]:
     """`space` with every count dimension (whole numbers, see `count_params`) whose range reaches past `most`
-    capped at it, and a line saying so per capped dimension."""
+    capped at it, and a line saying so per capped dimension; `space` itself where `most` is unknown (None)."""
+    if not most:
+        return space, []
+    most = int(most)
     counts = {name: count_params(space.candidate(name)) for name in space.names}
     dimensions: list[SearchDimension] = []
     notes: list[str] = []
