@@ -272,20 +272,23 @@ def run(model: str | None, policy: str | None, image: Path | None, prompt: str |
 @click.option("--sweep", metavar="NAME=V1,V2,...", help="Evaluate POLICY at each of these values of a parameter.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw accuracy against FLOPs share to this PNG file.")
+@click.option("--lmms", "lmms", multiple=True, metavar="TASK[:METRIC]",
+              help="Evaluate lmms-eval tasks instead of --data (repeatable or comma-separated; needs policyc[lmms]).")
 def eval_(model: str | None, policy: str | None, data: str, split: str, limit: int | None, batch_size: int,
-          params: tuple[str, ...], device: str, json_path: Path | None, sweep: str | None, plot: Path | None) -> None:
+          params: tuple[str, ...], device: str, json_path: Path | None, sweep: str | None, plot: Path | None,
+          lmms: tuple[str, ...]) -> None:
     """Accuracy of POLICY compiled onto MODEL next to the unmodified model: exact match, VQA score,
     retention, image tokens reaching the LLM's last layer and the analytic prefill FLOPs share.
 
     MODEL and POLICY are read as in `policyc run`; `policyc eval fastv` evaluates FastV on the embedded
-    default model and the synthetic test split.
+    default model and the synthetic test split; `--lmms policyc_synthetic` the same questions through lmms-eval.
     """
     from policyc.eval_command import eval_command
 
     try:
         eval_command(model, policy, data=data, split=split, limit=limit, batch_size=batch_size,
                      assignments=_assignments(params), device=device, json_path=json_path,
-                     sweep=_sweep(sweep), plot=plot)
+                     sweep=_sweep(sweep), plot=plot, lmms=lmms)
     except PolicyError as error:
         _fail(error)
         sys.exit(EXIT_POLICY_ERROR)
@@ -316,9 +319,11 @@ def eval_(model: str | None, policy: str | None, data: str, split: str, limit: i
 @click.option("--heartbeat", type=click.IntRange(min=1), default=10, show_default=True,
               help="Seconds between a worker's heartbeats; a trial silent for twice that is marked failed.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
+@click.option("--lmms", metavar="TASK[:METRIC]",
+              help="Measure accuracy on this lmms-eval task instead of --data, --limit documents per trial.")
 def search(first: str, second: str | None, trials: int, output: Path, storage: str | None, study: str | None,
            objectives: tuple[str, ...], constraints: tuple[str, ...], data: str, split: str, limit: int,
-           batch_size: int, seed: int, heartbeat: int, device: str) -> None:
+           batch_size: int, seed: int, heartbeat: int, device: str, lmms: str | None) -> None:
     """Search SPACE for the policies with the best trade-off (Optuna; Pareto front of the objectives).
 
     SPACE is a .tokpol file with a `search` block (FILE:NAME picks one), a policy file (every parameter with a
@@ -332,7 +337,7 @@ def search(first: str, second: str | None, trials: int, output: Path, storage: s
         search_command(model, space, trials=trials, output=output, storage=storage, study=study, data=data,
                        split=split, limit=limit, batch_size=batch_size, objectives=list(objectives),
                        constraints=parse_constraints(constraints), device=device, seed=seed,
-                       heartbeat=heartbeat)
+                       heartbeat=heartbeat, lmms=lmms)
     except PolicyError as error:
         _fail(error)
         sys.exit(EXIT_POLICY_ERROR)

@@ -4,6 +4,7 @@ the synthetic scenes or a JSONL data set, with the image tokens and prefill FLOP
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,10 @@ from policyc.run import resolve_target
 def eval_command(model: str | None, policy: str | None, *, data: str, split: str, limit: int | None,
                  batch_size: int, assignments: dict[str, ir.Expr], device: str, json_path: Path | None,
                  sweep: tuple[str, list[ir.Expr]] | None = None, plot: Path | None = None,
-                 console: Console | None = None) -> list[Evaluation]:
+                 lmms: tuple[str, ...] = (), console: Console | None = None) -> list[Any]:
     """Evaluate the unmodified model, then POLICY (at each value of a swept parameter); print, write JSON
-    and draw accuracy against FLOPs share as asked."""
-    from policyc.runtime import compile_model
-    from policyc.show import find_policies
-
+    and draw accuracy against FLOPs share as asked. With `lmms` tasks, lmms-eval evaluates them instead of
+    `data` (policyc.integrations.lmms_eval.runner)."""
     console = console or Console()
     target = resolve_target(model, policy)
     if target.artifact is not None:
@@ -36,6 +35,16 @@ def eval_command(model: str | None, policy: str | None, *, data: str, split: str
                              "evaluate the artifact's model and policy by name")
     if target.policy is None and (assignments or sweep):
         raise PolicyError.at("--param and --sweep need a POLICY", None, "e.g. policyc eval fastv --param ratio=25%")
+    if lmms:
+        from policyc.integrations.lmms_eval.runner import eval_tasks
+
+        if data != "synthetic" or split != "test":
+            raise PolicyError.at("--lmms evaluates lmms-eval tasks: --data and --split do not apply", None,
+                                 "drop --data/--split, or evaluate them without --lmms")
+
+        return eval_tasks(target.model, target.policy, lmms, limit=limit, batch_size=batch_size,
+                          assignments=assignments, device=device, json_path=json_path, sweep=sweep, plot=plot,
+                          console=console)
     items = load_items(data, split, limit)
     loaded = load_reference_model(target.model, device)
     processor = load_reference_processor(target.model)
@@ -49,19 +58,8 @@ def eval_command(model: str | None, policy: str | None, *, data: str, split: str
 
         results.append(run("unmodified", None))
         if target.policy is not None:
-            found = find_policies(target.policy)
-            if len(found) != 1:
-                raise PolicyError.at(f"{target.policy} holds {len(found)} policies", None,
-                                     f"name one: {target.policy}:{found[0].program.policy.name}")
-            name, values = sweep if sweep is not None else ("", [None])
-            for value in values:
-                settings = {**assignments, name: value} if value is not None else assignments
-                compiled = compile_model(loaded, found[0], settings)  # type: ignore[arg-type]
-                label = compiled.plan.name + (f" {name}={print_expr(value)}" if value is not None else "")
-                try:
-                    results.append(run(label, compiled))
-                finally:
-                    compiled.remove()
+            for label, compiled in compiled_runs(loaded, target.policy, assignments, sweep):
+                results.append(run(label, compiled))
     title = f"{data} ({split})" if data == "synthetic" else data
     render(results, title, console)
     if plot is not None:
@@ -72,6 +70,28 @@ def eval_command(model: str | None, policy: str | None, *, data: str, split: str
         json_path.write_text(json.dumps({"model": target.model, "data": data, "split": split, "results": [
             {**r.to_json(), "retention": retention(r, base)} for r in results]}, indent=2) + "\n")
     return results
+
+
+def compiled_runs(model: Any, policy: str, assignments: dict[str, ir.Expr],
+                  sweep: tuple[str, list[ir.Expr]] | None) -> Iterator[tuple[str, Any]]:
+    """POLICY compiled onto `model` once, or at each value of the swept parameter: (label, CompiledModel), each
+    removed from the model once the caller moves on."""
+    from policyc.runtime import compile_model
+    from policyc.show import find_policies
+
+    found = find_policies(policy)
+    if len(found) != 1:
+        raise PolicyError.at(f"{policy} holds {len(found)} policies", None,
+                             f"name one: {policy}:{found[0].program.policy.name}")
+    name, values = sweep if sweep is not None else ("", [None])
+    for value in values:
+        settings = {**assignments, name: value} if value is not None else assignments
+        compiled = compile_model(model, found[0], settings)  # type: ignore[arg-type]
+        label = compiled.plan.name + (f" {name}={print_expr(value)}" if value is not None else "")
+        try:
+            yield label, compiled
+        finally:
+            compiled.remove()
 
 
 def render(results: list[Evaluation], data: str, console: Console) -> None:
@@ -93,8 +113,9 @@ def render(results: list[Evaluation], data: str, console: Console) -> None:
         console.print(by_kind)
 
 
-def draw(results: list[Evaluation], title: str, path: Path) -> None:
-    """Accuracy against analytic prefill FLOPs share, one point per evaluation."""
+def draw(results: Sequence[Any], title: str, path: Path, ylabel: str = "accuracy (exact match)") -> None:
+    """Accuracy against analytic prefill FLOPs share, one point per evaluation (each with `name`, `accuracy` and
+    `flops_share`; the first is the unmodified model's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,10 +129,11 @@ def draw(results: list[Evaluation], title: str, path: Path) -> None:
                       textcoords="offset points")
     axes.axhline(results[0].accuracy, color="gray", linestyle="--", label="unmodified")
     axes.set_xlabel("analytic prefill FLOPs share")
-    axes.set_ylabel("accuracy (exact match)")
+    axes.set_ylabel(ylabel)
     axes.set_title(f"accuracy on {title}")
     axes.set_xlim(0, 1.05)
-    axes.set_ylim(0, 1.05)
+    if all(0 <= r.accuracy <= 1 for r in results):  # a share; other metrics (MME's scores) keep their own scale
+        axes.set_ylim(0, 1.05)
     axes.legend()
     figure.tight_layout()
     figure.savefig(path)

@@ -138,40 +138,79 @@ def load_items(data: str, split: str = "test", limit: int | None = None) -> list
                          "give `synthetic` or a .jsonl file of {image, question, answer} lines")
 
 
-def _prompt(processor: Any, question: str) -> str:
+def render_messages(processor: Any, messages: Sequence[dict[str, Any]]) -> str:
+    """Chat messages (content items `{"type": "image"}` and `{"type": "text", "text": ...}`) as the prompt text:
+    the processor's chat template if it has one, else each image token on its own line before the text."""
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"{getattr(processor, 'image_token', '<image>')}\n{question}"
+        return processor.apply_chat_template(list(messages), add_generation_prompt=True)
+    image = f"{getattr(processor, 'image_token', '<image>')}\n"
+    return "".join(image if item["type"] == "image" else item["text"]
+                   for message in messages for item in message["content"])
+
+
+def prompt_text(processor: Any, question: str, images: int = 1) -> str:
+    """The prompt for `question` about `images` images, the images first."""
+    content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+    return render_messages(processor, [{"role": "user", "content": content}])
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One row of a batch: the generated text and what its prefill cost."""
+
+    text: str  # the decoded continuation, special tokens skipped
+    new_tokens: int  # tokens generated, not counting the pad token (nor the end token where it is the pad token)
+    prompt_tokens: int  # tokens of the prompt (its padding excluded)
+    flops_share: float  # analytic prefill FLOPs after / before (1.0 without a policy)
+    image_tokens: int  # image tokens the LLM's last layer still sees
+    kv_share: float  # KV cache entries after prefill over the unmodified model's
 
 
 @torch.no_grad()
+def answer_batch(model: Any, processor: Any, images: Sequence[Sequence[Any]], prompts: Sequence[str],
+                 compiled: Any | None = None, name: str = "unmodified", **generate: Any) -> list[Answer]:
+    """`generate()` on a left-padded batch of `prompts` (`images`: each prompt's images, in order), then each
+    row's answer and prefill cost (policyc.report) under `compiled`, the policy compiled onto `model` if any."""
+    from policyc.report import report_from_last_prefill
+
+    device = next(model.parameters()).device
+    nested = [list(i) for i in images] if any(images) else None  # per prompt, as every processor takes them
+    inputs = processor(images=nested, text=list(prompts), padding=True, return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    out = model.generate(**inputs, **generate)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+    mask = inputs.get("attention_mask")
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    answers = []
+    for row, text in enumerate(texts):
+        prompt_tokens = int(mask[row].sum()) if mask is not None else inputs["input_ids"].shape[1]
+        new_tokens = int((new[row] != pad).sum()) if pad is not None else new.shape[1]
+        if compiled is None:
+            share, kv, tokens = 1.0, 1.0, int((inputs["input_ids"][row] == model.config.image_token_id).sum())
+        else:
+            report = report_from_last_prefill(compiled, inputs["input_ids"], name, row=row, attention_mask=mask)
+            share = report.flops_after.total / report.flops_before.total
+            kv = report.kv_share
+            tokens = report.kept[-1].after if report.kept else report.image_tokens
+        answers.append(Answer(text, new_tokens, prompt_tokens, share, tokens, kv))
+    return answers
+
+
 def evaluate(model: Any, processor: Any, items: Sequence[Item], compiled: Any | None = None,
              name: str = "unmodified", batch_size: int = 16, max_new_tokens: int = 8,
              progress: Callable[[int], None] | None = None) -> Evaluation:
     """Greedy answers of `model` (compiled with a policy or not) to `items`, scored, with each prefill's cost."""
-    from policyc.report import report_from_last_prefill
-
-    device = next(model.parameters()).device
     result = Evaluation(name)
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        inputs = processor(images=[i.image for i in batch], text=[_prompt(processor, i.question) for i in batch],
-                           padding=True, return_tensors="pt")
-        inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for row, (item, text) in enumerate(zip(batch, texts, strict=True)):
-            if compiled is None:
-                share, kv, tokens = 1.0, 1.0, int((inputs["input_ids"][row] == model.config.image_token_id).sum())
-            else:
-                report = report_from_last_prefill(compiled, inputs["input_ids"], name, row=row,
-                                                  attention_mask=inputs.get("attention_mask"))
-                share = report.flops_after.total / report.flops_before.total
-                kv = report.kv_share
-                tokens = report.kept[-1].after if report.kept else report.image_tokens
-            result.predictions.append(Prediction(item, normalize(text), share, tokens, kv))
+        answers = answer_batch(model, processor, [[i.image] for i in batch],
+                               [prompt_text(processor, i.question) for i in batch], compiled, name,
+                               max_new_tokens=max_new_tokens, do_sample=False)
+        for item, a in zip(batch, answers, strict=True):
+            result.predictions.append(Prediction(item, normalize(a.text), a.flops_share, a.image_tokens, a.kv_share))
         if progress is not None:
             progress(len(batch))
     return result

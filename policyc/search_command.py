@@ -25,7 +25,8 @@ from policyc.policy_search import SearchResult, TrialResult
 def search_command(model: str | None, space: str, *, trials: int, output: Path, storage: str | None,
                    study: str | None, data: str, split: str, limit: int, batch_size: int, objectives: list[str],
                    constraints: dict[str, float], device: str, seed: int, heartbeat: int = 10,
-                   console: Console | None = None) -> SearchResult:
+                   lmms: str | None = None, console: Console | None = None) -> SearchResult:
+    """With `lmms` (TASK[:METRIC]), each trial's accuracy is that lmms-eval task's metric on `limit` documents."""
     from policyc.evaluation import load_items
     from policyc.models.bundled import DEFAULT_NAME, load_reference_model, load_reference_processor, reference_name
     from policyc.policy_search import harness, load_space, search
@@ -33,9 +34,22 @@ def search_command(model: str | None, space: str, *, trials: int, output: Path, 
     console = console or Console()
     checked = load_space(space)
     reference = reference_name(model) if model else DEFAULT_NAME
-    items = load_items(data, split, limit)
+    if lmms and (data != "synthetic" or split != "validation"):
+        raise PolicyError.at("--lmms measures accuracy on an lmms-eval task: --data and --split do not apply", None,
+                             "drop --data/--split, or search on them without --lmms")
+    if lmms and "vqa_score" in objectives + list(constraints):
+        raise PolicyError.at("--lmms: an lmms-eval task gives one accuracy figure, not vqa_score", None,
+                             "use --objective accuracy (the task's metric)")
+    items = load_items(data, split, limit) if not lmms else []
     loaded = load_reference_model(reference, device)
-    evaluate = harness(loaded, load_reference_processor(reference), items, batch_size)
+    processor = load_reference_processor(reference)
+    if lmms:
+        from policyc.integrations.lmms_eval.runner import lmms_objective
+
+        evaluate = lmms_objective(loaded, processor, reference, lmms, limit=limit, batch_size=batch_size)
+        data, split = f"lmms:{lmms}", "-"
+    else:
+        evaluate = harness(loaded, processor, items, batch_size)
     output.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(output / 'study.db').resolve()}"
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
