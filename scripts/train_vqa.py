@@ -2,7 +2,7 @@
 
     python scripts/train_vqa.py --out runs/v24t8 --text-layers 8 --pretrain-vision 600 --steps 6500 --lr 2e-3
     python scripts/train_vqa.py --out runs/v24t8 ... --resume          # after an interruption
-    python scripts/train_vqa.py --out runs/full --grow-from runs/v24t8/model --steps 0   # stacked to 32 layers
+    python scripts/train_vqa.py --out runs/full --text-layers 32 --grow-from runs/v24t8/model --steps 0   # stacked
 
 (the README's "Evaluating a policy" gives the run that shipped and its curve).
 
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--vision-layers", type=int, default=24)
-    parser.add_argument("--text-layers", type=int, default=32)
+    parser.add_argument("--text-layers", type=int, default=8)
     parser.add_argument("--pretrain-vision", type=int, default=0, metavar="STEPS",
                         help="first train the vision tower alone on per-patch scene labels for STEPS steps")
     parser.add_argument("--freeze-vision", action="store_true",

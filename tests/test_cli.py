@@ -136,7 +136,7 @@ def test_check_fmt_and_list_do_not_import_torch() -> None:
 def test_compile_plan_on_the_default_model() -> None:
     code, out, err = run("compile", "default", "fastv", "--emit", "plan", "--param", "ratio=25%")
     assert code == 0, err
-    assert "32 layers" in out and "param ratio = 25%" in out
+    assert "llm: LlamaModel, 8 layers" in out and "param ratio = 25%" in out
     assert "RANDOM weights" not in err
     code, out, err = run("compile", "random", "fastv", "--emit", "plan")
     assert code == 0 and "RANDOM weights" in err

@@ -100,7 +100,7 @@ def test_the_trained_model_loads_from_its_package_directory(tmp_path: Path, monk
     LlavaForConditionalGeneration._from_config(vqa_config()).save_pretrained(tmp_path / "vqa")
     vqa_processor().save_pretrained(tmp_path / "vqa")
     model = load_reference_model(DEFAULT_NAME)
-    assert adapt(model).tokens_per_image == 144 and len(adapt(model).decoder_layers) == 32
+    assert adapt(model).tokens_per_image == 144 and len(adapt(model).decoder_layers) == 8
     code, out, err = invoke("run", "fastv", "--max-new-tokens", "2")
     assert code == 0, err
     assert " 72   " in next(x for x in out.splitlines() if "llm.layer[layer]" in x)  # 50% of 144

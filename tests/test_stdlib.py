@@ -41,12 +41,22 @@ def test_every_policy_is_in_the_methods_table_and_every_row_has_a_policy() -> No
     assert set(table.values()) <= {"proven", "runs", "not yet"}
 
 
+# The code's absolute LLM layers that the embedded default's 8-layer LLM lacks: these fail at the policy line
+TOO_DEEP = {"mustdrop": ("llm.layer[2, 6, 10, 14]", 10), "sparsevlm": ("llm.layer[2, 6, 15]", 15)}
+
+
 @pytest.mark.parametrize("name", POLICIES)
 def test_each_policy_runs_end_to_end_on_the_embedded_default_or_says_why_not(name: str) -> None:
     status = methods_table()[name]
     result = CliRunner().invoke(main, ["run", name, "--max-new-tokens", "2"])
     if status == "not yet":
         assert result.exit_code != 0 and "not implemented" in result.output, result.output
+    elif name in TOO_DEEP:
+        hook, layer = TOO_DEEP[name]
+        assert result.exit_code == 1, result.output
+        assert f"error: LLM layer {layer} does not exist ({hook} runs there): the language model has 8 layers" \
+            in result.output and "hint: valid layers: 0..7 or -8..-1" in result.output
+        assert CliRunner().invoke(main, ["run", "random", name, "--max-new-tokens", "2"]).exit_code == 0  # 32 layers
     else:
         assert result.exit_code == 0, result.output
         assert "new tokens" in result.output

@@ -2,9 +2,10 @@
 
 Shapes: a CLIP tower on 96x96 images in 8x8 patches (a 12x12 grid: 144 image tokens after LLaVA drops
 CLS), 24 layers of width 64 like LLaVA-1.5's CLIP ViT-L (so the standard library's encoder layer indices
-exist); a 2-layer projector; a 32-layer Llama of width 64 like LLaVA-1.5-7B (FastV's layer 2, PyramidDrop's
-8/16/24 exist). The tokenizer is word level (every word of the task is one token, unknown words are
-`<unk>`), lower-cased, with the embedded default's chat template `USER: <image>\\n{question} ASSISTANT:`.
+exist); a 2-layer projector; an 8-layer Llama of width 64 (the standard library writes layers that scale with
+the model relative to its depth: PyramidDrop's quarters are layers 1, 3, 5 here). The tokenizer is word level
+(every word of the task is one token, unknown words are `<unk>`), lower-cased, with the embedded default's chat
+template `USER: <image>\\n{question} ASSISTANT:`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def vocab() -> list[str]:
     return [*SPECIAL_TOKENS, *ROLE_WORDS, *vocabulary()]
 
 
-def vqa_config(vision_layers: int = 24, text_layers: int = 32) -> Any:
-    """The shipped shape (24 CLIP and 32 Llama layers); shallower ones train first (scripts/train_vqa.py)."""
+def vqa_config(vision_layers: int = 24, text_layers: int = 8) -> Any:
+    """The shipped shape (24 CLIP and 8 Llama layers); other depths for experiments (scripts/train_vqa.py)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
