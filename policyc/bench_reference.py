@@ -53,8 +53,8 @@ def _fastv(model: Any, inputs: dict[str, torch.Tensor], value: Callable[[str], A
 
 
 def _pyramiddrop(model: Any, inputs: dict[str, torch.Tensor], value: Callable[[str], Any]) -> float:
-    _, kept, _ = load("pyramiddrop").pyramiddrop_generate(model, **inputs, layers=[7, 15, 23], lam=value("lam"),
-                                                          max_new_tokens=1)
+    _, kept, _ = load("pyramiddrop").pyramiddrop_generate(model, **inputs, layers=value("llm layers"),
+                                                          lam=value("lam"), max_new_tokens=1)
     return _image_tokens(inputs["input_ids"], model.config.image_token_id, [stages[-1] for stages in kept])
 
 
@@ -121,7 +121,10 @@ def references(family: str) -> dict[str, tuple[Call, str]]:
 
 
 def parameter(compiled: Any, name: str) -> Any:
-    """The value the compiled plan bound to parameter `name`: a number, a share in [0, 1], or a name."""
+    """The value the compiled plan bound to parameter `name`: a number, a share in [0, 1], or a name; `llm layers`
+    (no parameter can be named so): the LLM layers its stages run at on this model (`depth / 4 - 1`, ... resolved)."""
+    if name == "llm layers":
+        return [k for stage in compiled.plan.stages if stage.kind == "llm" for k in stage.layers]
     for stage in compiled.plan.stages:
         expr = stage.values.get(name)
         if isinstance(expr, ir.Percent):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from tiny_idefics3 import tiny_idefics3
-from tiny_models import tiny_qwen2_vl
+from tiny_models import tiny_llava_clip, tiny_qwen2_vl
 
 from policyc.bench import Settings, synthetic_inputs
 from policyc.cli import main
@@ -172,6 +172,20 @@ def test_bench_of_a_saved_qwen_directory_has_every_row(tmp_path: Path) -> None:
     assert rows["ideal"]["tokens_per_layer"] == rows["policy"]["tokens_per_layer"] == [length] * 2 + [length - 432] * 2
     assert rows["reference"]["note"].startswith("reference/fastv_mrope.py") and rows["reference"]["ttft_s"] > 0
     assert rows["policy"]["decode_tokens_per_s"] > 0 and rows["policy"]["kv_bytes"] > 0
+
+
+def test_pyramiddrop_benches_on_a_24_layer_llava_with_its_reference(tmp_path: Path) -> None:
+    """`policyc bench DIR pyramiddrop` on a 24-layer LLaVA: the stages land on layers 5, 11, 17 (`depth / 4 - 1`,
+    ...), and the reference row runs the plain PyramidDrop at those layers, keeping what the policy keeps."""
+    tiny_llava_clip(seed=1, num_llm_layers=24).save_pretrained(tmp_path / "llava24")
+    path = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / "llava24"), "pyramiddrop", *TINY, "--json", str(path)])
+    assert result.exit_code == 0, result.stderr + result.stdout
+    rows = {row["name"]: row for row in json.loads(path.read_text())["rows"]}
+    assert rows["policy"]["image_tokens"] == rows["reference"]["image_tokens"] == 2  # int(16 * 0.5 ** 3)
+    assert rows["reference"]["note"].startswith("reference/pyramiddrop.py") and rows["reference"]["ttft_s"] > 0
+    counts = rows["policy"]["tokens_per_layer"]
+    assert [k for k in range(1, 24) if counts[k] < counts[k - 1]] == [6, 12, 18]  # after layers 5, 11, 17
 
 
 def test_the_qwen_fastv_reference_runs_only_what_it_implements() -> None:
