@@ -195,6 +195,12 @@ class ModelAdapter:
         which placeholders its tokens fill. The result undoes the hook. None: the family has no such forwards."""
         return None
 
+    def hook_llm_rows(self, rows: Callable[[], torch.Tensor | None]) -> Callable[[], None] | None:
+        """Families that add features to the LLM's hidden states by prompt position between decoder layers
+        (Qwen3-VL's DeepStack) read the prompt rows still alive from `rows()` ([B, L'] positions; None outside a
+        prefill), so that a dropped token's features go with it. The result undoes the hook. None: nothing to do."""
+        return None
+
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:
         """A model-agnostic calibration prompt: `text_tokens` text ids around one image's tokens, and the
         example image at the encoder's size scaled to [-1, 1] (no processor needed). Families with their
