@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -231,3 +232,30 @@ def test_another_family_gemma3_with_its_processor(tmp_path: Path, manager: Any) 
     expected = evaluate(wrapper.model, wrapper.processor, synthetic_items("test", 8), wrapper.compiled, "divprune",
                         batch_size=4)
     assert [normalize(response(s)) for s in samples] == [p.predicted for p in expected.predictions]
+
+
+@pytest.mark.parametrize(("task", "metric"), [("mme", "mme_perception_score"), ("gqa", "exact_match"),
+                                              ("textvqa_val", "exact_match")])
+def test_the_readme_benchmarks_are_generation_tasks_this_model_answers(task: str, metric: str, manager: Any) -> None:
+    """The README's MME, GQA and TextVQA commands name lmms-eval tasks that generate (the only kind the model
+    answers) and the metric they report; their data cannot be downloaded here."""
+    config = manager._get_config(task)
+    assert config["output_type"] == "generate_until"
+    assert metric in [m["metric"] for m in config["metric_list"]]
+
+
+def test_a_task_whose_data_is_unreachable_fails_with_where_it_comes_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["eval", "--lmms", "mme", "--limit", "2"])
+    assert result.exit_code == 1
+    assert "lmms-eval could not evaluate mme" in result.output and "lmms-lab-encoder/MME" in result.output
+
+
+def test_a_video_request_is_refused_with_a_reason(bundled: tuple[Any, Any]) -> None:
+    wrapper = PolicycChat("default", loaded=bundled)
+    wrapper.task_dict = {"clips": {"test": [{"path": "clip.mp4"}]}}
+    messages = [{"role": "user", "content": [{"type": "video", "url": "clip.mp4"}, {"type": "text", "text": "?"}]}]
+    request = SimpleNamespace(args=("?", lambda doc: messages, {"max_new_tokens": 2}, 0, "clips", "test"))
+    with pytest.raises(PolicyError, match="not videos yet"):
+        wrapper.generate_until([request])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,15 +40,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class Request:
-    """One lmms-eval request, read: its images, the user messages (images as `{"type": "image"}`), how to
-    generate, and where it comes from."""
+    """One lmms-eval request, read: how to generate, where it comes from, and `content()`, which loads its images
+    and builds its user messages (images as `{"type": "image"}`) when its batch runs."""
 
-    images: list[Any]  # PIL images, in prompt order
-    messages: list[dict[str, Any]]
     generation: dict[str, Any]
     task: str
     split: str
     doc_id: int
+    content: Callable[[], tuple[list[Any], list[dict[str, Any]]]]
 
 
 class PolicycModel(lmms):
@@ -118,10 +117,10 @@ class PolicycModel(lmms):
         results: list[GenerationResult | None] = [None] * len(requests)
         read = [self.read(r) for r in requests]
         for batch in _batches(read, self._batch_size):
-            answers = answer_batch(self._model, self.processor, [read[i].images for i in batch],
-                                   [render_messages(self.processor, read[i].messages) for i in batch],
-                                   self.compiled, self.name, **_generate_kwargs(read[batch[0]].generation,
-                                                                                self.max_new_tokens))
+            images, messages = zip(*(read[i].content() for i in batch), strict=True)
+            answers = answer_batch(self._model, self.processor, images,
+                                   [render_messages(self.processor, m) for m in messages], self.compiled,
+                                   self.name, **_generate_kwargs(read[batch[0]].generation, self.max_new_tokens))
             for i, answer in zip(batch, answers, strict=True):
                 text = _until(answer.text, read[i].generation.get("until"))
                 results[i] = GenerationResult(text, TokenCounts(input_tokens=answer.prompt_tokens,
@@ -168,10 +167,13 @@ class PolicycSimple(PolicycModel):
 
     def read(self, request: Instance) -> Request:
         context, generation, doc_to_visual, doc_id, task, split = request.args
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-        images = [_image(v) for v in visuals]
-        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": context}]
-        return Request(images, [{"role": "user", "content": content}], dict(generation), task, split, doc_id)
+
+        def content() -> tuple[list[Any], list[dict[str, Any]]]:
+            images = [_image(v) for v in doc_to_visual(self.task_dict[task][split][doc_id]) or []]
+            items = [{"type": "image"}] * len(images) + [{"type": "text", "text": context}]
+            return images, [{"role": "user", "content": items}]
+
+        return Request(dict(generation), task, split, doc_id, content)
 
 
 class PolicycChat(PolicycModel):
@@ -181,16 +183,21 @@ class PolicycChat(PolicycModel):
 
     def read(self, request: Instance) -> Request:
         _, doc_to_messages, generation, doc_id, task, split = request.args
-        chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
-        images, videos, audios = chat.extract_media()
-        if videos or audios:
-            raise PolicyError.at(f"task {task}: policyc's lmms-eval model takes images and text, not "
-                                 f"{'videos' if videos else 'audio'} yet", None,
-                                 "evaluate image tasks; `policyc run` handles videos of the families that have them")
-        messages = [{"role": m["role"], "content": [item if item["type"] == "text" else {"type": "image"}
-                                                    for item in m["content"]]}
-                    for m in chat.to_hf_messages()]
-        return Request([_image(i) for i in images], messages, dict(generation), task, split, doc_id)
+
+        def content() -> tuple[list[Any], list[dict[str, Any]]]:
+            chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
+            images, videos, audios = chat.extract_media()
+            if videos or audios:
+                raise PolicyError.at(f"task {task}: policyc's lmms-eval model takes images and text, not "
+                                     f"{'videos' if videos else 'audio'} yet", None,
+                                     "evaluate image tasks; `policyc run` handles the videos of the families that "
+                                     "have them")
+            messages = [{"role": m["role"], "content": [item if item["type"] == "text" else {"type": "image"}
+                                                        for item in m["content"]]}
+                        for m in chat.to_hf_messages()]
+            return [_image(i) for i in images], messages
+
+        return Request(dict(generation), task, split, doc_id, content)
 
 
 def _image(visual: Any) -> Any:

@@ -83,8 +83,13 @@ def evaluate_tasks(model: Any, tasks: list[tuple[str, str | None]], *, limit: in
     model.records.clear()
     model.batch_size = batch_size
     names = list(dict.fromkeys(task for task, _ in tasks))
-    out = simple_evaluate(model=model, tasks=names, task_manager=manager, batch_size=batch_size, limit=limit,
-                          log_samples=False, device=str(model.device), verbosity="WARNING")
+    try:
+        out = simple_evaluate(model=model, tasks=names, task_manager=manager, batch_size=batch_size, limit=limit,
+                              log_samples=False, device=str(model.device), verbosity="WARNING")
+    except PolicyError:
+        raise
+    except Exception as error:  # lmms-eval's and the data sets' own errors, named with what to do
+        raise _failed(error, names, manager) from error
     if out is None or "results" not in out:
         raise PolicyError.at(f"lmms-eval returned no results for {', '.join(names)}", None)
     summary = model.summary()
@@ -101,6 +106,17 @@ def evaluate_tasks(model: Any, tasks: list[tuple[str, str | None]], *, limit: in
         scores.append(TaskScore(model.name, task, chosen, float(figures[key]), int(costs["samples"]),
                                 costs["image_tokens"], costs["flops_share"], costs["kv_share"]))
     return scores
+
+
+def _failed(error: Exception, tasks: list[str], manager: Any) -> PolicyError:
+    """A PolicyError for an evaluation that raised: its deepest cause, and where each task's data comes from."""
+    cause: BaseException = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    first = (str(cause).strip().splitlines() or [""])[0]
+    sources = ", ".join(f"{task}: {manager._get_config(task).get('dataset_path')}" for task in tasks)
+    return PolicyError.at(f"lmms-eval could not evaluate {', '.join(tasks)}: {type(cause).__name__}: {first}", None,
+                          f"each task's data set must be reachable or in the Hugging Face cache ({sources})")
 
 
 def lmms_objective(model: Any, processor: Any, reference: str, task: str, *, limit: int | None,

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# A venv for policyc's integrations (lmms-eval) on a machine without a GPU: `bash scripts/integrations-venv.sh [DIR]`
+# (default .venv-integrations).
+#
+# lmms-eval imports torchvision on every run, and PyPI's torchvision is built against PyPI's (CUDA) torch: beside the
+# CPU-only torch wheel it fails to import ("operator torchvision::nms does not exist"). So this venv takes PyPI's
+# default torch==2.13.0 with torchvision==0.28.0, which run on the CPU too (about 5 GB). pip runs with this machine's
+# find-links and config left out, so that both come from PyPI. filelock stays below 4 (4.x breaks lmms-eval 0.7.3:
+# "No module named 'filelock._api'"; the `lmms` extra pins it). On a GPU machine, `pip install 'policyc[lmms]'` into
+# your usual venv is all it takes.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV="${1:-.venv-integrations}"
+pip() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$VENV/bin/pip" "$@"; }
+
+python3.11 -m venv "$VENV"
+pip install -q torch==2.13.0 torchvision==0.28.0
+pip install -q -e '.[lmms,dev]'
+"$VENV/bin/python" -c "import torchvision, lmms_eval.models; print('integrations venv ready:', '$VENV')"
