@@ -1,0 +1,25 @@
+"""policyc's pre-LLM stages inside vLLM, as an out-of-tree plugin (`pip install 'policyc[vllm]'`).
+
+    vllm serve MODEL --hf-overrides '{"policyc": {"policy": "visionzip", "params": {"dominant": 54}}}'
+
+vLLM calls `register()` in every process it starts (its `vllm.general_plugins` entry point): it puts policyc's
+LLaVA (llava.py) in place of vLLM's, which behaves as vLLM's own unless the config carries a `policyc` entry
+(deployment.py). What can be served and how many tokens each image keeps: stages.py. Importing this package
+imports neither vLLM nor torch; the core never imports it.
+"""
+
+from __future__ import annotations
+
+ARCHITECTURES = {"LlavaForConditionalGeneration": "policyc.integrations.vllm.llava:PolicycLlava"}
+
+
+def register() -> None:
+    """Register policyc's model classes with vLLM (lazily: vLLM imports them where a model needs them). Idempotent,
+    and touches no device."""
+    from vllm import ModelRegistry
+
+    for architecture, target in ARCHITECTURES.items():
+        ModelRegistry.register_model(architecture, target)
+
+
+__all__ = ["ARCHITECTURES", "register"]
