@@ -259,3 +259,10 @@ def test_a_video_request_is_refused_with_a_reason(bundled: tuple[Any, Any]) -> N
     request = SimpleNamespace(args=("?", lambda doc: messages, {"max_new_tokens": 2}, 0, "clips", "test"))
     with pytest.raises(PolicyError, match="not videos yet"):
         wrapper.generate_until([request])
+
+
+def test_the_fx_backend_answers_as_the_eager_one(manager: Any) -> None:
+    """`backend=fx`: the LLM's prefill captured by torch.compile and rewritten by the graph passes."""
+    runs = [lmms_run(PolicycChat.create_from_arg_string(f"pretrained=default,policy=fastv,ratio=25%,backend={b}"),
+                     manager, limit=8, batch_size=8)[1] for b in ("eager", "fx")]
+    assert [response(s) for s in runs[0]] == [response(s) for s in runs[1]]
