@@ -109,6 +109,12 @@ def test_wheel_maps_top_level_folders_into_the_package(wheel: Path) -> None:
     policies = {n for n in names if n.startswith("policyc/policies/") and n.endswith(".tokpol")}
     assert policies, "the wheel ships no stdlib policies"
     assert f"policyc/policies/{STDLIB_POLICY}" in names
+    for shipped in ("policyc_synthetic.yaml", "policyc_synthetic_val.yaml", "utils.py", "test.jsonl",
+                    "validation.jsonl"):  # the lmms-eval tasks
+        assert f"policyc/integrations/lmms_eval/tasks/policyc_synthetic/{shipped}" in names
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "policyc = policyc.integrations.lmms_eval.manifest:manifests" in \
+        zipfile.ZipFile(wheel).read(entry_points).decode()
     top_level = {n.split("/", 1)[0] for n in names}
     assert not top_level & {"grammar", "passes", "policies", "tests"}, sorted(top_level)
     assert all(t == "policyc" or t.startswith("policyc-") for t in top_level), sorted(top_level)
