@@ -46,3 +46,10 @@ def test_a_document_renders_its_scene_and_scores_as_policyc_eval() -> None:
 def test_lmms_without_lmms_eval_names_the_extra() -> None:
     result = CliRunner().invoke(main, ["eval", "fastv", "--lmms", "policyc_synthetic", "--limit", "2"])
     assert result.exit_code == 1 and "pip install 'policyc[lmms]'" in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is not None, reason="lmms-eval is installed here")
+def test_search_lmms_without_lmms_eval_names_the_extra(tmp_path: object) -> None:
+    result = CliRunner().invoke(main, ["search", "fastv", "--lmms", "policyc_synthetic_val", "--trials", "1",
+                                       "-o", str(tmp_path)])
+    assert result.exit_code == 1 and "pip install 'policyc[lmms]'" in result.output

@@ -124,9 +124,9 @@ def lmms_objective(model: Any, processor: Any, reference: str, task: str, *, lim
     """A search objective (`policyc.policy_search`'s `evaluate`): each trial one lmms-eval evaluation of `task`
     (`TASK` or `TASK:METRIC`) on `limit` documents; figures accuracy (the metric), flops, kv, image_tokens and
     latency_ms."""
+    require_lmms_eval()
     from policyc.integrations.lmms_eval.model import PolicycChat
 
-    require_lmms_eval()
     manager = task_manager()
     tasks = parse_tasks([task], manager)
     if len(tasks) != 1:
@@ -149,11 +149,11 @@ def eval_tasks(model_ref: str, policy: str | None, tasks: tuple[str, ...], *, li
                sweep: tuple[str, list[Any]] | None, plot: Path | None, console: Console) -> list[TaskScore]:
     """`policyc eval [MODEL] [POLICY] --lmms TASKS`: the unmodified model, then POLICY (at each swept value), on
     each task; a table, and as asked JSON and a plot of each task's metric against the FLOPs share."""
+    require_lmms_eval()
     from policyc.eval_command import compiled_runs, draw
     from policyc.integrations.lmms_eval.model import PolicycChat
     from policyc.models.bundled import load_reference_model, load_reference_processor
 
-    require_lmms_eval()
     manager = task_manager()
     parsed = parse_tasks(tasks, manager)
     loaded = load_reference_model(model_ref, device)
