@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import assert_batch_equals_single_runs, assert_identity_is_bit_exact
+from family_checks import (
+    LLM_POLICIES,
+    assert_batch_equals_single_runs,
+    assert_identity_is_bit_exact,
+    assert_saved_directory_compiles,
+    assert_tome_shrinks_only_the_encoder,
+)
+from generation import assert_one_compiled_decode_graph
 from reference.divprune import divprune_keep
 from reference.fastv_deepstack import fastv_deepstack_generate, projector_deepstack_generate
 from reference.fastv_mrope import mrope_positions
@@ -14,6 +21,7 @@ from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, qwen_single_row
 from tiny_qwen3_vl import tiny_qwen3_vl
 
 import policyc
+from policyc.errors import PolicyError
 from policyc.lang import check_source
 from policyc.models import adapt
 from policyc.models.qwen3_vl import Qwen3VLAdapter
@@ -123,3 +131,153 @@ def test_divprune_equals_the_shorter_prompt_reference(moe: bool, seed: int, rati
 def test_padded_batches_equal_single_runs(policy: str, params: dict) -> None:
     inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=3)
     assert_batch_equals_single_runs(tiny_qwen3_vl(), policy, params, inputs, qwen_single_row, drops=True)
+
+
+@pytest.fixture(scope="module")
+def deep_models() -> dict[bool, torch.nn.Module]:
+    """32-layer LLMs, so the standard library's layers (PyramidDrop's 7, 15, 23) exist past the DeepStack ones."""
+    return {moe: tiny_qwen3_vl(num_llm_layers=32, moe=moe) for moe in MOE}
+
+
+# SparseVLM recycles (merge cluster) at layer 2, a DeepStack layer: refused (test below)
+DEEP_POLICIES = [p for p in LLM_POLICIES if p[0] != "sparsevlm"]
+
+
+@pytest.mark.parametrize("moe", MOE, ids=["dense", "moe"])
+@pytest.mark.parametrize(("policy", "params", "drops"), DEEP_POLICIES, ids=[p[0] for p in DEEP_POLICIES])
+def test_stdlib_policies_generate_and_batches_equal_single_runs(
+        deep_models: dict[bool, torch.nn.Module], moe: bool, policy: str, params: dict, drops: bool) -> None:
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=7)
+    assert_batch_equals_single_runs(deep_models[moe], policy, params, inputs, qwen_single_row, drops=drops)
+
+
+def test_pyramiddrop_drops_in_the_deepstack_layers_of_a_shallow_model() -> None:
+    """On 4 layers PyramidDrop's first stage is layer 0, a DeepStack layer: a padded batch equals single runs."""
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=2)
+    assert_batch_equals_single_runs(tiny_qwen3_vl(), "pyramiddrop", {}, inputs, qwen_single_row, drops=True)
+
+
+@pytest.mark.parametrize(("policy", "params", "where"), [
+    ("visiondrop_llm", {}, "at LLM layer 0"),  # depth / 4 - 1 on 4 layers
+    ("sparsevlm", {"early": 20, "middle": 12, "late": 6}, "at LLM layer 2"),
+])
+def test_merges_in_the_deepstack_layers_fail_at_compile_time(policy: str, params: dict, where: str) -> None:
+    model = tiny_qwen3_vl(num_llm_layers=4 if policy == "visiondrop_llm" else 32)
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(model, policy, **params)
+    text = str(error.value)
+    assert f"DeepStack features after LLM layers 0..2: a merge {where}" in text and f"{policy}.tokpol:" in text
+    assert "merge in an LLM stage at layer 3 or later" in text
+
+
+def test_projector_merges_fail_at_compile_time() -> None:
+    text = "policy p { stage projector.output { merge bipartite(r=4) of vision by hidden } }"
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(tiny_qwen3_vl(), check_source(text)[0])
+    assert "a merge at projector.output would have to fold them alike" in str(error.value)
+    assert "<input>:1:" in str(error.value) or ":1:" in str(error.value)
+
+
+def test_tome_unmerges_before_every_deepstack_merger() -> None:
+    """ToMe in the tower: each DeepStack merger reads every patch (the tower's block order), a merged group's
+    patches sharing its token's row, as the main merger does; merges only grow from level to level."""
+    model = tiny_qwen3_vl()
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=1)
+    policyc.compile(model, "tome", r=4)
+    seen: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+               for m in model.model.visual.deepstack_merger_list]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        merged_into = model.policyc.images.merged_into
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.policyc.remove()
+    patches = inputs["pixel_values"].shape[0]
+    assert [tuple(x.shape) for x in seen] == [(patches, 32)] * 3
+    distinct = [len(torch.unique(x, dim=0)) for x in seen]
+    assert distinct[0] > distinct[1] > distinct[2] > len(torch.unique(merged_into))  # block 3 merges too
+    for level in seen:  # rows equal at a level belong to one final token
+        _, group = torch.unique(level, dim=0, return_inverse=True)
+        for g in group.unique():
+            assert len(merged_into[group == g].unique()) == 1
+
+
+def test_tome_generates_and_batches_equal_single_runs() -> None:
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=7)
+    assert_batch_equals_single_runs(tiny_qwen3_vl(), "tome", {"r": 4}, inputs, qwen_single_row)
+
+
+def test_tome_shrinks_the_encoders_flops_not_the_llms() -> None:
+    assert assert_tome_shrinks_only_the_encoder(tiny_qwen3_vl(), 4, "tiny-qwen3-vl").image_tokens == 16
+
+
+@pytest.mark.parametrize("policy", ["fastv", "divprune", "pyramiddrop", "h2o"])
+def test_a_static_cache_equals_the_dynamic_one_and_decodes_in_one_compiled_graph(policy: str) -> None:
+    model = tiny_qwen3_vl(seed=1)
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2)
+    policyc.compile(model, policy)
+    dynamic = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static"),
+                       dynamic)
+    assert_one_compiled_decode_graph(model, inputs, dynamic, max_new_tokens=5)
+
+
+def test_kept_token_pictures_render(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from policyc.report import measure
+    from policyc.show_tokens import draw_kept_tokens
+
+    model = tiny_qwen3_vl()
+    adapter = adapt(model)
+    inputs = adapter.sample_inputs()
+    [image] = adapter.image_layouts(inputs)
+    assert adapter.draws_tokens and image.views[0].grid == (4, 4)
+    policyc.compile(model, "fastv", ratio="25%")
+    report = measure(model.policyc, inputs, "tiny-qwen3-vl")
+    assert report.image_tokens == 16 and report.kept[0].after == 4 and len(report.kept[0].kept_patches) == 4
+    assert report.flops_after.llm < report.flops_before.llm
+    assert draw_kept_tokens(tmp_path / "kept.png", [image], report.kept).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_saved_qwen3_vl_directory_compiles_from_the_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert_saved_directory_compiles(tiny_qwen3_vl(), tmp_path)
+
+
+def test_bench_of_a_saved_qwen3_vl_directory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`policyc bench DIR pyramiddrop` on a saved tiny Qwen3-VL: its first stage is layer 0, a DeepStack layer, so the
+    ideal row's shorter layers take the DeepStack features of the rows they keep; no reference row yet (the Qwen2-VL
+    one has no DeepStack)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from policyc.cli import main
+
+    tiny_qwen3_vl(seed=2).save_pretrained(tmp_path / "qwen3")
+    path = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / "qwen3"), "pyramiddrop", "--batch", "2", "--gen-len",
+                                       "3", "--repeats", "1", "--warmup", "0", "--prompt-len", "8", "--dtype",
+                                       "float32", "--json", str(path)])
+    assert result.exit_code == 0, result.stderr + result.stdout
+    rows = {row["name"]: row for row in json.loads(path.read_text())["rows"]}
+    assert rows["unmodified"]["image_tokens"] == 576 and rows["policy"]["image_tokens"] < 576
+    assert rows["ideal"]["tokens_per_layer"] == rows["policy"]["tokens_per_layer"]
+    assert rows["policy"]["tokens_per_layer"][1] < rows["policy"]["tokens_per_layer"][0]  # dropped at layer 0
+    assert rows["ideal"]["ttft_s"] > 0 and "no reference implementation of 'pyramiddrop' for qwen3_vl" in \
+        rows["reference"]["note"]
+
+
+def test_the_released_8b_shape_on_the_meta_device() -> None:
+    """`policyc bench --shapes qwen3-vl-8b`: Qwen3-VL-8B-Instruct's architecture, its released parameter count."""
+    from policyc.bench import Settings, synthetic_inputs
+    from policyc.models.shapes import build_shape
+
+    model = build_shape("qwen3-vl-8b", "meta", torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 8_767_123_696
+    adapter = adapt(model)
+    assert (len(adapter.decoder_layers), adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (36, 32, 8, 128)
+    assert len(adapter.vision_layers) == 27 and adapter.deepstack_layers == 3 and adapter.rope == "mrope"
+    inputs = synthetic_inputs(adapter, Settings(batch=2, images=1))
+    assert inputs["input_ids"].shape == (2, 64 + 578) and inputs["pixel_values"].shape == (2 * 2304, 3 * 2 * 16 * 16)

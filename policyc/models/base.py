@@ -90,6 +90,9 @@ class ModelAdapter:
     # The attention type of each decoder layer where they differ (Gemma 3: "sliding_attention", "full_attention"):
     # each type has its own mask and rotary embedding. (): every layer attends alike (causal, one rotary).
     layer_types: tuple[str, ...] = ()
+    # DeepStack (Qwen3-VL): mergers after some encoder blocks whose features the LLM adds again to the visual
+    # positions of decoder layer k's output, level k after layer k. (): the LLM takes vision features once.
+    deepstack_mergers: tuple[nn.Module, ...] = field(default=(), repr=False)
 
     @property
     def num_patches(self) -> int:
@@ -100,6 +103,11 @@ class ModelAdapter:
     def vision_tokens(self) -> int:
         """Tokens per image inside the encoder: the patches, plus CLS when the tower has one."""
         return self.num_patches + int(self.has_cls)
+
+    @property
+    def deepstack_layers(self) -> int:
+        """The decoder layers whose outputs receive DeepStack features: 0 .. deepstack_layers - 1 (0: none)."""
+        return len(self.deepstack_mergers)
 
     def layer_type(self, index: int) -> str | None:
         """The attention type of decoder layer `index` (the key of its mask in the decoder's mask mapping), or

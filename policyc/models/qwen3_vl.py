@@ -34,13 +34,6 @@ MODEL_TYPES = {"qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE"}
 class Qwen3VLAdapter(QwenVLAdapter):
     """A Qwen3-VL adapter: Qwen2-VL's, plus the DeepStack features that follow the rows still alive."""
 
-    deepstack_mergers: tuple[nn.Module, ...] = ()  # the tower's DeepStack mergers, level by level
-
-    @property
-    def deepstack_layers(self) -> int:
-        """The LLM layers whose outputs receive DeepStack features: 0 .. deepstack_layers - 1."""
-        return len(self.deepstack_mergers)
-
     def describe(self) -> str:
         count = self.deepstack_layers
         levels = f"DeepStack after LLM layers 0..{count - 1}" if count else "no DeepStack"
@@ -95,7 +88,7 @@ class Qwen3VLFactory(QwenVLFactory):
             raise adapt_error(model, self.family, f"{len(levels)} DeepStack levels for {len(base.decoder_layers)} "
                                                   "LLM layers")
         fields = {name: getattr(base, name) for name in base.__dataclass_fields__}
-        return Qwen3VLAdapter(**fields, deepstack_mergers=tuple(mergers[0]) if levels else ())
+        return Qwen3VLAdapter(**fields | {"deepstack_mergers": tuple(mergers[0]) if levels else ()})
 
 
 __all__ = ["MODEL_TYPES", "Qwen3VLAdapter", "Qwen3VLFactory"]

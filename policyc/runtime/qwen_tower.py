@@ -174,6 +174,8 @@ class PackedEncoder:
             self._wrapped.append((index, inner))
         self._handles.append(self.tower.register_forward_pre_hook(self._on_tower_input, with_kwargs=True))
         self._handles.append(adapter.projector.register_forward_pre_hook(self._on_merger_input))
+        for merger in adapter.deepstack_mergers:  # Qwen3-VL: they too fold 4 consecutive patches
+            self._handles.append(merger.register_forward_pre_hook(self._on_deepstack_input))
         self._handles.append(self.tower.register_forward_hook(self._on_tower_output))
 
     def remove(self) -> None:
@@ -289,9 +291,20 @@ class PackedEncoder:
         run = self.run
         if run is None or not run.changed:
             return None
-        pieces = torch.split(args[0], run.counts())
-        run.unmerged = torch.cat([t.unmerged(piece[None])[0] for t, piece in zip(run.tokens, pieces, strict=True)])
+        run.unmerged = self._unmerge(run, args[0])
         return (run.unmerged, *args[1:])
+
+    def _on_deepstack_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        """A DeepStack merger (Qwen3-VL) reads its block's output [N', C] unmerged to [N, C], by the merges so far."""
+        run = self.run
+        if run is None or not run.changed:
+            return None
+        return (self._unmerge(run, args[0]), *args[1:])
+
+    @staticmethod
+    def _unmerge(run: PackedRun, hidden: torch.Tensor) -> torch.Tensor:
+        pieces = torch.split(hidden, run.counts())
+        return torch.cat([t.unmerged(piece[None])[0] for t, piece in zip(run.tokens, pieces, strict=True)])
 
     def _on_tower_output(self, module: nn.Module, args: tuple, output: object) -> object:
         run = self.run

@@ -99,7 +99,10 @@ class _Row:
 def _rows(model: nn.Module, inputs: dict[str, Tensor]) -> Iterator[tuple[int, _Row]]:
     """Per prompt row: its padding count and its `_Row`."""
     out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-    features, deepstack = list(out.pooler_output), [list(level) for level in out.deepstack_features]
+    features = list(out.pooler_output)
+    sizes = [f.shape[0] for f in features]  # each level: per image (transformers 5.25), or packed (5.17)
+    deepstack = [list(torch.split(level, sizes) if isinstance(level, Tensor) else level)
+                 for level in out.deepstack_features]
     grids = [(int(h), int(w)) for _, h, w in inputs["image_grid_thw"]]
     cursor = 0
     for ids, valid in zip(inputs["input_ids"], inputs["attention_mask"].bool(), strict=True):
