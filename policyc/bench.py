@@ -84,11 +84,12 @@ def synthetic_inputs(adapter: ModelAdapter, settings: Settings) -> dict[str, tor
     the encoder's size for LLaVA-style models; Qwen2-VL / Qwen2.5-VL as their processor gives them, each image
     `<vision_start>`, `QWEN_IMAGE_TOKENS` image tokens and `<vision_end>`, its flattened patches in `pixel_values`,
     its grid in `image_grid_thw` and `mm_token_type_ids` marking image tokens."""
-    if adapter.family not in ("llava", "qwen2_vl") or (adapter.family == "llava" and adapter.tokens_per_image is None):
+    qwen = adapter.family in ("qwen2_vl", "qwen3_vl")
+    if not (qwen or adapter.family == "llava") or (adapter.family == "llava" and adapter.tokens_per_image is None):
         raise PolicyError.at(f"policyc bench does not support the {adapter.family} family yet: it builds "
                              "LLaVA-style inputs (a fixed number of tokens per image) and Qwen-VL ones", None,
-                             "bench a LLaVA or Qwen-VL model (e.g. `default`, `random`, --shapes llava-1.5-7b or "
-                             "--shapes qwen2.5-vl-7b)")
+                             "bench a LLaVA or Qwen-VL model (e.g. `default`, `random`, --shapes llava-1.5-7b, "
+                             "qwen2.5-vl-7b or qwen3-vl-8b)")
     ordinary = text_around(adapter, settings.prompt_len, [])  # distinct ordinary ids, as many as there are
     if not ordinary:
         raise PolicyError.at("this model's vocabulary has no ordinary text ids to build a prompt from", None)
@@ -97,7 +98,7 @@ def synthetic_inputs(adapter: ModelAdapter, settings: Settings) -> dict[str, tor
     device, dtype = placement(adapter.model)
     generator = torch.Generator().manual_seed(settings.seed)
     config = adapter.model.config
-    if adapter.family == "qwen2_vl":
+    if qwen:
         vision = config.vision_config
         side = vision.spatial_merge_size * round(QWEN_IMAGE_TOKENS ** 0.5)  # patches per side
         image = [config.vision_start_token_id, *[adapter.image_token_id] * QWEN_IMAGE_TOKENS,
@@ -246,12 +247,15 @@ def _slice_rows(value: Any, length: int, count: int) -> Any:
 
 
 @contextmanager
-def ideal_counts(layers: nn.ModuleList, counts: list[int]) -> Iterator[list[int]]:
+def ideal_counts(adapter: ModelAdapter, counts: list[int]) -> Iterator[list[int]]:
     """Forward pre-hooks that feed decoder layer k only the first `counts[k]` rows of a prefill (hidden states,
     rotary tables, position ids, mask): the unmodified layers at the policy's token counts, with no scoring or
-    selection. Yields the rows each layer actually received in the last prefill."""
+    selection (Qwen3-VL: the DeepStack features of those rows). Yields the rows each layer actually received in the
+    last prefill."""
+    layers = adapter.decoder_layers
     seen = [0] * len(layers)
     prompt = [0]  # the prompt's full length, as layer 0 receives it (later layers may get cut hidden states)
+    rows: list[torch.Tensor | None] = [None]  # the prefill rows the last layer received, [B, count]
 
     def hook(index: int) -> Callable[..., tuple[tuple, dict]]:
         def cut(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -263,6 +267,7 @@ def ideal_counts(layers: nn.ModuleList, counts: list[int]) -> Iterator[list[int]
             positions = kwargs.get("position_ids")  # None in Qwen-VL's layers: their rotary tables carry positions
             length = positions.shape[-1] if isinstance(positions, torch.Tensor) else prompt[0]
             count = seen[index] = min(counts[index], hidden.shape[1])
+            rows[0] = torch.arange(count, device=hidden.device).expand(hidden.shape[0], -1)
             args = tuple(_slice_rows(a, a.shape[1], count) if a is hidden else _slice_rows(a, length, count)
                          for a in args)
             kwargs = {k: _slice_rows(v, v.shape[1], count) if v is hidden else _slice_rows(v, length, count)
@@ -271,11 +276,14 @@ def ideal_counts(layers: nn.ModuleList, counts: list[int]) -> Iterator[list[int]
         return cut
 
     handles = [layer.register_forward_pre_hook(hook(k), with_kwargs=True) for k, layer in enumerate(layers)]
+    undo = adapter.hook_llm_rows(lambda: rows[0])
     try:
         yield seen
     finally:
         for handle in handles:
             handle.remove()
+        if undo is not None:
+            undo()
 
 
 @contextmanager

@@ -130,8 +130,7 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
 
     ideal = Row("ideal", f"the unmodified layers fed the policy's token counts, no scoring ({settings.backend})"
                          f"{compiled_note}; prefill and TTFT only")
-    with compiled_decoder(adapter, settings.backend), ideal_counts(adapter.decoder_layers,
-                                                                   policy_row.tokens_per_layer) as seen:
+    with compiled_decoder(adapter, settings.backend), ideal_counts(adapter, policy_row.tokens_per_layer) as seen:
         with compiled_forward(loaded, settings.compile, ideal):
             measure(ideal, loaded, inputs, settings, prefill_only=True)
         with torch.no_grad():

@@ -15,6 +15,11 @@ Sources of the numbers:
   patches, 2x2 merger to 3584, window 112 with full attention at blocks 7, 15, 23, 31; text 28 layers, width
   3584, 28 heads of 128, 4 key/value heads, MLP 18944, vocabulary 152064; rope theta 1e6 and M-RoPE sections
   [16, 24, 24] as transformers' Qwen2.5-VL defaults and the released config set them.
+- qwen3-vl-8b: Qwen/Qwen3-VL-8B-Instruct's config.json (as public repositories' test fixtures copy it verbatim):
+  vision 27 blocks, width 1152, MLP 4304 (GELU-tanh), 16 heads, 16 px patches, a 48x48 learned position grid, 2x2
+  merger to 4096, DeepStack mergers after blocks 8, 16, 24; text 36 layers, width 4096, 32 heads of 128, 8
+  key/value heads, MLP 12288, vocabulary 151936, untied head, rope theta 5e6, interleaved M-RoPE sections
+  [24, 20, 20]. 8.77B parameters (the model card's count).
 """
 
 from __future__ import annotations
@@ -57,7 +62,24 @@ def qwen25_vl_7b() -> Any:
                             vision_start_token_id=151652, vision_end_token_id=151653)
 
 
-SHAPES: dict[str, Callable[[], Any]] = {"llava-1.5-7b": llava_15_7b, "qwen2.5-vl-7b": qwen25_vl_7b}
+def qwen3_vl_8b() -> Any:
+    """Qwen3-VL-8B-Instruct: a 27-block ViT with DeepStack mergers + a 36-layer Qwen3 LLM (interleaved M-RoPE)."""
+    from transformers import Qwen3VLConfig
+
+    vision = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+              "hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "num_position_embeddings": 2304, "out_hidden_size": 4096, "deepstack_visual_indexes": [8, 16, 24]}
+    text = {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                "mrope_interleaved": True}}
+    return Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=151655, video_token_id=151656,
+                         vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
+
+
+SHAPES: dict[str, Callable[[], Any]] = {"llava-1.5-7b": llava_15_7b, "qwen2.5-vl-7b": qwen25_vl_7b,
+                                        "qwen3-vl-8b": qwen3_vl_8b}
 
 
 def shape_config(name: str) -> Any:
