@@ -281,3 +281,22 @@ def test_the_released_8b_shape_on_the_meta_device() -> None:
     assert len(adapter.vision_layers) == 27 and adapter.deepstack_layers == 3 and adapter.rope == "mrope"
     inputs = synthetic_inputs(adapter, Settings(batch=2, images=1))
     assert inputs["input_ids"].shape == (2, 64 + 578) and inputs["pixel_values"].shape == (2 * 2304, 3 * 2 * 16 * 16)
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    ("streamingllm", "heavy_hitter (H2O) or snapkv"),  # 1-D pos-shift on M-RoPE
+    ("pool", "qwen3_vl's projector stages do not have yet"), ("grid", "qwen3_vl's projector stages do not have yet"),
+    ("mmtok", "qwen3_vl's projector stages do not have yet"),
+    ("fastervlm", "has no CLS token"),
+])
+def test_what_does_not_bind_fails_at_compile_time(policy: str, expected: str) -> None:
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(tiny_qwen3_vl(), policy)
+    assert expected in str(error.value) and f"{policy}.tokpol:" in str(error.value)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "fx"])
+def test_the_graph_backends_refuse_mrope(backend: str) -> None:
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(tiny_qwen3_vl(), "fastv", backend=backend)
+    assert "uses M-RoPE" in str(error.value) and "fastv.tokpol:" in str(error.value)
