@@ -18,7 +18,7 @@ from reference.divprune import divprune_keep
 from reference.fastv_deepstack import fastv_deepstack_generate, projector_deepstack_generate
 from reference.fastv_mrope import mrope_positions
 from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, qwen_single_row
-from tiny_qwen3_vl import tiny_qwen3_vl
+from tiny_qwen3_vl import make_qwen3_video_inputs, tiny_qwen3_vl
 
 import policyc
 from policyc.errors import PolicyError
@@ -300,3 +300,19 @@ def test_the_graph_backends_refuse_mrope(backend: str) -> None:
     with pytest.raises(PolicyError) as error:
         policyc.compile(tiny_qwen3_vl(), "fastv", backend=backend)
     assert "uses M-RoPE" in str(error.value) and "fastv.tokpol:" in str(error.value)
+
+
+VIDEOS = ((2, 8, 8), (2, 4, 8))  # two videos per row: 2 frame groups of 16 tokens, 2 of 8, each group its own run
+
+
+def test_identity_is_bit_exact_with_an_image_and_videos() -> None:
+    """A prompt holding an image and two videos (DeepStack interleaves their features by position)."""
+    inputs = make_qwen3_video_inputs(batch=2, videos=VIDEOS, images=((4, 8),), pad_left=2, seed=1)
+    assert_identity_is_bit_exact(tiny_qwen3_vl(seed=1), inputs)
+
+
+@pytest.mark.parametrize(("policy", "params"), [
+    ("fastv", {"layer": 1, "ratio": "30%"}), ("divprune", {"ratio": "50%"}), ("pyramiddrop", {})])
+def test_padded_batches_with_an_image_and_videos_equal_single_runs(policy: str, params: dict) -> None:
+    inputs = make_qwen3_video_inputs(batch=2, videos=VIDEOS, images=((4, 8),), pad_left=2, seed=6)
+    assert_batch_equals_single_runs(tiny_qwen3_vl(seed=6), policy, params, inputs, qwen_single_row, drops=True)

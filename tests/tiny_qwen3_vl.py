@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from tiny_models import PAD_ID, QWEN_END_ID, QWEN_IMAGE_ID, QWEN_MERGE, QWEN_PATCH, QWEN_START_ID, QWEN_VIDEO_ID, VOCAB
 
+Inputs = dict[str, torch.Tensor]
+
 DEEPSTACK_BLOCKS = (0, 1, 2)
 
 
@@ -48,4 +50,43 @@ def tiny_qwen3_vl(seed: int = 0, num_llm_layers: int = 4, *, moe: bool = False) 
     return model.eval()
 
 
-__all__ = ["DEEPSTACK_BLOCKS", "tiny_qwen3_vl"]
+def make_qwen3_video_inputs(batch: int = 1, videos: tuple[tuple[int, int, int], ...] = ((2, 8, 8),),
+                            images: tuple[tuple[int, int], ...] = (), pad_left: int = 0, seed: int = 0) -> Inputs:
+    """Qwen3-VL inputs with videos as its processor gives them (`Qwen3VLProcessor.replace_video_token`): per row, left
+    padding, three text tokens, then per image of `images` (h x w patches) `<vision_start>`, h*w/4 image tokens,
+    `<vision_end>`, then per video of (t, h, w) (t frame groups of 2 frames, h x w patches) and per frame group a
+    timestamp text token, `<vision_start>`, h*w/4 video tokens, `<vision_end>`; then four text tokens.
+    `mm_token_type_ids` marks image tokens with 1 and video tokens with 2; every row holds the same images and videos
+    (`qwen_single_row` splits them)."""
+    generator = torch.Generator().manual_seed(seed)
+    pads = [pad_left if b > 0 else 0 for b in range(batch)]
+    text = torch.tensor([i for i in range(3, QWEN_START_ID) if i != PAD_ID])
+    patch = 3 * 2 * QWEN_PATCH * QWEN_PATCH
+    rows, masks, video_pixels, image_pixels = [], [], [], []
+    for pad in pads:
+        before = 3 + min(pads) - pad
+        picks = text[torch.randint(len(text), (before + 4 + sum(t for t, _, _ in videos),), generator=generator)]
+        words = iter(picks.tolist())
+        row = [PAD_ID] * pad + [next(words) for _ in range(before)]
+        for h, w in images:
+            row += [QWEN_START_ID] + [QWEN_IMAGE_ID] * (h * w // QWEN_MERGE**2) + [QWEN_END_ID]
+            image_pixels.append(torch.randn(h * w, patch, generator=generator))
+        for t, h, w in videos:
+            for _ in range(t):
+                row += [next(words), QWEN_START_ID] + [QWEN_VIDEO_ID] * (h * w // QWEN_MERGE**2) + [QWEN_END_ID]
+            video_pixels.append(torch.randn(t * h * w, patch, generator=generator))
+        row += list(words)
+        rows.append(row)
+        masks.append([0] * pad + [1] * (len(row) - pad))
+    ids = torch.tensor(rows)
+    inputs = {"input_ids": ids, "attention_mask": torch.tensor(masks),
+              "mm_token_type_ids": (ids == QWEN_IMAGE_ID).long() + (ids == QWEN_VIDEO_ID).long() * 2,
+              "pixel_values_videos": torch.cat(video_pixels),
+              "video_grid_thw": torch.tensor([[t, h, w] for _ in pads for t, h, w in videos])}
+    if images:
+        inputs.update({"pixel_values": torch.cat(image_pixels),
+                       "image_grid_thw": torch.tensor([[1, h, w] for _ in pads for h, w in images])})
+    return inputs
+
+
+__all__ = ["DEEPSTACK_BLOCKS", "make_qwen3_video_inputs", "tiny_qwen3_vl"]
