@@ -386,6 +386,30 @@ def bench(first: str, second: str | None, batch: int, images: int, prompt_len: i
         sys.exit(EXIT_POLICY_ERROR)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("first", metavar="[MODEL] POLICY")
+@click.argument("rest", nargs=-1, type=click.UNPROCESSED, metavar="[VLLM ARGS]...")
+@_PARAM
+def serve(first: str, rest: tuple[str, ...], params: tuple[str, ...]) -> None:
+    """Serve POLICY on MODEL (default: the embedded model) with vLLM's OpenAI-compatible server: `vllm serve MODEL
+    --hf-overrides '{"policyc": ...}'` and the vLLM ARGS (e.g. --port 8000). Needs `pip install 'policyc[vllm]'`;
+    the policy's stages must all run before the LLM (README: Serving with vLLM)."""
+    from policyc.integrations.vllm.serve import serve_command
+
+    model, policy, args = (first, rest[0], rest[1:]) if rest and not rest[0].startswith("-") else (None, first, rest)
+    values = {}
+    for item in params:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--param takes NAME=VALUE, not {item!r}")
+        values[name.strip()] = text.strip()
+    try:
+        serve_command(model, policy, values, args)
+    except PolicyError as error:
+        _fail(error)
+        sys.exit(EXIT_POLICY_ERROR)
+
+
 @main.command(name="list")
 @click.argument("kind", required=False,
                 type=click.Choice(["policies", "hooks", "statements", "sets", "signals", "functions", "schedules",

@@ -12,7 +12,16 @@ vLLM a failure (as CI sets it).
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -119,3 +128,83 @@ def test_unservable_policy_is_refused_before_the_engine_starts() -> None:
     message = str(caught.value)
     assert "fastv.tokpol:14:9: error: stage llm.layer[layer] runs at llm.layer, inside the LLM" in message
     assert "hint: serve a pre-LLM policy instead: fastervlm" in message
+
+
+def test_serve_refuses_an_unservable_policy_before_vllm_starts() -> None:
+    from click.testing import CliRunner
+
+    from policyc.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "fastv", "--port", "8000"])
+    assert result.exit_code != 0
+    assert "stage llm.layer[layer] runs at llm.layer, inside the LLM" in result.output
+    result = CliRunner().invoke(main, ["serve", "fastervlm", "--param", "tokens=0"])
+    assert "policy fastervlm keeps no token of each image" in result.output
+
+
+def test_serve_arguments() -> None:
+    from policyc.integrations.vllm.serve import serve_arguments
+
+    arguments = serve_arguments(None, "fastervlm", {"tokens": "20"}, ["--port", "8000"])
+    overrides = arguments[arguments.index("--hf-overrides") + 1]
+    assert json.loads(overrides) == {"policyc": {"policy": "fastervlm", "params": {"tokens": "20"}}}
+    assert str(bundled_model_dir()) in arguments
+    assert arguments[-2:] == ["--port", "8000"]
+
+
+def test_policyc_serve_answers_a_chat_request(reference: tuple[Any, Any]) -> None:
+    """The README's commands: `policyc serve` on the embedded model, one OpenAI chat request with an image."""
+    port = _free_port()
+    command = [sys.executable, "-m", "policyc.cli", "serve", "visionzip", "--param", "dominant=40", "--param",
+               "contextual=8", "--port", str(port), "--served-model-name", "default", *_SERVER]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(server, port)
+        item = synthetic_items("test", 1)[0]
+        buffer = io.BytesIO()
+        item.image.save(buffer, format="PNG")
+        image = base64.b64encode(buffer.getvalue()).decode()
+        body = {"model": "default", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+            {"type": "text", "text": item.question}]}]}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        answer = json.load(urllib.request.urlopen(request, timeout=120))
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=60)
+    model, processor = reference
+    # vLLM's chat renders the chat template and adds no special tokens: the bundled model's template has no BOS
+    inputs = processor(images=[item.image], text=prompt_text(processor, item.question), add_special_tokens=False,
+                       return_tensors="pt")
+    assert answer["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1] - 144 + KEPT
+    compiled = compile_model(model, POLICY["policy"], _params())
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    finally:
+        compiled.remove()
+    expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer["choices"][0]["message"]["content"].strip() == expected.strip() != ""
+
+
+_SERVER = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(server: subprocess.Popen, port: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"policyc serve exited with {server.returncode}:\n{server.stderr.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"policyc serve did not answer on port {port} within {timeout} s")

@@ -44,6 +44,19 @@ def _value(name: str, value: object) -> ir.Expr:
     return parse_value(str(value), f"hf_overrides policyc.params.{name}")
 
 
+def llava_deployment(config: Any) -> Deployment | None:
+    """The deployment in a LLaVA config, refused where the tower has no policyc path; None without one."""
+    from policyc.models.llava import VISION_TOWERS
+
+    found = deployment(config)
+    tower = getattr(config.vision_config, "model_type", None)
+    if found is not None and tower not in VISION_TOWERS:
+        raise PolicyError.at(f"policyc serves LLaVA with a CLIP or SigLIP tower in vLLM, not a {tower!r} tower", None,
+                             "serve this model without hf_overrides' policyc entry, or a LLaVA with a CLIP or "
+                             "SigLIP tower")
+    return found
+
+
 def deployment(config: Any) -> Deployment | None:
     """The deployment read from `config.policyc` (an HF config after vLLM's `hf_overrides`); None without one."""
     entry = getattr(config, KEY, None)
@@ -64,4 +77,4 @@ def deployment(config: Any) -> Deployment | None:
     return Deployment(policy, tuple((str(name), _value(str(name), value)) for name, value in sorted(params.items())))
 
 
-__all__ = ["EXAMPLE", "KEY", "Deployment", "deployment"]
+__all__ = ["EXAMPLE", "KEY", "Deployment", "deployment", "llava_deployment"]

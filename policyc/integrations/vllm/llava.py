@@ -35,21 +35,9 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import BaseProcessingInfo, InputProcessingContext
 
 from policyc.errors import PolicyError
-from policyc.integrations.vllm.deployment import Deployment, deployment
+from policyc.integrations.vllm.deployment import Deployment, deployment, llava_deployment
 from policyc.integrations.vllm.shell import llava_shell
 from policyc.integrations.vllm.stages import PreLLM, kept_count
-from policyc.models.llava import VISION_TOWERS
-
-
-def served(config: Any) -> Deployment | None:
-    """The deployment in a LLaVA config, refused where the tower has no policyc path; None without one."""
-    found = deployment(config)
-    tower = getattr(config.vision_config, "model_type", None)
-    if found is not None and tower not in VISION_TOWERS:
-        raise PolicyError.at(f"policyc serves LLaVA with a CLIP or SigLIP tower in vLLM, not a {tower!r} tower", None,
-                             "serve this model without hf_overrides' policyc entry, or a LLaVA with a CLIP or "
-                             "SigLIP tower")
-    return found
 
 
 class PolicycLlavaProcessingInfo(LlavaProcessingInfo):
@@ -65,7 +53,7 @@ class PolicycLlavaProcessingInfo(LlavaProcessingInfo):
 
 def processing_info(ctx: InputProcessingContext) -> BaseProcessingInfo:
     """vLLM's LLaVA info, or policyc's where the config names a deployment."""
-    if served(ctx.get_hf_config(LlavaConfig)) is None:
+    if llava_deployment(ctx.get_hf_config(LlavaConfig)) is None:
         return _build_llava_or_pixtral_hf_info(ctx)
     return PolicycLlavaProcessingInfo(ctx)
 
@@ -81,7 +69,7 @@ class PolicycLlava(LlavaForConditionalGeneration):
         self._served: tuple[Deployment, nn.Module] | None = None  # a tuple: the shell is no submodule of this model
         self._stages: PreLLM | None = None  # compiled at the first images, after the weights are loaded by the
         # tower's own names (compiling wraps its layers)
-        found = served(self.config)
+        found = llava_deployment(self.config)
         if found is None:
             return
         self._count = kept_count(self.config, found)
@@ -130,4 +118,4 @@ def kept_slots(model: PolicycLlava) -> list[list[int]]:
     return model.policyc_kept
 
 
-__all__ = ["PolicycLlava", "PolicycLlavaProcessingInfo", "kept_slots", "processing_info", "served"]
+__all__ = ["PolicycLlava", "PolicycLlavaProcessingInfo", "kept_slots", "processing_info"]
