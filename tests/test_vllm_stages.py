@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import make_inputs, tiny_llava_siglip
 
 from policyc.errors import PolicyError
 from policyc.evaluation import prompt_text, synthetic_items
@@ -149,3 +150,39 @@ def test_data_dependent_count_is_refused(tmp_path: Any, bundled: Any, statement:
     assert "depends on the image" in str(caught.value)
     assert f"threshold.tokpol:3:{column}" in str(caught.value)
     assert "tome (a fixed r per layer)" in str(caught.value)
+
+
+@pytest.mark.parametrize(("policy", "params"), [("divprune", {"ratio": "25%"}), ("grid", {}), ("pool", {}),
+                                                ("tome", {"r": 2}), ("random_drop", {})])
+def test_siglip_shell_keeps_what_transformers_keeps(policy: str, params: dict[str, Any]) -> None:
+    """A SigLIP tower (no CLS, strategy "full"): the shell is built from the config alone, its weights loaded."""
+    model = tiny_llava_siglip()
+    inputs = make_inputs(model, batch=2)
+    built = llava_shell(model.config)
+    built.load_state_dict({k: v for k, v in model.state_dict().items() if "language_model" not in k
+                           and "lm_head" not in k}, strict=False)
+    served = deployment(_config(model, {"policy": policy, "params": params}))
+    assert served is not None
+    compiled = compile_model(model, policy, served.assignments)
+    try:
+        with torch.no_grad():
+            model.get_image_features(pixel_values=inputs["pixel_values"])
+        kept = compiled.images.kept
+    finally:
+        compiled.remove()
+    stages = PreLLM(built, served)
+    try:
+        _, slots = stages(inputs["pixel_values"])
+    finally:
+        stages.compiled.remove()
+    assert [s.tolist() for s in slots] == [k.nonzero()[:, 0].tolist() for k in kept]
+    assert {len(s) for s in slots} == {kept_count(model.config, served)}
+    assert 0 < kept_count(model.config, served) < 16
+
+
+def test_siglip_refuses_cls_attention() -> None:
+    model = tiny_llava_siglip()
+    served = deployment(_config(model, {"policy": "fastervlm"}))
+    assert served is not None
+    with pytest.raises(PolicyError, match="CLS"):
+        kept_count(model.config, served)
