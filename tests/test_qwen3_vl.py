@@ -17,7 +17,7 @@ from generation import assert_one_compiled_decode_graph
 from reference.divprune import divprune_keep
 from reference.fastv_deepstack import fastv_deepstack_generate, projector_deepstack_generate
 from reference.fastv_mrope import mrope_positions
-from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, qwen_single_row
+from tiny_models import QWEN_IMAGE_ID, QWEN_VIDEO_ID, make_qwen_inputs, qwen_single_row
 from tiny_qwen3_vl import make_qwen3_video_inputs, tiny_qwen3_vl
 
 import policyc
@@ -63,8 +63,9 @@ def test_identity_is_bit_exact_at_every_step(moe: bool, batch: int) -> None:
 
 def _assert_kept_image_tokens(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                               expected: list[torch.Tensor]) -> None:
-    """Each row's image tokens alive after prefill are the reference's, [n] indices into that row."""
-    image = inputs["input_ids"] == QWEN_IMAGE_ID
+    """Each row's visual tokens (images and videos) alive after prefill are the reference's, [n] indices into that
+    row."""
+    image = (inputs["input_ids"] == QWEN_IMAGE_ID) | (inputs["input_ids"] == QWEN_VIDEO_ID)
     for row, expected_row in enumerate(expected):
         kept = model.policyc.kept_positions[row]
         assert torch.equal(kept[image[row, kept]], expected_row)
@@ -316,3 +317,42 @@ def test_identity_is_bit_exact_with_an_image_and_videos() -> None:
 def test_padded_batches_with_an_image_and_videos_equal_single_runs(policy: str, params: dict) -> None:
     inputs = make_qwen3_video_inputs(batch=2, videos=VIDEOS, images=((4, 8),), pad_left=2, seed=6)
     assert_batch_equals_single_runs(tiny_qwen3_vl(seed=6), policy, params, inputs, qwen_single_row, drops=True)
+
+
+def test_the_reference_positions_of_videos_match_the_models_own() -> None:
+    """Each frame group of a video is its own run, placed as a one-frame image after its timestamp token."""
+    model = tiny_qwen3_vl()
+    inputs = make_qwen3_video_inputs(videos=VIDEOS, images=((4, 8),))
+    expected, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             image_grid_thw=inputs["image_grid_thw"],
+                                             video_grid_thw=inputs["video_grid_thw"],
+                                             attention_mask=inputs["attention_mask"])
+    ids = inputs["input_ids"][0]
+    visual_as_image = torch.where(ids == QWEN_VIDEO_ID, QWEN_IMAGE_ID, ids)
+    grids = [(4, 8), (8, 8), (8, 8), (4, 8), (4, 8)]  # the image, then each video's frame groups
+    assert torch.equal(mrope_positions(visual_as_image, QWEN_IMAGE_ID, grids, 2), expected[:, 0])
+
+
+@pytest.mark.parametrize(("seed", "layer", "keep"), [(0, 0, 20), (1, 1, 30), (2, 2, 12)])
+def test_fastv_with_an_image_and_videos_equals_the_deepstack_reference(seed: int, layer: int, keep: int) -> None:
+    model = tiny_qwen3_vl(seed=seed)
+    inputs = make_qwen3_video_inputs(batch=2, videos=VIDEOS, images=((4, 8),), pad_left=2, seed=seed)
+    expected_tokens, expected_kept = fastv_deepstack_generate(model, inputs, layer=layer, keep=keep, max_new_tokens=4)
+    text = f"policy f {{ stage llm.layer[{layer}] {{ keep top {keep} of vision by attention(last -> vision) }} }}"
+    policyc.compile(model, check_source(text)[0])
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    _assert_kept_image_tokens(model, inputs, expected_kept)
+    assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize(("seed", "ratio"), [(0, 25), (1, 50)])
+def test_divprune_with_an_image_and_videos_equals_the_shorter_prompt_reference(seed: int, ratio: int) -> None:
+    """DivPrune keeps its share of the image and of each video (all its frame groups together)."""
+    model = tiny_qwen3_vl(seed=seed)
+    inputs = make_qwen3_video_inputs(batch=2, videos=VIDEOS, images=((4, 8),), pad_left=2, seed=seed)
+    expected_tokens, expected_kept = projector_deepstack_generate(
+        model, inputs, lambda f: divprune_keep(f[None], int(f.shape[0] * ratio / 100))[0], max_new_tokens=4)
+    policyc.compile(model, "divprune", ratio=f"{ratio}%")
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    _assert_kept_image_tokens(model, inputs, expected_kept)
+    assert torch.equal(tokens, expected_tokens)

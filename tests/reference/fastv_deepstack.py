@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from reference.fastv_mrope import mrope_positions
 
+Item = tuple[int, tuple[int, int], Tensor, list[Tensor]]  # an image or video: frame groups, (h, w), features, DeepStack
+
 
 def _eager(model: nn.Module) -> nn.Module:
     ref = copy.deepcopy(model)
@@ -57,23 +59,27 @@ def _logits_last(model: nn.Module, hidden: Tensor) -> int:
 
 
 class _Row:
-    """One prompt row without its padding: embeddings [L, D] with the image features written over the image
-    tokens, the image mask [L], M-RoPE positions [3, L], DeepStack features per level [L, D] (zero off images),
-    and each image's merged features [n_i, D]."""
+    """One prompt row without its padding: embeddings [L, D] with each image's and video's features written over
+    its placeholders, the visual mask [L] (image and video tokens), M-RoPE positions [3, L], DeepStack features per
+    level [L, D] (zero off visual tokens), and each image's or video's merged features [n_i, D] in prompt order.
+    `items`: per image or video in prompt order (features [n, D], DeepStack features [k][n, D])."""
 
-    def __init__(self, model: nn.Module, row: Tensor, features: list[Tensor], deepstack: list[list[Tensor]],
-                 grids: list[tuple[int, int]]) -> None:
+    def __init__(self, model: nn.Module, row: Tensor, items: list[Item]) -> None:
         config = model.config
-        self.image = row == config.image_token_id
+        self.image = (row == config.image_token_id) | (row == config.video_token_id)
         self.embeds = model.get_input_embeddings()(row).clone()
-        self.embeds[self.image] = torch.cat(features)
+        self.embeds[self.image] = torch.cat([features for _, _, features, _ in items])
         self.levels = []
-        for level in deepstack:
+        for k in range(len(items[0][3]) if items else 0):
             full = torch.zeros_like(self.embeds)
-            full[self.image] = torch.cat(level)
+            full[self.image] = torch.cat([levels[k] for _, _, _, levels in items])
             self.levels.append(full)
-        self.positions = mrope_positions(row, config.image_token_id, grids, config.vision_config.spatial_merge_size)
-        self.features = features
+        # a video's frame groups are runs of their own (timestamps between), each placed as a one-frame image
+        grids = [grid for frames, grid, _, _ in items for _ in range(frames)]
+        visual_as_image = torch.where(self.image, config.image_token_id, row)
+        self.positions = mrope_positions(visual_as_image, config.image_token_id, grids,
+                                         config.vision_config.spatial_merge_size)
+        self.features = [features for _, _, features, _ in items]
 
     def run(self, model: nn.Module, rows: Tensor, generated: list[int], upto: int | None = None,
             keep_after: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -96,30 +102,48 @@ class _Row:
         return hidden, rows
 
 
-def _rows(model: nn.Module, inputs: dict[str, Tensor]) -> Iterator[tuple[int, _Row]]:
-    """Per prompt row: its padding count and its `_Row`."""
-    out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+def _encode(model: nn.Module, pixels: Tensor | None, grids: Tensor | None) -> list[Item]:
+    """Per image or video of `grids` ([N, 3] t, h, w): (t, (h, w), merged features [n, D], DeepStack [k][n, D])."""
+    if pixels is None or grids is None:
+        return []
+    out = model.model.get_image_features(pixels, grids, return_dict=True)
     features = list(out.pooler_output)
     sizes = [f.shape[0] for f in features]  # each level: per image (transformers 5.25), or packed (5.17)
-    deepstack = [list(torch.split(level, sizes) if isinstance(level, Tensor) else level)
-                 for level in out.deepstack_features]
-    grids = [(int(h), int(w)) for _, h, w in inputs["image_grid_thw"]]
-    cursor = 0
-    for ids, valid in zip(inputs["input_ids"], inputs["attention_mask"].bool(), strict=True):
+    levels = [list(torch.split(level, sizes) if isinstance(level, Tensor) else level)
+              for level in out.deepstack_features]
+    return [(int(t), (int(h), int(w)), features[i], [level[i] for level in levels])
+            for i, (t, h, w) in enumerate(grids.tolist())]
+
+
+def _rows(model: nn.Module, inputs: dict[str, Tensor]) -> Iterator[tuple[int, _Row]]:
+    """Per prompt row: its padding count and its `_Row` (its images and videos in prompt order; every row holds as
+    many videos)."""
+    config = model.config
+    images = iter(_encode(model, inputs.get("pixel_values"), inputs.get("image_grid_thw")))
+    videos = _encode(model, inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"))
+    per_row = len(videos) // inputs["input_ids"].shape[0]
+    for b, (ids, valid) in enumerate(zip(inputs["input_ids"], inputs["attention_mask"].bool(), strict=True)):
         row = ids[valid]
-        image = row == model.config.image_token_id
-        runs = int((torch.diff(image.long(), prepend=torch.zeros(1, dtype=torch.long)) == 1).sum())
-        part = slice(cursor, cursor + runs)
-        yield int((~valid).sum()), _Row(model, row, features[part], [level[part] for level in deepstack], grids[part])
-        cursor += runs
+        mine = iter(videos[b * per_row:(b + 1) * per_row])
+        items, frames_left = [], 0
+        starts = torch.diff(row, prepend=torch.tensor([-1])) != 0
+        for token in row[starts].tolist():  # one entry per run of equal ids, in order
+            if token == config.image_token_id:
+                items.append(next(images))
+            elif token == config.video_token_id:
+                if frames_left == 0:
+                    items.append(next(mine))
+                    frames_left = items[-1][0]
+                frames_left -= 1
+        yield int((~valid).sum()), _Row(model, row, items)
 
 
 @torch.no_grad()
 def fastv_deepstack_generate(model: nn.Module, inputs: dict[str, Tensor], *, layer: int, keep: int,
                              max_new_tokens: int) -> tuple[Tensor, list[Tensor]]:
     """Greedy FastV generation on a Qwen3-VL model for a (left-padded) batch of `inputs` as its processor gives
-    them. Returns the new tokens [B, max_new_tokens] and, per row, the kept image-token indices into that row of
-    `input_ids` (padding included), ascending."""
+    them (images and videos: every visual token is a candidate). Returns the new tokens [B, max_new_tokens] and, per
+    row, the kept visual-token indices into that row of `input_ids` (padding included), ascending."""
     ref = _eager(model)
     tokens, kept_rows = [], []
     for pad, row in _rows(ref, inputs):
@@ -144,9 +168,9 @@ def fastv_deepstack_generate(model: nn.Module, inputs: dict[str, Tensor], *, lay
 @torch.no_grad()
 def projector_deepstack_generate(model: nn.Module, inputs: dict[str, Tensor], select: Callable[[Tensor], Tensor],
                                  *, max_new_tokens: int) -> tuple[Tensor, list[Tensor]]:
-    """Greedy generation where `select(features [n, D]) -> [n] bool` keeps, per image, some of its merged tokens
-    before the LLM. Returns the new tokens [B, max_new_tokens] and, per row, the kept image-token indices into that
-    row of `input_ids` (padding included), ascending."""
+    """Greedy generation where `select(features [n, D]) -> [n] bool` keeps, per image or video (all its frames),
+    some of its merged tokens before the LLM. Returns the new tokens [B, max_new_tokens] and, per row, the kept
+    visual-token indices into that row of `input_ids` (padding included), ascending."""
     ref = _eager(model)
     tokens, kept_rows = [], []
     for pad, row in _rows(ref, inputs):
