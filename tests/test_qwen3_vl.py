@@ -12,11 +12,13 @@ from family_checks import (
     assert_identity_is_bit_exact,
     assert_saved_directory_compiles,
     assert_tome_shrinks_only_the_encoder,
+    tome_forward,
 )
 from generation import assert_one_compiled_decode_graph
 from reference.divprune import divprune_keep
 from reference.fastv_deepstack import fastv_deepstack_generate, projector_deepstack_generate
 from reference.fastv_mrope import mrope_positions
+from reference.tome_qwen import groups_by_image, tome_qwen3_tower, with_pooler_output
 from tiny_models import QWEN_IMAGE_ID, QWEN_VIDEO_ID, make_qwen_inputs, qwen_single_row
 from tiny_qwen3_vl import make_qwen3_video_inputs, tiny_qwen3_vl
 
@@ -356,3 +358,33 @@ def test_divprune_with_an_image_and_videos_equals_the_shorter_prompt_reference(s
     tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     _assert_kept_image_tokens(model, inputs, expected_kept)
     assert torch.equal(tokens, expected_tokens)
+
+
+def test_the_tome_reference_without_merges_is_the_model() -> None:
+    """With r=0 the reference's hand-written blocks and DeepStack levels give the model's own logits."""
+    model = tiny_qwen3_vl(seed=1)
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=1)
+    pooler, deepstack, groups, _ = tome_qwen3_tower(model, inputs["pixel_values"], inputs["image_grid_thw"], 0)
+    with torch.no_grad():
+        expected = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(with_pooler_output(model, inputs, pooler, deepstack), expected, rtol=0, atol=1e-5)
+    assert all(len(group) == 1 for image in groups for group in image)
+
+
+@pytest.mark.parametrize(("seed", "r"), [(0, 1), (1, 3), (2, 8)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_tome_equals_the_reference(seed: int, r: int, batch: int) -> None:
+    """ToMe in the Qwen3-VL tower against tests/reference/tome_qwen.py: the same merged groups and rows per block, and
+    logits within 1e-5 of the unmodified model fed the reference's merger output and DeepStack levels (each merger
+    on unmerged patches)."""
+    model = tiny_qwen3_vl(seed=seed)
+    inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed)
+    pooler, deepstack, groups, rows = tome_qwen3_tower(model, inputs["pixel_values"], inputs["image_grid_thw"], r)
+    expected = with_pooler_output(model, inputs, pooler, deepstack)
+    logits, images = tome_forward(model, inputs, r)
+    assert groups_by_image(images.merged_into, inputs["image_grid_thw"]) == groups
+    assert images.encoder_rows.tolist() == rows
+    assert any(len(group) > 1 for image in groups for group in image)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    stale = with_pooler_output(model, inputs, pooler)  # the DeepStack levels of merged rows matter
+    assert (stale - expected).abs().max() > 1e-3

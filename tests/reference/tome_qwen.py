@@ -19,6 +19,11 @@ Exact semantics, one merge set at a time:
 - Unmerge: every patch takes the row of the token that holds it. The merger runs on every patch in processor order
   (its groups are 4 consecutive rows in the processor's order as in the tower's window order), and its output
   replaces the tower's `pooler_output` in one forward of the otherwise unmodified model.
+- Qwen3-VL (`tome_qwen3_tower`): the blocks' input is the patch embedding plus the learned position grid resampled to
+  each image (read from the unmodified tower's input to its first block: no windows, so in processor order); after
+  each block of `deepstack_visual_indexes` every patch takes the row of the token holding it then, and that level's
+  DeepStack merger runs on every patch; the levels replace the tower's `deepstack_features` too (DeepStack,
+  arXiv:2406.04334: the LLM adds them after its layers 0, 1, 2).
 """
 
 from __future__ import annotations
@@ -91,14 +96,40 @@ def tome_qwen_tower(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r:
     """ToMe with `r` merges per set in every block (between attention and MLP; with `after`, after the MLP, on the
     keys of the block's attention), unmerged before the merger: the tower's `pooler_output` [T, D], each image's
     merged groups (sorted lists of pixel_values rows, over its frames), and each image's rows per block."""
+    pooler, _, groups, rows = _tome(model, pixel_values, grid_thw, r, after)
+    return pooler, groups, rows
+
+
+@torch.no_grad()
+def tome_qwen3_tower(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r: int, after: bool = False,
+                     ) -> tuple[Tensor, list[Tensor], list[list[list[int]]], list[list[int]]]:
+    """`tome_qwen_tower` on Qwen3-VL: also its DeepStack features per level [T, D], from unmerged patches."""
+    return _tome(model, pixel_values, grid_thw, r, after)
+
+
+def _block_input(vit: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+    """The unmodified tower's input to its first block [N, C] (Qwen3-VL: patches plus resampled positions)."""
+    seen: list[Tensor] = []
+    handle = vit.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        vit(pixel_values, grid_thw=grid_thw)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _tome(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r: int, after: bool,
+          ) -> tuple[Tensor, list[Tensor], list[list[list[int]]], list[list[int]]]:
     vit = model.model.visual
     config = vit.config
     merge = config.spatial_merge_size
     full_blocks = getattr(config, "fullatt_block_indexes", None)
     side = None if full_blocks is None else config.window_size // config.patch_size // merge
     theta = config.rope_parameters["rope_theta"]
-    embedded = vit.patch_embed(pixel_values)
+    levels = list(getattr(config, "deepstack_visual_indexes", None) or [])
+    embedded = _block_input(vit, pixel_values, grid_thw) if levels else vit.patch_embed(pixel_values)
     output = torch.empty_like(embedded)
+    deep = [torch.empty_like(embedded) for _ in levels]
     all_groups, all_rows, offset = [], [], 0
     for t, h, w in grid_thw.tolist():
         groups, rows_per_block = [], [0] * len(vit.blocks)
@@ -128,6 +159,10 @@ def tome_qwen_tower(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r:
                                                         torch.ones(len(span), dtype=torch.bool), r)
                     new_sets.append((sx if after else sx + block.mlp(block.norm2(sx)), ssize, smembers))
                 sets = new_sets
+                if index in levels:  # DeepStack: this block's output, unmerged
+                    for sx, _, smembers in sets:
+                        for row, group in enumerate(smembers):
+                            deep[levels.index(index)][offset + torch.tensor(group)] = sx[row]
             for sx, _, smembers in sets:
                 for row, group in enumerate(smembers):
                     output[offset + torch.tensor(group)] = sx[row]
@@ -135,14 +170,19 @@ def tome_qwen_tower(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r:
             offset += h * w
         all_groups.append(sorted(groups))
         all_rows.append(rows_per_block)
-    return vit.merger(output), all_groups, all_rows
+    deepstack = [merger(level) for merger, level in zip(getattr(vit, "deepstack_merger_list", []), deep, strict=False)]
+    return vit.merger(output), deepstack, all_groups, all_rows
 
 
 @torch.no_grad()
-def with_pooler_output(model: nn.Module, inputs: dict[str, Tensor], pooler: Tensor) -> Tensor:
-    """Logits [B, L, V] of one forward of the unmodified model whose vision tower returns `pooler` [T, D]."""
+def with_pooler_output(model: nn.Module, inputs: dict[str, Tensor], pooler: Tensor,
+                       deepstack: list[Tensor] | None = None) -> Tensor:
+    """Logits [B, L, V] of one forward of the unmodified model whose vision tower returns `pooler` [T, D] (and, on
+    Qwen3-VL, the DeepStack features `deepstack`, [T, D] per level)."""
     def replace(_module: nn.Module, _args: tuple, output: object) -> object:
         output["pooler_output"] = pooler  # type: ignore[index]
+        if deepstack is not None:
+            output["deepstack_features"] = deepstack  # type: ignore[index]
         return output
 
     handle = model.model.visual.register_forward_hook(replace)
@@ -164,4 +204,4 @@ def groups_by_image(merged_into: Tensor, grid_thw: Tensor) -> list[list[list[int
     return result
 
 
-__all__ = ["groups_by_image", "tome_qwen_tower", "with_pooler_output"]
+__all__ = ["groups_by_image", "tome_qwen3_tower", "tome_qwen_tower", "with_pooler_output"]
