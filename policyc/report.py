@@ -69,9 +69,18 @@ class Flops:
         return self.encoder + self.projector + self.llm
 
 
-def _linear_macs(module: nn.Module) -> int:
-    """Multiply-adds per token of every `nn.Linear` inside `module` (sum of in x out)."""
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+def _linear_macs(module: nn.Module, experts_per_token: int = 1) -> int:
+    """Multiply-adds per token of every `nn.Linear` inside `module` (sum of in x out), and of fused MoE experts
+    (Qwen3-VL-MoE: 3-D weights [experts, out, in], `experts_per_token` of them per token, plus the router's
+    [experts, in] weight in the module choosing them, which has a `top_k`)."""
+    macs = sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    for m in module.modules():
+        for weight in m.parameters(recurse=False):
+            if weight.dim() == 3:
+                macs += experts_per_token * weight.shape[1] * weight.shape[2]
+            elif weight.dim() == 2 and hasattr(m, "top_k") and not isinstance(m, nn.Linear):
+                macs += weight.numel()
+    return macs
 
 
 def layer_flops(tokens: int, linear_macs: int, heads: int, head_dim: int) -> int:
@@ -95,7 +104,9 @@ def prefill_flops(adapter: ModelAdapter, llm_tokens: list[int], batch: int = 1,
     encoder = sum(layer_flops(n, _linear_macs(layer), adapter.vision_num_heads, adapter.vision_head_dim)
                   for per_image in encoder_tokens
                   for layer, n in zip(adapter.vision_layers, per_image, strict=True))
-    llm = sum(layer_flops(n, _linear_macs(layer), adapter.num_heads, adapter.head_dim)
+    text_config = getattr(adapter.model.config, "text_config", adapter.model.config)
+    experts = getattr(text_config, "num_experts_per_tok", None) or 1  # MoE: the experts each token runs through
+    llm = sum(layer_flops(n, _linear_macs(layer, experts), adapter.num_heads, adapter.head_dim)
               for layer, n in zip(adapter.decoder_layers, llm_tokens, strict=True))
     return Flops(batch * encoder, batch * 2 * projector_tokens * _linear_macs(adapter.projector),
                  batch * llm)

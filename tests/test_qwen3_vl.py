@@ -388,3 +388,19 @@ def test_tome_equals_the_reference(seed: int, r: int, batch: int) -> None:
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     stale = with_pooler_output(model, inputs, pooler)  # the DeepStack levels of merged rows matter
     assert (stale - expected).abs().max() > 1e-3
+
+
+def test_moe_flops_count_the_experts_each_token_runs() -> None:
+    """The compile report's LLM FLOPs on Qwen3-VL-MoE: attention, the router and `num_experts_per_tok` of the fused
+    experts per token (their 3-D weights are no nn.Linear), not every expert, not none."""
+    from policyc.report import prefill_flops
+
+    model = tiny_qwen3_vl(moe=True)
+    adapter = adapt(model)
+    text = model.config.text_config
+    hidden, heads, kv, head_dim = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim
+    expert = 3 * hidden * text.moe_intermediate_size  # gate, up and down projections
+    per_token = attention + text.num_experts * hidden + text.num_experts_per_tok * expert
+    expected = sum(2 * n * per_token + 4 * n * n * heads * head_dim for n in (30, 30, 20, 20))
+    assert prefill_flops(adapter, [30, 30, 20, 20], images=[16]).llm == expected
