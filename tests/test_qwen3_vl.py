@@ -1,6 +1,7 @@
 """Qwen3-VL and Qwen3-VL-MoE: the adapter, the identity policy bit-exact at every generate() step, DeepStack features
 following the kept rows (FastV against a plain reference that drops rows and their DeepStack features, DivPrune at
-projector.output against a shorter prompt), and padded batches equal to single runs."""
+projector.output against a shorter prompt), with images and videos, and padded batches equal to single runs. ToMe in
+the tower: tests/test_qwen3_vl_encoder.py."""
 
 from __future__ import annotations
 
@@ -11,14 +12,11 @@ from family_checks import (
     assert_batch_equals_single_runs,
     assert_identity_is_bit_exact,
     assert_saved_directory_compiles,
-    assert_tome_shrinks_only_the_encoder,
-    tome_forward,
 )
 from generation import assert_one_compiled_decode_graph
 from reference.divprune import divprune_keep
 from reference.fastv_deepstack import fastv_deepstack_generate, projector_deepstack_generate
 from reference.fastv_mrope import mrope_positions
-from reference.tome_qwen import groups_by_image, tome_qwen3_tower, with_pooler_output
 from tiny_models import QWEN_IMAGE_ID, QWEN_VIDEO_ID, make_qwen_inputs, qwen_single_row
 from tiny_qwen3_vl import make_qwen3_video_inputs, tiny_qwen3_vl
 
@@ -181,42 +179,6 @@ def test_projector_merges_fail_at_compile_time() -> None:
     assert "<input>:1:" in str(error.value) or ":1:" in str(error.value)
 
 
-def test_tome_unmerges_before_every_deepstack_merger() -> None:
-    """ToMe in the tower: each DeepStack merger reads every patch (the tower's block order), a merged group's
-    patches sharing its token's row, as the main merger does; merges only grow from level to level."""
-    model = tiny_qwen3_vl()
-    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=1)
-    policyc.compile(model, "tome", r=4)
-    seen: list[torch.Tensor] = []
-    handles = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-               for m in model.model.visual.deepstack_merger_list]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-        merged_into = model.policyc.images.merged_into
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.policyc.remove()
-    patches = inputs["pixel_values"].shape[0]
-    assert [tuple(x.shape) for x in seen] == [(patches, 32)] * 3
-    distinct = [len(torch.unique(x, dim=0)) for x in seen]
-    assert distinct[0] > distinct[1] > distinct[2] > len(torch.unique(merged_into))  # block 3 merges too
-    for level in seen:  # rows equal at a level belong to one final token
-        _, group = torch.unique(level, dim=0, return_inverse=True)
-        for g in group.unique():
-            assert len(merged_into[group == g].unique()) == 1
-
-
-def test_tome_generates_and_batches_equal_single_runs() -> None:
-    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=7)
-    assert_batch_equals_single_runs(tiny_qwen3_vl(), "tome", {"r": 4}, inputs, qwen_single_row)
-
-
-def test_tome_shrinks_the_encoders_flops_not_the_llms() -> None:
-    assert assert_tome_shrinks_only_the_encoder(tiny_qwen3_vl(), 4, "tiny-qwen3-vl").image_tokens == 16
-
-
 @pytest.mark.parametrize("policy", ["fastv", "divprune", "pyramiddrop", "h2o"])
 def test_a_static_cache_equals_the_dynamic_one_and_decodes_in_one_compiled_graph(policy: str) -> None:
     model = tiny_qwen3_vl(seed=1)
@@ -358,36 +320,6 @@ def test_divprune_with_an_image_and_videos_equals_the_shorter_prompt_reference(s
     tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     _assert_kept_image_tokens(model, inputs, expected_kept)
     assert torch.equal(tokens, expected_tokens)
-
-
-def test_the_tome_reference_without_merges_is_the_model() -> None:
-    """With r=0 the reference's hand-written blocks and DeepStack levels give the model's own logits."""
-    model = tiny_qwen3_vl(seed=1)
-    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=1)
-    pooler, deepstack, groups, _ = tome_qwen3_tower(model, inputs["pixel_values"], inputs["image_grid_thw"], 0)
-    with torch.no_grad():
-        expected = model(**inputs, use_cache=False).logits
-    torch.testing.assert_close(with_pooler_output(model, inputs, pooler, deepstack), expected, rtol=0, atol=1e-5)
-    assert all(len(group) == 1 for image in groups for group in image)
-
-
-@pytest.mark.parametrize(("seed", "r"), [(0, 1), (1, 3), (2, 8)])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_tome_equals_the_reference(seed: int, r: int, batch: int) -> None:
-    """ToMe in the Qwen3-VL tower against tests/reference/tome_qwen.py: the same merged groups and rows per block, and
-    logits within 1e-5 of the unmodified model fed the reference's merger output and DeepStack levels (each merger
-    on unmerged patches)."""
-    model = tiny_qwen3_vl(seed=seed)
-    inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed)
-    pooler, deepstack, groups, rows = tome_qwen3_tower(model, inputs["pixel_values"], inputs["image_grid_thw"], r)
-    expected = with_pooler_output(model, inputs, pooler, deepstack)
-    logits, images = tome_forward(model, inputs, r)
-    assert groups_by_image(images.merged_into, inputs["image_grid_thw"]) == groups
-    assert images.encoder_rows.tolist() == rows
-    assert any(len(group) > 1 for image in groups for group in image)
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
-    stale = with_pooler_output(model, inputs, pooler)  # the DeepStack levels of merged rows matter
-    assert (stale - expected).abs().max() > 1e-3
 
 
 def test_moe_flops_count_the_experts_each_token_runs() -> None:
