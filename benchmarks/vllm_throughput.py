@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 SHARES = (0.11, 0.22, 0.33)
-COLUMNS = ("run", "image tokens", "requests/s", "prompt tok/s", "output tok/s", "mean TTFT ms", "KV blocks/request")
+COLUMNS = ("run", "image tokens", "requests/s", "prompt tok/s", "output tok/s", "mean TTFT ms", "block size",
+           "KV blocks/request")
 
 
 def _ttft(llm: Any) -> float:
@@ -50,6 +51,7 @@ def run(label: str, overrides: dict[str, Any] | None, requests: list[dict[str, A
     row = {"run": label, "image tokens": outputs[0].prompt_token_ids.count(image),
            "requests/s": len(outputs) / seconds, "prompt tok/s": sum(prompt) / seconds,
            "output tok/s": sum(output) / seconds, "mean TTFT ms": _ttft(llm),
+           "block size": block,
            "KV blocks/request": sum(math.ceil((p + o) / block) for p, o in zip(prompt, output, strict=True))
            / len(outputs)}
     llm.llm_engine.engine_core.shutdown()

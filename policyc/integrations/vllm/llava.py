@@ -101,10 +101,10 @@ class PolicycLlava(LlavaForConditionalGeneration):
         return tuple(embeddings)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The checkpoint's tower and projector go into the transformers modules (`vision_model.` level or not,
-        as the checkpoint's transformers version wrote it); the rest as vLLM's LLaVA loads it."""
-        if self._served is None:
-            return super().load_weights(weights)
+        """The checkpoint's tower weights go under the tower's own names, with or without a `vision_model.` level
+        as the checkpoint's transformers version wrote them (>= 5.24 writes none, vLLM's and transformers' older
+        towers have one): vLLM's tower without a policy, the transformers tower with one; the rest as vLLM's
+        LLaVA loads it."""
         nested = any(name.startswith("vision_model.") for name, _ in self.vision_tower.named_parameters())
         tower = re.compile(r"^(model\.)?vision_tower\.(vision_model\.)?")
         mapper = self.hf_to_vllm_mapper | WeightsMapper(
