@@ -47,8 +47,8 @@ def test_tensor_parallel_answers_equal_transformers(engine: Any) -> None:
     model, processor = load_reference_model(DEFAULT_NAME), load_reference_processor(DEFAULT_NAME)
     items = synthetic_items("test", ITEMS)
     prompts = [prompt_text(processor, item.question) for item in items]
-    outputs = engine.generate([{"prompt": p, "multi_modal_data": {"image": i.image}} for p, i in zip(prompts, items)],
-                              SamplingParams(max_tokens=8, temperature=0))
+    requests = [{"prompt": p, "multi_modal_data": {"image": i.image}} for p, i in zip(prompts, items, strict=True)]
+    outputs = engine.generate(requests, SamplingParams(max_tokens=8, temperature=0))
     served = [processor.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outputs]
     params = {name: parse_value(str(value)) for name, value in POLICY["params"].items()}
     compiled = compile_model(model, POLICY["policy"], params)
