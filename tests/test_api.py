@@ -95,6 +95,7 @@ def test_compile_model_twice_without_remove_is_refused() -> None:
     ({"ratio": True}, "is not a value"),
     ({"ratio": "25 %%"}, "is not a value"),
     ({"ratoi": "25%"}, "did you mean 'ratio'"),
+    ({"ratio": "250%"}, "percentage 250% is outside 0%..100%"),  # was compiled as "keep everything"
 ])
 def test_compile_rejects_bad_parameter_values(values: dict[str, object], message: str) -> None:
     with pytest.raises(PolicyError, match=message):

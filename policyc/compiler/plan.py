@@ -115,6 +115,9 @@ def _check_assignments(checked: CheckedPolicy, assignments: Mapping[str, ir.Expr
         if type(value) is not type(default) or (whole and not isinstance(value.value, int)):  # type: ignore[union-attr]
             raise PolicyError.at(f"parameter '{name}' holds values like {print_expr(default)}, not "
                                  f"{print_expr(value)}", known[name].span)
+        if isinstance(value, ir.Percent) and not 0 <= value.value <= 100:  # as the checker refuses it in a policy
+            raise PolicyError.at(f"parameter '{name}': percentage {print_expr(value)} is outside 0%..100%",
+                                 known[name].span, f"give a share of the token set, e.g. {print_expr(default)}")
 
 
 def _bind(plan: StagePlan, adapter: ModelAdapter, assignments: Mapping[str, ir.Expr] | None) -> BoundStage:
