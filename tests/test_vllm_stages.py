@@ -51,27 +51,32 @@ def _config(model: Any, entry: object) -> Any:
     return config
 
 
+def _kept_both_ways(model: Any, shell: Any, served: Any, pixel_values: torch.Tensor) -> tuple[list, list]:
+    """Each image's kept slots from policyc compiled onto the transformers model, and from the shell's pre-LLM run."""
+    compiled = compile_model(model, served.policy, served.assignments)
+    try:
+        with torch.no_grad():  # the vision path of model(**inputs); kept is read before the LLM consumes it
+            model.get_image_features(pixel_values=pixel_values)
+        kept = [k.nonzero()[:, 0].tolist() for k in compiled.images.kept]
+    finally:
+        compiled.remove()
+    stages = PreLLM(shell, served)
+    try:
+        _, slots = stages(pixel_values)
+    finally:
+        stages.compiled.remove()
+    return kept, [s.tolist() for s in slots]
+
+
 @pytest.mark.parametrize(("policy", "params"), CASES, ids=[f"{p}-{v}" for p, v in CASES])
 def test_shell_keeps_what_transformers_keeps(bundled: Any, shell: Any, policy: str, params: dict[str, Any]) -> None:
     model, _, inputs = bundled
     served = deployment(_config(model, {"policy": policy, "params": params}))
     assert served is not None
-    compiled = compile_model(model, policy, served.assignments)
-    try:
-        with torch.no_grad():  # the vision path of model(**inputs); kept is read before the LLM consumes it
-            model.get_image_features(pixel_values=inputs["pixel_values"])
-        kept = compiled.images.kept
-    finally:
-        compiled.remove()
-    stages = PreLLM(shell, served)
-    try:
-        _, slots = stages(inputs["pixel_values"])
-    finally:
-        stages.compiled.remove()
+    kept, slots = _kept_both_ways(model, shell, served, inputs["pixel_values"])
     count = kept_count(model.config, served)
-    for image in range(len(slots)):
-        assert slots[image].tolist() == kept[image].nonzero()[:, 0].tolist()
-        assert len(slots[image]) == count
+    assert slots == kept
+    assert {len(s) for s in slots} == {count}
     assert 0 < count <= 144
 
 
@@ -163,19 +168,8 @@ def test_siglip_shell_keeps_what_transformers_keeps(policy: str, params: dict[st
                            and "lm_head" not in k}, strict=False)
     served = deployment(_config(model, {"policy": policy, "params": params}))
     assert served is not None
-    compiled = compile_model(model, policy, served.assignments)
-    try:
-        with torch.no_grad():
-            model.get_image_features(pixel_values=inputs["pixel_values"])
-        kept = compiled.images.kept
-    finally:
-        compiled.remove()
-    stages = PreLLM(built, served)
-    try:
-        _, slots = stages(inputs["pixel_values"])
-    finally:
-        stages.compiled.remove()
-    assert [s.tolist() for s in slots] == [k.nonzero()[:, 0].tolist() for k in kept]
+    kept, slots = _kept_both_ways(model, built, served, inputs["pixel_values"])
+    assert slots == kept
     assert {len(s) for s in slots} == {kept_count(model.config, served)}
     assert 0 < kept_count(model.config, served) < 16
 
