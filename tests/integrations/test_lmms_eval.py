@@ -140,8 +140,9 @@ def test_model_args_name_the_policy_its_parameters_and_the_dtype(tmp_path: Path,
     by_json = PolicycChat.create_from_arg_string(
         f'pretrained=default,policy=fastv,params={{"ratio":"25%","layer":2}},dtype=float32,stats_path={stats}',
         {"batch_size": 4, "device": "cpu"})
-    by_keys = PolicycChat.create_from_arg_string("pretrained=default,policy=fastv,ratio=25%,layer=2",
-                                                 {"batch_size": 4})
+    by_keys = PolicycChat.create_from_arg_string("pretrained=default,policy=fastv,ratio=25%,layer=2,batch_size=4",
+                                                 {"batch_size": 1, "device": "cpu"})  # model_args win
+    assert by_keys.batch_size == 4
     assert by_json.model.dtype == torch.float32 and by_json.batch_size == 4
     assert by_json.compiled.plan.name == "fastv"
     assert lmms_run(by_json, manager, limit=8, batch_size=4)[1] == lmms_run(by_keys, manager, limit=8,

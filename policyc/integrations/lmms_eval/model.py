@@ -2,7 +2,7 @@
 
     lmms-eval --model policyc --model_args pretrained=default,policy=fastv,ratio=25% --tasks TASK --batch_size 8
 
-model_args (lmms-eval adds `batch_size` and `device`):
+model_args (lmms-eval adds its `--batch_size` and `--device` unless they are given here):
 - `pretrained`: a MODEL as in `policyc run`: `default` (the embedded model), `random`, a directory or a hub id;
 - `policy`: a standard-library name or a `.tokpol` file (FILE:NAME for one of several); none: the unmodified model;
 - `params`: a JSON object of parameter values, qualified names allowed (`params={"fastv.ratio":"25%"}`); any other
@@ -86,6 +86,16 @@ class PolicycModel(lmms):
         elif params or values:
             raise PolicyError.at(f"lmms-eval model_args set parameters ({', '.join([*dict(params or {}), *values])}) "
                                  "but name no policy", None, "add policy=NAME, e.g. policy=fastv,ratio=25%")
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PolicycModel:
+        """`--model_args` plus lmms-eval's own `batch_size`, `device`, ...; a key given in `--model_args` wins
+        (lmms-eval's default would pass both and fail on the duplicate keyword)."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
 
     def use(self, compiled: Any | None, name: str | None = None) -> None:
         """Answer with `compiled` (a CompiledModel on this model), or unmodified with None; `name` labels the
