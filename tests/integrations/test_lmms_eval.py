@@ -160,6 +160,8 @@ def test_bad_model_args_fail_before_any_request() -> None:
         PolicycChat.create_from_arg_string("pretrained=default,ratio=25%")
     with pytest.raises(PolicyError, match="bfloat16"):
         PolicycChat.create_from_arg_string("pretrained=default,dtype=bfloat61")
+    with pytest.raises(PolicyError, match="is not a JSON object"):
+        PolicycChat.create_from_arg_string('pretrained=default,policy=fastv,params={"ratio":25%}')
     with pytest.raises(PolicyError, match="did you mean 'ratio'"):
         PolicycChat.create_from_arg_string("pretrained=default,policy=fastv,ratoi=25%")
 

@@ -80,7 +80,7 @@ class PolicycModel(lmms):
         self.compiled: Any | None = None  # the CompiledModel answering, or None for the unmodified model
         self.name = "unmodified"
         if policy is not None:
-            qualified = json.loads(params) if isinstance(params, str) else dict(params or {})
+            qualified = _params(params)
             policyc.compile(self._model, policy, qualified, backend=backend, **values)
             self.use(self._model.policyc)
         elif params or values:
@@ -120,7 +120,7 @@ class PolicycModel(lmms):
         return next(self._model.parameters()).device
 
     def read(self, request: Instance) -> Request:
-        """The request's images, messages, generation kwargs, task, split and document id."""
+        """How the request generates, where it comes from, and how to load its images and messages."""
         raise NotImplementedError
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
@@ -137,6 +137,10 @@ class PolicycModel(lmms):
                                                                 output_tokens=answer.new_tokens))
                 self.records.append(_record(read[i], answer))
             self._write_stats()
+        if self.stats_path is not None:
+            for task, means in self.summary().items():
+                logger.info(f"policyc: {self.name} on {task}: {means['image_tokens']:.1f} image tokens in the LLM's "
+                            f"last layer, prefill FLOPs share {means['flops_share']:.1%} ({self.stats_path})")
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -160,14 +164,12 @@ class PolicycModel(lmms):
                 for task, rows in by_task.items()}
 
     def _write_stats(self) -> None:
+        """The side JSON, rewritten after every batch (a run cut short keeps what it measured)."""
         if self.stats_path is None:
             return
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)
         self.stats_path.write_text(json.dumps({"model": self.reference, "policy": self.name,
                                                "summary": self.summary(), "samples": self.records}, indent=1) + "\n")
-        for task, means in self.summary().items():
-            logger.info(f"policyc: {self.name} on {task}: {means['image_tokens']:.1f} image tokens in the LLM's "
-                        f"last layer, prefill FLOPs share {means['flops_share']:.1%} ({self.stats_path})")
 
 
 class PolicycSimple(PolicycModel):
@@ -208,6 +210,20 @@ class PolicycChat(PolicycModel):
             return [_image(i) for i in images], messages
 
         return Request(dict(generation), task, split, doc_id, content)
+
+
+def _params(params: str | dict | None) -> dict[str, Any]:
+    """`params=` of model_args: a JSON object (lmms-eval passes it as text) or a dict."""
+    if not isinstance(params, str):
+        return dict(params or {})
+    try:
+        parsed = json.loads(params)
+    except json.JSONDecodeError as error:
+        parsed = error
+    if not isinstance(parsed, dict):
+        raise PolicyError.at(f"lmms-eval model_args: params={params} is not a JSON object", None,
+                             'write params={"fastv.ratio":"25%","layer":2} (braces keep its commas in one argument)')
+    return parsed
 
 
 def _image(visual: Any) -> Any:
