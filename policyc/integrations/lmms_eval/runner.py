@@ -61,7 +61,7 @@ def task_manager() -> Any:
 
 
 def parse_tasks(specs: tuple[str, ...] | list[str], manager: Any) -> list[tuple[str, str | None]]:
-    """`TASK` or `TASK:METRIC` names as (task, metric or None); an unknown task names the closest one."""
+    """`TASK` or `TASK:METRIC` names as (task, metric or None); an unknown task or metric names the closest one."""
     parsed = []
     for spec in specs:
         for part in (p.strip() for p in spec.split(",")):
@@ -69,6 +69,10 @@ def parse_tasks(specs: tuple[str, ...] | list[str], manager: Any) -> list[tuple[
             if task not in manager.all_tasks:
                 raise PolicyError.at(f"--lmms: lmms-eval has no task '{task}'", None,
                                      suggestion(task, manager.all_tasks, "tasks"))
+            metrics = [m["metric"] for m in manager._get_config(task).get("metric_list", [])]
+            if metric and metrics and metric not in metrics:  # checked before any evaluation runs
+                raise PolicyError.at(f"--lmms: task {task} reports no metric '{metric}'", None,
+                                     suggestion(metric, metrics, "metrics"))
             parsed.append((task, metric or None))
     if not parsed:
         raise PolicyError.at("--lmms needs a task", None, "e.g. --lmms policyc_synthetic")
