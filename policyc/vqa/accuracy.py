@@ -6,8 +6,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from policyc.vqa.model import prompt_text
 from policyc.vqa.scenes import Sample
 
@@ -28,17 +26,15 @@ def normalize(text: str) -> str:
     return words[0].strip(".,!?") if words else ""
 
 
-@torch.no_grad()
 def answer(model: Any, processor: Any, batch: Sequence[Sample], max_new_tokens: int = 8) -> list[Answered]:
-    """Greedy answers to a batch of samples (left-padded prompts, as generate() expects)."""
-    device = next(model.parameters()).device
-    inputs = processor(images=[s.scene.render() for s in batch],
-                       text=[prompt_text(processor, s.question) for s in batch], padding=True, return_tensors="pt")
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [Answered(s, normalize(t)) for s, t in zip(batch, texts, strict=True)]
+    """Greedy answers to a batch of samples (left-padded prompts, as generate() expects), through the batch
+    function `policyc eval` uses."""
+    from policyc.evaluation import answer_batch
+
+    answers = answer_batch(model, processor, [[s.scene.render()] for s in batch],
+                           [prompt_text(processor, s.question) for s in batch],
+                           max_new_tokens=max_new_tokens, do_sample=False)
+    return [Answered(s, normalize(a.text)) for s, a in zip(batch, answers, strict=True)]
 
 
 def accuracy(model: Any, processor: Any, items: Iterable[Sample], batch_size: int = 32) -> tuple[float, list[Answered]]:
