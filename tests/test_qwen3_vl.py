@@ -61,6 +61,19 @@ def test_identity_is_bit_exact_at_every_step(moe: bool, batch: int) -> None:
     assert_identity_is_bit_exact(tiny_qwen3_vl(moe=moe), make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2))
 
 
+def _assert_divprune_equals_the_reference(model: torch.nn.Module, inputs: dict[str, torch.Tensor], ratio: int,
+                                          max_new_tokens: int) -> None:
+    """DivPrune at `ratio`% keeps the reference's tokens (each with its own DeepStack features) and generates its
+    tokens."""
+    expected_tokens, expected_kept = projector_deepstack_generate(
+        model, inputs, lambda f: divprune_keep(f[None], int(f.shape[0] * ratio / 100))[0],
+        max_new_tokens=max_new_tokens)
+    policyc.compile(model, "divprune", ratio=f"{ratio}%")
+    tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    _assert_kept_image_tokens(model, inputs, expected_kept)
+    assert torch.equal(tokens[:, inputs["input_ids"].shape[1]:], expected_tokens)
+
+
 def _assert_kept_image_tokens(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                               expected: list[torch.Tensor]) -> None:
     """Each row's visual tokens (images and videos) alive after prefill are the reference's, [n] indices into that
@@ -118,13 +131,8 @@ def test_divprune_equals_the_shorter_prompt_reference(moe: bool, seed: int, rati
     """DivPrune at projector.output: the LLM sees the kept tokens only, with their own DeepStack features, at their
     original M-RoPE positions."""
     model = tiny_qwen3_vl(seed=seed, moe=moe)
-    inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed)
-    expected_tokens, expected_kept = projector_deepstack_generate(
-        model, inputs, lambda f: divprune_keep(f[None], int(f.shape[0] * ratio / 100))[0], max_new_tokens=5)
-    policyc.compile(model, "divprune", ratio=f"{ratio}%")
-    tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-    _assert_kept_image_tokens(model, inputs, expected_kept)
-    assert torch.equal(tokens, expected_tokens)
+    _assert_divprune_equals_the_reference(model, make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed),
+                                          ratio, max_new_tokens=5)
 
 
 @pytest.mark.parametrize(("policy", "params"), [
@@ -312,14 +320,8 @@ def test_fastv_with_an_image_and_videos_equals_the_deepstack_reference(seed: int
 @pytest.mark.parametrize(("seed", "ratio"), [(0, 25), (1, 50)])
 def test_divprune_with_an_image_and_videos_equals_the_shorter_prompt_reference(seed: int, ratio: int) -> None:
     """DivPrune keeps its share of the image and of each video (all its frame groups together)."""
-    model = tiny_qwen3_vl(seed=seed)
     inputs = make_qwen3_video_inputs(batch=2, videos=VIDEOS, images=((4, 8),), pad_left=2, seed=seed)
-    expected_tokens, expected_kept = projector_deepstack_generate(
-        model, inputs, lambda f: divprune_keep(f[None], int(f.shape[0] * ratio / 100))[0], max_new_tokens=4)
-    policyc.compile(model, "divprune", ratio=f"{ratio}%")
-    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
-    _assert_kept_image_tokens(model, inputs, expected_kept)
-    assert torch.equal(tokens, expected_tokens)
+    _assert_divprune_equals_the_reference(tiny_qwen3_vl(seed=seed), inputs, ratio, max_new_tokens=4)
 
 
 def test_moe_flops_count_the_experts_each_token_runs() -> None:
