@@ -211,12 +211,15 @@ def report_from_last_prefill(compiled: Any, input_ids: torch.Tensor, model_name:
     layers = len(adapter.decoder_layers)
 
     def rows(k: int) -> torch.Tensor:
-        """Original positions (sample 0) layer k processes; after the last layer, what prefill kept."""
+        """Original positions of `row` that layer k processes, fillers left out (rows a sample keeping fewer tokens
+        than the batch's widest carries on, masked); after the last layer, what prefill kept."""
         if k < layers and k in runtime.kept_at_layer:
-            return runtime.kept_at_layer[k][row].cpu()
-        if k >= layers and compiled.kept_positions is not None:
-            return compiled.kept_positions[row].cpu()
-        return torch.arange(length)
+            kept, live = runtime.kept_at_layer[k][row], runtime.live_at_layer.get(k)
+        elif k >= layers and compiled.kept_positions is not None:
+            kept, live = compiled.kept_positions[row], runtime.state.live()
+        else:
+            return torch.arange(length)
+        return (kept if live is None else kept[live[row]]).cpu()
 
     def alive_at(k: int) -> torch.Tensor:
         return torch.zeros(length, dtype=torch.bool).scatter(0, rows(k), True)

@@ -221,3 +221,32 @@ def test_a_static_cache_equals_the_dynamic_one_and_decodes_in_one_compiled_graph
     assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static"),
                        dynamic)
     assert_one_compiled_decode_graph(model, inputs, dynamic, max_new_tokens=5)
+
+
+def test_the_report_counts_each_rows_own_kept_tokens_in_a_ragged_batch() -> None:
+    """A row keeping fewer tokens than the batch's widest carries some dropped rows on as masked fillers: the report
+    of each row (`policyc eval`'s image tokens and FLOPs) counts what that row kept alone, not its fillers."""
+    from torch.nn.functional import pad
+
+    from policyc.report import report_from_last_prefill
+
+    model = tiny_qwen2_vl()
+    rows = [make_qwen_inputs(1, grids=((8, 8),), seed=1), make_qwen_inputs(1, grids=((8, 16),), seed=2)]
+    length = max(r["input_ids"].shape[1] for r in rows)
+    batch = {key: torch.cat([pad(r[key], (length - r[key].shape[1], 0)) for r in rows])
+             for key in ("input_ids", "attention_mask")}
+    batch |= {key: torch.cat([r[key] for r in rows]) for key in ("pixel_values", "image_grid_thw")}
+    policyc.compile(model, "fastv")  # 50% of each row's image tokens after layer 2
+
+    def kept(inputs: dict[str, torch.Tensor], row: int) -> list[tuple[int, int]]:
+        report = report_from_last_prefill(model.policyc, inputs["input_ids"], "fastv", row=row,
+                                          attention_mask=inputs["attention_mask"])
+        return [(stage.before, stage.after) for stage in report.kept] + [(report.prompt_tokens, report.image_tokens)]
+
+    alone = []
+    for inputs in rows:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        alone.append(kept(inputs, 0))
+    model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert [kept(batch, row) for row in (0, 1)] == alone
+    assert [a[0] for a in alone] == [(16, 8), (32, 16)]

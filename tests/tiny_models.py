@@ -113,16 +113,19 @@ def make_inputs(model: LlavaForConditionalGeneration, batch: int = 1, text_befor
 
 QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_START_ID, QWEN_END_ID = 121, 122, 120, 123  # vision start/end frame an image
 QWEN_PATCH, QWEN_MERGE = 4, 2
+QWEN_IDS = (QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_START_ID, QWEN_END_ID)
 
 
-def tiny_qwen2_vl(seed: int = 0, num_llm_layers: int = 4, *, version: str = "2") -> Any:
+def tiny_qwen2_vl(seed: int = 0, num_llm_layers: int = 4, *, version: str = "2", vocab: int = VOCAB,
+                  ids: tuple[int, int, int, int] = QWEN_IDS) -> Any:
     """Qwen2-VL (`version="2"`) or Qwen2.5-VL (`"2.5"`, window attention in the encoder with block 1 global):
     2 encoder blocks of width 32 on 4x4-pixel patches with a 2x2 merger, a 4-layer Qwen2 LLM with GQA (4 query,
-    2 key/value heads) and M-RoPE sections [2, 3, 3]; vocab 128."""
+    2 key/value heads) and M-RoPE sections [2, 3, 3]; vocab 128. `vocab` and `ids` (image, video, vision start,
+    vision end) to fit another tokenizer."""
     import transformers
 
     text = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "num_hidden_layers": num_llm_layers, "vocab_size": VOCAB, "max_position_embeddings": 512,
+            "num_hidden_layers": num_llm_layers, "vocab_size": vocab, "max_position_embeddings": 512,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             "pad_token_id": PAD_ID, "bos_token_id": 1, "eos_token_id": 2}
     vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "patch_size": QWEN_PATCH,
@@ -135,9 +138,9 @@ def tiny_qwen2_vl(seed: int = 0, num_llm_layers: int = 4, *, version: str = "2")
         vision |= {"intermediate_size": 64, "out_hidden_size": 64, "window_size": 16, "fullatt_block_indexes": [1]}
     else:
         raise ValueError(f"unknown Qwen-VL version {version!r}")
-    config = config_class(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE_ID,
-                          video_token_id=QWEN_VIDEO_ID, vision_start_token_id=QWEN_START_ID,
-                          vision_end_token_id=QWEN_END_ID, pad_token_id=PAD_ID)
+    image, video, start, end = ids
+    config = config_class(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
+                          vision_start_token_id=start, vision_end_token_id=end, pad_token_id=PAD_ID)
     torch.manual_seed(seed)
     model = model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.generation_config.pad_token_id = PAD_ID

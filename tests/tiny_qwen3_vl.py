@@ -12,20 +12,32 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tiny_models import PAD_ID, QWEN_END_ID, QWEN_IMAGE_ID, QWEN_MERGE, QWEN_PATCH, QWEN_START_ID, QWEN_VIDEO_ID, VOCAB
+from tiny_models import (
+    PAD_ID,
+    QWEN_END_ID,
+    QWEN_IDS,
+    QWEN_IMAGE_ID,
+    QWEN_MERGE,
+    QWEN_PATCH,
+    QWEN_START_ID,
+    QWEN_VIDEO_ID,
+    VOCAB,
+)
 
 Inputs = dict[str, torch.Tensor]
 
 DEEPSTACK_BLOCKS = (0, 1, 2)
 
 
-def tiny_qwen3_vl(seed: int = 0, num_llm_layers: int = 4, *, moe: bool = False) -> Any:
+def tiny_qwen3_vl(seed: int = 0, num_llm_layers: int = 4, *, moe: bool = False, vocab: int = VOCAB,
+                  ids: tuple[int, int, int, int] = QWEN_IDS) -> Any:
     """Qwen3VLForConditionalGeneration (`moe`: Qwen3VLMoeForConditionalGeneration), sdpa attention, float32, eval
-    mode, with `num_llm_layers` decoder layers."""
+    mode, with `num_llm_layers` decoder layers; `vocab` and `ids` (image, video, vision start, vision end) to fit
+    another tokenizer."""
     import transformers
 
     text = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 16, "num_hidden_layers": num_llm_layers, "vocab_size": VOCAB, "max_position_embeddings": 512,
+            "head_dim": 16, "num_hidden_layers": num_llm_layers, "vocab_size": vocab, "max_position_embeddings": 512,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
                                 "mrope_interleaved": True},
             "pad_token_id": PAD_ID, "bos_token_id": 1, "eos_token_id": 2}
@@ -37,9 +49,9 @@ def tiny_qwen3_vl(seed: int = 0, num_llm_layers: int = 4, *, moe: bool = False) 
         config_class, model_class = transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration
     else:
         config_class, model_class = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
-    config = config_class(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE_ID,
-                          video_token_id=QWEN_VIDEO_ID, vision_start_token_id=QWEN_START_ID,
-                          vision_end_token_id=QWEN_END_ID, pad_token_id=PAD_ID)
+    image, video, start, end = ids
+    config = config_class(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
+                          vision_start_token_id=start, vision_end_token_id=end, pad_token_id=PAD_ID)
     torch.manual_seed(seed)
     model = model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     with torch.no_grad():  # random DeepStack features of the LLM's scale, so that dropping them shows
