@@ -3,8 +3,9 @@ processors (built offline: the PIL image processors and policyc:random's byte-le
 markers added), as tests/test_llava_next.py does for LLaVA-NeXT: the example image through the processor and its
 chat template, the answer, the tokens kept per stage, a projector policy and `--show-tokens`.
 
-InternVL, Qwen2-VL, LLaVA-OneVision and SmolVLM's own processors take a video processor, which needs torchvision (not
-a dependency): they cannot be built here, so `policyc run` on such a directory is tested to name torchvision."""
+InternVL, Qwen2-VL, Qwen3-VL, LLaVA-OneVision and SmolVLM's own processors take a video processor, which needs
+torchvision (not a dependency): tests/integrations/test_processors.py runs them in the integrations venv, which has it;
+without torchvision, `policyc run` on such a directory is tested here to name it."""
 
 from __future__ import annotations
 
