@@ -15,6 +15,7 @@ from tiny_models import make_inputs, tiny_llava_siglip
 from policyc.errors import PolicyError
 from policyc.evaluation import prompt_text, synthetic_items
 from policyc.integrations.vllm.deployment import deployment
+from policyc.integrations.vllm.guard import check_deployment
 from policyc.integrations.vllm.shell import llava_shell
 from policyc.integrations.vllm.stages import SERVABLE, PreLLM, kept_count
 from policyc.models.bundled import DEFAULT_NAME, load_reference_model, load_reference_processor
@@ -113,7 +114,10 @@ def test_shell_embeddings_equal_transformers(bundled: Any, shell: Any) -> None:
     ({"policy": "globalcom2_style"}, "reads the prompt", "divprune"),
     ({"policy": "fastervlmm"}, "no file or standard-library policy named 'fastervlmm'", "did you mean 'fastervlm'?"),
     ({"policy": "fastervlm", "params": {"tokenz": 3}}, "no searchable parameter 'tokenz'", "did you mean 'tokens'?"),
-    ({"policy": "fastervlm", "params": {"tokens": 0}}, "keeps no token", "at least one"),
+    ({"policy": "fastervlm", "params": {"tokens": 0}}, "fastervlm.tokpol:12:3: error: 0 is outside the range [1, 2304] "
+     "of 'tokens'", "pick a value within [1, 2304]"),
+    ({"policy": "tome", "params": {"order": "random"}}, "random is not one of the choices {spatial, code} of 'order'",
+     "pick one of"),
     ({"policy": "fastervlm", "params": {"tokens": [1]}}, "policyc.params.tokens is [1]", "a percentage"),
     ("fastervlm", "hf_overrides policyc is 'fastervlm', not a policy", '{"policyc": {"policy": "visionzip"'),
     ({"policy": "grid", "ratio": "25%"}, "unknown field 'ratio'", "valid fields: params, policy"),
@@ -127,6 +131,34 @@ def test_refusals(bundled: Any, entry: object, message: str, hint: str) -> None:
         kept_count(model.config, served)
     assert message in str(caught.value)
     assert hint in str(caught.value)
+
+
+def test_keeping_no_token_is_refused(tmp_path: Any, bundled: Any) -> None:
+    path = tmp_path / "none.tokpol"
+    path.write_text("policy none {\n  param share = 0% in [0%, 50%]\n  stage encoder.layer[-2] {\n"
+                    "    keep top share of vision by attention(cls -> vision)\n  }\n}\n")
+    model = bundled[0]
+    served = deployment(_config(model, {"policy": str(path)}))
+    assert served is not None
+    with pytest.raises(PolicyError, match="policy none keeps no token of each image"):
+        kept_count(model.config, served)
+
+
+def test_a_family_without_a_vllm_path_is_refused() -> None:
+    """`vllm serve` / `LLM(...)` check the config this way once vLLM has resolved its architecture (guard.py)."""
+    from tiny_models import tiny_qwen2_vl
+
+    config = tiny_qwen2_vl().config
+    config.policyc = {"policy": "visionzip"}
+    with pytest.raises(PolicyError) as caught:
+        check_deployment(config, "Qwen2VLForConditionalGeneration")
+    assert "policyc cannot serve this 'qwen2_vl' model" in str(caught.value)
+    assert "its plugin serves LLaVA (a CLIP or SigLIP vision tower)" in str(caught.value)
+    config.policyc = ["visionzip"]
+    with pytest.raises(PolicyError, match="not a policy"):
+        check_deployment(config, "Qwen2VLForConditionalGeneration")
+    del config.policyc
+    check_deployment(config, "Qwen2VLForConditionalGeneration")  # no entry: vLLM's own model, unchecked
 
 
 def test_refusal_names_the_policy_line(bundled: Any) -> None:

@@ -1,9 +1,11 @@
 """policyc's pre-LLM stages inside vLLM (policyc.integrations.vllm), through vLLM's own offline engine on the
 bundled model: the `vllm.general_plugins` entry point, prompts holding the policy's count of image tokens, each
 image's kept slots equal to policyc on transformers, greedy answers to 100 synthetic questions equal to policyc on
-transformers (so accuracy is identical), and an unservable policy refused before the engine starts. One engine
-(VisionZip) serves the module. Every servable policy's stages against transformers, without vLLM:
-tests/test_vllm_stages.py.
+transformers (so accuracy is identical), requests that narrow the budget (`mm_processor_kwargs`) served as policyc
+serves those parameters on transformers, an invalid request budget failing that request alone, and an unservable
+policy, a model family without a vLLM path or a malformed `policyc` entry refused before the engine starts. One
+engine (VisionZip) serves the module. Every other servable policy through vLLM: test_vllm_policies.py; their stages
+against transformers, without vLLM: tests/test_vllm_stages.py.
 
 These tests need vLLM, whose CPU build needs a torchvision built for its torch: CI runs them in their own venv
 (scripts/integrations-venv.sh). Elsewhere they are skipped, unless POLICYC_REQUIRE_INTEGRATIONS=1 makes a missing
@@ -21,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from importlib.metadata import entry_points
 from typing import Any
@@ -39,12 +42,14 @@ from vllm import LLM, SamplingParams
 from policyc.errors import PolicyError
 from policyc.evaluation import answer_batch, prompt_text, synthetic_items
 from policyc.integrations.vllm.llava import kept_slots
+from policyc.integrations.vllm.stages import RequestError
 from policyc.models.bundled import DEFAULT_NAME, bundled_model_dir, load_reference_model, load_reference_processor
 from policyc.runtime import compile_model
 
 ITEMS = 100  # synthetic test questions answered by both
 POLICY = {"policy": "visionzip", "params": {"dominant": 40, "contextual": 8}}
 KEPT = 48  # 40 + 8 of the bundled model's 144 image tokens
+NARROW = {"dominant": 20, "contextual": 4}  # a request's budget: 24 image tokens
 ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "limit_mm_per_prompt": {"image": 1},
           "seed": 0}
 
@@ -98,10 +103,67 @@ def test_kept_slots_equal_transformers(engine: Any, reference: tuple[Any, Any]) 
         assert len(expected) == KEPT
 
 
-def _params() -> dict[str, Any]:
+def _params(values: dict[str, Any] | None = None) -> dict[str, Any]:
     from policyc.lang.build import parse_value
 
-    return {name: parse_value(str(value)) for name, value in POLICY["params"].items()}
+    return {name: parse_value(str(value)) for name, value in (values or POLICY["params"]).items()}
+
+
+def _expected(model: Any, processor: Any, items: list[Any], values: dict[str, Any]) -> tuple[list[str], list[list]]:
+    """policyc on transformers with VisionZip `values`: the greedy answers (8 tokens) and each image's kept slots."""
+    compiled = compile_model(model, POLICY["policy"], _params(values))
+    try:
+        slots = []
+        for item in items:
+            inputs = processor(images=[[item.image]], text=[prompt_text(processor, item.question)], return_tensors="pt")
+            with torch.no_grad():
+                model.get_image_features(pixel_values=inputs["pixel_values"])
+            slots.append(compiled.images.kept[0].nonzero()[:, 0].tolist())
+        answers = [a.text for a in answer_batch(model, processor, [[i.image] for i in items],
+                                                [prompt_text(processor, i.question) for i in items], compiled,
+                                                max_new_tokens=8, do_sample=False)]
+    finally:
+        compiled.remove()
+    return answers, slots
+
+
+def test_requests_narrow_the_budget(engine: Any, reference: tuple[Any, Any]) -> None:
+    """Two requests at NARROW and two at the deployment's budget, in one batch; then one narrowed image's slots."""
+    model, processor = reference
+    items = synthetic_items("test", 4)
+    requests = _requests(processor, items)
+    for request in requests[:2]:
+        request["mm_processor_kwargs"] = {"policyc": NARROW}
+    outputs = engine.generate(requests, SamplingParams(max_tokens=8, temperature=0))
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert [out.prompt_token_ids.count(image_token) for out in outputs] == [24, 24, KEPT, KEPT]
+    served = [processor.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True) for out in outputs]
+    narrow, narrow_slots = _expected(model, processor, items[:2], NARROW)
+    wide, _ = _expected(model, processor, items[2:], POLICY["params"])
+    assert served == narrow + wide
+    engine.generate([requests[1]], SamplingParams(max_tokens=1, temperature=0))
+    assert engine.apply_model(kept_slots) == [[narrow_slots[1]]]
+    assert len(narrow_slots[1]) == 24
+
+
+@pytest.mark.parametrize(("budget", "message", "hint"), [
+    ({"dominant": 100}, "policyc (dominant=100) keeps 108 tokens of each image, more than the 48 the deployment keeps",
+     "ask for at most 48"),
+    ({"dominantt": 20}, "no searchable parameter 'dominantt'", "did you mean 'dominant'?"),
+    ({"dominant": 4}, "dominant", "8"),
+    ({"dominant": [20]}, "mm_processor_kwargs policyc.dominant is [20]", "a percentage"),
+    ("24", "mm_processor_kwargs policyc is '24', not the policy's parameters", '{"policyc": {"tokens": 20}}'),
+])
+def test_an_invalid_request_budget_fails_alone(engine: Any, reference: tuple[Any, Any], budget: object, message: str,
+                                               hint: str) -> None:
+    _, processor = reference
+    [request] = _requests(processor, synthetic_items("test", 1))
+    with pytest.raises(RequestError) as caught:
+        engine.generate([request | {"mm_processor_kwargs": {"policyc": budget}}], SamplingParams(max_tokens=1))
+    assert message in str(caught.value)
+    assert hint in str(caught.value).split("hint:")[-1]
+    [out] = engine.generate([request], SamplingParams(max_tokens=1, temperature=0))  # the engine serves on
+    assert out.prompt_token_ids.count(processor.tokenizer.convert_tokens_to_ids(processor.image_token)) == KEPT
 
 
 def test_greedy_answers_equal_transformers(engine: Any, reference: tuple[Any, Any]) -> None:
@@ -130,6 +192,38 @@ def test_unservable_policy_is_refused_before_the_engine_starts() -> None:
     assert "hint: serve a pre-LLM policy instead: fastervlm" in message
 
 
+def _qwen2_vl(directory: Any) -> str:
+    """A tiny Qwen2-VL's config (vLLM refuses the entry once it has read the config, before any weights)."""
+    from transformers import Qwen2VLConfig
+
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 2, "vocab_size": 160, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "patch_size": 4, "spatial_merge_size": 2}
+    Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=151, video_token_id=152,
+                  vision_start_token_id=153, vision_end_token_id=154,
+                  architectures=["Qwen2VLForConditionalGeneration"]).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize(("family", "entry", "message", "hint"), [
+    ("qwen2_vl", {"policy": "visionzip"}, "policyc cannot serve this 'qwen2_vl' model (Qwen2VLForConditionalGeneration)"
+     " in vLLM: its plugin serves LLaVA (a CLIP or SigLIP vision tower), and vLLM would serve this model without the"
+     " policy", "serve a LLaVA model, or drop the 'policyc' entry"),
+    ("qwen2_vl", {"policy": "visionzip", "param": {}}, "hf_overrides policyc has an unknown field 'param'", "params"),
+    ("llava", "visionzip", "hf_overrides policyc is 'visionzip', not a policy", '{"policyc": {"policy": "visionzip"'),
+    ("llava", {"policy": "visionzip", "params": {"dominant": 1}}, "dominant", "8"),
+    ("llava", {"policy": "mustdropp"}, "no file or standard-library policy named 'mustdropp'", "mustdrop"),
+])
+def test_bad_deployment_is_refused_before_the_engine_starts(tmp_path: Any, family: str, entry: object, message: str,
+                                                            hint: str) -> None:
+    model = _qwen2_vl(tmp_path) if family == "qwen2_vl" else str(bundled_model_dir())
+    with pytest.raises(PolicyError) as caught:
+        LLM(model=model, hf_overrides={"policyc": entry}, **ENGINE)
+    assert message in str(caught.value)
+    assert hint in str(caught.value).split("hint:")[-1]
+
+
 def test_serve_refuses_an_unservable_policy_before_vllm_starts() -> None:
     from click.testing import CliRunner
 
@@ -139,7 +233,7 @@ def test_serve_refuses_an_unservable_policy_before_vllm_starts() -> None:
     assert result.exit_code != 0
     assert "stage llm.layer[layer] runs at llm.layer, inside the LLM" in result.output
     result = CliRunner().invoke(main, ["serve", "fastervlm", "--param", "tokens=0"])
-    assert "policy fastervlm keeps no token of each image" in result.output
+    assert "0 is outside the range [1, 2304] of 'tokens'" in result.output
 
 
 def test_serve_arguments() -> None:
@@ -153,10 +247,13 @@ def test_serve_arguments() -> None:
 
 
 def test_policyc_serve_answers_a_chat_request(reference: tuple[Any, Any]) -> None:
-    """The README's commands: `policyc serve` on the embedded model, one OpenAI chat request with an image."""
+    """The README's commands: `policyc serve` on the embedded model, OpenAI chat requests with an image: one whose
+    budget (`mm_processor_kwargs`) would widen the deployment's, refused with 400, one that narrows it, and one at the
+    deployment's budget, answered as transformers answers."""
     port = _free_port()
     command = [sys.executable, "-m", "policyc.cli", "serve", "visionzip", "--param", "dominant=40", "--param",
-               "contextual=8", "--port", str(port), "--served-model-name", "default", *_SERVER]
+               "contextual=8", "--port", str(port), "--served-model-name", "default", "--trust-request-mm-kwargs",
+               *_SERVER]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(server, port)
@@ -167,9 +264,9 @@ def test_policyc_serve_answers_a_chat_request(reference: tuple[Any, Any]) -> Non
         body = {"model": "default", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
             {"type": "text", "text": item.question}]}]}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        answer = json.load(urllib.request.urlopen(request, timeout=120))
+        bad, refused = _chat(port, body | {"mm_processor_kwargs": {"policyc": {"dominant": 100}}})
+        narrowed, narrowed_answer = _chat(port, body | {"mm_processor_kwargs": {"policyc": NARROW}})
+        status, answer = _chat(port, body)  # the server serves on after a refused request
     finally:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=60)
@@ -177,7 +274,10 @@ def test_policyc_serve_answers_a_chat_request(reference: tuple[Any, Any]) -> Non
     # vLLM's chat renders the chat template and adds no special tokens: the bundled model's template has no BOS
     inputs = processor(images=[item.image], text=prompt_text(processor, item.question), add_special_tokens=False,
                        return_tensors="pt")
+    assert (status, narrowed, bad) == (200, 200, 400)
+    assert "keeps 108 tokens of each image, more than the 48 the deployment keeps" in json.dumps(refused)
     assert answer["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1] - 144 + KEPT
+    assert narrowed_answer["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1] - 144 + 24
     compiled = compile_model(model, POLICY["policy"], _params())
     try:
         with torch.no_grad():
@@ -186,6 +286,17 @@ def test_policyc_serve_answers_a_chat_request(reference: tuple[Any, Any]) -> Non
         compiled.remove()
     expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert answer["choices"][0]["message"]["content"].strip() == expected.strip() != ""
+
+
+def _chat(port: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and JSON body of a chat completion request."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
 
 
 _SERVER = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]

@@ -4,7 +4,8 @@
 
 vLLM calls `register()` in every process it starts (its `vllm.general_plugins` entry point): it puts policyc's
 LLaVA (llava.py) in place of vLLM's, which behaves as vLLM's own unless the config carries a `policyc` entry
-(deployment.py). What can be served and how many tokens each image keeps: stages.py. Importing this package
+(deployment.py). What can be served and how many tokens each image keeps: stages.py. A `policyc` entry on a model
+the plugin does not serve is refused when vLLM reads the config (guard.py). Importing this package
 imports neither vLLM nor torch; the core never imports it.
 """
 
@@ -18,8 +19,11 @@ def register() -> None:
     and touches no device."""
     from vllm import ModelRegistry
 
+    from policyc.integrations.vllm.guard import guarded
+
     for architecture, target in ARCHITECTURES.items():
         ModelRegistry.register_model(architecture, target)
+    ModelRegistry.inspect_model_cls = guarded(ModelRegistry.inspect_model_cls)  # type: ignore[method-assign]
 
 
 __all__ = ["ARCHITECTURES", "register"]

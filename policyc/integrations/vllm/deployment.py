@@ -35,13 +35,26 @@ class Deployment:
         return json.dumps([self.policy, [(name, repr(value)) for name, value in self.params]])
 
 
-def _value(name: str, value: object) -> ir.Expr:
+def _value(name: str, value: object, where: str = f"hf_overrides {KEY}.params") -> ir.Expr:
     from policyc.lang.build import parse_value
 
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise PolicyError.at(f"hf_overrides policyc.params.{name} is {value!r}", None,
+        raise PolicyError.at(f"{where}.{name} is {value!r}", None,
                              "write a number (64, 0.5), a percentage (\"25%\") or a word")
-    return parse_value(str(value), f"hf_overrides policyc.params.{name}")
+    return parse_value(str(value), f"{where}.{name}")
+
+
+def narrowed(found: Deployment, entry: object) -> Deployment:
+    """The deployment with a request's parameter values (`mm_processor_kwargs={"policyc": {"tokens": 20}}`) in
+    place of its own; `entry` None: the deployment itself."""
+    if entry is None:
+        return found
+    if not isinstance(entry, dict) or not entry:
+        raise PolicyError.at(f"mm_processor_kwargs {KEY} is {entry!r}, not the policy's parameters", None,
+                             f'write e.g. {{"{KEY}": {{"tokens": 20}}}}')
+    request = {str(name): _value(str(name), value, f"mm_processor_kwargs {KEY}") for name, value in entry.items()}
+    params = dict(found.params) | request
+    return Deployment(found.policy, tuple(sorted(params.items())))
 
 
 def llava_deployment(config: Any) -> Deployment | None:
@@ -77,4 +90,4 @@ def deployment(config: Any) -> Deployment | None:
     return Deployment(policy, tuple((str(name), _value(str(name), value)) for name, value in sorted(params.items())))
 
 
-__all__ = ["EXAMPLE", "KEY", "Deployment", "deployment", "llava_deployment"]
+__all__ = ["EXAMPLE", "KEY", "Deployment", "deployment", "llava_deployment", "narrowed"]

@@ -23,11 +23,12 @@ from torch import nn
 
 from policyc.compiler.plan import Plan
 from policyc.errors import PolicyError
-from policyc.integrations.vllm.deployment import Deployment
+from policyc.integrations.vllm.deployment import KEY, Deployment, narrowed
 from policyc.integrations.vllm.shell import probe_images, probe_shell
 from policyc.lang import ir
 
-SERVABLE = ("visionzip", "fastervlm", "vtc_cls", "hiprune", "tome", "divprune", "todre", "random_drop", "grid", "pool")
+SERVABLE = ("visionzip", "fastervlm", "vtc_cls", "hiprune", "tome", "divprune", "todre", "random_drop", "grid", "pool",
+            "evit")
 _LLM_HINT = ("serve a pre-LLM policy instead: fastervlm (the CLS token's attention at the encoder's feature layer) "
              "or divprune (diversity at the projector's output)")
 _PROMPT_HINT = "serve a policy that reads the image alone, e.g. divprune or fastervlm"
@@ -83,6 +84,7 @@ class PreLLM:
         from policyc.runtime import compile_model
 
         self.shell = shell
+        self.deployment = deployment
         self.compiled = compile_model(shell, deployment.policy, deployment.assignments)
         try:
             refuse_unservable(self.compiled.plan)
@@ -112,6 +114,18 @@ class PreLLM:
 _COUNTS: dict[tuple[str, str], int] = {}
 
 
+def _refuse_out_of_range(stages: PreLLM, deployment: Deployment) -> None:
+    """A parameter value outside the range (or choices) its policy declares is refused, at its `param` line."""
+    from policyc.lang.search_space import searchable_params, value_problem
+
+    params = searchable_params(stages.plan.checked)
+    for name, value in deployment.params:
+        problem = value_problem(name, value, params[name].default, params[name].domain)
+        if problem is not None:
+            stages.compiled.remove()
+            raise PolicyError.at(problem[0], params[name].span, problem[1]).with_sources(stages.plan.checked.sources)
+
+
 def kept_count(config: Any, deployment: Deployment) -> int:
     """The image tokens each image keeps under `deployment` on a LLaVA of `config` (cached per geometry)."""
     geometry = "|".join((config.vision_config.to_json_string(), str(config.vision_feature_layer),
@@ -119,6 +133,7 @@ def kept_count(config: Any, deployment: Deployment) -> int:
     key = (geometry, deployment.key)
     if key not in _COUNTS:
         stages = PreLLM(probe_shell(config), deployment)
+        _refuse_out_of_range(stages, deployment)
         counts = sorted({len(k) for k in stages(probe_images(config))[1]})
         stages.compiled.remove()
         policy = stages.plan.checked.program.policy
@@ -134,4 +149,27 @@ def kept_count(config: Any, deployment: Deployment) -> int:
     return _COUNTS[key]
 
 
-__all__ = ["SERVABLE", "PreLLM", "kept_count", "refuse_unservable"]
+class RequestError(PolicyError, ValueError):
+    """A request's `mm_processor_kwargs` budget that the deployment cannot serve: that request fails (a ValueError,
+    which vLLM's server answers with 400), the engine serves the others."""
+
+
+def request_count(config: Any, found: Deployment, entry: object) -> tuple[Deployment, int]:
+    """A request's deployment (`entry`: its `mm_processor_kwargs` parameter values in place of the deployment's) and
+    the tokens each image keeps under it, refused where it keeps more than `found` (vLLM sized its encoder budget
+    and memory profile by the deployment's count): a request may narrow the budget, not widen it."""
+    try:
+        request = narrowed(found, entry)
+        count = kept_count(config, request)
+    except PolicyError as error:
+        raise RequestError(error.diagnostics) from None
+    limit = kept_count(config, found)
+    if count > limit:
+        values = ", ".join(f"{name}={value}" for name, value in sorted(dict(entry or {}).items()))
+        raise RequestError.at(f"mm_processor_kwargs {KEY} ({values}) keeps {count} tokens of each image, more than "
+                              f"the {limit} the deployment keeps", None,
+                              f"a request may narrow the deployment's budget, not widen it: ask for at most {limit}")
+    return request, count
+
+
+__all__ = ["SERVABLE", "PreLLM", "RequestError", "kept_count", "refuse_unservable", "request_count"]
