@@ -21,7 +21,9 @@ Projector stages (`projector.output`) run per image on its LLM tokens, the proje
 LLM then drops the `[IMG]` tokens not kept at its input (the breaks stay). Images have their own sizes, so operators
 that need one token grid (`grid`, `pool`, ...) and the question (MMTok) fail at compile time. There is no CLS token:
 CLS signals (VisionZip's, FasterVLM's) fail at compile time naming a substitute (`visiondrop_llm`, VisionZip's
-selection inside the LLM). Encoder stages are not bound yet (the packed tower).
+selection inside the LLM). Encoder stages fail at compile time for now: ToMe in the packed tower runs per image and
+is unmerged before the patch merger (policyc/runtime/pixtral_tower.py, tested against tests/reference/tome_pixtral.py),
+but ImageStages does not choose that runtime yet.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ from policyc.models.structure import adapt_error, config_int, image_token, langu
 
 SAMPLE_TOKENS = (4, 6)  # LLM tokens (rows, columns) of the calibration image
 
-PACKED_TOWER = ("the Pixtral tower packs every image into one sequence, which policyc's encoder stages do not run on "
-                "yet")
+PACKED_TOWER = ("the Pixtral tower packs every image into one sequence, and policyc's runtime for that tower "
+                "(ToMe per image, unmerged before the patch merger) is not wired into compile yet")
 
 
 @dataclass(frozen=True, eq=False)
