@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from policyc import terminal
 from policyc.bench import (
     Row,
     Settings,
@@ -72,7 +72,7 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     from policyc.runtime import compile_model
     from policyc.show import find_policies
 
-    console = console or Console()
+    console = console or terminal.console(json_path)
     set_fusion(settings.kernels)  # type: ignore[arg-type]
     found = find_policies(policy)
     if len(found) != 1:
@@ -161,8 +161,7 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
               "rows": [r.to_json() for r in rows]}
     render(result, rows, console)
     if json_path is not None:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        terminal.write_json(json_path, result, console)
     return result
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from policyc.errors import PolicyError
+from policyc.terminal import JSON_OPTION
 
 EXIT_POLICY_ERROR = 1
 
@@ -146,17 +147,6 @@ def _sweep(option: str | None) -> tuple[str, list] | None:
     return name.strip(), [parse_value(v.strip(), f"--sweep {name.strip()}") for v in text.split(",")]
 
 
-def _one_policy(policy: str, loader: object) -> object:
-    from policyc.show import find_policies
-
-    found = find_policies(policy, loader)  # type: ignore[arg-type]
-    if len(found) != 1:
-        names = ", ".join(c.program.policy.name for c in found)
-        raise PolicyError.at(f"{policy} holds {len(found)} policies ({names})", None,
-                             f"name one: {policy}:{found[0].program.policy.name}")
-    return found[0]
-
-
 _BACKEND = click.option("--backend", type=click.Choice(["eager", "inductor", "fx"]), default="eager",
                         show_default=True,
                         help="eager: the module-level rewrite (the reference semantics); inductor: the LLM "
@@ -177,46 +167,20 @@ _PARAM = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="Write a compile artifact (policy, parameters, model reference and config hash, report) to "
                    "this directory; `policyc run DIR` and `policyc.load(DIR)` load it.")
 @_PARAM
+@JSON_OPTION
 def compile(model: str, policy: str, emit: str | None, backend: str, output: Path | None,
-            params: tuple[str, ...]) -> None:
+            params: tuple[str, ...], json_path: Path | None) -> None:
     """Bind POLICY (a file, FILE:NAME or a standard-library name) to MODEL (a local directory, hub id, or
     `default` for the embedded default model)."""
+    from policyc.compile_command import compile_command
     from policyc.lang import Loader
 
-    if emit is None and output is None:
-        raise click.UsageError("say what to produce: --emit ir, --emit plan, --emit fx, or -o DIR")
+    if emit is None and output is None and json_path is None:
+        raise click.UsageError("say what to produce: --emit ir, --emit plan, --emit fx, -o DIR or --json FILE")
     loader = Loader()
     try:
-        checked = _one_policy(policy, loader)
-        if emit == "ir":
-            click.echo(checked.program.policy.model_dump_json(indent=2))  # type: ignore[attr-defined]
-            if output is None:
-                return
-        assignments = _assignments(params)
-        from policyc.models.bundled import load_reference_model, reference_name
-
-        reference = reference_name(model)
-        loaded = load_reference_model(reference, "cpu")
-        if emit == "plan":
-            from policyc.compiler.plan import lower
-            from policyc.models import adapt
-
-            click.echo(lower(checked, adapt(loaded), assignments).describe(), nl=False)  # type: ignore[arg-type]
-        if emit == "fx":
-            from policyc.show import fx_graphs_text
-
-            click.echo(fx_graphs_text(loaded, checked, assignments), nl=False)
-        if output is not None:
-            from policyc.artifact import write_artifact
-            from policyc.report import calibration_inputs, measure
-            from policyc.runtime import compile_model
-
-            compiled = compile_model(loaded, checked, assignments, backend)  # type: ignore[arg-type]
-            report = measure(compiled, calibration_inputs(compiled.plan.adapter), reference,
-                             "calibration: the sample image and 16 text tokens")
-            write_artifact(output, checked, loaded, reference, assignments, report.to_json())  # type: ignore[arg-type]
-            report.render()
-            click.echo(f"wrote {output} (no weights: it references {reference})")
+        compile_command(model, policy, emit=emit, backend=backend, output=output, assignments=_assignments(params),
+                        json_path=json_path, loader=loader)
     except PolicyError as error:
         _fail(error.with_sources(loader.sources))
         sys.exit(EXIT_POLICY_ERROR)
@@ -236,8 +200,9 @@ def compile(model: str, policy: str, emit: str | None, backend: str, output: Pat
                    "kept and dropped into this PNG.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
 @_BACKEND
+@JSON_OPTION
 def run(model: str | None, policy: str | None, image: Path | None, prompt: str | None, max_new_tokens: int,
-        params: tuple[str, ...], show_tokens: Path | None, device: str, backend: str) -> None:
+        params: tuple[str, ...], show_tokens: Path | None, device: str, backend: str, json_path: Path | None) -> None:
     """Generate from an image and a prompt with POLICY compiled onto MODEL; print the tokens each stage
     kept and the prefill and decode timings.
 
@@ -250,7 +215,7 @@ def run(model: str | None, policy: str | None, image: Path | None, prompt: str |
     try:
         run_command(model, policy, image=image, prompt=prompt, max_new_tokens=max_new_tokens,
                     assignments=_assignments(params), show_tokens=show_tokens, device=device,
-                    backend=backend)
+                    backend=backend, json_path=json_path)
     except PolicyError as error:
         _fail(error)
         sys.exit(EXIT_POLICY_ERROR)
@@ -267,8 +232,7 @@ def run(model: str | None, policy: str | None, image: Path | None, prompt: str |
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Set a parameter (repeatable).")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the results as JSON to this file.")
+@JSON_OPTION
 @click.option("--sweep", metavar="NAME=V1,V2,...", help="Evaluate POLICY at each of these values of a parameter.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw accuracy against FLOPs share to this PNG file.")
@@ -321,9 +285,10 @@ def eval_(model: str | None, policy: str | None, data: str, split: str, limit: i
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model (cpu, cuda, ...).")
 @click.option("--lmms", metavar="TASK[:METRIC]",
               help="Measure accuracy on this lmms-eval task instead of --data, --limit documents per trial.")
+@JSON_OPTION
 def search(first: str, second: str | None, trials: int, output: Path, storage: str | None, study: str | None,
            objectives: tuple[str, ...], constraints: tuple[str, ...], data: str, split: str, limit: int,
-           batch_size: int, seed: int, heartbeat: int, device: str, lmms: str | None) -> None:
+           batch_size: int, seed: int, heartbeat: int, device: str, lmms: str | None, json_path: Path | None) -> None:
     """Search SPACE for the policies with the best trade-off (Optuna; Pareto front of the objectives).
 
     SPACE is a .tokpol file with a `search` block (FILE:NAME picks one), a policy file (every parameter with a
@@ -337,7 +302,7 @@ def search(first: str, second: str | None, trials: int, output: Path, storage: s
         search_command(model, space, trials=trials, output=output, storage=storage, study=study, data=data,
                        split=split, limit=limit, batch_size=batch_size, objectives=list(objectives),
                        constraints=parse_constraints(constraints), device=device, seed=seed,
-                       heartbeat=heartbeat, lmms=lmms)
+                       heartbeat=heartbeat, lmms=lmms, json_path=json_path)
     except PolicyError as error:
         _fail(error)
         sys.exit(EXIT_POLICY_ERROR)
@@ -357,7 +322,7 @@ def search(first: str, second: str | None, trials: int, output: Path, storage: s
                                "(llava-1.5-7b, qwen2.5-vl-7b, qwen3-vl-8b).")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs (median).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure here.")
+@JSON_OPTION
 @click.option("--no-reference", is_flag=True, help="Skip the plain reference implementation's row.")
 @click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="policyc's scoring kernels fused by torch.compile (auto: on CUDA only).")
@@ -415,15 +380,20 @@ def serve(first: str, rest: tuple[str, ...], params: tuple[str, ...]) -> None:
                 type=click.Choice(["policies", "hooks", "statements", "sets", "signals", "functions", "schedules",
                                    "selectors", "merges", "caches", "positions"]))
 @click.option("--markdown", is_flag=True, help="Print the language catalog as Markdown tables.")
-def list_(kind: str | None, markdown: bool) -> None:
+@JSON_OPTION
+def list_(kind: str | None, markdown: bool, json_path: Path | None) -> None:
     """List standard-library policies and everything a policy can name (or only KIND)."""
-    from policyc.show import catalog_markdown, render_catalog
+    from policyc.show import catalog_json, catalog_markdown, render_catalog
+    from policyc.terminal import console, write_json
 
     try:
         if markdown:
             click.echo(catalog_markdown(), nl=False)
             return
-        render_catalog(kind)
+        tables = console(json_path)
+        render_catalog(kind, tables)
+        if json_path is not None:
+            write_json(json_path, catalog_json(kind), tables)
     except PolicyError as error:
         _fail(error)
         sys.exit(EXIT_POLICY_ERROR)

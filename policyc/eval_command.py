@@ -3,7 +3,6 @@ the synthetic scenes or a JSONL data set, with the image tokens and prefill FLOP
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from policyc import terminal
 from policyc.errors import PolicyError
 from policyc.evaluation import Evaluation, evaluate, load_items, retention
 from policyc.lang import ir
@@ -28,7 +28,7 @@ def eval_command(model: str | None, policy: str | None, *, data: str, split: str
     """Evaluate the unmodified model, then POLICY (at each value of a swept parameter); print, write JSON
     and draw accuracy against FLOPs share as asked. With `lmms` tasks, lmms-eval evaluates them instead of
     `data` (policyc.integrations.lmms_eval.runner)."""
-    console = console or Console()
+    console = console or terminal.console(json_path)
     target = resolve_target(model, policy)
     if target.artifact is not None:
         raise PolicyError.at("policyc eval takes MODEL and POLICY, not a compile artifact", None,
@@ -67,8 +67,8 @@ def eval_command(model: str | None, policy: str | None, *, data: str, split: str
         console.print(f"wrote {plot}")
     if json_path is not None:
         base = results[0]
-        json_path.write_text(json.dumps({"model": target.model, "data": data, "split": split, "results": [
-            {**r.to_json(), "retention": retention(r, base)} for r in results]}, indent=2) + "\n")
+        terminal.write_json(json_path, {"model": target.model, "data": data, "split": split, "results": [
+            {**r.to_json(), "retention": retention(r, base)} for r in results]}, console)
     return results
 
 

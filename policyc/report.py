@@ -27,6 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
+from policyc import terminal
 from policyc.models.base import ModelAdapter
 
 NOTE = ("analytic prefill FLOPs (linear layers + attention scores of the vision encoder, projector and LLM "
@@ -156,7 +157,7 @@ class Report:
         }
 
     def render(self, console: Console | None = None) -> None:
-        console = console or Console()
+        console = console or terminal.console()
         kept = Table("stage", "hook", "layer", "image tokens in", "kept", "share",
                      title=f"tokens kept per stage (policy {escape(self.policy)}, {self.calibration})",
                      title_justify="left")

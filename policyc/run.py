@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from policyc import terminal
 from policyc.artifact import Artifact, compile_artifact, is_artifact, read_artifact
 from policyc.errors import PolicyError
 from policyc.lang import ir
@@ -172,16 +173,16 @@ __all__ = ["Session", "Target", "Timings", "decode_text", "generate_timed", "ima
 
 def run_command(model: str | None, policy: str | None, *, image: Path | None, prompt: str | None, max_new_tokens: int,
                 assignments: dict[str, ir.Expr], show_tokens: Path | None, device: str,
-                console: Any = None, backend: str = "eager") -> None:
-    """`policyc run`: everything it prints, in order (text, tokens kept per stage, cost, timings)."""
-    from rich.console import Console
+                console: Any = None, backend: str = "eager", json_path: Path | None = None) -> None:
+    """`policyc run`: everything it prints, in order (text, tokens kept per stage, cost, timings), and with
+    `json_path` the same as JSON (the output, the compile report of this prompt, the timings)."""
     from rich.markup import escape
     from rich.table import Table
 
     from policyc.models.bundled import EXAMPLE_QUESTION, example_image_path
     from policyc.report import report_from_last_prefill
 
-    console = console or Console()
+    console = console or terminal.console(json_path)
     session = open_session(resolve_target(model, policy), assignments, device, backend)
     if show_tokens is not None and session.compiled is not None and not session.compiled.plan.adapter.draws_tokens:
         raise PolicyError.at(f"--show-tokens cannot place this model's image tokens on its images yet "
@@ -215,3 +216,8 @@ def run_command(model: str | None, policy: str | None, *, image: Path | None, pr
         draw_kept_tokens(show_tokens, images, report.kept, f"policy {report.policy}",
                          lambda pixels: image_for_display(session.processor, pixels[None]))
         console.print(f"wrote {show_tokens}", soft_wrap=True)  # a path stays on one line, whatever its length
+    if json_path is not None:
+        terminal.write_json(json_path, {
+            "model": session.reference, "policy": None if report is None else report.policy, "output": text,
+            "new_tokens": timings.new_tokens, "report": None if report is None else report.to_json(),
+            "timings": {"prefill_ms": timings.prefill_s * 1e3, "decode_tokens_per_s": rate}}, console)

@@ -12,12 +12,14 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from policyc import terminal
 from policyc.errors import PolicyError
 from policyc.policy_search import SearchResult, TrialResult
 
@@ -25,13 +27,14 @@ from policyc.policy_search import SearchResult, TrialResult
 def search_command(model: str | None, space: str, *, trials: int, output: Path, storage: str | None,
                    study: str | None, data: str, split: str, limit: int, batch_size: int, objectives: list[str],
                    constraints: dict[str, float], device: str, seed: int, heartbeat: int = 10,
-                   lmms: str | None = None, console: Console | None = None) -> SearchResult:
+                   lmms: str | None = None, json_path: Path | None = None,
+                   console: Console | None = None) -> SearchResult:
     """With `lmms` (TASK[:METRIC]), each trial's accuracy is that lmms-eval task's metric on `limit` documents."""
     from policyc.evaluation import load_items
     from policyc.models.bundled import DEFAULT_NAME, load_reference_model, load_reference_processor, reference_name
     from policyc.policy_search import harness, load_space, search
 
-    console = console or Console()
+    console = console or terminal.console(json_path)
     checked = load_space(space)
     reference = reference_name(model) if model else DEFAULT_NAME
     if lmms and (data != "synthetic" or split != "validation"):
@@ -71,6 +74,8 @@ def search_command(model: str | None, space: str, *, trials: int, output: Path, 
     write_results(result, output)
     console.print(f"wrote {output}/trials.csv, trials.json, pareto.png and {len(result.front)} policies in "
                   f"{output}/pareto/")
+    if json_path is not None:
+        terminal.write_json(json_path, results_json(result), console)
     return result
 
 
@@ -92,6 +97,13 @@ def render(result: SearchResult, console: Console) -> None:
     console.print(table)
 
 
+def results_json(result: SearchResult) -> dict[str, Any]:
+    """What trials.json holds: the study, its objectives and constraints, every trial and the Pareto front."""
+    return {"study": result.study_name, "storage": result.storage, "objectives": result.objectives,
+            "constraints": result.constraints, "baseline": result.baseline, "notes": result.notes,
+            "trials": [t.to_json() for t in result.trials], "pareto": [t.number for t in result.front]}
+
+
 def write_results(result: SearchResult, directory: Path) -> None:
     """trials.csv, trials.json, pareto/*.tokpol and pareto.png in `directory` (created)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -103,11 +115,7 @@ def write_results(result: SearchResult, directory: Path) -> None:
         for t in result.trials:
             writer.writerow([t.number, t.policy, _params(t), *(t.metrics.get(m, "") for m in metrics),
                              t.number in front, "" if t.cached_from is None else t.cached_from, t.key])
-    (directory / "trials.json").write_text(json.dumps({
-        "study": result.study_name, "storage": result.storage, "objectives": result.objectives,
-        "constraints": result.constraints, "baseline": result.baseline, "notes": result.notes,
-        "trials": [t.to_json() for t in result.trials],
-        "pareto": [t.number for t in result.front]}, indent=2) + "\n")
+    (directory / "trials.json").write_text(json.dumps(results_json(result), indent=2) + "\n")
     pareto = directory / "pareto"
     pareto.mkdir(exist_ok=True)
     for stale in pareto.glob("*.tokpol"):

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from policyc import terminal
 from policyc.catalog import REGISTRIES, HookSpec, Registry, Spec
 from policyc.errors import PolicyError, suggestion
 from policyc.lang import CheckedPolicy, Loader, check_path, check_stdlib
@@ -47,7 +48,7 @@ def stage_summary(checked: CheckedPolicy) -> str:
 
 
 def render_policy(checked: CheckedPolicy, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or terminal.console()
     policy = checked.program.policy
     title = policy.meta_value("title")
     console.print(f"[bold]policy {policy.name}[/bold]" + (f": {escape(title)}" if title else ""))
@@ -82,12 +83,28 @@ def render_policy(checked: CheckedPolicy, console: Console | None = None) -> Non
 
 
 def render_catalog(kind: str | None, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or terminal.console()
     if kind in (None, "policies"):
         console.print(_policies_table())
     for name, registry in _KIND_REGISTRY.items():
         if kind in (None, name):
             console.print(_registry_table(name, registry))
+
+
+def catalog_json(kind: str | None) -> dict[str, list[dict[str, str]]]:
+    """What `policyc list [KIND]` prints, as data: per kind, each entry's name, signature, stages, summary, paper."""
+    out: dict[str, list[dict[str, str]]] = {}
+    if kind in (None, "policies"):
+        out["policies"] = [{"name": name, "stages": stage_summary(checked),
+                            "paper": checked.program.policy.meta_value("paper") or "",
+                            "summary": checked.program.policy.meta_value("description")
+                            or checked.program.policy.meta_value("title") or ""}
+                           for name, checked in check_stdlib().items()]
+    for name, registry in _KIND_REGISTRY.items():
+        if kind in (None, name):
+            out[name] = [{"name": spec.name, "signature": spec.signature(), "stages": _where(spec),
+                          "summary": spec.summary, "paper": spec.paper or ""} for spec in registry]
+    return out
 
 
 def catalog_markdown() -> str:

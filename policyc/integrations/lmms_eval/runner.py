@@ -9,7 +9,6 @@ accuracy (plots, retention, the search objective).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,9 +176,11 @@ def eval_tasks(model_ref: str, policy: str | None, tasks: tuple[str, ...], *, li
             draw(rows, f"{task} (lmms-eval)", path, ylabel=rows[0].metric)
             console.print(f"wrote {path}")
     if json_path is not None:
-        json_path.write_text(json.dumps({"model": model_ref, "lmms_tasks": list(by_task), "limit": limit,
-                                         "results": [{**s.to_json(), "retention": _retention(s, by_task[s.task][0])}
-                                                     for s in scores]}, indent=2) + "\n")
+        from policyc.terminal import write_json
+
+        write_json(json_path, {"model": model_ref, "lmms_tasks": list(by_task), "limit": limit,
+                               "results": [{**s.to_json(), "retention": _retention(s, by_task[s.task][0])}
+                                           for s in scores]}, console)
     return scores
 
 
