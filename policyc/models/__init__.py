@@ -11,6 +11,7 @@ from torch import nn
 
 from policyc.errors import PolicyError
 from policyc.models import gemma3 as _gemma3  # noqa: F401  (registers the gemma3 factory)
+from policyc.models import glm4v as _glm4v  # noqa: F401  (registers the glm4v factory)
 from policyc.models import idefics3 as _idefics3  # noqa: F401  (registers the idefics3 factory)
 from policyc.models import internvl as _internvl  # noqa: F401  (registers the internvl factory)
 from policyc.models import llava as _llava  # noqa: F401  (registers the llava factory)

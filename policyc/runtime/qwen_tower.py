@@ -22,6 +22,13 @@ How policyc runs encoder merges there:
 - Sets of equal size run a stage together, as one batch with no padding row, so bipartite's r is each set's own.
 - `ImageStages.merged_into` is [N] long over the rows of `pixel_values` (the processor's order): the row whose token
   holds each patch; `encoder_rows` [images, blocks] the rows each image ran on (the compile report's FLOPs).
+
+Other packed towers (models/glm4v.py, models/llava_onevision1_5.py) set on their adapter:
+- `unmerge_after_blocks`: something other than the merger reads the blocks' output first (GLM's post_layernorm and
+  2x2 downsample conv; OV-1.5's per-frame CLS strip), so the last block returns every row unmerged, and the tower's
+  `last_hidden_state` (computed from those rows) stays the model's.
+- `frame_cls`: each frame's rows start with a CLS token (LLaVA-OneVision-1.5's RICE-ViT; `cu_seqlens` counts it):
+  it is part of its frame's attention span and merge set but never merges (not `vision`; the `cls` set).
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ class PackedRun:
     frames: list[int]  # each set's frame: full-attention blocks attend within it
     images: list[int]  # each set's image (row of grid_thw)
     position: tuple[torch.Tensor, torch.Tensor]  # the tower's rotary (cos, sin) per block-order position [N, d]
-    order: torch.Tensor  # [N] long: the pixel_values row at each block-order position
+    order: torch.Tensor  # [N] long: the pixel_values row at each block-order position (-1: a frame's CLS row)
     image_count: int  # rows of grid_thw
     changed: bool = False  # a stage ran: blocks run on the live rows
     proportional: bool = False  # a merge asked for log(size) attention biases
@@ -147,6 +154,9 @@ class PackedBlock(nn.Module):
         hidden = hidden + block.mlp(block.norm2(hidden))
         if self.after:
             hidden = owner.apply(self.after, hidden, self.index)
+        if owner.after_blocks and self.index == len(owner.adapter.vision_layers) - 1:
+            run.unmerged = owner._unmerge(run, hidden)  # every row, for what reads the blocks' output
+            return run.unmerged
         return hidden
 
 
@@ -162,6 +172,8 @@ class PackedEncoder:
         config = tower.config
         self.merge = int(config.spatial_merge_size)
         self.full_blocks = getattr(config, "fullatt_block_indexes", None)  # None: every block attends to its frame
+        self.after_blocks = bool(getattr(adapter, "unmerge_after_blocks", False))
+        self.frame_cls = int(bool(getattr(adapter, "frame_cls", False)))  # rows before each frame's patches
         self.run: PackedRun | None = None
         self._grid: torch.Tensor | None = None
         self._wrapped: list[tuple[int, nn.Module]] = []
@@ -173,7 +185,8 @@ class PackedEncoder:
             adapter.vision_layers[index] = PackedBlock(inner, index, self)
             self._wrapped.append((index, inner))
         self._handles.append(self.tower.register_forward_pre_hook(self._on_tower_input, with_kwargs=True))
-        self._handles.append(adapter.projector.register_forward_pre_hook(self._on_merger_input))
+        if not self.after_blocks:
+            self._handles.append(adapter.projector.register_forward_pre_hook(self._on_merger_input))
         for merger in adapter.deepstack_mergers:  # Qwen3-VL: they too fold 4 consecutive patches
             self._handles.append(merger.register_forward_pre_hook(self._on_deepstack_input))
         self._handles.append(self.tower.register_forward_hook(self._on_tower_output))
@@ -199,12 +212,18 @@ class PackedEncoder:
         grid, device = self._grid, hidden.device
         if grid is None or position is None:
             raise PolicyError.at("Qwen's vision blocks ran without grid_thw or rotary embeddings", None)
-        frame_sizes = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0]).tolist()
+        patches = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0]).tolist()
+        frame_sizes = [size + self.frame_cls for size in patches]
         frame_image = torch.repeat_interleave(torch.arange(len(grid)), grid[:, 0].cpu()).tolist()
         unit = self.merge**2
         if self.full_blocks is None:
             bounds = torch.tensor([0, *frame_sizes]).cumsum(0).tolist()
             order = torch.arange(hidden.shape[0], device=device)
+            if self.frame_cls:  # each frame's CLS row has no pixel_values row
+                pixel_rows = torch.tensor([0, *patches]).cumsum(0).tolist()
+                order = torch.cat([torch.arange(start - 1, end, device=device)
+                                   for start, end in itertools.pairwise(pixel_rows)])
+                order[torch.tensor(bounds[:-1], device=device)] = -1
         else:
             config = self.tower.config
             window_index, cu_windows = get_vision_window_index(grid, spatial_merge_size=self.merge,
@@ -266,12 +285,15 @@ class PackedEncoder:
                             for name in ("origin", "first", "size", "owner")))
             at = torch.stack([run.starts[s] + t.origin[0] for s, t in zip(members, stacked, strict=True)])
             captured = Captured(run.query[at].transpose(1, 2), run.key[at].transpose(1, 2), run.scaling)
-            image = torch.ones(len(members), width, dtype=torch.bool, device=hidden.device)
+            cls = torch.zeros(len(members), width, dtype=torch.bool, device=hidden.device)
+            cls[:, :self.frame_cls] = True  # OV-1.5: the frame's CLS row, first; never a merge candidate
+            image = ~cls
             state = PrefillState(image, torch.zeros_like(image).scatter(1, tokens.origin, True), tokens.origin,
                                  torch.zeros_like(image))
             evaluator = VisionEvaluator(state, captured, dict(stage.values), seed_offset=layer, causal=False,
-                                        hidden=tokens.hidden, cls=torch.zeros_like(image),
-                                        patches=torch.arange(width, device=hidden.device).expand(len(members), -1),
+                                        hidden=tokens.hidden, cls=cls,
+                                        patches=(torch.arange(width, device=hidden.device) - self.frame_cls).expand(
+                                            len(members), -1),
                                         layer_count=len(self.adapter.vision_layers), layer=layer,
                                         stage_layers=stage.layers or (layer,), label=stage.label)
             tokens, alive, order, proportional = run_statements(stage, evaluator, tokens)
@@ -311,11 +333,12 @@ class PackedEncoder:
         if run is None:
             return output
         self.run = None
-        if run.unmerged is not None:
+        if run.unmerged is not None and not self.after_blocks:
             output["last_hidden_state"] = run.unmerged  # type: ignore[index]
         holder = torch.cat([start + t.owner[0] for start, t in zip(run.starts, run.tokens, strict=True)])
-        merged_into = torch.empty_like(run.order)
-        merged_into[run.order] = run.order[holder]
+        patch = run.order >= 0  # (OV-1.5's CLS rows never merge, and hold no patch)
+        merged_into = torch.empty(int(patch.sum()), dtype=run.order.dtype, device=run.order.device)
+        merged_into[run.order[patch]] = run.order[holder[patch]]
         self.stages.merged_into = merged_into
         self.stages.encoder_rows = torch.stack([run.rows[k] for k in range(len(self.adapter.vision_layers))], 1)
         return output
