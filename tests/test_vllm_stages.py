@@ -133,6 +133,30 @@ def test_refusals(bundled: Any, entry: object, message: str, hint: str) -> None:
     assert hint in str(caught.value)
 
 
+REFUSED = ["fastv", "flowcut", "globalcom2_style", "h2o", "holitom_temporal", "mmtok", "pyramiddrop",
+           "pyramiddrop_snapkv", "snapkv", "streamingllm", "visiondrop", "visiondrop_llm", "zipvl", "zipvl_v1"]
+
+
+def test_every_standard_policy_is_servable_or_refused() -> None:
+    from policyc.resources import stdlib_files
+
+    assert set(stdlib_files()) == set(SERVABLE) | set(REFUSED) | {"mustdrop", "sparsevlm"}  # these two: their LLM
+    # layers (10, 15) are past the bundled model's 8, refused for that first
+
+
+@pytest.mark.parametrize("policy", REFUSED)
+def test_refused_policies_name_the_reason_and_a_servable_policy(bundled: Any, policy: str) -> None:
+    model = bundled[0]
+    served = deployment(_config(model, {"policy": policy}))
+    assert served is not None
+    with pytest.raises(PolicyError) as caught:
+        kept_count(model.config, served)
+    reasons = ("inside the LLM", "reads the prompt", "depends on the image")
+    for diagnostic in caught.value.diagnostics:
+        assert diagnostic.span is not None and any(reason in diagnostic.message for reason in reasons)
+        assert diagnostic.hint is not None and any(name in diagnostic.hint for name in SERVABLE)
+
+
 def test_keeping_no_token_is_refused(tmp_path: Any, bundled: Any) -> None:
     path = tmp_path / "none.tokpol"
     path.write_text("policy none {\n  param share = 0% in [0%, 50%]\n  stage encoder.layer[-2] {\n"
