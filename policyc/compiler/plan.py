@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from policyc.catalog.base import StageKind
-from policyc.errors import PolicyError, Span, suggestion
+from policyc.errors import Diagnostic, PolicyError, Span, suggestion
 from policyc.lang import ir
 from policyc.lang.check import CheckedPolicy, StagePlan, layer_requirements
 from policyc.lang.layers import bound_layers, uses_names
 from policyc.lang.printer import print_expr, print_statement
 from policyc.lang.resolve import Scope
 from policyc.models.base import ModelAdapter
+from policyc.models.structure import linear_layers
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class Plan:
             for name, value in sorted(stage.values.items()):
                 lines.append(f"  param {name} = {print_expr(value)}")
             lines.extend(f"  {print_statement(s)}" for s in stage.statements)
+            linear = linear_layers(self.adapter.layer_types)
+            if stage.kind == "decode" and linear:
+                full = [k for k in range(len(self.adapter.decoder_layers)) if k not in linear]
+                lines.append(f"  (cache policies act on the full-attention layers {', '.join(map(str, full))} only: "
+                             "the linear-attention layers keep a fixed-size state, no KV cache)")
         return "\n".join(lines) + "\n"
 
 
@@ -88,7 +94,53 @@ def lower(checked: CheckedPolicy, adapter: ModelAdapter, assignments: Mapping[st
                                      f"{stage.label}", plan.placed.stage.hook.span,
                                      "negative indices count from the end; pick distinct layers")
             seen[key] = stage.label
+    _check_attention_layers([stage for _, stage in bound], adapter)
     return Plan(checked, adapter, tuple(stage for _, stage in bound))
+
+
+def _check_attention_layers(stages: list[BoundStage], adapter: ModelAdapter) -> None:
+    """On hybrid LLMs (Qwen3.5: Gated DeltaNet layers between full-attention ones) the signals that read a layer's
+    attention, keys or values exist at its attention layers only: each one naming a linear layer is an error at its
+    line, naming the nearest attention layers."""
+    linear = set(linear_layers(adapter.layer_types))
+    if not linear:
+        return
+    count = len(adapter.decoder_layers)
+    full = [k for k in range(count) if k not in linear]
+    problems = []
+    for stage in (s for s in stages if s.kind == "llm"):
+        for node in (n for statement in stage.statements for n in statement.walk()):
+            name = node.fn if isinstance(node, ir.Call) else node.id if isinstance(node, ir.Name) else None
+            if name not in _READS_ATTENTION or (isinstance(node, ir.Name) and name not in _FEATURES):
+                continue
+            option = next((k.value for k in node.kwargs if k.name == "layer"), None) \
+                if isinstance(node, ir.Call) else None
+            for read in _layers_read(option, stage.layers, count):
+                if read in linear:
+                    nearest = sorted(full, key=lambda k, read=read: abs(k - read))
+                    closest = [k for k in nearest if abs(k - read) == abs(nearest[0] - read)]
+                    problems.append(Diagnostic(
+                        f"{name}() at {stage.label} reads LLM layer {read}, a linear-attention (Gated DeltaNet) layer "
+                        f"of {type(adapter.decoder).__name__}: it has no attention weights, keys or values", node.span,
+                        f"the nearest full-attention layer{'s' if len(closest) > 1 else ''}: "
+                        f"{' or '.join(map(str, closest))} (this model attends at layers "
+                        f"{', '.join(map(str, full))}); move the stage there, or read layer=K of one of them"))
+                    break
+    if problems:
+        raise PolicyError(problems)
+
+
+_READS_ATTENTION = frozenset({"attention", "key_norm", "value_norm", "keys", "values"})
+_FEATURES = frozenset({"keys", "values"})  # written bare as a feature: `by keys`
+
+
+def _layers_read(option: ir.Expr | None, layers: tuple[int, ...], count: int) -> list[int]:
+    """The decoder layers a signal reads at a stage running at `layers`: its own, `layer=next`'s, or `layer=K`."""
+    if isinstance(option, ir.Name) and option.id == "next":
+        return [k + 1 for k in layers if k + 1 < count]
+    if isinstance(option, ir.Number) and isinstance(option.value, int):
+        return [option.value % count]
+    return list(layers)
 
 
 def _check_order(checked: CheckedPolicy, bound: list[StagePlan]) -> None:

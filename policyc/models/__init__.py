@@ -19,6 +19,7 @@ from policyc.models import llava_next as _llava_next  # noqa: F401  (registers t
 from policyc.models import llava_onevision as _llava_onevision  # noqa: F401  (registers llava_onevision)
 from policyc.models import mistral3 as _mistral3  # noqa: F401  (registers the mistral3 factory)
 from policyc.models import qwen2_vl as _qwen2_vl  # noqa: F401  (registers the qwen2_vl factory)
+from policyc.models import qwen3_5 as _qwen3_5  # noqa: F401  (registers the qwen3_5 factory)
 from policyc.models import qwen3_vl as _qwen3_vl  # noqa: F401  (registers the qwen3_vl factory)
 from policyc.models.base import (
     AdapterFactory,

@@ -20,6 +20,14 @@ Sources of the numbers:
   merger to 4096, DeepStack mergers after blocks 8, 16, 24; text 36 layers, width 4096, 32 heads of 128, 8
   key/value heads, MLP 12288, vocabulary 151936, untied head, rope theta 5e6, interleaved M-RoPE sections
   [24, 20, 20]. 8.77B parameters (the model card's count).
+- qwen3.5-27b: Qwen/Qwen3.5-27B's config (transformers' Qwen3_5Config docstring names that checkpoint; its defaults
+  do not describe it: the sizes are the released config.json's, as public repositories copy it verbatim, e.g. a
+  Qwen3_5Config(...) of the 27B in an image-benchmark's loader): vision Qwen3-VL's tower without DeepStack (27 blocks,
+  width 1152, MLP 4304, 16 heads, 16 px patches, 48x48 position grid, 2x2 merger to 5120); text 64 layers of width
+  5120, Gated DeltaNet layers with a full-attention layer every 4th (16 of them: 24 heads of 256, 4 key/value heads,
+  output gate), DeltaNet 16 key heads and 48 value heads of 128, conv kernel 4, MLP 17408, vocabulary 248320, untied
+  head, rope theta 1e7 on a quarter of each head, interleaved M-RoPE sections [11, 11, 10]. 27.36B parameters as
+  transformers builds it (the model card's "27B"; its multi-token-prediction layer is not part of the model class).
 """
 
 from __future__ import annotations
@@ -78,8 +86,29 @@ def qwen3_vl_8b() -> Any:
                          vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
 
 
+def qwen35_27b() -> Any:
+    """Qwen3.5-27B: Qwen3-VL's 27-block ViT without DeepStack + a 64-layer hybrid LLM (3 Gated DeltaNet layers per
+    full-attention one; interleaved M-RoPE on a quarter of each head)."""
+    from transformers import Qwen3_5Config
+
+    vision = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+              "hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "num_position_embeddings": 2304, "out_hidden_size": 5120}
+    text = {"hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 64, "num_attention_heads": 24,
+            "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 248320, "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6, "hidden_act": "silu", "eos_token_id": 248044, "tie_word_embeddings": False,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_num_key_heads": 16, "linear_num_value_heads": 48,
+            "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                "mrope_section": [11, 11, 10], "mrope_interleaved": True}}
+    return Qwen3_5Config(vision_config=vision, text_config=text, image_token_id=248056, video_token_id=248057,
+                         vision_start_token_id=248053, vision_end_token_id=248054, tie_word_embeddings=False,
+                         eos_token_id=248046, pad_token_id=248044)
+
+
 SHAPES: dict[str, Callable[[], Any]] = {"llava-1.5-7b": llava_15_7b, "qwen2.5-vl-7b": qwen25_vl_7b,
-                                        "qwen3-vl-8b": qwen3_vl_8b}
+                                        "qwen3-vl-8b": qwen3_vl_8b, "qwen3.5-27b": qwen35_27b}
 
 
 def shape_config(name: str) -> Any:

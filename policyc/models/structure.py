@@ -10,6 +10,8 @@ from torch import nn
 
 from policyc.errors import PolicyError
 
+LINEAR_ATTENTION = "linear_attention"  # a hybrid LLM's layer type without attention (transformers' name)
+
 
 def adapt_error(model: nn.Module, family: str, what: str) -> PolicyError:
     """The error of a model whose structure is not what `family`'s adapter expects."""
@@ -51,6 +53,12 @@ def attention_of(layer: nn.Module) -> nn.Module | None:
     return found[0] if len(found) == 1 else None
 
 
+def linear_layers(layer_types: tuple[str, ...]) -> tuple[int, ...]:
+    """The decoder layers whose token mixer is a linear recurrence (Qwen3.5's Gated DeltaNet, `linear_attention`
+    in `layer_types`): no attention weights, no KV cache, a fixed-size state instead."""
+    return tuple(k for k, kind in enumerate(layer_types) if kind == LINEAR_ATTENTION)
+
+
 def rotary_of(decoder: nn.Module, layers: nn.ModuleList) -> nn.Module | None:
     """The decoder's shared rotary embedding (outside the layers), found by class name or `inv_freq`."""
     inside = {id(m) for m in layers.modules()}
@@ -60,9 +68,10 @@ def rotary_of(decoder: nn.Module, layers: nn.ModuleList) -> nn.Module | None:
     return None
 
 
-def language_model(model: nn.Module, family: str) -> dict[str, Any]:
+def language_model(model: nn.Module, family: str, mixer: str | None = None) -> dict[str, Any]:
     """The `ModelAdapter` fields of the LLM: decoder, its layers and their attention, the rotary embedding
-    and the attention shapes, read from `model.config.text_config`."""
+    and the attention shapes, read from `model.config.text_config`. `mixer`: the attribute of the token mixer that
+    stands in for attention in layers without one (Qwen3.5's Gated DeltaNet layers: "linear_attn")."""
     text_config = model.config.text_config
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if not isinstance(decoder, nn.Module):
@@ -74,8 +83,9 @@ def language_model(model: nn.Module, family: str) -> dict[str, Any]:
     if decoder_layers is None or len(decoder_layers) != text_config.num_hidden_layers:
         raise adapt_error(model, family, f"no list of {text_config.num_hidden_layers} decoder layers in "
                                          f"{type(decoder).__name__}")
-    decoder_attention = tuple(attention_of(layer) for layer in decoder_layers)
-    if any(a is None for a in decoder_attention):
+    decoder_attention = tuple(attention_of(layer) or (getattr(layer, mixer, None) if mixer else None)
+                              for layer in decoder_layers)
+    if any(not isinstance(a, nn.Module) for a in decoder_attention):
         raise adapt_error(model, family, "a decoder layer without a self-attention module")
     num_heads = text_config.num_attention_heads
     return {
@@ -118,5 +128,5 @@ def image_token(model: nn.Module, family: str) -> int:
     return image_token_id
 
 
-__all__ = ["adapt_error", "attention_of", "config_int", "image_token", "language_model", "layer_list", "rotary_of",
-           "sub_model", "vision_encoder"]
+__all__ = ["LINEAR_ATTENTION", "adapt_error", "attention_of", "config_int", "image_token", "language_model",
+           "layer_list", "linear_layers", "rotary_of", "sub_model", "vision_encoder"]

@@ -34,6 +34,7 @@ from policyc.compiler.plan import Plan
 from policyc.errors import PolicyError
 from policyc.kernels import column_sums
 from policyc.lang import ir
+from policyc.models.structure import linear_layers
 from policyc.passes.cache_base import CACHE_OPS, CacheOp, QuantizingCacheOp, Slots
 from policyc.runtime import attention
 from policyc.runtime.cache_quantized import MixedPrecisionLayer
@@ -87,7 +88,8 @@ class CacheRuntime:
         self.plan, self.runtime, self.op, self.sources = plan, runtime, op, span_sources
         count = len(plan.adapter.decoder_layers)
         stage_layers = sorted({k for s in plan.stages if s.kind == "llm" for k in s.layers})
-        self.layers = list(range(count)) if op.all_layers else list(range(stage_layers[0], count))
+        linear = set(linear_layers(plan.adapter.layer_types))  # a hybrid LLM's linear layers keep no KV (Qwen3.5)
+        self.layers = [k for k in (range(count) if op.all_layers else range(stage_layers[0], count)) if k not in linear]
         self.prefill_scores: dict[int, torch.Tensor] = {}
         self._cache: object = None
         self._static_layers: dict[int, StaticSlotLayer] = {}  # reused by the next request: fixed CUDA-graph addresses

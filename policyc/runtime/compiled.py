@@ -27,6 +27,7 @@ from torch import nn
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
+from policyc.models.structure import LINEAR_ATTENTION, linear_layers
 from policyc.runtime.attention import register
 from policyc.runtime.cache import CacheRuntime
 from policyc.runtime.evaluate import Captured
@@ -84,12 +85,14 @@ class PolicyLayer(nn.Module):
         else:
             kept = runtime.kept_at_layer.get(self.index)
             shorter = runtime.shorter(self.index)
-            if shorter and runtime.dropped_before is not None:  # transformers sized the mask by layer 0's cache
+            hybrid = LINEAR_ATTENTION in runtime.plan.adapter.layer_types
+            # transformers sized the mask by the first attention layer's cache (layer 0's; Qwen3.5's first full one)
+            if shorter and (runtime.dropped_before is not None or hybrid):
                 mask = runtime.full_decode_mask(kwargs.get("attention_mask"), is_static(kwargs))  # type: ignore[arg-type]
                 kwargs = {**kwargs, "attention_mask": mask}
             cache = runtime.cache if runtime.cache and runtime.cache.handles(self.index) else None
             window = runtime.window(self.index)
-            if runtime.plan.adapter.layer_types and (cache is not None or shorter):
+            if runtime.plan.adapter.layer_types and not hybrid and (cache is not None or shorter):
                 # transformers sizes one decode mask per layer type by the first cache layer of that type, which may
                 # hold fewer keys (Gemma 3): this layer's mask is rebuilt over every original position
                 mask = runtime.layer_decode_mask(window, kwargs.get("attention_mask"))  # type: ignore[arg-type]
@@ -126,7 +129,8 @@ class PolicyLayer(nn.Module):
         where layer types differ, as Gemma 3's local and global layers do)."""
         position_embeddings = kwargs["position_embeddings"]  # type: ignore[assignment]
         adapter, following = self.runtime.plan.adapter, self.index + 1
-        if following < len(adapter.decoder_layers) and adapter.layer_type(following) != adapter.layer_type(self.index):
+        if following < len(adapter.decoder_layers) and adapter.layer_type(following) != adapter.layer_type(self.index) \
+                and LINEAR_ATTENTION not in adapter.layer_types:  # (a hybrid LLM's layers share one rotary)
             position_embeddings = adapter.position_embeddings(following, hidden, kwargs["position_ids"])  # type: ignore[arg-type]
         hidden = self.runtime.apply_stages(self.index, self.stages, hidden, self.runtime.captured.get(self.index),
                                            position_embeddings)  # type: ignore[arg-type]
@@ -186,10 +190,14 @@ class CompiledModel:
                                                                               with_kwargs=True))
                     self._handles.append(self.model.register_forward_hook(self.runtime.cache.after_forward,
                                                                           with_kwargs=True))
+            from policyc.runtime.hybrid import LinearPolicyLayer  # (it subclasses PolicyLayer)
+
+            linear = set(linear_layers(adapter.layer_types))
             for k in range(wrapped_layers[0], len(adapter.decoder_layers)):
                 stages = [s for s in plan.stages if s.kind == "llm" and k in s.layers]
                 inner = adapter.decoder_layers[k]
-                adapter.decoder_layers[k] = PolicyLayer(inner, k, self.runtime, stages)
+                wrapper = LinearPolicyLayer if k in linear else PolicyLayer
+                adapter.decoder_layers[k] = wrapper(inner, k, self.runtime, stages)
                 self._wrapped.append((k, inner))
                 if stages:
                     adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)

@@ -205,9 +205,9 @@ class Runtime:
         layer = adapter.decoder_layers[index + 1]
         layer = getattr(layer, "inner", layer)  # unwrap a policyc layer wrapper
         attention = adapter.decoder_attention[index + 1]
-        normed = layer.input_layernorm(hidden)
-        shape = (*normed.shape[:2], -1, adapter.head_dim)
-        query = attention.q_proj(normed).view(shape).transpose(1, 2)
+        normed, shape = layer.input_layernorm(hidden), (*hidden.shape[:2], -1, adapter.head_dim)
+        query = attention.q_proj(normed).view(*shape[:2], adapter.num_heads, -1)[..., :adapter.head_dim]  # (Qwen3.5:
+        query = query.transpose(1, 2)  # its query, then its output gate per head)
         key = attention.k_proj(normed).view(shape).transpose(1, 2)
         if isinstance(getattr(attention, "q_norm", None), torch.nn.Module):  # Gemma 3, Qwen 3: per-head norms
             query, key = attention.q_norm(query), attention.k_norm(key)

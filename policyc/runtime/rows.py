@@ -128,10 +128,11 @@ def gather_prefill(kwargs: dict[str, object], state: PrefillState, live: torch.T
 
 
 def _static_slots(kwargs: dict[str, object]) -> int | None:
-    """A static cache's slot count (its keys' length), or None for other caches."""
+    """A static cache's slot count (its keys' length), or None for other caches. Read from its first layer that
+    has slots: a hybrid LLM's linear-attention layers (Qwen3.5) hold a fixed-size state instead."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    layers = getattr(cache, "layers", None)
-    return getattr(layers[0], "max_cache_len", None) if is_static(kwargs) and layers else None
+    layers = getattr(cache, "layers", None) if is_static(kwargs) else None
+    return next((n for layer in layers or () if isinstance(n := getattr(layer, "max_cache_len", None), int)), None)
 
 
 def gather_decode(kwargs: dict[str, object], kept: torch.Tensor, length: int, live: torch.Tensor | None = None,

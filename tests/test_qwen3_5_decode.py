@@ -1,0 +1,128 @@
+"""Qwen3.5 (hybrid Gated DeltaNet / full-attention LLM) beyond prefill drops: decode cache policies acting on the
+full-attention layers only, static caches, the standard library's LLM policies (on a layout whose attention layers
+are the ones they read, and PyramidDrop written for the released layout), ToMe in the tower, kept-token pictures and
+the released 27B shape. Prefill drops against references: tests/test_qwen3_5.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_tome_shrinks_only_the_encoder
+from tiny_models import make_qwen_inputs, qwen_single_row
+from tiny_qwen3_5 import FULL_LAYERS, tiny_qwen3_5
+from transformers.cache_utils import LinearAttentionLayer
+
+import policyc
+from policyc.lang import check_source
+from policyc.models import adapt
+from policyc.runtime.cache_slots import SlotLayer
+
+GRIDS = ((8, 8), (4, 8))
+CACHE_POLICIES = [("h2o", {}), ("snapkv", {"window": 4, "capacity": 24})]
+
+
+@pytest.mark.parametrize(("policy", "params"), CACHE_POLICIES, ids=[p for p, _ in CACHE_POLICIES])
+def test_cache_policies_evict_from_the_full_attention_layers_only(policy: str, params: dict) -> None:
+    """After generate(), each full-attention layer's KV cache is a slot layer holding fewer prompt tokens than the
+    prompt; the DeltaNet layers keep their own fixed-size states; the plan says where the policy acts."""
+    model = tiny_qwen3_5()
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=1)
+    policyc.compile(model, policy, **params)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    layers = out.past_key_values.layers
+    length = inputs["input_ids"].shape[1]
+    for k, layer in enumerate(layers):
+        if k in FULL_LAYERS:
+            assert isinstance(layer, SlotLayer) and layer.positions.shape[-1] < length + 3
+        else:
+            assert isinstance(layer, LinearAttentionLayer)
+    assert "cache policies act on the full-attention layers 3, 7 only" in model.policyc.plan.describe()
+
+
+@pytest.mark.parametrize("policy", ["fastv", "divprune", "h2o"])
+def test_a_static_cache_equals_the_dynamic_one(policy: str) -> None:
+    model = tiny_qwen3_5(seed=1)
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2)
+    policyc.compile(model, policy, **({"layer": FULL_LAYERS[0]} if policy == "fastv" else {}))
+    dynamic = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static"),
+                       dynamic)
+
+
+@pytest.fixture(scope="module")
+def stdlib_layout() -> torch.nn.Module:
+    """8 layers with full attention where the standard library reads attention on 8 layers (FastV's layer 1,
+    PyramidDrop's and VisionDrop's `layer=next` of 1, 3 and 5), DeltaNet layers between."""
+    return tiny_qwen3_5(full_layers=(1, 2, 4, 6))
+
+
+STDLIB = [p for p in LLM_POLICIES if p[0] != "sparsevlm"]  # SparseVLM reads layer 15: tests/test_qwen3_5.py refuses
+
+
+@pytest.mark.parametrize(("policy", "params", "drops"), STDLIB, ids=[p[0] for p in STDLIB])
+def test_stdlib_policies_generate_and_batches_equal_single_runs(stdlib_layout: torch.nn.Module, policy: str,
+                                                                params: dict, drops: bool) -> None:
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=7)
+    assert_batch_equals_single_runs(stdlib_layout, policy, params, inputs, qwen_single_row, steps=4, drops=drops)
+
+
+PYRAMID = """policy pyramiddrop_qwen3_5 {
+  param lam = 0.5
+  stage llm.layer[depth / 4 - 1, depth / 2 - 1, 3 * depth / 4 - 1] {
+    keep top geometric(lam) of vision by attention(last_instruction -> vision)
+    positions compact
+  }
+}"""
+VISIONZIP_STYLE = """policy visiondrop_qwen3_5 {
+  stage llm.layer[depth / 4 - 1, depth / 2 - 1] {
+    let salient = top [12, 8] of vision by attention(vision -> vision)
+    let others = vision - salient
+    let anchors = stride [4, 3] of others
+    merge nearest of others - anchors into anchors by keys
+    keep salient | anchors
+  }
+}"""
+
+
+@pytest.mark.parametrize("text", [PYRAMID, VISIONZIP_STYLE], ids=["pyramiddrop", "visiondrop_llm"])
+def test_llm_stages_written_for_the_released_layout(text: str) -> None:
+    """PyramidDrop and VisionDrop's VisionZip-style stages at layers depth/4 - 1, ... (3 and 7 on 16 layers: full
+    attention, as on the released models) reading that layer's own attention: a padded batch equals single runs."""
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=8)
+    kept = assert_batch_equals_single_runs(tiny_qwen3_5(seed=3, num_llm_layers=16), check_source(text)[0], {},
+                                           inputs, qwen_single_row, steps=4, drops=True)
+    assert kept is not None
+
+
+def test_tome_in_the_tower_shrinks_only_the_encoder() -> None:
+    report = assert_tome_shrinks_only_the_encoder(tiny_qwen3_5(), 3, "tiny-qwen3.5")
+    assert report.image_tokens == 16
+
+
+def test_kept_token_pictures_render(tmp_path: Any) -> None:
+    from policyc.report import measure
+    from policyc.show_tokens import draw_kept_tokens
+
+    model = tiny_qwen3_5()
+    adapter = adapt(model)
+    inputs = adapter.sample_inputs()
+    [image] = adapter.image_layouts(inputs)
+    assert adapter.draws_tokens and image.views[0].grid == (4, 4)
+    policyc.compile(model, "fastv", ratio="25%", layer=FULL_LAYERS[0])
+    report = measure(model.policyc, inputs, "tiny-qwen3.5")
+    assert report.image_tokens == 16 and report.kept[0].after == 4 and len(report.kept[0].kept_patches) == 4
+    assert draw_kept_tokens(tmp_path / "kept.png", [image], report.kept).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_released_27b_shape_on_the_meta_device() -> None:
+    """`--shapes qwen3.5-27b`: Qwen3.5-27B's architecture and the parameter count transformers builds for it."""
+    from policyc.models.shapes import build_shape
+
+    model = build_shape("qwen3.5-27b", "meta", torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 27_356_728_560
+    adapter = adapt(model)
+    assert (len(adapter.decoder_layers), adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (64, 24, 4, 256)
+    assert len(adapter.linear_layers) == 48 and adapter.layer_types[3::4] == ("full_attention",) * 16
+    assert len(adapter.vision_layers) == 27 and adapter.deepstack_layers == 0 and adapter.rope == "mrope"
