@@ -3,6 +3,7 @@ holds the policy's count of image tokens, its kept token indices equal policyc's
 and the greedy answers are equal. A vLLM engine serves one policy (the deployment's, fixed when it starts), so each
 policy gets its own small engine, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: no engine process to spawn).
 VisionZip has the shared engine of test_vllm.py; the same policies' stages without vLLM: tests/test_vllm_stages.py.
+Without a policy, the model is served unmodified.
 Skipped without vLLM, as test_vllm.py."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vllm import LLM, SamplingParams
 
 from policyc.evaluation import answer_batch, prompt_text, synthetic_items
 from policyc.integrations.vllm.llava import kept_slots
-from policyc.integrations.vllm.stages import SERVABLE
+from policyc.integrations.vllm.stages import SERVABLE, RequestError
 from policyc.lang.build import parse_value
 from policyc.models.bundled import DEFAULT_NAME, bundled_model_dir, load_reference_model, load_reference_processor
 from policyc.runtime import compile_model
@@ -90,4 +91,28 @@ def test_policy_through_vllm_equals_transformers(in_process: None, reference: tu
         compiled.remove()
     assert slots == expected_slots
     assert {len(s) for s in slots} == {count}
+    assert served == expected
+
+
+def test_without_a_policy_the_model_is_served_unmodified(in_process: None, reference: tuple[Any, Any]) -> None:
+    """No `policyc` entry: every image token reaches the LLM, the answers are transformers' own, and a request's
+    policyc parameters are refused (there is no policy to narrow)."""
+    model, processor = reference
+    items = synthetic_items("test", ITEMS)
+    prompts = [prompt_text(processor, item.question) for item in items]
+    requests = [{"prompt": p, "multi_modal_data": {"image": i.image}} for p, i in zip(prompts, items, strict=True)]
+    engine = LLM(model=str(bundled_model_dir()), dtype="float32", max_model_len=512, enforce_eager=True,
+                 limit_mm_per_prompt={"image": 1}, seed=0)
+    try:
+        outputs = engine.generate(requests, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+        with pytest.raises(RequestError, match="this deployment serves no policyc policy"):
+            engine.generate([requests[0] | {"mm_processor_kwargs": {"policyc": {"tokens": 20}}}],
+                            SamplingParams(max_tokens=1), use_tqdm=False)
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert [out.prompt_token_ids.count(image_token) for out in outputs] == [144] * ITEMS
+    served = [processor.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True) for out in outputs]
+    expected = [answer.text for answer in answer_batch(model, processor, [[i.image] for i in items], prompts,
+                                                       max_new_tokens=8, do_sample=False)]
     assert served == expected

@@ -1,10 +1,12 @@
 """vLLM's LLaVA (CLIP or SigLIP tower) serving a policyc policy before the LLM.
 
 Registered in place of vLLM's `LlavaForConditionalGeneration` (`register()` in __init__.py); without a `policyc`
-entry in the config it is vLLM's own class, unchanged. With one:
+entry in the config it is vLLM's own model, unchanged (its processor refuses a request's policyc parameters). With
+one:
 
 - the processor gives each image the policy's kept count of placeholders (`kept_count`, stages.py), so prompts,
-  the scheduler and the KV cache hold only the kept tokens;
+  the scheduler and the KV cache hold only the kept tokens; a request may narrow it with its own parameter values
+  (`mm_processor_kwargs={"policyc": {...}}`, `request_count`), which reach the model as a per-image field;
 - the model runs the transformers tower and projector (shell.py) with the policy compiled onto them, and hands
   vLLM each image's kept embeddings in the order the LLM reads them. Positions are plain token indices: the kept
   tokens sit consecutively and the text after them moves up, as policyc's drop before the LLM does on transformers.
