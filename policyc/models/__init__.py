@@ -17,6 +17,7 @@ from policyc.models import internvl as _internvl  # noqa: F401  (registers the i
 from policyc.models import llava as _llava  # noqa: F401  (registers the llava factory)
 from policyc.models import llava_next as _llava_next  # noqa: F401  (registers the llava_next factory)
 from policyc.models import llava_onevision as _llava_onevision  # noqa: F401  (registers llava_onevision)
+from policyc.models import llava_onevision1_5 as _ov15  # noqa: F401  (registers llava_onevision1_5)
 from policyc.models import mistral3 as _mistral3  # noqa: F401  (registers the mistral3 factory)
 from policyc.models import qwen2_vl as _qwen2_vl  # noqa: F401  (registers the qwen2_vl factory)
 from policyc.models import qwen3_5 as _qwen3_5  # noqa: F401  (registers the qwen3_5 factory)

@@ -1,0 +1,69 @@
+"""A tiny random LLaVA-OneVision-1.5 (`llava_onevision1_5`) built from a config (no downloads), and its inputs.
+
+Tower (RICE-ViT): 2 pre-norm blocks of width 32 on 4x4-pixel patches (Conv2d, no temporal patch), 2-D rotary, one
+CLS row prepended to every frame (`cu_seqlens` counts it) and stripped before the 2x2 merger (LayerNorm + MLP).
+LLM: a plain Qwen3 text model of width 64 with GQA (4 query, 2 key/value heads of 16), q/k norms and 1-D RoPE;
+vocab 128, ids Qwen2-VL's tiny ones (tests/tiny_models.py). No `mm_token_type_ids`: positions are 1-D.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tiny_models import (
+    PAD_ID,
+    QWEN_END_ID,
+    QWEN_IMAGE_ID,
+    QWEN_PATCH,
+    QWEN_START_ID,
+    QWEN_VIDEO_ID,
+    VOCAB,
+    make_qwen_inputs,
+)
+
+Inputs = dict[str, torch.Tensor]
+
+
+def tiny_llava_onevision1_5(seed: int = 0, num_llm_layers: int = 4) -> Any:
+    """LlavaOnevision15ForConditionalGeneration, sdpa attention, float32, eval mode, `num_llm_layers` LLM layers."""
+    import transformers
+
+    text = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": num_llm_layers, "vocab_size": VOCAB,
+            "max_position_embeddings": 512, "pad_token_id": PAD_ID}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": QWEN_PATCH,
+              "spatial_merge_size": 2, "out_hidden_size": 64}
+    config = transformers.LlavaOnevision15Config(
+        text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE_ID, video_token_id=QWEN_VIDEO_ID,
+        vision_start_token_id=QWEN_START_ID, vision_end_token_id=QWEN_END_ID, pad_token_id=PAD_ID)
+    torch.manual_seed(seed)
+    model = transformers.LlavaOnevision15ForConditionalGeneration._from_config(config, attn_implementation="sdpa",
+                                                                                dtype=torch.float32)
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    return model.eval()
+
+
+def make_ov15_inputs(batch: int = 1, grids: tuple[tuple[int, int], ...] = ((8, 8),), pad_left: int = 0,
+                     seed: int = 0) -> Inputs:
+    """`make_qwen_inputs`'s prompts (`<vision_start>`, h*w/4 image tokens, `<vision_end>` per image) as the OV-1.5
+    processor gives them: no `mm_token_type_ids`, each patch flattened without a temporal patch [3 * 4 * 4]."""
+    inputs = make_qwen_inputs(batch=batch, grids=grids, pad_left=pad_left, seed=seed)
+    del inputs["mm_token_type_ids"]
+    inputs["pixel_values"] = inputs["pixel_values"][:, :3 * QWEN_PATCH * QWEN_PATCH].contiguous()
+    return inputs
+
+
+def ov15_single_row(inputs: Inputs, row: int) -> Inputs:
+    """Row `row` of a `make_ov15_inputs` batch without its padding, with its own images."""
+    valid = inputs["attention_mask"][row].bool()
+    rows = inputs["input_ids"].shape[0]
+    patches, count = inputs["pixel_values"].shape[0] // rows, inputs["image_grid_thw"].shape[0] // rows
+    return {"input_ids": inputs["input_ids"][row:row + 1, valid],
+            "attention_mask": inputs["attention_mask"][row:row + 1, valid],
+            "pixel_values": inputs["pixel_values"][row * patches:(row + 1) * patches],
+            "image_grid_thw": inputs["image_grid_thw"][row * count:(row + 1) * count]}
+
+
+__all__ = ["make_ov15_inputs", "ov15_single_row", "tiny_llava_onevision1_5"]
