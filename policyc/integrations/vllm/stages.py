@@ -10,8 +10,9 @@ caches encoder outputs by the image's bytes).
 `kept_count` runs the compiled stages on a miniature of the model (shell.py) and three probe images, through
 policyc's own runtime: the count is the runtime's, with no second implementation. Statements whose count reads the
 image (`where`, threshold merges, entropy budgets) are refused where they stand, and counts that differ between the
-probes are refused too. `PreLLM` runs the same compiled stages on the served tower and projector, and fails loudly
-(never a silently different layout) if an image ever keeps another count.
+probes are refused too, as are parameter values outside their declared ranges. `request_count` is a request's count
+under its own parameter values (at most the deployment's). `PreLLM` runs the same compiled stages on the served
+tower and projector, and fails loudly (never a silently different layout) if an image ever keeps another count.
 """
 
 from __future__ import annotations
