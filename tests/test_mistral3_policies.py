@@ -1,6 +1,6 @@
-"""Mistral 3: the standard library's LLM, decode and projector policies generate end to end on a Ministral 3 LLM,
-and a left-padded batch (rows with images of other sizes and counts) equals its rows run alone; `policyc bench` on a
-saved tiny directory."""
+"""Mistral 3: the standard library's LLM, decode and projector policies (per image, and one budget split across a
+prompt's images) generate end to end on a Ministral 3 LLM, and a left-padded batch (rows with images of other sizes
+and counts) equals its rows run alone."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def deep_model() -> torch.nn.Module:
 
 POLICIES = [*LLM_POLICIES, ("streamingllm", {"sinks": 4, "window": 16}, False),  # 1-D RoPE: pos-shift applies
             ("divprune", {"ratio": "30%"}, True), ("todre", {"ratio": "30%"}, True),
-            ("random_drop", {"ratio": "40%"}, True)]
+            ("random_drop", {"ratio": "40%"}, True),
+            ("globalcom2_style", {"ratio": "30%"}, True)]  # one budget split across a prompt's images
 
 
 @pytest.mark.parametrize(("policy", "params", "drops"), POLICIES, ids=[p[0] for p in POLICIES])
