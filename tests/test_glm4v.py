@@ -1,8 +1,9 @@
 """GLM-4.1V and GLM-4.5V (glm4v, glm4v_moe): the adapter, the identity policy bit-exact at every generate() step,
 FastV and DivPrune against the independent M-RoPE reference (tests/reference/fastv_mrope.py: GLM's positions are
 Qwen2-VL's, checked against the model's own below), the standard library's LLM and decode policies end to end with
-padded batches equal to single runs, kept-token pictures, `policyc compile` and `policyc bench` of a saved
-directory. ToMe in the tower: tests/test_glm4v_encoder.py."""
+padded batches equal to single runs, videos (frame groups on the image token, told apart by `mm_token_type_ids`
+only; transformers' GLM itself refuses a prompt holding an image and a video), kept-token pictures, `policyc
+compile` and `policyc bench` of a saved directory. ToMe in the tower: tests/test_glm4v_encoder.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from family_checks import (
 )
 from reference.divprune import divprune_keep
 from reference.fastv_mrope import fastv_mrope_generate, mrope_positions, projector_mrope_generate
-from tiny_glm4v import tiny_glm4v
+from tiny_glm4v import make_glm_video_inputs, tiny_glm4v
 from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, qwen_single_row
 
 import policyc
@@ -191,3 +192,54 @@ def test_bench_of_a_saved_glm4v_directory(tmp_path) -> None:  # type: ignore[no-
     assert rows["ideal"]["tokens_per_layer"] == rows["policy"]["tokens_per_layer"]
     assert rows["policy"]["tokens_per_layer"][1] < rows["policy"]["tokens_per_layer"][0]
     assert rows["ideal"]["ttft_s"] > 0 and rows["unmodified"]["ttft_s"] > 0
+
+
+VIDEOS = ((2, 8, 8), (2, 4, 8))  # two videos per row: 2 frame groups of 16 tokens, 2 of 8, each group its own run
+
+
+def _videos_as_images(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same prompt with every frame group an image of its own (grid [1, h, w], type 1): what GLM's tower and
+    `get_rope_index` make of a video, so the image-only reference applies."""
+    grids = inputs["video_grid_thw"]
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+            "mm_token_type_ids": inputs["mm_token_type_ids"].clamp(max=1),
+            "pixel_values": inputs["pixel_values_videos"],
+            "image_grid_thw": torch.cat([torch.ones_like(grids[:, :1]), grids[:, 1:]], 1).repeat_interleave(
+                grids[:, 0], dim=0)}
+
+
+def test_the_reference_positions_of_videos_match_the_models_own() -> None:
+    """Each frame group of a video (on the image token, type 2) is placed as a one-frame image."""
+    model = tiny_glm4v()
+    inputs = make_glm_video_inputs(videos=VIDEOS)
+    expected, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             video_grid_thw=inputs["video_grid_thw"],
+                                             attention_mask=inputs["attention_mask"])
+    grids = [(8, 8), (8, 8), (4, 8), (4, 8)]
+    assert torch.equal(mrope_positions(inputs["input_ids"][0], QWEN_IMAGE_ID, grids, 2), expected[:, 0])
+
+
+def test_identity_is_bit_exact_with_videos() -> None:
+    assert_identity_is_bit_exact(tiny_glm4v(seed=1), make_glm_video_inputs(batch=2, videos=VIDEOS, pad_left=2))
+
+
+@pytest.mark.parametrize(("seed", "layer", "keep"), [(0, 1, 20), (1, 0, 30)])
+def test_fastv_with_videos_equals_the_reference(seed: int, layer: int, keep: int) -> None:
+    """FastV on a prompt of videos generates what the reference generates on its frame groups as images."""
+    model = tiny_glm4v(seed=seed)
+    inputs = make_glm_video_inputs(batch=2, videos=VIDEOS, pad_left=2, seed=seed)
+    expected_tokens, expected_kept = fastv_mrope_generate(model, _videos_as_images(inputs), layer=layer, keep=keep,
+                                                          max_new_tokens=4)
+    text = f"policy f {{ stage llm.layer[{layer}] {{ keep top {keep} of vision by attention(last -> vision) }} }}"
+    policyc.compile(model, check_source(text)[0])
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    _assert_kept_image_tokens(model, inputs, expected_kept)
+    assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize(("policy", "params"), [("divprune", {"ratio": "50%"}), ("pyramiddrop", {}),
+                                               ("tome", {"r": 3})])
+def test_padded_batches_with_videos_equal_single_runs(policy: str, params: dict) -> None:
+    inputs = make_glm_video_inputs(batch=2, videos=VIDEOS, pad_left=2, seed=6)
+    assert_batch_equals_single_runs(tiny_glm4v(seed=6), policy, params, inputs, qwen_single_row,
+                                    drops=policy != "tome")

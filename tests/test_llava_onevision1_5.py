@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+
+if not hasattr(transformers, "LlavaOnevision15ForConditionalGeneration"):
+    pytest.skip(f"transformers {transformers.__version__} has no LLaVA-OneVision-1.5 (llava_onevision1_5)",
+                allow_module_level=True)
+
 from family_checks import (
     LLM_POLICIES,
     assert_batch_equals_single_runs,

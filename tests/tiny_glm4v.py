@@ -48,4 +48,54 @@ def tiny_glm4v(seed: int = 0, num_llm_layers: int = 4, *, moe: bool = False) -> 
     return model.eval()
 
 
-__all__ = ["tiny_glm4v"]
+def make_glm_video_inputs(batch: int = 1, videos: tuple[tuple[int, int, int], ...] = ((2, 8, 8),),
+                          images: tuple[tuple[int, int], ...] = (), pad_left: int = 0, seed: int = 0,
+                          ) -> dict[str, torch.Tensor]:
+    """GLM inputs with videos as `Glm4vProcessor` gives them: per row, left padding, three text tokens, per image of
+    `images` (h x w patches) `<|begin_of_image|>`, h*w/4 `<|image|>`, `<|end_of_image|>`; per video of (t, h, w) (t
+    frame groups of 2 frames) `<|begin_of_video|>`, then per frame group `<|begin_of_image|>`, h*w/4 `<|image|>` (the
+    image token), `<|end_of_image|>` and its timestamp (a text token), then `<|end_of_video|>`; then four text
+    tokens. `mm_token_type_ids` is 1 on image tokens and 2 on video tokens: only it tells them apart. Every row holds
+    the same images and videos (`qwen_single_row` splits them)."""
+    generator = torch.Generator().manual_seed(seed)
+    pads = [pad_left if b > 0 else 0 for b in range(batch)]
+    specials = {QWEN_START_ID, QWEN_IMAGE_ID, QWEN_VIDEO_ID, QWEN_END_ID, GLM_VIDEO_START_ID, GLM_VIDEO_END_ID}
+    text = torch.tensor([i for i in range(3, VOCAB) if i not in specials and i != PAD_ID])
+    patch = 3 * 2 * QWEN_PATCH * QWEN_PATCH
+    rows, types, masks, video_pixels, image_pixels = [], [], [], [], []
+    for pad in pads:
+        before = 3 + min(pads) - pad
+        words = iter(text[torch.randint(len(text), (before + 4 + sum(t for t, _, _ in videos),),
+                                        generator=generator)].tolist())
+        row = [PAD_ID] * pad + [next(words) for _ in range(before)]
+        kind = [0] * len(row)
+        for h, w in images:
+            n = h * w // QWEN_MERGE**2
+            row += [QWEN_START_ID] + [QWEN_IMAGE_ID] * n + [QWEN_END_ID]
+            kind += [0] + [1] * n + [0]
+            image_pixels.append(torch.randn(h * w, patch, generator=generator))
+        for t, h, w in videos:
+            n = h * w // QWEN_MERGE**2
+            row.append(GLM_VIDEO_START_ID)
+            kind.append(0)
+            for _ in range(t):
+                row += [QWEN_START_ID] + [QWEN_IMAGE_ID] * n + [QWEN_END_ID, next(words)]
+                kind += [0] + [2] * n + [0, 0]
+            row.append(GLM_VIDEO_END_ID)
+            kind.append(0)
+            video_pixels.append(torch.randn(t * h * w, patch, generator=generator))
+        tail = list(words)
+        rows.append(row + tail)
+        types.append(kind + [0] * len(tail))
+        masks.append([0] * pad + [1] * (len(row) + len(tail) - pad))
+    inputs = {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(masks),
+              "mm_token_type_ids": torch.tensor(types),
+              "pixel_values_videos": torch.cat(video_pixels),
+              "video_grid_thw": torch.tensor([[t, h, w] for _ in pads for t, h, w in videos])}
+    if images:
+        inputs.update({"pixel_values": torch.cat(image_pixels),
+                       "image_grid_thw": torch.tensor([[1, h, w] for _ in pads for h, w in images])})
+    return inputs
+
+
+__all__ = ["make_glm_video_inputs", "tiny_glm4v"]
