@@ -15,6 +15,7 @@ from family_checks import (
     assert_identity_is_bit_exact,
     assert_saved_directory_compiles,
 )
+from generation import assert_one_compiled_decode_graph
 from reference.divprune import divprune_keep
 from reference.fastv_mrope import fastv_mrope_generate, mrope_positions, projector_mrope_generate
 from tiny_glm4v import make_glm_video_inputs, tiny_glm4v
@@ -243,3 +244,16 @@ def test_padded_batches_with_videos_equal_single_runs(policy: str, params: dict)
     inputs = make_glm_video_inputs(batch=2, videos=VIDEOS, pad_left=2, seed=6)
     assert_batch_equals_single_runs(tiny_glm4v(seed=6), policy, params, inputs, qwen_single_row,
                                     drops=policy != "tome")
+
+
+@pytest.mark.parametrize(("moe", "policy"), [(False, "fastv"), (False, "divprune"), (True, "h2o")])
+def test_a_static_cache_equals_the_dynamic_one_and_decodes_in_one_compiled_graph(moe: bool, policy: str) -> None:
+    """A padded batch decodes with a static cache as with a dynamic one, and transformers' compiled decode step is
+    one graph that no step recompiles (as on Qwen2-VL: tests/test_qwen2_vl.py)."""
+    model = tiny_glm4v(seed=1, moe=moe)
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2)
+    policyc.compile(model, policy)
+    dynamic = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static"),
+                       dynamic)
+    assert_one_compiled_decode_graph(model, inputs, dynamic, max_new_tokens=5)

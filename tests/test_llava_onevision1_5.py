@@ -22,6 +22,7 @@ from family_checks import (
     assert_tome_shrinks_only_the_encoder,
     tome_forward,
 )
+from generation import assert_one_compiled_decode_graph
 from reference.before_llm import before_llm_generate
 from reference.divprune import divprune_keep
 from reference.fastv_embeds import fastv_generate_from_inputs
@@ -214,3 +215,14 @@ def test_bench_of_a_saved_directory(tmp_path) -> None:  # type: ignore[no-untype
     assert rows["ideal"]["tokens_per_layer"] == rows["policy"]["tokens_per_layer"]
     assert rows["policy"]["tokens_per_layer"][1] < rows["policy"]["tokens_per_layer"][0]
     assert rows["ideal"]["ttft_s"] > 0 and rows["unmodified"]["ttft_s"] > 0
+
+
+@pytest.mark.parametrize("policy", ["fastv", "divprune", "h2o"])
+def test_a_static_cache_equals_the_dynamic_one_and_decodes_in_one_compiled_graph(policy: str) -> None:
+    model = tiny_llava_onevision1_5(seed=1)
+    inputs = make_ov15_inputs(batch=2, grids=GRIDS, pad_left=2)
+    policyc.compile(model, policy)
+    dynamic = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static"),
+                       dynamic)
+    assert_one_compiled_decode_graph(model, inputs, dynamic, max_new_tokens=5)
