@@ -144,7 +144,6 @@ def test_divprune_per_image_equals_the_reference(text: str, seed: int, ratio: in
 
 @pytest.mark.parametrize(("policy", "reason"), [
     ("visionzip", "has no CLS token"), ("fastervlm", "has no CLS token"),
-    ("tome", "is an encoder stage: the Pixtral tower packs every image into one sequence"),
     ("pool", "pool needs the image patch grid, which mistral3's projector stages do not have yet"),
     ("mmtok", "needs the question, which mistral3's projector stages do not have yet")])
 def test_what_does_not_bind_fails_at_compile_time(policy: str, reason: str) -> None:

@@ -2,14 +2,11 @@
 sequence, unmerged before the projector's 2x2 patch merger, against the plain reference (tests/reference/
 tome_pixtral.py): the same merged groups, rows per layer and logits; padded batches equal single runs.
 
-`policyc.compile` does not reach this encoder yet: ImageStages (policyc/runtime/vision.py) builds Qwen's packed
-encoder for packed towers, so the adapter refuses encoder stages at compile time (tested in tests/test_mistral3.py).
-These tests bind the standard library's ToMe to the model (`lower`, the encoder stages allowed) and install the
-Pixtral encoder on that plan's ImageStages, as ImageStages would."""
+`policyc.compile(model, "tome", r=r)` installs it: ImageStages (policyc/runtime/vision.py) takes the adapter's
+`packed_encoder`."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,10 +15,7 @@ import torch
 from reference.tome_pixtral import tome_pixtral_features, with_projector_input
 from tiny_mistral3 import make_mistral3_inputs, single_mistral3, tiny_mistral3
 
-from policyc import _expr
-from policyc.compiler.plan import lower
-from policyc.lang import Loader, check_stdlib
-from policyc.models import adapt
+import policyc
 from policyc.runtime.pixtral_tower import PixtralEncoder
 from policyc.runtime.vision import ImageStages
 
@@ -30,17 +24,16 @@ IMAGES = [[(48, 64)], [(32, 48), (64, 32)]]
 
 @contextmanager
 def tome_installed(model: torch.nn.Module, r: int) -> Iterator[ImageStages]:
-    """The standard library's ToMe (`r` merges per image and layer) bound to `model` and run by the Pixtral encoder;
-    yields the plan's ImageStages (`merged_into`, `encoder_rows` after each forward)."""
-    adapter = dataclasses.replace(adapt(model), encoder_unsupported=None, encoder_unmerges=True)
-    plan = lower(check_stdlib(Loader())["tome"], adapter, {"r": _expr("r", r)})
-    stages = ImageStages(plan)
-    encoder = PixtralEncoder(stages)
-    encoder.install()
+    """The standard library's ToMe (`r` merges per image and layer) compiled onto `model`; yields the compiled
+    model's ImageStages (`merged_into`, `encoder_rows` after each forward)."""
+    policyc.compile(model, "tome", r=r)
     try:
+        stages = model.policyc.images
+        assert isinstance(stages._packed, PixtralEncoder)
         yield stages
     finally:
-        encoder.remove()
+        model.policyc.remove()
+        del model.policyc
 
 
 def _groups(merged_into: torch.Tensor) -> list[list[int]]:

@@ -49,9 +49,6 @@ from policyc.models.structure import adapt_error, config_int, image_token, langu
 
 SAMPLE_TOKENS = (4, 6)  # LLM tokens (rows, columns) of the calibration image
 
-PACKED_TOWER = ("the Pixtral tower packs every image into one sequence, and policyc's runtime for that tower "
-                "(ToMe per image, unmerged before the patch merger) is not wired into compile yet")
-
 
 @dataclass(frozen=True, eq=False)
 class Mistral3Adapter(ModelAdapter):
@@ -63,6 +60,14 @@ class Mistral3Adapter(ModelAdapter):
     @property
     def pixels_per_token(self) -> int:
         return self.patch_size * self.merge_size
+
+    @property
+    def packed_encoder(self) -> type:
+        """The runtime of encoder stages in the packed Pixtral tower (ToMe per image, unmerged before the patch
+        merger): policyc/runtime/pixtral_tower.py."""
+        from policyc.runtime.pixtral_tower import PixtralEncoder  # (the runtime package imports the adapters)
+
+        return PixtralEncoder
 
     def token_grids(self, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
         """Each image's LLM token grid (rows, columns) from `image_sizes` [I, 2] (pixels)."""
@@ -172,7 +177,7 @@ class Mistral3Factory(AdapterFactory):
             image_token_id=image_token(model, self.family),
             tokens_per_image=None,
             encoder_patches_per_token=merge * merge,
-            encoder_unsupported=PACKED_TOWER,
+            encoder_unmerges=True,  # the patch merger reads every patch: encoder merges are undone before it
             patch_size=patch,
             merge_size=merge,
             **encoder,

@@ -89,8 +89,10 @@ class ImageStages:
             refuse_unmergeable(plan)
         self.code_order = code_order(plan)  # the LLM gets the encoder's rows in their order (ToMe's code order)
         self._ranks: torch.Tensor | None = None  # then: [I, slots] each slot's row in that order
-        # Qwen2-VL's packed tower (every image in one sequence): its own block wrappers (qwen_tower.py)
-        self._packed = PackedEncoder(self) if encoder and adapter.encoder_packed else None
+        # a packed tower (every image in one sequence): its own block wrappers, Qwen2-VL's (qwen_tower.py) unless the
+        # family names its own (Mistral 3's Pixtral: pixtral_tower.py)
+        packed = getattr(adapter, "packed_encoder", None)
+        self._packed = (packed or PackedEncoder)(self) if encoder and (adapter.encoder_packed or packed) else None
         stage_layers = {k for s in encoder for k in s.layers}
         feature_layer = adapter.feature_encoder_layer
         needed = {k for s in encoder for k in s.layers if any(not isinstance(st, ir.Merge) for st in s.statements)}
