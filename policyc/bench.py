@@ -78,18 +78,31 @@ def torch_dtype(name: str) -> torch.dtype:
 QWEN_IMAGE_TOKENS = 576  # per synthetic Qwen-VL image: 48 x 48 patches merged 2 x 2 (672 px at 14 px), LLaVA-1.5's
 
 
+def _repeated_sample(adapter: ModelAdapter, settings: Settings) -> dict[str, torch.Tensor]:
+    """The adapter's calibration prompt (one image) with `prompt_len` text tokens, `batch` times: every input's
+    first dimension (prompts, or images and their patches) repeated."""
+    if settings.images != 1:
+        raise PolicyError.at(f"--images {settings.images}: policyc bench builds {adapter.family} prompts from its "
+                             "calibration prompt, which holds one image", None, "bench with --images 1")
+    sample = adapter.sample_inputs(settings.prompt_len)
+    return {name: torch.cat([value] * settings.batch) for name, value in sample.items()}
+
+
 def synthetic_inputs(adapter: ModelAdapter, settings: Settings) -> dict[str, torch.Tensor]:
     """`batch` identical prompts of `prompt_len` text tokens (ordinary ids, repeated where the vocabulary is small)
     around `images` images' tokens (adjacent, in the middle), and random pixel values: [batch * images, 3, H, W] at
-    the encoder's size for LLaVA-style models; Qwen2-VL / Qwen2.5-VL as their processor gives them, each image
-    `<vision_start>`, `QWEN_IMAGE_TOKENS` image tokens and `<vision_end>`, its flattened patches in `pixel_values`,
-    its grid in `image_grid_thw` and `mm_token_type_ids` marking image tokens."""
-    qwen = adapter.family in ("qwen2_vl", "qwen3_vl")
-    if not (qwen or adapter.family == "llava") or (adapter.family == "llava" and adapter.tokens_per_image is None):
-        raise PolicyError.at(f"policyc bench does not support the {adapter.family} family yet: it builds "
-                             "LLaVA-style inputs (a fixed number of tokens per image) and Qwen-VL ones", None,
-                             "bench a LLaVA or Qwen-VL model (e.g. `default`, `random`, --shapes llava-1.5-7b, "
-                             "qwen2.5-vl-7b or qwen3-vl-8b)")
+    the encoder's size for LLaVA-style models; Qwen-VL-style ones (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) as their
+    processor gives them, each image `<vision_start>`, `QWEN_IMAGE_TOKENS` image tokens and `<vision_end>`, its
+    flattened patches in `pixel_values`, its grid in `image_grid_thw` and `mm_token_type_ids` marking image tokens.
+    Other families: their adapter's calibration prompt (one image: the example scene) with `prompt_len` text
+    tokens, repeated `batch` times."""
+    config = adapter.model.config
+    qwen = adapter.family != "llava" and hasattr(config, "vision_start_token_id") and \
+        hasattr(config.vision_config, "temporal_patch_size")
+    if adapter.family != "llava" and not qwen:
+        return _repeated_sample(adapter, settings)
+    if adapter.tokens_per_image is None and not qwen:
+        raise PolicyError.at("policyc bench needs a fixed number of tokens per image on this LLaVA model", None)
     ordinary = text_around(adapter, settings.prompt_len, [])  # distinct ordinary ids, as many as there are
     if not ordinary:
         raise PolicyError.at("this model's vocabulary has no ordinary text ids to build a prompt from", None)
@@ -97,7 +110,6 @@ def synthetic_inputs(adapter: ModelAdapter, settings: Settings) -> dict[str, tor
     half = len(text) // 2
     device, dtype = placement(adapter.model)
     generator = torch.Generator().manual_seed(settings.seed)
-    config = adapter.model.config
     if qwen:
         vision = config.vision_config
         side = vision.spatial_merge_size * round(QWEN_IMAGE_TOKENS ** 0.5)  # patches per side

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from tiny_idefics3 import tiny_idefics3
+from tiny_mistral3 import tiny_mistral3
 from tiny_models import tiny_llava_clip, tiny_qwen2_vl
 
 from policyc.bench import Settings, synthetic_inputs
@@ -134,9 +135,23 @@ def test_errors_are_policy_errors(args: tuple[str, ...], message: str) -> None:
     assert result.exit_code == 1 and message in result.stderr, result.stderr
 
 
-def test_other_families_fail_clearly() -> None:
-    with pytest.raises(PolicyError, match="does not support the idefics3 family yet"):
-        synthetic_inputs(adapt(tiny_idefics3()), Settings(batch=1))
+@pytest.mark.parametrize("family", ["idefics3", "mistral3"])
+def test_other_families_bench_their_calibration_prompt(family: str, tmp_path: Path) -> None:
+    """`policyc bench DIR fastv` on a saved Idefics3 (tiles) or Mistral 3 (Pixtral, [IMG_BREAK] rows): the family's
+    calibration prompt `--batch` times; the ideal row is fed the policy's counts; no reference row (said why)."""
+    model = tiny_idefics3() if family == "idefics3" else tiny_mistral3()
+    model.save_pretrained(tmp_path / family)
+    path = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / family), "fastv", *TINY, "--json", str(path)])
+    assert result.exit_code == 0, result.stderr + result.stdout
+    rows = {row["name"]: row for row in json.loads(path.read_text())["rows"]}
+    tokens = int((adapt(model).sample_inputs(8)["input_ids"] == model.config.image_token_id).sum())
+    assert rows["unmodified"]["image_tokens"] == tokens and rows["policy"]["image_tokens"] == tokens // 2
+    assert rows["ideal"]["tokens_per_layer"] == rows["policy"]["tokens_per_layer"]
+    assert rows["policy"]["tokens_per_layer"][-1] < rows["unmodified"]["tokens_per_layer"][-1]
+    assert "no reference implementation" in rows["reference"]["note"]
+    with pytest.raises(PolicyError, match="holds one image"):
+        synthetic_inputs(adapt(model), Settings(batch=1, images=2))
 
 
 def test_qwen_inputs_are_what_its_processor_gives() -> None:
