@@ -96,9 +96,14 @@ def test_llm_stages_written_for_the_released_layout(text: str) -> None:
     assert kept is not None
 
 
-def test_tome_in_the_tower_shrinks_only_the_encoder() -> None:
-    report = assert_tome_shrinks_only_the_encoder(tiny_qwen3_5(), 3, "tiny-qwen3.5")
+def test_tome_in_the_tower_shrinks_only_the_encoder_and_generates() -> None:
+    """ToMe in the packed tower (Qwen3-VL's, unmerged before the 2x2 merger): fewer encoder FLOPs, the LLM's unchanged;
+    a padded batch generates what its rows generate alone."""
+    model = tiny_qwen3_5()
+    report = assert_tome_shrinks_only_the_encoder(model, 3, "tiny-qwen3.5")
     assert report.image_tokens == 16
+    inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=2)
+    assert_batch_equals_single_runs(model, "tome", {"r": 3}, inputs, qwen_single_row, steps=4)
 
 
 def test_kept_token_pictures_render(tmp_path: Any) -> None:
