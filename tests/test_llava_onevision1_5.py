@@ -59,7 +59,7 @@ def test_the_adapter_finds_the_parts() -> None:
     assert (adapter.rope, adapter.has_cls, adapter.tokens_per_image, adapter.patch_grid) == ("1d", False, None, None)
     assert adapter.visual_ids == (QWEN_IMAGE_ID, QWEN_VIDEO_ID) and adapter.encoder_patches_per_token == 4
     assert adapter.image_sizes(make_ov15_inputs(grids=GRIDS)["input_ids"][0]) == [16, 8]
-    assert "family llava_onevision1_5" in adapter.describe() and "one CLS row per frame" in adapter.describe()
+    assert "family llava_onevision1_5" in adapter.describe() and "+ one CLS row per frame" in adapter.describe()
 
 
 def test_sample_inputs_are_what_the_model_takes() -> None:
@@ -105,7 +105,7 @@ def test_divprune_equals_the_shorter_prompt_reference(seed: int, ratio: int, bat
 
 
 STDLIB = [*LLM_POLICIES, ("divprune", {"ratio": "50%"}, True), ("random_drop", {"ratio": "50%"}, True),
-          ("tome", {"r": 4}, False)]
+          ("tome", {"r": 4}, False), ("streamingllm", {"sinks": 4, "window": 16}, False)]  # 1-D RoPE: pos-shift
 DEPTH = {"sparsevlm": 16, "pyramiddrop": 8, "pyramiddrop_snapkv": 8}  # their fixed or depth / 4 - 1 layers exist
 
 

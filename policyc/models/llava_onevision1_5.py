@@ -47,7 +47,7 @@ class OneVision15Adapter(QwenVLAdapter):
         return inputs
 
     def describe(self) -> str:
-        return f"{super().describe()}\nencoder: one CLS row per frame, stripped before the merger"
+        return super().describe().replace(" (no CLS)", " + one CLS row per frame (stripped before the merger)")
 
     def check(self, requirements: Iterable[Requirement],
               stages: Iterable[tuple[str, str, Span | None]] = ()) -> None:
