@@ -206,9 +206,6 @@ def test_bench_of_a_saved_directory(tmp_path) -> None:  # type: ignore[no-untype
     result = CliRunner().invoke(main, ["bench", str(tmp_path / "ov15"), "pyramiddrop", "--batch", "2", "--gen-len",
                                        "3", "--repeats", "1", "--warmup", "0", "--prompt-len", "8", "--dtype",
                                        "float32", "--json", str(path)])
-    if "policyc bench does not support the llava_onevision1_5 family yet" in result.stderr:
-        pytest.skip("policyc/bench.py's synthetic_inputs builds Qwen-VL inputs for the qwen2_vl and qwen3_vl families "
-                    "only (OV-1.5's patches have no temporal patch)")
     assert result.exit_code == 0, result.stderr + result.stdout
     rows = {row["name"]: row for row in json.loads(path.read_text())["rows"]}
     assert rows["policy"]["image_tokens"] < rows["unmodified"]["image_tokens"]
