@@ -82,7 +82,7 @@ def _assert_kept_image_tokens(model: torch.nn.Module, inputs: dict[str, torch.Te
 
 
 @pytest.mark.parametrize(("moe", "seed", "layer", "keep", "batch"), [
-    (False, 0, 3, 5, 1), (False, 1, 3, 14, 2), (False, 2, 7, 6, 2), (True, 0, 3, 10, 1), (True, 3, 3, 8, 2)])
+    (False, 0, 3, 5, 1), (False, 2, 7, 6, 2), (True, 0, 3, 10, 1), (True, 3, 3, 8, 2)])
 def test_fastv_equals_the_hybrid_reference(moe: bool, seed: int, layer: int, keep: int, batch: int) -> None:
     """FastV at a full-attention layer: the reference runs the later DeltaNet and attention layers on the kept rows."""
     model = tiny_qwen3_5(seed=seed, moe=moe)
@@ -123,7 +123,6 @@ RAGGED = [make_qwen_inputs(grids=GRIDS, seed=4), make_qwen_inputs(grids=((4, 8),
     ("divprune", {"ratio": "50%"}, False),  # fillers from layer 0, a DeltaNet layer
     ("divprune", {"ratio": "50%"}, True),
     ("fastv", {"layer": 3, "ratio": "30%"}, False),  # fillers in DeltaNet layers 4..6
-    ("random_drop", {"ratio": "25%"}, True),
 ])
 def test_ragged_batches_equal_single_runs(policy: str, params: dict, moe: bool) -> None:
     """Rows keeping different counts (24 and 8 image tokens): the shorter row's fillers run before its real rows in
