@@ -59,6 +59,7 @@ def test_the_adapter_finds_the_parts() -> None:
     assert (adapter.rope, adapter.has_cls, adapter.tokens_per_image, adapter.patch_grid) == ("1d", False, None, None)
     assert adapter.visual_ids == (QWEN_IMAGE_ID, QWEN_VIDEO_ID) and adapter.encoder_patches_per_token == 4
     assert adapter.image_sizes(make_ov15_inputs(grids=GRIDS)["input_ids"][0]) == [16, 8]
+    assert adapter.encoder_tokens(16) == 65  # 64 patches and the frame's CLS row
     assert "family llava_onevision1_5" in adapter.describe() and "+ one CLS row per frame" in adapter.describe()
 
 

@@ -46,6 +46,11 @@ class OneVision15Adapter(QwenVLAdapter):
         del inputs["mm_token_type_ids"]
         return inputs
 
+    def encoder_tokens(self, llm_tokens: int) -> int:
+        """Encoder rows behind an image of `llm_tokens` LLM tokens: its patches and its frame's CLS row (the compile
+        report's encoder FLOPs; ToMe's rows per block count the CLS row too)."""
+        return llm_tokens * self.encoder_patches_per_token + 1
+
     def describe(self) -> str:
         return super().describe().replace(" (no CLS)", " + one CLS row per frame (stripped before the merger)")
 
