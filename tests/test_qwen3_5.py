@@ -6,9 +6,12 @@ policies, static caches, the standard library and the released shape: tests/test
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from family_checks import assert_batch_equals_single_runs, greedy
+from golden import check_golden
 from reference.divprune import divprune_keep
 from reference.fastv_hybrid import fastv_hybrid_generate, projector_hybrid_generate
 from reference.fastv_mrope import mrope_positions
@@ -189,3 +192,16 @@ def test_layer_next_reads_the_next_full_layers_attention() -> None:
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
         kept.append(model.policyc.kept_positions)
     assert torch.equal(kept[0], kept[1])
+
+
+GOLDEN = Path(__file__).parent / "golden" / "errors" / "hybrid"
+
+
+@pytest.mark.parametrize("source", sorted(GOLDEN.glob("qwen3_5_*.tokpol")), ids=lambda p: p.stem)
+def test_compile_errors_match_their_goldens(source: Path, update_goldens: bool) -> None:
+    """Every signal reading a DeltaNet layer is one diagnostic at its own line (tests/golden/errors/hybrid/)."""
+    checked = check_source(source.read_text(encoding="utf-8"), source.name)[0]
+    with pytest.raises(PolicyError) as caught:
+        policyc.compile(tiny_qwen3_5(), checked)
+    assert all(d.span is not None and d.span.file == source.name for d in caught.value.diagnostics)
+    check_golden(source.with_suffix(".err"), str(caught.value) + "\n", update_goldens)
