@@ -205,3 +205,15 @@ def test_compile_errors_match_their_goldens(source: Path, update_goldens: bool) 
         policyc.compile(tiny_qwen3_5(), checked)
     assert all(d.span is not None and d.span.file == source.name for d in caught.value.diagnostics)
     check_golden(source.with_suffix(".err"), str(caught.value) + "\n", update_goldens)
+
+
+@pytest.mark.parametrize(("policy", "layers", "expected"), [
+    ("streamingllm", 8, "this model's LLM uses M-RoPE"),  # 1-D pos-shift
+    ("pool", 8, "qwen3_5's projector stages do not have yet"),
+    ("fastervlm", 8, "has no CLS token"),
+    ("sparsevlm", 16, "attention() at llm.layer[2, 6, 15] reads LLM layer 2"),  # DeltaNet layers 2 and 6
+])
+def test_what_does_not_bind_fails_at_compile_time(policy: str, layers: int, expected: str) -> None:
+    with pytest.raises(PolicyError) as error:
+        policyc.compile(tiny_qwen3_5(num_llm_layers=layers), policy)
+    assert expected in str(error.value) and f"{policy}.tokpol:" in str(error.value)
