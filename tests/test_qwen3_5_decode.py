@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_tome_shrinks_only_the_encoder
+from generation import assert_one_compiled_decode_graph
 from tiny_models import make_qwen_inputs, qwen_single_row
 from tiny_qwen3_5 import FULL_LAYERS, tiny_qwen3_5
 from transformers.cache_utils import LinearAttentionLayer
@@ -42,13 +43,16 @@ def test_cache_policies_evict_from_the_full_attention_layers_only(policy: str, p
 
 
 @pytest.mark.parametrize("policy", ["fastv", "divprune", "h2o"])
-def test_a_static_cache_equals_the_dynamic_one(policy: str) -> None:
+def test_a_static_cache_equals_the_dynamic_one_and_decodes_in_one_compiled_graph(policy: str) -> None:
+    """The static cache's DeltaNet layers keep their states, its attention layers their slots (the slot count read
+    from the first attention layer); transformers' compiled decode step runs in one graph, never recompiled."""
     model = tiny_qwen3_5(seed=1)
     inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2)
     policyc.compile(model, policy, **({"layer": FULL_LAYERS[0]} if policy == "fastv" else {}))
     dynamic = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static"),
                        dynamic)
+    assert_one_compiled_decode_graph(model, inputs, dynamic, max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
