@@ -12,7 +12,7 @@ import torch
 from family_checks import LLM_POLICIES, assert_batch_equals_single_runs, assert_tome_shrinks_only_the_encoder
 from generation import assert_one_compiled_decode_graph
 from tiny_models import make_qwen_inputs, qwen_single_row
-from tiny_qwen3_5 import FULL_LAYERS, tiny_qwen3_5
+from tiny_qwen3_5 import FULL_LAYERS, pad_batch, tiny_qwen3_5
 from transformers.cache_utils import LinearAttentionLayer
 
 import policyc
@@ -70,6 +70,17 @@ def test_stdlib_policies_generate_and_batches_equal_single_runs(stdlib_layout: t
                                                                 params: dict, drops: bool) -> None:
     inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=7)
     assert_batch_equals_single_runs(stdlib_layout, policy, params, inputs, qwen_single_row, steps=4, drops=drops)
+
+
+@pytest.mark.parametrize(("policy", "params"), [("pyramiddrop_snapkv", {}),
+                                               ("visiondrop_llm", {"early": 12, "middle": 8, "late": 4})])
+def test_ragged_batches_with_stages_at_deltanet_layers_equal_single_runs(stdlib_layout: torch.nn.Module, policy: str,
+                                                                        params: dict) -> None:
+    """Rows keeping different counts (24 and 8 image tokens) through stages after DeltaNet layers 3 and 5 (drops and
+    VisionDrop's merges there), a cache policy on the attention layers: each row generates what it generates alone."""
+    rows = [make_qwen_inputs(grids=GRIDS, seed=4), make_qwen_inputs(grids=((4, 8),), text_before=5, seed=5)]
+    assert_batch_equals_single_runs(stdlib_layout, policy, params, pad_batch(rows), lambda _inputs, row: rows[row],
+                                    steps=4, drops=True)
 
 
 PYRAMID = """policy pyramiddrop_qwen3_5 {
