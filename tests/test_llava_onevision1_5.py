@@ -2,7 +2,8 @@
 FastV (tests/reference/fastv_embeds.py) and DivPrune before the LLM (tests/reference/before_llm.py: a shorter prompt
 at 1-D positions 0..L'-1) against plain references, the standard library's LLM and decode policies with padded
 batches equal to single runs, ToMe in the tower with a CLS row per frame against tests/reference/tome_packed.py,
-kept-token pictures, and `policyc compile` / `policyc bench` of a saved directory."""
+prompts holding an image and videos, kept-token pictures, and `policyc compile` / `policyc bench` of a saved
+directory."""
 
 from __future__ import annotations
 
@@ -224,3 +225,36 @@ def test_a_static_cache_equals_the_dynamic_one_and_decodes_in_one_compiled_graph
     assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static"),
                        dynamic)
     assert_one_compiled_decode_graph(model, inputs, dynamic, max_new_tokens=5)
+
+
+VIDEOS = ((2, 8, 8), (2, 4, 8))  # two videos per row after an image: 2 frames of 16 tokens, 2 of 8 (one run each)
+
+
+def test_identity_is_bit_exact_with_an_image_and_videos() -> None:
+    """Each video frame gets its own CLS row in the tower; images and videos come in two tower forwards."""
+    inputs = make_ov15_inputs(batch=2, grids=((4, 8),), pad_left=2, seed=1, videos=VIDEOS)
+    assert_identity_is_bit_exact(tiny_llava_onevision1_5(seed=1), inputs)
+
+
+def test_divprune_with_an_image_and_videos_equals_the_shorter_prompt_reference() -> None:
+    """DivPrune keeps its share of the image and of each video (all its frames together)."""
+    model = tiny_llava_onevision1_5(seed=2)
+    inputs = make_ov15_inputs(batch=2, grids=((4, 8),), pad_left=2, seed=2, videos=VIDEOS)
+    expected_tokens, expected_kept = before_llm_generate(
+        model, inputs, (QWEN_IMAGE_ID, QWEN_VIDEO_ID), [[8, 32, 16]] * 2,
+        lambda f: divprune_keep(f[None], int(f.shape[0] * 0.5))[0], max_new_tokens=4)
+    policyc.compile(model, "divprune", ratio="50%")
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    visual = (inputs["input_ids"] == QWEN_IMAGE_ID) | (inputs["input_ids"] == QWEN_VIDEO_ID)
+    for row, expected_row in enumerate(expected_kept):
+        kept = model.policyc.kept_positions[row]
+        assert torch.equal(kept[visual[row, kept]], expected_row)
+    assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize(("policy", "params"), [("fastv", {"layer": 1, "ratio": "30%"}), ("tome", {"r": 3}),
+                                                ("holitom_temporal", {})])
+def test_padded_batches_with_an_image_and_videos_equal_single_runs(policy: str, params: dict) -> None:
+    inputs = make_ov15_inputs(batch=2, grids=((4, 8),), pad_left=2, seed=6, videos=VIDEOS)
+    assert_batch_equals_single_runs(tiny_llava_onevision1_5(seed=6), policy, params, inputs, ov15_single_row,
+                                    drops=policy == "fastv")

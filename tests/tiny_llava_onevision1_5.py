@@ -46,24 +46,41 @@ def tiny_llava_onevision1_5(seed: int = 0, num_llm_layers: int = 4) -> Any:
 
 
 def make_ov15_inputs(batch: int = 1, grids: tuple[tuple[int, int], ...] = ((8, 8),), pad_left: int = 0,
-                     seed: int = 0) -> Inputs:
+                     seed: int = 0, videos: tuple[tuple[int, int, int], ...] = ()) -> Inputs:
     """`make_qwen_inputs`'s prompts (`<vision_start>`, h*w/4 image tokens, `<vision_end>` per image) as the OV-1.5
-    processor gives them: no `mm_token_type_ids`, each patch flattened without a temporal patch [3 * 4 * 4]."""
+    processor gives them: no `mm_token_type_ids`, each patch flattened without a temporal patch [3 * 4 * 4]. Each
+    video of `videos` (t frames of h x w patches) follows as `<vision_start>`, t*h*w/4 video tokens, `<vision_end>`
+    and two text tokens, its patches in `pixel_values_videos` and its grid in `video_grid_thw`."""
     inputs = make_qwen_inputs(batch=batch, grids=grids, pad_left=pad_left, seed=seed)
     del inputs["mm_token_type_ids"]
-    inputs["pixel_values"] = inputs["pixel_values"][:, :3 * QWEN_PATCH * QWEN_PATCH].contiguous()
+    width = 3 * QWEN_PATCH * QWEN_PATCH
+    inputs["pixel_values"] = inputs["pixel_values"][:, :width].contiguous()
+    if videos:
+        generator = torch.Generator().manual_seed(seed + 1)
+        run = [token for t, h, w in videos
+               for token in [QWEN_START_ID, *[QWEN_VIDEO_ID] * (t * h * w // 4), QWEN_END_ID, 5, 6]]
+        ids = inputs["input_ids"]
+        inputs["input_ids"] = torch.cat([ids[:, :-2], torch.tensor([run] * batch), ids[:, -2:]], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"][:, :-2], torch.ones(batch, len(run),
+                                              dtype=torch.long), inputs["attention_mask"][:, -2:]], 1)
+        patches = sum(t * h * w for t, h, w in videos)
+        inputs["pixel_values_videos"] = torch.randn(batch * patches, width, generator=generator)
+        inputs["video_grid_thw"] = torch.tensor([[t, h, w] for _ in range(batch) for t, h, w in videos])
     return inputs
 
 
 def ov15_single_row(inputs: Inputs, row: int) -> Inputs:
-    """Row `row` of a `make_ov15_inputs` batch without its padding, with its own images."""
+    """Row `row` of a `make_ov15_inputs` batch without its padding, with its own images and videos."""
     valid = inputs["attention_mask"][row].bool()
     rows = inputs["input_ids"].shape[0]
-    patches, count = inputs["pixel_values"].shape[0] // rows, inputs["image_grid_thw"].shape[0] // rows
-    return {"input_ids": inputs["input_ids"][row:row + 1, valid],
-            "attention_mask": inputs["attention_mask"][row:row + 1, valid],
-            "pixel_values": inputs["pixel_values"][row * patches:(row + 1) * patches],
-            "image_grid_thw": inputs["image_grid_thw"][row * count:(row + 1) * count]}
+    single = {"input_ids": inputs["input_ids"][row:row + 1, valid],
+              "attention_mask": inputs["attention_mask"][row:row + 1, valid]}
+    for pixels, grids in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if pixels in inputs:
+            patches, count = inputs[pixels].shape[0] // rows, inputs[grids].shape[0] // rows
+            single[pixels] = inputs[pixels][row * patches:(row + 1) * patches]
+            single[grids] = inputs[grids][row * count:(row + 1) * count]
+    return single
 
 
 __all__ = ["make_ov15_inputs", "ov15_single_row", "tiny_llava_onevision1_5"]
