@@ -146,3 +146,18 @@ def test_the_released_27b_shape_on_the_meta_device() -> None:
     assert (len(adapter.decoder_layers), adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (64, 24, 4, 256)
     assert len(adapter.linear_layers) == 48 and adapter.layer_types[3::4] == ("full_attention",) * 16
     assert len(adapter.vision_layers) == 27 and adapter.deepstack_layers == 0 and adapter.rope == "mrope"
+
+
+def test_a_saved_qwen3_5_directory_compiles_from_the_command_line(tmp_path: Any) -> None:
+    """`policyc compile DIR fastv -o OUT --param layer=3` (FastV at the first full-attention layer): the saved model
+    loads, the compile report is printed and written (calibrated on the family's `sample_inputs`)."""
+    from click.testing import CliRunner
+
+    from policyc.cli import main
+
+    tiny_qwen3_5().save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "model"), "fastv", "-o", str(out), "--param",
+                                       "layer=3"])
+    assert result.exit_code == 0, result.output
+    assert "tokens kept per stage" in result.output and (out / "report.json").is_file()
