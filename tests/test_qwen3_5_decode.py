@@ -137,7 +137,8 @@ def test_kept_token_pictures_render(tmp_path: Any) -> None:
 
 
 def test_the_released_27b_shape_on_the_meta_device() -> None:
-    """`--shapes qwen3.5-27b`: Qwen3.5-27B's architecture and the parameter count transformers builds for it."""
+    """`--shapes qwen3.5-27b`: Qwen3.5-27B's architecture, the parameter count transformers builds for it, and the
+    bench's synthetic prompts for it."""
     from policyc.models.shapes import build_shape
 
     model = build_shape("qwen3.5-27b", "meta", torch.bfloat16)
@@ -146,6 +147,10 @@ def test_the_released_27b_shape_on_the_meta_device() -> None:
     assert (len(adapter.decoder_layers), adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (64, 24, 4, 256)
     assert len(adapter.linear_layers) == 48 and adapter.layer_types[3::4] == ("full_attention",) * 16
     assert len(adapter.vision_layers) == 27 and adapter.deepstack_layers == 0 and adapter.rope == "mrope"
+    from policyc.bench import Settings, synthetic_inputs
+
+    inputs = synthetic_inputs(adapter, Settings(batch=2, images=1))
+    assert inputs["input_ids"].shape == (2, 64 + 578) and inputs["pixel_values"].shape == (2 * 2304, 3 * 2 * 16 * 16)
 
 
 def test_a_saved_qwen3_5_directory_compiles_from_the_command_line(tmp_path: Any) -> None:
