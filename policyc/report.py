@@ -29,6 +29,7 @@ from torch import nn
 
 from policyc import terminal
 from policyc.models.base import ModelAdapter
+from policyc.models.structure import linear_layers
 
 NOTE = ("analytic prefill FLOPs (linear layers + attention scores of the vision encoder, projector and LLM "
         "decoder layers); the speedup is their ratio, not a timing")
@@ -84,9 +85,18 @@ def _linear_macs(module: nn.Module, experts_per_token: int = 1) -> int:
     return macs
 
 
-def layer_flops(tokens: int, linear_macs: int, heads: int, head_dim: int) -> int:
-    """One transformer layer on `tokens` rows: its linear layers plus dense attention scores."""
-    return 2 * tokens * linear_macs + 4 * tokens * tokens * heads * head_dim
+def layer_flops(tokens: int, linear_macs: int, heads: int, head_dim: int, attention: bool = True) -> int:
+    """One transformer layer on `tokens` rows: its linear layers plus dense attention scores (`attention`; a
+    linear-attention layer has none: its recurrence is in `linear_macs`, per row)."""
+    return 2 * tokens * linear_macs + (4 * tokens * tokens * heads * head_dim if attention else 0)
+
+
+def _recurrence_macs(text_config: Any) -> int:
+    """Per row, the state work of a Gated DeltaNet layer (Qwen3.5, arXiv:2412.06464): the delta-rule update of each
+    value head's [key_dim, value_dim] state and its read-out by the query."""
+    heads = getattr(text_config, "linear_num_value_heads", 0) or 0
+    return 2 * heads * (getattr(text_config, "linear_key_head_dim", 0) or 0) * \
+        (getattr(text_config, "linear_value_head_dim", 0) or 0)
 
 
 def prefill_flops(adapter: ModelAdapter, llm_tokens: list[int], batch: int = 1,
@@ -107,8 +117,11 @@ def prefill_flops(adapter: ModelAdapter, llm_tokens: list[int], batch: int = 1,
                   for layer, n in zip(adapter.vision_layers, per_image, strict=True))
     text_config = getattr(adapter.model.config, "text_config", adapter.model.config)
     experts = getattr(text_config, "num_experts_per_tok", None) or 1  # MoE: the experts each token runs through
-    llm = sum(layer_flops(n, _linear_macs(layer, experts), adapter.num_heads, adapter.head_dim)
-              for layer, n in zip(adapter.decoder_layers, llm_tokens, strict=True))
+    linear = set(linear_layers(adapter.layer_types))  # linear-attention layers: a recurrence, no pairwise scores
+    recurrence = _recurrence_macs(text_config) if linear else 0
+    llm = sum(layer_flops(n, _linear_macs(layer, experts) + (recurrence if k in linear else 0), adapter.num_heads,
+                          adapter.head_dim, k not in linear)
+              for k, (layer, n) in enumerate(zip(adapter.decoder_layers, llm_tokens, strict=True)))
     return Flops(batch * encoder, batch * 2 * projector_tokens * _linear_macs(adapter.projector),
                  batch * llm)
 

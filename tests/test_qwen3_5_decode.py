@@ -166,3 +166,17 @@ def test_a_saved_qwen3_5_directory_compiles_from_the_command_line(tmp_path: Any)
                                        "layer=3"])
     assert result.exit_code == 0, result.output
     assert "tokens kept per stage" in result.output and (out / "report.json").is_file()
+
+
+def test_prefill_flops_count_attention_scores_only_at_full_layers() -> None:
+    """The compile report's analytic FLOPs: a Gated DeltaNet layer costs linearly in its rows (projections and the
+    per-row state update), a full-attention layer adds the scores over every pair of rows. Doubling every layer's rows
+    doubles the linear part, so the excess is the full layers' quadratic scores alone."""
+    from policyc.report import prefill_flops
+
+    adapter = adapt(tiny_qwen3_5())
+    layers, full = len(adapter.decoder_layers), len(FULL_LAYERS)
+    assert adapter.layer_types.count("full_attention") == full < layers
+    n = 40
+    single, double = (prefill_flops(adapter, [rows] * layers).llm for rows in (n, 2 * n))
+    assert double - 2 * single == full * 4 * (4 * n * n - 2 * n * n) * adapter.num_heads * adapter.head_dim
