@@ -116,9 +116,10 @@ QWEN_REFERENCES: dict[str, tuple[Call, str]] = {  # Qwen2-VL / Qwen2.5-VL: M-RoP
 
 
 def references(family: str) -> dict[str, tuple[Call, str]]:
-    """The bench's reference implementations for a model family: LLaVA's and Qwen2-VL's; none yet for the others
-    (Qwen3-VL's must drop DeepStack features too: tests/reference/fastv_deepstack.py)."""
-    return {"llava": REFERENCES, "qwen2_vl": QWEN_REFERENCES}.get(family, {})
+    """The bench's reference implementations for a model family: LLaVA's, and Qwen2-VL's M-RoPE ones (GLM-4.1V's
+    positions are the same); none yet for the others (Qwen3-VL's must drop DeepStack features too:
+    tests/reference/fastv_deepstack.py)."""
+    return {"llava": REFERENCES, "qwen2_vl": QWEN_REFERENCES, "glm4v": QWEN_REFERENCES}.get(family, {})
 
 
 def parameter(compiled: Any, name: str) -> Any:

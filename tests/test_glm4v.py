@@ -190,6 +190,13 @@ def test_bench_of_a_saved_glm4v_directory(tmp_path) -> None:  # type: ignore[no-
     assert rows["ideal"]["tokens_per_layer"] == rows["policy"]["tokens_per_layer"]
     assert rows["policy"]["tokens_per_layer"][1] < rows["policy"]["tokens_per_layer"][0]
     assert rows["ideal"]["ttft_s"] > 0 and rows["unmodified"]["ttft_s"] > 0
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / "glm"), "fastv", "--batch", "1", "--gen-len", "2",
+                                       "--repeats", "1", "--warmup", "0", "--prompt-len", "8", "--dtype", "float32",
+                                       "--json", str(path)])
+    assert result.exit_code == 0, result.stderr + result.stdout
+    rows = {row["name"]: row for row in json.loads(path.read_text())["rows"]}  # GLM's positions are Qwen2-VL's
+    assert rows["reference"]["note"].startswith("reference/fastv_mrope.py")
+    assert rows["reference"]["image_tokens"] == rows["policy"]["image_tokens"] < rows["unmodified"]["image_tokens"]
 
 
 VIDEOS = ((2, 8, 8), (2, 4, 8))  # two videos per row: 2 frame groups of 16 tokens, 2 of 8, each group its own run
