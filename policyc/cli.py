@@ -319,7 +319,7 @@ def search(first: str, second: str | None, trials: int, output: Path, storage: s
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--shapes", help="Build this full-size architecture with random weights instead of loading MODEL "
-                               "(llava-1.5-7b, qwen2.5-vl-7b, qwen3-vl-8b).")
+                               "(llava-1.5-7b, qwen2.5-vl-7b, qwen3-vl-8b, qwen3.5-27b).")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs (median).")
 @JSON_OPTION
