@@ -25,11 +25,12 @@ def greedy(model: torch.nn.Module, inputs: Inputs, steps: int) -> Any:
                           return_dict_in_generate=True)
 
 
-def assert_identity_is_bit_exact(model: torch.nn.Module, inputs: Inputs, steps: int = 5) -> None:
-    """FastV keeping every image token (its machinery runs: scores, gathers) gives the unmodified model's
-    sequences and bit-identical logits at every step; `remove()` leaves the model as it was."""
+def assert_identity_is_bit_exact(model: torch.nn.Module, inputs: Inputs, steps: int = 5, **params: Any) -> None:
+    """FastV keeping every image token (its machinery runs: scores, gathers; `params`, e.g. `layer=3`, move it)
+    gives the unmodified model's sequences and bit-identical logits at every step; `remove()` leaves the model as
+    it was."""
     plain = greedy(model, inputs, steps)
-    policyc.compile(model, "fastv", ratio="100%")
+    policyc.compile(model, "fastv", ratio="100%", **params)
     try:
         compiled = greedy(model, inputs, steps)
     finally:

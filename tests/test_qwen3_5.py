@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_checks import assert_batch_equals_single_runs, greedy
+from family_checks import assert_batch_equals_single_runs, assert_identity_is_bit_exact
 from golden import check_golden
 from reference.divprune import divprune_keep
 from reference.fastv_hybrid import fastv_hybrid_generate, projector_hybrid_generate
@@ -64,16 +64,8 @@ def test_the_reference_positions_match_the_models_own() -> None:
 def test_identity_is_bit_exact_at_every_step(moe: bool, batch: int) -> None:
     """FastV at the first full-attention layer keeping every image token (scores, gathers and the linear layers'
     wrappers run) gives the unmodified model's sequences and bit-identical logits at every step."""
-    model = tiny_qwen3_5(moe=moe)
-    inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2)
-    plain = greedy(model, inputs, 5)
-    policyc.compile(model, "fastv", ratio="100%", layer=FULL_LAYERS[0])
-    try:
-        compiled = greedy(model, inputs, 5)
-    finally:
-        model.policyc.remove()
-    assert torch.equal(plain.sequences, compiled.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(plain.scores, compiled.scores, strict=True))
+    assert_identity_is_bit_exact(tiny_qwen3_5(moe=moe), make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2),
+                                 layer=FULL_LAYERS[0])
 
 
 def _assert_kept_image_tokens(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
