@@ -135,19 +135,24 @@ class QwenVLFactory(AdapterFactory):
     description = "Qwen2-VL and Qwen2.5-VL (encoder merges, projector, LLM and decode stages)"
     model_types = frozenset(MODEL_TYPES)
 
+    default_patch_size = 14  # pixels per patch side where the vision config does not say
+
     def build(self, model: nn.Module) -> ModelAdapter:
+        return QwenVLAdapter(**self.fields(model, language_model(model, self.family)))
+
+    def fields(self, model: nn.Module, llm: dict[str, Any]) -> dict[str, Any]:
+        """The adapter's fields for a Qwen-VL-style model (packed tower with a 2x2 merger, M-RoPE LLM) whose
+        language model's parts are `llm` (structure.language_model's)."""
         config = model.config
         vision_config = config.vision_config
         encoder = vision_encoder(model, self.family)
-        tower = encoder["vision_tower"]
-        merger = getattr(tower, "merger", None)
+        merger = getattr(encoder["vision_tower"], "merger", None)
         if not isinstance(merger, nn.Module):
             raise adapt_error(model, self.family, "no patch merger in the vision tower")
-        llm = language_model(model, self.family)
         image_token_id = image_token(model, self.family)
         video_token_id = config_int(config, "video_token_id")
         merge = config_int(vision_config, "spatial_merge_size") or 2
-        return QwenVLAdapter(
+        return dict(
             family=self.family,
             model=model,
             has_cls=False,
@@ -165,7 +170,7 @@ class QwenVLFactory(AdapterFactory):
             encoder_packed=True,
             reads_video_frames=True,  # grid_thw, read where the packed tower's output reaches projector.output
             temporal_patch_size=config_int(vision_config, "temporal_patch_size") or 2,
-            patch_size=config_int(vision_config, "patch_size") or 14,
+            patch_size=config_int(vision_config, "patch_size") or self.default_patch_size,
             merge_size=merge,
             **encoder,
             **llm,

@@ -29,11 +29,8 @@ from policyc.models.qwen2_vl import QwenVLAdapter, QwenVLFactory
 from policyc.models.structure import (
     LINEAR_ATTENTION,
     adapt_error,
-    config_int,
-    image_token,
     language_model,
     linear_layers,
-    vision_encoder,
 )
 
 MODEL_TYPES = {"qwen3_5": "Qwen3.5", "qwen3_5_moe": "Qwen3.5-MoE"}
@@ -75,14 +72,10 @@ class Qwen35Factory(QwenVLFactory):
     description = "Qwen3.5 and Qwen3.5-MoE (hybrid Gated DeltaNet LLM; encoder merges, projector, LLM and decode " \
         "stages, attention signals and cache policies at its full-attention layers)"
     model_types = frozenset(MODEL_TYPES)
+    default_patch_size = 16
 
     def build(self, model: nn.Module) -> ModelAdapter:
-        config = model.config
-        vision_config, text_config = config.vision_config, config.text_config
-        encoder = vision_encoder(model, self.family)
-        merger = getattr(encoder["vision_tower"], "merger", None)
-        if not isinstance(merger, nn.Module):
-            raise adapt_error(model, self.family, "no patch merger in the vision tower")
+        text_config = model.config.text_config
         llm = language_model(model, self.family, mixer="linear_attn")
         layer_types = tuple(getattr(text_config, "layer_types", None) or ())
         if len(layer_types) != len(llm["decoder_layers"]) or not set(layer_types) <= LAYER_TYPES:
@@ -90,33 +83,7 @@ class Qwen35Factory(QwenVLFactory):
                                                   f"{', '.join(sorted(LAYER_TYPES))} per decoder layer")
         if len(linear_layers(layer_types)) == len(layer_types):
             raise adapt_error(model, self.family, "no full-attention layer in the LLM")
-        image_token_id = image_token(model, self.family)
-        video_token_id = config_int(config, "video_token_id")
-        merge = config_int(vision_config, "spatial_merge_size") or 2
-        return Qwen35Adapter(
-            family=self.family,
-            model=model,
-            has_cls=False,
-            feature_layer=len(encoder["vision_layers"]),
-            feature_start=0,
-            keeps_cls_in_features=False,
-            patch_grid=None,
-            projector=merger,
-            image_token_id=image_token_id,
-            tokens_per_image=None,
-            rope="mrope",
-            vision_token_ids=(image_token_id,) if video_token_id is None else (image_token_id, video_token_id),
-            encoder_patches_per_token=merge * merge,
-            encoder_unmerges=True,
-            encoder_packed=True,
-            reads_video_frames=True,
-            layer_types=layer_types,
-            temporal_patch_size=config_int(vision_config, "temporal_patch_size") or 2,
-            patch_size=config_int(vision_config, "patch_size") or 16,
-            merge_size=merge,
-            **encoder,
-            **llm,
-        )
+        return Qwen35Adapter(**self.fields(model, llm), layer_types=layer_types)
 
 
 __all__ = ["MODEL_TYPES", "Qwen35Adapter", "Qwen35Factory"]
