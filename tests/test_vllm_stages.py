@@ -170,19 +170,19 @@ def test_keeping_no_token_is_refused(tmp_path: Any, bundled: Any) -> None:
 
 def test_a_family_without_a_vllm_path_is_refused() -> None:
     """`vllm serve` / `LLM(...)` check the config this way once vLLM has resolved its architecture (guard.py)."""
-    from tiny_models import tiny_qwen2_vl
+    from tiny_qwen3_vl import tiny_qwen3_vl
 
-    config = tiny_qwen2_vl().config
+    config = tiny_qwen3_vl().config
     config.policyc = {"policy": "visionzip"}
     with pytest.raises(PolicyError) as caught:
-        check_deployment(config, "Qwen2VLForConditionalGeneration")
-    assert "policyc cannot serve this 'qwen2_vl' model" in str(caught.value)
-    assert "its plugin serves LLaVA (a CLIP or SigLIP vision tower)" in str(caught.value)
+        check_deployment(config, "Qwen3VLForConditionalGeneration")
+    assert "policyc cannot serve this 'qwen3_vl' model" in str(caught.value)
+    assert "its plugin serves LLaVA (a CLIP or SigLIP vision tower), Qwen2-VL, Qwen2.5-VL" in str(caught.value)
     config.policyc = ["visionzip"]
     with pytest.raises(PolicyError, match="not a policy"):
-        check_deployment(config, "Qwen2VLForConditionalGeneration")
+        check_deployment(config, "Qwen3VLForConditionalGeneration")
     del config.policyc
-    check_deployment(config, "Qwen2VLForConditionalGeneration")  # no entry: vLLM's own model, unchecked
+    check_deployment(config, "Qwen3VLForConditionalGeneration")  # no entry: vLLM's own model, unchecked
 
 
 def test_refusal_names_the_policy_line(bundled: Any) -> None:

@@ -206,10 +206,25 @@ def _qwen2_vl(directory: Any) -> str:
     return str(directory)
 
 
+def _qwen3_vl(directory: Any) -> str:
+    """A tiny Qwen3-VL's config: a family the plugin does not serve."""
+    from tiny_qwen3_vl import tiny_qwen3_vl
+
+    config = tiny_qwen3_vl().config
+    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    config.save_pretrained(directory)
+    return str(directory)
+
+
+FAMILY_DIRECTORIES = {"qwen2_vl": _qwen2_vl, "qwen3_vl": _qwen3_vl}
+
+
 @pytest.mark.parametrize(("family", "entry", "message", "hint"), [
-    ("qwen2_vl", {"policy": "visionzip"}, "policyc cannot serve this 'qwen2_vl' model (Qwen2VLForConditionalGeneration)"
-     " in vLLM: its plugin serves LLaVA (a CLIP or SigLIP vision tower), and vLLM would serve this model without the"
-     " policy", "serve a LLaVA model, or drop the 'policyc' entry"),
+    ("qwen3_vl", {"policy": "divprune"}, "policyc cannot serve this 'qwen3_vl' model (Qwen3VLForConditionalGeneration)"
+     " in vLLM: its plugin serves LLaVA (a CLIP or SigLIP vision tower), Qwen2-VL, Qwen2.5-VL, and vLLM would serve "
+     "this model without the policy", "serve a LLaVA or Qwen2-VL or Qwen2.5-VL model, or drop the 'policyc' entry"),
+    ("qwen2_vl", {"policy": "visionzip"}, "the policy reads the encoder's CLS token, but this model's vision tower",
+     "towers without CLS"),
     ("qwen2_vl", {"policy": "visionzip", "param": {}}, "hf_overrides policyc has an unknown field 'param'", "params"),
     ("llava", "visionzip", "hf_overrides policyc is 'visionzip', not a policy", '{"policyc": {"policy": "visionzip"'),
     ("llava", {"policy": "visionzip", "params": {"dominant": 1}}, "dominant", "8"),
@@ -217,7 +232,7 @@ def _qwen2_vl(directory: Any) -> str:
 ])
 def test_bad_deployment_is_refused_before_the_engine_starts(tmp_path: Any, family: str, entry: object, message: str,
                                                             hint: str) -> None:
-    model = _qwen2_vl(tmp_path) if family == "qwen2_vl" else str(bundled_model_dir())
+    model = FAMILY_DIRECTORIES[family](tmp_path) if family in FAMILY_DIRECTORIES else str(bundled_model_dir())
     with pytest.raises(PolicyError) as caught:
         LLM(model=model, hf_overrides={"policyc": entry}, **ENGINE)
     assert message in str(caught.value)

@@ -3,15 +3,17 @@
     vllm serve MODEL --hf-overrides '{"policyc": {"policy": "visionzip", "params": {"dominant": 54}}}'
 
 vLLM calls `register()` in every process it starts (its `vllm.general_plugins` entry point): it puts policyc's
-LLaVA (llava.py) in place of vLLM's, which behaves as vLLM's own unless the config carries a `policyc` entry
-(deployment.py). What can be served and how many tokens each image keeps: stages.py. A `policyc` entry on a model
-the plugin does not serve is refused when vLLM reads the config (guard.py). Importing this package
-imports neither vLLM nor torch; the core never imports it.
+LLaVA (llava.py) and Qwen2-VL / Qwen2.5-VL (qwen2_vl.py) in place of vLLM's, which behave as vLLM's own unless the
+config carries a `policyc` entry (deployment.py). What can be served and how many tokens each image keeps:
+stages.py (qwen_stages.py per image grid). A `policyc` entry on a model the plugin does not serve is refused when
+vLLM reads the config (guard.py). Importing this package imports neither vLLM nor torch; the core never imports it.
 """
 
 from __future__ import annotations
 
-ARCHITECTURES = {"LlavaForConditionalGeneration": "policyc.integrations.vllm.llava:PolicycLlava"}
+ARCHITECTURES = {"LlavaForConditionalGeneration": "policyc.integrations.vllm.llava:PolicycLlava",
+                 "Qwen2VLForConditionalGeneration": "policyc.integrations.vllm.qwen2_vl:PolicycQwen2VL",
+                 "Qwen2_5_VLForConditionalGeneration": "policyc.integrations.vllm.qwen2_vl:PolicycQwen2_5_VL"}
 
 
 def register() -> None:

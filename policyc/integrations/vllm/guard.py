@@ -15,7 +15,8 @@ from typing import Any
 
 from policyc.errors import PolicyError
 
-FAMILIES = {"LlavaForConditionalGeneration": "LLaVA (a CLIP or SigLIP vision tower)"}
+FAMILIES = {"LlavaForConditionalGeneration": "LLaVA (a CLIP or SigLIP vision tower)",
+            "Qwen2VLForConditionalGeneration": "Qwen2-VL", "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL"}
 
 
 def check_deployment(config: Any, architecture: str) -> None:
@@ -36,6 +37,13 @@ def check_deployment(config: Any, architecture: str) -> None:
             f"{', '.join(FAMILIES.values())}, and vLLM would serve this model without the policy", None,
             f"serve a {' or '.join(f.split(' (')[0] for f in FAMILIES.values())} model, or drop the {KEY!r} entry "
             "from hf_overrides to serve this one without a policy")
+    if architecture != "LlavaForConditionalGeneration":  # Qwen2-VL / 2.5-VL: each image's count follows its grid
+        from policyc.integrations.vllm.qwen_stages import PROBE_GRID, qwen_kept_count
+
+        found = deployment(config)
+        assert found is not None  # the entry is there
+        qwen_kept_count(config, found, PROBE_GRID)
+        return
     from policyc.integrations.vllm.stages import kept_count
 
     found = llava_deployment(config)

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from policyc.errors import PolicyError
-from policyc.integrations.vllm.deployment import KEY, llava_deployment
+from policyc.integrations.vllm.deployment import KEY, deployment, llava_deployment
+from policyc.integrations.vllm.qwen_stages import MODEL_TYPES as QWEN_MODEL_TYPES
+from policyc.integrations.vllm.qwen_stages import PROBE_GRID, qwen_kept_count
 from policyc.integrations.vllm.stages import kept_count
 from policyc.models.bundled import DEFAULT_NAME, RANDOM_NAME, bundled_model_dir, reference_name
 
@@ -40,14 +42,23 @@ def serve_arguments(model: str | None, policy: str, params: dict[str, str], vllm
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise PolicyError.at(f"cannot read the model config of '{path}': {error}", None) from None
-    if getattr(config, "model_type", None) != "llava":
-        raise PolicyError.at(f"policyc serves LLaVA models in vLLM, and '{path}' is a {config.model_type!r} model",
-                             None, "serve a LLaVA with a CLIP or SigLIP tower (e.g. the embedded default)")
+    model_type = getattr(config, "model_type", None)
+    if model_type != "llava" and model_type not in QWEN_MODEL_TYPES:
+        raise PolicyError.at(f"policyc serves LLaVA, Qwen2-VL and Qwen2.5-VL models in vLLM, and '{path}' is a "
+                             f"{model_type!r} model", None,
+                             "serve a LLaVA with a CLIP or SigLIP tower (e.g. the embedded default), or a Qwen2-VL")
     setattr(config, KEY, entry)
-    found = llava_deployment(config)
-    assert found is not None  # the entry was just set
-    count = kept_count(config, found)
-    print(f"policyc: serving {policy} on {path}: {count} image tokens per image", file=sys.stderr)
+    if model_type == "llava":
+        found = llava_deployment(config)
+        assert found is not None  # the entry was just set
+        tokens = f"{kept_count(config, found)} image tokens per image"
+    else:  # dynamic resolution: each image keeps a count for its own grid
+        found = deployment(config)
+        assert found is not None
+        side = PROBE_GRID[0] * config.vision_config.patch_size
+        tokens = (f"{qwen_kept_count(config, found, PROBE_GRID)} image tokens for a {side}x{side}-pixel image (the "
+                  "count follows each image's size)")
+    print(f"policyc: serving {policy} on {path}: {tokens}", file=sys.stderr)
     if importlib.util.find_spec("vllm") is None:
         raise PolicyError.at("vLLM is not installed", None, "pip install 'policyc[vllm]' (on a machine without a GPU: "
                              "scripts/integrations-venv.sh in policyc's repository)")
