@@ -1,9 +1,10 @@
 """Qwen2-VL and Qwen2.5-VL through vLLM's offline engine with policyc's plugin, against policyc on transformers: for
 images of different sizes (one or two per prompt), each image's prompt holds the policy's count of image tokens for
-its grid, its kept token indices equal policyc's on transformers, and the greedy answers are equal token for token
-(which needs the kept tokens at their unpruned M-RoPE coordinates and the text after each image where the unpruned
-layout puts it). Without a policy, the model is served as transformers runs it. One small engine per deployment, in
-this process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Skipped without vLLM, as test_vllm.py.
+its grid, its kept token indices equal policyc's on transformers, and the greedy answers and their log-probabilities
+are equal (which needs the kept tokens at their unpruned M-RoPE coordinates and the text after each image where the
+unpruned layout puts it); a request's own budget is refused. Without a policy, the model is served as transformers
+runs it. One small engine per deployment, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Skipped without
+vLLM, as test_vllm.py.
 
 The tiny models are saved with save_pretrained next to a real Qwen2-VL processor (test_processors.py's: a random
 tokenizer with Qwen's vision markers, 4x4-pixel patches, a 2x2 merge); their LLM heads are 32 wide, the narrowest
@@ -35,6 +36,7 @@ from vllm import LLM, SamplingParams
 from policyc.integrations.vllm.deployment import deployment
 from policyc.integrations.vllm.qwen2_vl import kept_slots
 from policyc.integrations.vllm.qwen_stages import qwen_kept_count
+from policyc.integrations.vllm.stages import RequestError
 from policyc.lang.build import parse_value
 from policyc.runtime import compile_model
 
@@ -115,6 +117,12 @@ def _through_vllm(directory: Path, requests: list[tuple[str, list[Image.Image]]]
             if entry is not None:
                 [kept] = engine.apply_model(kept_slots)
                 slots.append(kept)
+        if entry is not None:  # a request's own budget is refused alone on Qwen
+            prompt, images = requests[0]
+            with pytest.raises(RequestError, match="policyc serves no per-request budgets on Qwen2-VL"):
+                engine.generate([{"prompt": prompt, "multi_modal_data": {"image": images},
+                                  "mm_processor_kwargs": {"policyc": {"ratio": "10%"}}}],
+                                SamplingParams(max_tokens=1), use_tqdm=False)
     finally:
         engine.llm_engine.engine_core.shutdown()
     return prompts, answers, logprobs, slots
