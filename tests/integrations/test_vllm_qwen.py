@@ -161,7 +161,8 @@ def test_without_a_policy_qwen2_vl_is_served_as_transformers_runs_it(in_process:
     torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_logprobs), rtol=0, atol=LOGPROB_ATOL)
 
 
-CASES = [("2", "divprune", {"ratio": "25%"}), ("2", "random_drop", {}), ("2.5", "divprune", {"ratio": "50%"})]
+CASES = [("2", "divprune", {"ratio": "25%"}), ("2", "random_drop", {}), ("2.5", "divprune", {"ratio": "50%"}),
+         ("2", "tome", {"r": 2})]  # ToMe merges in the tower and unmerges before the merger: every token stays
 
 
 @pytest.mark.parametrize(("version", "policy", "params"), CASES, ids=[f"qwen{v}-{p}" for v, p, _ in CASES])
@@ -184,8 +185,9 @@ def test_policy_through_vllm_equals_transformers(in_process: None, tmp_path: Pat
     assert found is not None
     counts = [sum(qwen_kept_count(config, found, (h // 4, w // 4)) for h, w in sizes) for sizes in SIZES]
     assert [p.count(QWEN_IDS[0]) for p in prompts] == counts == [sum(map(len, s)) for s in expected_slots]
-    assert all(len(s) < h * w // 64 for kept, sizes in zip(slots, SIZES, strict=True)
-               for s, (h, w) in zip(kept, sizes, strict=True))  # the policy dropped tokens of every image
+    dropped = [len(s) < h * w // 64 for kept, sizes in zip(slots, SIZES, strict=True)
+               for s, (h, w) in zip(kept, sizes, strict=True)]
+    assert set(dropped) == {policy != "tome"}  # the drops dropped tokens of every image
     assert answers == expected_answers
     torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_logprobs), rtol=0, atol=LOGPROB_ATOL)
 
