@@ -32,7 +32,7 @@ from policyc.runtime.attention import register
 from policyc.runtime.cache import CacheRuntime
 from policyc.runtime.evaluate import Captured
 from policyc.runtime.llm import ImageSource, Runtime
-from policyc.runtime.patching import replace_attribute
+from policyc.runtime.patching import LayerWrapper, replace_attribute
 from policyc.runtime.rows import compact_positions, gather_decode, gather_prefill, is_static
 from policyc.runtime.support import check_supported
 from policyc.runtime.vision import ImageStages
@@ -45,21 +45,13 @@ ACTIVE = "_policyc_active"  # the model's attribute naming the CompiledModel tha
 BACKENDS: tuple[Backend, ...] = ("eager", "inductor", "fx")
 
 
-class PolicyLayer(nn.Module):
+class PolicyLayer(LayerWrapper):
     """A decoder layer that sees only the rows still alive, and applies the stages bound to it."""
 
     def __init__(self, inner: nn.Module, index: int, runtime: Runtime, stages: list[BoundStage]) -> None:
-        super().__init__()
-        self.inner = inner
-        self.index = index
+        super().__init__(inner, index)
         self.runtime = runtime
         self.stages = stages
-
-    def __getattr__(self, name: str) -> object:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # e.g. `attention_type`, read by some models' layer loops
-            return getattr(self.inner, name)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: object) -> torch.Tensor:
         state = self.runtime.state

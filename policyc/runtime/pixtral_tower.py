@@ -35,6 +35,7 @@ from torch import nn
 from policyc.compiler.plan import BoundStage
 from policyc.errors import PolicyError
 from policyc.runtime.evaluate import Captured, PrefillState
+from policyc.runtime.patching import LayerWrapper
 from policyc.runtime.qwen_tower import refuse_unpacked
 from policyc.runtime.vision_evaluate import VisionEvaluator
 from policyc.runtime.vision_tokens import Tokens, compact, run_statements
@@ -72,23 +73,15 @@ class PixtralRun:
         return torch.cat([t.unmerged(piece[None])[0] for t, piece in zip(self.tokens, pieces, strict=True)])
 
 
-class PixtralLayer(nn.Module):
+class PixtralLayer(LayerWrapper):
     """A Pixtral layer: the model's own until a stage changes the tokens, then its parts on the live rows, with the
     stages at `encoder.layer[i].attention` (between attention and MLP) and `encoder.layer[i]`."""
 
     def __init__(self, inner: nn.Module, index: int, owner: PixtralEncoder) -> None:
-        super().__init__()
-        self.inner = inner
-        self.index = index
+        super().__init__(inner, index)
         self.owner = owner
         self.inside = owner.stages.stages_at("encoder.layer.attention", index)
         self.after = owner.stages.stages_at("encoder.layer", index)
-
-    def __getattr__(self, name: str) -> object:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -47,6 +47,7 @@ from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.runtime.evaluate import Captured, PrefillState
+from policyc.runtime.patching import LayerWrapper
 from policyc.runtime.vision_evaluate import VisionEvaluator
 from policyc.runtime.vision_tokens import Tokens, compact, run_statements
 
@@ -116,23 +117,15 @@ class PackedRun:
         return list(per_frame.values())
 
 
-class PackedBlock(nn.Module):
+class PackedBlock(LayerWrapper):
     """A vision block of the packed tower: the model's own until a stage changes the tokens, then its parts on the
     live rows, with the stages at `encoder.layer[i].attention` (between attention and MLP) and `encoder.layer[i]`."""
 
     def __init__(self, inner: nn.Module, index: int, owner: PackedEncoder) -> None:
-        super().__init__()
-        self.inner = inner
-        self.index = index
+        super().__init__(inner, index)
         self.owner = owner
         self.inside = owner.stages.stages_at("encoder.layer.attention", index)
         self.after = owner.stages.stages_at("encoder.layer", index)
-
-    def __getattr__(self, name: str) -> object:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -21,6 +21,7 @@ from torch import nn
 from policyc.compiler.plan import Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
+from policyc.runtime.patching import LayerWrapper
 
 if TYPE_CHECKING:
     from policyc.runtime.vision import ImageStages
@@ -77,23 +78,15 @@ def layer_body(layer: nn.Module) -> LayerBody | None:
     return None
 
 
-class VisionLayer(nn.Module):
+class VisionLayer(LayerWrapper):
     """An encoder layer that runs on the rows still alive and applies the stages bound to it."""
 
     def __init__(self, inner: nn.Module, index: int, owner: ImageStages, body: LayerBody) -> None:
-        super().__init__()
-        self.inner = inner
-        self.index = index
+        super().__init__(inner, index)
         self.owner = owner
         self.body = body
         self.inside = owner.stages_at("encoder.layer.attention", index)
         self.after = owner.stages_at("encoder.layer", index)
-
-    def __getattr__(self, name: str) -> object:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: object) -> torch.Tensor:
