@@ -1,14 +1,15 @@
-"""`policyc run` and `policyc eval` on saved Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL and SmolVLM
-directories holding their real processors (issue 23). These processors take a video processor, which needs
-torchvision, so they run in the integrations venv (scripts/integrations-venv.sh: a CUDA build of torch running on the
-CPU, with its torchvision); elsewhere this module skips, and tests/test_run_families.py checks that `policyc run`
-names torchvision instead.
+"""`policyc run` and `policyc eval` on saved Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.1V, Mistral 3,
+LLaVA-OneVision, InternVL and SmolVLM directories holding their real processors (issue 23). Most of these processors
+take a video processor, which needs torchvision, so they run in the integrations venv (scripts/integrations-venv.sh: a
+CUDA build of torch running on the CPU, with its torchvision); elsewhere this module skips, and
+tests/test_run_families.py checks that `policyc run` names torchvision instead.
 
 Each directory holds a tiny random model and its family's processor built offline: the family's image and video
-processors at the tiny model's sizes and policyc:random's byte-level tokenizer with the family's markers added. The
-checks: the example image through the processor and its chat template, the tokens each stage kept, `--show-tokens`,
-`policyc eval`'s image tokens, and left-padded batches of prompts with images of different sizes answering as each
-prompt alone, unmodified and under an LLM-stage and a projector-stage policy.
+processors at the tiny model's sizes and policyc:random's byte-level tokenizer with the family's markers added (the
+model's vocabulary and marker ids refitted to it). The checks: the example image through the processor and its chat
+template, the tokens each stage kept, `--show-tokens`, `policyc eval`'s image tokens, and left-padded batches of
+prompts with images of different sizes answering as each prompt alone, unmodified and under an LLM-stage and a
+projector-stage policy. (LLaVA-OneVision-1.5 has no processor of its own in transformers: not here.)
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ import transformers
 from click.testing import CliRunner
 from PIL import Image
 from test_run_families import kept_row, run
+from tiny_glm4v import tiny_glm4v
 from tiny_idefics3 import PROCESSOR_IMAGE_ID, PROCESSOR_TOKENS, PROCESSOR_VOCAB, SIZE, TOKENS_PER_TILE, tiny_idefics3
 from tiny_internvl import tiny_internvl
 from tiny_llava_next import image_processor, tiny_anyres
+from tiny_mistral3 import tiny_mistral3
 from tiny_models import tiny_qwen2_vl
+from tiny_qwen3_5 import tiny_qwen3_5
 from tiny_qwen3_vl import tiny_qwen3_vl
 
 import policyc
@@ -52,18 +56,29 @@ QWEN_IDS = (262, 263, 260, 261)  # image, video, vision start, vision end, as th
 QWEN_PIXELS = {"shortest_edge": 16 * 16, "longest_edge": 64 * 32}  # a 32x32 image: 16 tokens; 64x32: 32
 
 
+def refit(model: Any, **ids: int) -> Any:
+    """`model` (a tiny test model of vocabulary 128) with VOCAB embedding rows and its marker ids set in its config
+    to the processor tokenizer's."""
+    model.resize_token_embeddings(VOCAB)
+    for name, value in ids.items():
+        setattr(model.config, name, value)
+    return model
+
+
 def qwen(version: str) -> tuple[Any, Any]:
-    """A tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL and its processor: Qwen2-VL's image processor (4x4 patches, 2x2
-    merge, at most 64x32 pixels), the family's video processor, `<|vision_start|><|image_pad|><|vision_end|>` for
-    an image in the chat template."""
+    """A tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 and its processor: Qwen2-VL's image processor (4x4 patches,
+    2x2 merge, at most 64x32 pixels), the family's video processor, `<|vision_start|><|image_pad|><|vision_end|>`
+    for an image in the chat template (Qwen3.5's checkpoints name Qwen3-VL's processor)."""
     tokenizer = random_tokenizer(list(QWEN_TOKENS.values()), QWEN_TOKENS,
                                  chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
     sizes = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2, "size": QWEN_PIXELS}
     images = transformers.Qwen2VLImageProcessor(**sizes)
-    if version == "3":
+    if version in ("3", "3.5"):
         videos = transformers.Qwen3VLVideoProcessor(**sizes)
         processor_class: Any = transformers.Qwen3VLProcessor
-        model = tiny_qwen3_vl(vocab=VOCAB, ids=QWEN_IDS)
+        model = tiny_qwen3_vl(vocab=VOCAB, ids=QWEN_IDS) if version == "3" else refit(
+            tiny_qwen3_5(), **dict(zip(("image_token_id", "video_token_id", "vision_start_token_id",
+                                        "vision_end_token_id"), QWEN_IDS, strict=True)))
     else:
         videos = transformers.Qwen2VLVideoProcessor(**sizes)
         processor_class = transformers.Qwen2VLProcessor if version == "2" else transformers.Qwen2_5_VLProcessor
@@ -71,6 +86,34 @@ def qwen(version: str) -> tuple[Any, Any]:
     processor = processor_class(image_processor=images, tokenizer=tokenizer, video_processor=videos,
                                 chat_template=tokenizer.chat_template)
     return model, processor
+
+
+def glm4v() -> tuple[Any, Any]:
+    """A tiny GLM-4.1V and its processor (Glm4vProcessor: GLM's image and video processors at Qwen's tiny sizes),
+    `<|begin_of_image|><|image|><|end_of_image|>` for an image in the chat template; ids 260..265."""
+    markers = ["<|begin_of_image|>", "<|image|>", "<|end_of_image|>", "<|video|>", "<|begin_of_video|>",
+               "<|end_of_video|>"]
+    tokenizer = random_tokenizer(markers, {"image_token": "<|image|>", "video_token": "<|video|>"},
+                                 chat_template("<|begin_of_image|><|image|><|end_of_image|>"))
+    sizes = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2, "size": QWEN_PIXELS}
+    processor = transformers.Glm4vProcessor(
+        image_processor=transformers.Glm4vImageProcessorPil(**sizes), tokenizer=tokenizer,
+        video_processor=transformers.Glm4vVideoProcessor(**sizes), chat_template=tokenizer.chat_template)
+    names = ("image_start_token_id", "image_token_id", "image_end_token_id", "video_token_id",
+             "video_start_token_id", "video_end_token_id")
+    return refit(tiny_glm4v(), **dict(zip(names, range(260, 266), strict=True))), processor
+
+
+def mistral3() -> tuple[Any, Any]:
+    """A tiny Mistral 3 and its processor (PixtralProcessor: images resized to at most 64 pixels a side in multiples
+    of 16, one `[IMG]` per 2x2 of 8-pixel patches, a `[IMG_BREAK]` after each row, `[IMG_END]` last; ids 260..262)."""
+    markers = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tokenizer = random_tokenizer(markers, {"image_token": "[IMG]"}, chat_template("[IMG]"))
+    images = transformers.PixtralImageProcessorPil(patch_size={"height": 16, "width": 16},
+                                                   size={"longest_edge": 64})
+    processor = transformers.PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                                              spatial_merge_size=2, chat_template=tokenizer.chat_template)
+    return refit(tiny_mistral3(), image_token_index=260), processor
 
 
 def onevision() -> tuple[Any, Any]:
@@ -111,18 +154,33 @@ def smolvlm() -> tuple[Any, Any]:
 
 FAMILIES: dict[str, Callable[[], tuple[Any, Any]]] = {
     "qwen2_vl": lambda: qwen("2"), "qwen2_5_vl": lambda: qwen("2.5"), "qwen3_vl": lambda: qwen("3"),
-    "llava_onevision": onevision, "internvl": internvl, "smolvlm": smolvlm,
+    "qwen3_5": lambda: qwen("3.5"), "glm4v": glm4v, "mistral3": mistral3, "llava_onevision": onevision,
+    "internvl": internvl, "smolvlm": smolvlm,
 }
 
 
+# FastV's parameters per family where its default layer (1) cannot hold it: Qwen3.5's layer 1 is a Gated DeltaNet
+# layer (no attention), its first full-attention layer is 3
+FASTV = {"qwen3_5": {"layer": "3"}}
+
+Saved = tuple[str, Path, Any, Any]
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
-    """(directory, model, processor): the family's tiny model and processor, saved as `save_pretrained` writes them."""
+def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Saved:
+    """(family, directory, model, processor): the family's tiny model and processor, saved as `save_pretrained`
+    writes them."""
     model, processor = FAMILIES[request.param]()
     directory = tmp_path_factory.mktemp(request.param) / "model"
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
-    return directory, model, processor
+    return request.param, directory, model, processor
+
+
+def image_id(model: Any) -> int:
+    """The id of the model's image placeholder (Mistral 3 names it `image_token_index`)."""
+    config = model.config
+    return getattr(config, "image_token_id", None) or config.image_token_index
 
 
 def example_prompt(processor: Any) -> dict[str, Any]:
@@ -146,14 +204,14 @@ def divprune_keeps(model: Any, processor: Any) -> tuple[int, int]:
     return report.kept[0].before, report.kept[0].after
 
 
-def test_policyc_run_takes_the_example_image_through_the_processor(saved: tuple[Path, Any, Any],
-                                                                     tmp_path: Path) -> None:
+def test_policyc_run_takes_the_example_image_through_the_processor(saved: Saved, tmp_path: Path) -> None:
     """`policyc run DIR fastv` keeps half of the image tokens the family's processor wrote for the example image;
     `policyc run DIR divprune --show-tokens` keeps what the Python API keeps on the processor's inputs, and draws the
     kept tokens."""
-    directory, model, processor = saved
-    count = int((example_prompt(processor)["input_ids"] == model.config.image_token_id).sum())
-    output = run(str(directory), "fastv", "--max-new-tokens", "3")
+    family, directory, model, processor = saved
+    count = int((example_prompt(processor)["input_ids"] == image_id(model)).sum())
+    fastv = [f"--param={name}={value}" for name, value in FASTV.get(family, {}).items()]
+    output = run(str(directory), "fastv", *fastv, "--max-new-tokens", "3")
     assert "output (3 tokens): '" in output and kept_row(output, "llm.layer[layer]") == (count, count // 2)
     before, after = divprune_keeps(model, processor)
     assert before == count and count // 2 <= after < count
@@ -164,10 +222,10 @@ def test_policyc_run_takes_the_example_image_through_the_processor(saved: tuple[
     assert "wrote" in output and picture.read_bytes()[:8] == PNG
 
 
-def test_policyc_eval_counts_the_processors_image_tokens(saved: tuple[Path, Any, Any], tmp_path: Path) -> None:
+def test_policyc_eval_counts_the_processors_image_tokens(saved: Saved, tmp_path: Path) -> None:
     """`policyc eval DIR divprune` on 4 synthetic questions in batches of 2: the unmodified model's LLM sees every
     image token the processor wrote, the policy what it keeps through the Python API."""
-    directory, model, processor = saved
+    _, directory, model, processor = saved
     result = CliRunner().invoke(main, ["eval", str(directory), "divprune", "--param", "ratio=50%", "--limit", "4",
                                        "--batch-size", "2", "--json", str(tmp_path / "eval.json")])
     assert result.exit_code == 0, result.output
@@ -180,12 +238,14 @@ def test_policyc_eval_counts_the_processors_image_tokens(saved: tuple[Path, Any,
 
 @pytest.mark.parametrize(("policy", "params"), [(None, {}), ("fastv", {"ratio": "100%"}), ("fastv", {}),
                                                 ("divprune", {"ratio": "50%"})])
-def test_padded_batches_from_the_processor_answer_as_each_prompt_alone(saved: tuple[Path, Any, Any], policy: str | None,
+def test_padded_batches_from_the_processor_answer_as_each_prompt_alone(saved: Saved, policy: str | None,
                                                                       params: dict[str, str]) -> None:
     """Two prompts of different lengths about images of different sizes, left-padded together by the processor:
     each row answers as its prompt alone (unmodified, and with the policy compiled); FastV keeping every token answers
     as the unmodified model."""
-    _, model, processor = saved
+    family, _, model, processor = saved
+    identity = params.get("ratio") == "100%"
+    params = params | FASTV.get(family, {}) if policy == "fastv" else params
     images = [[Image.new("RGB", (32, 32), "red")], [Image.new("RGB", (64, 32), "blue")]]
     prompts = [prompt_text(processor, "what color is it ?"), prompt_text(processor, "how many ?")]
     compiled = None
@@ -202,6 +262,6 @@ def test_padded_batches_from_the_processor_answer_as_each_prompt_alone(saved: tu
             del model.policyc
     assert [a.text for a in batch] == [a.text for a in alone]
     assert [a.image_tokens for a in batch] == [a.image_tokens for a in alone]
-    if policy == "fastv" and params:
+    if identity:
         unmodified = answer_batch(model, processor, images, prompts, max_new_tokens=4, do_sample=False)
         assert [a.text for a in batch] == [a.text for a in unmodified]
