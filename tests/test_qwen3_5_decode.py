@@ -180,3 +180,27 @@ def test_prefill_flops_count_attention_scores_only_at_full_layers() -> None:
     n = 40
     single, double = (prefill_flops(adapter, [rows] * layers).llm for rows in (n, 2 * n))
     assert double - 2 * single == full * 4 * (4 * n * n - 2 * n * n) * adapter.num_heads * adapter.head_dim
+
+
+@pytest.mark.parametrize(("seed", "r", "batch"), [(0, 0, 2), (1, 3, 1), (2, 8, 2)])
+def test_tome_equals_the_reference(seed: int, r: int, batch: int) -> None:
+    """ToMe in the Qwen3.5 tower (Qwen3-VL's, learned positions resampled per image, no DeepStack) against
+    tests/reference/tome_qwen.py: the same merged groups and rows per block, and logits within 1e-5 of the unmodified
+    model fed the reference's merger output (r=0: the reference is the model)."""
+    from family_checks import tome_forward
+    from reference.tome_qwen import groups_by_image, tome_qwen3_tower, with_pooler_output
+
+    model = tiny_qwen3_5(seed=seed)
+    inputs = make_qwen_inputs(batch=batch, grids=GRIDS, pad_left=2, seed=seed)
+    pooler, deepstack, groups, rows = tome_qwen3_tower(model, inputs["pixel_values"], inputs["image_grid_thw"], r)
+    assert deepstack == []
+    with torch.no_grad():
+        expected = with_pooler_output(model, inputs, pooler)
+        if r == 0:
+            torch.testing.assert_close(expected, model(**inputs, use_cache=False).logits, rtol=0, atol=1e-5)
+            return
+    logits, images = tome_forward(model, inputs, r)
+    assert groups_by_image(images.merged_into, inputs["image_grid_thw"]) == groups
+    assert images.encoder_rows.tolist() == rows
+    assert any(len(group) > 1 for image in groups for group in image)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)

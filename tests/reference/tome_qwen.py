@@ -103,7 +103,8 @@ def tome_qwen_tower(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r:
 @torch.no_grad()
 def tome_qwen3_tower(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r: int, after: bool = False,
                      ) -> tuple[Tensor, list[Tensor], list[list[list[int]]], list[list[int]]]:
-    """`tome_qwen_tower` on Qwen3-VL: also its DeepStack features per level [T, D], from unmerged patches."""
+    """`tome_qwen_tower` on Qwen3-VL and Qwen3.5 (learned positions added to the patches): also the DeepStack features
+    per level [T, D], from unmerged patches (none on Qwen3.5)."""
     return _tome(model, pixel_values, grid_thw, r, after)
 
 
@@ -127,7 +128,10 @@ def _tome(model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, r: int, afte
     side = None if full_blocks is None else config.window_size // config.patch_size // merge
     theta = config.rope_parameters["rope_theta"]
     levels = list(getattr(config, "deepstack_visual_indexes", None) or [])
-    embedded = _block_input(vit, pixel_values, grid_thw) if levels else vit.patch_embed(pixel_values)
+    # Qwen3-VL-style towers (Qwen3-VL, Qwen3.5) add learned positions resampled per image to the patches: the first
+    # block's input, taken from the model; Qwen2-VL's is the patches (Qwen2.5-VL's first block sees them reordered)
+    learned = hasattr(vit, "pos_embed")
+    embedded = _block_input(vit, pixel_values, grid_thw) if learned else vit.patch_embed(pixel_values)
     output = torch.empty_like(embedded)
     deep = [torch.empty_like(embedded) for _ in levels]
     all_groups, all_rows, offset = [], [], 0
