@@ -15,6 +15,10 @@ from click.testing import CliRunner
 from policyc.cli import main
 from policyc.lang import check_stdlib
 
+# pytest-xdist's workers run with COLUMNS=80 (which policyc, like rich, honours): these runs leave it unset, as a pipe
+# or a redirect usually has it
+RUNNER = CliRunner(env={"COLUMNS": None})
+
 
 def _longest_description() -> str:
     policies = check_stdlib().values()
@@ -36,14 +40,14 @@ def test_a_piped_table_keeps_every_cell_whole() -> None:
 
 def test_columns_still_sets_the_width() -> None:
     """COLUMNS=80 in the environment: the user's width wins, as rich does on a terminal."""
-    result = CliRunner().invoke(main, ["list", "policies"], env={"COLUMNS": "80"})
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(main, ["list", "policies"])
     assert result.exit_code == 0 and max(len(line) for line in result.stdout.splitlines()) <= 80
 
 
 def test_list_json_on_standard_output_is_the_catalog_alone() -> None:
     """`policyc list --json -`: standard output parses as JSON (every registry and the standard library), the
     tables went to standard error."""
-    result = CliRunner().invoke(main, ["list", "--json", "-"])
+    result = RUNNER.invoke(main, ["list", "--json", "-"])
     assert result.exit_code == 0, result.output
     catalog = json.loads(result.stdout)
     assert {p["name"] for p in catalog["policies"]} == set(check_stdlib())
@@ -52,7 +56,7 @@ def test_list_json_on_standard_output_is_the_catalog_alone() -> None:
 
 
 def test_list_json_of_one_kind(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["list", "merges", "--json", str(tmp_path / "merges.json")])
+    result = RUNNER.invoke(main, ["list", "merges", "--json", str(tmp_path / "merges.json")])
     assert result.exit_code == 0, result.output
     assert list(json.loads((tmp_path / "merges.json").read_text())) == ["merges"]
     assert f"wrote {tmp_path / 'merges.json'}" in result.stdout
@@ -61,7 +65,7 @@ def test_list_json_of_one_kind(tmp_path: Path) -> None:
 def test_run_json_holds_the_output_the_report_and_the_timings(tmp_path: Path) -> None:
     """`policyc run fastv --json FILE`: what the tables show, as data."""
     path = tmp_path / "run.json"
-    result = CliRunner().invoke(main, ["run", "fastv", "--max-new-tokens", "2", "--json", str(path)])
+    result = RUNNER.invoke(main, ["run", "fastv", "--max-new-tokens", "2", "--json", str(path)])
     assert result.exit_code == 0, result.output
     data = json.loads(path.read_text())
     assert data["policy"] == "fastv" and data["new_tokens"] == 2
@@ -73,7 +77,7 @@ def test_run_json_holds_the_output_the_report_and_the_timings(tmp_path: Path) ->
 
 def test_compile_json_is_the_report_of_the_artifact(tmp_path: Path) -> None:
     """`policyc compile default visionzip -o DIR --json -`: the JSON on standard output is the artifact's report."""
-    result = CliRunner().invoke(main, ["compile", "default", "visionzip", "-o", str(tmp_path / "artifact"), "--json",
+    result = RUNNER.invoke(main, ["compile", "default", "visionzip", "-o", str(tmp_path / "artifact"), "--json",
                                        "-"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == json.loads((tmp_path / "artifact" / "report.json").read_text())
@@ -82,5 +86,5 @@ def test_compile_json_is_the_report_of_the_artifact(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["run", "compile", "eval", "search", "bench", "list"])
 def test_every_command_that_prints_a_table_takes_json(command: str) -> None:
-    result = CliRunner().invoke(main, [command, "--help"])
+    result = RUNNER.invoke(main, [command, "--help"])
     assert result.exit_code == 0 and "--json" in result.stdout
