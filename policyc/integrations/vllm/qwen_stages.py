@@ -25,7 +25,7 @@ from torch import nn
 from policyc.errors import PolicyError
 from policyc.integrations.vllm.deployment import Deployment
 from policyc.integrations.vllm.shell import PROBE_SEED, PROBE_WIDTH, _stand_in_text
-from policyc.integrations.vllm.stages import _COUNT_HINT, _refuse_out_of_range, refuse_unservable
+from policyc.integrations.vllm.stages import _COUNT_HINT, PreLLM, _refuse_out_of_range
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 PROBE_GRID = (16, 16)  # patches per side of the image a deployment is checked on before any image arrives
@@ -78,24 +78,8 @@ def probe_pixels(config: Any, grid: tuple[int, int]) -> tuple[torch.Tensor, torc
     return pixels.reshape(-1, width), torch.tensor([[1, rows, cols]] * 3)
 
 
-class QwenPreLLM:
+class QwenPreLLM(PreLLM):
     """A deployment's stages compiled onto a transformers Qwen2-VL `shell` (its tower and merger run them)."""
-
-    def __init__(self, shell: nn.Module, deployment: Deployment) -> None:
-        from policyc.runtime import compile_model
-
-        self.shell = shell
-        self.deployment = deployment
-        self.compiled = compile_model(shell, deployment.policy, deployment.assignments)
-        try:
-            refuse_unservable(self.compiled.plan)
-        except PolicyError:
-            self.compiled.remove()
-            raise
-
-    @property
-    def plan(self) -> Any:
-        return self.compiled.plan
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[list[torch.Tensor],
