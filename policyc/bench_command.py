@@ -70,15 +70,11 @@ def bench_command(model: str | None, policy: str, *, settings: Settings, shapes:
     from policyc.models import adapt
     from policyc.report import report_from_last_prefill
     from policyc.runtime import compile_model
-    from policyc.show import find_policies
+    from policyc.show import find_one_policy
 
     console = console or terminal.console(json_path)
     set_fusion(settings.kernels)  # type: ignore[arg-type]
-    found = find_policies(policy)
-    if len(found) != 1:
-        raise PolicyError.at(f"{policy} holds {len(found)} policies", None,
-                             f"name one: {policy}:{found[0].program.policy.name}")
-    checked = found[0]
+    checked = find_one_policy(policy)
     loaded, model_name = preloaded or load_bench_model(model, shapes, settings)
     adapter = adapt(loaded)
     from policyc.bench import synthetic_inputs

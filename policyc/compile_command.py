@@ -8,20 +8,7 @@ from pathlib import Path
 import click
 
 from policyc import terminal
-from policyc.errors import PolicyError
 from policyc.lang import Loader, ir
-
-
-def one_policy(policy: str, loader: Loader) -> object:
-    """The one policy `policy` names (a file holding several must be narrowed with FILE:NAME)."""
-    from policyc.show import find_policies
-
-    found = find_policies(policy, loader)
-    if len(found) != 1:
-        names = ", ".join(c.program.policy.name for c in found)
-        raise PolicyError.at(f"{policy} holds {len(found)} policies ({names})", None,
-                             f"name one: {policy}:{found[0].program.policy.name}")
-    return found[0]
 
 
 def compile_command(model: str, policy: str, *, emit: str | None, backend: str, output: Path | None,
@@ -29,8 +16,9 @@ def compile_command(model: str, policy: str, *, emit: str | None, backend: str, 
     """Print what `emit` names; with `output`, write a compile artifact; with `output` or `json_path`, measure the
     compile report on the calibration prompt, print it and write it as JSON."""
     from policyc.models.bundled import load_reference_model, reference_name
+    from policyc.show import find_one_policy
 
-    checked = one_policy(policy, loader)
+    checked = find_one_policy(policy, loader)
     if emit == "ir":
         click.echo(checked.program.policy.model_dump_json(indent=2))  # type: ignore[attr-defined]
         if output is None and json_path is None:
@@ -65,4 +53,4 @@ def compile_command(model: str, policy: str, *, emit: str | None, backend: str, 
         terminal.write_json(json_path, report.to_json(), console)
 
 
-__all__ = ["compile_command", "one_policy"]
+__all__ = ["compile_command"]

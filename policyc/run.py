@@ -139,15 +139,10 @@ def open_session(target: Target, assignments: dict[str, ir.Expr], device: str, b
         if assignments:
             raise PolicyError.at("--param needs a POLICY", None, "e.g. policyc run fastv --param ratio=25%")
         return Session(target.model, model, processor, None)
-    from policyc.show import find_policies
+    from policyc.show import find_one_policy
 
-    found = find_policies(target.policy)
-    if len(found) != 1:
-        names = ", ".join(c.program.policy.name for c in found)
-        raise PolicyError.at(f"{target.policy} holds {len(found)} policies ({names})", None,
-                             f"name one: {target.policy}:{found[0].program.policy.name}")
     return Session(target.model, model, processor,
-                   compile_model(model, found[0], assignments, backend))  # type: ignore[arg-type]
+                   compile_model(model, find_one_policy(target.policy), assignments, backend))  # type: ignore[arg-type]
 
 
 def decode_text(processor: Any, tokens: torch.Tensor) -> str:

@@ -38,6 +38,16 @@ def find_policies(reference: str, loader: Loader | None = None) -> list[CheckedP
     return [stdlib[reference]]
 
 
+def find_one_policy(reference: str, loader: Loader | None = None) -> CheckedPolicy:
+    """The one policy `reference` names (`find_policies`); a file holding several must be narrowed with FILE:NAME."""
+    found = find_policies(reference, loader)
+    if len(found) != 1:
+        names = ", ".join(c.program.policy.name for c in found)
+        raise PolicyError.at(f"{reference} holds {len(found)} policies ({names})", None,
+                             f"name one: {reference}:{found[0].program.policy.name}")
+    return found[0]
+
+
 def stage_summary(checked: CheckedPolicy) -> str:
     kinds = []
     for plan in checked.stages:
