@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
+from policyc.catalog.base import Registry, Spec
+from policyc.catalog.signals import SIGNALS
 from policyc.errors import PolicyError, Span
 from policyc.lang import ir
 
@@ -18,7 +22,8 @@ if TYPE_CHECKING:
 class SignalOp(ABC):
     """A per-token score read from the model at a stage (`attention`, `key_norm`, ...)."""
 
-    name: ClassVar[str]  # the catalog name (policyc.catalog.signals)
+    name: ClassVar[str]  # the catalog name: `spec.name`
+    spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
     options: ClassVar[frozenset[str]] = frozenset()  # options this implementation honours
 
     @abstractmethod
@@ -46,21 +51,63 @@ def number_value(value: ir.Expr | None, default: float, what: str, span: Span | 
 
 
 C = TypeVar("C", bound=type)
+LOADING_PACKAGE: list[str] = ["policyc"]  # the package whose operators are being registered (policyc.operators.load)
 
 
-def registrar(registry: dict[str, Any], what: str, instantiate: bool = True) -> Callable[[C], C]:
+class DeclarationError(ValueError):
+    """An operator that breaks the declaration rules (policyc/operators/README in the docs), naming its package."""
+
+
+def registrar(registry: dict[str, Any], what: str, instantiate: bool = True, catalog: Registry | None = None,
+              kinds: tuple[str, ...] = ()) -> Callable[[C], C]:
     """A class decorator that makes an operator (an instance, or the class itself) available in `registry`
-    under `cls.name`, refusing a name registered twice."""
+    under its name, refusing a name registered twice. An operator that declares its `spec` (its language
+    signature) also registers it in `catalog`, so the checker, `policyc list` and the docs read that one
+    declaration; `kinds` are the spec kinds this registry takes."""
     def register(cls: C) -> C:
-        if cls.name in registry:  # type: ignore[attr-defined]
-            raise ValueError(f"{what} {cls.name!r} is registered twice")  # type: ignore[attr-defined]
-        registry[cls.name] = cls() if instantiate else cls  # type: ignore[attr-defined]
+        package = LOADING_PACKAGE[-1]
+        spec = getattr(cls, "spec", None)
+        if spec is not None:
+            _check_declaration(cls, spec, catalog, kinds, package)
+            cls.name = spec.name  # type: ignore[attr-defined]
+        name = cls.name  # type: ignore[attr-defined]
+        if name in registry:
+            raise DeclarationError(f"{package}: {what} {name!r} is registered twice")
+        if spec is not None and catalog is not None:
+            catalog.add(spec, package=package)
+        registry[name] = cls() if instantiate else cls
         return cls
     return register
 
 
+def _check_declaration(cls: type, spec: Spec, catalog: Registry | None, kinds: tuple[str, ...],
+                       package: str) -> None:
+    """Refuse a declaration the checker could not use, naming the package and the operator."""
+    where = f"{package}: operator {cls.__module__}.{cls.__qualname__}"
+    if not isinstance(spec, Spec):
+        raise DeclarationError(f"{where}: `spec` must be a policyc.operators.Spec, not {type(spec).__name__}")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", spec.name):
+        raise DeclarationError(f"{where}: name {spec.name!r} must be lower-case letters, digits and _")
+    if kinds and spec.kind not in kinds:
+        raise DeclarationError(f"{where}: a {cls.__mro__[1].__name__} declares kind {' or '.join(kinds)}, "
+                               f"not {spec.kind!r}")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        raise DeclarationError(f"{where}: {spec.name!r} does not implement {missing}")
+    names = [o.name for o in spec.options]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DeclarationError(f"{where}: option {twice[0]!r} is declared twice")
+    for option in spec.options:
+        if "enum" in option.accepts and not option.choices:
+            raise DeclarationError(f"{where}: enum option {option.name!r} needs `choices`")
+    if catalog is not None and spec.name in catalog.entries:
+        raise DeclarationError(f"{where}: {catalog.kind} {spec.name!r} is already declared by "
+                               f"{catalog.packages.get(spec.name, 'policyc')}")
+
+
 SIGNAL_OPS: dict[str, SignalOp] = {}
-register_signal = registrar(SIGNAL_OPS, "signal operator")
+register_signal = registrar(SIGNAL_OPS, "signal operator", catalog=SIGNALS, kinds=("signal",))
 
 
 def scatter_scores(values: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:

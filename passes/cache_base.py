@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 import torch
 from policyc.passes.base import registrar
 
+from policyc.catalog.base import Spec
 from policyc.catalog.caches import CACHES
 from policyc.errors import PolicyError
 from policyc.kernels import KERNELS
@@ -64,7 +65,8 @@ class Slots:
 class CacheOp(ABC):
     """A decode-time KV-cache policy. Options are literals (parameters resolved, defaults filled)."""
 
-    name: ClassVar[str]  # the catalog name (policyc.catalog.caches)
+    name: ClassVar[str]  # the catalog name: `spec.name`
+    spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
     # what `Slots.scores` holds; "newest": none, but `Slots.newest` holds the newest decode query's logits;
     # "normalized": right after prefill, ZipVL's normalized score (the prompt's column sums divided by the real
     # prompt rows that see each key), then `Slots.newest` as "newest"
@@ -144,7 +146,7 @@ class QuantizingCacheOp(CacheOp):
 
 
 CACHE_OPS: dict[str, type[CacheOp]] = {}  # classes: the cache runtime makes one per compiled model
-register_cache = registrar(CACHE_OPS, "cache operator", instantiate=False)
+register_cache = registrar(CACHE_OPS, "cache operator", instantiate=False, catalog=CACHES, kinds=("cache",))
 
 
 def last(candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from policyc.passes.base import registrar
 
+from policyc.catalog.base import Spec
+from policyc.catalog.signals import SIGNALS
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -18,7 +20,8 @@ if TYPE_CHECKING:
 class FeatureOp(ABC):
     """Per-token features read from the model at a stage."""
 
-    name: ClassVar[str]  # the catalog name (policyc.catalog.signals, kind "feature")
+    name: ClassVar[str]  # the catalog name: `spec.name`
+    spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
     options: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
@@ -27,4 +30,4 @@ class FeatureOp(ABC):
 
 
 FEATURE_OPS: dict[str, FeatureOp] = {}
-register_feature = registrar(FEATURE_OPS, "feature operator")
+register_feature = registrar(FEATURE_OPS, "feature operator", catalog=SIGNALS, kinds=("feature",))

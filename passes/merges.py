@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import torch
 from policyc.passes.base import number_value, option_value, registrar
 
+from policyc.catalog.base import Spec
+from policyc.catalog.merges import MERGES
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
@@ -53,7 +55,8 @@ class Folding:
 
 
 class MergeOp(ABC):
-    name: ClassVar[str]  # the catalog name (policyc.catalog.merges)
+    name: ClassVar[str]  # the catalog name: `spec.name`
+    spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
     options: ClassVar[frozenset[str]] = frozenset()
     by: ClassVar[Literal["feature", "score"]] = "feature"  # what `by` gives: MergeRows.features or .weights
     # In the LLM: SET may hold tokens the stage already dropped, and each group's receiver comes back (SparseVLM)
@@ -91,7 +94,7 @@ class MergeOp(ABC):
 
 
 MERGE_OPS: dict[str, MergeOp] = {}
-register_merge = registrar(MERGE_OPS, "merge")
+register_merge = registrar(MERGE_OPS, "merge", catalog=MERGES, kinds=("merge",))
 
 
 def staying(rows: torch.Tensor) -> torch.Tensor:

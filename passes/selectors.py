@@ -11,6 +11,8 @@ import torch
 from policyc.passes.allocate import selection_counts
 from policyc.passes.base import number_value, option_value, registrar, selected_first
 
+from policyc.catalog.base import Spec
+from policyc.catalog.selectors import SELECTORS
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -20,7 +22,8 @@ if TYPE_CHECKING:
 class SelectorOp(ABC):
     """Picks `amount` tokens of a candidate set."""
 
-    name: ClassVar[str]  # the catalog name (policyc.catalog.selectors)
+    name: ClassVar[str]  # the catalog name: `spec.name`
+    spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
     options: ClassVar[frozenset[str]] = frozenset()  # options this implementation honours
 
     @abstractmethod
@@ -50,7 +53,7 @@ class SelectorOp(ABC):
 
 
 SELECTOR_OPS: dict[str, SelectorOp] = {}
-register_selector = registrar(SELECTOR_OPS, "selector")
+register_selector = registrar(SELECTOR_OPS, "selector", catalog=SELECTORS, kinds=("selector",))
 
 
 def ranked(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from policyc.passes.base import SignalOp, register_signal, scatter_scores
 from policyc.passes.select_cover import unit
 
+from policyc.catalog.base import Option, Spec
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
@@ -23,7 +24,10 @@ if TYPE_CHECKING:
 
 @register_signal
 class TextRelevance(SignalOp):
-    name = "text_relevance"
+    spec = Spec("text_relevance", "signal", "softmax over vision of the similarity of question-word embeddings "
+                "to each token, summed over words (MMTok, SparseVLM raters)",
+                options=(Option("tau", ("number",), "softmax temperature", default="0.02", low=0),),
+                stages=frozenset({"projector", "llm"}), paper="MMTok arXiv:2508.18264")
     options = frozenset({"tau"})
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:

@@ -76,23 +76,39 @@ class Spec:
 
 @dataclass
 class Registry:
-    """Specs of one kind, by name; unknown names fail with the closest valid name."""
+    """Specs of one kind, by name; unknown names fail with the closest valid name.
+
+    Operators (signals, selectors, merges, caches, ...) declare their spec next to their implementation and
+    register it here when `policyc.operators` loads them (built-ins and plug-ins), on the first lookup."""
 
     kind: str
     noun: str
     plural: str = ""  # the listing's name when not `kind + "s"`
-    specs: dict[str, Spec] = field(default_factory=dict)
+    entries: dict[str, Spec] = field(default_factory=dict)
+    packages: dict[str, str] = field(default_factory=dict)  # name -> the package that declared it (plug-ins)
+
+    @property
+    def specs(self) -> dict[str, Spec]:
+        """Every spec by name, operators loaded."""
+        _load_operators()
+        return self.entries
 
     @property
     def title(self) -> str:
         """`signals`, `positions`: how `policyc list` names this registry."""
         return self.plural or self.kind + "s"
 
-    def add(self, *specs: Spec) -> None:
+    def add(self, *specs: Spec, package: str = "policyc") -> None:
         for spec in specs:
-            if spec.name in self.specs:
+            if spec.name in self.entries:
                 raise ValueError(f"duplicate {self.kind} spec {spec.name!r}")
-            self.specs[spec.name] = spec
+            self.entries[spec.name] = spec
+            self.packages[spec.name] = package
+
+    def package(self, name: str) -> str:
+        """The package that declared `name` ("policyc" for built-ins)."""
+        _load_operators()
+        return self.packages.get(name, "policyc")
 
     def __contains__(self, name: object) -> bool:
         return name in self.specs
@@ -108,3 +124,10 @@ class Registry:
         if spec is None:
             raise PolicyError.at(f"unknown {self.noun} '{name}'", span, suggestion(name, self.names(), f"{self.noun}s"))
         return spec
+
+
+def _load_operators() -> None:
+    """Register the built-in operators and the installed plug-ins (once; see policyc/operators)."""
+    from policyc.operators import load
+
+    load()

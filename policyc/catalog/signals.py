@@ -50,10 +50,6 @@ SIGNALS.add(
     Spec("frame", "signal", "each token's frame in its video, 0 for the first (Qwen2-VL: a group of "
          "temporal_patch_size frames); an image is frame 0: `vision where frame < 4`",
          stages=frozenset({"projector"})),
-    Spec("text_relevance", "signal", "softmax over vision of the similarity of question-word embeddings "
-         "to each token, summed over words (MMTok, SparseVLM raters)",
-         options=(Option("tau", ("number",), "softmax temperature", default="0.02", low=0),),
-         stages=frozenset({"projector", "llm"}), paper="MMTok arXiv:2508.18264"),
     Spec("hidden", "feature", "hidden states (the residual stream) of each token", options=(LAYER,),
          returns="feature"),
     Spec("keys", "feature", "attention keys of each token, mean over heads (ToMe's metric)", options=(LAYER,),
