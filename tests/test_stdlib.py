@@ -1,4 +1,4 @@
-"""The standard library as a whole: the README's methods table lists every policy in policies/ with a
+"""The standard library as a whole: the methods table (docs/methods/index.md) lists every policy in policies/ with a
 status, and a policy marked proven or runs goes end to end through `policyc run` on the embedded default;
 DivPrune and ToDRE's diversity stage equal the plain DivPrune reference (tests/reference/divprune.py)."""
 
@@ -22,8 +22,8 @@ POLICIES = sorted(p.stem for p in (ROOT / "policies").glob("*.tokpol"))
 
 
 def methods_table() -> dict[str, str]:
-    """policy name -> status word (`proven`, `runs` or `not yet`), from the README's methods table."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """policy name -> status word (`proven`, `runs` or `not yet`), from the methods table of the docs."""
+    text = (ROOT / "docs" / "methods" / "index.md").read_text(encoding="utf-8")
     table = text.split("<!-- methods:start -->")[1].split("<!-- methods:end -->")[0]
     statuses: dict[str, str] = {}
     for line in table.splitlines():
