@@ -1,4 +1,5 @@
-"""mkdocs-gen-files script (mkdocs.yml): writes the generated pages (policyc/docsite.py) into the site."""
+"""mkdocs-gen-files script (mkdocs.yml): writes the generated pages (policyc/docsite.py) into the site; the
+Methods section's navigation is one of them (methods/SUMMARY.md, read by mkdocs-literate-nav)."""
 
 from pathlib import Path
 

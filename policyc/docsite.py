@@ -201,13 +201,27 @@ def catalog_page() -> str:
 
 
 def site_pages(root: Path) -> dict[str, str]:
-    """Every generated page, by its path under docs/: the catalog and one page per policy file of
-    `root`/policies, with the methods table read from `root`/docs/methods/index.md."""
+    """Every generated page, by its path under docs/: the catalog, one page per policy file of `root`/policies
+    (with the methods table read from `root`/docs/methods/index.md) and the Methods section's navigation."""
     rows = methods_rows((root / "docs" / "methods" / "index.md").read_text(encoding="utf-8"))
     pages = {"reference/catalog.md": catalog_page()}
-    for path in sorted((root / "policies").glob("*.tokpol")):
+    paths = sorted((root / "policies").glob("*.tokpol"))
+    for path in paths:
         pages[f"methods/{path.stem}.md"] = policy_page(path, rows)
+    pages["methods/SUMMARY.md"] = methods_nav(rows, [path.stem for path in paths])
     return pages
+
+
+def methods_nav(rows: list[MethodRow], stems: list[str]) -> str:
+    """The Methods section of the site's navigation (mkdocs-literate-nav): the table, then a page per policy
+    file, named as its first methods-table row names it, in the table's order (files without a row last)."""
+    names: dict[str, str] = {}
+    for row in rows:
+        if row.policy in stems and row.policy not in names:
+            names[row.policy] = row.method
+    ordered = list(names) + [stem for stem in stems if stem not in names]
+    lines = ["- [The standard library](index.md)", *(f"- [{names.get(stem, stem)}]({stem}.md)" for stem in ordered)]
+    return "\n".join(lines) + "\n"
 
 
 def readme_methods_table(rows: list[MethodRow]) -> str:

@@ -21,8 +21,11 @@ POLICIES = sorted(p.stem for p in (ROOT / "policies").glob("*.tokpol"))
 
 
 def _nav_pages() -> list[str]:
+    """The pages mkdocs.yml's nav names, and those of the Methods section (methods/, its generated SUMMARY.md)."""
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8").split("\nnav:\n", 1)[1]
-    return re.findall(r"([\w/.-]+\.md)\s*$", nav, re.MULTILINE)
+    assert re.search(r"^  - Methods: methods/$", nav, re.MULTILINE)
+    methods = re.findall(r"\]\((\w+\.md)\)", site_pages(ROOT)["methods/SUMMARY.md"])
+    return re.findall(r"([\w/.-]+\.md)\s*$", nav, re.MULTILINE) + [f"methods/{page}" for page in methods]
 
 
 def test_every_page_of_the_navigation_exists_or_is_generated() -> None:
@@ -46,8 +49,9 @@ def test_the_pages_the_site_promises_are_in_its_navigation(page: str) -> None:
 
 def test_every_standard_library_policy_gets_a_generated_page() -> None:
     generated = site_pages(ROOT)
-    assert sorted(p.removeprefix("methods/").removesuffix(".md") for p in generated if p.startswith("methods/")) \
-        == POLICIES
+    pages = [p.removeprefix("methods/").removesuffix(".md") for p in generated if p.startswith("methods/")]
+    assert sorted(pages) == sorted([*POLICIES, "SUMMARY"])
+    assert generated["methods/SUMMARY.md"].startswith("- [The standard library](index.md)\n- [FastV](fastv.md)\n")
     rows = {row.policy: row for row in methods_rows((DOCS / "methods" / "index.md").read_text(encoding="utf-8"))}
     for name in POLICIES:
         page = generated[f"methods/{name}.md"]
@@ -96,10 +100,12 @@ def test_a_new_policy_file_gets_a_page_and_a_changed_row_changes_it(tmp_path: Pa
         "    keep top 50% of vision by key_norm\n  }\n}\n")
     page = site_pages(root)["methods/half.md"]
     assert page.startswith("# half\n") and "Not in the methods table" in page and "key_norm(layer=here)" in page
+    assert site_pages(root)["methods/SUMMARY.md"].endswith("- [half](half.md)\n")  # no row yet: after the table's
     index = root / "docs" / "methods" / "index.md"
     index.write_text(index.read_text().replace(
         "<!-- methods:end -->", "| Half | arXiv:2403.06764 | llm | [`half.tokpol`](half.md) | runs: a test | "
         "keeps half |\n<!-- methods:end -->"))
+    assert site_pages(root)["methods/SUMMARY.md"].endswith("- [Half](half.md)\n")
     page = site_pages(root)["methods/half.md"]
     assert page.startswith("# Half\n") and "**runs**: a test" in page and "Deviations and notes: keeps half" in page
 
