@@ -103,6 +103,30 @@ def _domain(param: ir.Param) -> str:
     return f"[{print_expr(domain.low)}, {print_expr(domain.high)}]{step}" + (" log" if domain.log else "")
 
 
+def _comment_markdown(comments: tuple[str, ...]) -> list[str]:
+    """A policy's header comments as Markdown: `- ` lines start list items, indented lines continue the item
+    above, other lines are paragraphs."""
+    blocks: list[str] = []
+    listing = False
+    for raw in comments:
+        line = raw.removeprefix("#").removeprefix(" ").rstrip()
+        if line.startswith("- "):
+            blocks.append(line)
+            listing = True
+        elif blocks and line and (line.startswith(" ") or not listing):
+            blocks[-1] += " " + line.strip()
+        elif line:
+            blocks.append(line)
+            listing = False
+    out: list[str] = []
+    for index, block in enumerate(blocks):
+        out.append(block)
+        following = blocks[index + 1] if index + 1 < len(blocks) else ""
+        if not (block.startswith("- ") and following.startswith("- ")):
+            out.append("")
+    return out
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -116,8 +140,7 @@ def _policy_section(checked: CheckedPolicy, heading: str) -> list[str]:
     out += [" · ".join(facts), ""]
     if description := policy.meta_value("description"):
         out += [f"> {description}", ""]
-    if policy.comments:
-        out += [" ".join(c.removeprefix("#").strip() for c in policy.comments), ""]
+    out += _comment_markdown(policy.comments)
     params = [(scope.qualified(p.name), p) for scope in checked.program.scopes for p in scope.policy.params
               if p.name not in scope.overrides]
     sub = heading + "#"
@@ -160,7 +183,7 @@ def policy_page(path: Path, rows: list[MethodRow]) -> str:
     title = mine[0].method if mine else (first.meta_value("title") or stem)
     out = [f"# {title}", "", f"<!-- generated from policies/{path.name} and docs/methods/index.md by "
            "policyc/docsite.py: edit those, not this page -->", ""]
-    if meta_title := first.meta_value("title"):
+    if (meta_title := first.meta_value("title")) and meta_title != title:
         out += [f"*{meta_title}*", ""]
     for row in mine:
         label = "" if len(mine) == 1 else f"{row.method}: "
@@ -178,6 +201,9 @@ def policy_page(path: Path, rows: list[MethodRow]) -> str:
     name = first.name
     out += ["## Run it", "", "```bash", f"policyc show {name}", f"policyc run {name}",
             f"policyc eval default {name} --limit 100", "```", "",
+            "These run on the embedded default model (an 8-layer LLM, a 24-layer CLIP tower); a stage at a layer it "
+            f"lacks fails at the policy line: `policyc run random {name}` runs a 32-layer model with random weights.",
+            "",
             "On your own model: [compile onto your model](../howto/compile.md), "
             "[evaluate](../howto/evaluate.md).", "",
             f"## Source: `policies/{path.name}`", "", "```", source.rstrip("\n"), "```", ""]

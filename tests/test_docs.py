@@ -141,6 +141,13 @@ def test_policy_page_reads_the_file_it_is_given(tmp_path: Path) -> None:
     assert "[`heavy_hitter(heavy=10%, recent=10%, per_head=true)`](../reference/catalog.md#caches)" in page
 
 
+def test_header_comments_keep_their_lists() -> None:
+    page = site_pages(ROOT)["methods/mustdrop.md"]
+    assert "MustDrop, as its code does it, over the whole lifecycle:\n\n- encoder layer 0: merge each 3x3 window of " \
+        "patches whose mean pairwise cosine similarity is at least 0.8 into one token;\n- encoder layer 23" in page
+    assert "the last stage.\n\nOrder: the window merge" in page
+
+
 def test_architecture_page_draws_the_stage_graph_policyc_show_draws() -> None:
     text = (DOCS / "architecture.md").read_text(encoding="utf-8")
     drawn = text.split("```mermaid\n", 1)[1].split("```", 1)[0]
