@@ -19,6 +19,7 @@ from policyc.lang.printer import print_expr, print_statement
 from policyc.show import catalog_markdown, stage_summary
 
 METHODS_START, METHODS_END = "<!-- methods:start -->", "<!-- methods:end -->"
+README_START, README_END = "<!-- readme-methods:start -->", "<!-- readme-methods:end -->"
 
 
 @dataclass(frozen=True)
@@ -257,3 +258,21 @@ def readme_methods_table(rows: list[MethodRow]) -> str:
         policy = f" ([`{row.policy}`](policies/{row.policy}.tokpol))" if row.policy else ""
         lines.append(f"| {row.method}{policy} | {row.stages or '—'} | {row.status} |")
     return "\n".join(lines) + "\n"
+
+
+def update_readme(root: Path) -> bool:
+    """Rewrite the README's short methods table from docs/methods/index.md; True when it changed."""
+    readme = root / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} lacks {README_START} ... {README_END}")
+    head, rest = text.split(README_START, 1)
+    table = readme_methods_table(methods_rows((root / "docs" / "methods" / "index.md").read_text(encoding="utf-8")))
+    new = f"{head}{README_START}\n{table}{README_END}{rest.split(README_END, 1)[1]}"
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    return new != text
+
+
+if __name__ == "__main__":  # `python -m policyc.docsite`: after editing the methods table
+    print("README.md updated" if update_readme(Path.cwd()) else "README.md already up to date")

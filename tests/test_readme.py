@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from policyc.docsite import methods_rows, readme_methods_table
+from policyc.docsite import methods_rows, readme_methods_table, update_readme
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -39,7 +39,16 @@ def test_readme_links_lead_to_files_of_the_repository() -> None:
 def test_readme_methods_table_is_generated_from_the_documentation() -> None:
     embedded = README.split("<!-- readme-methods:start -->\n", 1)[1].split("<!-- readme-methods:end -->", 1)[0]
     rows = methods_rows((ROOT / "docs" / "methods" / "index.md").read_text(encoding="utf-8"))
-    assert embedded == readme_methods_table(rows), (
-        "the README's methods table is stale: paste the output of `python -c \"from pathlib import Path; "
-        "from policyc.docsite import methods_rows, readme_methods_table; "
-        "print(readme_methods_table(methods_rows(Path('docs/methods/index.md').read_text())), end='')\"`")
+    assert embedded == readme_methods_table(rows), "the README's methods table is stale: python -m policyc.docsite"
+
+
+def test_update_readme_rewrites_only_the_methods_table(tmp_path: Path) -> None:
+    (tmp_path / "docs" / "methods").mkdir(parents=True)
+    index = (ROOT / "docs" / "methods" / "index.md").read_text(encoding="utf-8")
+    (tmp_path / "docs" / "methods" / "index.md").write_text(index.replace("| FastV | arXiv:2403.06764 | llm |",
+                                                                          "| FastV2 | arXiv:2403.06764 | llm |"))
+    (tmp_path / "README.md").write_text(README)
+    assert update_readme(tmp_path)
+    updated = (tmp_path / "README.md").read_text()
+    assert updated.replace("| FastV2 ([`fastv`]", "| FastV ([`fastv`]") == README
+    assert not update_readme(tmp_path)
