@@ -1,4 +1,4 @@
-"""Accuracy retention of the standard library on the bundled model, at three budgets: the README's table and plot.
+"""Accuracy retention of the standard library on the bundled model, at three budgets (docs/howto/evaluate.md).
 
     python benchmarks/accuracy.py --limit 500 --out benchmarks/ACCURACY.md --plot docs/retention.png
 

@@ -13,7 +13,7 @@ plot.
 Each configuration's `policyc bench` JSON is kept in OUT/runs/ (re-running a configuration replaces it), and
 OUT/RESULTS.md and OUT/speed.png are rebuilt from every JSON there, so a matrix too long for one session can be
 run in parts. Settings per budget: FastV keeps that count (ratio (budget + 0.25) / 576, floored by the runtime);
-VisionZip the README's dominant/contextual splits (54/10, 108/20, 162/30); PyramidDrop has fixed stages
+VisionZip the evaluation page's dominant/contextual splits (54/10, 108/20, 162/30); PyramidDrop has fixed stages
 [7, 15, 23] and a geometric lambda, so no lambda averages 64 or 128 tokens: lambda 0.3/0.4/0.5 (as
 benchmarks/accuracy.py); MustDrop the paper's thresholds for each budget (count data-dependent: random weights).
 The tables report what each measured. `--tiny` scales every count to the tiny model's 64 image tokens.

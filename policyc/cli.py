@@ -358,7 +358,7 @@ def bench(first: str, second: str | None, batch: int, images: int, prompt_len: i
 def serve(first: str, rest: tuple[str, ...], params: tuple[str, ...]) -> None:
     """Serve POLICY on MODEL (default: the embedded model) with vLLM's OpenAI-compatible server: `vllm serve MODEL
     --hf-overrides '{"policyc": ...}'` and the vLLM ARGS (e.g. --port 8000). Needs `pip install 'policyc[vllm]'`;
-    the policy's stages must all run before the LLM (README: Serving with vLLM)."""
+    the policy's stages must all run before the LLM (docs/howto/serve.md)."""
     from policyc.integrations.vllm.serve import serve_command
 
     model, policy, args = (first, rest[0], rest[1:]) if rest and not rest[0].startswith("-") else (None, first, rest)

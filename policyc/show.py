@@ -118,7 +118,7 @@ def catalog_json(kind: str | None) -> dict[str, list[dict[str, str]]]:
 
 
 def catalog_markdown() -> str:
-    """Every registry as a Markdown table (the README's language catalog is this text)."""
+    """Every registry as a Markdown table (the docs' catalog page is this text)."""
     blocks = []
     for name, registry in _KIND_REGISTRY.items():
         rows = [f"**{name}**", "", f"| {registry.kind} | stages | what it does |", "|---|---|---|"]

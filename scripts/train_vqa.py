@@ -4,7 +4,7 @@
     python scripts/train_vqa.py --out runs/v24t8 ... --resume          # after an interruption
     python scripts/train_vqa.py --out runs/full --text-layers 32 --grow-from runs/v24t8/model --steps 0   # stacked
 
-(the README's "Evaluating a policy" gives the run that shipped and its curve).
+(docs/howto/evaluate.md gives the run that shipped and its curve).
 
 Each training row is one scene with up to five questions (policyc.vqa.scenes.scene_questions): the first
 as at inference, the others as further chat turns.

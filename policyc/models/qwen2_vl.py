@@ -9,7 +9,7 @@ What differs from LLaVA:
 
 On M-RoPE a kept image token keeps its grid coordinates and text after an image starts after the image's
 grid, not after its token count: dropping image tokens leaves no gap to close. `positions compact` and
-`positions cache_length` therefore keep every position, as `positions original` does (the README's model
+`positions cache_length` therefore keep every position, as `positions original` does (docs/families.md's model
 matrix says so).
 
 `projector.output` stages run on the tower's merged tokens (its `pooler_output`, every image packed one after
