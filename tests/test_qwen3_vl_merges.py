@@ -3,7 +3,9 @@ combination of its members' rows. Against the plain reference (tests/reference/m
 contextual merge at projector.output (`merge nearest`; the standard library's visionzip reads CLS attention at
 the encoder's feature layer, which Qwen3-VL's tower has not) and SparseVLM's recycling (`merge cluster`) at LLM
 layer 2, a DeepStack layer: the same kept and merged tokens, prefill logits within 1e-5, the same greedy tokens;
-a reference that leaves the DeepStack rows unfolded differs. Padded batches equal single runs, dense and MoE."""
+a reference that leaves the DeepStack rows unfolded differs. Every projector merge rule (ToMe's size-weighted
+average, plain means, VisionZip's add_mean, temporal merging of video frames) folds each DeepStack level as it folds
+the tokens. Padded batches equal single runs, dense and MoE."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from family_checks import assert_batch_equals_single_runs
 from reference.merge_deepstack import RowResult, nearest_merge_generate, sparsevlm_generate
 from tiny_models import QWEN_IMAGE_ID, make_qwen_inputs, qwen_single_row
-from tiny_qwen3_vl import tiny_qwen3_vl
+from tiny_qwen3_vl import make_qwen3_video_inputs, tiny_qwen3_vl
 
 import policyc
 from policyc.lang import check_source
@@ -98,3 +100,43 @@ def test_padded_batches_equal_single_runs(moe: bool, policy: object, params: dic
     inputs = make_qwen_inputs(batch=2, grids=grids, pad_left=2, seed=5)
     assert_batch_equals_single_runs(tiny_qwen3_vl(seed=5, num_llm_layers=layers, moe=moe), policy, params, inputs,
                                     qwen_single_row, drops=True)
+
+
+PROJECTOR_MERGES = {
+    "bipartite": "merge bipartite(r=4) of vision by hidden",  # ToMe: size-weighted averages
+    "nearest_mean": "let targets = stride 3 of vision\n"
+                    "    merge nearest(combine=mean) of vision - targets into targets by hidden",
+    "nearest_add_mean": "let targets = stride 5 of vision\n"
+                        "    merge nearest of vision - targets into targets by hidden",
+    "temporal": "merge temporal(threshold=0.0) of vision by hidden",  # on videos: each frame into the one before
+}
+
+
+@pytest.mark.parametrize("merge", PROJECTOR_MERGES, ids=list(PROJECTOR_MERGES))
+def test_projector_merges_fold_every_deepstack_level_as_the_tokens(merge: str) -> None:
+    """With each DeepStack level set to (k + 1) x the tower's merged tokens, every merge rule is linear, so at the
+    LLM's input each visual position's level-k row must be (k + 1) x its (merged) token, which some merges changed."""
+    model = tiny_qwen3_vl(seed=4)
+    videos = merge == "temporal"
+    inputs = make_qwen3_video_inputs(batch=2, videos=((4, 4, 8),), pad_left=2, seed=4) if videos else \
+        make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=4)
+    tower, text_model = model.model.visual, model.model.language_model
+
+    def levels_of_the_tokens(module: torch.nn.Module, args: tuple, output: object) -> object:
+        output.deepstack_features = [output.pooler_output * (k + 1) for k in range(len(output.deepstack_features))]
+        return output
+
+    seen: dict[str, object] = {}
+    tower.register_forward_hook(levels_of_the_tokens)  # before policyc's own hook on the tower
+    text_model.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+        unmerged = seen["inputs_embeds"][seen["visual_pos_masks"]]
+        policyc.compile(model, check_source(f"policy p {{\n  stage projector.output {{\n    {PROJECTOR_MERGES[merge]}"
+                                            "\n  }\n}")[0])
+        model(**inputs)
+    tokens = seen["inputs_embeds"][seen["visual_pos_masks"]]
+    assert (tokens - unmerged).abs().amax(-1).gt(1e-4).sum() >= 4  # merged tokens took new values
+    assert len(seen["deepstack_visual_embeds"]) == 3
+    for k, level in enumerate(seen["deepstack_visual_embeds"]):
+        torch.testing.assert_close(level, tokens * (k + 1), rtol=1e-6, atol=1e-5)
