@@ -1,7 +1,8 @@
 """Qwen3-VL and Qwen3-VL-MoE: the adapter, the identity policy bit-exact at every generate() step, DeepStack features
 following the kept rows (FastV against a plain reference that drops rows and their DeepStack features, DivPrune at
-projector.output against a shorter prompt), with images and videos, and padded batches equal to single runs. ToMe in
-the tower: tests/test_qwen3_vl_encoder.py."""
+projector.output against a shorter prompt), with images and videos, and padded batches equal to single runs (SparseVLM's
+recycling at layer 2, a DeepStack layer, included). ToMe in the tower: tests/test_qwen3_vl_encoder.py; merges that
+fold the DeepStack features: tests/test_qwen3_vl_merges.py."""
 
 from __future__ import annotations
 
@@ -148,12 +149,8 @@ def deep_models() -> dict[bool, torch.nn.Module]:
     return {moe: tiny_qwen3_vl(num_llm_layers=32, moe=moe) for moe in MOE}
 
 
-# SparseVLM recycles (merge cluster) at layer 2, a DeepStack layer: refused (test below)
-DEEP_POLICIES = [p for p in LLM_POLICIES if p[0] != "sparsevlm"]
-
-
 @pytest.mark.parametrize("moe", MOE, ids=["dense", "moe"])
-@pytest.mark.parametrize(("policy", "params", "drops"), DEEP_POLICIES, ids=[p[0] for p in DEEP_POLICIES])
+@pytest.mark.parametrize(("policy", "params", "drops"), LLM_POLICIES, ids=[p[0] for p in LLM_POLICIES])
 def test_stdlib_policies_generate_and_batches_equal_single_runs(
         deep_models: dict[bool, torch.nn.Module], moe: bool, policy: str, params: dict, drops: bool) -> None:
     inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=7)
@@ -164,27 +161,6 @@ def test_pyramiddrop_drops_in_the_deepstack_layers_of_a_shallow_model() -> None:
     """On 4 layers PyramidDrop's first stage is layer 0, a DeepStack layer: a padded batch equals single runs."""
     inputs = make_qwen_inputs(batch=2, grids=GRIDS, pad_left=2, seed=2)
     assert_batch_equals_single_runs(tiny_qwen3_vl(), "pyramiddrop", {}, inputs, qwen_single_row, drops=True)
-
-
-@pytest.mark.parametrize(("policy", "params", "where"), [
-    ("visiondrop_llm", {}, "at LLM layer 0"),  # depth / 4 - 1 on 4 layers
-    ("sparsevlm", {"early": 20, "middle": 12, "late": 6}, "at LLM layer 2"),
-])
-def test_merges_in_the_deepstack_layers_fail_at_compile_time(policy: str, params: dict, where: str) -> None:
-    model = tiny_qwen3_vl(num_llm_layers=4 if policy == "visiondrop_llm" else 32)
-    with pytest.raises(PolicyError) as error:
-        policyc.compile(model, policy, **params)
-    text = str(error.value)
-    assert f"DeepStack features after LLM layers 0..2: a merge {where}" in text and f"{policy}.tokpol:" in text
-    assert "merge in an LLM stage at layer 3 or later" in text
-
-
-def test_projector_merges_fail_at_compile_time() -> None:
-    text = "policy p { stage projector.output { merge bipartite(r=4) of vision by hidden } }"
-    with pytest.raises(PolicyError) as error:
-        policyc.compile(tiny_qwen3_vl(), check_source(text)[0])
-    assert "a merge at projector.output would have to fold them alike" in str(error.value)
-    assert "<input>:1:" in str(error.value) or ":1:" in str(error.value)
 
 
 @pytest.mark.parametrize("policy", ["fastv", "divprune", "pyramiddrop", "h2o"])

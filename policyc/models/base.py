@@ -7,15 +7,18 @@ transformers version's attribute paths, so the same code runs on transformers 5.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from policyc.errors import Diagnostic, PolicyError, Span
 from policyc.models.layout import ImageLayout, fixed_size_layouts
+
+if TYPE_CHECKING:
+    from policyc.runtime.row_folds import RowFold
 
 
 class ImageTokensHook(Protocol):
@@ -203,10 +206,13 @@ class ModelAdapter:
         which placeholders its tokens fill. The result undoes the hook. None: the family has no such forwards."""
         return None
 
-    def hook_llm_rows(self, rows: Callable[[], torch.Tensor | None]) -> Callable[[], None] | None:
+    def hook_llm_rows(self, rows: Callable[[], torch.Tensor | None],
+                      folds: Callable[[], Sequence[RowFold]] | None = None) -> Callable[[], None] | None:
         """Families that add features to the LLM's hidden states by prompt position between decoder layers
         (Qwen3-VL's DeepStack) read the prompt rows still alive from `rows()` ([B, L'] positions; None outside a
-        prefill), so that a dropped token's features go with it. The result undoes the hook. None: nothing to do."""
+        prefill), so that a dropped token's features go with it, and the prefill's LLM merges so far from
+        `folds()` (runtime/row_folds.py), so that a merged token's features fold as its rows did. The result
+        undoes the hook. None: nothing to do."""
         return None
 
     def sample_inputs(self, text_tokens: int = 16) -> dict[str, torch.Tensor]:

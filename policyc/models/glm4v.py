@@ -19,9 +19,9 @@ What differs from Qwen2-VL (models/qwen2_vl.py, whose inputs, image layouts and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from torch import nn
 from policyc.models.base import ModelAdapter, register_adapter
 from policyc.models.qwen2_vl import QwenVLAdapter, QwenVLFactory
 from policyc.models.structure import adapt_error
+
+if TYPE_CHECKING:
+    from policyc.runtime.row_folds import RowFold
 
 MODEL_TYPES = {"glm4v": "GLM-4.1V", "glm4v_moe": "GLM-4.5V"}
 
@@ -43,7 +46,8 @@ class Glm4vAdapter(QwenVLAdapter):
     def describe(self) -> str:
         return f"{super().describe()}\nconnector: post_layernorm -> downsample (2x2 Conv2d) -> merger"
 
-    def hook_llm_rows(self, rows: Callable[[], torch.Tensor | None]) -> Callable[[], None] | None:
+    def hook_llm_rows(self, rows: Callable[[], torch.Tensor | None],
+                      folds: Callable[[], Sequence[RowFold]] | None = None) -> Callable[[], None] | None:
         """GLM-4.5V's text model hands every decoder layer its 3-D M-RoPE ids ([3, B, L] `position_ids`), which the
         layer passes to its attention unread (the rotary comes as `position_embeddings`); policyc's row gathers
         expect [B, L] ids, so the layers (policyc's wrappers, installed before this hook) do not receive them."""

@@ -194,7 +194,8 @@ class CompiledModel:
                 if stages:
                     adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
-            undo = adapter.hook_llm_rows(lambda: self.runtime.state.kept if self.runtime.state is not None else None)
+            undo = adapter.hook_llm_rows(lambda: self.runtime.state.kept if self.runtime.state is not None else None,
+                                         lambda: self.runtime.state.folds if self.runtime.state is not None else ())
             self._undo += [undo] if undo is not None else []  # Qwen3-VL's DeepStack: features of the rows alive
             if adapter.layer_types:  # per-type masks (Gemma 3): the attention signals read them
                 self._handles.append(adapter.decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True))

@@ -17,6 +17,7 @@ from policyc.lang import ir
 from policyc.lang.printer import print_expr
 from policyc.passes import FEATURE_OPS, SELECTOR_OPS, SIGNAL_OPS
 from policyc.runtime.guards import check_scores
+from policyc.runtime.row_folds import RowFold
 
 
 @dataclass
@@ -34,6 +35,7 @@ class PrefillState:
     # carries some of its dropped tokens on as fillers (masked everywhere), so the batch stays rectangular.
     dead: torch.Tensor | None = None
     images: torch.Tensor | None = None  # [B, L] long: each position's image in its prompt (0, 1, ...), -1 elsewhere
+    folds: list[RowFold] = field(default_factory=list)  # the LLM merges so far, in order (runtime/row_folds.py)
 
     @property
     def length(self) -> int:

@@ -22,6 +22,7 @@ from policyc.passes.merges import MergeRows
 from policyc.runtime.evaluate import Captured, PrefillState, StageEvaluator
 from policyc.runtime.guards import check_kept, check_protected
 from policyc.runtime.image_samples import placeholder_flags
+from policyc.runtime.row_folds import RowFold
 from policyc.runtime.rows import valid_keys
 
 if TYPE_CHECKING:
@@ -387,21 +388,14 @@ def merge_rows(merge: ir.Merge, evaluator: StageEvaluator, alive: torch.Tensor, 
     folding = op.fold(merge, rows, evaluator)
     into = folding.into
     if folding.combine == "mean" and op.recycles and folding.fused is not None:
-        grouped = folding.fused
-        count = torch.zeros(into.shape, dtype=hidden.dtype, device=into.device).scatter_add(
-            1, into, grouped.to(hidden.dtype))
-        total = torch.zeros_like(hidden).scatter_add(1, into[:, :, None].expand_as(hidden),
-                                                     hidden * grouped[:, :, None].to(hidden.dtype))
-        heads = count > 0
-        merged = torch.where(heads[:, :, None], total / count.clamp(min=1)[:, :, None], hidden)
-        gone = torch.zeros_like(alive).scatter(1, kept, grouped & ~heads)
-        return (alive & ~gone) | torch.zeros_like(alive).scatter(1, kept, heads), merged
-    if folding.combine != "add_mean":
+        fold = RowFold(kept, into, folding.fused, "mean")
+        heads = fold.received()
+        gone = torch.zeros_like(alive).scatter(1, kept, folding.fused & ~heads)
+        alive = (alive & ~gone) | torch.zeros_like(alive).scatter(1, kept, heads)
+    elif folding.combine == "add_mean":
+        fold = RowFold(kept, into, into != torch.arange(into.shape[1], device=into.device)[None], "add_mean")
+        alive = alive & ~torch.zeros_like(alive).scatter(1, kept, fold.joined)
+    else:
         raise PolicyError.at(f"merge {merge.method} in the LLM combines with add_mean only so far", merge.span)
-    moved = into != torch.arange(into.shape[1], device=into.device)[None]
-    count = torch.zeros(into.shape, dtype=hidden.dtype, device=into.device).scatter_add(1, into, moved.to(hidden.dtype))
-    wide = into[:, :, None].expand_as(hidden)
-    incoming = torch.zeros_like(hidden).scatter_add(1, wide, hidden * moved[:, :, None].to(hidden.dtype))
-    merged = torch.where((count > 0)[:, :, None], hidden + incoming / count.clamp(min=1)[:, :, None], hidden)
-    gone = torch.zeros_like(alive).scatter(1, kept, moved)
-    return alive & ~gone, merged
+    state.folds.append(fold)  # features added to these rows later fold alike (Qwen3-VL's DeepStack)
+    return alive, fold.apply(hidden)

@@ -47,7 +47,6 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
                 problems.append(error)
     problems += _cache_length_with(plan)
     problems += _multi_image(plan)
-    problems += _deepstack_merges(plan)
     if plan.adapter.token_grid is None:
         problems += _without_one_grid(plan)
     if problems:
@@ -88,22 +87,6 @@ def _multi_image(plan: Plan) -> list[PolicyError]:
                     "stages do not read yet", statement.span,
                     "Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision give them; on images it changes nothing"))
     return problems
-
-
-def _deepstack_merges(plan: Plan) -> list[PolicyError]:
-    """DeepStack (Qwen3-VL) adds each visual token's features again after LLM layers 0..n-1: a merge that changes a
-    token's value at projector.output or in those layers would have to fold every DeepStack level alike, which the
-    runtime does not do yet (drops keep exactly the kept tokens' features; encoder merges are unmerged first)."""
-    count = plan.adapter.deepstack_layers
-    if not count:
-        return []
-    return [PolicyError.at(
-        f"{plan.adapter.family} adds DeepStack features after LLM layers 0..{count - 1}: a merge "
-        f"{'at projector.output' if stage.kind == 'projector' else f'at LLM layer {min(stage.layers)}'} would have "
-        "to fold them alike, which is not implemented yet", statement.span,
-        f"drop there (keep/drop), merge in an LLM stage at layer {count} or later, or merge in the encoder (tome)")
-        for stage in plan.stages if stage.kind == "projector" or (stage.kind == "llm" and min(stage.layers) < count)
-        for statement in stage.statements if isinstance(statement, ir.Merge)]
 
 
 _NEEDS_GRID = {"grid", "pool", "window", "fuse", "dilate"}  # geometric operators: one patch grid for every image

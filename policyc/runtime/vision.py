@@ -333,7 +333,8 @@ class ImageStages:
                  output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the `projector.output` stages, in `space`, on the projected image tokens `output` [I, N, D]: the
         features with merges folded in, [I, N, D], and which slots reach the LLM and which a stage protected,
-        [I, N] bool."""
+        [I, N] bool. Riders on `tokens` ([I, N, K]) fold alike and come back after D: [I, N, D + K]."""
+        output = output if tokens.riders is None else torch.cat([output, tokens.riders], dim=-1)
         for stage in self.projector_output:
             evaluator = space.evaluator(state, stage, None, tokens.hidden, 0, **projector)
             tokens, alive, _, _ = run_statements(stage, evaluator, tokens)
@@ -371,7 +372,8 @@ class ImageStages:
     def _on_packed_tower(self, module: nn.Module, args: tuple, kwargs: dict[str, object], output: object) -> object:
         """Dynamic resolution (Qwen2-VL): the tower's `pooler_output` [T, D] packs every image's merged tokens,
         image by image in raster order, `grid_thw` ([I, 3]) giving each image's patch grid. Images are padded to
-        the widest for the stages, and `kept` / `protected` are flat [T] bool over the packed tokens."""
+        the widest for the stages, and `kept` / `protected` are flat [T] bool over the packed tokens. Qwen3-VL's
+        `deepstack_features` ([T, D] per level) ride along: merges fold them alike (models/qwen3_vl.py says why)."""
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         packed = getattr(output, "pooler_output", None)
         if not isinstance(grid, torch.Tensor) or not isinstance(packed, torch.Tensor):
@@ -387,9 +389,14 @@ class ImageStages:
         frames, spots = video_frames(grid, self.adapter.encoder_patches_per_token, valid)  # for merge temporal
         token_id = self.adapter.video_token_id if self._video_forward else self.adapter.image_token_id
         projector = {"frames": frames, "spots": spots, **self._samples(sizes, token_id)}
-        output_padded, kept, protected = self._project(space, Tokens.start(padded), space.state(len(sizes), valid),
-                                                       projector, padded)
-        output.pooler_output = output_padded[valid]  # type: ignore[attr-defined]
+        levels = list(getattr(output, "deepstack_features", None) or [])  # Qwen3-VL: [T, D] per level
+        riders = unpack(torch.cat(levels, dim=-1), sizes)[0] if levels and self.projector_output else None
+        output_padded, kept, protected = self._project(space, Tokens.start(padded, riders),
+                                                       space.state(len(sizes), valid), projector, padded)
+        widths = [packed.shape[-1]] + [level.shape[-1] for level in levels if riders is not None]
+        output.pooler_output, *folded = output_padded[valid].split(widths, dim=-1)  # type: ignore[attr-defined]
+        if folded:  # Qwen3-VL: each kept token's DeepStack rows, folded as its features were
+            output.deepstack_features = folded  # type: ignore[attr-defined]
         self.kept, self.protected = kept[valid], protected[valid]
         if token_id is not None:
             self.by_placeholder[token_id] = (self.kept, self.protected)

@@ -26,17 +26,29 @@ class Tokens:
     first: torch.Tensor  # [I, R] long: earliest position folded into the row (its representative)
     size: torch.Tensor  # [I, R] float: original tokens folded into the row
     owner: torch.Tensor | None = None  # [I, P] long: per ORIGINAL position, the origin of the row holding it
+    # [I, R, K] features that ride along with each row: merges combine them exactly as they combine `hidden` (same
+    # groups, weights and rule), compaction and scattering move them alike; no stage reads them (Qwen3-VL's
+    # DeepStack levels at projector.output, channel-concatenated)
+    riders: torch.Tensor | None = None
 
     @classmethod
-    def start(cls, hidden: torch.Tensor) -> Tokens:
+    def start(cls, hidden: torch.Tensor, riders: torch.Tensor | None = None) -> Tokens:
         positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-        return cls(hidden, positions, positions, torch.ones(positions.shape, device=hidden.device), positions)
+        return cls(hidden, positions, positions, torch.ones(positions.shape, device=hidden.device), positions,
+                   riders)
 
     def rows(self, index: torch.Tensor) -> Tokens:
         """The rows `index` [I, R'] of each image."""
-        wide = index[:, :, None].expand(-1, -1, self.hidden.shape[-1])
-        return Tokens(self.hidden.gather(1, wide), self.origin.gather(1, index), self.first.gather(1, index),
-                      self.size.gather(1, index), self.owner)
+        def gather(values: torch.Tensor) -> torch.Tensor:
+            return values.gather(1, index[:, :, None].expand(-1, -1, values.shape[-1]))
+
+        return Tokens(gather(self.hidden), self.origin.gather(1, index), self.first.gather(1, index),
+                      self.size.gather(1, index), self.owner, None if self.riders is None else gather(self.riders))
+
+    @property
+    def values(self) -> torch.Tensor:
+        """[I, R, C (+ K)]: `hidden`, with the riders' channels after its own."""
+        return self.hidden if self.riders is None else torch.cat([self.hidden, self.riders], dim=-1)
 
     def unmerged(self, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden` [I, R, C] over these rows, at every original position: each position takes the row its token
@@ -50,8 +62,9 @@ class Tokens:
 
 
 def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
-    """Combine each group of rows into its receiving row; returns the new tokens and the rows folded away."""
-    into, hidden, size = folding.into, tokens.hidden, tokens.size
+    """Combine each group of rows into its receiving row; returns the new tokens and the rows folded away. The
+    riders are combined in the same pass, as channels of their own (every rule acts channel by channel)."""
+    into, hidden, size = folding.into, tokens.values, tokens.size
     own = torch.arange(into.shape[1], device=into.device).expand_as(into)
     moved = into != own
     wide = into[:, :, None].expand_as(hidden)
@@ -79,7 +92,10 @@ def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
     if owner is not None:  # positions held by a row that folded now belong to its receiver (one level: receivers stay)
         receiver = torch.arange(owner.shape[1], device=owner.device).expand_as(owner)
         owner = receiver.scatter(1, tokens.origin, tokens.origin.gather(1, into)).gather(1, owner)
-    return Tokens(hidden, tokens.origin, first, torch.where(received, total, size), owner), moved
+    width = tokens.hidden.shape[-1]
+    riders = None if tokens.riders is None else hidden[..., width:]
+    return Tokens(hidden[..., :width], tokens.origin, first, torch.where(received, total, size), owner,
+                  riders), moved
 
 
 def run_statements(stage: BoundStage, evaluator: StageEvaluator, tokens: Tokens,
@@ -141,12 +157,14 @@ def compact(tokens: Tokens, state: PrefillState, alive: torch.Tensor, order: tor
 
 def scatter_rows(tokens: Tokens, alive_rows: torch.Tensor, width: int, base: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each alive row's features into its representative's position: ([I, width, C], [I, width] bool kept)."""
-    images, _, channels = tokens.hidden.shape
+    """Each alive row's features into its representative's position: ([I, width, C], [I, width] bool kept). With
+    riders, C counts their channels too (`Tokens.values`; `base` holds them as well)."""
+    values = tokens.values
+    images, _, channels = values.shape
     slot = torch.where(alive_rows, tokens.first, width)
     out = tokens.hidden.new_zeros(images, width + 1, channels) if base is None else \
         torch.cat([base, base.new_zeros(images, 1, channels)], dim=1)
-    out = out.scatter(1, slot[:, :, None].expand(-1, -1, channels), tokens.hidden)
+    out = out.scatter(1, slot[:, :, None].expand(-1, -1, channels), values)
     kept = torch.zeros(images, width + 1, dtype=torch.bool, device=slot.device).scatter(1, slot, True)
     return out[:, :width], kept[:, :width]
 
