@@ -269,7 +269,7 @@ class StageEvaluator:
             case ir.Name(id=name) if name in self.state.scores:
                 return self.state.scores[name]
             case ir.Name(id=name) if name in SIGNAL_OPS:
-                return SIGNAL_OPS[name].compute(ir.Call(fn=name), self)
+                return SIGNAL_OPS[name].compute(ir.Call(fn=name, span=expr.span), self)
             case ir.Call(fn=name) if name in SIGNAL_OPS:
                 return SIGNAL_OPS[name].compute(expr, self)
             case ir.Call(fn="sum" | "mean" | "max" | "min" as fn, args=(inner,)):

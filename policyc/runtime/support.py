@@ -12,8 +12,9 @@ from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGN
 _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SCHEDULES = {"geometric", "linear", "cosine", "mass"}  # in LLM stages (and lists [300, 200, 110]); mass: `top` only
 _SELECTORS = {"llm": {"top", "stride"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
-_RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
-_ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
+# read the layer's attention: not at the projector
+_RECORDED = {"attention", "key_norm", "keys", "value_norm", "value_length"}
+_ENCODER_ONLY = {"value_norm", "value_length"}  # read the attention values the encoder wrapper records
 _PROJECTOR_ONLY = {"text_relevance"}  # reads the question's words, stashed for projector.output (vision.py)
 _SETS = {"llm": {"cls"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
 # policyc/runtime/llm.py `merge_rows`: nearest with combine=add_mean by keys (VisionDrop); cluster (SparseVLM)

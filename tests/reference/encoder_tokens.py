@@ -9,16 +9,17 @@ import torch
 from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
-from reference.vision import project, strategy_start
+from reference.vision import has_cls, project, strategy_start
 
 
 def slot_features(model: LlavaForConditionalGeneration, x: Tensor, members: list[list[int]],
                   ) -> tuple[Tensor, Tensor]:
-    """The rows x [T', C] (row i holding the original encoder positions members[i]) as LLaVA's image tokens:
+    """The rows x [T', C] (row i holding the original encoder positions members[i]; positions held by no row were
+    dropped) as LLaVA's image tokens:
     projected features [N, D] with each row in the slot of its earliest position (zeros elsewhere), and the
     filled slots [N] bool. Rows at a position LLaVA does not project (CLS) are left out."""
-    start = strategy_start(model)
-    width = sum(len(group) for group in members) - start
+    start, vision = strategy_start(model), model.config.vision_config
+    width = (vision.image_size // vision.patch_size) ** 2 + int(has_cls(model)) - start
     slots = torch.zeros(width, x.shape[-1])
     filled = torch.zeros(width, dtype=torch.bool)
     for row, group in enumerate(members):
