@@ -8,7 +8,7 @@ Per image, over the m candidates with scores s (ATS: the normalised significance
     pick_t = the first sorted index j with the smallest |y_t - c_j|
 The distinct picks stay: an adaptive count, at most m. Tokens owning a large step of the cdf are hit, flat
 low-significance stretches yield few distinct picks, and the least significant token (c = 0) is never picked.
-n defaults to the image's original candidate count (ATS: N0 - 1, the patches of the input, in every block).
+n defaults to the image's tokens before any drop (ATS: N0 - 1, the patches of its input, in every block).
 AMOUNT caps the kept count: when more distinct picks remain, the most significant of them stay (ATS's code keeps
 the first, least significant ones, which its released configuration, with no cap, never reaches). Where c is
 undefined (under two candidates, or no score mass above the least significant) the candidates with a positive

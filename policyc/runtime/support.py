@@ -153,7 +153,7 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
                           "the schedules geometric, linear, cosine and [lists]; top also with mass()) and grid, "
-                          "diverse, cover (before the LLM), the merges "
+                          "diverse, cover, sample (before the LLM), the merges "
                           f"{', '.join(sorted(set(MERGE_OPS) - _LLM_ONLY_MERGES))} (before the LLM; "
                           "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
                           f"the LLM), the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden (in "
