@@ -67,12 +67,14 @@ def test_turbo_tokens_reach_the_llm_in_the_order_asked(order: str) -> None:
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_proportional_attention_equals_the_reference() -> None:
-    model = tiny_llava_clip(seed=5)
-    pixel_values = make_inputs(model, batch=2, seed=5)["pixel_values"]
-    source = ("policy t { stage encoder.layer[*].attention { merge turbo(r=3, semantic=attention(cls -> vision), "
-              "alpha=0, threshold=0, proportional=true) of vision by keys } }")
-    expected, filled = turbo_image_features(model, pixel_values, 3, 0, 100, threshold=0, proportional=True)
+@pytest.mark.parametrize("seed", [5, 6])
+def test_proportional_attention_equals_the_reference(seed: int) -> None:
+    """BLIP's Turbo: log(size) in later attention logits, the CLS score included (it reads that softmax)."""
+    model = tiny_llava_clip(seed=seed, num_vision_layers=4, feature_layer=-1)
+    pixel_values = make_inputs(model, batch=2, seed=seed)["pixel_values"]
+    source = ("policy t { stage encoder.layer[*].attention { merge turbo(r=2, semantic=attention(cls -> vision), "
+              "alpha=0.2, scale=30, threshold=0, proportional=true) of vision by keys } }")
+    expected, filled = turbo_image_features(model, pixel_values, 2, 0.2, 30, threshold=0, proportional=True)
     compiled = compile_model(model, check_source(source, "t.tokpol")[0])
     try:
         features = image_features(model, pixel_values)

@@ -60,6 +60,7 @@ class Captured:
     # [B, L', L'] bool: which key row each query row may see, from the model's own mask where it is not plain
     # causal (Gemma 3: bidirectional image blocks, sliding windows); None: causal over the current rows.
     visible: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # [B, L'] the logit bias the layer added to each key (ToMe's log(size))
 
 
 @dataclass
