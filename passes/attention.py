@@ -4,7 +4,8 @@ query set at this layer (FastV arXiv:2403.06764 reads the last row; its paper av
 Computed from the post-RoPE queries and keys the recording SDPA function saw: only the query rows
 the policy names are scored, `softmax(q_rows · Kᵀ · scale)` over every key each row can see
 (causal and padding, or the model's own mask where it is not causal: Gemma 3's bidirectional image blocks and
-sliding windows), then reduced over heads and over rows.
+sliding windows), then reduced over heads and over rows. After a proportional merge (ToMe) in the LLaVA-style
+encoder, the logits include the log(size) bias the layer added, so the scores are that layer's softmax.
 
 In encoder stages `layer=k` reads an earlier encoder layer (at or before the stage's) and `layers=a..b`
 sums the scores of several (VTC-CLS arXiv:2412.05819): each layer's attention is as that layer computed
@@ -83,7 +84,8 @@ class Attention(SignalOp):
         elif ctx.causal:  # the LLM; the vision encoder attends both ways
             columns = torch.arange(origin.shape[1], device=origin.device)
             visible = visible & (columns[None, None, :] <= rows[:, :, None])
-        probabilities = KERNELS["attention_rows"](recorded.query, recorded.key, recorded.scaling, rows, visible)
+        probabilities = KERNELS["attention_rows"](recorded.query, recorded.key, recorded.scaling, rows, visible,
+                                                  recorded.bias)
         heads = self.option(call, "heads", ctx)
         per_row = _HEADS[heads.id if isinstance(heads, ir.Name) else "mean"](probabilities)  # [B, Q, R]
         queries = self.option(call, "queries", ctx)

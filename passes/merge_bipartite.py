@@ -47,20 +47,31 @@ class Bipartite(MergeOp):
         if not (isinstance(r_value, ir.Number) and isinstance(r_value.value, int)):
             raise PolicyError.at("bipartite(r=...) takes a whole number in the runtime so far", merge.span)
         metric = self.features(merge, rows)  # [B, L', C] unit vectors
-        width = metric.shape[1]
         best, match, order = KERNELS["bipartite_match"](metric, rows.sources, rows.targets)  # [B, |A|] each
-        members = (rows.sources | rows.targets).sum(1)
-        matchable = torch.isfinite(best).sum(1)
-        r = min(r_value.value, int(torch.minimum(members // 2, matchable).min()) if width else 0)
-        src = order[:, :r]  # A indices that fold
-        into = staying(rows.sources)
-        into.scatter_(1, 2 * src, 2 * match.gather(1, src) + 1)
-        folded_a = torch.zeros_like(best, dtype=torch.bool).scatter(1, src, True)  # [B, |A|]
-        is_a = torch.arange(width, device=metric.device) % 2 == 0
-        stays_a = torch.zeros(rows.sources.shape, dtype=torch.bool, device=metric.device)
-        stays_a[:, ::2] = ~folded_a
-        rank = torch.where(stays_a, 0, torch.where(is_a[None], 2, 1))  # unmerged A, then B, then folded A
-        return Folding(into, "wavg", order=selected_first_by(rank))
+        return bipartite_folding(rows, r_value.value, best, match, order)
+
+
+def bipartite_folding(rows: MergeRows, r: int, best: torch.Tensor, match: torch.Tensor, order: torch.Tensor,
+                      ) -> Folding:
+    """ToMe's merge step (shared by `bipartite` and `turbo`): the first r A rows of `order` [B, |A|] (ranked
+    best first) fold into their B matches `match` [B, |A|] by size-weighted average, r clipped to
+    min(|set| // 2, matchable A rows) over the batch (`best` [B, |A|]: -inf where an A row may not fold).
+    Afterwards the rows are ordered unmerged A, then B (ToMe's code with a class token); r = 0 changes nothing."""
+    width = rows.sources.shape[1]
+    members = (rows.sources | rows.targets).sum(1)
+    matchable = torch.isfinite(best).sum(1)
+    r = min(r, int(torch.minimum(members // 2, matchable).min()) if width else 0)
+    into = staying(rows.sources)
+    if r <= 0:
+        return Folding(into, "wavg")
+    src = order[:, :r]  # A indices that fold
+    into.scatter_(1, 2 * src, 2 * match.gather(1, src) + 1)
+    folded_a = torch.zeros_like(best, dtype=torch.bool).scatter(1, src, True)  # [B, |A|]
+    is_a = torch.arange(width, device=best.device) % 2 == 0
+    stays_a = torch.zeros(rows.sources.shape, dtype=torch.bool, device=best.device)
+    stays_a[:, ::2] = ~folded_a
+    rank = torch.where(stays_a, 0, torch.where(is_a[None], 2, 1))  # unmerged A, then B, then folded A
+    return Folding(into, "wavg", order=selected_first_by(rank))
 
 
 def selected_first_by(rank: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ which `parse(print_file(f)) == f` must hold. The constraints this encodes (see g
 - `Flow` (`a -> b`) only as a call argument or a call's keyword-argument value, never nested in a flow,
   never as an option of `merge`/`cache`/a selector or a `use` override (those take plain `expr`);
 - `Range` (`a..b`) only as the value of a call's keyword argument;
-- `grid`/`stride` selections have no `by` and no options; `top`/`diverse`/`cover` need `by`;
+- `grid`/`stride` selections have no `by` and no options; `top`/`diverse`/`cover`/`sample` need `by`;
 - `Unary('-', <positive number or percent>)` does not exist: the builder folds `-5` into `Number(-5)`;
 - lists, choice domains, hook parts and layer lists are non-empty; a layer `step` needs a `stop`;
 - parameter literals (defaults, domain bounds, choices) cannot be negative percentages (`-5%` is not a
@@ -33,7 +33,7 @@ from policyc.lang import ir
 KEYWORDS: frozenset[str] = frozenset({
     "and", "as", "by", "cache", "choose", "cover", "description", "diverse", "drop", "grid", "import", "in",
     "into", "keep", "let", "log", "merge", "not", "of", "or", "paper", "param", "policy", "positions", "protect",
-    "score", "search", "stage", "step", "stride", "title", "top", "use", "where",
+    "sample", "score", "search", "stage", "step", "stride", "title", "top", "use", "where",
 })
 
 GRAMMAR_PATH = Path(__file__).resolve().parents[1] / "grammar" / "tokpol.lark"
@@ -95,7 +95,7 @@ notes = st.none() | comment_texts
 _leaf: st.SearchStrategy[ir.Expr] = st.one_of(numbers, percents, strings, name_refs)
 
 _BINARY_OPS = ["+", "-", "*", "/", "|", "&", "<", "<=", ">", ">=", "==", "!=", "and", "or"]
-_RANKED = ["top", "diverse", "cover"]
+_RANKED = ["top", "diverse", "cover", "sample"]
 _UNRANKED = ["grid", "stride"]
 
 

@@ -15,10 +15,11 @@ class AttentionRows(Kernel):
     name = "attention_rows"
 
     def compute(self, query: torch.Tensor, key: torch.Tensor, scaling: float, rows: torch.Tensor,
-                visible: torch.Tensor) -> torch.Tensor:
+                visible: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """query: [B, H, L, d] and key: [B, Hkv, L, d] (post-RoPE; H a multiple of Hkv); rows: [B, R] row indices;
-        visible: [B, R, L] bool, which keys each row may see (causal and padding). Returns [B, H, R, L] float32:
-        softmax(q_row · Kᵀ · scaling) over the visible keys; rows that see no key are all zero."""
+        visible: [B, R, L] bool, which keys each row may see (causal and padding); bias: [B, L], a logit added to
+        each key (ToMe's proportional attention), or None. Returns [B, H, R, L] float32:
+        softmax(q_row · Kᵀ · scaling + bias) over the visible keys; rows that see no key are all zero."""
         batch, heads, _, dim = query.shape
         kv_heads, length = key.shape[1], key.shape[2]
         groups = heads // kv_heads
@@ -26,6 +27,8 @@ class AttentionRows(Kernel):
         # query head h reads key/value head h // groups: [B, Hkv, groups * R, d] against [B, Hkv, L, d]
         grouped = picked.reshape(batch, kv_heads, groups * rows.shape[1], dim)
         logits = (grouped @ key.float().transpose(-1, -2) * scaling).view(batch, heads, rows.shape[1], length)
+        if bias is not None:
+            logits = logits + bias.float()[:, None, None, :]
         logits = logits.masked_fill(~visible[:, None], float("-inf"))
         probabilities = torch.softmax(logits, dim=-1)
         # rows that see no key are 0/0 = NaN: zero them; a NaN from the model itself stays (the guards catch it)

@@ -62,6 +62,7 @@ class Captured:
     # [B, L', L'] bool: which key row each query row may see, from the model's own mask where it is not plain
     # causal (Gemma 3: bidirectional image blocks, sliding windows); None: causal over the current rows.
     visible: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # [B, L'] the logit bias the layer added to each key (ToMe's log(size))
 
 
 @dataclass
@@ -271,7 +272,7 @@ class StageEvaluator:
             case ir.Name(id=name) if name in self.state.scores:
                 return self.state.scores[name]
             case ir.Name(id=name) if name in SIGNAL_OPS:
-                return SIGNAL_OPS[name].compute(ir.Call(fn=name), self)
+                return SIGNAL_OPS[name].compute(ir.Call(fn=name, span=expr.span), self)
             case ir.Call(fn=name) if name in SIGNAL_OPS:
                 return SIGNAL_OPS[name].compute(expr, self)
             case ir.Call(fn="sum" | "mean" | "max" | "min" as fn, args=(inner,)):

@@ -12,8 +12,9 @@ from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGN
 _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SCHEDULES = {"geometric", "linear", "cosine", "mass"}  # in LLM stages (and lists [300, 200, 110]); mass: `top` only
 _SELECTORS = {"llm": {"top", "stride"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
-_RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
-_ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
+# read the layer's attention: not at the projector
+_RECORDED = {"attention", "key_norm", "keys", "value_norm", "value_length"}
+_ENCODER_ONLY = {"value_norm", "value_length"}  # read the attention values the encoder wrapper records
 _PROJECTOR_ONLY = {"text_relevance"}  # reads the question's words, stashed for projector.output (vision.py)
 _SETS = {"llm": {"cls"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
 # policyc/runtime/llm.py `merge_rows`: nearest with combine=add_mean by keys (VisionDrop); cluster (SparseVLM)
@@ -135,7 +136,7 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
                           "the schedules geometric, linear, cosine and [lists]; top also with mass()) and grid, "
-                          "diverse, cover (before the LLM), the merges "
+                          "diverse, cover, sample (before the LLM), the merges "
                           f"{', '.join(sorted(set(MERGE_OPS) - _LLM_ONLY_MERGES))} (before the LLM; "
                           "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
                           f"the LLM), the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden (in "

@@ -203,7 +203,8 @@ class ImageStages:
         def record(query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
             if self.run is not None:
                 origin = self.run.tokens.origin
-                self.run.captured[index] = LayerAttention(Captured(query, key, scaling), origin,
+                bias = self.run.tokens.size.log() if self.run.proportional else None  # proportional attention's
+                self.run.captured[index] = LayerAttention(Captured(query, key, scaling, bias=bias), origin,
                                                           self.run.state.valid.gather(1, origin))
         return record
 

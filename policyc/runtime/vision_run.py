@@ -75,7 +75,9 @@ class VisionRun:
         if layer not in self.captured:
             return None
         captured, origin = self.captured[layer].captured, self.captured[layer].origin
-        return Captured(self._current(captured.query, origin), self._current(captured.key, origin), captured.scaling)
+        bias = None if captured.bias is None else self._current(captured.bias[:, None, :, None], origin)[:, 0, :, 0]
+        return Captured(self._current(captured.query, origin), self._current(captured.key, origin), captured.scaling,
+                        bias=bias)
 
     def values_at(self, layer: int) -> torch.Tensor | None:
         """The layer's attention values [I, H, R', d] on the current rows, where a stage needs them."""
