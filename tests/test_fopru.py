@@ -10,58 +10,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from pre_llm_checks import assert_compiled_equals
 from reference.fopru import fopru_image_features
-from tiny_models import IMAGE_TOKEN_ID, make_inputs, tiny_llava_clip, tiny_llava_siglip
+from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip
 
 from policyc.errors import PolicyError
 from policyc.lang import check_source, ir
-from policyc.runtime import compile_model
-
-
-@torch.no_grad()
-def reference_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], features: torch.Tensor,
-                     filled: torch.Tensor) -> torch.Tensor:
-    """Last-position logits [B, V] of the unmodified LLM on each prompt, unpadded and run alone, whose image run
-    holds only the reference's kept features (one image per row)."""
-    embed = model.get_input_embeddings()
-    rows = []
-    for ids, mask, image, kept in zip(inputs["input_ids"], inputs["attention_mask"], features, filled, strict=True):
-        ids = ids[mask.bool()]
-        where = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
-        start, stop = int(where[0]), int(where[-1]) + 1
-        row = torch.cat([embed(ids[:start]), image[kept], embed(ids[stop:])])
-        hidden = model.model.language_model(inputs_embeds=row[None]).last_hidden_state
-        rows.append(model.lm_head(hidden[0, -1]))
-    return torch.stack(rows)
 
 
 def assert_fopru_equals_reference(model: torch.nn.Module, percent: int, strategy: str, direction: str, batch: int,
                                   seed: int) -> torch.Tensor:
-    """Compiles fopru (with `direction` written into the policy), checks kept slots, features and logits against
-    the reference; returns the kept slots [I, N]."""
+    """Compiles fopru (with `direction` written into the policy) and checks it against the reference on a batch
+    whose rows after the first are left-padded; returns the kept slots [I, N]."""
     inputs = make_inputs(model, batch=batch, seed=seed, pad_left=2)
     patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     expected, filled = fopru_image_features(model, inputs["pixel_values"], patches * percent // 100, strategy,
                                             direction)
-    expected_logits = reference_logits(model, inputs, expected, filled)
     text = FOPRU.replace("by logit_significance", f"by logit_significance(direction={direction})")
     policy = check_source(text, "fopru.tokpol")[0]
-    compiled = compile_model(model, policy, {"ratio": ir.Percent(value=percent), "strategy": ir.Name(id=strategy)})
-    try:
-        with torch.no_grad():
-            features = torch.stack(list(model.model.get_image_features(
-                pixel_values=inputs["pixel_values"]).pooler_output))
-            kept = compiled.images.kept
-            assert torch.equal(kept, filled)
-            assert 0 < kept.sum() < kept.numel()  # the method did compress
-            torch.testing.assert_close(features[kept], expected[filled], atol=1e-5, rtol=1e-5)
-            logits = model(**inputs).logits[:, -1]
-        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
-        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        assert out.shape == (batch, inputs["input_ids"].shape[1] + 2)
-    finally:
-        compiled.remove()
-    return kept
+    params = {"ratio": ir.Percent(value=percent), "strategy": ir.Name(id=strategy)}
+    return assert_compiled_equals(model, policy, params, inputs, expected, filled)
 
 
 FOPRU = (Path(__file__).parents[1] / "policies" / "fopru.tokpol").read_text(encoding="utf-8")

@@ -69,6 +69,12 @@ def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
             raise ValueError("a weighted_sum folding needs weights")
         weights = torch.where(joined, folding.weights, torch.zeros_like(folding.weights))
         merged = torch.zeros_like(hidden).scatter_add(1, wide, hidden * weights[:, :, None].to(hidden.dtype))
+    elif folding.combine == "soft":  # Expedit's clusters: affinity-weighted means of the rows
+        if folding.affinity is None:
+            raise ValueError("a soft folding needs affinities")
+        mass = folding.affinity.sum(2)
+        received = mass > 0
+        merged = (folding.affinity.to(hidden.dtype) @ hidden) / mass.clamp(min=1e-16)[:, :, None].to(hidden.dtype)
     else:  # add_mean: the receiver plus the mean of what folded into it (VisionZip)
         count = torch.zeros_like(size).scatter_add(1, into, moved.to(size.dtype))
         incoming = torch.zeros_like(hidden).scatter_add(1, wide, hidden * moved[:, :, None].to(hidden.dtype))
