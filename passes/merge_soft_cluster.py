@@ -11,6 +11,11 @@ when j's cell is within ±(window // 2) cells of its own in both directions. `it
 The merge is a soft folding: cluster j becomes the row of the earliest patch of its cell (so the h x w clusters stay
 in raster order), which takes Σ_i Q[j, i] h_i / Σ_i Q[j, i] of the rows' hidden states h (s_j itself when the
 features are `hidden`, as in Expedit); every other patch folds away. CLS and other rows outside SET are untouched.
+
+`reconstruct=on` adds Expedit's token reconstruction layer: with s the clusters as they left the clustering, patch i
+is rebuilt at the encoder output as y_i = Σ_j W[i, j] z_j, z the cluster tokens there, W[i, j] =
+exp(-tau_r · ||x_i - s_j||²) kept for the k largest per patch (ties with the k-th kept), rows L2-normalised (not
+summing to one, as the code). Every patch then reaches the projector: only the encoder's later layers are cheaper.
 """
 
 from __future__ import annotations
@@ -38,9 +43,16 @@ class SoftCluster(MergeOp):
                                 integer=True),
                          Option("iters", ("number",), "k-means iterations", default="5", low=1, integer=True),
                          Option("tau", ("number",), "inverse temperature of the softmax over clusters",
+                                default="0.02", low=0),
+                         Option("reconstruct", ("enum",), "on: rebuild every patch from the clusters at the encoder "
+                                "output (encoder cost only); off: the clusters reach the projector", default="off",
+                                choices=("off", "on")),
+                         Option("k", ("number",), "clusters each patch is rebuilt from (reconstruct=on)",
+                                default="20", low=1, integer=True),
+                         Option("tau_r", ("number",), "inverse temperature of the reconstruction weights",
                                 default="0.02", low=0)),
                 stages=frozenset({"encoder"}), by="feature", paper="Expedit arXiv:2210.01035")
-    options = frozenset({"size", "window", "iters", "tau"})
+    options = frozenset({"size", "window", "iters", "tau", "reconstruct", "k", "tau_r"})
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         window = int(self.number(merge, "window", 5, ctx))
@@ -80,7 +92,25 @@ class SoftCluster(MergeOp):
         into.scatter_(1, row_of, receiver[:, cell])
         soft = x.new_zeros(batch, width, width)  # [B, L', L'] receiving row x contributing row
         soft[torch.arange(batch, device=x.device)[:, None, None], receiver[:, :, None], row_of[:, None, :]] = affinity
-        return Folding(into, "soft", affinity=soft)
+        reconstruct = self.option(merge, "reconstruct", ctx)
+        if not (isinstance(reconstruct, ir.Name) and reconstruct.id == "on"):
+            return Folding(into, "soft", affinity=soft)
+        weights = self.reconstruction(x, centroids, int(self.number(merge, "k", 20, ctx)),
+                                      self.number(merge, "tau_r", 0.02, ctx))  # [B, P, K]
+        spread = x.new_zeros(batch, width, width)  # [B, L', L'] rebuilt row x cluster row
+        spread[torch.arange(batch, device=x.device)[:, None, None], row_of[:, :, None], receiver[:, None, :]] = weights
+        return Folding(into, "soft", affinity=soft, spread=spread)
+
+    @staticmethod
+    def reconstruction(x: torch.Tensor, clusters: torch.Tensor, k: int, tau: float) -> torch.Tensor:
+        """Expedit's `TokenReconstructionBlock` weights [B, P, K] from the patches x [B, P, C] and the clusters
+        [B, K, C] as they left the clustering: exp(-tau · squared distance), the k largest per patch (and any
+        equal to the k-th), each patch's row L2-normalised."""
+        distance = (x * x).sum(-1)[:, :, None] + (clusters * clusters).sum(-1)[:, None, :] \
+            - 2 * torch.einsum("bpc,bkc->bpk", x, clusters)
+        weight = torch.exp(-tau * distance)
+        kth = weight.topk(min(k, weight.shape[2]), dim=2).values[:, :, -1:]
+        return torch.nn.functional.normalize(torch.where(weight >= kth, weight, torch.zeros_like(weight)), dim=2)
 
     @staticmethod
     def _patch_rows(merge: ir.Merge, rows: MergeRows, patches: torch.Tensor, count: int) -> torch.Tensor:

@@ -55,6 +55,9 @@ class Folding:
     # soft: row r becomes sum_j affinity[r, j] * row j / sum_j affinity[r, j] where its affinity row has mass
     # (Expedit's clusters, new tokens); `into` still says which row holds each token afterwards
     affinity: torch.Tensor | None = None  # [B, L', L'] float, for soft
+    # [B, L', L'] float: row i is rebuilt at the encoder output as sum_j spread[i, j] * row j (Expedit's
+    # reconstruction); None: the rows reach the projector
+    spread: torch.Tensor | None = None
 
 
 class MergeOp(ABC):

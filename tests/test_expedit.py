@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from pre_llm_checks import assert_compiled_equals
-from reference.expedit import expedit_image_features, soft_clusters
+from reference.expedit import expedit_image_features, reconstruction, soft_clusters
 from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip
 
 from policyc.errors import PolicyError
@@ -46,6 +46,46 @@ def test_expedit_equals_the_plain_reference(build: Build, seed: int, size: int, 
     kept = assert_compiled_equals(model, check_source(EXPEDIT, "expedit.tokpol")[0], params, inputs, expected,
                                   filled)
     assert kept.sum(1).tolist() == [size * size] * batch
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize(("build", "seed", "size", "k"), [
+    (tiny_llava_clip, 0, 2, 20), (tiny_llava_siglip, 1, 3, 2), (wide_clip, 2, 3, 4),
+])
+def test_expedit_reconstruction_equals_the_plain_reference(build: Build, seed: int, size: int, k: int,
+                                                           batch: int) -> None:
+    """reconstruct=on: every patch reaches the projector, rebuilt from the clusters (k, tau_r written into the
+    policy; tau_r = 0.5 keeps the weights away from underflow on the tiny towers' feature scale)."""
+    model = build(seed)
+    inputs = make_inputs(model, batch=batch, seed=seed, pad_left=2)
+    expected, filled = expedit_image_features(model, inputs["pixel_values"], 0, size, 3, 3, 0.1, reconstruct=True,
+                                              k=k, tau_r=0.5)
+    assert bool(filled.all())
+    text = EXPEDIT.replace("reconstruct=reconstruct)", f"reconstruct=reconstruct, k={k}, tau_r=0.5)")
+    params = {"size": number(size), "window": number(3), "iters": number(3), "tau": number(0.1),
+              "reconstruct": ir.Name(id="on")}
+    assert_compiled_equals(model, check_source(text, "expedit.tokpol")[0], params, inputs, expected, filled,
+                           compresses=False)
+
+
+def test_reconstruction_keeps_the_top_k_clusters_per_patch_with_unit_rows() -> None:
+    torch.manual_seed(1)
+    x, clusters = torch.randn(16, 8), torch.randn(4, 8)
+    weights = reconstruction(x, clusters, 2, 0.1)
+    assert (weights > 0).sum(1).tolist() == [2] * 16
+    torch.testing.assert_close(weights.norm(dim=1), torch.ones(16))
+
+
+def test_a_drop_after_the_clustering_refuses_reconstruction() -> None:
+    source = ("policy p {\n  stage encoder.layer[0] {\n    merge soft_cluster(size=2, reconstruct=on) of vision by "
+              "hidden\n  }\n  stage encoder.layer[1] {\n    keep top 2 of vision by random(seed=0)\n  }\n}\n")
+    model = tiny_llava_clip()
+    compiled = compile_model(model, check_source(source, "p.tokpol")[0])
+    try:
+        with pytest.raises(PolicyError, match="reconstruct=on rebuilds the patches from every cluster token"):
+            model(**make_inputs(model))
+    finally:
+        compiled.remove()
 
 
 def test_clusters_are_new_tokens_not_any_patch() -> None:

@@ -9,7 +9,10 @@ pooling region (rows floor(a·R/h) .. ceil((a+1)·R/h) - 1, columns alike); patc
 window // 2; `iters` times D[j, i] = ||x_i - s_j||² (inf outside the window), Q = softmax_j(-tau·D[:, i]),
 s_j = Σ_i Q[j, i] x_i / Σ_i Q[j, i]. The later layers up to the feature layer run on [CLS,] s in raster order of
 the cluster grid. Returns the projected features [I, N, D], cluster (a, b) in the slot of the earliest patch of
-its cell (zeros in the other slots), and the filled slots [I, N].
+its cell (zeros in the other slots), and the filled slots [I, N]. With `reconstruct`, Expedit's reconstruction
+layer: every patch i is y_i = Σ_j W[i, j] z_j, z the clusters at the feature layer, W[i, j] = exp(-tau_r ·
+||x_i - s_j||²) from the patches x and clusters s at the clustering, zeroed below the k-th largest of row i, rows
+L2-normalised; every slot is filled.
 """
 
 from __future__ import annotations
@@ -46,9 +49,19 @@ def soft_clusters(x: Tensor, side: int, size: int, window: int, iters: int, tau:
     return s, first
 
 
+def reconstruction(x: Tensor, clusters: Tensor, k: int, tau: float) -> Tensor:
+    """Expedit's reconstruction weights [P, K]: W[i, j] = exp(-tau · ||x_i - s_j||²), zero below the k-th largest of
+    row i, each row divided by its L2 norm."""
+    weight = torch.exp(-tau * ((x[:, None, :] - clusters[None, :, :]) ** 2).sum(-1))
+    kth = torch.sort(weight, dim=1, descending=True).values[:, min(k, weight.shape[1]) - 1]
+    weight = torch.where(weight >= kth[:, None], weight, torch.zeros_like(weight))
+    return weight / weight.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
 @torch.no_grad()
 def expedit_image_features(model: LlavaForConditionalGeneration, pixel_values: Tensor, layer: int, size: int,
-                           window: int = 5, iters: int = 5, tau: float = 0.02) -> tuple[Tensor, Tensor]:
+                           window: int = 5, iters: int = 5, tau: float = 0.02, reconstruct: bool = False,
+                           k: int = 20, tau_r: float = 0.02) -> tuple[Tensor, Tensor]:
     cls = int(has_cls(model))
     side = int(model.config.vision_config.image_size // model.config.vision_config.patch_size)
     features, filled = [], []
@@ -61,13 +74,16 @@ def expedit_image_features(model: LlavaForConditionalGeneration, pixel_values: T
             x = x + block.mlp(block.layer_norm2(x))
             if index == layer:
                 clusters, slots = soft_clusters(x[cls:], side, size, window, iters, tau)
+                weights = reconstruction(x[cls:], clusters, k, tau_r)  # [P, K]
                 x = torch.cat([x[:cls], clusters])
         patches = torch.zeros(side * side, x.shape[1])
         patches[slots] = x[cls:]
+        if reconstruct:  # every patch rebuilt from the clusters at the feature layer
+            patches, slots = weights @ x[cls:], list(range(side * side))
         out, mask = keep_slots(model, patches, slots)
         features.append(out)
         filled.append(mask)
     return torch.stack(features), torch.stack(filled)
 
 
-__all__ = ["expedit_image_features", "soft_clusters"]
+__all__ = ["expedit_image_features", "reconstruction", "soft_clusters"]
