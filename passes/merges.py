@@ -24,7 +24,7 @@ from policyc.lang import ir
 if TYPE_CHECKING:
     from policyc.runtime.evaluate import StageEvaluator
 
-Combine = Literal["wavg", "mean", "add_mean", "weighted_sum"]
+Combine = Literal["wavg", "mean", "add_mean", "weighted_sum", "soft"]
 LlmOrder = Literal["spatial", "code"]
 
 
@@ -52,6 +52,12 @@ class Folding:
     order: torch.Tensor | None = None  # [B, L'] a permutation: the rows' order afterwards (ToMe's)
     weights: torch.Tensor | None = None  # [B, L'] float, for weighted_sum
     fused: torch.Tensor | None = None  # [B, L'] bool, for weighted_sum (and mean in the LLM): the rows groups combine
+    # soft: row r becomes sum_j affinity[r, j] * row j / sum_j affinity[r, j] where its affinity row has mass
+    # (Expedit's clusters, new tokens); `into` still says which row holds each token afterwards
+    affinity: torch.Tensor | None = None  # [B, L', L'] float, for soft
+    # [B, L', L'] float: row i is rebuilt at the encoder output as sum_j spread[i, j] * row j (Expedit's
+    # reconstruction); None: the rows reach the projector
+    spread: torch.Tensor | None = None
 
 
 class MergeOp(ABC):

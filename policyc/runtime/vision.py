@@ -239,6 +239,9 @@ class ImageStages:
             return output
         features = run.features
         live = torch.zeros_like(run.state.valid).scatter(1, run.state.kept, run.state.valid.gather(1, run.state.kept))
+        if features.spread is not None:  # Expedit's reconstruction: every position rebuilt from the cluster rows
+            features = features.reconstructed(live.gather(1, features.origin))
+            live = torch.ones_like(live)
         state = replace(run.state, valid=live, kept=features.origin)
         alive = live
         for stage in self.encoder_output:

@@ -30,6 +30,9 @@ class Tokens:
     # groups, weights and rule), compaction and scattering move them alike; no stage reads them (Qwen3-VL's
     # DeepStack levels at projector.output, channel-concatenated)
     riders: torch.Tensor | None = None
+    # [I, P, P] float: per ORIGINAL position p, the weights of the rows (by origin) that rebuild it at the encoder
+    # output (Expedit's token reconstruction: soft merges with `reconstruct=on`); None: rows reach the projector
+    spread: torch.Tensor | None = None
 
     @classmethod
     def start(cls, hidden: torch.Tensor, riders: torch.Tensor | None = None) -> Tokens:
@@ -43,7 +46,21 @@ class Tokens:
             return values.gather(1, index[:, :, None].expand(-1, -1, values.shape[-1]))
 
         return Tokens(gather(self.hidden), self.origin.gather(1, index), self.first.gather(1, index),
-                      self.size.gather(1, index), self.owner, None if self.riders is None else gather(self.riders))
+                      self.size.gather(1, index), self.owner, None if self.riders is None else gather(self.riders),
+                      self.spread)
+
+    def reconstructed(self, alive_rows: torch.Tensor) -> Tokens:
+        """Every original position rebuilt from the alive rows by `spread` (Expedit's y_i = sum_j W_ij z_j), as
+        fresh tokens [I, P, C] in position order."""
+        if self.spread is None:
+            return self
+        present = torch.zeros(self.spread.shape[:2], dtype=torch.bool, device=alive_rows.device).scatter(
+            1, self.origin, alive_rows)  # [I, P] origins of the alive rows
+        if bool(((self.spread != 0) & ~present[:, None, :]).any()):
+            raise PolicyError.at("reconstruct=on rebuilds the patches from every cluster token, but a later stage "
+                                 "dropped or merged some", None, "drop or merge after the encoder output")
+        weights = self.spread.gather(2, self.origin[:, None, :].expand(-1, self.spread.shape[1], -1))  # [I, P, R]
+        return Tokens.start(weights.masked_fill(~alive_rows[:, None, :], 0.0).to(self.hidden.dtype) @ self.hidden)
 
     @property
     def values(self) -> torch.Tensor:
@@ -55,6 +72,10 @@ class Tokens:
         was merged into (ToMe for Stable Diffusion's unmerge): [I, P, C]."""
         if self.owner is None:
             raise ValueError("these tokens do not track which row holds each position")
+        if self.spread is not None:
+            raise PolicyError.at("reconstruct=on (Expedit's token reconstruction) runs where the tower's rows reach "
+                                 "the projector (LLaVA); this family's connector reads every patch", None,
+                                 "leave reconstruct off: merged tokens are unmerged to their patches here")
         rows = torch.arange(self.origin.shape[1], device=self.origin.device).expand_as(self.origin)
         row_of = torch.zeros_like(self.owner).scatter(1, self.origin, rows).gather(1, self.owner)
         return hidden.gather(1, row_of[:, :, None].expand(-1, -1, hidden.shape[-1]))
@@ -82,20 +103,35 @@ def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
             raise ValueError("a weighted_sum folding needs weights")
         weights = torch.where(joined, folding.weights, torch.zeros_like(folding.weights))
         merged = torch.zeros_like(hidden).scatter_add(1, wide, hidden * weights[:, :, None].to(hidden.dtype))
+    elif folding.combine == "soft":  # Expedit's clusters: affinity-weighted means of the rows
+        if folding.affinity is None:
+            raise ValueError("a soft folding needs affinities")
+        mass = folding.affinity.sum(2)
+        received = mass > 0
+        merged = (folding.affinity.to(hidden.dtype) @ hidden) / mass.clamp(min=1e-16)[:, :, None].to(hidden.dtype)
     else:  # add_mean: the receiver plus the mean of what folded into it (VisionZip)
         count = torch.zeros_like(size).scatter_add(1, into, moved.to(size.dtype))
         incoming = torch.zeros_like(hidden).scatter_add(1, wide, hidden * moved[:, :, None].to(hidden.dtype))
         merged = hidden + incoming / count.clamp(min=1)[:, :, None].to(hidden.dtype)
     hidden = torch.where(received[:, :, None], merged, hidden)
     first = tokens.first.scatter_reduce(1, into, tokens.first, reduce="amin")
-    owner = tokens.owner
+    owner, spread = tokens.owner, tokens.spread
+    if folding.spread is not None:  # by position: p takes W[row of p, j] at row j's origin, or keeps itself
+        batch, positions = into.shape[0], owner.shape[1] if owner is not None else int(tokens.origin.max()) + 1
+        image = torch.arange(batch, device=into.device)[:, None, None]
+        by_position = torch.zeros(batch, positions, positions, device=into.device)
+        by_position[image, tokens.origin[:, :, None], tokens.origin[:, None, :]] = folding.spread.float()
+        covered = torch.zeros(batch, positions, dtype=torch.bool, device=into.device).scatter(
+            1, tokens.origin, folding.spread.sum(2) > 0)
+        rebuilt = torch.where(covered[:, :, None], by_position, torch.eye(positions, device=into.device))
+        spread = rebuilt if spread is None else spread @ rebuilt
     if owner is not None:  # positions held by a row that folded now belong to its receiver (one level: receivers stay)
         receiver = torch.arange(owner.shape[1], device=owner.device).expand_as(owner)
         owner = receiver.scatter(1, tokens.origin, tokens.origin.gather(1, into)).gather(1, owner)
     width = tokens.hidden.shape[-1]
     riders = None if tokens.riders is None else hidden[..., width:]
     return Tokens(hidden[..., :width], tokens.origin, first, torch.where(received, total, size), owner,
-                  riders), moved
+                  riders, spread), moved
 
 
 def run_statements(stage: BoundStage, evaluator: StageEvaluator, tokens: Tokens,
