@@ -12,6 +12,7 @@ from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip
 
 import policyc
 from policyc.lang import check_source, ir
+from policyc.runtime import compile_model
 
 STEPS = 4
 
@@ -72,3 +73,18 @@ def test_similarity_mean_in_the_llm_equals_a_plain_computation(seed: int, batch:
     assert torch.equal(result.sequences[:, inputs["input_ids"].shape[1]:], tokens)
     for step, expected in enumerate(logits.unbind(1)):
         torch.testing.assert_close(result.scores[step], expected, rtol=0, atol=1e-5)
+
+
+def test_efficientvla_under_the_fx_graph_backend_equals_eager() -> None:
+    model = tiny_llava_clip(seed=7)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=7, text_after=5)
+    params = {"k_final": ir.Number(value=9), "k_key": ir.Number(value=3)}
+    outputs = []
+    for backend in ("eager", "fx"):
+        compiled = compile_model(model, "efficientvla", params, backend=backend)
+        outputs.append(model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_scores=True,
+                                      return_dict_in_generate=True))
+        compiled.remove()
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    for a, b in zip(outputs[0].scores, outputs[1].scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
