@@ -19,6 +19,9 @@ from policyc.passes import FEATURE_OPS, SELECTOR_OPS, SIGNAL_OPS
 from policyc.runtime.guards import check_scores
 from policyc.runtime.row_folds import RowFold
 
+ROUNDING = {"round": torch.round, "floor": torch.floor, "ceil": torch.ceil}  # torch.round: half to even, as round()
+COUNT_FUNCTIONS = {"size", *ROUNDING}  # functions of an amount computed from counts
+
 
 @dataclass
 class PrefillState:
@@ -173,7 +176,12 @@ class StageEvaluator:
         return order == wanted[:, None]
 
     def counts(self, amount: ir.Expr, sizes: torch.Tensor) -> torch.Tensor:
-        """How many tokens `amount` selects from sets of `sizes` tokens: [B] long."""
+        """How many tokens `amount` selects from sets of `sizes` tokens: [B] long. Arithmetic on counts
+        (`top round(T * alpha / 5)`, `top k - size(s)`) is computed per sample, rounded, clamped to 0..size."""
+        value = self.literal(amount)
+        if isinstance(value, ir.Binary | ir.Unary) or (isinstance(value, ir.Call) and value.fn in COUNT_FUNCTIONS):
+            wanted = self.amount(value, sizes.shape[0])
+            return torch.minimum(wanted.round().long().clamp(min=0), sizes)
         return torch.tensor([self.count(amount, int(n), row) for row, n in enumerate(sizes.tolist())],
                             dtype=torch.long, device=sizes.device)
 
@@ -198,6 +206,24 @@ class StageEvaluator:
             case ir.Number(value=number) if isinstance(number, int):
                 return max(0, min(size, number))
         raise PolicyError.at("this amount is not supported by the runtime yet", amount.span)
+
+    def amount(self, expr: ir.Expr, batch: int) -> torch.Tensor:
+        """A count expression per row (an image before the LLM, a sample in it): [B] float64."""
+        expr = self.literal(expr)
+        device = self.state.image.device
+        match expr:
+            case ir.Number(value=value):
+                return torch.full((batch,), float(value), dtype=torch.float64, device=device)
+            case ir.Call(fn="size", args=(inner,)):
+                return self.set(inner).sum(1).double()
+            case ir.Call(fn=fn, args=(inner,)) if fn in ROUNDING:
+                return ROUNDING[fn](self.amount(inner, batch))
+            case ir.Unary(op="-", operand=operand):
+                return -self.amount(operand, batch)
+            case ir.Binary(op="+" | "-" | "*" | "/" as op, left=left, right=right):
+                a, b = self.amount(left, batch), self.amount(right, batch)
+                return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
+        raise PolicyError.at("this amount is not supported by the runtime yet", expr.span)
 
     def _origin(self, row: int) -> int:
         if self.origin is None:

@@ -22,6 +22,7 @@ _LLM_MERGES = {"nearest": {"combine"}, "cluster": {"clusters", "knn", "share", "
 _LLM_ONLY_MERGES = {"cluster"}
 # vision_evaluate.py; mass: `top` ranks by its score (passes/mass.py)
 _PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy", "mass"}
+_COUNT_FUNCTIONS = {"size", "round", "floor", "ceil"}  # amounts computed from counts, everywhere (evaluate.py)
 
 
 def check_supported(plan: Plan, backend: str = "eager") -> None:
@@ -234,7 +235,7 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
             pass
         case ir.Select(amount=ir.ListExpr() | ir.Call() as amount) if kind != "llm":
             raise _not_yet("a schedule amount before the LLM", amount)
-        case ir.Select(amount=ir.Call(fn=fn) as amount) if fn not in _SCHEDULES:
+        case ir.Select(amount=ir.Call(fn=fn) as amount) if fn not in _SCHEDULES | _COUNT_FUNCTIONS:
             raise _not_yet(f"the amount {fn}()", amount)
         case ir.Call(fn=fn) if fn in _SCHEDULES:
             return  # an LLM stage's schedule amount (the case above rejects the others)
@@ -254,7 +255,7 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                 raise _not_yet(f"the features {fn}{' in the LLM' if kind == 'llm' else ' with options'}", expr)
         case ir.Name(id=fn) if fn in FEATURE_OPS and kind == "llm":
             raise _not_yet(f"the features {fn} in the LLM", expr)
-        case ir.Call(fn=fn) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
+        case ir.Call(fn=fn) if fn in _COUNT_FUNCTIONS or (kind != "llm" and fn in _PRE_LLM_FUNCTIONS):
             pass
         case ir.Call(fn=fn) if fn not in SIGNAL_OPS and fn not in _REDUCTIONS:
             raise _not_yet(f"{fn}()", expr)

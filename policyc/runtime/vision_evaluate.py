@@ -19,8 +19,6 @@ from policyc.passes.base import number_value, option_value
 from policyc.passes.dilate import dilate
 from policyc.runtime.evaluate import Captured, StageEvaluator
 
-_ROUNDING = {"round": torch.round, "floor": torch.floor, "ceil": torch.ceil}  # torch.round: half to even, as round()
-
 
 @dataclass(frozen=True)
 class LayerAttention:
@@ -202,10 +200,6 @@ class VisionEvaluator(StageEvaluator):
         if self._scheduled is not None and self._scheduled[0] is amount:
             counts, self._scheduled = self._scheduled[1], None
             return torch.minimum(counts, sizes)
-        value = self.literal(amount)
-        if isinstance(value, ir.Binary | ir.Unary | ir.Call):
-            wanted = self.amount(value, sizes.shape[0])
-            return torch.minimum(wanted.round().long().clamp(min=0), sizes)
         return super().counts(amount, sizes)
 
     def _entropy_counts(self, call: ir.Call, select: ir.Select, candidates: torch.Tensor) -> torch.Tensor:
@@ -235,24 +229,6 @@ class VisionEvaluator(StageEvaluator):
         pruned = torch.round(spread.float() * (1 - ratio ** 2)).long()  # in float32, as FlowCut's code
         keep = torch.clamp(sizes - pruned, min=target.value)
         return torch.where(sizes > target.value, keep, sizes)
-
-    def amount(self, expr: ir.Expr, batch: int) -> torch.Tensor:
-        """A count expression per image: [B] float64 (whole where the checker typed it a count)."""
-        expr = self.literal(expr)
-        device = self.state.image.device
-        match expr:
-            case ir.Number(value=value):
-                return torch.full((batch,), float(value), dtype=torch.float64, device=device)
-            case ir.Call(fn="size", args=(inner,)):
-                return self.set(inner).sum(1).double()
-            case ir.Call(fn=fn, args=(inner,)) if fn in _ROUNDING:
-                return _ROUNDING[fn](self.amount(inner, batch))
-            case ir.Unary(op="-", operand=operand):
-                return -self.amount(operand, batch)
-            case ir.Binary(op="+" | "-" | "*" | "/" as op, left=left, right=right):
-                a, b = self.amount(left, batch), self.amount(right, batch)
-                return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
-        raise PolicyError.at("this amount is not supported by the runtime yet", expr.span)
 
 
 __all__ = ["VisionEvaluator"]
