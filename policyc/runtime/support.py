@@ -107,7 +107,7 @@ def _deepstack_merges(plan: Plan) -> list[PolicyError]:
 
 
 _NEEDS_GRID = {"grid", "pool", "window", "fuse", "dilate"}  # geometric operators: one patch grid for every image
-_READS_PROMPT = {"cover", "text_relevance"}  # the question before the LLM (LLaVA's prompt stash)
+_READS_PROMPT = {"cover", "facility", "text_relevance"}  # the question before the LLM (LLaVA's prompt stash)
 
 
 def _without_one_grid(plan: Plan) -> list[PolicyError]:
