@@ -10,8 +10,10 @@ Per image, over its n candidate tokens, with u(v) = v / max(||v||, 1e-8) row-wis
   F(Y) = Σ_i max_{j∈Y} S[i, j] + lam · Σ_{j∈Y} a[j]     facility location + alignment (monotone submodular)
 ŝim rescales the cosine to [0, 1]: (cos + 1) / 2 (`rescale=shift`, default; the paper leaves it open) or
 max(cos, 0) (`rescale=clamp`). Then `amount` times j* = argmax_j Σ_i max(0, S[i, j] - best[i]) + lam · a[j] over
-the unchosen j (ties to the earlier token), best = max(best, S[:, j*]), best starting at 0 (F(∅) = 0). An image
-with no paired text has no alignment term. The kept tokens stay in their original order.
+the unchosen j, best = max(best, S[:, j*]), best starting at 0 (F(∅) = 0). Ties go to the earlier token, a tie
+being a gain within TIE of the largest: on a symmetric similarity two tokens that cover each other tie exactly
+(1 + S[i, j] - best[i] - best[j] both), and rounding must not decide. In float64. An image with no paired text has
+no alignment term. The kept tokens stay in their original order.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from policyc.passes.select_cover import unit
 from policyc.passes.selectors import SelectorOp, register_selector
 
 from policyc.catalog.base import Option, Spec
@@ -30,6 +31,13 @@ if TYPE_CHECKING:
     from policyc.runtime.evaluate import StageEvaluator
 
 RESCALES = ("shift", "clamp")
+TIE = 1e-9  # gains this close to the largest are equal (exact ties, apart from rounding)
+
+
+def unit64(x: torch.Tensor) -> torch.Tensor:
+    """Rows of x in float64 scaled to unit length (norm clamped at 1e-8): [n, C]."""
+    x = x.double()
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
 def rescaled(cosine: torch.Tensor, rescale: str) -> torch.Tensor:
@@ -40,11 +48,11 @@ def rescaled(cosine: torch.Tensor, rescale: str) -> torch.Tensor:
 def greedy_facility(features: torch.Tensor, words: torch.Tensor, lam: float, rescale: str, count: int) -> list[int]:
     """Indices (in choice order) of `count` of n tokens (features [n, D]) greedily maximising facility location
     plus lam times the alignment with the mean of `words` [m, D] (no alignment when m = 0)."""
-    x = unit(features)
+    x = unit64(features)
     similarity = rescaled(x @ x.T, rescale)  # [n, n], row i: how well token j represents token i
     n = x.shape[0]
     if words.shape[0]:
-        alignment = lam * rescaled(x @ unit(words.float().mean(0, keepdim=True))[0], rescale)  # [n]
+        alignment = lam * rescaled(x @ unit64(words.mean(0, keepdim=True))[0], rescale)  # [n]
     else:
         alignment = x.new_zeros(n)
     best = x.new_zeros(n)
@@ -52,7 +60,8 @@ def greedy_facility(features: torch.Tensor, words: torch.Tensor, lam: float, res
     chosen: list[int] = []
     for _ in range(min(count, n)):
         gain = (similarity - best[:, None]).clamp(min=0).sum(0) + alignment
-        pick = int(gain.masked_fill(taken, float("-inf")).argmax())  # the first maximum: ties to the earlier token
+        gain = gain.masked_fill(taken, float("-inf"))
+        pick = int((gain >= gain.max() - TIE).int().argmax())  # the first of the (near-)largest: the earlier token
         chosen.append(pick)
         taken[pick] = True
         best = torch.maximum(best, similarity[:, pick])
