@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from reference.catp import catp_stage1, kept_logits
+from tiny_mistral3 import tiny_mistral3
 from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip
 
 from policyc.cli import main
@@ -82,6 +83,11 @@ def test_facility_with_an_unknown_rescale_names_the_choices() -> None:
     source = "policy p {\n  stage projector.output {\n    keep facility(rescale=half) 50% of vision by hidden\n  }\n}\n"
     with pytest.raises(PolicyError, match="shift"):
         check_source(source, "p.tokpol")
+
+
+def test_catp_fails_at_compile_time_where_projector_stages_have_no_question() -> None:
+    with pytest.raises(PolicyError, match="facility needs the question, which mistral3's projector stages"):
+        compile_model(tiny_mistral3(), "catp")
 
 
 def test_policyc_run_catp_on_the_embedded_default() -> None:
