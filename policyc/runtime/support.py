@@ -9,7 +9,7 @@ from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
 
-_REDUCTIONS = {"sum", "mean", "max", "min"}
+_REDUCTIONS = {"sum", "mean", "max", "min", "abs"}  # (and abs, elementwise: max(0, x) is (x + abs(x)) / 2)
 _SCHEDULES = {"geometric", "linear", "cosine", "mass"}  # in LLM stages (and lists [300, 200, 110]); mass: `top` only
 _SELECTORS = {"llm": {"top", "stride"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 _RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
@@ -140,6 +140,8 @@ def _not_in_graphs(stage: BoundStage) -> str | None:
         return "cache policies other than `full` are"
     if any(_names(s, "raters") for s in stage.statements):
         return "the token set `raters` is"
+    if any(_names(s, "previous") for s in stage.statements):
+        return "attention(layer=previous) is"
     return None
 
 
@@ -284,8 +286,8 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                     _correct(call=expr, kwarg=kwarg, stage=stage)
                 if kwarg.name == "space" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "keys"):
                     raise _not_yet(f"{fn}(space=values) outside encoder stages", kwarg)
-                if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"
-                                                  and kind == "llm"):
+                if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kind == "llm" and (
+                        kwarg.value.id == "next" or (kwarg.value.id == "previous" and fn == "attention"))):
                     raise _not_yet(f"{fn}(layer=...) other than `next` in the LLM", kwarg)
         case ir.Name(id=name) if name in SIGNALS and name not in SIGNAL_OPS and name not in FEATURE_OPS:
             raise _not_yet(f"the signal '{name}'", expr)
