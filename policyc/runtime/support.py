@@ -154,11 +154,12 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
                           "the schedules geometric, linear, cosine and [lists]; top also with mass()) and grid, "
-                          "diverse, cover (before the LLM), the merges "
+                          "diverse, cover, facility (before the LLM), the merges "
                           f"{', '.join(sorted(set(MERGE_OPS) - _LLM_ONLY_MERGES))} (before the LLM; "
                           "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
                           f"the LLM), the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden (in "
                           "the LLM keys and keys(layer=next), and hidden for merge cluster), "
+                          "attention(layer=previous) in the LLM, "
                           "positions original, compact or cache_length (with the caches full and regather), "
                           f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
 
@@ -288,7 +289,8 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                     raise _not_yet(f"{fn}(space=values) outside encoder stages", kwarg)
                 if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kind == "llm" and (
                         kwarg.value.id == "next" or (kwarg.value.id == "previous" and fn == "attention"))):
-                    raise _not_yet(f"{fn}(layer=...) other than `next` in the LLM", kwarg)
+                    words = "`next` or `previous`" if fn == "attention" else "`next`"
+                    raise _not_yet(f"{fn}(layer=...) other than {words} in the LLM", kwarg)
         case ir.Name(id=name) if name in SIGNALS and name not in SIGNAL_OPS and name not in FEATURE_OPS:
             raise _not_yet(f"the signal '{name}'", expr)
         case ir.Name(id=name) if name in _SETS[kind]:
