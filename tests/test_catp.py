@@ -119,6 +119,13 @@ def test_attention_of_the_previous_layer_at_layer_0_fails_at_compile_time() -> N
         compile_model(tiny_llava_clip(), "catp", params(50, 0.7, "shift", layer=0))
 
 
+def test_attention_of_the_previous_layer_is_refused_by_the_graph_backends() -> None:
+    source = ("policy p {\n  stage llm.layer[1] {\n    keep top 50% of vision by attention(last -> vision) - "
+              "attention(last -> vision, layer=previous)\n  }\n}\n")
+    with pytest.raises(PolicyError, match=r"attention\(layer=previous\) is not implemented by the fx backend"):
+        compile_model(tiny_llava_clip(), check_source(source, "p.tokpol")[0], backend="fx")
+
+
 def test_catp_fails_at_compile_time_where_projector_stages_have_no_question() -> None:
     with pytest.raises(PolicyError, match="facility needs the question, which mistral3's projector stages"):
         compile_model(tiny_mistral3(), "catp", {"layer": ir.Number(value=1)})
