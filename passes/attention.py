@@ -7,6 +7,9 @@ the policy names are scored, `softmax(q_rows · Kᵀ · scale)` over every key e
 sliding windows), then reduced over heads and over rows. After a proportional merge (ToMe) in the LLaVA-style
 encoder, the logits include the log(size) bias the layer added, so the scores are that layer's softmax.
 
+In LLM stages `layer=previous` reads the layer before the stage's as it ran (its rows, its keys; CATP
+arXiv:2508.07871 takes the gain A^K - A^(K-1) of the last token's attention).
+
 In encoder stages `layer=k` reads an earlier encoder layer (at or before the stage's) and `layers=a..b`
 sums the scores of several (VTC-CLS arXiv:2412.05819): each layer's attention is as that layer computed
 it, over the rows it ran on, with the query set as it is at the stage. `space=values` scores with the
@@ -50,9 +53,15 @@ class Attention(SignalOp):
                 raise PolicyError.at("attention(layer=<index>) and layers=a..b read encoder layers", call.span)
             per_layer = [self.received(call, flow, ctx, *earlier(k)) for k in ctx.signal_layers(call)]
             return torch.stack(per_layer).sum(0)  # VTC-CLS's ensemble: the sum over the layers
+        if isinstance(layer, ir.Name) and layer.id == "previous":  # CATP: the LLM layer before the stage's
+            previous = getattr(ctx, "previous_layer", None)
+            if previous is None:
+                raise PolicyError.at("attention(layer=previous) reads an LLM layer", call.span)
+            recorded, rows, keys = previous()
+            return self.received(call, flow, ctx, recorded, rows, keys)
         if layer is not None and not (isinstance(layer, ir.Name) and layer.id in ("next", "here")):
-            raise PolicyError.at("attention(layer=...) takes `next` or an encoder layer in the runtime so far",
-                                 call.span)
+            raise PolicyError.at("attention(layer=...) takes `next`, `previous` or an encoder layer in the runtime so "
+                                 "far", call.span)
         space = self.option(call, "space", ctx)
         if isinstance(space, ir.Name) and space.id == "values":  # FlowCut: softmax of unscaled v_q . v_k
             values = getattr(ctx, "recorded_values", None)

@@ -31,8 +31,8 @@ from policyc.lang import ir
 # Every identifier-like string literal of grammar/tokpol.lark. `test_keywords_match_grammar` keeps this
 # list honest when the grammar changes.
 KEYWORDS: frozenset[str] = frozenset({
-    "and", "as", "by", "cache", "choose", "cover", "description", "diverse", "drop", "focal", "grid", "import", "in",
-    "into", "keep", "let", "log", "merge", "not", "of", "or", "paper", "param", "policy", "positions", "protect",
+    "and", "as", "by", "cache", "choose", "cover", "description", "diverse", "drop", "facility", "focal", "grid",
+    "import", "in", "into", "keep", "let", "log", "merge", "not", "of", "or", "paper", "param", "policy", "positions", "protect",
     "sample", "score", "search", "stage", "step", "stride", "title", "top", "use", "where",
 })
 
@@ -95,7 +95,7 @@ notes = st.none() | comment_texts
 _leaf: st.SearchStrategy[ir.Expr] = st.one_of(numbers, percents, strings, name_refs)
 
 _BINARY_OPS = ["+", "-", "*", "/", "|", "&", "<", "<=", ">", ">=", "==", "!=", "and", "or"]
-_RANKED = ["top", "diverse", "cover", "sample", "focal"]
+_RANKED = ["top", "diverse", "cover", "sample", "focal", "facility"]
 _UNRANKED = ["grid", "stride"]
 
 

@@ -117,7 +117,7 @@ def test_sample_uses_every_construct() -> None:
         "LayerRange", "AllLayers", "LayerList", "Hook", "Stage", "RangeDomain", "ChoiceDomain", "Param", "Meta",
         "Use", "Policy", "Import", "PolicyFile",
     }
-    selectors = {f"select:{s}" for s in ("top", "diverse", "cover", "grid", "stride")}
+    selectors = {f"select:{s}" for s in ("top", "diverse", "cover", "facility", "grid", "stride")}
     # `<`, `<=`, `>=`, `!=`, `==`, `>`... every operator the IR has, and both unary operators.
     operators = {f"op:{o}" for o in ("+", "-", "*", "/", "|", "&", "<", "<=", ">", ">=", "==", "!=", "and", "or",
                                      "not")}

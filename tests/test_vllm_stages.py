@@ -112,6 +112,7 @@ def test_shell_embeddings_equal_transformers(bundled: Any, shell: Any) -> None:
     ({"policy": "fastv"}, "stage llm.layer[layer] runs at llm.layer, inside the LLM", "fastervlm"),
     ({"policy": "snapkv"}, "runs at decode, inside the LLM", "fastervlm"),
     ({"policy": "globalcom2_style"}, "reads the prompt", "divprune"),
+    ({"policy": "catp"}, "reads the prompt", "divprune"),
     ({"policy": "fastervlmm"}, "no file or standard-library policy named 'fastervlmm'", "did you mean 'fastervlm'?"),
     ({"policy": "fastervlm", "params": {"tokenz": 3}}, "no searchable parameter 'tokenz'", "did you mean 'tokens'?"),
     ({"policy": "fastervlm", "params": {"tokens": 0}}, "fastervlm.tokpol:12:3: error: 0 is outside the range [1, 2304] "

@@ -2,9 +2,10 @@
 
 from policyc.catalog.base import Option, Registry, Spec
 
-LAYER = Option("layer", ("number", "enum"), "layer to read: an index (negative from the end) or `next` "
-               "(recompute with the next layer's projections, as PyramidDrop); default: this stage's layer",
-               default="here", choices=("next",), integer=True)
+LAYER = Option("layer", ("number", "enum"), "layer to read: an index (negative from the end), `next` "
+               "(recompute with the next layer's projections, as PyramidDrop) or `previous` (the LLM layer before "
+               "the stage's, as recorded: CATP's attention gain); default: this stage's layer",
+               default="here", choices=("next", "previous"), integer=True)
 
 SIGNALS = Registry("signal", "signal")
 SIGNALS.add(

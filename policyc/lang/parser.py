@@ -140,7 +140,7 @@ def _position(value: object) -> int:
     return value if isinstance(value, int) and value > 0 else 1
 
 
-_SELECTORS = ("top", "diverse", "cover", "sample", "focal", "grid", "stride")
+_SELECTORS = ("top", "diverse", "cover", "sample", "focal", "facility", "grid", "stride")
 _STATEMENTS = ("let", "score", "keep", "drop", "protect", "merge", "positions", "cache")
 _CLOSERS = {"{": "}", "(": ")", "[": "]"}
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -136,6 +136,23 @@ def _reads(plan: Plan, name: str) -> bool:
                for s in plan.stages if s.kind == "llm" for st in s.statements for node in st.walk())
 
 
+def _previous_layers(plan: Plan) -> set[int]:
+    """The LLM layers before stages that read `attention(..., layer=previous)`; such a stage at layer 0 fails."""
+    layers = set()
+    for stage in plan.stages:
+        if stage.kind == "llm" and _reads_in(stage.statements, "previous"):
+            if 0 in stage.layers:
+                raise PolicyError.at("attention(layer=previous) reads the LLM layer before the stage's, and layer 0 "
+                                     "has none", stage.span, "run the stage at layer 1 or later"
+                                     ).with_sources(dict(plan.checked.sources))
+            layers |= {k - 1 for k in stage.layers}
+    return layers
+
+
+def _reads_in(statements: Sequence[ir.Statement], name: str) -> bool:
+    return any(isinstance(node, ir.Name) and node.id == name for st in statements for node in st.walk())
+
+
 class CompiledModel:
     """A model rewritten by a plan, in place. `remove()` restores the original modules."""
 
@@ -168,7 +185,8 @@ class CompiledModel:
         self.runtime.cache = CacheRuntime.build(plan, self.runtime)
         cached = set(self.runtime.cache.layers if self.runtime.cache else ())
         at_input = before_llm or self.runtime.rates_text  # layer 0's wrapper sees the LLM's input embeddings
-        wrapped_layers = sorted(set(stage_layers) | cached | ({0} if at_input else set()))
+        previous = _previous_layers(plan)  # layers whose attention a later stage reads (attention(layer=previous))
+        wrapped_layers = sorted(set(stage_layers) | previous | cached | ({0} if at_input else set()))
         if backend != "eager":
             # prefill stages become graph passes; decoding stays with the layer wrappers below
             self._compile_graphs(stage_layers, inductor=backend == "inductor")
@@ -191,7 +209,7 @@ class CompiledModel:
                 wrapper = LinearPolicyLayer if k in linear else PolicyLayer
                 adapter.decoder_layers[k] = wrapper(inner, k, self.runtime, stages)
                 self._wrapped.append((k, inner))
-                if stages:
+                if stages or k in previous:
                     adapter.decoder_attention[k]._policyc_recorder = self._recorder(k)
             self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
             undo = adapter.hook_llm_rows(lambda: self.runtime.state.kept if self.runtime.state is not None else None,

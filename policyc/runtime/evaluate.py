@@ -77,6 +77,8 @@ class StageEvaluator:
     values: dict[str, ir.Expr]
     seed_offset: int = 0
     next_layer: Callable[[], Captured] | None = None  # recompute with the next layer's projections
+    # the previous LLM layer's recorded attention, its rows' original positions [B, R] and which rows were keys
+    previous_layer: Callable[[], tuple[Captured, torch.Tensor, torch.Tensor]] | None = None
     causal: bool = True  # attention is causal (the LLM); the vision encoder's is not
     hidden: torch.Tensor | None = None  # [B, L', C] the current rows' hidden states (the `hidden` feature)
     cls: torch.Tensor | None = None  # [B, L] bool: the CLS token, where the stage has one
@@ -311,6 +313,8 @@ class StageEvaluator:
                 fill = float("-inf") if fn == "max" else float("inf")
                 pick = values.masked_fill(~over, fill)
                 return (pick.amax(1, keepdim=True) if fn == "max" else pick.amin(1, keepdim=True)).expand_as(values)
+            case ir.Call(fn="abs", args=(inner,)):
+                return self.score(inner).abs()
             case ir.Unary(op="-", operand=operand):
                 return -self.score(operand)
             case ir.Binary(op="+" | "-" | "*" | "/" as op, left=left, right=right):

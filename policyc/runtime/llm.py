@@ -164,7 +164,8 @@ class Runtime:
             if step == 0:  # N0 of the stage's schedules: the image tokens alive before its first layer
                 state.origins[stage.label] = (state.image & alive & state.valid).sum(1)
             evaluator = StageEvaluator(state, captured, dict(stage.values), seed_offset=index, step=step,
-                                       steps=len(stage.layers), origin=state.origins.get(stage.label))
+                                       steps=len(stage.layers), origin=state.origins.get(stage.label),
+                                       previous_layer=lambda: self.previous_layer(index))
             alive, hidden = _run_statements(stage.statements, evaluator, alive, hidden,
                                             None if last else self._next_layer(index, position_embeddings))
         keep_rows = torch.gather(alive, 1, state.kept)  # [B, L'] which current rows survive
@@ -184,6 +185,18 @@ class Runtime:
         check_kept(state.kept, state.length, where, stages[-1].span)
         check_protected(state.protected & state.valid, alive, where, stages[-1].span)
         return rows, hidden
+
+    def previous_layer(self, index: int) -> tuple[Captured, torch.Tensor, torch.Tensor]:
+        """Layer `index - 1`'s recorded queries and keys, the original position of each of its rows [B, R] and
+        which rows were keys [B, R] (real tokens, not padding or fillers), for `attention(layer=previous)`."""
+        captured, rows = self.captured.get(index - 1), self.kept_at_layer.get(index - 1)
+        if captured is None or rows is None:
+            raise PolicyError.at(f"attention(layer=previous) at LLM layer {index} needs layer {index - 1}'s "
+                                 "attention, which was not recorded", None)
+        assert self.state is not None  # stages run inside a prefill
+        keys = torch.gather(self.state.valid, 1, rows)
+        live = self.live_at_layer.get(index - 1)
+        return captured, rows, keys if live is None else keys & live
 
     def _next_layer(self, index: int, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                     ) -> Callable[[torch.Tensor], Captured]:

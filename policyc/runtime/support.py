@@ -9,7 +9,7 @@ from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
 
-_REDUCTIONS = {"sum", "mean", "max", "min"}
+_REDUCTIONS = {"sum", "mean", "max", "min", "abs"}  # (and abs, elementwise: max(0, x) is (x + abs(x)) / 2)
 _SCHEDULES = {"geometric", "linear", "cosine", "mass"}  # in LLM stages (and lists [300, 200, 110]); mass: `top` only
 _SELECTORS = {"llm": {"top", "stride"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 # read the layer's attention: not at the projector
@@ -92,7 +92,7 @@ def _multi_image(plan: Plan) -> list[PolicyError]:
 
 
 _NEEDS_GRID = {"grid", "pool", "window", "fuse", "dilate"}  # geometric operators: one patch grid for every image
-_READS_PROMPT = {"cover", "text_relevance"}  # the question before the LLM (LLaVA's prompt stash)
+_READS_PROMPT = {"cover", "facility", "text_relevance"}  # the question before the LLM (LLaVA's prompt stash)
 
 
 def _without_one_grid(plan: Plan) -> list[PolicyError]:
@@ -125,6 +125,8 @@ def _not_in_graphs(stage: BoundStage) -> str | None:
         return "cache policies other than `full` are"
     if any(_names(s, "raters") for s in stage.statements):
         return "the token set `raters` is"
+    if any(_names(s, "previous") for s in stage.statements):
+        return "attention(layer=previous) is"
     return None
 
 
@@ -137,11 +139,12 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
                           "the schedules geometric, linear, cosine and [lists]; top also with mass()) and grid, "
-                          "diverse, cover, sample (before the LLM), the merges "
+                          "diverse, cover, sample, focal, facility (before the LLM), the merges "
                           f"{', '.join(sorted(set(MERGE_OPS) - _LLM_ONLY_MERGES))} (before the LLM; "
                           "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
                           f"the LLM), the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden (in "
                           "the LLM keys and keys(layer=next), and hidden for merge cluster), "
+                          "attention(layer=previous) in the LLM, "
                           "positions original, compact or cache_length (with the caches full and regather), "
                           f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
 
@@ -269,9 +272,10 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                     _correct(call=expr, kwarg=kwarg, stage=stage)
                 if kwarg.name == "space" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "keys"):
                     raise _not_yet(f"{fn}(space=values) outside encoder stages", kwarg)
-                if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"
-                                                  and kind == "llm"):
-                    raise _not_yet(f"{fn}(layer=...) other than `next` in the LLM", kwarg)
+                if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kind == "llm" and (
+                        kwarg.value.id == "next" or (kwarg.value.id == "previous" and fn == "attention"))):
+                    words = "`next` or `previous`" if fn == "attention" else "`next`"
+                    raise _not_yet(f"{fn}(layer=...) other than {words} in the LLM", kwarg)
         case ir.Name(id=name) if name in SIGNALS and name not in SIGNAL_OPS and name not in FEATURE_OPS:
             raise _not_yet(f"the signal '{name}'", expr)
         case ir.Name(id=name) if name in _SETS[kind]:

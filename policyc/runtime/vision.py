@@ -121,7 +121,7 @@ class ImageStages:
         self._attention: str | None = None
         self._slots: tuple[Tokens, PrefillState] | None = None
         self._encoder = bool(encoder)
-        self._reads_prompt = any((isinstance(node, ir.Select) and node.selector == "cover")
+        self._reads_prompt = any((isinstance(node, ir.Select) and node.selector in ("cover", "facility"))
                                  or (isinstance(node, ir.Call | ir.Name) and _name(node) == "text_relevance")
                                  for s in self.projector_output for st in s.statements for node in st.walk())
         self._reads_samples = any(_reads_samples(node) for s in self.projector_output for st in s.statements

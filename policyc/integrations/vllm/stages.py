@@ -39,7 +39,7 @@ _COUNT_HINT = "serve a policy with a fixed count, e.g. tome (a fixed r per layer
 def _reads_prompt(node: ir.Node) -> bool:
     """`cover`, `text_relevance`, `top(allocate=...)`, `vision[i]`, `image`: the question or the prompt's images."""
     if isinstance(node, ir.Select):
-        return node.selector == "cover" or any(option.name == "allocate" for option in node.options)
+        return node.selector in ("cover", "facility") or any(option.name == "allocate" for option in node.options)
     if isinstance(node, ir.Call | ir.Name):
         return (node.fn if isinstance(node, ir.Call) else node.id) in ("text_relevance", "image")
     return isinstance(node, ir.Index)
