@@ -32,8 +32,8 @@ from policyc.lang import ir
 # list honest when the grammar changes.
 KEYWORDS: frozenset[str] = frozenset({
     "and", "as", "by", "cache", "choose", "cover", "description", "diverse", "drop", "facility", "focal", "grid",
-    "import", "in", "into", "keep", "let", "log", "merge", "not", "of", "or", "paper", "param", "policy", "positions", "protect",
-    "sample", "score", "search", "stage", "step", "stride", "title", "top", "use", "where",
+    "import", "in", "into", "keep", "let", "log", "merge", "not", "of", "or", "paper", "param", "policy", "positions",
+    "protect", "sample", "score", "search", "stage", "step", "stride", "title", "top", "use", "where",
 })
 
 GRAMMAR_PATH = Path(__file__).resolve().parents[1] / "grammar" / "tokpol.lark"
