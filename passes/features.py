@@ -22,7 +22,6 @@ class FeatureOp(ABC):
 
     name: ClassVar[str]  # the catalog name: `spec.name`
     spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
-    options: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:

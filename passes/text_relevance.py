@@ -28,7 +28,6 @@ class TextRelevance(SignalOp):
                 "to each token, summed over words (MMTok, SparseVLM raters)",
                 options=(Option("tau", ("number",), "softmax temperature", default="0.02", low=0),),
                 stages=frozenset({"projector", "llm"}), paper="MMTok arXiv:2508.18264")
-    options = frozenset({"tau"})
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         if not hasattr(ctx, "question_words") or ctx.hidden is None:

@@ -64,9 +64,23 @@ class Spec:
     paper: str = ""
     by: ValueType | None = None  # for selectors and merges: what `by` takes (None: no `by`)
     into: bool = False  # for merges: whether `into <set>` is required
+    # What policyc's runtime implements of this spec (an operator's `spec`; the checker reads none of it): the stage
+    # kinds it runs in (None: all of `stages`) and the options it refuses for now; elsewhere, or with those options,
+    # compiling fails with "not implemented by policyc's runtime yet" at the policy's line.
+    runs: frozenset[StageKind] | None = None
+    unimplemented: frozenset[str] = frozenset()
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)
+
+    def runs_in(self, stage: StageKind) -> bool:
+        """Whether the runtime implements this operator in a stage of this kind."""
+        return stage in (self.stages if self.runs is None else self.runs)
+
+    @property
+    def implemented(self) -> frozenset[str]:
+        """The options the runtime honours: the declared ones, less `unimplemented`."""
+        return frozenset(o.name for o in self.options) - self.unimplemented
 
     def signature(self) -> str:
         """`attention(flow, heads=mean, ...)` for listings."""

@@ -11,14 +11,10 @@ from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGN
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SCHEDULES = {"geometric", "linear", "cosine", "mass"}  # in LLM stages (and lists [300, 200, 110]); mass: `top` only
-_SELECTORS = {"llm": {"top", "stride"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
 _RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
 _ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
 _PROJECTOR_ONLY = {"text_relevance"}  # reads the question's words, stashed for projector.output (vision.py)
 _SETS = {"llm": {"cls"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
-# policyc/runtime/llm.py `merge_rows`: nearest with combine=add_mean by keys (VisionDrop); cluster (SparseVLM)
-_LLM_MERGES = {"nearest": {"combine"}, "cluster": {"clusters", "knn", "share", "rank"}}
-_LLM_ONLY_MERGES = {"cluster"}
 # vision_evaluate.py; mass: `top` ranks by its score (passes/mass.py)
 _PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy", "mass"}
 
@@ -153,12 +149,17 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
                           "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
                           "the schedules geometric, linear, cosine and [lists]; top also with mass()) and grid, "
                           "diverse, cover (before the LLM), the merges "
-                          f"{', '.join(sorted(set(MERGE_OPS) - _LLM_ONLY_MERGES))} (before the LLM; "
+                          f"{', '.join(_merges_before_llm())} (before the LLM; "
                           "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
-                          f"the LLM), the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden (in "
+                          f"the LLM), the signals {', '.join(sorted(SIGNAL_OPS))}, the features "
+                          f"{', '.join(sorted(FEATURE_OPS))} (in "
                           "the LLM keys and keys(layer=next), and hidden for merge cluster), "
                           "positions original, compact or cache_length (with the caches full and regather), "
-                          f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
+                          f"and the cache policies {', '.join(sorted(CACHE_OPS))}")
+
+
+def _merges_before_llm() -> list[str]:
+    return sorted(n for n, op in MERGE_OPS.items() if op.spec.runs_in("encoder") or op.spec.runs_in("projector"))
 
 
 def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
@@ -176,7 +177,7 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
                                  "(StreamingLLM's pos-shift), which is not defined for this model's sliding-window "
                                  "layers: their windows count original positions", statement.span,
                                  "heavy_hitter (H2O) or snapkv keep positions and run on this model")
-        if isinstance(statement, ir.Cache) and (statement.method == "full" or statement.method in CACHE_OPS):
+        if isinstance(statement, ir.Cache) and statement.method in CACHE_OPS:
             return
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
     match statement:
@@ -185,12 +186,13 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
         case ir.Positions(mode=mode):
             raise _not_yet(f"positions {mode}", statement)
         case ir.Merge(method=method, options=options, source=source, into=into, by=by) if kind == "llm":
-            if method not in _LLM_MERGES:
+            # policyc/runtime/llm.py `merge_rows`: nearest with combine=add_mean by keys (VisionDrop); cluster
+            if method not in MERGE_OPS or not MERGE_OPS[method].spec.runs_in("llm"):
                 raise _not_yet(f"merge {method} in the LLM", statement)
             for option in options:
                 value = stage.values.get(option.value.id, option.value) if isinstance(option.value, ir.Name) \
                     else option.value
-                if option.name not in _LLM_MERGES[method] or (option.name == "combine" and not (
+                if option.name not in MERGE_OPS[method].spec.implemented or (option.name == "combine" and not (
                         isinstance(value, ir.Name) and value.id == "add_mean")):
                     raise _not_yet(f"merge {method}({option.name}={_text(value)}) in the LLM", option)
                 if option.name == "rank":
@@ -207,7 +209,7 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
                     _expr(part, stage)
             if by is not None and _keys(by):
                 _expr(by, stage)
-        case ir.Merge(method=method) if method not in MERGE_OPS or method in _LLM_ONLY_MERGES:
+        case ir.Merge(method=method) if method not in MERGE_OPS or not MERGE_OPS[method].spec.runs_in(kind):
             raise _not_yet(f"merge {method}{' before the LLM' if method in MERGE_OPS else ''}", statement)
         case ir.Merge(method=method, options=options, source=source, into=into, by=by):
             feature_layer = plan.adapter.feature_encoder_layer
@@ -218,7 +220,7 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
                                      statement.span,
                                      f"merge at encoder.layer[{feature_layer}] or earlier, or at encoder.output")
             for option in options:
-                if option.name not in MERGE_OPS[method].options:
+                if option.name not in MERGE_OPS[method].spec.implemented:
                     raise _not_yet(f"{method} option '{option.name}'", option)
                 if option.name == "r" and isinstance(option.value, ir.ListExpr | ir.Call):
                     raise _not_yet("a schedule for bipartite(r=...)", option.value)
@@ -235,8 +237,10 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
     if isinstance(expr, ir.Name) and isinstance(stage.values.get(expr.id), ir.Name):
         expr = stage.values[expr.id]  # a parameter choosing a built-in set: check the set it chose
     match expr:
-        case ir.Select(selector=selector) if selector not in _SELECTORS[kind]:
-            raise _not_yet(f"the `{selector}` selector{' in the LLM' if selector in SELECTOR_OPS else ''}", expr)
+        case ir.Select(selector=selector) if selector not in SELECTOR_OPS or not SELECTOR_OPS[selector].spec.runs_in(
+                kind):
+            where = "" if selector not in SELECTOR_OPS else " in the LLM" if kind == "llm" else f" in {kind} stages"
+            raise _not_yet(f"the `{selector}` selector{where}", expr)
         case ir.Select(selector="cover", options=options) if any(
                 o.name == "words" and isinstance(o.value, ir.Name) and stage.values.get(o.value.id, o.value) ==
                 ir.Name(id="keywords") for o in options):
@@ -276,7 +280,7 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
             raise _not_yet(f"{fn}()", expr)
         case ir.Call(fn=fn, kwargs=kwargs) if fn in SIGNAL_OPS:
             for kwarg in kwargs:
-                if kwarg.name not in SIGNAL_OPS[fn].options:
+                if kwarg.name not in SIGNAL_OPS[fn].spec.implemented:
                     raise _not_yet(f"{fn} option '{kwarg.name}'", kwarg)
                 if kind == "encoder" and fn == "attention" and kwarg.name in ("layer", "layers", "space"):
                     continue  # checked against the model in policyc/runtime/vision_evaluate.py
