@@ -102,7 +102,8 @@ def render_catalog(kind: str | None, console: Console | None = None) -> None:
 
 
 def catalog_json(kind: str | None) -> dict[str, list[dict[str, str]]]:
-    """What `policyc list [KIND]` prints, as data: per kind, each entry's name, signature, stages, summary, paper."""
+    """What `policyc list [KIND]` prints, as data: per kind, each entry's name, signature, stages, summary, paper and
+    the package that declares it ("policyc" for built-ins, else the plug-in's distribution)."""
     out: dict[str, list[dict[str, str]]] = {}
     if kind in (None, "policies"):
         out["policies"] = [{"name": name, "stages": stage_summary(checked),
@@ -113,7 +114,8 @@ def catalog_json(kind: str | None) -> dict[str, list[dict[str, str]]]:
     for name, registry in _KIND_REGISTRY.items():
         if kind in (None, name):
             out[name] = [{"name": spec.name, "signature": spec.signature(), "stages": _where(spec),
-                          "summary": spec.summary, "paper": spec.paper or ""} for spec in registry]
+                          "summary": spec.summary, "paper": spec.paper or "", "package": registry.package(spec.name)}
+                         for spec in registry]
     return out
 
 
@@ -148,11 +150,14 @@ def _where(spec: Spec) -> str:
 
 
 def _registry_table(name: str, registry: Registry) -> Table:
-    table = Table(registry.kind, "where", "what it does", title=name, title_justify="left")
+    """One registry's entries; operators (which plug-ins may add) also name the package that declares each."""
+    columns = (registry.kind, "where", "what it does") + (("package",) if registry.operators else ())
+    table = Table(*columns, title=name, title_justify="left")
     for spec in registry:
         where = _where(spec)
         paper = f" [dim]({escape(spec.paper)})[/dim]" if spec.paper else ""
-        table.add_row(escape(spec.signature()), where, escape(spec.summary) + paper)
+        package = (escape(registry.package(spec.name)),) if registry.operators else ()
+        table.add_row(escape(spec.signature()), where, escape(spec.summary) + paper, *package)
     return table
 
 

@@ -100,6 +100,7 @@ class Registry:
     plural: str = ""  # the listing's name when not `kind + "s"`
     entries: dict[str, Spec] = field(default_factory=dict)
     packages: dict[str, str] = field(default_factory=dict)  # name -> the package that declared it (plug-ins)
+    operators: bool = False  # filled by operator classes (built-ins and plug-ins), not by the language itself
 
     @property
     def specs(self) -> dict[str, Spec]:

@@ -5,4 +5,4 @@ Each cache policy (`passes/cache_full.py`, ...) declares its spec beside its cod
 from policyc.catalog.base import Registry, StageKind
 
 DECODE: frozenset[StageKind] = frozenset({"decode"})
-CACHES = Registry("cache", "cache policy")
+CACHES = Registry("cache", "cache policy", operators=True)

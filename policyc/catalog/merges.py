@@ -4,4 +4,4 @@ Each merge (`passes/merge_bipartite.py`, ...) declares its spec beside its code 
 
 from policyc.catalog.base import Registry
 
-MERGES = Registry("merge", "merge method")
+MERGES = Registry("merge", "merge method", operators=True)

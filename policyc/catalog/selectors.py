@@ -10,4 +10,4 @@ ALLOCATE = Option("allocate", ("score", "enum"), "`none`: the amount holds for e
                   "the sum of the score over each image's candidates (GlobalCom2, HiRED), or equally",
                   default="none", choices=("none", "equal"))
 
-SELECTORS = Registry("selector", "selector")
+SELECTORS = Registry("selector", "selector", operators=True)

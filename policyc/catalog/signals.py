@@ -9,4 +9,4 @@ LAYER = Option("layer", ("number", "enum"), "layer to read: an index (negative f
                "(recompute with the next layer's projections, as PyramidDrop); default: this stage's layer",
                default="here", choices=("next",), integer=True)
 
-SIGNALS = Registry("signal", "signal")
+SIGNALS = Registry("signal", "signal", operators=True)

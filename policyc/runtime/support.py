@@ -4,6 +4,7 @@ line, instead of running with a silently different meaning."""
 from __future__ import annotations
 
 from policyc.catalog import SIGNALS
+from policyc.catalog.signals import LAYER
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
@@ -284,12 +285,12 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                     raise _not_yet(f"{fn} option '{kwarg.name}'", kwarg)
                 if kind == "encoder" and fn == "attention" and kwarg.name in ("layer", "layers", "space"):
                     continue  # checked against the model in policyc/runtime/vision_evaluate.py
-                if kwarg.name == "correct":
+                if fn == "attention" and kwarg.name == "correct":
                     _correct(call=expr, kwarg=kwarg, stage=stage)
-                if kwarg.name == "space" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "keys"):
+                word = kwarg.value.id if isinstance(kwarg.value, ir.Name) else None
+                if fn == "attention" and kwarg.name == "space" and word != "keys":
                     raise _not_yet(f"{fn}(space=values) outside encoder stages", kwarg)
-                if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"
-                                                  and kind == "llm"):
+                if SIGNAL_OPS[fn].spec.option(kwarg.name) is LAYER and not (word == "next" and kind == "llm"):
                     raise _not_yet(f"{fn}(layer=...) other than `next` in the LLM", kwarg)
         case ir.Name(id=name) if name in SIGNALS and name not in SIGNAL_OPS and name not in FEATURE_OPS:
             raise _not_yet(f"the signal '{name}'", expr)
