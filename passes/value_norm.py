@@ -22,6 +22,7 @@ class ValueNorm(SignalOp):
     spec = Spec(
         "value_norm", "signal", "L1 norm of each token's head-mean value vector (FlowCut)", options=(LAYER,),
         paper="FlowCut arXiv:2505.19536", unimplemented=frozenset({"layer"}))
+    reads_values = True
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         values = getattr(ctx, "recorded_values", None)

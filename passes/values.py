@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 class Values(FeatureOp):
     spec = Spec("values", "feature", "attention values of each token, mean over heads", options=(LAYER,),
                 returns="feature", unimplemented=frozenset({"layer"}))
+    reads_values = True
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         values = getattr(ctx, "recorded_values", None)
