@@ -120,11 +120,12 @@ def catalog_json(kind: str | None) -> dict[str, list[dict[str, str]]]:
 
 
 def catalog_markdown() -> str:
-    """Every registry as a Markdown table (the README's language catalog is this text)."""
+    """Every registry as a Markdown table (the README's language catalog is this text): policyc's own names, not
+    those of installed plug-ins."""
     blocks = []
     for name, registry in _KIND_REGISTRY.items():
         rows = [f"**{name}**", "", f"| {registry.kind} | stages | what it does |", "|---|---|---|"]
-        for spec in registry:
+        for spec in (s for s in registry if registry.package(s.name) == "policyc"):
             where = _where(spec)
             paper = f" ({spec.paper})" if spec.paper else ""
             rows.append(f"| `{spec.signature()}` | {where} | {spec.summary}{paper} |".replace("\n", " "))

@@ -130,6 +130,12 @@ def registered(*classes: type, package: str | None = None) -> Iterator[tuple[typ
         unregister(*done)
 
 
+def is_builtin(operator: object) -> bool:
+    """Whether an operator (its class or its instance) is one of policyc's own (from policyc.passes)."""
+    cls = operator if isinstance(operator, type) else type(operator)
+    return cls.__module__.startswith("policyc.passes.")
+
+
 def _kinds() -> tuple[tuple[type, Callable[[type], type], dict, Registry], ...]:
     """(base class, registrar, runtime registry, catalog registry) of each kind of operator."""
     from policyc import passes
@@ -162,13 +168,17 @@ class PluginError(ValueError):
     """An operator or plug-in that cannot be registered; the message names its package."""
 
 
-def __getattr__(name: str) -> object:  # the base classes, without importing torch for `Spec` and `Option`
+def __getattr__(name: str) -> object:  # the base classes and helpers, without importing torch for `Spec`, `Option`
     import policyc.passes as passes
+    from policyc.passes import base
 
     if name in {"SignalOp", "FeatureOp", "SelectorOp", "MergeOp", "CacheOp"}:
         return getattr(passes, name)
+    if name in {"number_value", "option_value", "scatter_scores"}:  # option values; [B, L'] rows -> [B, L] scores
+        return getattr(base, name)
     raise AttributeError(name)
 
 
 __all__ = ["ENTRY_POINT_GROUP", "CacheOp", "FeatureOp", "MergeOp", "Option", "PluginError", "SelectorOp",
-           "SignalOp", "Spec", "load", "load_entry_point", "register", "registered", "unregister"]
+           "SignalOp", "Spec", "is_builtin", "load", "load_entry_point", "number_value", "option_value", "register",
+           "registered", "scatter_scores", "unregister"]

@@ -3,12 +3,14 @@ line, instead of running with a silently different meaning."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from policyc.catalog import SIGNALS
 from policyc.catalog.signals import LAYER
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
+from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS, MergeOp
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SCHEDULES = {"geometric", "linear", "cosine", "mass"}  # in LLM stages (and lists [300, 200, 110]); mass: `top` only
@@ -150,17 +152,24 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
                           "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
                           "the schedules geometric, linear, cosine and [lists]; top also with mass()) and grid, "
                           "diverse, cover (before the LLM), the merges "
-                          f"{', '.join(_merges_before_llm())} (before the LLM; "
+                          f"{_builtin(_merges_before_llm())} (before the LLM; "
                           "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
-                          f"the LLM), the signals {', '.join(sorted(SIGNAL_OPS))}, the features "
-                          f"{', '.join(sorted(FEATURE_OPS))} (in "
+                          f"the LLM), the signals {_builtin(SIGNAL_OPS)}, the features "
+                          f"{_builtin(FEATURE_OPS)} (in "
                           "the LLM keys and keys(layer=next), and hidden for merge cluster), "
                           "positions original, compact or cache_length (with the caches full and regather), "
-                          f"and the cache policies {', '.join(sorted(CACHE_OPS))}")
+                          f"and the cache policies {_builtin(CACHE_OPS)}")
 
 
-def _merges_before_llm() -> list[str]:
-    return sorted(n for n, op in MERGE_OPS.items() if op.spec.runs_in("encoder") or op.spec.runs_in("projector"))
+def _merges_before_llm() -> dict[str, MergeOp]:
+    return {n: op for n, op in MERGE_OPS.items() if op.spec.runs_in("encoder") or op.spec.runs_in("projector")}
+
+
+def _builtin(operators: Mapping[str, object]) -> str:
+    """The names of policyc's own operators among `operators`, sorted (the hint lists no plug-in's)."""
+    from policyc.operators import is_builtin
+
+    return ", ".join(sorted(name for name, op in operators.items() if is_builtin(op)))
 
 
 def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
