@@ -59,7 +59,7 @@ class Attention(SignalOp):
                    default="all", choices=("all", "keys")),
         ),
         paper="FastV arXiv:2403.06764; PyramidDrop arXiv:2410.17247; VTC-CLS arXiv:2412.05819",
-        unimplemented=frozenset({"top_heads", "softmax"}))
+        runs=frozenset({"encoder", "llm"}), unimplemented=frozenset({"top_heads", "softmax"}))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         flow = call.args[0] if call.args else None

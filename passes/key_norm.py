@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 class KeyNorm(SignalOp):
     spec = Spec(
         "key_norm", "signal", "L2 norm of each token's attention key (mean over heads)", options=(LAYER,),
-        unimplemented=frozenset({"layer"}))
+        runs=frozenset({"encoder", "llm"}), unimplemented=frozenset({"layer"}))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         key = ctx.recorded("key_norm").key  # [B, Hkv, L', d]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class Keys(FeatureOp):
     spec = Spec(
         "keys", "feature", "attention keys of each token, mean over heads (ToMe's metric)", options=(LAYER,),
-        returns="feature", paper="ToMe arXiv:2210.09461")
+        returns="feature", paper="ToMe arXiv:2210.09461", runs=frozenset({"encoder", "llm"}))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         layer = next((k.value for k in call.kwargs if k.name == "layer"), None)

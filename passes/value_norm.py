@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class ValueNorm(SignalOp):
     spec = Spec(
         "value_norm", "signal", "L1 norm of each token's head-mean value vector (FlowCut)", options=(LAYER,),
-        paper="FlowCut arXiv:2505.19536", unimplemented=frozenset({"layer"}))
+        paper="FlowCut arXiv:2505.19536", runs=frozenset({"encoder"}), unimplemented=frozenset({"layer"}))
     reads_values = True
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 @register_feature
 class Values(FeatureOp):
     spec = Spec("values", "feature", "attention values of each token, mean over heads", options=(LAYER,),
-                returns="feature", unimplemented=frozenset({"layer"}))
+                returns="feature", runs=frozenset({"encoder"}), unimplemented=frozenset({"layer"}))
     reads_values = True
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:

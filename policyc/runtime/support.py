@@ -14,9 +14,6 @@ from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGN
 
 _REDUCTIONS = {"sum", "mean", "max", "min"}
 _SCHEDULES = {"geometric", "linear", "cosine", "mass"}  # in LLM stages (and lists [300, 200, 110]); mass: `top` only
-_RECORDED = {"attention", "key_norm", "keys", "value_norm"}  # read the layer's attention: not at the projector
-_ENCODER_ONLY = {"value_norm"}  # read the attention values the encoder wrapper records
-_PROJECTOR_ONLY = {"text_relevance"}  # reads the question's words, stashed for projector.output (vision.py)
 _SETS = {"llm": {"cls"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
 # vision_evaluate.py; mass: `top` ranks by its score (passes/mass.py)
 _PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy", "mass"}
@@ -165,6 +162,13 @@ def _merges_before_llm() -> dict[str, MergeOp]:
     return {n: op for n, op in MERGE_OPS.items() if op.spec.runs_in("encoder") or op.spec.runs_in("projector")}
 
 
+def _signal_runs(name: str, kind: str) -> bool:
+    """Whether the runtime implements signal or features `name` in a stage of this kind (True for other names).
+    Attention readers run in the encoder and the LLM, not at projector.output; value readers in the encoder."""
+    op = SIGNAL_OPS.get(name) or FEATURE_OPS.get(name)
+    return op is None or op.spec.runs_in(kind)  # type: ignore[arg-type]
+
+
 def _builtin(operators: Mapping[str, object]) -> str:
     """The names of policyc's own operators among `operators`, sorted (the hint lists no plug-in's)."""
     from policyc.operators import is_builtin
@@ -268,10 +272,9 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
             raise _not_yet(f"the amount {fn}()", amount)
         case ir.Call(fn=fn) if fn in _SCHEDULES:
             return  # an LLM stage's schedule amount (the case above rejects the others)
-        case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "projector" and fn in _RECORDED:
-            raise _not_yet(f"{fn} at projector.output (no attention runs there)", expr)
-        case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "llm" and fn in _ENCODER_ONLY | _PROJECTOR_ONLY:
-            raise _not_yet(f"{fn} in the LLM", expr)
+        case ir.Call(fn=fn) | ir.Name(id=fn) if not _signal_runs(fn, kind):  # Spec.runs: e.g. value_norm, encoder
+            where = {"projector": " at projector.output (no attention runs there)", "llm": " in the LLM"}
+            raise _not_yet(f"{fn}{where.get(kind, f' in {kind} stages')}", expr)
         case ir.Call(fn="keys", kwargs=kwargs) if kind == "llm":
             for kwarg in kwargs:
                 if not (kwarg.name == "layer" and isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"):
