@@ -200,6 +200,23 @@ def test_a_plugin_that_fails_to_import_names_its_package(plugins: Path) -> None:
     assert policyc.parse("fastv").program.policy.name == "fastv"  # the built-ins keep working
 
 
+def test_an_installed_plugin_that_fails_is_a_cli_error_naming_it(plugins: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 ) -> None:
+    """Installed plug-ins load on first use: one that fails stops that command with its package named (no
+    traceback), the others and the built-ins load, and later commands run."""
+    monkeypatch.setattr(operators, "entry_points", lambda group: [entry("plugin_missing_dependency"),
+                                                                  entry("plugin_one")])
+    monkeypatch.setitem(operators._state, "loaded", False)
+    try:
+        result = CliRunner().invoke(main, ["check", str(Path(__file__).parent.parent / "policies" / "fastv.tokpol")])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "error: policyc plug-in 'plugin_missing_dependency'" in result.stderr
+        assert SIGNALS.package("shared_score") == "plugin_one"  # the other plug-in loaded
+        assert CliRunner().invoke(main, ["list", "signals"]).exit_code == 0
+    finally:
+        operators.unregister("shared_score")
+
+
 def test_a_name_declared_twice_names_both_packages(plugins: Path) -> None:
     before = names()
     with pytest.raises(PluginError, match=r"plugin_shadows_top: .*selector 'top' is already declared by policyc"):
