@@ -92,6 +92,8 @@ def _check_declaration(cls: type, spec: object, catalog: Registry, kinds: tuple[
         raise DeclarationError(f"{where}: declares no `spec = Spec(...)` (its name, kind, options and summary)")
     if not isinstance(spec, Spec):
         raise DeclarationError(f"{where}: `spec` must be a policyc.operators.Spec, not {type(spec).__name__}")
+    if not spec.summary or "\n" in spec.summary or "|" in spec.summary:
+        raise DeclarationError(f"{where}: the summary must be one line without '|' (it is a table cell)")
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", spec.name):
         raise DeclarationError(f"{where}: name {spec.name!r} must be lower-case letters, digits and _")
     if kinds and spec.kind not in kinds:

@@ -5,6 +5,7 @@ leave the registries as they were."""
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 class KeyEnergy(SignalOp):
     """sum_d |k_d|^power of each token's head-mean attention key: [B, Hkv, L', d] -> [B, L]."""
 
-    spec = Spec("key_energy", "signal", "sum of |k|^power over each token's head-mean attention key",
+    spec = Spec("key_energy", "signal", "energy of each token's head-mean attention key: sum of abs(k)^power",
                 options=(Option("power", ("number",), "exponent", default="2", low=1, high=4),),
                 stages=frozenset({"encoder", "llm"}))
 
@@ -183,6 +184,7 @@ MODULES = {
 def plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name, text in MODULES.items():
         (tmp_path / f"{name}.py").write_text(textwrap.dedent(text))
+        monkeypatch.delitem(sys.modules, name, raising=False)  # imported afresh: its decorators run again
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -249,6 +251,7 @@ def _signal(spec: Spec, base: type = SignalOp) -> type:
 
 @pytest.mark.parametrize(("declared", "problem"), [
     (_signal(Spec("Bad-Name", "signal", "x")), "name 'Bad-Name' must be lower-case letters"),
+    (_signal(Spec("two_lines", "signal", "a\nb")), "summary must be one line"),
     (_signal(Spec("wrong_kind", "selector", "x")), "a SignalOp declares kind signal, not 'selector'"),
     (_signal(Spec("no_choices", "signal", "x", options=(Option("mode", ("enum",), "a word", default="a"),))),
      "enum option 'mode' needs `choices`"),

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 @register
 class ValueEnergy(SignalOp):
-    spec = Spec("value_energy", "signal", "sum of |v|^power over each token's head-mean attention value vector "
-                "(an encoder layer's)",
+    spec = Spec("value_energy", "signal", "energy of each token's head-mean attention value vector in an encoder "
+                "layer: the sum of its coordinates' magnitudes to the power `power`",
                 options=(Option("power", ("number",), "the exponent: 2 is the squared L2 norm, 1 the L1 norm",
                                 default="2", low=1, high=4),),
                 stages=frozenset({"encoder"}), paper="after FlowCut arXiv:2505.19536")
