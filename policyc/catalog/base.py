@@ -129,7 +129,10 @@ class Registry:
         return name in self.specs
 
     def __iter__(self) -> Iterator[Spec]:
-        return iter(self.specs.values())
+        """The specs in listing order: operators by name, policyc's own first (not in the order files import)."""
+        if not self.operators:
+            return iter(self.specs.values())
+        return iter(sorted(self.specs.values(), key=lambda s: (self.packages.get(s.name) != "policyc", s.name)))
 
     def names(self) -> list[str]:
         return list(self.specs)
