@@ -163,6 +163,20 @@ MODULES = {
             def compute(self, call, ctx):
                 return ctx.state.image.float()
     """,
+    "plugin_lowest": """
+        import torch
+        from policyc.operators import SelectorOp, Spec, register
+        from policyc.passes.selectors import ranked
+
+        @register
+        class Lowest(SelectorOp):
+            spec = Spec("lowest", "selector", "the lowest-scoring tokens", returns="set", by="score")
+
+            def select(self, node, candidates, ctx):
+                score = ctx.score(node.by).float().masked_fill(~candidates, float("inf"))
+                order = torch.sort(score, dim=1, stable=True).indices
+                return ranked(order, ctx.counts(node.amount, candidates.sum(1))) & candidates
+    """,
     "plugin_half_broken": """
         from policyc.operators import SignalOp, Spec, register
 
@@ -217,6 +231,20 @@ def test_an_installed_plugin_that_fails_is_a_cli_error_naming_it(plugins: Path, 
         assert CliRunner().invoke(main, ["list", "signals"]).exit_code == 0
     finally:
         operators.unregister("shared_score")
+
+
+def test_an_installed_plugin_selector_parses_on_first_use(plugins: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing needs no operator (fmt imports no torch); a selector word it does not know loads the plug-ins, and
+    the text is parsed again with theirs."""
+    monkeypatch.setattr(operators, "entry_points", lambda group: [entry("plugin_lowest")])
+    monkeypatch.setitem(operators._state, "loaded", False)
+    try:
+        checked = policyc.parse("policy p {\n  stage llm.layer[1] { keep lowest 50% of vision by key_norm }\n}\n")
+        assert SELECTORS.package("lowest") == "plugin_lowest"
+        select = checked.program.policy.stages[0].body[0].target
+        assert isinstance(select, ir.Select) and select.selector == "lowest"
+    finally:
+        operators.unregister("lowest")
 
 
 def test_a_name_declared_twice_names_both_packages(plugins: Path) -> None:
