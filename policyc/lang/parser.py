@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -99,9 +100,10 @@ def parse_tree(text: str, file: str) -> Tree:
     try:
         return parser.parse(text)
     except UnexpectedInput as error:
-        from policyc.operators import load
+        from policyc.operators import PluginError, load
 
-        load()
+        with contextlib.suppress(PluginError):  # reported where an operator is looked up: here the syntax error is
+            load()
         if plugin_selectors() == selectors:
             raise _syntax_error(error, text, file, parser) from None
     return parse_tree(text, file)
