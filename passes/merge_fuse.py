@@ -27,7 +27,8 @@ class Fuse(MergeOp):
     spec = Spec(
         "fuse", "merge", "fuse the tokens into one token, weighted by a score, in the place of their earliest "
         "member (EViT's inattentive-token fusion)",
-        returns="set", by="score", paper="EViT arXiv:2202.07800", runs=frozenset({"encoder", "projector"}))
+        returns="set", by="score", paper="EViT arXiv:2202.07800", runs=frozenset({"encoder", "projector"}),
+        needs=frozenset({"grid"}))
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         if rows.weights is None:

@@ -21,7 +21,7 @@ class Pool(MergeOp):
     spec = Spec(
         "pool", "merge", "average-pool the image patch grid with a k x k window (plain downsampling baseline)",
         options=(Option("size", ("number",), "window side k", default="2", low=2, integer=True),),
-        returns="set", stages=frozenset({"encoder", "projector"}))
+        returns="set", stages=frozenset({"encoder", "projector"}), needs=frozenset({"grid"}))
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         k = int(self.number(merge, "size", 2, ctx))

@@ -30,7 +30,8 @@ class Window(MergeOp):
         "least `threshold` into one token, at the window's top-left patch (MustDrop's local spatial merge)",
         options=(Option("size", ("number",), "window side k", default="3", low=2, integer=True),
                  Option("threshold", ("number",), "similarity threshold", default="0.8", low=-1, high=1)),
-        returns="set", by="feature", stages=frozenset({"encoder", "projector"}), paper="MustDrop arXiv:2411.10803")
+        returns="set", by="feature", stages=frozenset({"encoder", "projector"}), paper="MustDrop arXiv:2411.10803",
+        needs=frozenset({"grid"}))
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         k = int(self.number(merge, "size", 3, ctx))

@@ -72,7 +72,7 @@ class Cover(SelectorOp):
                  Option("words", ("enum",), "question words: the prompt's text tokens after the image, or "
                         "MMTok's keyword filter", default="prompt", choices=("prompt", "keywords"))),
         returns="set", by="feature", stages=frozenset({"projector", "llm"}), paper="MMTok arXiv:2508.18264",
-        runs=frozenset({"projector"}))
+        runs=frozenset({"projector"}), needs=frozenset({"question"}))
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         if node.by is None:

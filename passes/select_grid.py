@@ -33,7 +33,7 @@ class Grid(SelectorOp):
     spec = Spec(
         "grid", "selector", "tokens on a uniform 2-D grid over the image patches (a downsampling baseline)",
         returns="set", stages=frozenset({"encoder", "projector", "llm"}),
-        runs=frozenset({"encoder", "projector"}))
+        runs=frozenset({"encoder", "projector"}), needs=frozenset({"grid"}))
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         patches, (rows, cols) = ctx.patch_grid("grid", node)

@@ -69,6 +69,9 @@ class Spec:
     # compiling fails with "not implemented by policyc's runtime yet" at the policy's line.
     runs: frozenset[StageKind] | None = None
     unimplemented: frozenset[str] = frozenset()
+    # What it reads at projector.output besides the tokens: "grid", one patch grid for every image (geometric
+    # operators); "question", the prompt's text. Families whose projector stages lack it refuse it at compile time.
+    needs: frozenset[Literal["grid", "question"]] = frozenset()
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)

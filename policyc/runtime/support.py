@@ -102,8 +102,21 @@ def _deepstack_merges(plan: Plan) -> list[PolicyError]:
         for statement in stage.statements if isinstance(statement, ir.Merge)]
 
 
-_NEEDS_GRID = {"grid", "pool", "window", "fuse", "dilate"}  # geometric operators: one patch grid for every image
-_READS_PROMPT = {"cover", "text_relevance"}  # the question before the LLM (LLaVA's prompt stash)
+_FUNCTION_NEEDS = {"dilate": frozenset({"grid"})}  # functions are not operators yet (policyc/catalog/functions.py)
+
+
+def _needs(node: ir.Node) -> tuple[str | None, frozenset[str]]:
+    """The operator or function a node names and what it needs at projector.output (`Spec.needs`)."""
+    match node:
+        case ir.Select(selector=name) if name in SELECTOR_OPS:
+            return name, SELECTOR_OPS[name].spec.needs
+        case ir.Merge(method=name) if name in MERGE_OPS:
+            return name, MERGE_OPS[name].spec.needs
+        case ir.Call(fn=name) | ir.Name(id=name) if name in SIGNAL_OPS or name in FEATURE_OPS:
+            return name, (SIGNAL_OPS.get(name) or FEATURE_OPS[name]).spec.needs
+        case ir.Call(fn=name) if name in _FUNCTION_NEEDS:
+            return name, _FUNCTION_NEEDS[name]
+    return None, frozenset()
 
 
 def _without_one_grid(plan: Plan) -> list[PolicyError]:
@@ -115,10 +128,9 @@ def _without_one_grid(plan: Plan) -> list[PolicyError]:
         if stage.kind != "projector":
             continue
         for node in (n for st in stage.statements for n in st.walk()):
-            name = node.selector if isinstance(node, ir.Select) else node.method if isinstance(node, ir.Merge) \
-                else node.fn if isinstance(node, ir.Call) else node.id if isinstance(node, ir.Name) else None
-            if name in _NEEDS_GRID or name in _READS_PROMPT:
-                need = "the image patch grid" if name in _NEEDS_GRID else "the question"
+            name, needs = _needs(node)
+            if needs:
+                need = "the image patch grid" if "grid" in needs else "the question"
                 problems.append(PolicyError.at(
                     f"{name} needs {need}, which {plan.adapter.family}'s projector stages do not have yet (its tokens "
                     "fold patches, or each image has its own size)", node.span,
