@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.base import SignalOp, register_signal, selected_first
 
+from policyc.catalog.base import Option, Spec
+from policyc.catalog.signals import LAYER
 from policyc.errors import PolicyError
 from policyc.kernels import KERNELS
 from policyc.lang import ir
@@ -39,8 +41,29 @@ _HEADS = {"mean": lambda x: x.mean(1), "sum": lambda x: x.sum(1), "max": lambda 
 
 @register_signal
 class Attention(SignalOp):
-    name = "attention"
-    options = frozenset({"heads", "queries", "layer", "layers", "space", "correct"})
+    spec = Spec(
+        "attention", "signal",
+        "attention the key tokens receive from a query set: softmax over all visible keys, then reduced",
+        options=(
+            Option("flow", ("flow",), "queries -> keys, e.g. last -> vision", positional=True),
+            Option("heads", ("enum",), "reduce over heads", default="mean", choices=("mean", "sum", "max")),
+            Option("queries", ("enum",), "reduce over query rows", default="mean", choices=("mean", "sum", "max")),
+            LAYER,
+            Option("layers", ("range",), "sum the scores of encoder layers a..b (inclusive; negative indices "
+                   "count from the end), each at or before the stage's layer (VTC-CLS's ensemble)",
+                   default="here", integer=True),
+            Option("top_heads", ("count",), "keep only the k heads giving the keys most mass (SparseVLM v2)",
+                   default="all", low=1, integer=True),
+            Option("space", ("enum",), "`values`: softmax of unscaled value products (FlowCut's semantic score)",
+                   default="keys", choices=("keys", "values")),
+            Option("correct", ("enum",), "bias correction: `causal` divides by the queries that see each key; "
+                   "`rope` divides by the RoPE distance bias (SparseVLM v2)", default="none",
+                   choices=("none", "causal", "rope")),
+            Option("softmax", ("enum",), "normalise over `all` visible keys or only the `keys` of the flow",
+                   default="all", choices=("all", "keys")),
+        ),
+        paper="FastV arXiv:2403.06764; PyramidDrop arXiv:2410.17247; VTC-CLS arXiv:2412.05819",
+        runs=frozenset({"encoder", "llm"}), unimplemented=frozenset({"top_heads", "softmax"}))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         flow = call.args[0] if call.args else None

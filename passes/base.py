@@ -24,7 +24,7 @@ class SignalOp(ABC):
 
     name: ClassVar[str]  # the catalog name: `spec.name`
     spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
-    options: ClassVar[frozenset[str]] = frozenset()  # options this implementation honours
+    reads_values: ClassVar[bool] = False  # encoder stages record the layer's attention values (ctx.recorded_values)
 
     @abstractmethod
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
@@ -67,25 +67,33 @@ def registrar(registry: dict[str, Any], what: str, instantiate: bool = True, cat
     def register(cls: C) -> C:
         package = LOADING_PACKAGE[-1]
         spec = getattr(cls, "spec", None)
-        if spec is not None:
+        if catalog is not None:
             _check_declaration(cls, spec, catalog, kinds, package)
-            cls.name = spec.name  # type: ignore[attr-defined]
+            cls.name = spec.name  # type: ignore[attr-defined, union-attr]
         name = cls.name  # type: ignore[attr-defined]
         if name in registry:
             raise DeclarationError(f"{package}: {what} {name!r} is registered twice")
-        if spec is not None and catalog is not None:
-            catalog.add(spec, package=package)
-        registry[name] = cls() if instantiate else cls
+        try:
+            operator = cls() if instantiate else cls
+        except Exception as error:
+            raise DeclarationError(f"{package}: {what} {name!r} ({cls.__module__}.{cls.__qualname__}) cannot be "
+                                   f"instantiated: {type(error).__name__}: {error}") from error
+        if catalog is not None:  # last: nothing is registered when a check fails
+            catalog.add(spec, package=package)  # type: ignore[arg-type]
+        registry[name] = operator
         return cls
     return register
 
 
-def _check_declaration(cls: type, spec: Spec, catalog: Registry | None, kinds: tuple[str, ...],
-                       package: str) -> None:
+def _check_declaration(cls: type, spec: object, catalog: Registry, kinds: tuple[str, ...], package: str) -> None:
     """Refuse a declaration the checker could not use, naming the package and the operator."""
     where = f"{package}: operator {cls.__module__}.{cls.__qualname__}"
+    if spec is None:
+        raise DeclarationError(f"{where}: declares no `spec = Spec(...)` (its name, kind, options and summary)")
     if not isinstance(spec, Spec):
         raise DeclarationError(f"{where}: `spec` must be a policyc.operators.Spec, not {type(spec).__name__}")
+    if not spec.summary or "\n" in spec.summary or "|" in spec.summary:
+        raise DeclarationError(f"{where}: the summary must be one line without '|' (it is a table cell)")
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", spec.name):
         raise DeclarationError(f"{where}: name {spec.name!r} must be lower-case letters, digits and _")
     if kinds and spec.kind not in kinds:
@@ -101,7 +109,13 @@ def _check_declaration(cls: type, spec: Spec, catalog: Registry | None, kinds: t
     for option in spec.options:
         if "enum" in option.accepts and not option.choices:
             raise DeclarationError(f"{where}: enum option {option.name!r} needs `choices`")
-    if catalog is not None and spec.name in catalog.entries:
+        if option.default is not None and not isinstance(option.default, str):
+            raise DeclarationError(f"{where}: option {option.name!r}'s default must be written as policy text, "
+                                   f"e.g. default=\"{option.default}\"")
+    unknown = sorted(spec.unimplemented - {o.name for o in spec.options})
+    if unknown:
+        raise DeclarationError(f"{where}: `unimplemented` names {unknown[0]!r}, which is not one of its options")
+    if spec.name in catalog.entries:
         raise DeclarationError(f"{where}: {catalog.kind} {spec.name!r} is already declared by "
                                f"{catalog.packages.get(spec.name, 'policyc')}")
 

@@ -16,10 +16,19 @@ from __future__ import annotations
 import torch
 from policyc.passes.cache_base import CacheOp, Slots, last, register_cache, top
 
+from policyc.catalog.base import Option, Spec
+from policyc.catalog.caches import DECODE
+
 
 @register_cache
 class HeavyHitter(CacheOp):
-    name = "heavy_hitter"
+    spec = Spec(
+        "heavy_hitter", "cache", "keep the tokens with the most accumulated attention plus a recent window, "
+        "per head (H2O)",
+        options=(Option("heavy", ("count", "percent"), "heavy-hitter budget", default="10%"),
+                 Option("recent", ("count", "percent"), "recent-window budget", default="10%"),
+                 Option("per_head", ("enum",), "select per head", default="true", choices=("true", "false"))),
+        stages=DECODE, paper="H2O arXiv:2306.14048")
     scores = "accumulated"
     every_step = True
 

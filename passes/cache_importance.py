@@ -16,10 +16,19 @@ import torch
 from policyc.passes.cache_base import CacheOp, Slots, register_cache
 from policyc.passes.mass import mass_keep
 
+from policyc.catalog.base import Option, Spec
+from policyc.catalog.caches import DECODE
+
 
 @register_cache
 class Importance(CacheOp):
-    name = "importance"
+    spec = Spec(
+        "importance", "cache", "every `every` generated tokens, keep of the last `every` cache entries those "
+        "holding `mass` of the newest query's attention over them and evict the rest (ZipVL v2)",
+        options=(Option("mass", ("number",), "attention mass kept", default="0.975", low=0, high=1),
+                 Option("every", ("number",), "generated tokens between recompressions", default="100", low=1,
+                        integer=True)),
+        stages=DECODE, paper="ZipVL arXiv:2410.08584")
     scores = "newest"
     every_step = True
 

@@ -24,10 +24,22 @@ import torch
 from policyc.passes.cache_base import QuantizingCacheOp, Slots, register_cache
 from policyc.passes.mass import mass_keep
 
+from policyc.catalog.base import Option, Spec
+from policyc.catalog.caches import DECODE
+
 
 @register_cache
 class MixedPrecision(QuantizingCacheOp):
-    name = "mixed_precision"
+    spec = Spec(
+        "mixed_precision", "cache", "keep the tokens holding `mass` of the attention in high precision and the "
+        "rest in low precision, recompressing every `every` steps (ZipVL v1)",
+        options=(Option("mass", ("number",), "attention mass of the important set", default="0.975", low=0, high=1),
+                 Option("high_bits", ("number",), "bits for important tokens", default="4", low=1, high=16,
+                        integer=True),
+                 Option("low_bits", ("number",), "bits for the rest", default="2", low=1, high=16, integer=True),
+                 Option("every", ("number",), "decode steps between recompressions", default="100", low=1,
+                        integer=True)),
+        stages=DECODE, paper="ZipVL arXiv:2410.08584")
     scores = "normalized"
     every_step = True
 

@@ -11,10 +11,15 @@ from __future__ import annotations
 import torch
 from policyc.passes.cache_base import CacheOp, Slots, register_cache
 
+from policyc.catalog.base import Spec
+from policyc.catalog.caches import DECODE
+
 
 @register_cache
 class Regather(CacheOp):
-    name = "regather"
+    spec = Spec(
+        "regather", "cache", "after prefill, shrink every pruned layer's cache to the tokens that survive the "
+        "last stage (MustDrop's output-aware cache)", stages=DECODE, paper="MustDrop arXiv:2411.10803")
     all_layers = False
 
     def keep(self, slots: Slots) -> torch.Tensor:

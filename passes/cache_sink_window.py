@@ -14,10 +14,17 @@ from __future__ import annotations
 import torch
 from policyc.passes.cache_base import CacheOp, Slots, first, last, register_cache
 
+from policyc.catalog.base import Option, Spec
+from policyc.catalog.caches import DECODE
+
 
 @register_cache
 class SinkWindow(CacheOp):
-    name = "sink_window"
+    spec = Spec(
+        "sink_window", "cache", "keep the first `sinks` tokens and the last `window` tokens (StreamingLLM)",
+        options=(Option("sinks", ("count",), "attention-sink tokens", default="4", integer=True),
+                 Option("window", ("count",), "recent tokens", default="2000", integer=True)),
+        stages=DECODE, paper="StreamingLLM arXiv:2309.17453")
     every_step = True
     relative_positions = True
 

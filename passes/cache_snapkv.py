@@ -14,10 +14,21 @@ import torch
 import torch.nn.functional as F
 from policyc.passes.cache_base import CacheOp, Slots, last, register_cache, top
 
+from policyc.catalog.base import Option, Spec
+from policyc.catalog.caches import DECODE
+
 
 @register_cache
 class SnapKV(CacheOp):
-    name = "snapkv"
+    spec = Spec(
+        "snapkv", "cache", "vote with the last `window` prompt queries, pool the votes, keep the top "
+        "`capacity` tokens per head (SnapKV)",
+        options=(Option("window", ("count",), "observation window", default="32", integer=True),
+                 Option("capacity", ("count",), "tokens kept per head, window included", default="2048",
+                        integer=True),
+                 Option("kernel", ("number",), "pooling kernel", default="7", low=1, integer=True),
+                 Option("pool", ("enum",), "pooling", default="max", choices=("max", "avg"))),
+        stages=DECODE, paper="SnapKV arXiv:2404.14469")
     scores = "window"
 
     def validate(self) -> None:

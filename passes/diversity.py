@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.base import SignalOp, register_signal, scatter_scores
 
+from policyc.catalog.base import Option, Spec
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -17,8 +18,11 @@ if TYPE_CHECKING:
 
 @register_signal
 class Diversity(SignalOp):
-    name = "diversity"
-    options = frozenset({"features"})
+    spec = Spec(
+        "diversity", "signal", "cosine distance of each token to its nearest neighbour among the image tokens "
+        "alive at the stage (one image before the LLM)",
+        options=(Option("features", ("feature",), "features compared", default="hidden"),),
+        paper="DivPrune arXiv:2503.02175")
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         features = self.option(call, "features", ctx) or ir.Name(id="hidden", span=call.span)

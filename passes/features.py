@@ -22,7 +22,7 @@ class FeatureOp(ABC):
 
     name: ClassVar[str]  # the catalog name: `spec.name`
     spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
-    options: ClassVar[frozenset[str]] = frozenset()
+    reads_values: ClassVar[bool] = False  # encoder stages record the layer's attention values (ctx.recorded_values)
 
     @abstractmethod
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.base import SignalOp, register_signal
 
+from policyc.catalog.base import Spec
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
@@ -19,7 +20,10 @@ if TYPE_CHECKING:
 
 @register_signal
 class FrameIndex(SignalOp):
-    name = "frame"
+    spec = Spec(
+        "frame", "signal", "each token's frame in its video, 0 for the first (Qwen2-VL: a group of "
+        "temporal_patch_size frames); an image is frame 0: `vision where frame < 4`",
+        stages=frozenset({"projector"}))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         frames = getattr(ctx, "frames", None)  # [B, L] long: VisionEvaluator, where the stage reads video grids

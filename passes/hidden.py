@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.features import FeatureOp, register_feature
 
+from policyc.catalog.base import Spec
+from policyc.catalog.signals import LAYER
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
@@ -17,7 +19,9 @@ if TYPE_CHECKING:
 
 @register_feature
 class Hidden(FeatureOp):
-    name = "hidden"
+    spec = Spec(
+        "hidden", "feature", "hidden states (the residual stream) of each token", options=(LAYER,),
+        returns="feature", unimplemented=frozenset({"layer"}))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         if ctx.hidden is None:

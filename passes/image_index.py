@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.base import SignalOp, register_signal
 
+from policyc.catalog.base import Spec
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -19,7 +20,10 @@ if TYPE_CHECKING:
 
 @register_signal
 class ImageIndex(SignalOp):
-    name = "image"
+    spec = Spec(
+        "image", "signal", "each token's image in its prompt, 0 for the first (an image, a video, or a tile of "
+        "Idefics3 and InternVL): `vision where image > 0`; `vision[i]` is image i",
+        stages=frozenset({"projector", "llm"}))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         order, _ = ctx.image_order(call)

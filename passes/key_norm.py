@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.base import SignalOp, register_signal, scatter_scores
 
+from policyc.catalog.base import Spec
+from policyc.catalog.signals import LAYER
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -15,7 +17,9 @@ if TYPE_CHECKING:
 
 @register_signal
 class KeyNorm(SignalOp):
-    name = "key_norm"
+    spec = Spec(
+        "key_norm", "signal", "L2 norm of each token's attention key (mean over heads)", options=(LAYER,),
+        runs=frozenset({"encoder", "llm"}), unimplemented=frozenset({"layer"}))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         key = ctx.recorded("key_norm").key  # [B, Hkv, L', d]

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.features import FeatureOp, register_feature
 
+from policyc.catalog.base import Spec
+from policyc.catalog.signals import LAYER
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
@@ -21,8 +23,9 @@ if TYPE_CHECKING:
 
 @register_feature
 class Keys(FeatureOp):
-    name = "keys"
-    options = frozenset({"layer"})
+    spec = Spec(
+        "keys", "feature", "attention keys of each token, mean over heads (ToMe's metric)", options=(LAYER,),
+        returns="feature", paper="ToMe arXiv:2210.09461", runs=frozenset({"encoder", "llm"}))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         layer = next((k.value for k in call.kwargs if k.name == "layer"), None)

@@ -31,7 +31,6 @@ class LogitSignificance(SignalOp):
                                 "one with the higher variance per image", default="auto",
                                 choices=("auto", "received", "given")),),
                 stages=frozenset({"encoder"}), paper="FoPru arXiv:2411.14164")
-    options = frozenset({"direction"})
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         recorded = ctx.recorded("logit_significance")

@@ -21,6 +21,7 @@ import torch
 from policyc.passes.base import option_value
 from policyc.passes.merges import Folding, LlmOrder, MergeOp, MergeRows, register_merge, staying
 
+from policyc.catalog.base import Option, Spec
 from policyc.errors import PolicyError
 from policyc.kernels import KERNELS
 from policyc.lang import ir
@@ -31,8 +32,20 @@ if TYPE_CHECKING:
 
 @register_merge
 class Bipartite(MergeOp):
-    name = "bipartite"
-    options = frozenset({"r", "proportional", "order"})
+    spec = Spec(
+        "bipartite", "merge", "ToMe bipartite soft matching: split alternately, merge the r most similar pairs "
+        "by size-weighted average, tracking token sizes; the tokens reach the LLM each at its earliest patch "
+        "(`order=spatial`: LLaVA's raster order, which its LLM was trained on) or in the order ToMe's code leaves "
+        "them (`order=code`: after each merge the unmerged A tokens, then all B tokens)",
+        options=(Option("r", ("count", "schedule"), "tokens removed per layer", positional=False),
+                 Option("proportional", ("enum",), "add log(size) to attention logits (proportional attention)",
+                        default="true", choices=("true", "false")),
+                 Option("order", ("enum",), "the order the tokens reach the LLM in: `spatial`, each at its earliest "
+                        "patch (LLaVA's raster order, which its LLM was trained on); `code`, the order ToMe's code "
+                        "leaves the rows in (after each merge the unmerged A tokens, then all B tokens); encoder "
+                        "layers of towers that hand their rows to the LLM as they are (LLaVA)",
+                        default="spatial", choices=("spatial", "code"))),
+        returns="set", by="feature", stages=frozenset({"encoder", "projector"}), paper="ToMe arXiv:2210.09461")
 
     def proportional(self, merge: ir.Merge, ctx: StageEvaluator) -> bool:
         value = self.option(merge, "proportional", ctx)

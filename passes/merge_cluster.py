@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.merges import Folding, MergeOp, MergeRows, register_merge, staying
 
+from policyc.catalog.base import Option, Spec
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
@@ -74,8 +75,19 @@ def cluster_count(amount: ir.Expr, m: int) -> int:
 
 @register_merge
 class Cluster(MergeOp):
-    name = "cluster"
-    options = frozenset({"clusters", "knn", "share", "rank"})
+    spec = Spec(
+        "cluster", "merge", "recycle tokens (typically `dropped`): cluster the best-ranked share with DPC-kNN and "
+        "make each cluster one token, the mean of its members, in its centre's slot (SparseVLM's recycling)",
+        options=(Option("clusters", ("count", "percent"), "clusters: a count, or floor(P% of the clustered) + 1",
+                        default="10%"),
+                 Option("knn", ("number",), "neighbours for the density estimate (default: the cluster count)",
+                        default="clusters", low=1, integer=True),
+                 Option("share", ("percent",), "recycle the floor(share of SET) + 1 ranked highest; 0% none",
+                        default="100%"),
+                 Option("rank", ("score",), "the score ranking SET for `share` (default: position order)",
+                        default="position")),
+        returns="set", by="feature", paper="SparseVLM arXiv:2410.04417",
+        runs=frozenset({"llm"}))
     recycles = True
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:

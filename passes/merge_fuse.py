@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.merges import Folding, MergeOp, MergeRows, register_merge, staying
 
+from policyc.catalog.base import Spec
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
@@ -23,8 +24,11 @@ if TYPE_CHECKING:
 
 @register_merge
 class Fuse(MergeOp):
-    name = "fuse"
-    by = "score"
+    spec = Spec(
+        "fuse", "merge", "fuse the tokens into one token, weighted by a score, in the place of their earliest "
+        "member (EViT's inattentive-token fusion)",
+        returns="set", by="score", paper="EViT arXiv:2202.07800", runs=frozenset({"encoder", "projector"}),
+        needs=frozenset({"grid"}))
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         if rows.weights is None:

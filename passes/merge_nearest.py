@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.merges import Folding, MergeOp, MergeRows, register_merge, staying
 
+from policyc.catalog.base import Option, Spec
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -18,8 +19,12 @@ if TYPE_CHECKING:
 
 @register_merge
 class Nearest(MergeOp):
-    name = "nearest"
-    options = frozenset({"combine"})
+    spec = Spec(
+        "nearest", "merge", "assign each token to its most similar target; each target becomes itself plus the "
+        "mean of its assigned tokens, in its own slot (VisionZip contextual tokens)",
+        options=(Option("combine", ("enum",), "`add_mean`: target + mean(assigned), as VisionZip's code; "
+                        "`mean`: plain average", default="add_mean", choices=("add_mean", "mean")),),
+        returns="set", by="feature", into=True, paper="VisionZip arXiv:2412.04467")
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         combine = self.option(merge, "combine", ctx)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.merges import Folding, MergeOp, MergeRows, register_merge
 
+from policyc.catalog.base import Option, Spec
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -17,8 +18,10 @@ if TYPE_CHECKING:
 
 @register_merge
 class Pool(MergeOp):
-    name = "pool"
-    options = frozenset({"size"})
+    spec = Spec(
+        "pool", "merge", "average-pool the image patch grid with a k x k window (plain downsampling baseline)",
+        options=(Option("size", ("number",), "window side k", default="2", low=2, integer=True),),
+        returns="set", stages=frozenset({"encoder", "projector"}), needs=frozenset({"grid"}))
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         k = int(self.number(merge, "size", 2, ctx))

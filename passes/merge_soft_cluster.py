@@ -52,7 +52,6 @@ class SoftCluster(MergeOp):
                          Option("tau_r", ("number",), "inverse temperature of the reconstruction weights",
                                 default="0.02", low=0)),
                 stages=frozenset({"encoder"}), by="feature", paper="Expedit arXiv:2210.01035")
-    options = frozenset({"size", "window", "iters", "tau", "reconstruct", "k", "tau_r"})
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         window = int(self.number(merge, "window", 5, ctx))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.merges import Folding, MergeOp, MergeRows, register_merge, staying
 
+from policyc.catalog.base import Option, Spec
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -27,8 +28,13 @@ if TYPE_CHECKING:
 
 @register_merge
 class Temporal(MergeOp):
-    name = "temporal"
-    options = frozenset({"threshold"})
+    spec = Spec(
+        "temporal", "merge", "merge each video token into the token at its spatial position in the previous frame "
+        "(group) when their cosine similarity exceeds `threshold`, averaging each run of similar tokens into its "
+        "first frame's slot (HoliTom's and DyCoke's temporal merging); images (one frame) are left alone",
+        options=(Option("threshold", ("number",), "cosine similarity a token must exceed", default="0.9", low=-1,
+                        high=1),),
+        returns="set", by="feature", stages=frozenset({"projector"}), paper="HoliTom arXiv:2505.21334")
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         if rows.frames is None or rows.spots is None:  # image-only families: every image is one frame

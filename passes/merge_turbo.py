@@ -46,7 +46,6 @@ class Turbo(Bipartite):
                         "patch; `code`, the rows as the merges leave them (unmerged A, then B)",
                         default="spatial", choices=("spatial", "code"))),
         returns="set", by="feature", stages=frozenset({"encoder"}), paper="Turbo arXiv:2407.11717")
-    options = frozenset({"r", "semantic", "alpha", "scale", "threshold", "proportional", "order"})
 
     def proportional(self, merge: ir.Merge, ctx: StageEvaluator) -> bool:
         value = self.option(merge, "proportional", ctx)

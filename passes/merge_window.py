@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.merges import Folding, MergeOp, MergeRows, register_merge, staying
 
+from policyc.catalog.base import Option, Spec
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -24,8 +25,13 @@ if TYPE_CHECKING:
 
 @register_merge
 class Window(MergeOp):
-    name = "window"
-    options = frozenset({"size", "threshold"})
+    spec = Spec(
+        "window", "merge", "merge each non-overlapping k x k window whose mean pairwise cosine similarity is at "
+        "least `threshold` into one token, at the window's top-left patch (MustDrop's local spatial merge)",
+        options=(Option("size", ("number",), "window side k", default="3", low=2, integer=True),
+                 Option("threshold", ("number",), "similarity threshold", default="0.8", low=-1, high=1)),
+        returns="set", by="feature", stages=frozenset({"encoder", "projector"}), paper="MustDrop arXiv:2411.10803",
+        needs=frozenset({"grid"}))
 
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:
         k = int(self.number(merge, "size", 3, ctx))

@@ -63,8 +63,6 @@ class Folding:
 class MergeOp(ABC):
     name: ClassVar[str]  # the catalog name: `spec.name`
     spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
-    options: ClassVar[frozenset[str]] = frozenset()
-    by: ClassVar[Literal["feature", "score"]] = "feature"  # what `by` gives: MergeRows.features or .weights
     # In the LLM: SET may hold tokens the stage already dropped, and each group's receiver comes back (SparseVLM)
     recycles: ClassVar[bool] = False
 

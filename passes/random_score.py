@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.base import SignalOp, register_signal
 
+from policyc.catalog.base import Option, Spec
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -20,8 +21,9 @@ if TYPE_CHECKING:
 
 @register_signal
 class RandomScore(SignalOp):
-    name = "random"
-    options = frozenset({"seed"})
+    spec = Spec(
+        "random", "signal", "uniform random score: ranking by it is random pruning (a strong baseline)",
+        options=(Option("seed", ("number",), "random seed", default="0", integer=True, low=0),))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         seed = self.option(call, "seed", ctx)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.selectors import SelectorOp, register_selector
 
+from policyc.catalog.base import Option, Spec
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
@@ -62,8 +63,16 @@ def greedy_cover(combined: torch.Tensor, count: int) -> list[int]:
 
 @register_selector
 class Cover(SelectorOp):
-    name = "cover"
-    options = frozenset({"alpha", "tau_text", "tau_vision", "words"})
+    spec = Spec(
+        "cover", "selector", "greedy maximum coverage of the question's words (by the `by` features) and of the "
+        "image tokens (by the encoder features the projector reads) (MMTok)",
+        options=(Option("alpha", ("number",), "weight of vision-to-vision coverage", default="0.5", low=0),
+                 Option("tau_text", ("number",), "text-vision temperature", default="0.02", low=0),
+                 Option("tau_vision", ("number",), "vision-vision temperature", default="0.2", low=0),
+                 Option("words", ("enum",), "question words: the prompt's text tokens after the image, or "
+                        "MMTok's keyword filter", default="prompt", choices=("prompt", "keywords"))),
+        returns="set", by="feature", stages=frozenset({"projector", "llm"}), paper="MMTok arXiv:2508.18264",
+        runs=frozenset({"projector"}), needs=frozenset({"question"}))
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         if node.by is None:

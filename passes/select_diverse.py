@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.selectors import SelectorOp, register_selector
 
+from policyc.catalog.base import Option, Spec
+from policyc.catalog.selectors import ALLOCATE
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
@@ -51,8 +53,14 @@ def greedy(dist: torch.Tensor, count: int, objective: str) -> list[int]:
 
 @register_selector
 class Diverse(SelectorOp):
-    name = "diverse"
-    options = frozenset({"metric", "objective", "allocate"})
+    spec = Spec(
+        "diverse", "selector", "greedy max-min diversity over features, seeded with the most isolated token "
+        "(DivPrune; ToDRE's k-center); objective=sum gives greedy max-sum",
+        options=(Option("metric", ("enum",), "distance", default="cosine", choices=("cosine", "l2")),
+                 Option("objective", ("enum",), "max-min or max-sum", default="min", choices=("min", "sum")),
+                 ALLOCATE),
+        returns="set", by="feature", paper="DivPrune arXiv:2503.02175",
+        runs=frozenset({"encoder", "projector"}))
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         if node.by is None:

@@ -76,8 +76,8 @@ class Facility(SelectorOp):
                                 low=0),
                          Option("rescale", ("enum",), "cosine to [0, 1]: (cos + 1) / 2 or max(cos, 0)",
                                 default="shift", choices=RESCALES)),
-                returns="set", by="feature", stages=frozenset({"projector"}), paper="CATP arXiv:2508.07871")
-    options = frozenset({"lam", "rescale"})
+                returns="set", by="feature", stages=frozenset({"projector"}), paper="CATP arXiv:2508.07871",
+                needs=frozenset({"question"}))
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         if node.by is None:

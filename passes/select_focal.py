@@ -28,7 +28,6 @@ class Focal(SelectorOp):
                 options=(Option("strategy", ("enum",), "tokens (rank) or whole grid rows (row)", default="rank",
                                 choices=("rank", "row")),),
                 stages=frozenset({"encoder", "projector"}), returns="set", by="score", paper="FoPru arXiv:2411.14164")
-    options = frozenset({"strategy"})
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         if node.by is None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.selectors import SelectorOp, register_selector
 
+from policyc.catalog.base import Spec
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -29,7 +30,10 @@ def grid_points(count: int, rows: int, cols: int) -> tuple[list[int], list[int]]
 
 @register_selector
 class Grid(SelectorOp):
-    name = "grid"
+    spec = Spec(
+        "grid", "selector", "tokens on a uniform 2-D grid over the image patches (a downsampling baseline)",
+        returns="set", stages=frozenset({"encoder", "projector", "llm"}),
+        runs=frozenset({"encoder", "projector"}), needs=frozenset({"grid"}))
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         patches, (rows, cols) = ctx.patch_grid("grid", node)

@@ -56,7 +56,6 @@ class Sample(SelectorOp):
                 options=(Option("samples", ("count",), "cdf levels (ATS: the image's tokens before any drop)",
                                 default="original", low=2, integer=True),),
                 returns="set", by="score", stages=frozenset({"encoder", "projector"}), paper="ATS arXiv:2111.15667")
-    options = frozenset({"samples"})
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         if node.by is None:

@@ -9,6 +9,7 @@ import torch
 from policyc.passes.base import selected_first
 from policyc.passes.selectors import SelectorOp, ranked, register_selector
 
+from policyc.catalog.base import Spec
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -17,7 +18,9 @@ if TYPE_CHECKING:
 
 @register_selector
 class Stride(SelectorOp):
-    name = "stride"
+    spec = Spec(
+        "stride", "selector", "every k-th token of the set in order, k = size(set) // amount (VisionZip's targets)",
+        returns="set", paper="VisionZip arXiv:2412.04467")
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         sizes = candidates.sum(1)

@@ -12,6 +12,8 @@ from policyc.passes.allocate import allocating, image_shares, selection_counts
 from policyc.passes.mass import mass_counts, mass_tau
 from policyc.passes.selectors import SelectorOp, register_selector
 
+from policyc.catalog.base import Spec
+from policyc.catalog.selectors import ALLOCATE
 from policyc.errors import PolicyError
 from policyc.kernels import KERNELS
 from policyc.lang import ir
@@ -22,8 +24,9 @@ if TYPE_CHECKING:
 
 @register_selector
 class Top(SelectorOp):
-    name = "top"
-    options = frozenset({"allocate"})
+    spec = Spec(
+        "top", "selector", "the tokens with the highest score; with `allocate` one budget per sample is split "
+        "across its images (GlobalCom2, HiRED)", options=(ALLOCATE,), returns="set", by="score")
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         if node.by is None:

@@ -24,7 +24,6 @@ class SelectorOp(ABC):
 
     name: ClassVar[str]  # the catalog name: `spec.name`
     spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
-    options: ClassVar[frozenset[str]] = frozenset()  # options this implementation honours
 
     @abstractmethod
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:

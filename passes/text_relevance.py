@@ -27,8 +27,8 @@ class TextRelevance(SignalOp):
     spec = Spec("text_relevance", "signal", "softmax over vision of the similarity of question-word embeddings "
                 "to each token, summed over words (MMTok, SparseVLM raters)",
                 options=(Option("tau", ("number",), "softmax temperature", default="0.02", low=0),),
-                stages=frozenset({"projector", "llm"}), paper="MMTok arXiv:2508.18264")
-    options = frozenset({"tau"})
+                stages=frozenset({"projector", "llm"}), paper="MMTok arXiv:2508.18264", runs=frozenset({"projector"}),
+                needs=frozenset({"question"}))
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         if not hasattr(ctx, "question_words") or ctx.hidden is None:

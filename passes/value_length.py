@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 class ValueLength(SignalOp):
     spec = Spec("value_length", "signal", "L2 norm of each token's value vector, heads concatenated (ATS)",
                 stages=frozenset({"encoder"}), paper="ATS arXiv:2111.15667")
+    reads_values = True
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         recorded = getattr(ctx, "attention_values", None)  # [B, H, L', d], where the stage's layer recorded them

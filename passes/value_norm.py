@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from policyc.passes.base import SignalOp, register_signal, scatter_scores
 
+from policyc.catalog.base import Spec
+from policyc.catalog.signals import LAYER
 from policyc.errors import PolicyError
 from policyc.lang import ir
 
@@ -17,7 +19,10 @@ if TYPE_CHECKING:
 
 @register_signal
 class ValueNorm(SignalOp):
-    name = "value_norm"
+    spec = Spec(
+        "value_norm", "signal", "L1 norm of each token's head-mean value vector (FlowCut)", options=(LAYER,),
+        paper="FlowCut arXiv:2505.19536", runs=frozenset({"encoder"}), unimplemented=frozenset({"layer"}))
+    reads_values = True
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         values = getattr(ctx, "recorded_values", None)

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from policyc.errors import PolicyError
+from policyc.operators import PluginError
 from policyc.terminal import JSON_OPTION
 
 EXIT_POLICY_ERROR = 1
@@ -22,7 +23,19 @@ def _fail(error: PolicyError) -> None:
     click.echo(str(error), err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The command group; a plug-in that cannot be registered (policyc.operators) is an error naming its package,
+    not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except PluginError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(EXIT_POLICY_ERROR)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="policyc")
 def main() -> None:
     """policyc: compile visual-token compression policies (.tokpol) onto vision-language models."""

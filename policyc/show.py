@@ -102,7 +102,8 @@ def render_catalog(kind: str | None, console: Console | None = None) -> None:
 
 
 def catalog_json(kind: str | None) -> dict[str, list[dict[str, str]]]:
-    """What `policyc list [KIND]` prints, as data: per kind, each entry's name, signature, stages, summary, paper."""
+    """What `policyc list [KIND]` prints, as data: per kind, each entry's name, signature, stages, summary, paper and
+    the package that declares it ("policyc" for built-ins, else the plug-in's distribution)."""
     out: dict[str, list[dict[str, str]]] = {}
     if kind in (None, "policies"):
         out["policies"] = [{"name": name, "stages": stage_summary(checked),
@@ -113,16 +114,18 @@ def catalog_json(kind: str | None) -> dict[str, list[dict[str, str]]]:
     for name, registry in _KIND_REGISTRY.items():
         if kind in (None, name):
             out[name] = [{"name": spec.name, "signature": spec.signature(), "stages": _where(spec),
-                          "summary": spec.summary, "paper": spec.paper or ""} for spec in registry]
+                          "summary": spec.summary, "paper": spec.paper or "", "package": registry.package(spec.name)}
+                         for spec in registry]
     return out
 
 
 def catalog_markdown() -> str:
-    """Every registry as a Markdown table (the docs' catalog page is this text)."""
+    """Every registry as a Markdown table (the docs' catalog page is this text): policyc's own names, not
+    those of installed plug-ins."""
     blocks = []
     for name, registry in _KIND_REGISTRY.items():
         rows = [f"**{name}**", "", f"| {registry.kind} | stages | what it does |", "|---|---|---|"]
-        for spec in registry:
+        for spec in (s for s in registry if registry.package(s.name) == "policyc"):
             where = _where(spec)
             paper = f" ({spec.paper})" if spec.paper else ""
             rows.append(f"| `{spec.signature()}` | {where} | {spec.summary}{paper} |".replace("\n", " "))
@@ -148,11 +151,14 @@ def _where(spec: Spec) -> str:
 
 
 def _registry_table(name: str, registry: Registry) -> Table:
-    table = Table(registry.kind, "where", "what it does", title=name, title_justify="left")
+    """One registry's entries; operators (which plug-ins may add) also name the package that declares each."""
+    columns = (registry.kind, "where", "what it does") + (("package",) if registry.operators else ())
+    table = Table(*columns, title=name, title_justify="left")
     for spec in registry:
         where = _where(spec)
         paper = f" [dim]({escape(spec.paper)})[/dim]" if spec.paper else ""
-        table.add_row(escape(spec.signature()), where, escape(spec.summary) + paper)
+        package = (escape(registry.package(spec.name)),) if registry.operators else ()
+        table.add_row(escape(spec.signature()), where, escape(spec.summary) + paper, *package)
     return table
 
 

@@ -35,12 +35,18 @@ def test_specs_are_documented_and_option_defaults_are_valid_syntax(registry: Reg
                 parse(f"policy p {{ param x = {option.default} }}")  # a literal a user could write
 
 
-def test_runtime_operators_implement_catalog_signals() -> None:
-    from policyc.passes import SIGNAL_OPS
+def test_each_operator_name_is_one_declaration_beside_its_code() -> None:
+    from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
 
-    for name, op in SIGNAL_OPS.items():
-        spec = SIGNALS.specs[name]  # a runtime operator must have a language signature
-        assert op.options <= {o.name for o in spec.options}, name
+    from policyc.catalog import CACHES, MERGES, SELECTORS
+
+    pairs = ((SIGNALS, {**SIGNAL_OPS, **FEATURE_OPS}), (SELECTORS, SELECTOR_OPS), (MERGES, MERGE_OPS),
+             (CACHES, CACHE_OPS))
+    for registry, ops in pairs:
+        assert sorted(registry.names()) == sorted(ops), registry.kind  # no name without code, no code without a name
+        for name, op in ops.items():
+            assert registry.specs[name] is op.spec, name  # the catalog holds the operator's own declaration
+            assert op.spec.unimplemented <= {o.name for o in op.spec.options}, name
 
 
 def test_each_registry_is_listed_once() -> None:

@@ -64,9 +64,26 @@ class Spec:
     paper: str = ""
     by: ValueType | None = None  # for selectors and merges: what `by` takes (None: no `by`)
     into: bool = False  # for merges: whether `into <set>` is required
+    # What policyc's runtime implements of this spec (an operator's `spec`; the checker reads none of it): the stage
+    # kinds it runs in (None: all of `stages`) and the options it refuses for now; elsewhere, or with those options,
+    # compiling fails with "not implemented by policyc's runtime yet" at the policy's line.
+    runs: frozenset[StageKind] | None = None
+    unimplemented: frozenset[str] = frozenset()
+    # What it reads at projector.output besides the tokens: "grid", one patch grid for every image (geometric
+    # operators); "question", the prompt's text. Families whose projector stages lack it refuse it at compile time.
+    needs: frozenset[Literal["grid", "question"]] = frozenset()
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)
+
+    def runs_in(self, stage: StageKind) -> bool:
+        """Whether the runtime implements this operator in a stage of this kind."""
+        return stage in (self.stages if self.runs is None else self.runs)
+
+    @property
+    def implemented(self) -> frozenset[str]:
+        """The options the runtime honours: the declared ones, less `unimplemented`."""
+        return frozenset(o.name for o in self.options) - self.unimplemented
 
     def signature(self) -> str:
         """`attention(flow, heads=mean, ...)` for listings."""
@@ -86,6 +103,7 @@ class Registry:
     plural: str = ""  # the listing's name when not `kind + "s"`
     entries: dict[str, Spec] = field(default_factory=dict)
     packages: dict[str, str] = field(default_factory=dict)  # name -> the package that declared it (plug-ins)
+    operators: bool = False  # filled by operator classes (built-ins and plug-ins), not by the language itself
 
     @property
     def specs(self) -> dict[str, Spec]:
@@ -114,7 +132,10 @@ class Registry:
         return name in self.specs
 
     def __iter__(self) -> Iterator[Spec]:
-        return iter(self.specs.values())
+        """The specs in listing order: operators by name, policyc's own first (not in the order files import)."""
+        if not self.operators:
+            return iter(self.specs.values())
+        return iter(sorted(self.specs.values(), key=lambda s: (self.packages.get(s.name) != "policyc", s.name)))
 
     def names(self) -> list[str]:
         return list(self.specs)

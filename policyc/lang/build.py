@@ -298,7 +298,7 @@ class _Builder(Transformer):
 
     # -- expressions
     def selection(self, meta: LarkMeta, selector: Token, *rest: Any) -> ir.Select:
-        if selector.type in ("GRID", "STRIDE"):
+        if len(rest) == 2:  # grid, stride and plug-in selectors without `by`
             amount, source = rest
             options, by = None, None
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -31,9 +32,10 @@ _OPERATOR_TERMINALS = {"ADD_OP", "MUL_OP", "COMP_OP", "MINUS", "VBAR", "AMPERSAN
 
 
 @functools.cache
-def lark_parser() -> Lark:
-    """The LALR parser; analysed grammar tables are cached on disk, keyed by the grammar's hash."""
-    text = grammar_text()
+def lark_parser(selectors: tuple[tuple[str, bool], ...] = ()) -> Lark:
+    """The LALR parser; analysed grammar tables are cached on disk, keyed by the grammar's hash. `selectors`:
+    plug-in selectors (name, whether it takes `by`), keywords beside the built-in `top`, ..., `stride`."""
+    text = _with_selectors(grammar_text(), selectors)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     cache_dir = os.environ.get("POLICYC_CACHE_DIR", os.path.join(tempfile.gettempdir(), "policyc-cache"))
     cache_path = os.path.join(cache_dir, f"tokpol-{digest}.lark-cache")
@@ -91,12 +93,38 @@ def scan_comments(text: str) -> list[Comment]:
 
 
 def parse_tree(text: str, file: str) -> Tree:
-    """Parse `text` into a lark tree, or raise a `PolicyError` located at the offending token."""
-    parser = lark_parser()
+    """Parse `text` into a lark tree, or raise a `PolicyError` located at the offending token. A syntax error
+    first loads the plug-in operators (policyc.operators): when they add selectors, the text is parsed again."""
+    selectors = plugin_selectors()
+    parser = lark_parser(selectors)
     try:
         return parser.parse(text)
     except UnexpectedInput as error:
-        raise _syntax_error(error, text, file, parser) from None
+        from policyc.operators import PluginError, load
+
+        with contextlib.suppress(PluginError):  # reported where an operator is looked up: here the syntax error is
+            load()
+        if plugin_selectors() == selectors:
+            raise _syntax_error(error, text, file, parser) from None
+    return parse_tree(text, file)
+
+
+def plugin_selectors() -> tuple[tuple[str, bool], ...]:
+    """The selectors plug-ins registered so far (without loading any), as (name, whether it takes `by`)."""
+    from policyc.catalog.selectors import SELECTORS
+
+    return tuple(sorted((name, spec.by is not None) for name, spec in SELECTORS.entries.items()
+                        if SELECTORS.packages.get(name) != "policyc"))
+
+
+def _with_selectors(grammar: str, selectors: tuple[tuple[str, bool], ...]) -> str:
+    """The grammar with each plug-in selector as a keyword of the selection rule (`by` or not, as declared)."""
+    terminals = {name: f"PLUGIN_SELECTOR_{i}" for i, (name, _) in enumerate(selectors)}
+    scored = "".join(f" | {terminals[name]}" for name, by in selectors if by)
+    plain = "".join(f" | {terminals[name]}" for name, by in selectors if not by)
+    grammar = grammar.replace("(TOP | DIVERSE | COVER)", f"(TOP | DIVERSE | COVER{scored})", 1)
+    grammar = grammar.replace("(GRID | STRIDE)", f"(GRID | STRIDE{plain})", 1)
+    return grammar + "".join(f'\n{terminal}: "{name}"' for name, terminal in terminals.items())
 
 
 def _describe_terminal(name: str, parser: Lark) -> str:
@@ -236,10 +264,11 @@ def _syntax_error(error: UnexpectedInput, text: str, file: str, parser: Lark) ->
     elif str(token) in _STATEMENTS and "STAGE" in expected:
         hint = f"'{token}' goes inside a stage: stage llm.layer[2] {{ {token} ... }}"
     elif previous is not None and previous.type == "NAME" and token.type in {"NUMBER", "PERCENT", "NAME"}:
-        if str(previous) in _SELECTORS:
+        selectors = (*_SELECTORS, *(name for name, _ in plugin_selectors()))
+        if str(previous) in selectors:
             message = "a selection inside an expression needs parentheses"
             span = Span(file, previous.line or line, previous.column or column, end_line, end_column)
             hint = f"write ({previous} {token} of ... by ...)"
-        elif best := closest(str(previous), _SELECTORS):
+        elif best := closest(str(previous), selectors):
             hint = f"'{previous}' is not a selector; did you mean '{best}'?"
     return PolicyError.at(message, span, hint or None, text)

@@ -3,23 +3,18 @@ line, instead of running with a silently different meaning."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from policyc.catalog import SIGNALS
+from policyc.catalog.signals import LAYER
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS
+from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS, MergeOp, SelectorOp
 
 _REDUCTIONS = {"sum", "mean", "max", "min", "abs"}  # (and abs, elementwise: max(0, x) is (x + abs(x)) / 2)
 _SCHEDULES = {"geometric", "linear", "cosine", "mass"}  # in LLM stages (and lists [300, 200, 110]); mass: `top` only
-_SELECTORS = {"llm": {"top", "stride"}, "encoder": set(SELECTOR_OPS), "projector": set(SELECTOR_OPS)}
-# read the layer's attention: not at the projector
-_RECORDED = {"attention", "key_norm", "keys", "value_norm", "value_length"}
-_ENCODER_ONLY = {"value_norm", "value_length"}  # read the attention values the encoder wrapper records
-_PROJECTOR_ONLY = {"text_relevance"}  # reads the question's words, stashed for projector.output (vision.py)
 _SETS = {"llm": {"cls"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
-# policyc/runtime/llm.py `merge_rows`: nearest with combine=add_mean by keys (VisionDrop); cluster (SparseVLM)
-_LLM_MERGES = {"nearest": {"combine"}, "cluster": {"clusters", "knn", "share", "rank"}}
-_LLM_ONLY_MERGES = {"cluster"}
 # vision_evaluate.py; mass: `top` ranks by its score (passes/mass.py)
 _PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy", "mass"}
 _COUNT_FUNCTIONS = {"size", "round", "floor", "ceil"}  # amounts computed from counts, everywhere (evaluate.py)
@@ -91,8 +86,21 @@ def _multi_image(plan: Plan) -> list[PolicyError]:
     return problems
 
 
-_NEEDS_GRID = {"grid", "pool", "window", "fuse", "dilate"}  # geometric operators: one patch grid for every image
-_READS_PROMPT = {"cover", "facility", "text_relevance"}  # the question before the LLM (LLaVA's prompt stash)
+_FUNCTION_NEEDS = {"dilate": frozenset({"grid"})}  # functions are not operators yet (policyc/catalog/functions.py)
+
+
+def _needs(node: ir.Node) -> tuple[str | None, frozenset[str]]:
+    """The operator or function a node names and what it needs at projector.output (`Spec.needs`)."""
+    match node:
+        case ir.Select(selector=name) if name in SELECTOR_OPS:
+            return name, SELECTOR_OPS[name].spec.needs
+        case ir.Merge(method=name) if name in MERGE_OPS:
+            return name, MERGE_OPS[name].spec.needs
+        case ir.Call(fn=name) | ir.Name(id=name) if name in SIGNAL_OPS or name in FEATURE_OPS:
+            return name, (SIGNAL_OPS.get(name) or FEATURE_OPS[name]).spec.needs
+        case ir.Call(fn=name) if name in _FUNCTION_NEEDS:
+            return name, _FUNCTION_NEEDS[name]
+    return None, frozenset()
 
 
 def _without_one_grid(plan: Plan) -> list[PolicyError]:
@@ -104,10 +112,9 @@ def _without_one_grid(plan: Plan) -> list[PolicyError]:
         if stage.kind != "projector":
             continue
         for node in (n for st in stage.statements for n in st.walk()):
-            name = node.selector if isinstance(node, ir.Select) else node.method if isinstance(node, ir.Merge) \
-                else node.fn if isinstance(node, ir.Call) else node.id if isinstance(node, ir.Name) else None
-            if name in _NEEDS_GRID or name in _READS_PROMPT:
-                need = "the image patch grid" if name in _NEEDS_GRID else "the question"
+            name, needs = _needs(node)
+            if needs:
+                need = "the image patch grid" if "grid" in needs else "the question"
                 problems.append(PolicyError.at(
                     f"{name} needs {need}, which {plan.adapter.family}'s projector stages do not have yet (its tokens "
                     "fold patches, or each image has its own size)", node.span,
@@ -138,15 +145,38 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
                           "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
-                          "the schedules geometric, linear, cosine and [lists]; top also with mass()) and grid, "
-                          "diverse, cover, sample, focal, facility (before the LLM), the merges "
-                          f"{', '.join(sorted(set(MERGE_OPS) - _LLM_ONLY_MERGES))} (before the LLM; "
+                          "the schedules geometric, linear, cosine and [lists]; top also with mass()) and "
+                          f"{_builtin(_selectors_before_llm_only())} (before the LLM), the merges "
+                          f"{_builtin(_merges_before_llm())} (before the LLM; "
                           "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
-                          f"the LLM), the signals {', '.join(sorted(SIGNAL_OPS))}, the features keys and hidden (in "
+                          f"the LLM), the signals {_builtin(SIGNAL_OPS)}, the features "
+                          f"{_builtin(FEATURE_OPS)} (in "
                           "the LLM keys and keys(layer=next), and hidden for merge cluster), "
                           "attention(layer=previous) in the LLM, "
                           "positions original, compact or cache_length (with the caches full and regather), "
-                          f"and the cache policies full, {', '.join(sorted(CACHE_OPS))}")
+                          f"and the cache policies {_builtin(CACHE_OPS)}")
+
+
+def _selectors_before_llm_only() -> dict[str, SelectorOp]:
+    return {n: op for n, op in SELECTOR_OPS.items() if not op.spec.runs_in("llm")}
+
+
+def _merges_before_llm() -> dict[str, MergeOp]:
+    return {n: op for n, op in MERGE_OPS.items() if op.spec.runs_in("encoder") or op.spec.runs_in("projector")}
+
+
+def _signal_runs(name: str, kind: str) -> bool:
+    """Whether the runtime implements signal or features `name` in a stage of this kind (True for other names).
+    Attention readers run in the encoder and the LLM, not at projector.output; value readers in the encoder."""
+    op = SIGNAL_OPS.get(name) or FEATURE_OPS.get(name)
+    return op is None or op.spec.runs_in(kind)  # type: ignore[arg-type]
+
+
+def _builtin(operators: Mapping[str, object]) -> str:
+    """The names of policyc's own operators among `operators`, sorted (the hint lists no plug-in's)."""
+    from policyc.operators import is_builtin
+
+    return ", ".join(sorted(name for name, op in operators.items() if is_builtin(op)))
 
 
 def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
@@ -164,7 +194,7 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
                                  "(StreamingLLM's pos-shift), which is not defined for this model's sliding-window "
                                  "layers: their windows count original positions", statement.span,
                                  "heavy_hitter (H2O) or snapkv keep positions and run on this model")
-        if isinstance(statement, ir.Cache) and (statement.method == "full" or statement.method in CACHE_OPS):
+        if isinstance(statement, ir.Cache) and statement.method in CACHE_OPS:
             return
         raise _not_yet(f"cache policy '{getattr(statement, 'method', '?')}'", statement)
     match statement:
@@ -173,12 +203,13 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
         case ir.Positions(mode=mode):
             raise _not_yet(f"positions {mode}", statement)
         case ir.Merge(method=method, options=options, source=source, into=into, by=by) if kind == "llm":
-            if method not in _LLM_MERGES:
+            # policyc/runtime/llm.py `merge_rows`: nearest with combine=add_mean by keys (VisionDrop); cluster
+            if method not in MERGE_OPS or not MERGE_OPS[method].spec.runs_in("llm"):
                 raise _not_yet(f"merge {method} in the LLM", statement)
             for option in options:
                 value = stage.values.get(option.value.id, option.value) if isinstance(option.value, ir.Name) \
                     else option.value
-                if option.name not in _LLM_MERGES[method] or (option.name == "combine" and not (
+                if option.name not in MERGE_OPS[method].spec.implemented or (option.name == "combine" and not (
                         isinstance(value, ir.Name) and value.id == "add_mean")):
                     raise _not_yet(f"merge {method}({option.name}={_text(value)}) in the LLM", option)
                 if option.name == "rank":
@@ -195,7 +226,7 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
                     _expr(part, stage)
             if by is not None and _keys(by):
                 _expr(by, stage)
-        case ir.Merge(method=method) if method not in MERGE_OPS or method in _LLM_ONLY_MERGES:
+        case ir.Merge(method=method) if method not in MERGE_OPS or not MERGE_OPS[method].spec.runs_in(kind):
             raise _not_yet(f"merge {method}{' before the LLM' if method in MERGE_OPS else ''}", statement)
         case ir.Merge(method=method, options=options, source=source, into=into, by=by):
             feature_layer = plan.adapter.feature_encoder_layer
@@ -206,7 +237,7 @@ def _statement(stage: BoundStage, statement: ir.Statement, plan: Plan) -> None:
                                      statement.span,
                                      f"merge at encoder.layer[{feature_layer}] or earlier, or at encoder.output")
             for option in options:
-                if option.name not in MERGE_OPS[method].options:
+                if option.name not in MERGE_OPS[method].spec.implemented:
                     raise _not_yet(f"{method} option '{option.name}'", option)
                 if option.name == "r" and isinstance(option.value, ir.ListExpr | ir.Call):
                     raise _not_yet("a schedule for bipartite(r=...)", option.value)
@@ -223,8 +254,10 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
     if isinstance(expr, ir.Name) and isinstance(stage.values.get(expr.id), ir.Name):
         expr = stage.values[expr.id]  # a parameter choosing a built-in set: check the set it chose
     match expr:
-        case ir.Select(selector=selector) if selector not in _SELECTORS[kind]:
-            raise _not_yet(f"the `{selector}` selector{' in the LLM' if selector in SELECTOR_OPS else ''}", expr)
+        case ir.Select(selector=selector) if selector not in SELECTOR_OPS or not SELECTOR_OPS[selector].spec.runs_in(
+                kind):
+            where = "" if selector not in SELECTOR_OPS else " in the LLM" if kind == "llm" else f" in {kind} stages"
+            raise _not_yet(f"the `{selector}` selector{where}", expr)
         case ir.Select(selector="cover", options=options) if any(
                 o.name == "words" and isinstance(o.value, ir.Name) and stage.values.get(o.value.id, o.value) ==
                 ir.Name(id="keywords") for o in options):
@@ -242,10 +275,9 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
             raise _not_yet(f"the amount {fn}()", amount)
         case ir.Call(fn=fn) if fn in _SCHEDULES:
             return  # an LLM stage's schedule amount (the case above rejects the others)
-        case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "projector" and fn in _RECORDED:
-            raise _not_yet(f"{fn} at projector.output (no attention runs there)", expr)
-        case ir.Call(fn=fn) | ir.Name(id=fn) if kind == "llm" and fn in _ENCODER_ONLY | _PROJECTOR_ONLY:
-            raise _not_yet(f"{fn} in the LLM", expr)
+        case ir.Call(fn=fn) | ir.Name(id=fn) if not _signal_runs(fn, kind):  # Spec.runs: e.g. value_norm, encoder
+            where = {"projector": " at projector.output (no attention runs there)", "llm": " in the LLM"}
+            raise _not_yet(f"{fn}{where.get(kind, f' in {kind} stages')}", expr)
         case ir.Call(fn="keys", kwargs=kwargs) if kind == "llm":
             for kwarg in kwargs:
                 if not (kwarg.name == "layer" and isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"):
@@ -264,16 +296,17 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
             raise _not_yet(f"{fn}()", expr)
         case ir.Call(fn=fn, kwargs=kwargs) if fn in SIGNAL_OPS:
             for kwarg in kwargs:
-                if kwarg.name not in SIGNAL_OPS[fn].options:
+                if kwarg.name not in SIGNAL_OPS[fn].spec.implemented:
                     raise _not_yet(f"{fn} option '{kwarg.name}'", kwarg)
                 if kind == "encoder" and fn == "attention" and kwarg.name in ("layer", "layers", "space"):
                     continue  # checked against the model in policyc/runtime/vision_evaluate.py
-                if kwarg.name == "correct":
+                if fn == "attention" and kwarg.name == "correct":
                     _correct(call=expr, kwarg=kwarg, stage=stage)
-                if kwarg.name == "space" and not (isinstance(kwarg.value, ir.Name) and kwarg.value.id == "keys"):
+                word = kwarg.value.id if isinstance(kwarg.value, ir.Name) else None
+                if fn == "attention" and kwarg.name == "space" and word != "keys":
                     raise _not_yet(f"{fn}(space=values) outside encoder stages", kwarg)
-                if kwarg.name == "layer" and not (isinstance(kwarg.value, ir.Name) and kind == "llm" and (
-                        kwarg.value.id == "next" or (kwarg.value.id == "previous" and fn == "attention"))):
+                if SIGNAL_OPS[fn].spec.option(kwarg.name) is LAYER and not (kind == "llm" and (
+                        word == "next" or (word == "previous" and fn == "attention"))):
                     words = "`next` or `previous`" if fn == "attention" else "`next`"
                     raise _not_yet(f"{fn}(layer=...) other than {words} in the LLM", kwarg)
         case ir.Name(id=name) if name in SIGNALS and name not in SIGNAL_OPS and name not in FEATURE_OPS:

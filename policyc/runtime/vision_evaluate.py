@@ -66,16 +66,19 @@ def signal_layers(call: ir.Call, values: Mapping[str, ir.Expr], count: int, stag
     return list(range(first, last + 1))
 
 
-VALUE_SIGNALS = frozenset({"value_norm", "value_length"})  # signals that read the layer's attention values
 
 
 def reads_values(statements: tuple[ir.Statement, ...]) -> bool:
-    """Whether `statements` read the attention values (value_norm, value_length, attention(space=values))."""
+    """Whether `statements` read the attention values (operators with `reads_values`: value_norm, values, ...;
+    attention(space=values))."""
+    from policyc.passes import FEATURE_OPS, SIGNAL_OPS
+
+    readers = {name for name, op in {**SIGNAL_OPS, **FEATURE_OPS}.items() if op.reads_values}
     for statement in statements:
         for node in statement.walk():
-            if isinstance(node, ir.Name) and node.id in VALUE_SIGNALS:
+            if isinstance(node, ir.Name) and node.id in readers:
                 return True
-            if isinstance(node, ir.Call) and (node.fn in VALUE_SIGNALS or (node.fn == "attention" and any(
+            if isinstance(node, ir.Call) and (node.fn in readers or (node.fn == "attention" and any(
                     k.name == "space" and isinstance(k.value, ir.Name) and k.value.id == "values"
                     for k in node.kwargs))):
                 return True

@@ -164,8 +164,8 @@ def _merge(merge: ir.Merge, evaluator: StageEvaluator, tokens: Tokens, alive: to
     state = evaluator.state
     members = evaluator.set(merge.source) & alive
     receivers = evaluator.set(merge.into) & alive if merge.into is not None else members
-    features = evaluator.features(merge.by) if merge.by is not None and op.by == "feature" else None
-    weights = evaluator.score(merge.by).gather(1, tokens.origin) if merge.by is not None and op.by == "score" \
+    features = evaluator.features(merge.by) if merge.by is not None and op.spec.by == "feature" else None
+    weights = evaluator.score(merge.by).gather(1, tokens.origin) if merge.by is not None and op.spec.by == "score" \
         else None
     patches = evaluator.patches.gather(1, tokens.origin) if evaluator.patches is not None else None
     frames, spots = (getattr(evaluator, name, None) for name in ("frames", "spots"))  # videos (Qwen2-VL)
