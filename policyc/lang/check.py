@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
-from policyc.catalog import CACHES, HOOKS, MERGES, POSITIONS, SETS, SIGNALS, HookSpec
+from policyc.catalog import CACHES, HOOKS, MERGES, POSITIONS, SELECTORS, SETS, SIGNALS, HookSpec
 from policyc.errors import Diagnostic, PolicyError, Span, suggestion
 from policyc.lang import ir
 from policyc.lang.layers import DEPTH, layer_count, order_key, static_layers, uses_names
@@ -118,6 +118,8 @@ def _check_name(name: str, span: Span | None, what: str) -> None:
     (`keep top ...` is a selection). Policy and stage names never appear in expressions."""
     if name in keywords():
         raise PolicyError.at(f"{what} name '{name}' is a keyword", span, "choose another name")
+    if name in SELECTORS:  # every selector is a keyword of the selection rule (policyc.lang.parser.extra_selectors)
+        raise PolicyError.at(f"{what} name '{name}' is a selector", span, "choose another name")
     if name == DEPTH:
         raise PolicyError.at(f"{what} name '{name}' is the model's layer count in layer selections", span,
                              "choose another name")

@@ -190,7 +190,7 @@ class Select(Node):
     """`top 8% of vision by score`: a token set chosen from `source` by a selector."""
 
     kind: Literal["select"] = "select"
-    selector: Literal["top", "diverse", "cover", "sample", "focal", "facility", "grid", "stride"]
+    selector: str  # a selector operator's name (policyc.catalog.SELECTORS)
     options: tuple[KwArg, ...] = ()
     amount: Expr
     source: Expr
@@ -198,7 +198,11 @@ class Select(Node):
 
     @model_validator(mode="after")
     def _by_matches_selector(self) -> Select:
-        ranked = self.selector in ("top", "diverse", "cover", "sample", "focal", "facility")
+        from policyc.catalog.selectors import SELECTORS
+
+        if self.selector not in SELECTORS:
+            raise ValueError(f"unknown selector {self.selector!r}")
+        ranked = SELECTORS.specs[self.selector].by is not None
         if ranked and self.by is None:
             raise ValueError(f"`{self.selector}` needs `by`")
         if not ranked and (self.by is not None or self.options):

@@ -95,7 +95,7 @@ def scan_comments(text: str) -> list[Comment]:
 def parse_tree(text: str, file: str) -> Tree:
     """Parse `text` into a lark tree, or raise a `PolicyError` located at the offending token. A syntax error
     first loads the plug-in operators (policyc.operators): when they add selectors, the text is parsed again."""
-    selectors = plugin_selectors()
+    selectors = extra_selectors()
     parser = lark_parser(selectors)
     try:
         return parser.parse(text)
@@ -104,21 +104,22 @@ def parse_tree(text: str, file: str) -> Tree:
 
         with contextlib.suppress(PluginError):  # reported where an operator is looked up: here the syntax error is
             load()
-        if plugin_selectors() == selectors:
+        if extra_selectors() == selectors:
             raise _syntax_error(error, text, file, parser) from None
     return parse_tree(text, file)
 
 
-def plugin_selectors() -> tuple[tuple[str, bool], ...]:
-    """The selectors plug-ins registered so far (without loading any), as (name, whether it takes `by`)."""
+def extra_selectors() -> tuple[tuple[str, bool], ...]:
+    """The selectors registered so far (without loading any) beyond the grammar's own keywords (`CORE_SELECTORS`),
+    built-in or plug-in, as (name, whether it takes `by`): a new selector is its operator file, not a grammar edit."""
     from policyc.catalog.selectors import SELECTORS
 
     return tuple(sorted((name, spec.by is not None) for name, spec in SELECTORS.entries.items()
-                        if SELECTORS.packages.get(name) != "policyc"))
+                        if name not in CORE_SELECTORS))
 
 
 def _with_selectors(grammar: str, selectors: tuple[tuple[str, bool], ...]) -> str:
-    """The grammar with each plug-in selector as a keyword of the selection rule (`by` or not, as declared)."""
+    """The grammar with each extra selector as a keyword of the selection rule (`by` or not, as declared)."""
     terminals = {name: f"PLUGIN_SELECTOR_{i}" for i, (name, _) in enumerate(selectors)}
     scored = "".join(f" | {terminals[name]}" for name, by in selectors if by)
     plain = "".join(f" | {terminals[name]}" for name, by in selectors if not by)
@@ -168,7 +169,7 @@ def _position(value: object) -> int:
     return value if isinstance(value, int) and value > 0 else 1
 
 
-_SELECTORS = ("top", "diverse", "cover", "sample", "focal", "facility", "grid", "stride")
+CORE_SELECTORS = ("top", "diverse", "cover", "grid", "stride")  # the keywords of grammar/tokpol.lark's `selection`
 _STATEMENTS = ("let", "score", "keep", "drop", "protect", "merge", "positions", "cache")
 _CLOSERS = {"{": "}", "(": ")", "[": "]"}
 
@@ -264,7 +265,7 @@ def _syntax_error(error: UnexpectedInput, text: str, file: str, parser: Lark) ->
     elif str(token) in _STATEMENTS and "STAGE" in expected:
         hint = f"'{token}' goes inside a stage: stage llm.layer[2] {{ {token} ... }}"
     elif previous is not None and previous.type == "NAME" and token.type in {"NUMBER", "PERCENT", "NAME"}:
-        selectors = (*_SELECTORS, *(name for name, _ in plugin_selectors()))
+        selectors = (*CORE_SELECTORS, *(name for name, _ in extra_selectors()))
         if str(previous) in selectors:
             message = "a selection inside an expression needs parentheses"
             span = Span(file, previous.line or line, previous.column or column, end_line, end_column)

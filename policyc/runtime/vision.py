@@ -29,6 +29,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from policyc.catalog import SELECTORS
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
@@ -53,6 +54,11 @@ from policyc.runtime.vision_towers import LayerBody, VisionLayer, layer_body, pa
 
 def _name(node: ir.Call | ir.Name) -> str:
     return node.fn if isinstance(node, ir.Call) else node.id
+
+
+def _reads_question(selector: str) -> bool:
+    """Whether a selector reads the question at projector.output (its declaration `needs` it: cover, facility)."""
+    return "question" in SELECTORS.specs[selector].needs
 
 
 def _reads_samples(node: ir.Node) -> bool:
@@ -121,7 +127,7 @@ class ImageStages:
         self._attention: str | None = None
         self._slots: tuple[Tokens, PrefillState] | None = None
         self._encoder = bool(encoder)
-        self._reads_prompt = any((isinstance(node, ir.Select) and node.selector in ("cover", "facility"))
+        self._reads_prompt = any((isinstance(node, ir.Select) and _reads_question(node.selector))
                                  or (isinstance(node, ir.Call | ir.Name) and _name(node) == "text_relevance")
                                  for s in self.projector_output for st in s.statements for node in st.walk())
         self._reads_samples = any(_reads_samples(node) for s in self.projector_output for st in s.statements

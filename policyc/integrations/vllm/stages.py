@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from policyc.catalog import SELECTORS
 from policyc.compiler.plan import Plan
 from policyc.errors import PolicyError
 from policyc.integrations.vllm.deployment import KEY, Deployment, narrowed
@@ -39,7 +40,7 @@ _COUNT_HINT = "serve a policy with a fixed count, e.g. tome (a fixed r per layer
 def _reads_prompt(node: ir.Node) -> bool:
     """`cover`, `text_relevance`, `top(allocate=...)`, `vision[i]`, `image`: the question or the prompt's images."""
     if isinstance(node, ir.Select):
-        return node.selector in ("cover", "facility") or any(option.name == "allocate" for option in node.options)
+        return "question" in SELECTORS.specs[node.selector].needs or any(o.name == "allocate" for o in node.options)
     if isinstance(node, ir.Call | ir.Name):
         return (node.fn if isinstance(node, ir.Call) else node.id) in ("text_relevance", "image")
     return isinstance(node, ir.Index)
