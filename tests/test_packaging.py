@@ -127,15 +127,16 @@ def test_installed_console_script_checks_a_stdlib_policy(venv: Path) -> None:
     assert result.returncode == 0, f"policyc check failed:\n{result.stdout}\n{result.stderr}"
 
 
-def test_check_does_not_import_torch(venv: Path, tmp_path: Path) -> None:
-    """`policyc check` runs in-process without importing torch.
+def test_check_does_not_import_transformers(venv: Path, tmp_path: Path) -> None:
+    """`policyc check` runs in-process without importing transformers (it reads the operators' declarations,
+    which live beside their torch code, so torch is imported; no model library is).
 
-    A stub `torch` package is put on the path so that any import of it (guarded or not) would land in
-    `sys.modules`; the fresh environment has no real torch, so otherwise the check would prove nothing.
+    A stub `transformers` package is put on the path first, so that any import of it (guarded or not) would land in
+    `sys.modules` as the stub.
     """
     stub = tmp_path / "stub"
-    (stub / "torch").mkdir(parents=True)
-    (stub / "torch" / "__init__.py").write_text("STUB = True\n", encoding="utf-8")
+    (stub / "transformers").mkdir(parents=True)
+    (stub / "transformers" / "__init__.py").write_text("STUB = True\n", encoding="utf-8")
     policy = _installed_policy(venv)
     script = "\n".join(
         [
@@ -145,7 +146,7 @@ def test_check_does_not_import_torch(venv: Path, tmp_path: Path) -> None:
             f"result = CliRunner().invoke(policyc.cli.main, ['check', {str(policy)!r}])",
             "print(json.dumps({'exit_code': result.exit_code, 'output': result.output,",
             "                  'exception': repr(result.exception) if result.exception else None,",
-            "                  'cli_file': policyc.cli.__file__, 'torch': 'torch' in sys.modules}))",
+            "                  'cli_file': policyc.cli.__file__, 'transformers': 'transformers' in sys.modules}))",
         ]
     )
     env = _child_env()
@@ -155,4 +156,4 @@ def test_check_does_not_import_torch(venv: Path, tmp_path: Path) -> None:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert venv.resolve() in Path(report["cli_file"]).resolve().parents, report["cli_file"]
     assert report["exit_code"] == 0, report
-    assert report["torch"] is False, "policyc check imported torch"
+    assert report["transformers"] is False, "policyc check imported transformers"
