@@ -32,7 +32,9 @@ from reference.vision import attention, embed, feature_layer, has_cls, layers, p
 
 
 def bipartite(x: Tensor, keys: Tensor, size: Tensor, members: list[list[int]], r: int, cls: bool,
-              ) -> tuple[Tensor, Tensor, list[list[int]]]:
+              penalty: Tensor | None = None) -> tuple[Tensor, Tensor, list[list[int]]]:
+    """ToMe's bipartite merge of the rows x [t, C]; `penalty` [t] (Turbo): subtracted from every score of a source
+    (A) row, so it changes which A rows merge, not where they go."""
     tokens = x.shape[0]
     r = min(r, (tokens - int(cls)) // 2)
     if r <= 0:
@@ -41,6 +43,8 @@ def bipartite(x: Tensor, keys: Tensor, size: Tensor, members: list[list[int]], r
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = list(range(0, tokens, 2)), list(range(1, tokens, 2))
     scores = metric[a] @ metric[b].T
+    if penalty is not None:
+        scores = scores - penalty[a][:, None]
     if cls:
         scores[0, :] = float("-inf")
     best, match = scores.max(dim=-1)

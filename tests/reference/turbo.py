@@ -19,34 +19,16 @@ from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
 from reference.encoder_tokens import llm_tokens, slot_features, spliced_last_logits
+from reference.tome import bipartite
 from reference.vision import attention, embed, feature_layer, layers
 
 
 def turbo_merge(x: Tensor, keys: Tensor, a_cls: Tensor, size: Tensor, members: list[list[int]], r: int,
                 weight: float, threshold: int) -> tuple[Tensor, Tensor, list[list[int]]]:
-    tokens = x.shape[0]
-    r = min(r, (tokens - 1) // 2)
-    if r <= 0 or tokens < threshold:
+    """ToMe's merge (reference/tome.py, CLS never merged) with each A row's score lowered by weight * a_cls."""
+    if x.shape[0] < threshold:
         return x, size, members
-    metric = keys.mean(0)
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = list(range(0, tokens, 2)), list(range(1, tokens, 2))
-    scores = metric[a] @ metric[b].T - weight * a_cls[a][:, None]
-    scores[0, :] = float("-inf")
-    best, match = scores.max(dim=-1)
-    ranking = torch.sort(best, descending=True, stable=True).indices.tolist()
-    merged, unmerged = ranking[:r], sorted(ranking[r:])
-    sums = [x[j] * size[j] for j in b]
-    sizes = [size[j].clone() for j in b]
-    groups = [list(members[j]) for j in b]
-    for i in merged:
-        j = int(match[i])
-        sums[j] = sums[j] + x[a[i]] * size[a[i]]
-        sizes[j] = sizes[j] + size[a[i]]
-        groups[j] += members[a[i]]
-    new_x = torch.stack([x[a[i]] for i in unmerged] + [s / n for s, n in zip(sums, sizes, strict=True)])
-    new_size = torch.stack([size[a[i]] for i in unmerged] + sizes)
-    return new_x, new_size, [members[a[i]] for i in unmerged] + groups
+    return bipartite(x, keys, size, members, r, cls=True, penalty=weight * a_cls)
 
 
 def encode(model: LlavaForConditionalGeneration, image: Tensor, r: int, alpha: float, scale: float, threshold: int,
