@@ -24,7 +24,7 @@ from policyc.lang import ir
 if TYPE_CHECKING:
     from policyc.runtime.evaluate import StageEvaluator
 
-Combine = Literal["wavg", "mean", "add_mean", "weighted_sum", "soft"]
+Combine = Literal["wavg", "mean", "add_mean", "weighted_sum", "soft", "add"]
 LlmOrder = Literal["spatial", "code"]
 
 
@@ -54,7 +54,9 @@ class Folding:
     fused: torch.Tensor | None = None  # [B, L'] bool, for weighted_sum (and mean in the LLM): the rows groups combine
     # soft: row r becomes sum_j affinity[r, j] * row j / sum_j affinity[r, j] where its affinity row has mass
     # (Expedit's clusters, new tokens); `into` still says which row holds each token afterwards
-    affinity: torch.Tensor | None = None  # [B, L', L'] float, for soft
+    # add: row r becomes row r + sum_j affinity[r, j] * row j, its size likewise, its representative unchanged
+    # (GTP-ViT's propagation: the rows folding away spread into their graph neighbours)
+    affinity: torch.Tensor | None = None  # [B, L', L'] float, for soft and add
     # [B, L', L'] float: row i is rebuilt at the encoder output as sum_j spread[i, j] * row j (Expedit's
     # reconstruction); None: the rows reach the projector
     spread: torch.Tensor | None = None
