@@ -43,6 +43,7 @@ class Propagate(MergeOp):
                                 default="true", choices=("true", "false"))),
                 stages=frozenset({"encoder"}), paper="GTP-ViT WACV'24")
     options = frozenset({"r", "score", "alpha", "graph", "neighbours", "scale"})
+    unmerges = False  # a leaving token lives on in several rows (or none): no row to unmerge it from
 
     def proportional(self, merge: ir.Merge, ctx: StageEvaluator) -> bool:
         value = self.option(merge, "scale", ctx)
@@ -73,10 +74,10 @@ class Propagate(MergeOp):
         weights = graph[batch, clamped[:, :, None], clamped[:, None, :]]  # [B, L', L'] G at the rows' patches
         affinity = self.number(merge, "alpha", 0.1, ctx) * weights * (staying[:, :, None] & leaving[:, None, :])
         own = torch.arange(patches.shape[1], device=patches.device).expand_as(patches)
-        fallback = torch.where(staying, own, patches.shape[1]).amin(1, keepdim=True).clamp(max=patches.shape[1] - 1)
-        heaviest = torch.where(staying[:, :, None], weights, -1.0).argmax(1)  # [B, L'] each row's strongest receiver
-        strongest = torch.where(affinity.amax(1) > 0, heaviest, fallback)  # a lost token: any staying row
-        return Folding(torch.where(leaving, strongest, own), "add", affinity=affinity)
+        # `into` only names a staying row to hold the leaving one's place: its strongest kept neighbour (a lost
+        # token: the first staying row); the rows it reaches are the affinity's, its representative slot is gone
+        receiver = torch.where(staying[:, :, None], weights, -1.0).argmax(1)  # [B, L']
+        return Folding(torch.where(leaving, receiver, own), "add", affinity=affinity)
 
     def graph(self, merge: ir.Merge, ctx: StageEvaluator, embedded: torch.Tensor) -> torch.Tensor:
         """GTP's normalised patch graph D^-1/2 G D^-1/2 [B, P, P] from the encoder's input [B, L, C]."""

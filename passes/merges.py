@@ -69,6 +69,9 @@ class MergeOp(ABC):
     by: ClassVar[Literal["feature", "score"]] = "feature"  # what `by` gives: MergeRows.features or .weights
     # In the LLM: SET may hold tokens the stage already dropped, and each group's receiver comes back (SparseVLM)
     recycles: ClassVar[bool] = False
+    # Whether each merged position has one row to take its value from when a connector reads every patch (the
+    # unmerge families); False: refused there at compile time (GTP-ViT spreads a token over several rows)
+    unmerges: ClassVar[bool] = True
 
     @abstractmethod
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:

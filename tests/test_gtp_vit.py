@@ -64,3 +64,12 @@ def test_propagate_needs_its_score() -> None:
     source = "policy t { stage encoder.layer[*].attention { merge propagate(r=2) of vision } }"
     with pytest.raises(PolicyError, match="score"):
         compile_model(tiny_llava_clip(), check_source(source, "t.tokpol")[0])
+
+
+def test_propagate_is_refused_where_the_connector_reads_every_patch() -> None:
+    """A leaving token lives on in several rows (or none), so no row can stand in for its patch (unmerge families)."""
+    from tiny_idefics3 import tiny_idefics3
+
+    with pytest.raises(PolicyError, match="spreads each token over several rows") as error:
+        compile_model(tiny_idefics3(), "gtp_vit")
+    assert "gtp_vit.tokpol:" in str(error.value)
