@@ -24,7 +24,7 @@ from policyc.lang import ir
 if TYPE_CHECKING:
     from policyc.runtime.evaluate import StageEvaluator
 
-Combine = Literal["wavg", "mean", "add_mean", "weighted_sum", "soft"]
+Combine = Literal["wavg", "mean", "add_mean", "weighted_sum", "soft", "add"]
 LlmOrder = Literal["spatial", "code"]
 
 
@@ -54,7 +54,9 @@ class Folding:
     fused: torch.Tensor | None = None  # [B, L'] bool, for weighted_sum (and mean in the LLM): the rows groups combine
     # soft: row r becomes sum_j affinity[r, j] * row j / sum_j affinity[r, j] where its affinity row has mass
     # (Expedit's clusters, new tokens); `into` still says which row holds each token afterwards
-    affinity: torch.Tensor | None = None  # [B, L', L'] float, for soft
+    # add: row r becomes row r + sum_j affinity[r, j] * row j, its size likewise, its representative unchanged
+    # (GTP-ViT's propagation: the rows folding away spread into their graph neighbours)
+    affinity: torch.Tensor | None = None  # [B, L', L'] float, for soft and add
     # [B, L', L'] float: row i is rebuilt at the encoder output as sum_j spread[i, j] * row j (Expedit's
     # reconstruction); None: the rows reach the projector
     spread: torch.Tensor | None = None
@@ -65,6 +67,9 @@ class MergeOp(ABC):
     spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
     # In the LLM: SET may hold tokens the stage already dropped, and each group's receiver comes back (SparseVLM)
     recycles: ClassVar[bool] = False
+    # Whether each merged position has one row to take its value from when a connector reads every patch (the
+    # unmerge families); False: refused there at compile time (GTP-ViT spreads a token over several rows)
+    unmerges: ClassVar[bool] = True
 
     @abstractmethod
     def fold(self, merge: ir.Merge, rows: MergeRows, ctx: StageEvaluator) -> Folding:

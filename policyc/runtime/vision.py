@@ -217,7 +217,7 @@ class ImageStages:
     # ---------------------------------------------------------------- the encoder
     def begin(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         tokens = Tokens.start(hidden)
-        self.run = VisionRun(tokens, self.encoder_space.state(hidden.shape[0]))
+        self.run = VisionRun(tokens, self.encoder_space.state(hidden.shape[0]), embedded=hidden)
         if self.unmerges and (padded := padding_keys(mask)) is not None:  # never merged, masked as keys
             self.run.padded = padded
             self.run.state.image = self.run.state.image & ~padded

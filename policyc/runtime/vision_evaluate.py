@@ -106,6 +106,7 @@ class VisionEvaluator(StageEvaluator):
     stage_layers: tuple[int, ...] = ()  # every layer of the stage
     label: str = ""  # the stage, for ema()'s memory
     encoder_features: torch.Tensor | None = None  # [B, L, E] what the projector read (projector.output only)
+    encoder_input: torch.Tensor | None = None  # [B, L, C] the first encoder layer's input (encoder stages only)
     question: Callable[[], list[torch.Tensor]] | None = None  # per image: its prompt words' embeddings [m, D]
     samples: Callable[[], torch.Tensor] | None = None  # [B] long: the prompt row of each image (allocate=)
     frames: torch.Tensor | None = None  # [B, L] long: each position's frame (group) in its video, -1 for none
@@ -119,6 +120,13 @@ class VisionEvaluator(StageEvaluator):
         if self.encoder_features is None:
             raise PolicyError.at("this reads the projector's input, which only projector.output stages have", node.span)
         return self.encoder_features
+
+    def tower_input(self, node: ir.Node) -> torch.Tensor:
+        """The first encoder layer's input at the original positions: [B, L, C] (GTP-ViT's graph)."""
+        if self.encoder_input is None:
+            raise PolicyError.at("this reads the vision encoder's input, which only encoder layer stages have",
+                                 node.span)
+        return self.encoder_input
 
     def question_words(self, node: ir.Node) -> list[torch.Tensor]:
         """Each image's question words, the LLM input embeddings of its prompt's text after it: [m_b, D] each."""

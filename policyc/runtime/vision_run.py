@@ -33,6 +33,7 @@ class Space:
                                grid=self.grid, earlier_attention=run.earlier if run is not None else None,
                                attention_values=run.values_at(layer) if run is not None else None,
                                memory=run.memory if run is not None else {}, layer_count=layer_count, layer=layer,
+                               encoder_input=run.embedded if run is not None else None,
                                stage_layers=stage.layers or (layer,), label=stage.label,
                                **projector)  # type: ignore[arg-type]
 
@@ -56,6 +57,7 @@ class VisionRun:
     features: Tokens | None = None  # the rows at the feature layer
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [I] real rows each image ran there
     padded: torch.Tensor | None = None  # [I, P] bool: positions the tower masks as keys (Idefics3's padded patches)
+    embedded: torch.Tensor | None = None  # [I, P, C] the first encoder layer's input rows (GTP-ViT's graph)
 
     def attention_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """The encoder's attention mask plus ToMe's log(size) and -inf for padding rows: [I, 1, 1, R]. Where the

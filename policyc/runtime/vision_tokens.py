@@ -109,12 +109,19 @@ def fold(tokens: Tokens, folding: Folding) -> tuple[Tokens, torch.Tensor]:
         mass = folding.affinity.sum(2)
         received = mass > 0
         merged = (folding.affinity.to(hidden.dtype) @ hidden) / mass.clamp(min=1e-16)[:, :, None].to(hidden.dtype)
+    elif folding.combine == "add":  # GTP-ViT's propagation: each row plus the affinity-weighted sum, sizes alike
+        if folding.affinity is None:
+            raise ValueError("an add folding needs affinities")
+        received = folding.affinity.sum(2) > 0
+        merged = hidden + folding.affinity.to(hidden.dtype) @ hidden
+        total = size + (folding.affinity.to(size.dtype) @ size[:, :, None])[:, :, 0]
     else:  # add_mean: the receiver plus the mean of what folded into it (VisionZip)
         count = torch.zeros_like(size).scatter_add(1, into, moved.to(size.dtype))
         incoming = torch.zeros_like(hidden).scatter_add(1, wide, hidden * moved[:, :, None].to(hidden.dtype))
         merged = hidden + incoming / count.clamp(min=1)[:, :, None].to(hidden.dtype)
     hidden = torch.where(received[:, :, None], merged, hidden)
-    first = tokens.first.scatter_reduce(1, into, tokens.first, reduce="amin")
+    first = tokens.first if folding.combine == "add" else \
+        tokens.first.scatter_reduce(1, into, tokens.first, reduce="amin")  # add: rows spread out, receivers stay put
     owner, spread = tokens.owner, tokens.spread
     if folding.spread is not None:  # by position: p takes W[row of p, j] at row j's origin, or keeps itself
         batch, positions = into.shape[0], owner.shape[1] if owner is not None else int(tokens.origin.max()) + 1

@@ -21,6 +21,7 @@ from torch import nn
 from policyc.compiler.plan import Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
+from policyc.passes import MERGE_OPS
 from policyc.runtime.patching import LayerWrapper
 
 if TYPE_CHECKING:
@@ -148,6 +149,11 @@ def refuse_unmergeable(plan: Plan) -> None:
                 verb = "keep" if isinstance(statement, ir.Keep) else "drop"
                 problems.append(PolicyError.at(f"`{verb}` in encoder stage {stage.label} removes tokens, but {why}",
                                                statement.span, hint))
+            if isinstance(statement, ir.Merge) and not MERGE_OPS[statement.method].unmerges:
+                problems.append(PolicyError.at(
+                    f"merge {statement.method} in encoder stage {stage.label} spreads each token over several rows, "
+                    f"so no row holds its patch for {adapter.family}'s connector, which reads every patch",
+                    statement.span, hint))
             if isinstance(statement, ir.Protect):
                 problems.append(PolicyError.at(
                     f"`protect` in encoder stage {stage.label} would carry across {adapter.family}'s connector, which "
