@@ -64,3 +64,16 @@ def test_coactivation_refuses_a_reference_outside_the_prompt() -> None:
     compiled(model, "reference=-1000")
     with pytest.raises(PolicyError, match="outside a prompt"):
         model.generate(**make_inputs(model), max_new_tokens=2, do_sample=False)
+
+
+def test_coactivation_on_a_static_cache_equals_the_reference() -> None:
+    model = tiny_llava_clip(seed=1)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=1)
+    expected, _ = corematching_generate(model, **inputs, layers=[0, 1, 2], reference=-1, max_new_tokens=STEPS)
+    compiled(model, "")
+    result = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_scores=True,
+                            return_dict_in_generate=True, cache_implementation="static")
+    for row, wanted in enumerate(expected):
+        assert torch.equal(result.sequences[row, inputs["input_ids"].shape[1]:], wanted.tokens)
+        for step, logits in zip(result.scores, wanted.scores, strict=True):
+            torch.testing.assert_close(step[row], logits, rtol=0, atol=1e-5)
