@@ -3,8 +3,9 @@ algorithms-more.md §5), as the authors' code applies them: a decode-time KV-cac
 
 In prefill (unchanged), each affected layer's MLP records, per sample, which intermediate neurons fire
 (`act_fn(gate_proj(x)) * up_proj(x) > 0`, [L', m]) and scores each image token by how many neurons it shares
-with one reference token of the prompt (`reference`: negative counts from the end of the real prompt, -1 its
-last token; the code's hard-coded row L-5 is `reference=-5` under llava-hf's template). After prefill, per
+with one reference token of the prompt (`reference`: its index among the real prompt rows the layer processed,
+negative from the end, -1 the last; the code's hard-coded row L-5 is `reference=-5` under llava-hf's template).
+After a prefill stage dropped tokens, a later layer ranks the image tokens it still holds. After prefill, per
 sample and layer, the image tokens' scores are sorted descending; the elbow is the sorted point farthest from
 the chord joining the first and the last; the core tokens score strictly above the elbow's score (all of them
 when every score is equal). The layer's cache drops the other image tokens; text tokens all stay.
@@ -46,8 +47,8 @@ def elbow_core(scores: torch.Tensor) -> torch.Tensor:
 class Coactivation(CacheOp):
     spec = Spec("coactivation", "cache", "after prefill, keep in each affected layer's cache only the image tokens "
                 "whose MLP neurons co-activate most with a reference token, cut at the elbow (CoreMatching)",
-                options=(Option("reference", ("number",), "the reference token: its index in the real prompt, "
-                                "negative from the end", default="-1", integer=True),
+                options=(Option("reference", ("number",), "the reference token: its index among the real prompt "
+                                "rows the layer processed, negative from the end", default="-1", integer=True),
                          Option("first", ("number", "enum"), "the first decoder layer it evicts in (negative from "
                                 "the end), or `scaled`: the code's 5 of 32 scaled to the depth", default="scaled",
                                 choices=("scaled",)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference.cache_loop import Stage
 from reference.corematching import corematching_generate
 from tiny_models import make_inputs, tiny_llava_clip
 
@@ -52,6 +53,30 @@ def test_coactivation_equals_the_reference(seed: int, batch: int, options: str, 
             assert torch.equal(held, core.nonzero().flatten())  # exactly the reference's core tokens
             evicted += int((~core).sum())
     assert evicted > 0  # the elbow cut dropped image tokens
+
+
+def test_coactivation_after_a_prefill_stage_equals_the_reference() -> None:
+    """A FastV-style stage after layer 1 drops image tokens; layer 2 ranks the ones it still holds."""
+    model = tiny_llava_clip(seed=3)
+    inputs = make_inputs(model, batch=2, pad_left=2, seed=3)
+    expected, policies = corematching_generate(model, **inputs, layers=[1, 2, 3], reference=-1,
+                                               max_new_tokens=STEPS, stages=[Stage(1, 10)])
+    source = """policy p { stage llm.layer[1] { keep top 10 of vision by attention(last -> vision) }
+                           stage decode { cache coactivation(first=1, last=3) } }"""
+    compile_model(model, check_source(source, "p.tokpol")[0])
+    result = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_scores=True,
+                            return_dict_in_generate=True)
+    length = inputs["input_ids"].shape[1]
+    for row, (wanted, policy) in enumerate(zip(expected, policies, strict=True)):
+        assert torch.equal(result.sequences[row, length:], wanted.tokens)
+        for step, logits in zip(result.scores, wanted.scores, strict=True):
+            torch.testing.assert_close(step[row], logits, rtol=0, atol=1e-5)
+        pad = int((inputs["attention_mask"][row] == 0).sum())
+        for index in (2, 3):  # after the stage: the stage's survivors less the non-core ones
+            held = result.past_key_values.layers[index].positions[row, 0]
+            held = held[(held >= pad) & (held < length)] - pad
+            assert torch.equal(held, wanted.caches[index].tokens[0][wanted.caches[index].tokens[0] < length - pad])
+            assert bool((~policy.core[index]).any())
 
 
 def test_coactivation_refuses_layers_the_model_lacks() -> None:

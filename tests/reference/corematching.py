@@ -7,6 +7,8 @@ token's score is the number of neurons with a > 0 both for it and for the refere
 ranked by score; the elbow is the ranked point farthest from the chord joining the first and last (distances
 compared in exact integer arithmetic, the first farthest on ties); the core tokens score strictly above it (all
 of them when every score is equal). After prefill the layer's cache keeps the text tokens and the core tokens.
+With prefill stages (`stages`, FastV-style, reference/cache_loop.py) a later layer ranks the image tokens it still
+holds, and the reference is counted among the rows it processed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
-from reference.cache_loop import LayerCache, Result, generate_row
+from reference.cache_loop import LayerCache, Result, Stage, generate_row
 from reference.fastv import eager_copy, prompt_embeddings
 
 
@@ -39,24 +41,26 @@ class CoreMatching:
 
     def __init__(self, image: Tensor, layers: list[int], reference: int) -> None:
         self.image, self.layers, self.reference = image, layers, reference
-        self.core: dict[int, Tensor] = {}  # layer -> [L] bool: the tokens its cache keeps after prefill
+        self.fires: dict[int, Tensor] = {}  # layer -> [L', m] bool: the prefill's firing neurons, per row it held
+        self.core: dict[int, Tensor] = {}  # layer -> [L] bool: the prompt tokens its cache keeps after prefill
 
     def record(self, layer: int, mlp: torch.nn.Module, x: Tensor) -> None:
-        """The prefill's MLP input x [L, D] of an affected layer."""
-        fires = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)) > 0  # [L, m]
-        reference = fires[self.reference]
-        keep = torch.ones(x.shape[0], dtype=torch.bool)
-        image = self.image.nonzero().flatten().tolist()
-        scores = [int((fires[i] & reference).sum()) for i in image]
-        for i, core in zip(image, elbow_core(scores), strict=True):
-            keep[i] = core
-        self.core[layer] = keep
+        """The prefill's MLP input x [L', D] of an affected layer (L': the rows it processed)."""
+        self.fires[layer] = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)) > 0
 
     def keep(self, layer: int, cache: LayerCache, after_prefill: bool, final: Tensor) -> Tensor:
         keep = torch.ones_like(cache.tokens, dtype=torch.bool)
-        if after_prefill and layer in self.core:
-            keep &= self.core[layer][cache.tokens]
-        return keep
+        if not after_prefill or layer not in self.fires:
+            return keep
+        fires, tokens = self.fires[layer], cache.tokens[0]  # right after prefill: the rows the layer processed
+        reference = fires[self.reference]  # counted among those rows
+        image = self.image[tokens].nonzero().flatten().tolist()
+        scores = [int((fires[i] & reference).sum()) for i in image]
+        core = torch.ones(len(self.image), dtype=torch.bool)
+        for i, is_core in zip(image, elbow_core(scores), strict=True):
+            core[tokens[i]] = is_core
+        self.core[layer] = core
+        return keep & core[cache.tokens]
 
 
 def _recorder(policy: CoreMatching, layer: int):  # type: ignore[no-untyped-def]
@@ -68,8 +72,8 @@ def _recorder(policy: CoreMatching, layer: int):  # type: ignore[no-untyped-def]
 
 @torch.no_grad()
 def corematching_generate(model: LlavaForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor,
-                          pixel_values: Tensor, *, layers: list[int], reference: int,
-                          max_new_tokens: int) -> tuple[list[Result], list[CoreMatching]]:
+                          pixel_values: Tensor, *, layers: list[int], reference: int, max_new_tokens: int,
+                          stages: list[Stage] | None = None) -> tuple[list[Result], list[CoreMatching]]:
     """Greedy decoding of each row alone; returns the results and each row's policy (its core sets)."""
     model = eager_copy(model)
     embeds, _ = prompt_embeddings(model, input_ids, pixel_values)
@@ -81,7 +85,8 @@ def corematching_generate(model: LlavaForConditionalGeneration, input_ids: Tenso
         handles = [model.model.language_model.layers[layer].mlp.register_forward_hook(_recorder(policy, layer))
                    for layer in layers]
         try:
-            results.append(generate_row(model, embeds[row, real], image[row, real], policy, max_new_tokens, []))
+            results.append(generate_row(model, embeds[row, real], image[row, real], policy, max_new_tokens,
+                                        stages or []))
         finally:
             for handle in handles:
                 handle.remove()
