@@ -69,8 +69,9 @@ class CacheOp(ABC):
     spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
     # what `Slots.scores` holds; "newest": none, but `Slots.newest` holds the newest decode query's logits;
     # "normalized": right after prefill, ZipVL's normalized score (the prompt's column sums divided by the real
-    # prompt rows that see each key), then `Slots.newest` as "newest"
-    scores: ClassVar[Literal["none", "accumulated", "window", "newest", "normalized"]] = "none"
+    # prompt rows that see each key), then `Slots.newest` as "newest"; "coactivation": right after prefill, MLP
+    # co-activation with a reference token (policyc/runtime/cache_coactivation.py)
+    scores: ClassVar[Literal["none", "accumulated", "window", "newest", "normalized", "coactivation"]] = "none"
     every_step: ClassVar[bool] = False  # also called after each decode step (not only after prefill)
     all_layers: ClassVar[bool] = True  # every decoder layer; False: the layers from the first prefill stage on
     relative_positions: ClassVar[bool] = False  # after an eviction, keys are re-rotated to their cache index

@@ -116,11 +116,18 @@ class CacheRuntime:
         (None: the operator needs no scores)."""
         if self.op.scores == "none":
             return None
+        if self.op.scores == "coactivation":  # MLP hooks, not attention (policyc/runtime/cache_coactivation.py)
+            from policyc.runtime.cache_coactivation import install_coactivation
+
+            self._mlp_hooks = install_coactivation(self)
+            return None
         for k in self.layers:
             self.plan.adapter.decoder_attention[k]._policyc_cache_observer = self._observer(k)
         return register_observing()
 
     def remove(self) -> None:
+        for handle in getattr(self, "_mlp_hooks", ()):
+            handle.remove()
         for k in self.layers:
             attention_module = self.plan.adapter.decoder_attention[k]
             if hasattr(attention_module, "_policyc_cache_observer"):
