@@ -7,17 +7,28 @@ import re
 import pytest
 
 from policyc.catalog import FUNCTIONS, REGISTRIES, SCHEDULES, SELECTORS, SIGNALS, STATEMENTS, Registry
+from policyc.lang import ir
 from policyc.lang.build import parse
+from policyc.lang.parser import CORE_SELECTORS, extra_selectors
 from policyc.resources import grammar_text
 
 GRAMMAR = grammar_text()
 
 
 def test_every_statement_and_selector_has_its_grammar_keyword() -> None:
+    """Statements and the five core selectors are keywords of grammar/tokpol.lark; every other selector becomes one
+    from its declaration (policyc.lang.parser.extra_selectors), in the form its `by` says."""
     alternatives = re.search(r"^_statement: (.*)$", GRAMMAR, re.MULTILINE).group(1).split(" | ")  # type: ignore[union-attr]
     assert len(alternatives) == len(STATEMENTS.specs)
-    for spec in [*STATEMENTS, *SELECTORS]:
+    for spec in STATEMENTS:
         assert f'"{spec.name}"' in GRAMMAR, spec.name
+    assert {f'"{name}"' for name in CORE_SELECTORS} <= set(re.findall(r'"\w+"', GRAMMAR))
+    extra = dict(extra_selectors())
+    for spec in SELECTORS:
+        assert spec.name in CORE_SELECTORS or extra[spec.name] == (spec.by is not None), spec.name
+        source = f"policy p {{ stage llm.layer[1] {{ keep {spec.name} 4 of vision{' by keys' if spec.by else ''} }} }}"
+        selection = parse(source).policies[0].stages[0].body[0].target
+        assert isinstance(selection, ir.Select) and selection.selector == spec.name
 
 
 def test_callable_names_are_unambiguous() -> None:

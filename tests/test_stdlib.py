@@ -63,7 +63,8 @@ def test_each_policy_runs_end_to_end_on_the_embedded_default_or_says_why_not(nam
 
 
 @pytest.mark.parametrize("build", [tiny_llava_clip, tiny_llava_siglip])
-@pytest.mark.parametrize(("name", "objective"), [("divprune", "min"), ("todre", "sum"), ("todre", "min")])
+@pytest.mark.parametrize(("name", "objective"), [("divprune", "min"), ("todre", "sum"), ("todre", "min"),
+                                                  ("todre_diversity", "sum"), ("todre_diversity", "min")])
 @pytest.mark.parametrize(("seed", "ratio"), [(0, 30), (1, 50), (2, 10)])
 def test_diversity_policies_equal_the_plain_divprune_reference(build, name: str, objective: str, seed: int,  # type: ignore[no-untyped-def]
                                                                ratio: int) -> None:
@@ -72,7 +73,7 @@ def test_diversity_policies_equal_the_plain_divprune_reference(build, name: str,
     with torch.no_grad():
         plain = torch.stack(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
     params: dict[str, ir.Expr] = {"ratio": ir.Percent(value=ratio)}
-    if name == "todre":
+    if name.startswith("todre"):
         params["objective"] = ir.Name(id=objective)
     compiled = compile_model(model, name, params)
     try:

@@ -20,7 +20,7 @@ from policyc.lang.build import parse_value
 from policyc.runtime import compile_model
 
 GRIDS = ((8, 8), (4, 12), (12, 4))  # patches per side of a prompt's three images: 16, 12 and 12 merged tokens
-CASES = [("divprune", {"ratio": "25%"}), ("random_drop", {}), ("tome", {"r": 2}), ("todre", {})]
+CASES = [("divprune", {"ratio": "25%"}), ("random_drop", {}), ("tome", {"r": 2}), ("todre_diversity", {})]
 
 
 def _config(model: Any, entry: dict[str, Any]) -> Any:

@@ -23,6 +23,7 @@ from policyc.runtime import compile_model
 
 CASES = [(name, {}) for name in SERVABLE] + [
     ("fastervlm", {"tokens": 20}), ("tome", {"r": 4, "order": "code"}), ("hiprune", {"tokens": 64}),
+    ("gtp_vit", {"r": 2}), ("expedit", {"size": 8}), ("fopru", {"strategy": "row"}),
 ]
 
 
@@ -135,7 +136,8 @@ def test_refusals(bundled: Any, entry: object, message: str, hint: str) -> None:
 
 
 REFUSED = ["fastv", "flowcut", "globalcom2_style", "h2o", "holitom_temporal", "mmtok", "pyramiddrop",
-           "pyramiddrop_snapkv", "snapkv", "streamingllm", "visiondrop", "visiondrop_llm", "zipvl", "zipvl_v1"]
+           "pyramiddrop_snapkv", "snapkv", "streamingllm", "visiondrop", "visiondrop_llm", "zipvl", "zipvl_v1", "todre",
+           "turbo", "ats", "catp", "efficientvla", "corematching"]
 
 
 def test_every_standard_policy_is_servable_or_refused() -> None:

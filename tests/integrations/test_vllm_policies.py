@@ -32,8 +32,8 @@ from policyc.runtime import compile_model
 ITEMS = 3  # synthetic test questions per policy
 POLICIES = [  # (policy, params, image tokens kept of the bundled model's 144)
     ("fastervlm", {"tokens": 20}, 20), ("vtc_cls", {}, 64), ("hiprune", {"tokens": 64}, 64), ("tome", {"r": 4}, 52),
-    ("divprune", {"ratio": "25%"}, 36), ("todre", {}, 14), ("random_drop", {}, 36), ("grid", {}, 36),
-    ("pool", {}, 36), ("evit", {}, 53),
+    ("divprune", {"ratio": "25%"}, 36), ("todre_diversity", {}, 14), ("random_drop", {}, 36), ("grid", {}, 36),
+    ("pool", {}, 36), ("evit", {}, 53), ("gtp_vit", {"r": 2}, 98), ("expedit", {"size": 8}, 64), ("fopru", {}, 36),
 ]
 
 

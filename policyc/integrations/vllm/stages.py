@@ -29,8 +29,8 @@ from policyc.integrations.vllm.deployment import KEY, Deployment, narrowed
 from policyc.integrations.vllm.shell import probe_images, probe_shell
 from policyc.lang import ir
 
-SERVABLE = ("visionzip", "fastervlm", "vtc_cls", "hiprune", "tome", "divprune", "todre", "random_drop", "grid", "pool",
-            "evit")
+SERVABLE = ("visionzip", "fastervlm", "vtc_cls", "hiprune", "tome", "divprune", "todre_diversity", "random_drop",
+            "grid", "pool", "evit", "gtp_vit", "expedit", "fopru")
 _LLM_HINT = ("serve a pre-LLM policy instead: fastervlm (the CLS token's attention at the encoder's feature layer) "
              "or divprune (diversity at the projector's output)")
 _PROMPT_HINT = "serve a policy that reads the image alone, e.g. divprune or fastervlm"
