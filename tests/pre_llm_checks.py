@@ -1,6 +1,7 @@
 """Checks shared by the equivalence tests of methods acting before the LLM on LLaVA (tests/test_fopru.py,
-tests/test_expedit.py): a compiled policy gives the reference's kept image slots exactly, its projected features
-and the LLM's last logits within 1e-5, on batches that may be left-padded, and generates."""
+tests/test_expedit.py, tests/test_turbo.py, tests/test_ats.py, tests/test_gtp_vit.py): a compiled policy gives the
+reference's kept image slots exactly, its projected features and the LLM's last logits within 1e-5, on batches that
+may be left-padded, and generates."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from tiny_models import IMAGE_TOKEN_ID
 
 from policyc.lang import CheckedPolicy, ir
 from policyc.runtime import compile_model
+
+
+@torch.no_grad()
+def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """LLaVA's own projected image features [I, N, D], through whatever the model is compiled with."""
+    return torch.stack(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
+
+
+def literal_params(**values: float | int | str) -> dict[str, ir.Expr]:
+    """Policy parameters from Python values: words become names, numbers numbers."""
+    return {k: ir.Name(id=v) if isinstance(v, str) else ir.Number(value=v) for k, v in values.items()}
 
 
 @torch.no_grad()
@@ -30,17 +42,18 @@ def reference_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], fe
     return torch.stack(rows)
 
 
-def assert_compiled_equals(model: torch.nn.Module, policy: CheckedPolicy, params: Mapping[str, ir.Expr],
+def assert_compiled_equals(model: torch.nn.Module, policy: CheckedPolicy | str, params: Mapping[str, ir.Expr],
                            inputs: dict[str, torch.Tensor], expected: torch.Tensor, filled: torch.Tensor,
-                           compresses: bool = True) -> torch.Tensor:
+                           compresses: bool = True, expected_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Compiles `policy` with `params` and checks it against the reference's `expected` features [I, N, D] and
-    `filled` slots [I, N] (fewer than all of them where it `compresses`); returns the kept slots."""
-    expected_logits = reference_logits(model, inputs, expected, filled)
+    `filled` slots [I, N] (fewer than all of them where it `compresses`), and the last logits against
+    `expected_logits` [B, V] (default: the unmodified LLM on the reference's features); returns the kept slots."""
+    if expected_logits is None:
+        expected_logits = reference_logits(model, inputs, expected, filled)
     compiled = compile_model(model, policy, dict(params))
     try:
         with torch.no_grad():
-            features = torch.stack(list(model.model.get_image_features(
-                pixel_values=inputs["pixel_values"]).pooler_output))
+            features = image_features(model, inputs["pixel_values"])
             kept = compiled.images.kept
             assert torch.equal(kept, filled)
             assert kept.sum() > 0 and (kept.sum() < kept.numel() or not compresses)

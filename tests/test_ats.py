@@ -7,18 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from policyc.passes.select_sample import inverse_transform_picks
+from pre_llm_checks import assert_compiled_equals
 from reference.ats import ats_image_features, ats_last_logits, sampled_patches
 from tiny_models import make_inputs, tiny_llava_clip
 
 from policyc.errors import PolicyError
 from policyc.lang import check_source, ir
 from policyc.runtime import compile_model
-
-
-@torch.no_grad()
-def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """LLaVA's own projected image features [I, N, D], through whatever the model is compiled with."""
-    return torch.stack(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -31,19 +26,7 @@ def test_ats_equals_the_plain_reference(batch: int, seed: int, first_layer: int,
     expected, filled = ats_image_features(model, inputs["pixel_values"], ats_layers, share)
     expected_logits = ats_last_logits(model, inputs, ats_layers, share)
     params = {"first_layer": ir.Number(value=first_layer), "tokens": ir.Percent(value=share)}
-    compiled = compile_model(model, "ats", params)
-    try:
-        features = image_features(model, inputs["pixel_values"])
-        assert torch.equal(compiled.images.kept, filled)
-        assert filled.sum() < filled.numel()  # the method did compress
-        torch.testing.assert_close(features[filled], expected[filled], atol=1e-5, rtol=1e-5)
-        with torch.no_grad():
-            logits = model(**inputs).logits[:, -1]
-        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
-        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        assert out.shape == (batch, inputs["input_ids"].shape[1] + 2)
-    finally:
-        compiled.remove()
+    assert_compiled_equals(model, "ats", params, inputs, expected, filled, expected_logits=expected_logits)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -7,22 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pre_llm_checks import assert_compiled_equals, literal_params
 from reference.gtp_vit import gtp_image_features, gtp_last_logits
 from tiny_models import make_inputs, tiny_llava_clip
 
 from policyc.errors import PolicyError
-from policyc.lang import check_source, ir
+from policyc.lang import check_source
 from policyc.runtime import compile_model
-
-
-@torch.no_grad()
-def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """LLaVA's own projected image features [I, N, D], through whatever the model is compiled with."""
-    return torch.stack(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
-
-
-def params(**values: float | int | str) -> dict[str, ir.Expr]:
-    return {k: ir.Name(id=v) if isinstance(v, str) else ir.Number(value=v) for k, v in values.items()}
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -36,18 +27,9 @@ def test_gtp_vit_equals_the_plain_reference(batch: int, seed: int, r: int, alpha
     settings = {"alpha": alpha, "kind": graph, "neighbours": neighbours, "scale": scale == "true"}
     expected, filled = gtp_image_features(model, inputs["pixel_values"], r, **settings)
     expected_logits = gtp_last_logits(model, inputs, r, **settings)
-    compiled = compile_model(model, "gtp_vit", params(r=r, alpha=alpha, graph=graph, neighbours=neighbours,
-                                                      scale=scale))
-    try:
-        features = image_features(model, inputs["pixel_values"])
-        assert torch.equal(compiled.images.kept, filled)
-        assert filled.sum() < filled.numel()  # the method did compress
-        torch.testing.assert_close(features[filled], expected[filled], atol=1e-5, rtol=1e-5)
-        with torch.no_grad():
-            logits = model(**inputs).logits[:, -1]
-        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
-    finally:
-        compiled.remove()
+    assert_compiled_equals(model, "gtp_vit", literal_params(r=r, alpha=alpha, graph=graph, neighbours=neighbours,
+                                                             scale=scale), inputs, expected, filled,
+                           expected_logits=expected_logits)
 
 
 def test_propagation_changes_the_kept_tokens_features() -> None:

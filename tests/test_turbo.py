@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pre_llm_checks import assert_compiled_equals, image_features, literal_params
 from reference.turbo import turbo_image_features, turbo_last_logits
 from tiny_models import make_inputs, tiny_llava_clip
 
 from policyc.errors import PolicyError
-from policyc.lang import check_source, ir
+from policyc.lang import check_source
 from policyc.runtime import compile_model
-
-
-@torch.no_grad()
-def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """LLaVA's own projected image features [I, N, D], through whatever the model is compiled with."""
-    return torch.stack(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
-
-
-def params(**values: float | int | str) -> dict[str, ir.Expr]:
-    return {k: ir.Name(id=v) if isinstance(v, str) else ir.Number(value=v) for k, v in values.items()}
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -32,17 +23,8 @@ def test_turbo_equals_the_plain_reference(batch: int, seed: int, r: int, alpha: 
     inputs = make_inputs(model, batch=batch, pad_left=2, seed=seed)
     expected, filled = turbo_image_features(model, inputs["pixel_values"], r, alpha, scale, threshold=0)
     expected_logits = turbo_last_logits(model, inputs, r, "spatial", alpha, scale, threshold=0)
-    compiled = compile_model(model, "turbo", params(r=r, alpha=alpha, scale=scale, threshold=0))
-    try:
-        features = image_features(model, inputs["pixel_values"])
-        assert torch.equal(compiled.images.kept, filled)
-        assert filled.sum() < filled.numel()  # the method did compress
-        torch.testing.assert_close(features[filled], expected[filled], atol=1e-5, rtol=1e-5)
-        with torch.no_grad():
-            logits = model(**inputs).logits[:, -1]
-        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
-    finally:
-        compiled.remove()
+    assert_compiled_equals(model, "turbo", literal_params(r=r, alpha=alpha, scale=scale, threshold=0), inputs,
+                           expected, filled, expected_logits=expected_logits)
 
 
 def test_the_semantic_term_changes_which_tokens_merge() -> None:
@@ -58,7 +40,7 @@ def test_turbo_tokens_reach_the_llm_in_the_order_asked(order: str) -> None:
     model = tiny_llava_clip(seed=4)
     inputs = make_inputs(model, batch=2, seed=4)
     expected = turbo_last_logits(model, inputs, 3, order, 0.1, 30, threshold=0)
-    compiled = compile_model(model, "turbo", params(r=3, alpha=0.1, scale=30, threshold=0, order=order))
+    compiled = compile_model(model, "turbo", literal_params(r=3, alpha=0.1, scale=30, threshold=0, order=order))
     try:
         with torch.no_grad():
             logits = model(**inputs).logits[:, -1]
@@ -88,7 +70,7 @@ def test_below_the_threshold_nothing_merges() -> None:
     model = tiny_llava_clip()
     pixel_values = make_inputs(model)["pixel_values"]
     plain = image_features(model, pixel_values)
-    compiled = compile_model(model, "turbo", params(r=3, threshold=18))  # 17 rows (16 patches + CLS) < 18
+    compiled = compile_model(model, "turbo", literal_params(r=3, threshold=18))  # 17 rows (16 patches + CLS) < 18
     try:
         assert torch.equal(image_features(model, pixel_values), plain) and bool(compiled.images.kept.all())
     finally:
