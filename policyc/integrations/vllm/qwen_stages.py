@@ -22,10 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from policyc.errors import PolicyError
 from policyc.integrations.vllm.deployment import Deployment
 from policyc.integrations.vllm.shell import PROBE_SEED, PROBE_WIDTH, _stand_in_text
-from policyc.integrations.vllm.stages import _COUNT_HINT, PreLLM, _refuse_out_of_range
+from policyc.integrations.vllm.stages import PreLLM, _refuse_out_of_range, one_count
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 PROBE_GRID = (16, 16)  # patches per side of the image a deployment is checked on before any image arrives
@@ -107,17 +106,7 @@ def qwen_kept_count(config: Any, deployment: Deployment, grid: tuple[int, int]) 
         _refuse_out_of_range(stages, deployment)  # type: ignore[arg-type]  # it reads .compiled and .plan alone
         counts = sorted({len(k) for k in stages(*probe_pixels(config, grid))[1]})
         stages.compiled.remove()
-        policy = stages.plan.checked.program.policy
-        if counts == [0]:
-            raise PolicyError.at(f"policy {policy.name} keeps no token of a {grid[0]}x{grid[1]}-patch image",
-                                 policy.span, "give it parameters that keep at least one"
-                                 ).with_sources(stages.plan.checked.sources)
-        if len(counts) != 1:
-            raise PolicyError.at(
-                f"policy {policy.name} keeps {' or '.join(map(str, counts))} tokens on images of one size: its count "
-                "depends on the image, but vLLM sizes each image's placeholders before the tower runs", policy.span,
-                _COUNT_HINT).with_sources(stages.plan.checked.sources)
-        _COUNTS[key] = counts[0]
+        _COUNTS[key] = one_count(stages, counts, f"a {grid[0]}x{grid[1]}-patch image")
     return _COUNTS[key]
 
 

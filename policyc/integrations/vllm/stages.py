@@ -138,17 +138,23 @@ def kept_count(config: Any, deployment: Deployment) -> int:
         _refuse_out_of_range(stages, deployment)
         counts = sorted({len(k) for k in stages(probe_images(config))[1]})
         stages.compiled.remove()
-        policy = stages.plan.checked.program.policy
-        if counts == [0]:
-            raise PolicyError.at(f"policy {policy.name} keeps no token of each image", policy.span,
-                                 "give it parameters that keep at least one").with_sources(stages.plan.checked.sources)
-        if len(counts) != 1:
-            raise PolicyError.at(
-                f"policy {policy.name} keeps {' or '.join(map(str, counts))} tokens on images of one size: its count "
-                "depends on the image, but vLLM sizes each image's placeholders before the tower runs", policy.span,
-                _COUNT_HINT).with_sources(stages.plan.checked.sources)
-        _COUNTS[key] = counts[0]
+        _COUNTS[key] = one_count(stages, counts, "each image")
     return _COUNTS[key]
+
+
+def one_count(stages: PreLLM, counts: list[int], image: str) -> int:
+    """The one count the probe images of one size kept (`counts`, sorted and distinct), or the refusal at the
+    policy: it keeps no token of `image`, or a count that depends on the image."""
+    policy = stages.plan.checked.program.policy
+    if counts == [0]:
+        raise PolicyError.at(f"policy {policy.name} keeps no token of {image}", policy.span,
+                             "give it parameters that keep at least one").with_sources(stages.plan.checked.sources)
+    if len(counts) != 1:
+        raise PolicyError.at(
+            f"policy {policy.name} keeps {' or '.join(map(str, counts))} tokens on images of one size: its count "
+            "depends on the image, but vLLM sizes each image's placeholders before the tower runs", policy.span,
+            _COUNT_HINT).with_sources(stages.plan.checked.sources)
+    return counts[0]
 
 
 class RequestError(PolicyError, ValueError):
@@ -174,4 +180,4 @@ def request_count(config: Any, found: Deployment, entry: object) -> tuple[Deploy
     return request, count
 
 
-__all__ = ["SERVABLE", "PreLLM", "RequestError", "kept_count", "refuse_unservable", "request_count"]
+__all__ = ["SERVABLE", "PreLLM", "RequestError", "kept_count", "one_count", "refuse_unservable", "request_count"]
