@@ -103,16 +103,18 @@ def image_shares(node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator)
     weights = sizes.new_ones(sizes.shape, dtype=torch.float64) if score is None else torch.stack(
         [torch.where(part, score, torch.zeros_like(score)).sum(1) for part in parts], 1).cpu()
     counts = torch.zeros_like(sizes)
+    budgets = ctx.counts(node, candidates & (order >= 0)).cpu()  # [B] the prompt's budget over its image tokens
     for row in range(sizes.shape[0]):
-        budget = ctx.count(node.amount, int(sizes[row].sum()), row)
-        counts[row] = torch.tensor(allocate(budget, weights[row].tolist(), sizes[row].tolist()))
+        counts[row] = torch.tensor(allocate(int(budgets[row]), weights[row].tolist(), sizes[row].tolist()))
     return [(part, counts[:, i].to(part.device)) for i, part in enumerate(parts)]
 
 
-def selection_counts(node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
-    """How many candidates each row keeps: the amount per row, or per image by allocation. [B] long."""
+def selection_counts(node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator,
+                     score: torch.Tensor | None = None) -> torch.Tensor:
+    """How many candidates each row keeps: the amount per row, or per image by allocation. [B] long. `score`: the
+    selection's score [B, L], where the selector computed it (adaptive schedules read it)."""
     if allocating(node, ctx) is None:
-        return ctx.counts(node.amount, candidates.sum(1))
+        return ctx.counts(node, candidates, score)
     if not hasattr(ctx, "image_samples"):
         raise PolicyError.at(f"{node.selector}(allocate=...) in the LLM is not implemented: there `top` splits a "
                              "prompt's budget across its images", node.span,

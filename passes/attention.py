@@ -105,21 +105,8 @@ class Attention(SignalOp):
                  key_valid: torch.Tensor) -> torch.Tensor:
         """The attention each key row of `recorded` receives, at the original positions: [B, L].
         origin: [B, R] the original position of each recorded row; key_valid: [B, R] which rows were keys."""
-        is_query = torch.gather(ctx.set(flow.source), 1, origin)  # [B, R]
-        count = is_query.sum(1)
-        width = int(count.max().item()) if count.numel() else 0
-        rows = selected_first(is_query)[:, :width]  # query rows first
-        real_row = torch.arange(width, device=count.device)[None] < count[:, None]  # [B, Q]
-        visible = key_valid[:, None, :] & real_row[:, :, None]
-        if recorded.visible is not None:  # the model's own mask (Gemma 3's image blocks and sliding windows)
-            visible = visible & torch.gather(recorded.visible, 1, rows[:, :, None].expand(-1, -1, origin.shape[1]))
-        elif ctx.causal:  # the LLM; the vision encoder attends both ways
-            columns = torch.arange(origin.shape[1], device=origin.device)
-            visible = visible & (columns[None, None, :] <= rows[:, :, None])
-        probabilities = KERNELS["attention_rows"](recorded.query, recorded.key, recorded.scaling, rows, visible,
-                                                  recorded.bias)
-        heads = self.option(call, "heads", ctx)
-        per_row = _HEADS[heads.id if isinstance(heads, ir.Name) else "mean"](probabilities)  # [B, Q, R]
+        per_row, real_row, visible = self.matrix(call, flow, ctx, recorded, origin, key_valid)
+        count, width = real_row.sum(1), real_row.shape[1]
         queries = self.option(call, "queries", ctx)
         reduce = queries.id if isinstance(queries, ir.Name) else "mean"
         correct = self.option(call, "correct", ctx)
@@ -137,3 +124,40 @@ class Attention(SignalOp):
         per_key = per_key.masked_fill((count == 0)[:, None], 0.0)  # no query row (e.g. no text): no attention
         return torch.zeros(ctx.state.image.shape, dtype=per_key.dtype, device=per_key.device).scatter(1, origin,
                                                                                                        per_key)
+
+    def matrix(self, call: ir.Call, flow: ir.Flow, ctx: StageEvaluator, recorded: Captured, origin: torch.Tensor,
+               key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query rows' attention probabilities, reduced over heads: [B, Q, R] (query rows in position order,
+        keys the recorded rows), which of the Q rows are real [B, Q] (samples differ in their query counts), and
+        which keys each query row could see [B, Q, R]."""
+        is_query = torch.gather(ctx.set(flow.source), 1, origin)  # [B, R]
+        count = is_query.sum(1)
+        width = int(count.max().item()) if count.numel() else 0
+        rows = selected_first(is_query)[:, :width]  # query rows first
+        real_row = torch.arange(width, device=count.device)[None] < count[:, None]  # [B, Q]
+        visible = key_valid[:, None, :] & real_row[:, :, None]
+        if recorded.visible is not None:  # the model's own mask (Gemma 3's image blocks and sliding windows)
+            visible = visible & torch.gather(recorded.visible, 1, rows[:, :, None].expand(-1, -1, origin.shape[1]))
+        elif ctx.causal:  # the LLM; the vision encoder attends both ways
+            columns = torch.arange(origin.shape[1], device=origin.device)
+            visible = visible & (columns[None, None, :] <= rows[:, :, None])
+        probabilities = KERNELS["attention_rows"](recorded.query, recorded.key, recorded.scaling, rows, visible,
+                                                  recorded.bias)
+        heads = self.option(call, "heads", ctx)
+        return _HEADS[heads.id if isinstance(heads, ir.Name) else "mean"](probabilities), real_row, visible
+
+    def here(self, call: ir.Call, ctx: StageEvaluator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`matrix` at the stage's own layer over the current rows, with the rows' original positions [B, L']
+        (SparseVLM v1's `rank()` schedule reads it)."""
+        flow = call.args[0] if call.args else None
+        given = [self.option(call, name, ctx) for name in ("layer", "layers", "space")]
+        if not isinstance(flow, ir.Flow) or any(v is not None and not (isinstance(v, ir.Name) and v.id in (
+                "here", "keys")) for v in given):
+            raise PolicyError.at("this reads the attention matrix of the stage's own layer: attention(QUERIES -> "
+                                 "KEYS) without layer=, layers= or space=values", call.span)
+        current = ctx.state.kept  # [B, L'] original positions of the current rows
+        key_valid = torch.gather(ctx.state.valid, 1, current)
+        live = ctx.state.live()
+        per_row, real_row, _ = self.matrix(call, flow, ctx, ctx.recorded("attention()"), current,
+                                           key_valid if live is None else key_valid & live)
+        return per_row, real_row, current

@@ -41,6 +41,39 @@ def option_value(options: Iterable[ir.KwArg], name: str, literal: Callable[[ir.E
     return literal(value) if value is not None else None
 
 
+def call_argument(spec: Spec, call: ir.Call, name: str, literal: Callable[[ir.Expr], ir.Expr]) -> ir.Expr | None:
+    """The value of `spec`'s option `name` in `call`, given by position or by name (parameters resolved by
+    `literal`), or None when it is not given."""
+    positional = [o.name for o in spec.options if o.positional]
+    if name in positional and positional.index(name) < len(call.args):
+        return literal(call.args[positional.index(name)])
+    return option_value(call.kwargs, name, literal)
+
+
+class CallOperator:
+    """Reading a call's arguments by the names its spec declares, defaults from the spec (functions, schedules)."""
+
+    spec: ClassVar[Spec]
+
+    def argument(self, call: ir.Call, name: str, ctx: StageEvaluator) -> ir.Expr | None:
+        """Option `name`'s literal value (by position or name, parameters resolved), or None when not given."""
+        return call_argument(self.spec, call, name, ctx.literal)
+
+    def number(self, call: ir.Call, name: str, ctx: StageEvaluator) -> float:
+        """A numeric option's value, or its declared default."""
+        option = self.spec.option(name)
+        default = float(option.default) if option is not None and option.default is not None else float("nan")
+        return number_value(self.argument(call, name, ctx), default, f"{self.spec.name}({name}=...)", call.span)
+
+    def word(self, call: ir.Call, name: str, ctx: StageEvaluator) -> str:
+        """An enum option's word, or its declared default."""
+        value = self.argument(call, name, ctx)
+        if isinstance(value, ir.Name):
+            return value.id
+        option = self.spec.option(name)
+        return option.default if option is not None and option.default is not None else ""
+
+
 def number_value(value: ir.Expr | None, default: float, what: str, span: Span | None) -> float:
     """A numeric option's value (`what` names it in the error), or `default` when it is not given."""
     if value is None:
@@ -99,6 +132,10 @@ def _check_declaration(cls: type, spec: object, catalog: Registry, kinds: tuple[
     if kinds and spec.kind not in kinds:
         raise DeclarationError(f"{where}: a {cls.__mro__[1].__name__} declares kind {' or '.join(kinds)}, "
                                f"not {spec.kind!r}")
+    results = getattr(cls, "results", None)  # the value types the base's method computes (functions)
+    if results is not None and spec.returns not in results:
+        computes = " or ".join(results) or "nothing: subclass ScoreFunction, AmountFunction or SetFunction"
+        raise DeclarationError(f"{where}: a {cls.__mro__[1].__name__} computes {computes}, not {spec.returns!r}")
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
         raise DeclarationError(f"{where}: {spec.name!r} does not implement {missing}")

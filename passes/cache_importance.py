@@ -6,7 +6,7 @@ Every `every` generated tokens, each layer recompresses the last `every` entries
 since the previous recompression: the newest query (the token that completes the window) scores them by its
 attention softmax(q . K[-every:]ᵀ * scale), the softmax over those entries only, per query head, then the mean
 over all query heads; the entries holding `mass` of that attention stay (at least one; ties to the earlier
-token; passes/mass.py) and the others are evicted. The decision is per token, the same in every key/value head
+token; passes/schedule_mass.py) and the others are evicted. The decision is per token, the same in every key/value head
 (ZipVL's sparsity is token-level). Tokens keep their original positions.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from policyc.passes.cache_base import CacheOp, Slots, register_cache
-from policyc.passes.mass import mass_keep
+from policyc.passes.schedule_mass import mass_keep
 
 from policyc.catalog.base import Option, Spec
 from policyc.catalog.caches import DECODE

@@ -7,7 +7,7 @@ and every other token U is stored in fewer bits instead of being evicted:
 - right after prefill, each layer ranks every real prompt token by ZipVL's normalized attention score (Eq. 7):
   the attention every real prompt row pays it (softmax over the keys the row sees, summed over all query
   heads), summed over the rows, divided by the number of real prompt rows that see it; T is the fewest tokens
-  holding `mass` of that score (Eq. 6, passes/mass.py), plus protected tokens; each layer has its own T;
+  holding `mass` of that score (Eq. 6, passes/schedule_mass.py), plus protected tokens; each layer has its own T;
 - every `every` generated tokens, the last `every` cache entries (the tokens generated since the previous
   recompression, held in full precision until then) are scored by the newest query's attention over them
   (softmax per query head, mean over the heads) and T is the entries holding `mass` of it.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 from policyc.passes.cache_base import QuantizingCacheOp, Slots, register_cache
-from policyc.passes.mass import mass_keep
+from policyc.passes.schedule_mass import mass_keep
 
 from policyc.catalog.base import Option, Spec
 from policyc.catalog.caches import DECODE

@@ -37,7 +37,7 @@ class Grid(SelectorOp):
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         patches, (rows, cols) = ctx.patch_grid("grid", node)
-        counts = ctx.counts(node.amount, candidates.sum(1))
+        counts = ctx.counts(node, candidates)
         chosen = torch.zeros_like(candidates)
         for b, count in enumerate(counts.tolist()):
             grid_rows, grid_cols = grid_points(int(count), rows, cols)

@@ -24,7 +24,7 @@ class Stride(SelectorOp):
 
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         sizes = candidates.sum(1)
-        counts = ctx.counts(node.amount, sizes)
+        counts = ctx.counts(node, candidates)
         step = torch.clamp(sizes // counts.clamp(min=1), min=1)  # [B]
         order = selected_first(candidates)  # candidate positions ascending, then the rest
         rank = torch.arange(order.shape[1], device=order.device)[None]

@@ -1,7 +1,7 @@
 """`top AMOUNT of SET by SCORE`: the highest-scoring tokens; ties go to the earlier position. With `mass(tau)`
-as the amount each sample keeps the fewest tokens holding `tau` of the score mass (ZipVL; passes/mass.py). With
-`top(allocate=S)` one budget per sample is split across its images (passes/allocate.py), before the LLM and in
-it."""
+as the amount each sample keeps the fewest tokens holding `tau` of the score mass (ZipVL;
+passes/schedule_mass.py). With `top(allocate=S)` one budget per sample is split across its images
+(passes/allocate.py), before the LLM and in it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from policyc.passes.allocate import allocating, image_shares, selection_counts
-from policyc.passes.mass import mass_counts, mass_tau
 from policyc.passes.selectors import SelectorOp, register_selector
 
 from policyc.catalog.base import Spec
@@ -36,12 +35,9 @@ class Top(SelectorOp):
         def top(among: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
             return KERNELS["top_ranked"](score, among, counts)  # ties go to the earlier position
 
-        tau = mass_tau(node.amount, ctx.literal)
-        if tau is not None:  # per sample: the fewest candidates holding tau of their score mass
-            return top(candidates, mass_counts(score, candidates, tau, node.amount.span))
         if allocating(node, ctx) is not None and ctx.causal:  # the LLM: a prompt's budget split across its images
             chosen = torch.zeros_like(candidates)
             for among, counts in image_shares(node, candidates, ctx):
                 chosen |= top(among, counts)
             return chosen
-        return top(candidates, selection_counts(node, candidates, ctx))  # per image with allocate= before the LLM
+        return top(candidates, selection_counts(node, candidates, ctx, score))  # per image with allocate= pre-LLM

@@ -55,7 +55,7 @@ class Bottom(SelectorOp):
     def select(self, node: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator) -> torch.Tensor:
         score = ctx.score(node.by).float().masked_fill(~candidates, float("inf"))  # [B, L]
         order = torch.sort(score, dim=1, stable=True).indices
-        return ranked(order, ctx.counts(node.amount, candidates.sum(1))) & candidates
+        return ranked(order, ctx.counts(node, candidates)) & candidates
 
 
 POLICY = """policy low_energy {
@@ -175,7 +175,7 @@ MODULES = {
             def select(self, node, candidates, ctx):
                 score = ctx.score(node.by).float().masked_fill(~candidates, float("inf"))
                 order = torch.sort(score, dim=1, stable=True).indices
-                return ranked(order, ctx.counts(node.amount, candidates.sum(1))) & candidates
+                return ranked(order, ctx.counts(node, candidates)) & candidates
     """,
     "plugin_half_broken": """
         from policyc.operators import SignalOp, Spec, register

@@ -114,7 +114,7 @@ def test_hiprune_equals_the_plain_reference(build, batch: int, seed: int, tokens
 
 
 def test_dilate_grows_a_set_by_its_grid_neighbours_clamped_without_row_wrap() -> None:
-    from policyc.passes.dilate import dilate
+    from policyc.passes.function_dilate import dilate
 
     patches = torch.arange(-1, 16)[None]  # a CLS position, then a 4 x 4 grid
     members = torch.zeros(1, 17, dtype=torch.bool)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from policyc.passes.mass import mass_counts, mass_keep
+from policyc.passes.schedule_mass import mass_counts, mass_keep
 from reference.fastervlm import cls_attention_rows, top_patches
 from reference.zipvl import Row, mass_count, zipvl_generate
 from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip

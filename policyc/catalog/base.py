@@ -64,6 +64,7 @@ class Spec:
     paper: str = ""
     by: ValueType | None = None  # for selectors and merges: what `by` takes (None: no `by`)
     into: bool = False  # for merges: whether `into <set>` is required
+    multi_layer: bool = False  # for schedules: the amount moves across the stage's layers (one layer: refused)
     # What policyc's runtime implements of this spec (an operator's `spec`; the checker reads none of it): the stage
     # kinds it runs in (None: all of `stages`) and the options it refuses for now; elsewhere, or with those options,
     # compiling fails with "not implemented by policyc's runtime yet" at the policy's line.

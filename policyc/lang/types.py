@@ -290,7 +290,7 @@ def _check_bounds(value: ir.Expr, option: Option, label: str) -> None:
 
 
 def _check_schedule(call: ir.Call, spec: Spec, ctx: Context) -> None:
-    if spec.name in ("linear", "cosine") and ctx.layers == 1:
+    if spec.multi_layer and ctx.layers == 1:
         raise PolicyError.at(f"{spec.name}() varies across layers, but this stage runs at one layer", call.span,
                              "give the stage several layers, e.g. llm.layer[2, 6, 10]")
 

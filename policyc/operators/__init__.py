@@ -78,7 +78,8 @@ def load_entry_point(entry: EntryPoint) -> None:
 
 
 def register(cls: type, package: str | None = None) -> type:
-    """Register an operator class by its base (SignalOp, FeatureOp, SelectorOp, MergeOp, CacheOp); usable as
+    """Register an operator class by its base (SignalOp, FeatureOp, SelectorOp, MergeOp, CacheOp, a function or a
+    schedule base); usable as
     a decorator. `package` names its owner in `policyc list` (default: the plug-in being loaded, else the
     class's top-level module). A declaration that breaks the rules raises `PluginError` and registers nothing."""
     from policyc.passes.base import LOADING_PACKAGE, DeclarationError
@@ -87,8 +88,9 @@ def register(cls: type, package: str | None = None) -> type:
     owner = package or (LOADING_PACKAGE[-1] if len(LOADING_PACKAGE) > 1 else str(cls.__module__).split(".")[0])
     kind = _kind_of(cls)
     if kind is None:
-        raise PluginError(f"{owner}: {cls!r} is not an operator: subclass SignalOp, FeatureOp, SelectorOp, MergeOp "
-                          "or CacheOp from policyc.operators")
+        raise PluginError(f"{owner}: {cls!r} is not an operator: subclass SignalOp, FeatureOp, SelectorOp, MergeOp, "
+                          "CacheOp, ScoreFunction, AmountFunction, SetFunction, ScheduleOp or LayerSchedule from "
+                          "policyc.operators")
     LOADING_PACKAGE.append(owner)
     try:
         return kind[1](cls)
@@ -139,9 +141,11 @@ def is_builtin(operator: object) -> bool:
 def _kinds() -> tuple[tuple[type, Callable[[type], type], dict, Registry], ...]:
     """(base class, registrar, runtime registry, catalog registry) of each kind of operator."""
     from policyc import passes
-    from policyc.catalog import CACHES, MERGES, SELECTORS, SIGNALS
+    from policyc.catalog import CACHES, FUNCTIONS, MERGES, SCHEDULES, SELECTORS, SIGNALS
 
     return ((passes.SignalOp, passes.register_signal, passes.SIGNAL_OPS, SIGNALS),
+            (passes.FunctionOp, passes.register_function, passes.FUNCTION_OPS, FUNCTIONS),
+            (passes.ScheduleOp, passes.register_schedule, passes.SCHEDULE_OPS, SCHEDULES),
             (passes.FeatureOp, passes.register_feature, passes.FEATURE_OPS, SIGNALS),
             (passes.SelectorOp, passes.register_selector, passes.SELECTOR_OPS, SELECTORS),
             (passes.MergeOp, passes.register_merge, passes.MERGE_OPS, MERGES),
@@ -172,13 +176,15 @@ def __getattr__(name: str) -> object:  # the base classes and helpers, without i
     import policyc.passes as passes
     from policyc.passes import base
 
-    if name in {"SignalOp", "FeatureOp", "SelectorOp", "MergeOp", "CacheOp"}:
+    if name in {"SignalOp", "FeatureOp", "SelectorOp", "MergeOp", "CacheOp", "ScoreFunction", "AmountFunction",
+                "SetFunction", "ScheduleOp", "LayerSchedule"}:
         return getattr(passes, name)
     if name in {"number_value", "option_value", "scatter_scores"}:  # option values; [B, L'] rows -> [B, L] scores
         return getattr(base, name)
     raise AttributeError(name)
 
 
-__all__ = ["ENTRY_POINT_GROUP", "CacheOp", "FeatureOp", "MergeOp", "Option", "PluginError", "SelectorOp",
-           "SignalOp", "Spec", "is_builtin", "load", "load_entry_point", "number_value", "option_value", "register",
-           "registered", "scatter_scores", "unregister"]
+__all__ = ["ENTRY_POINT_GROUP", "AmountFunction", "CacheOp", "FeatureOp", "LayerSchedule", "MergeOp", "Option",
+           "PluginError", "ScheduleOp", "ScoreFunction", "SelectorOp", "SetFunction", "SignalOp", "Spec", "is_builtin",
+           "load", "load_entry_point", "number_value", "option_value", "register", "registered", "scatter_scores",
+           "unregister"]

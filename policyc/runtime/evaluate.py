@@ -6,7 +6,6 @@ Sets are boolean masks over the prompt's ORIGINAL positions, [B, L]; scores are 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,12 +14,18 @@ import torch
 from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.lang.printer import print_expr
-from policyc.passes import FEATURE_OPS, SELECTOR_OPS, SIGNAL_OPS
+from policyc.passes import (
+    FEATURE_OPS,
+    FUNCTION_OPS,
+    SCHEDULE_OPS,
+    SELECTOR_OPS,
+    SIGNAL_OPS,
+    AmountFunction,
+    ScoreFunction,
+    SetFunction,
+)
 from policyc.runtime.guards import check_scores
 from policyc.runtime.row_folds import RowFold
-
-ROUNDING = {"round": torch.round, "floor": torch.floor, "ceil": torch.ceil}  # torch.round: half to even, as round()
-COUNT_FUNCTIONS = {"size", *ROUNDING}  # functions of an amount computed from counts
 
 
 @dataclass
@@ -146,6 +151,8 @@ class StageEvaluator:
                 return self.set(source) & self.condition(condition)
             case ir.Select(selector=selector, source=source) if selector in SELECTOR_OPS:
                 return SELECTOR_OPS[selector].select(expr, self.set(source), self)
+            case ir.Call(fn=name) if isinstance(FUNCTION_OPS.get(name), SetFunction):
+                return FUNCTION_OPS[name].members(expr, self)  # type: ignore[attr-defined]
             case ir.Index(base=base, index=index):
                 return self.set(base) & self.one_image(index, expr)
         raise PolicyError.at("this set expression is not supported by the runtime yet", expr.span)
@@ -177,32 +184,31 @@ class StageEvaluator:
                                  "index images that every prompt has (vision[-1] is each prompt's last)")
         return order == wanted[:, None]
 
-    def counts(self, amount: ir.Expr, sizes: torch.Tensor) -> torch.Tensor:
-        """How many tokens `amount` selects from sets of `sizes` tokens: [B] long. Arithmetic on counts
-        (`top round(T * alpha / 5)`, `top k - size(s)`) is computed per sample, rounded, clamped to 0..size."""
-        value = self.literal(amount)
-        if isinstance(value, ir.Binary | ir.Unary) or (isinstance(value, ir.Call) and value.fn in COUNT_FUNCTIONS):
+    def counts(self, select: ir.Select, candidates: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
+        """How many of each row's `candidates` ([B, L] bool) the selection keeps: [B] long, at most their number.
+        A schedule operator (`geometric`, `mass`, ...) counts them itself (`score`: the selection's score [B, L],
+        where its selector computed it); arithmetic on counts (`top round(T * alpha / 5)`, `top k - size(s)`) is
+        computed per row, rounded, clamped to 0..size; other amounts by `count`."""
+        value = self.literal(select.amount)
+        sizes = candidates.sum(1)
+        if isinstance(value, ir.Call) and value.fn in SCHEDULE_OPS:
+            counts = SCHEDULE_OPS[value.fn].counts(value, select, candidates, self, score)
+            return torch.minimum(counts.clamp(min=0), sizes)
+        if isinstance(value, ir.Binary | ir.Unary) or (isinstance(value, ir.Call) and isinstance(
+                FUNCTION_OPS.get(value.fn), AmountFunction)):
             wanted = self.amount(value, sizes.shape[0])
             return torch.minimum(wanted.round().long().clamp(min=0), sizes)
-        return torch.tensor([self.count(amount, int(n), row) for row, n in enumerate(sizes.tolist())],
+        return torch.tensor([self.count(select.amount, int(n), row) for row, n in enumerate(sizes.tolist())],
                             dtype=torch.long, device=sizes.device)
 
     def count(self, amount: ir.Expr, size: int, row: int = 0) -> int:
         """How many of `size` tokens `amount` selects in batch row `row`. A count is taken as is, a percentage
-        of `size` is truncated; a schedule gives the amount of this layer of the stage, percentages in it
-        (and `geometric`) relative to N0, the image tokens alive before the stage's first layer."""
+        of `size` is truncated; a list gives the amount of this layer of the stage, percentages in it relative
+        to N0, the image tokens alive before the stage's first layer."""
         value = self.literal(amount)
         match value:
             case ir.ListExpr(items=items):  # one budget per layer of the stage (SparseVLM's [300, 200, 110])
                 return min(size, self._budget(items[self.step], row))
-            case ir.Call(fn="geometric", args=(ratio,)):  # PyramidDrop: int(N0 * lambda^(i+1))
-                return max(0, min(size, int(self._origin(row) * self._number(ratio) ** (self.step + 1))))
-            case ir.Call(fn="linear" | "cosine" as fn, args=(start, end)):
-                share = self.step / max(1, self.steps - 1)
-                if fn == "cosine":  # p-MoD's shifted cosine: start at the first layer, end at the last
-                    share = (1 - math.cos(math.pi * share)) / 2
-                low, high = self._amount(start, row), self._amount(end, row)
-                return max(0, min(size, int(low + (high - low) * share)))
             case ir.Percent(value=percent):
                 return min(size, int(size * percent // 100) if isinstance(percent, int) else int(size * percent / 100))
             case ir.Number(value=number) if isinstance(number, int):
@@ -216,10 +222,8 @@ class StageEvaluator:
         match expr:
             case ir.Number(value=value):
                 return torch.full((batch,), float(value), dtype=torch.float64, device=device)
-            case ir.Call(fn="size", args=(inner,)):
-                return self.set(inner).sum(1).double()
-            case ir.Call(fn=fn, args=(inner,)) if fn in ROUNDING:
-                return ROUNDING[fn](self.amount(inner, batch))
+            case ir.Call(fn=name) if isinstance(FUNCTION_OPS.get(name), AmountFunction):
+                return FUNCTION_OPS[name].amount(expr, self, batch)  # type: ignore[attr-defined]
             case ir.Unary(op="-", operand=operand):
                 return -self.amount(operand, batch)
             case ir.Binary(op="+" | "-" | "*" | "/" as op, left=left, right=right):
@@ -227,7 +231,8 @@ class StageEvaluator:
                 return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
         raise PolicyError.at("this amount is not supported by the runtime yet", expr.span)
 
-    def _origin(self, row: int) -> int:
+    def origin_of(self, row: int) -> int:
+        """N0 of row `row`: its image tokens alive before the stage's first layer (schedules count from it)."""
         if self.origin is None:
             raise PolicyError.at("a schedule needs the image tokens before its stage, which are not known here", None)
         return int(self.origin[row])
@@ -238,17 +243,10 @@ class StageEvaluator:
             raise PolicyError.at("a schedule needs a number here", expr.span)
         return float(value.value)
 
-    def _amount(self, expr: ir.Expr, row: int) -> float:
-        """A schedule's count, or its percentage of N0, as a real number."""
-        value = self.literal(expr)
-        if isinstance(value, ir.Percent):
-            return self._origin(row) * value.value / 100
-        return self._number(value)
-
     def _budget(self, expr: ir.Expr, row: int) -> int:
         value = self.literal(expr)
         if isinstance(value, ir.Percent):
-            origin = self._origin(row)
+            origin = self.origin_of(row)
             return int(origin * value.value // 100) if isinstance(value.value, int) else int(origin * value.value / 100)
         return max(0, int(self._number(value)))
 
@@ -303,18 +301,8 @@ class StageEvaluator:
                 return SIGNAL_OPS[name].compute(ir.Call(fn=name, span=expr.span), self)
             case ir.Call(fn=name) if name in SIGNAL_OPS:
                 return SIGNAL_OPS[name].compute(expr, self)
-            case ir.Call(fn="sum" | "mean" | "max" | "min" as fn, args=(inner,)):
-                values = self.score(inner)
-                over = self.state.image & self.state.alive() & self.state.valid  # the image tokens still alive
-                masked = values.masked_fill(~over, float("nan"))
-                reduced = {"sum": torch.nansum, "mean": torch.nanmean}.get(fn)
-                if reduced is not None:
-                    return reduced(masked, 1, keepdim=True).expand_as(values)
-                fill = float("-inf") if fn == "max" else float("inf")
-                pick = values.masked_fill(~over, fill)
-                return (pick.amax(1, keepdim=True) if fn == "max" else pick.amin(1, keepdim=True)).expand_as(values)
-            case ir.Call(fn="abs", args=(inner,)):
-                return self.score(inner).abs()
+            case ir.Call(fn=name) if isinstance(FUNCTION_OPS.get(name), ScoreFunction):
+                return FUNCTION_OPS[name].score(expr, self)  # type: ignore[attr-defined]
             case ir.Unary(op="-", operand=operand):
                 return -self.score(operand)
             case ir.Binary(op="+" | "-" | "*" | "/" as op, left=left, right=right):

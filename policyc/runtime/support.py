@@ -6,18 +6,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from policyc.catalog import SIGNALS
+from policyc.catalog.base import ALL_STAGES
 from policyc.catalog.signals import LAYER
 from policyc.compiler.plan import BoundStage, Plan
 from policyc.errors import PolicyError
 from policyc.lang import ir
-from policyc.passes import CACHE_OPS, FEATURE_OPS, MERGE_OPS, SELECTOR_OPS, SIGNAL_OPS, MergeOp, SelectorOp
+from policyc.passes import (
+    CACHE_OPS,
+    FEATURE_OPS,
+    FUNCTION_OPS,
+    MERGE_OPS,
+    SCHEDULE_OPS,
+    SELECTOR_OPS,
+    SIGNAL_OPS,
+    AmountFunction,
+    MergeOp,
+    SelectorOp,
+)
 
-_REDUCTIONS = {"sum", "mean", "max", "min", "abs"}  # (and abs, elementwise: max(0, x) is (x + abs(x)) / 2)
-_SCHEDULES = {"geometric", "linear", "cosine", "mass"}  # in LLM stages (and lists [300, 200, 110]); mass: `top` only
 _SETS = {"llm": {"cls"}, "encoder": {"raters", "dropped"}, "projector": {"raters", "dropped"}}
-# vision_evaluate.py; mass: `top` ranks by its score (passes/mass.py)
-_PRE_LLM_FUNCTIONS = {"size", "round", "floor", "ceil", "dilate", "normalize", "ema", "entropy", "mass"}
-_COUNT_FUNCTIONS = {"size", "round", "floor", "ceil"}  # amounts computed from counts, everywhere (evaluate.py)
+_WHERE = {"projector": " at projector.output", "llm": " in the LLM", "encoder": " in encoder stages"}
 
 
 def check_supported(plan: Plan, backend: str = "eager") -> None:
@@ -86,9 +94,6 @@ def _multi_image(plan: Plan) -> list[PolicyError]:
     return problems
 
 
-_FUNCTION_NEEDS = {"dilate": frozenset({"grid"})}  # functions are not operators yet (policyc/catalog/functions.py)
-
-
 def _needs(node: ir.Node) -> tuple[str | None, frozenset[str]]:
     """The operator or function a node names and what it needs at projector.output (`Spec.needs`)."""
     match node:
@@ -98,8 +103,8 @@ def _needs(node: ir.Node) -> tuple[str | None, frozenset[str]]:
             return name, MERGE_OPS[name].spec.needs
         case ir.Call(fn=name) | ir.Name(id=name) if name in SIGNAL_OPS or name in FEATURE_OPS:
             return name, (SIGNAL_OPS.get(name) or FEATURE_OPS[name]).spec.needs
-        case ir.Call(fn=name) if name in _FUNCTION_NEEDS:
-            return name, _FUNCTION_NEEDS[name]
+        case ir.Call(fn=name) if name in FUNCTION_OPS or name in SCHEDULE_OPS:
+            return name, (FUNCTION_OPS.get(name) or SCHEDULE_OPS[name]).spec.needs
     return None, frozenset()
 
 
@@ -144,9 +149,9 @@ def _names(node: ir.Node, name: str) -> bool:
 def _not_yet(what: str, node: ir.Node) -> PolicyError:
     return PolicyError.at(f"{what} is not implemented by policyc's runtime yet", node.span,
                           "supported today: encoder, projector and llm.layer[...] stages with "
-                          "let/score/keep/drop/protect, the selectors top and stride (everywhere; in the LLM also with "
-                          "the schedules geometric, linear, cosine and [lists]; top also with mass()) and "
-                          f"{_builtin(_selectors_before_llm_only())} (before the LLM), the merges "
+                          "let/score/keep/drop/protect, the selectors top and stride (everywhere) and "
+                          f"{_builtin(_selectors_before_llm_only())} (before the LLM), the amounts [lists] (in the "
+                          f"LLM) and {_by_stage(SCHEDULE_OPS)}, the functions {_by_stage(FUNCTION_OPS)}, the merges "
                           f"{_builtin(_merges_before_llm())} (before the LLM; "
                           "nearest with combine=add_mean by keys also in the LLM) and cluster by hidden or keys (in "
                           f"the LLM), the signals {_builtin(SIGNAL_OPS)}, the features "
@@ -155,6 +160,19 @@ def _not_yet(what: str, node: ir.Node) -> PolicyError:
                           "attention(layer=previous) in the LLM, "
                           "positions original, compact or cache_length (with the caches full and regather), "
                           f"and the cache policies {_builtin(CACHE_OPS)}")
+
+
+def _by_stage(operators: Mapping[str, object]) -> str:
+    """policyc's own `operators` (functions or schedules), grouped by the stage kinds they run in."""
+    groups: dict[str, list[str]] = {}
+    for name, op in operators.items():
+        spec = op.spec  # type: ignore[attr-defined]
+        kinds = frozenset(k for k in ALL_STAGES if spec.runs_in(k))
+        where = {ALL_STAGES: "in every stage", frozenset({"encoder", "projector"}): "before the LLM",
+                 frozenset({"llm"}): "in the LLM"}.get(kinds, " and ".join(sorted(kinds)))
+        groups.setdefault(where, []).append(name)
+    return "; ".join(f"{_builtin({n: operators[n] for n in names})} ({where})"
+                     for where, names in sorted(groups.items()))
 
 
 def _selectors_before_llm_only() -> dict[str, SelectorOp]:
@@ -265,19 +283,18 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                                  "filter drops stopwords and LLaVA's suffix prompts from the question's text, which "
                                  "the runtime does not have", expr.span,
                                  "words=prompt covers the LLM input embeddings of every text token after the image")
-        case ir.Select(selector=selector, amount=ir.Call(fn="mass") as amount) if selector != "top":
-            raise _not_yet(f"mass() with the `{selector}` selector (mass ranks by a score: use top)", amount)
-        case ir.Select(amount=ir.Call(fn=fn)) if kind != "llm" and fn in _PRE_LLM_FUNCTIONS:
-            pass
-        case ir.Select(amount=ir.ListExpr() | ir.Call() as amount) if kind != "llm":
-            raise _not_yet("a schedule amount before the LLM", amount)
-        case ir.Select(amount=ir.Call(fn=fn) as amount) if fn not in _SCHEDULES | _COUNT_FUNCTIONS:
+        case ir.Select(selector=selector, amount=ir.Call(fn=fn) as amount) if fn in SCHEDULE_OPS and \
+                _reads_selection_score(amount) and SELECTOR_OPS[selector].spec.by != "score":
+            raise _not_yet(f"{fn}() with the `{selector}` selector ({fn} reads the selection's score: use a selector "
+                           "that ranks `by SCORE`, e.g. top)", amount)
+        case ir.Select(amount=ir.ListExpr() as amount) if kind != "llm":
+            raise _not_yet("a schedule list before the LLM", amount)
+        case ir.Select(amount=ir.Call(fn=fn) as amount) if fn not in SCHEDULE_OPS and not isinstance(
+                FUNCTION_OPS.get(fn), AmountFunction):
             raise _not_yet(f"the amount {fn}()", amount)
-        case ir.Call(fn=fn) if fn in _SCHEDULES:
-            return  # an LLM stage's schedule amount (the case above rejects the others)
         case ir.Call(fn=fn) | ir.Name(id=fn) if not _signal_runs(fn, kind):  # Spec.runs: e.g. value_norm, encoder
-            where = {"projector": " at projector.output (no attention runs there)", "llm": " in the LLM"}
-            raise _not_yet(f"{fn}{where.get(kind, f' in {kind} stages')}", expr)
+            where = {**_WHERE, "projector": " at projector.output (no attention runs there)"}
+            raise _not_yet(f"{fn}{where[kind]}", expr)
         case ir.Call(fn="keys", kwargs=kwargs) if kind == "llm":
             for kwarg in kwargs:
                 if not (kwarg.name == "layer" and isinstance(kwarg.value, ir.Name) and kwarg.value.id == "next"):
@@ -290,9 +307,14 @@ def _expr(expr: ir.Expr, stage: BoundStage) -> None:
                 raise _not_yet(f"the features {fn}{' in the LLM' if kind == 'llm' else ' with options'}", expr)
         case ir.Name(id=fn) if fn in FEATURE_OPS and kind == "llm":
             raise _not_yet(f"the features {fn} in the LLM", expr)
-        case ir.Call(fn=fn) if fn in _COUNT_FUNCTIONS or (kind != "llm" and fn in _PRE_LLM_FUNCTIONS):
-            pass
-        case ir.Call(fn=fn) if fn not in SIGNAL_OPS and fn not in _REDUCTIONS:
+        case ir.Call(fn=fn, kwargs=kwargs) if fn in FUNCTION_OPS or fn in SCHEDULE_OPS:
+            spec = (FUNCTION_OPS.get(fn) or SCHEDULE_OPS[fn]).spec
+            if not spec.runs_in(kind):
+                raise _not_yet(f"{fn}(){_WHERE[kind]}", expr)
+            for kwarg in kwargs:
+                if kwarg.name not in spec.implemented:
+                    raise _not_yet(f"{fn} option '{kwarg.name}'", kwarg)
+        case ir.Call(fn=fn) if fn not in SIGNAL_OPS:
             raise _not_yet(f"{fn}()", expr)
         case ir.Call(fn=fn, kwargs=kwargs) if fn in SIGNAL_OPS:
             for kwarg in kwargs:
@@ -334,6 +356,11 @@ def _correct(call: ir.Call, kwarg: ir.KwArg, stage: BoundStage) -> None:
         raise PolicyError.at("attention(correct=causal) averages each key's attention over the query rows that "
                              "can see it; it has no meaning with queries=max", kwarg.span,
                              "drop queries=max (correct=causal replaces the mean or sum over rows)")
+
+
+def _reads_selection_score(call: ir.Call) -> bool:
+    """Whether an adaptive schedule reads the selection's `by` score (not a `score=` of its own)."""
+    return SCHEDULE_OPS[call.fn].adaptive and not any(k.name == "score" for k in call.kwargs)
 
 
 def _keys(by: ir.Expr | None) -> bool:

@@ -1,9 +1,8 @@
-"""What stages before the LLM evaluate beyond the shared `StageEvaluator`: the set function `dilate(set)`;
-amounts computed from counts, `size(set)` and `round`/`floor`/`ceil` (HiPrune's `top round(T * alpha / 5)`
-and `top T - size(buffers)`), evaluated per image; attention read at earlier encoder layers
-(`attention(..., layer=k)`, `layers=a..b`: VTC-CLS); and FlowCut's pieces: `normalize`, `ema` across the
-layers of a stage, the attention values (`value_norm`, `attention(space=values)`) and the `entropy` schedule;
-and, at projector.output, the projector's input and the question's words (MMTok's `cover`, `text_relevance`)."""
+"""What stages before the LLM give their operators beyond the shared `StageEvaluator`: attention read at earlier
+encoder layers (`attention(..., layer=k)`, `layers=a..b`: VTC-CLS); the attention values (`value_norm`,
+`attention(space=values)`); a memory across the layers of a stage (`ema`) and the stage's layers (`entropy`); the
+encoder's input (GTP-ViT); and, at projector.output, the projector's input, the question's words (MMTok's
+`cover`, `text_relevance`) and each image's prompt (`top(allocate=...)`)."""
 
 from __future__ import annotations
 
@@ -15,8 +14,6 @@ import torch
 from policyc.errors import PolicyError
 from policyc.lang import ir
 from policyc.lang.printer import print_expr
-from policyc.passes.base import number_value, option_value
-from policyc.passes.dilate import dilate
 from policyc.runtime.evaluate import Captured, StageEvaluator
 
 
@@ -111,9 +108,6 @@ class VisionEvaluator(StageEvaluator):
     samples: Callable[[], torch.Tensor] | None = None  # [B] long: the prompt row of each image (allocate=)
     frames: torch.Tensor | None = None  # [B, L] long: each position's frame (group) in its video, -1 for none
     spots: torch.Tensor | None = None  # [B, L] long: each position's spatial index within its frame, -1 for none
-    # An entropy() amount needs the selection's candidates and score, which `counts` is not given: `set` counts
-    # it when it meets the selection and hands the counts to the selector's `counts` call for that amount.
-    _scheduled: tuple[ir.Expr, torch.Tensor] | None = None
 
     def projector_input(self, node: ir.Node) -> torch.Tensor:
         """The encoder features the projector received, at the original positions: [B, L, E] (MMTok's xc)."""
@@ -157,89 +151,18 @@ class VisionEvaluator(StageEvaluator):
             raise PolicyError.at(f"{what} needs this layer's attention values, which were not recorded", None)
         return self.attention_values
 
-    # ---------------------------------------------------------------- scores: normalize, ema
-    def score(self, expr: ir.Expr) -> torch.Tensor:
-        """normalize(x, by=sum|max|minmax) rescales over the image tokens alive (FlowCut divides by the sum over
-        the patches); ema(x, decay) is x at the stage's first layer, then decay * previous + (1 - decay) * x."""
-        expr = self.literal(expr)
-        if isinstance(expr, ir.Call) and expr.fn == "normalize":
-            x = self.score(expr.args[0])
-            by = self._word(expr, "by", "sum")
-            vision = self.builtin("vision")
-            inside = x.masked_fill(~vision, float("nan"))
-            if by == "sum":
-                return x / torch.nansum(inside, 1, keepdim=True)
-            top = inside.nan_to_num(float("-inf")).amax(1, keepdim=True)
-            if by == "max":
-                return x / top
-            low = inside.nan_to_num(float("inf")).amin(1, keepdim=True)
-            return (x - low) / (top - low)
-        if isinstance(expr, ir.Call) and expr.fn == "ema":
-            x = self.score(expr.args[0])
-            decay = float(self._number(expr, "decay", 0.5))
-            key = (self.label, id(expr))
-            previous = self.memory.get(key)
-            value = x if previous is None or self.layer == self.stage_layers[0] else decay * previous + (1 - decay) * x
-            self.memory[key] = value
-            return value
-        return super().score(expr)
+    def carried(self, call: ir.Call) -> torch.Tensor | None:
+        """The value `call` (e.g. `ema(...)`) had at the stage's previous layer; None at the stage's first layer."""
+        if self.layer == self.stage_layers[0]:
+            return None
+        return self.memory.get((self.label, id(call)))
 
-    def _option(self, call: ir.Call, name: str) -> ir.Expr | None:
-        return option_value(call.kwargs, name, self.literal)
-
-    def _word(self, call: ir.Call, name: str, default: str) -> str:
-        value = self._option(call, name)
-        return value.id if isinstance(value, ir.Name) else default
-
-    def _number(self, call: ir.Call, name: str, default: float) -> float:
-        return number_value(self._option(call, name), default, f"{call.fn}({name}=...)", call.span)
+    def carry(self, call: ir.Call, value: torch.Tensor) -> None:
+        """Keep `call`'s value for the stage's next layer (`carried`)."""
+        self.memory[(self.label, id(call))] = value
 
     def signal_layers(self, call: ir.Call) -> list[int]:
         return signal_layers(call, self.values, self.layer_count, self.layer) or [self.layer]
-
-    def set(self, expr: ir.Expr) -> torch.Tensor:
-        if isinstance(expr, ir.Select) and isinstance(amount := self.literal(expr.amount), ir.Call) \
-                and amount.fn == "entropy":
-            self._scheduled = (expr.amount, self._entropy_counts(amount, expr, self.set(expr.source)))
-        if isinstance(expr, ir.Call) and expr.fn == "dilate":
-            patches, grid = self.patch_grid("dilate()", expr)
-            radius = self._number(expr, "radius", 1)
-            return dilate(self.set(expr.args[0]), patches, grid, int(radius)) & self.builtin("vision")
-        return super().set(expr)
-
-    def counts(self, amount: ir.Expr, sizes: torch.Tensor) -> torch.Tensor:
-        if self._scheduled is not None and self._scheduled[0] is amount:
-            counts, self._scheduled = self._scheduled[1], None
-            return torch.minimum(counts, sizes)
-        return super().counts(amount, sizes)
-
-    def _entropy_counts(self, call: ir.Call, select: ir.Select, candidates: torch.Tensor) -> torch.Tensor:
-        """FlowCut's adaptive budget, per image: on the stage's last layer and every `every`-th one before it
-        (r layers left after this one), N candidates keep max(N - round((N - target) / sqrt(r) *
-        (1 - (H / log N)^2)), target), H the entropy of the score normalised over the candidates; on the last
-        layer, `target`; elsewhere all N (and all N when N <= target)."""
-        target = self._option(call, "target") if call.args == () else self.literal(call.args[0])
-        if not (isinstance(target, ir.Number) and isinstance(target.value, int)):
-            raise PolicyError.at("entropy(target) takes a whole number", call.span)
-        every = int(self._number(call, "every", 1))
-        layers = self.stage_layers
-        left = len(layers) - 1 - layers.index(self.layer)
-        sizes = candidates.sum(1)
-        if left % every:
-            return sizes
-        if left == 0:
-            return torch.minimum(sizes, torch.full_like(sizes, target.value))
-        by = self._option(call, "score") or select.by
-        if by is None:
-            raise PolicyError.at("entropy() needs a score: the selection's `by` or score=...", call.span)
-        score = self.score(by).float().masked_fill(~candidates, 0)
-        p = score / score.sum(1, keepdim=True)
-        entropy = -torch.where(candidates, p * torch.log(p), torch.zeros_like(p)).sum(1)
-        ratio = entropy / torch.log(sizes.float())
-        spread = torch.tensor([(n - target.value) / left ** 0.5 for n in sizes.tolist()], device=sizes.device)
-        pruned = torch.round(spread.float() * (1 - ratio ** 2)).long()  # in float32, as FlowCut's code
-        keep = torch.clamp(sizes - pruned, min=target.value)
-        return torch.where(sizes > target.value, keep, sizes)
 
 
 __all__ = ["VisionEvaluator"]

@@ -28,6 +28,7 @@ from policyc.errors import PolicyError
 from policyc.integrations.vllm.deployment import KEY, Deployment, narrowed
 from policyc.integrations.vllm.shell import probe_images, probe_shell
 from policyc.lang import ir
+from policyc.passes import SCHEDULE_OPS
 
 SERVABLE = ("visionzip", "fastervlm", "vtc_cls", "hiprune", "tome", "divprune", "todre_diversity", "random_drop",
             "grid", "pool", "evit", "gtp_vit", "expedit", "fopru")
@@ -47,11 +48,12 @@ def _reads_prompt(node: ir.Node) -> bool:
 
 
 def _count_reads_data(node: ir.Node) -> bool:
-    """A `where` filter, a merge by similarity `threshold`, an `entropy()` budget: counts set by the image."""
+    """A `where` filter, a merge by similarity `threshold`, an adaptive budget: counts set by the image."""
     if isinstance(node, ir.Merge):
         return any(option.name == "threshold" for option in node.options)
-    if isinstance(node, ir.Select):
-        return isinstance(node.amount, ir.Call) and node.amount.fn == "entropy"
+    if isinstance(node, ir.Select):  # an adaptive schedule: `entropy`, `mass`
+        return isinstance(node.amount, ir.Call) and node.amount.fn in SCHEDULE_OPS and \
+            SCHEDULE_OPS[node.amount.fn].adaptive
     return isinstance(node, ir.Where)
 
 

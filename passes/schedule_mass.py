@@ -1,4 +1,4 @@
-"""`mass(tau)` budgets: the fewest tokens whose scores hold `tau` of the candidates' total score mass
+"""`mass(tau)`: the fewest tokens whose scores hold `tau` of the candidates' total score mass
 (ZipVL's layer-wise adaptive ratio, arXiv:2410.08584, Eq. 6: p = min{p : sum of the p largest >= tau * total}).
 
 Scores are normalized by their sum over the candidates, so any non-negative score works. Rules:
@@ -12,24 +12,32 @@ Scores are normalized by their sum over the candidates, so any non-negative scor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+from policyc.passes.schedules import ScheduleOp, register_schedule
 
+from policyc.catalog.base import Option, Spec
 from policyc.errors import PolicyError, Span
 from policyc.lang import ir
 
+if TYPE_CHECKING:
+    from policyc.runtime.evaluate import StageEvaluator
 
-def mass_tau(amount: ir.Expr, literal: Callable[[ir.Expr], ir.Expr]) -> float | None:
-    """`tau` of a `mass(tau)` amount (parameters resolved by `literal`), or None for any other amount."""
-    amount = literal(amount)
-    if not (isinstance(amount, ir.Call) and amount.fn == "mass"):
-        return None
-    value = amount.args[0] if amount.args else next((k.value for k in amount.kwargs if k.name == "tau"), None)
-    value = literal(value) if value is not None else None
-    if not isinstance(value, ir.Number):
-        raise PolicyError.at("mass() needs a number tau", amount.span, "e.g. mass(0.975)")
-    return float(value.value)
+
+@register_schedule
+class Mass(ScheduleOp):
+    spec = Spec("mass", "schedule", "adaptive: the fewest tokens whose scores hold `tau` of the total score mass "
+                "(ZipVL)",
+                options=(Option("tau", ("number",), "mass to keep", positional=True, low=0, high=1),),
+                returns="schedule", paper="ZipVL arXiv:2410.08584")
+    adaptive = True
+
+    def counts(self, call: ir.Call, select: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator,
+               score: torch.Tensor | None) -> torch.Tensor:
+        tau = self.number(call, "tau", ctx)
+        return mass_counts(self.selection_score(select, ctx, score), candidates, tau, call.span)
+
 
 
 def mass_counts(scores: torch.Tensor, candidates: torch.Tensor, tau: float, span: Span | None = None,

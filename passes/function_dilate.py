@@ -8,7 +8,32 @@ the first and last patch, with no guard at row ends (p + 1 of a row's last patch
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from policyc.passes.functions import SetFunction, register_function
+
+from policyc.catalog.base import Option, Spec
+from policyc.lang import ir
+
+if TYPE_CHECKING:
+    from policyc.runtime.evaluate import StageEvaluator
+
+
+@register_function
+class Dilate(SetFunction):
+    spec = Spec("dilate", "function", "a set grown by its neighbours on the image patch grid (HiPrune's buffer "
+                "tokens)",
+                options=(Option("set", ("set",), "token set", positional=True),
+                         Option("radius", ("number",), "grid distance (4-neighbourhood steps)", default="1", low=1,
+                                integer=True)),
+                returns="set", stages=frozenset({"encoder", "projector"}), paper="HiPrune arXiv:2508.00553",
+                needs=frozenset({"grid"}))
+
+    def members(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
+        patches, grid = ctx.patch_grid("dilate()", call)
+        radius = int(self.number(call, "radius", ctx))
+        return dilate(ctx.set(call.args[0]), patches, grid, radius) & ctx.builtin("vision")
 
 
 def dilate(members: torch.Tensor, patches: torch.Tensor, grid: tuple[int, int], radius: int = 1) -> torch.Tensor:

@@ -1,0 +1,15 @@
+"""`mean(x)`: the mean of a score over the image tokens alive, one value per row (an image before the LLM,
+a prompt in it)."""
+
+from __future__ import annotations
+
+import torch
+from policyc.passes.functions import ReductionFunction, register_function
+
+
+@register_function
+class Mean(ReductionFunction):
+    spec = ReductionFunction.reduction_spec("mean", "mean of a score over the image tokens alive")
+
+    def reduce(self, values: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
+        return torch.nanmean(values.masked_fill(~over, float("nan")), 1, keepdim=True)
