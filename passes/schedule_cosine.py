@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from policyc.passes.schedule_linear import Linear
+from policyc.passes.schedule_linear import START_END, Linear
 from policyc.passes.schedules import register_schedule
 
-from policyc.catalog.base import Option, Spec
+from policyc.catalog.base import Spec
 
 if TYPE_CHECKING:
     from policyc.runtime.evaluate import StageEvaluator
@@ -19,9 +19,8 @@ if TYPE_CHECKING:
 class Cosine(Linear):
     spec = Spec("cosine", "schedule", "an amount following a cosine decay from `start` to `end` over the stage's "
                 "layers (p-MoD's progressive ratio decay)",
-                options=(Option("start", ("count", "percent"), "amount at the first layer", positional=True),
-                         Option("end", ("count", "percent"), "amount at the last layer", positional=True)),
-                returns="schedule", paper="p-MoD arXiv:2412.04449", runs=frozenset({"llm"}), multi_layer=True)
+                options=START_END, returns="schedule", paper="p-MoD arXiv:2412.04449", runs=frozenset({"llm"}),
+                multi_layer=True)
 
     def progress(self, ctx: StageEvaluator) -> float:
         return (1 - math.cos(math.pi * super().progress(ctx))) / 2

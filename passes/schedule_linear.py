@@ -14,13 +14,16 @@ if TYPE_CHECKING:
     from policyc.runtime.evaluate import StageEvaluator
 
 
+START_END = (Option("start", ("count", "percent"), "amount at the first layer", positional=True),
+             Option("end", ("count", "percent"), "amount at the last layer", positional=True))
+
+
 @register_schedule
 class Linear(LayerSchedule):
     spec = Spec("linear", "schedule", "an amount moving linearly from `start` at the first layer to `end` at the "
                 "last (ToMe's decreasing r schedule is linear(2r, 0))",
-                options=(Option("start", ("count", "percent"), "amount at the first layer", positional=True),
-                         Option("end", ("count", "percent"), "amount at the last layer", positional=True)),
-                returns="schedule", paper="ToMe arXiv:2210.09461", runs=frozenset({"llm"}), multi_layer=True)
+                options=START_END, returns="schedule", paper="ToMe arXiv:2210.09461", runs=frozenset({"llm"}),
+                multi_layer=True)
 
     def budget(self, call: ir.Call, ctx: StageEvaluator, row: int) -> float:
         start, end = self.tokens(call, "start", ctx, row), self.tokens(call, "end", ctx, row)

@@ -20,6 +20,14 @@ def assert_rows_equal_single_runs(generate: Callable[[dict], object], inputs: di
             torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-5)
 
 
+def assert_same_steps(result, tokens: torch.Tensor, logits: torch.Tensor, prompt: int) -> None:  # type: ignore[no-untyped-def]
+    """A generate() output with scores decodes a reference's greedy `tokens` [B, T] after the `prompt` tokens, its
+    scores within 1e-5 of the reference's `logits` [B, T, V]."""
+    assert torch.equal(result.sequences[:, prompt:], tokens)
+    for step, expected in enumerate(logits.unbind(1)):
+        torch.testing.assert_close(result.scores[step], expected, rtol=0, atol=1e-5)
+
+
 def assert_one_compiled_decode_graph(model: torch.nn.Module, inputs: dict, expected: torch.Tensor, graphs: int = 1,
                                      **options: object) -> None:
     """transformers' auto-compile of static-cache decode steps (on CUDA: mode reduce-overhead, CUDA graphs), turned

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generation import assert_same_steps
 from reference.efficientvla import efficientvla_generate
 from reference.llm_stage import llava_llm_inputs, llm_stage_generate
 from tiny_models import make_inputs, tiny_llava_clip, tiny_llava_siglip
@@ -38,10 +39,7 @@ def test_efficientvla_equals_the_reference(build, seed: int, batch: int, layer: 
         rows = compiled.runtime.kept_at_layer[layer + 1][row]
         assert torch.equal(rows[image[row, rows]], expected_kept[row])
         assert len(expected_kept[row]) == min(k_final, 16)
-    prompt = inputs["input_ids"].shape[1]
-    assert torch.equal(result.sequences[:, prompt:], tokens)
-    for step, expected in enumerate(logits.unbind(1)):
-        torch.testing.assert_close(result.scores[step], expected, rtol=0, atol=1e-5)
+    assert_same_steps(result, tokens, logits, inputs["input_ids"].shape[1])
 
 
 @pytest.mark.parametrize(("seed", "batch"), [(0, 1), (1, 2)])
@@ -70,9 +68,7 @@ def test_similarity_mean_in_the_llm_equals_a_plain_computation(seed: int, batch:
     for row in range(batch):
         rows = compiled.runtime.kept_at_layer[2][row]
         assert torch.equal(rows[(inputs["input_ids"][row] == 100)[rows]], expected_kept[row])
-    assert torch.equal(result.sequences[:, inputs["input_ids"].shape[1]:], tokens)
-    for step, expected in enumerate(logits.unbind(1)):
-        torch.testing.assert_close(result.scores[step], expected, rtol=0, atol=1e-5)
+    assert_same_steps(result, tokens, logits, inputs["input_ids"].shape[1])
 
 
 def test_efficientvla_under_the_fx_graph_backend_equals_eager() -> None:

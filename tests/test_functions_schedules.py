@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from generation import assert_same_steps
 from policyc.passes import FUNCTION_OPS, SCHEDULE_OPS
 from reference.llm_stage import llava_llm_inputs, llm_stage_generate
 from tiny_models import make_inputs, tiny_llava_clip
@@ -159,9 +160,7 @@ def test_rank_schedule_equals_sparsevlm_v1(seed: int, batch: int, text_after: in
         assert torch.equal(rows[image[row, rows]], expected_kept[row])
     if text_after > 16:
         assert all(len(k) == 16 for k in expected_kept)  # rank 16 of 16 image tokens: nothing dropped
-    assert torch.equal(result.sequences[:, inputs["input_ids"].shape[1]:], tokens)
-    for step, expected in enumerate(logits.unbind(1)):
-        torch.testing.assert_close(result.scores[step], expected, rtol=0, atol=1e-5)
+    assert_same_steps(result, tokens, logits, inputs["input_ids"].shape[1])
 
 
 def test_rank_needs_an_attention_score() -> None:

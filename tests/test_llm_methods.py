@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from generation import assert_rows_equal_single_runs
+from generation import assert_rows_equal_single_runs, assert_same_steps
 from reference.mustdrop import mustdrop_generate
 from reference.pyramiddrop import pyramiddrop_counts, pyramiddrop_generate
 from reference.sparsevlm import sparsevlm_generate
@@ -21,12 +21,6 @@ STEPS = 5
 def generate(model: torch.nn.Module, inputs: dict, **kwargs: object):  # type: ignore[no-untyped-def]
     return model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_scores=True,
                           return_dict_in_generate=True, **kwargs)
-
-
-def assert_same_steps(result, tokens: torch.Tensor, logits: torch.Tensor, prompt: int) -> None:  # type: ignore[no-untyped-def]
-    assert torch.equal(result.sequences[:, prompt:], tokens)
-    for step, expected in enumerate(logits.unbind(1)):
-        torch.testing.assert_close(result.scores[step], expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("seed", "lam", "batch", "depth"), [(0, 0.5, 1, 24), (1, 0.6, 2, 28), (2, 0.4, 2, 32),

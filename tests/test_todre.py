@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generation import assert_same_steps
 from reference.llm_stage import llm_stage_generate
 from reference.todre import relevance_shares, stage_one, todre_generate
 from tiny_models import make_inputs, tiny_llava_clip
@@ -55,9 +56,7 @@ def run_compiled(model: torch.nn.Module, policy: object, params: dict[str, objec
 def assert_equal_to_reference(result, kept, tokens, expected_kept, logits, prompt: int) -> None:  # type: ignore[no-untyped-def]
     for row, expected in enumerate(expected_kept):
         assert torch.equal(torch.sort(kept[row]).values, expected)
-    assert torch.equal(result.sequences[:, prompt:], tokens)
-    for step, expected in enumerate(logits.unbind(1)):
-        torch.testing.assert_close(result.scores[step], expected, rtol=0, atol=1e-5)
+    assert_same_steps(result, tokens, logits, prompt)
 
 
 @pytest.mark.parametrize(("seed", "batch"), [(0, 1), (1, 2), (2, 2), (3, 1)])

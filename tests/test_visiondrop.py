@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generation import assert_same_steps
 from reference.visiondrop import visiondrop_generate
 from tiny_models import _llava, make_inputs, tiny_llava_clip
 from transformers import CLIPVisionConfig
@@ -45,9 +46,7 @@ def assert_equal_to_reference(model, policy: object, inputs: dict, stages: list[
             rows = compiled.runtime.kept_at_layer[layer + 1][row]
             assert torch.equal(rows, kept[row][stage])
             assert int(image[row, rows].sum()) == dominant + contextual
-    assert torch.equal(result.sequences[:, inputs["input_ids"].shape[1]:], tokens)
-    for step, expected in enumerate(logits.unbind(1)):
-        torch.testing.assert_close(result.scores[step], expected, rtol=0, atol=1e-5)
+    assert_same_steps(result, tokens, logits, inputs["input_ids"].shape[1])
 
 
 @pytest.mark.parametrize(("seed", "batch"), [(0, 1), (1, 2), (2, 2), (3, 1)])
