@@ -96,10 +96,7 @@ class Attention(SignalOp):
         else:
             recorded = ctx.recorded_next("attention()") if isinstance(layer, ir.Name) and layer.id == "next" \
                 else ctx.recorded("attention()")
-        current = ctx.state.kept  # [B, L'] original positions of the current rows
-        key_valid = torch.gather(ctx.state.valid, 1, current)
-        live = ctx.state.live()  # fillers of a batch whose samples keep different counts are no keys
-        return self.received(call, flow, ctx, recorded, current, key_valid if live is None else key_valid & live)
+        return self.received(call, flow, ctx, recorded, *current_keys(ctx))
 
     def received(self, call: ir.Call, flow: ir.Flow, ctx: StageEvaluator, recorded: Captured, origin: torch.Tensor,
                  key_valid: torch.Tensor) -> torch.Tensor:
@@ -155,9 +152,15 @@ class Attention(SignalOp):
                 "here", "keys")) for v in given):
             raise PolicyError.at("this reads the attention matrix of the stage's own layer: attention(QUERIES -> "
                                  "KEYS) without layer=, layers= or space=values", call.span)
-        current = ctx.state.kept  # [B, L'] original positions of the current rows
-        key_valid = torch.gather(ctx.state.valid, 1, current)
-        live = ctx.state.live()
-        per_row, real_row, _ = self.matrix(call, flow, ctx, ctx.recorded("attention()"), current,
-                                           key_valid if live is None else key_valid & live)
+        current, key_valid = current_keys(ctx)
+        per_row, real_row, _ = self.matrix(call, flow, ctx, ctx.recorded("attention()"), current, key_valid)
         return per_row, real_row, current
+
+
+def current_keys(ctx: StageEvaluator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The current rows' original positions [B, L'] and which of them are keys [B, L'] (not padding, and not the
+    fillers of a batch whose samples keep different counts)."""
+    current = ctx.state.kept
+    key_valid = torch.gather(ctx.state.valid, 1, current)
+    live = ctx.state.live()
+    return current, key_valid if live is None else key_valid & live

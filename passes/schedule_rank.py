@@ -29,13 +29,14 @@ class Rank(ScheduleOp):
                          Option("bias", ("number",), "offset", default="0")),
                 returns="schedule", paper="SparseVLM arXiv:2410.04417", runs=frozenset({"llm"}))
     adaptive = True
+    reads_by = "attention"
 
     def counts(self, call: ir.Call, select: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator,
                score: torch.Tensor | None) -> torch.Tensor:
-        by = ctx.literal(select.by) if select.by is not None else None
-        if not (isinstance(by, ir.Call) and by.fn == "attention"):
+        by = ctx.definition(select.by) if select.by is not None else None
+        if not (isinstance(by, ir.Call) and by.fn == "attention"):  # refused at compile time (runtime/support.py)
             raise PolicyError.at("rank() reads the attention matrix of the selection's `by attention(QUERIES -> "
-                                 "KEYS)`", call.span, "e.g. top rank(scale=1) of vision by attention(text -> vision)")
+                                 "KEYS)`", call.span)
         per_row, real_row, current = SIGNAL_OPS["attention"].here(by, ctx)  # type: ignore[attr-defined]
         columns = torch.gather(candidates, 1, current)  # [B, L'] which current rows are candidates
         scale, bias = self.number(call, "scale", ctx), self.number(call, "bias", ctx)

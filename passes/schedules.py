@@ -29,6 +29,7 @@ class ScheduleOp(CallOperator, ABC):
     name: ClassVar[str]  # the catalog name: `spec.name`
     spec: ClassVar[Spec]  # the language signature: name, options, stages, paper, one-line summary
     adaptive: ClassVar[bool] = False  # the count reads the tokens' scores, not only sizes and layers
+    reads_by: ClassVar[str | None] = None  # the signal the selection's `by` must call (rank: attention)
 
     @abstractmethod
     def counts(self, call: ir.Call, select: ir.Select, candidates: torch.Tensor, ctx: StageEvaluator,

@@ -163,12 +163,20 @@ def test_rank_schedule_equals_sparsevlm_v1(seed: int, batch: int, text_after: in
     assert_same_steps(result, tokens, logits, inputs["input_ids"].shape[1])
 
 
-def test_rank_needs_an_attention_score() -> None:
-    model = tiny_llava_clip()
-    text = "policy r { stage llm.layer[1] { keep top rank() of vision by key_norm } }"
-    policyc.compile(model, check_source(text)[0])
-    with pytest.raises(PolicyError, match=r"rank\(\) reads the attention matrix"):
-        model.generate(**make_inputs(model), max_new_tokens=1, do_sample=False)
+def test_rank_reads_the_attention_behind_a_score_name() -> None:
+    """`score relevance = attention(...)` then `by relevance`: rank() reads the definition's matrix, as SparseVLM's
+    policy would write it."""
+    kept = []
+    for text in ("policy r { stage llm.layer[1] { keep top rank(scale=2) of vision by attention(text -> vision) } }",
+                 "policy r { stage llm.layer[1] { score relevance = attention(text -> vision)\n"
+                 "keep top rank(scale=2) of vision by relevance } }"):
+        model = tiny_llava_clip(seed=5)
+        inputs = make_inputs(model, batch=2, pad_left=2, seed=5, text_after=5)
+        compiled = policyc.compile(model, check_source(text)[0]).policyc
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        kept.append(compiled.runtime.kept_at_layer[2])
+    assert all(torch.equal(a, b) for a, b in zip(*kept, strict=True))
+    assert all(len(rows) < inputs["input_ids"].shape[1] for rows in kept[0])  # something was dropped
 
 
 class Square(ScoreFunction):

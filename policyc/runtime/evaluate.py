@@ -38,6 +38,7 @@ class PrefillState:
     protected: torch.Tensor  # [B, L] bool
     sets: dict[str, torch.Tensor] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    formulas: dict[str, ir.Expr] = field(default_factory=dict)  # score name -> its definition (`definition`)
     origins: dict[str, torch.Tensor] = field(default_factory=dict)  # stage label -> [B] image tokens before it
     # [B, L] bool: dropped tokens. Set once samples of a batch keep different counts: a sample keeping fewer rows
     # carries some of its dropped tokens on as fillers (masked everywhere), so the batch stays rectangular.
@@ -122,6 +123,7 @@ class StageEvaluator:
                 state.sets[name] = self.set(value)
             case ir.ScoreDef(name=name, value=value):
                 state.scores[name] = self.score(value)
+                state.formulas[name] = value
             case ir.Protect(target=target):
                 state.protected = state.protected | self.set(target)
             case ir.Keep(target=target):
@@ -276,6 +278,14 @@ class StageEvaluator:
         if self.grid is None:
             raise PolicyError.at("this operator needs the image patch grid", None)
         return self.grid
+
+    def definition(self, expr: ir.Expr) -> ir.Expr:
+        """`expr` with parameters and score names replaced by what defines them (`by relevance` -> the
+        `attention(...)` call of `score relevance = ...`): for operators that read how a score is computed."""
+        expr = self.literal(expr)
+        while isinstance(expr, ir.Name) and expr.id in self.state.formulas:
+            expr = self.literal(self.state.formulas[expr.id])
+        return expr
 
     def literal(self, expr: ir.Expr) -> ir.Expr:
         if isinstance(expr, ir.Name) and expr.id in self.values:

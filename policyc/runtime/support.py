@@ -52,6 +52,7 @@ def check_supported(plan: Plan, backend: str = "eager") -> None:
                 problems.append(error)
     problems += _cache_length_with(plan)
     problems += _multi_image(plan)
+    problems += _schedule_inputs(plan)
     if plan.adapter.token_grid is None:
         problems += _without_one_grid(plan)
     if problems:
@@ -91,6 +92,29 @@ def _multi_image(plan: Plan) -> list[PolicyError]:
                     f"merge temporal needs the video frames of the model, which {adapter.family}'s projector "
                     "stages do not read yet", statement.span,
                     "Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision give them; on images it changes nothing"))
+    return problems
+
+
+def _schedule_inputs(plan: Plan) -> list[PolicyError]:
+    """A schedule that reads how the selection's score is computed (`ScheduleOp.reads_by`: `rank` reads the
+    attention matrix) needs `by` to be that signal, directly or through parameters and `score` definitions."""
+    formulas = {s.name: s.value for stage in plan.stages for s in stage.statements if isinstance(s, ir.ScoreDef)}
+    problems = []
+    for stage in plan.stages:
+        for node in (n for statement in stage.statements for n in statement.walk()):
+            if not (isinstance(node, ir.Select) and isinstance(node.amount, ir.Call) and node.amount.fn in
+                    SCHEDULE_OPS and SCHEDULE_OPS[node.amount.fn].reads_by):
+                continue
+            wanted = SCHEDULE_OPS[node.amount.fn].reads_by
+            by, seen = node.by, set()
+            while isinstance(by, ir.Name) and by.id not in seen and (by.id in stage.values or by.id in formulas):
+                seen.add(by.id)
+                by = stage.values.get(by.id) or formulas[by.id]
+            if not (isinstance(by, ir.Call) and by.fn == wanted):
+                problems.append(PolicyError.at(
+                    f"{node.amount.fn}() reads the matrix of the selection's `by {wanted}(...)`, and this selection "
+                    "ranks by something else", node.amount.span,
+                    f"e.g. top {node.amount.fn}() of vision by {wanted}(text -> vision)"))
     return problems
 
 
