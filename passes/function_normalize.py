@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from policyc.passes.functions import ScoreFunction, image_tokens, register_function
+from policyc.passes.functions import ScoreFunction, register_function
 
 from policyc.catalog.base import Option, Spec
 from policyc.lang import ir
@@ -25,7 +25,7 @@ class Normalize(ScoreFunction):
 
     def score(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         x = ctx.score(call.args[0])
-        inside = x.masked_fill(~image_tokens(ctx), float("nan"))
+        inside = x.masked_fill(~ctx.builtin("vision"), float("nan"))
         by = self.word(call, "by", ctx)
         if by == "sum":
             return x / torch.nansum(inside, 1, keepdim=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from policyc.passes.functions import ScoreFunction, image_tokens, register_function
+from policyc.passes.functions import ScoreFunction, register_function
 
 from policyc.catalog.base import Option, Spec
 from policyc.lang import ir
@@ -24,7 +24,7 @@ class Softmax(ScoreFunction):
 
     def score(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         logits = ctx.score(call.args[0]).double() / self.number(call, "temperature", ctx)
-        over = image_tokens(ctx)
+        over = ctx.builtin("vision")  # the image tokens alive
         top = logits.masked_fill(~over, float("-inf")).amax(1, keepdim=True).nan_to_num(0.0, neginf=0.0)
         weights = (logits - top).exp()
         total = weights.masked_fill(~over, 0.0).sum(1, keepdim=True)

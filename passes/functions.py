@@ -90,7 +90,7 @@ class ReductionFunction(ScoreFunction):
 
     def score(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
         values = ctx.score(call.args[0])
-        return self.reduce(values, image_tokens(ctx)).expand_as(values)
+        return self.reduce(values, ctx.builtin("vision")).expand_as(values)
 
     @abstractmethod
     def reduce(self, values: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
@@ -111,11 +111,6 @@ class RoundingFunction(AmountFunction):
     @abstractmethod
     def apply(self, values: torch.Tensor) -> torch.Tensor:
         """[B] float64 -> [B] float64, whole numbers."""
-
-
-def image_tokens(ctx: StageEvaluator) -> torch.Tensor:
-    """[B, L] bool: the image tokens alive, over which functions normalise."""
-    return ctx.state.image & ctx.state.alive() & ctx.state.valid
 
 
 FUNCTION_OPS: dict[str, FunctionOp] = {}

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from policyc.passes.base import SignalOp, register_signal, scatter_scores
+from policyc.passes.values import head_mean_values
 
 from policyc.catalog.base import Spec
 from policyc.catalog.signals import LAYER
-from policyc.errors import PolicyError
 from policyc.lang import ir
 
 if TYPE_CHECKING:
@@ -25,7 +25,4 @@ class ValueNorm(SignalOp):
     reads_values = True
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
-        values = getattr(ctx, "recorded_values", None)
-        if values is None:
-            raise PolicyError.at("value_norm reads encoder values", call.span)
-        return scatter_scores(values("value_norm").float().mean(1).abs().sum(-1), ctx)
+        return scatter_scores(head_mean_values(call, ctx, "value_norm reads encoder values").abs().sum(-1), ctx)

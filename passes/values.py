@@ -24,7 +24,13 @@ class Values(FeatureOp):
     reads_values = True
 
     def compute(self, call: ir.Call, ctx: StageEvaluator) -> torch.Tensor:
-        values = getattr(ctx, "recorded_values", None)
-        if values is None:
-            raise PolicyError.at("values reads encoder attention values: encoder stages only", call.span)
-        return values("values").float().mean(1)
+        return head_mean_values(call, ctx, "values reads encoder attention values: encoder stages only")
+
+
+def head_mean_values(call: ir.Call, ctx: StageEvaluator, refusal: str) -> torch.Tensor:
+    """The encoder layer's attention values of the current rows, mean over heads: [B, L', d] (`refusal` where the
+    stage records none)."""
+    values = getattr(ctx, "recorded_values", None)
+    if values is None:
+        raise PolicyError.at(refusal, call.span)
+    return values(call.fn).float().mean(1)
